@@ -1,0 +1,392 @@
+"""``weights.zip``: writing it atomically, reading zip/tar/tar.gz safely, validating ``meta.json``.
+
+Layout::
+
+    meta.json                              format_version, base_model, placeholder_token, ... (validated)
+    lora/lora_weights.safetensors          diffusers keys (QwenImagePipeline.load_lora_weights loads them)
+    token/placeholder_embedding.safetensors  {placeholder_token: float32 vector}, keyed by the token *string*
+
+Nothing here unpickles anything: tensors are safetensors, metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import stat
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT_VERSION = 1
+LORA_MEMBER = "lora/lora_weights.safetensors"
+TOKEN_MEMBER = "token/placeholder_embedding.safetensors"
+META_MEMBER = "meta.json"
+DEFAULT_MAX_MEMBER_BYTES = 8 << 30  # a rank-1024 LoRA of the 20B transformer stays below this
+DEFAULT_MAX_TOTAL_BYTES = 16 << 30
+
+
+class ArchiveError(ValueError):
+    """The archive is unreadable, unsafe, or not laid out as this project writes it."""
+
+
+@dataclass
+class ArchiveMeta:
+    base_model: str
+    placeholder_token: str | None
+    placeholder_token_id: int | None
+    rank: int | None
+    created: str
+    format_version: int = FORMAT_VERSION
+    alpha: float | None = None
+    lora_targets: list = field(default_factory=list)
+    placeholder_init_std: float | None = None
+    steps: int = 0
+    embedding_dim: int | None = None
+    train_placeholder_token: bool = False
+    contents: list = field(default_factory=list)  # subset of ["lora", "token"]
+    trainer: str = "qwen-zero-prior"
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def now() -> str:
+        return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, where: str) -> ArchiveMeta:
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArchiveError(f"{where}: meta.json is not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ArchiveError(f"{where}: meta.json must hold an object, got {type(data).__name__}")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            raise ArchiveError(f"{where}: meta.json format_version must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise ArchiveError(
+                f"{where}: meta.json format_version {version} is newer than this version supports "
+                f"({FORMAT_VERSION}); upgrade comfyui-qwen-zero-prior"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        required = ("base_model", "placeholder_token", "placeholder_token_id", "rank", "created")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ArchiveError(f"{where}: meta.json lacks required key(s) {missing}")
+        extra = {k: v for k, v in data.items() if k not in known}
+        meta = cls(**{k: v for k, v in data.items() if k in known})
+        meta.extra.update(extra)
+        meta.validate(where)
+        return meta
+
+    def validate(self, where: str = "meta.json") -> None:
+        def bad(key: str, want: str) -> ArchiveError:
+            return ArchiveError(f"{where}: meta.json {key} must be {want}, got {getattr(self, key)!r}")
+
+        if not isinstance(self.base_model, str):
+            raise bad("base_model", "a string")
+        if self.placeholder_token is not None and (not isinstance(self.placeholder_token, str) or not self.placeholder_token.strip()):
+            raise bad("placeholder_token", "a non-empty string or null")
+        if self.placeholder_token_id is not None and (not isinstance(self.placeholder_token_id, int) or self.placeholder_token_id < 0):
+            raise bad("placeholder_token_id", "a non-negative integer or null")
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            raise bad("rank", "a positive integer or null")
+        if not isinstance(self.created, str):
+            raise bad("created", "an ISO-8601 string")
+        try:
+            _dt.datetime.fromisoformat(self.created.replace("Z", "+00:00"))
+        except ValueError:
+            raise bad("created", "an ISO-8601 UTC timestamp") from None
+        if not isinstance(self.contents, list) or not set(self.contents) <= {"lora", "token"}:
+            raise bad("contents", "a list drawn from ['lora', 'token']")
+        if "token" in self.contents and not self.placeholder_token:
+            raise ArchiveError(f"{where}: meta.json lists a token but placeholder_token is empty")
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        extra = data.pop("extra") or {}
+        data.update(extra)
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+@dataclass
+class PlaceholderArchive:
+    """What an archive holds, in memory."""
+
+    meta: ArchiveMeta
+    lora_state_dict: dict[str, torch.Tensor] | None
+    lora_metadata: dict[str, str] | None
+    token: str | None
+    vector: torch.Tensor | None
+    source: str = ""
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(self.lora_state_dict)
+
+    @property
+    def has_token(self) -> bool:
+        return self.vector is not None
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+
+def token_file_bytes(token: str, vector: torch.Tensor) -> bytes:
+    return st_save({token: vector.detach().to(torch.float32).contiguous().cpu()}, metadata={"format": "pt", "token": token})
+
+
+def lora_file_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    return st_save(tensors, metadata={"format": "pt", **(metadata or {})})
+
+
+def write_archive(
+    path: str | os.PathLike,
+    meta: ArchiveMeta,
+    lora_state_dict: dict[str, torch.Tensor] | None = None,
+    vector: torch.Tensor | None = None,
+    lora_metadata: dict[str, str] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write ``weights.zip`` atomically: a temp file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    contents = []
+    if lora_state_dict:
+        contents.append("lora")
+    if vector is not None:
+        if not meta.placeholder_token:
+            raise ArchiveError("cannot store a token vector without meta.placeholder_token")
+        contents.append("token")
+        meta.embedding_dim = int(vector.shape[-1])
+    if not contents:
+        raise ArchiveError("nothing to write: the archive needs a LoRA, a token vector, or both")
+    meta.contents = contents
+    meta.validate(str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+                zf.writestr(META_MEMBER, meta.to_json())
+                if lora_state_dict:
+                    zf.writestr(LORA_MEMBER, lora_file_bytes(lora_state_dict, lora_metadata))
+                if vector is not None:
+                    zf.writestr(TOKEN_MEMBER, token_file_bytes(meta.placeholder_token, vector))
+                for name, data in (extra_files or {}).items():
+                    _check_member_name(name, str(path))
+                    zf.writestr(name, data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---- safe reading -------------------------------------------------------------------------------------
+
+
+def _check_member_name(name: str, where: str) -> str:
+    if not name or "\x00" in name or "\\" in name:
+        raise ArchiveError(f"{where}: unsafe member name {name!r}")
+    p = PurePosixPath(name)
+    if p.is_absolute() or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise ArchiveError(f"{where}: member {name!r} has an absolute path; refusing to extract")
+    if ".." in p.parts:
+        raise ArchiveError(f"{where}: member {name!r} points outside the archive ('..'); refusing to extract")
+    return str(p)
+
+
+@dataclass
+class _Member:
+    name: str
+    size: int
+    is_dir: bool
+
+
+class SafeArchiveReader:
+    """Uniform, validated access to zip / tar / tar.gz members (no links, no absolute paths, no ``..``)."""
+
+    def __init__(self, path: str | os.PathLike, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                 max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES):
+        self.path = Path(path)
+        self.where = str(self.path)
+        self.max_member_bytes = max_member_bytes
+        if not self.path.is_file():
+            raise ArchiveError(f"archive not found: {self.where}")
+        self._zip: zipfile.ZipFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        if zipfile.is_zipfile(self.path):
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except zipfile.BadZipFile as e:
+                raise ArchiveError(f"{self.where}: corrupt zip ({e})") from e
+        else:
+            try:
+                self._tar = tarfile.open(self.path, "r:*")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise ArchiveError(
+                    f"{self.where}: not a zip, tar or tar.gz archive; expected weights.zip as written by training"
+                ) from e
+        self.members: dict[str, _Member] = {}
+        total = 0
+        for m in self._iter_raw():
+            name = _check_member_name(m.name, self.where)
+            if m.size > max_member_bytes:
+                raise ArchiveError(f"{self.where}: member {name!r} is {m.size} bytes, over the {max_member_bytes}-byte limit")
+            total += m.size
+            if total > max_total_bytes:
+                raise ArchiveError(f"{self.where}: archive unpacks to over {max_total_bytes} bytes; refusing")
+            self.members[name] = _Member(name, m.size, m.is_dir)
+
+    def _iter_raw(self):
+        if self._zip is not None:
+            for info in self._zip.infolist():
+                mode = (info.external_attr >> 16) & 0xFFFF
+                if stat.S_ISLNK(mode):
+                    raise ArchiveError(f"{self.where}: member {info.filename!r} is a symbolic link; refusing")
+                yield _Member(info.filename.rstrip("/") or info.filename, info.file_size, info.is_dir())
+        else:
+            try:
+                infos = self._tar.getmembers()
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise ArchiveError(f"{self.where}: corrupt tar ({e})") from e
+            for info in infos:
+                if info.issym() or info.islnk():
+                    raise ArchiveError(f"{self.where}: member {info.name!r} is a link; refusing")
+                if not (info.isfile() or info.isdir()):
+                    raise ArchiveError(f"{self.where}: member {info.name!r} is not a regular file; refusing")
+                yield _Member(info.name, info.size, info.isdir())
+
+    def files(self) -> list[str]:
+        return sorted(n for n, m in self.members.items() if not m.is_dir)
+
+    def find(self, member: str) -> str | None:
+        """Exact member, or the same path under one top-level folder (``weights/meta.json``)."""
+        if member in self.members:
+            return member
+        hits = [n for n in self.files() if n.endswith("/" + member) and n.count("/") == member.count("/") + 1]
+        return hits[0] if len(hits) == 1 else None
+
+    def read(self, member: str) -> bytes:
+        name = self.find(member)
+        if name is None:
+            raise KeyError(member)
+        if self._zip is not None:
+            with self._zip.open(name) as fh:
+                data = fh.read(self.max_member_bytes + 1)
+        else:
+            fh = self._tar.extractfile(self._tar.getmember(name))
+            data = fh.read(self.max_member_bytes + 1)
+        if len(data) > self.max_member_bytes:
+            raise ArchiveError(f"{self.where}: member {name!r} is larger than it claims; refusing")
+        return data
+
+    def extract_all(self, dest: str | os.PathLike) -> Path:
+        dest = Path(dest).resolve()
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, m in self.members.items():
+            target = (dest / name).resolve()
+            if dest != target and dest not in target.parents:
+                raise ArchiveError(f"{self.where}: member {name!r} would land outside {dest}; refusing")
+            if m.is_dir:
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.read(name))
+        return dest
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+        if self._tar is not None:
+            self._tar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, **limits: int) -> Path:
+    with SafeArchiveReader(archive, **limits) as r:
+        return r.extract_all(dest)
+
+
+def _load_safetensors(data: bytes, member: str, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except Exception as e:  # safetensors raises its own SafetensorError and others for garbage input
+        raise ArchiveError(f"{where}: {member} is not a valid safetensors file ({e})") from e
+    return tensors, header.get("__metadata__", {}) or {}
+
+
+def load_archive(path: str | os.PathLike, **limits: int) -> PlaceholderArchive:
+    """Read and validate an archive (zip, tar, tar.gz) into memory."""
+    with SafeArchiveReader(path, **limits) as r:
+        where = r.where
+        if r.find(META_MEMBER) is None:
+            raise ArchiveError(
+                f"meta.json not found in {where} (found: {', '.join(r.files()) or 'nothing'}); "
+                "expected weights.zip as written by qwen-zero-prior training"
+            )
+        meta = ArchiveMeta.from_json(r.read(META_MEMBER), where)
+        contents = set(meta.contents) if meta.contents else {"lora"} | ({"token"} if meta.placeholder_token else set())
+        lora_sd = lora_md = None
+        if "lora" in contents:
+            if r.find(LORA_MEMBER) is None:
+                raise ArchiveError(
+                    f"LoRA weights not found: expected {LORA_MEMBER} in {where} (found: {', '.join(r.files()) or 'nothing'})"
+                )
+            lora_sd, lora_md = _load_safetensors(r.read(LORA_MEMBER), LORA_MEMBER, where)
+            if not lora_sd or not all("lora" in k for k in lora_sd):
+                raise ArchiveError(f"{where}: {LORA_MEMBER} holds no LoRA tensors (keys must contain 'lora')")
+        token = vector = None
+        if "token" in contents:
+            if r.find(TOKEN_MEMBER) is None:
+                raise ArchiveError(
+                    f"placeholder embedding not found: expected {TOKEN_MEMBER} in {where} "
+                    f"(found: {', '.join(r.files()) or 'nothing'})"
+                )
+            tensors, _ = _load_safetensors(r.read(TOKEN_MEMBER), TOKEN_MEMBER, where)
+            token = meta.placeholder_token
+            if token not in tensors:
+                raise ArchiveError(
+                    f"{where}: {TOKEN_MEMBER} has no vector for token {token!r} (keys: {sorted(tensors)})"
+                )
+            vector = tensors[token].to(torch.float32)
+            if vector.ndim != 1 or not torch.isfinite(vector).all():
+                raise ArchiveError(f"{where}: the vector for {token!r} must be 1-D and finite, got shape {tuple(vector.shape)}")
+            if meta.embedding_dim is not None and vector.shape[0] != meta.embedding_dim:
+                raise ArchiveError(
+                    f"{where}: vector width {vector.shape[0]} does not match meta.json embedding_dim {meta.embedding_dim}"
+                )
+        return PlaceholderArchive(meta, lora_sd, lora_md, token, vector, source=where)

@@ -1,0 +1,148 @@
+"""LoRA on the Qwen-Image transformer (through peft / diffusers) and kohya <-> diffusers key conversion.
+
+Exported LoRAs use diffusers keys (``transformer.<module>.lora_A.weight`` / ``lora_B.weight``) with the
+``alpha / rank`` scale folded into ``lora_B``. That is the convention every loader shares when a file carries
+no alpha (diffusers, ComfyUI, kohya tools all then use scale 1.0), so the file means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "zero_prior"
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+class LoraError(ValueError):
+    """A LoRA file or state dict does not fit the model or the expected format."""
+
+
+def add_lora(transformer, rank: int, alpha: float, targets: list[str], seed: int | None = None) -> list[str]:
+    """Attach a trainable LoRA adapter to ``transformer``; return the names of the adapted modules."""
+    from peft import LoraConfig
+
+    names = [n for n, _ in transformer.named_modules()]
+    matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise LoraError(
+            f"train.lora_targets {unmatched} match no module of {type(transformer).__name__}; "
+            "use names such as to_q, add_q_proj, to_add_out, img_mlp.net.2"
+        )
+    for p in transformer.parameters():
+        p.requires_grad_(False)
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+    transformer.set_adapter(ADAPTER_NAME)
+    return matched
+
+
+def lora_parameters(transformer) -> list[torch.nn.Parameter]:
+    return [p for n, p in transformer.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def export_lora(transformer, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers format, ``alpha / rank`` folded into lora_B, float32 on CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    scale = float(alpha) / float(rank)
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().to("cpu", torch.float32).clone()
+        if k.endswith("lora_B.weight") and scale != 1.0:
+            v = v * scale
+        out[f"transformer.{k}"] = v
+    return out
+
+
+def load_lora_into_pipeline(pipe, state_dict: dict[str, torch.Tensor], scale: float = 1.0,
+                            adapter_name: str = ADAPTER_NAME) -> dict[str, list[str]]:
+    """Load a diffusers- or kohya-format LoRA into ``pipe.transformer`` and verify every key landed.
+
+    Returns ``{"missing": [...], "unexpected": [...]}`` (both empty on success); raises if nothing loads.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    sd = type(pipe).lora_state_dict(dict(state_dict))  # diffusers converts kohya / ComfyUI layouts itself
+    expected = {k.removeprefix("transformer."): v for k, v in sd.items() if "lora_" in k}
+    if not expected:
+        raise LoraError("the LoRA holds no lora_A/lora_B (or lora_down/lora_up) tensors")
+    pipe.load_lora_weights(sd, adapter_name=adapter_name)
+    pipe.set_adapters([adapter_name], adapter_weights=[float(scale)])
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name=adapter_name)
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing:
+        logger.warning("LoRA keys that matched no transformer module (not loaded): %s", missing[:20])
+    if unexpected:
+        logger.warning("transformer LoRA modules with no weights in the file: %s", unexpected[:20])
+    return {"missing": missing, "unexpected": unexpected}
+
+
+# ---- kohya <-> diffusers ------------------------------------------------------------------------------
+
+
+def diffusers_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """``transformer.a.b.lora_A.weight`` -> ``lora_unet_a_b.lora_down.weight`` (+ ``.alpha``).
+
+    Diffusers-format files carry the scale in the weights (alpha == rank); the kohya file gets
+    ``alpha = rank`` unless ``alpha`` is given, in which case lora_up is divided by ``alpha / rank``
+    so the effective update is unchanged.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _LORA_KEY.match(key.removeprefix("transformer.").removeprefix("diffusion_model."))
+        if not m:
+            raise LoraError(f"not a diffusers LoRA key: {key!r} (expected <module>.lora_A.weight / lora_B.weight)")
+        module = "lora_unet_" + m["module"].replace(".", "_")
+        rank = value.shape[0] if m["ab"] == "A" else value.shape[1]
+        a = float(alpha) if alpha is not None else float(rank)
+        if m["ab"] == "A":
+            out[f"{module}.lora_down.weight"] = value.clone()
+            out[f"{module}.alpha"] = torch.tensor(a)
+        else:
+            out[f"{module}.lora_up.weight"] = value.clone() / (a / rank)
+    return out
+
+
+def kohya_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kohya (``lora_unet_…``/``lora_down``/``lora_up``/``alpha``) -> diffusers keys, scale folded in.
+
+    Uses diffusers' own Qwen-Image converter (``QwenImagePipeline.lora_state_dict``) rather than a copy.
+    """
+    from diffusers import QwenImagePipeline
+
+    if not any(k.startswith(("lora_unet_", "diffusion_model.")) for k in state_dict):
+        raise LoraError("not a kohya Qwen-Image LoRA: no key starts with 'lora_unet_' or 'diffusion_model.'")
+    sd = QwenImagePipeline.lora_state_dict({k: v.clone() for k, v in state_dict.items()})
+    return {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in sd.items()}
+
+
+def effective_deltas(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """module -> B @ A * (alpha / rank), for comparing LoRAs across formats."""
+    if any(k.endswith("lora_down.weight") for k in state_dict):
+        out = {}
+        for k, down in state_dict.items():
+            if not k.endswith(".lora_down.weight"):
+                continue
+            base = k.removesuffix(".lora_down.weight")
+            up = state_dict[f"{base}.lora_up.weight"]
+            alpha = state_dict.get(f"{base}.alpha")
+            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            out[base] = (up.float() @ down.float()) * scale
+        return out
+    out = {}
+    for k, a in state_dict.items():
+        m = _LORA_KEY.match(k)
+        if m and m["ab"] == "A":
+            b = state_dict[f"{m['module']}.lora_B.weight"]
+            out["lora_unet_" + m["module"].removeprefix("transformer.").replace(".", "_")] = b.float() @ a.float()
+    return out
