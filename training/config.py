@@ -49,6 +49,9 @@ def _f(default: Any, help: str, **bounds: Any) -> Any:
 def _check_range(section: str, obj: Any) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{section}.{f.name} must be one of {list(choices)}, got {value!r}")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if value is None or isinstance(value, (bool, str, list)):
             continue
@@ -56,9 +59,6 @@ def _check_range(section: str, obj: Any) -> None:
             raise ConfigError(f"{section}.{f.name} must be >= {lo}, got {value!r}")
         if hi is not None and value > hi:
             raise ConfigError(f"{section}.{f.name} must be <= {hi}, got {value!r}")
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"{section}.{f.name} must be one of {list(choices)}, got {value!r}")
 
 
 @dataclass

@@ -1,0 +1,94 @@
+"""Shared fixtures: the real Qwen-Image tokenizer (../shared) and tiny random models of the real classes."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tokenizer_dir() -> Path | None:
+    env = os.environ.get("QWEN_IMAGE_TOKENIZER")
+    cands = [Path(env)] if env else []
+    cands += [REPO.parent / "shared" / "tokenizers" / "qwen-image", REPO / "shared" / "tokenizers" / "qwen-image"]
+    return next((c for c in cands if (c / "vocab.json").is_file()), None)
+
+
+TOKENIZER_DIR = _tokenizer_dir()
+needs_tokenizer = pytest.mark.skipif(
+    TOKENIZER_DIR is None,
+    reason="real Qwen-Image tokenizer not found: expected ../shared/tokenizers/qwen-image beside the checkout "
+    "(or set QWEN_IMAGE_TOKENIZER)",
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    if TOKENIZER_DIR is None:
+        pytest.skip("real Qwen-Image tokenizer not found (../shared/tokenizers/qwen-image); set QWEN_IMAGE_TOKENIZER")
+    return TOKENIZER_DIR
+
+
+@pytest.fixture
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def _tiny_pipe_session(tokenizer_dir):
+    from qwen_zero_prior.training.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(tokenizer_dir, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_pipe(_tiny_pipe_session):
+    """A fresh copy of a tiny QwenImagePipeline (real classes, random weights, real tokenizer)."""
+    return copy.deepcopy(_tiny_pipe_session)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(_tiny_pipe_session, tmp_path_factory) -> Path:
+    """The same tiny pipeline saved in diffusers layout, for code paths that load from disk."""
+    d = tmp_path_factory.mktemp("tiny-qwen-image")
+    _tiny_pipe_session.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def dataset_dir(tmp_path) -> Path:
+    from qwen_zero_prior.training.tiny import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path / "data", n=4, size=32)
+
+
+@pytest.fixture
+def make_config():
+    """make_config(model_dir, **train_overrides) -> Config for the tiny models on CPU in float32."""
+    return _tiny_config
+
+
+def _tiny_config(model_dir: Path | str = "unused", **train):
+    from qwen_zero_prior.training.config import Config
+
+    t = {"train_placeholder_token": True, "rank": 4, "steps": 4, "learning_rate": 2e-3,
+         "token_learning_rate": 2e-2, "resolution": 32, "checkpoint_every": 0, "seed": 0}
+    t.update(train)
+    return Config.from_dict({"model": {"base_model": str(model_dir), "dtype": "float32", "device": "cpu"},
+                             "train": t})
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    for name in ("diffusers", "transformers", "PIL", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    yield
