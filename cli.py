@@ -18,7 +18,7 @@ def _cmd_demo(args) -> int:
     from .training.run import demo
 
     r = demo(args.output, steps=args.steps)
-    print(f"trained token id {r.token_id}; loss {r.first_loss:.4f} -> {r.last_loss:.4f}")
+    print(f"trained token id {r.token_id}; mean loss, first vs last tenth: {r.first_loss:.4f} -> {r.last_loss:.4f}")
     print(f"archive:   {r.archive}")
     print(f"image:     {r.image}")
     print(f"loss plot: {r.loss_plot}")
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="offline demo on a tiny random Qwen-Image (no downloads)")
     d.add_argument("--output", default="demo-output")
-    d.add_argument("--steps", type=int, default=40)
+    d.add_argument("--steps", type=int, default=150)
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="train LoRA (+ zero-prior token) and write weights.zip")
