@@ -137,3 +137,18 @@ def test_resume_matches_uninterrupted(tiny_model_dir, dataset_dir, make_config, 
     other = make_config(tiny_model_dir, steps=6, rank=2)
     with pytest.raises(ValueError, match="train.rank=4"):
         train(other, dataset_dir, tmp_path / "c" / "weights.zip", resume=tmp_path / "b")
+
+
+def test_fp8_storage_trains_lora_and_token(tiny_model_dir, dataset_dir, make_config, tmp_path):
+    cfg = make_config(tiny_model_dir, steps=2).replace(model={"quantize": True})
+    pipe = load_pipeline(cfg.model)
+    linear = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert linear.weight.dtype == torch.float8_e4m3fn
+    result = train(cfg, dataset_dir, tmp_path / "weights.zip", pipe=pipe)
+    arc = load_archive(result.archive)
+    assert arc.has_lora and arc.has_token and all(torch.isfinite(v).all() for v in arc.lora_state_dict.values())
+    # fp8 text encoder for plain LoRA training / inference only
+    te_cfg = make_config(tiny_model_dir, steps=1, train_placeholder_token=False).replace(model={"quantize_te": True})
+    te_pipe = load_pipeline(te_cfg.model)
+    assert te_pipe.text_encoder.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    train(te_cfg, dataset_dir, tmp_path / "plain.zip", pipe=te_pipe)
