@@ -7,9 +7,12 @@ import logging
 import os
 from pathlib import Path
 
+import sys
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/comfy_harness, tests/cog_harness
 
 
 def _tokenizer_dir() -> Path | None:

@@ -15,7 +15,7 @@ from qwen_zero_prior.training.lora import (
 
 def _forward(transformer, seed=0):
     g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(1, 16, 16, generator=g)
+    hs = torch.randn(1, 16, 64, generator=g)
     enc = torch.randn(1, 7, 32, generator=g)
     with torch.no_grad():
         return transformer(hidden_states=hs, encoder_hidden_states=enc, timestep=torch.tensor([0.5]),

@@ -113,8 +113,8 @@ def tiny_transformer(text_dim: int = TEXT_DIM, layers: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     return QwenImageTransformer2DModel(
         patch_size=2,
-        in_channels=16,
-        out_channels=4,
+        in_channels=64,  # 16 latent channels x 2x2 patches, as the real model (ComfyUI's latent format needs 16)
+        out_channels=16,
         num_layers=layers,
         attention_head_dim=16,
         num_attention_heads=2,
@@ -130,12 +130,12 @@ def tiny_vae(seed: int = 0):
     torch.manual_seed(seed)
     return AutoencoderKLQwenImage(
         base_dim=24,
-        z_dim=4,
+        z_dim=16,
         dim_mult=[1, 2, 4],
         num_res_blocks=1,
         temperal_downsample=[False, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
+        latents_mean=[0.0] * 16,
+        latents_std=[1.0] * 16,
     )
 
 

@@ -1,0 +1,130 @@
+"""Register Zero-Prior Token: CLIP + archive -> a clone whose tokenizer knows the token and whose text
+encoder sees the trained vector at every occurrence.
+
+ComfyUI's Qwen tokenizer ignores ``embedding:`` syntax, so the token is registered in (a copy of) the HF
+tokenizer inside ComfyUI's tokenizer, which then gives it one id (151669 with ComfyUI's bundled vocabulary,
+not Qwen-Image's 151665 — the mapping is by string). Each occurrence of that id in the token list is then
+replaced by the vector itself, the mechanism ``comfy/sd1_clip.py: process_tokens`` already has for embeddings.
+One list entry stays one vector, so Qwen-Image's template drop (which counts positions) is unchanged, and the
+text encoder's weights are never touched: bf16/fp16 and fp8-stored encoders behave the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from ..training.token import check_single_id, ensure_token
+from .sockets import CATEGORY, ZeroPriorArchive
+
+logger = logging.getLogger(__name__)
+
+
+class ZeroPriorTokenizer:
+    """Wraps a ComfyUI tokenizer; replaces registered token ids by their vectors in every token list."""
+
+    def __init__(self, inner, vectors: dict[int, torch.Tensor], names: dict[int, str]):
+        self._inner = inner
+        self._vectors = vectors
+        self._names = names
+
+    def __getattr__(self, name):  # delegate everything else (clip_name, state_dict, untokenize, ...)
+        if name.startswith("__") or name in ("_inner", "_vectors", "_names"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        return {v: k for k, v in self._names.items()}
+
+    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
+        out = self._inner.tokenize_with_weights(text, return_word_ids=return_word_ids, **kwargs)
+        for batches in out.values():
+            for batch in batches:
+                for i, entry in enumerate(batch):
+                    tok = entry[0]
+                    if isinstance(tok, int) and tok in self._vectors:
+                        batch[i] = (self._vectors[tok],) + tuple(entry[1:])
+        return out
+
+    def state_dict(self):
+        return self._inner.state_dict()
+
+
+def qwen_te_parts(clip):
+    """(ComfyUI Qwen-Image tokenizer, its HF tokenizer, embedding width), or a clear error for other CLIPs."""
+    from comfy.text_encoders.qwen_image import QwenImageTEModel
+
+    model = clip.cond_stage_model
+    if not isinstance(model, QwenImageTEModel):
+        raise TypeError(
+            f"Register Zero-Prior Token needs Qwen-Image's text encoder (load it with CLIPLoader, type "
+            f"'qwen_image'); this CLIP is {type(model).__name__}"
+        )
+    tok = clip.tokenizer._inner if isinstance(clip.tokenizer, ZeroPriorTokenizer) else clip.tokenizer
+    sd_tok = getattr(tok, tok.clip)
+    width = model.qwen25_7b.transformer.get_input_embeddings().weight.shape[1]
+    return tok, sd_tok, width
+
+
+def register_token(clip, archive):
+    """A clone of ``clip`` with ``archive``'s token registered. The input CLIP is untouched."""
+    if not archive.has_token:
+        logger.info("archive %s has no placeholder token; CLIP passed through", archive.source)
+        return clip, None
+    base_tok, _, width = qwen_te_parts(clip)
+    if archive.vector.shape[0] != width:
+        raise ValueError(
+            f"archive {archive.source}: token {archive.token!r} has a {archive.vector.shape[0]}-wide vector but "
+            f"this text encoder's embeddings are {width}-wide; the archive was trained for another model"
+        )
+    tok = copy.deepcopy(base_tok)  # CLIP.clone() shares the tokenizer: never mutate the input's
+    sd_tok = getattr(tok, tok.clip)
+    token_id = ensure_token(sd_tok.tokenizer, archive.token)
+    sd_tok.inv_vocab[token_id] = archive.token
+    if check_single_id(sd_tok.tokenizer, archive.token, context="ComfyUI tokenizer") is None:
+        raise ValueError(f"token {archive.token!r} does not tokenize to one id in ComfyUI's tokenizer")
+    vectors, names = {}, {}
+    if isinstance(clip.tokenizer, ZeroPriorTokenizer):  # chain: keep tokens registered earlier
+        vectors.update(clip.tokenizer._vectors)
+        names.update(clip.tokenizer._names)
+        for earlier in names.values():
+            ensure_token(sd_tok.tokenizer, earlier)
+    vectors[token_id] = archive.vector.detach().to(torch.float32).clone()
+    names[token_id] = archive.token
+    out = clip.clone()
+    out.tokenizer = ZeroPriorTokenizer(tok, vectors, names)
+    logger.info("registered %r as id %d in ComfyUI's tokenizer (id %s at training time)",
+                archive.token, token_id, archive.meta.placeholder_token_id)
+    return out, token_id
+
+
+class RegisterZeroPriorToken(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZeroPriorRegisterToken",
+            display_name="Register Zero-Prior Token",
+            category=CATEGORY,
+            description="Patches a clone of Qwen-Image's CLIP so that the archive's placeholder token (e.g. <zwx>) "
+            "is one token whose embedding is the trained vector. Write the token in CLIPTextEncode prompts.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="Qwen-Image's text encoder (CLIPLoader, type qwen_image)."),
+                ZeroPriorArchive.Input("archive", tooltip="From Load Placeholder Archive."),
+            ],
+            outputs=[
+                io.Clip.Output(display_name="CLIP", tooltip="A clone that understands the token; the input is unchanged."),
+                io.Int.Output(display_name="token_id", tooltip="The token's id in ComfyUI's tokenizer."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, archive) -> io.NodeOutput:
+        out, token_id = register_token(clip, archive)
+        if token_id is None:
+            return io.NodeOutput(clip, -1, ui={"text": ["archive has no token: CLIP passed through"]})
+        info = f"{archive.token} -> id {token_id} ({archive.meta.placeholder_token_id} at training time)"
+        return io.NodeOutput(out, token_id, ui={"text": [info]})

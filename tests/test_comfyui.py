@@ -1,0 +1,295 @@
+"""The node pack inside a real headless ComfyUI (CPU, tiny models), driven through its HTTP API only."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from comfy_harness.server import REPO, ComfyServer, PromptFailed, comfyui_available, install_pack
+from comfy_harness.weights import make_archive, random_lora, write_models
+
+pytestmark = pytest.mark.comfyui
+OK, WHY = comfyui_available()
+if not OK:
+    print(f"\n{'#' * 100}\n# {WHY}\n{'#' * 100}")
+NODES = ["ZeroPriorLoadArchive", "ZeroPriorRegisterToken", "ZeroPriorApplyQwenLoRA", "ZeroPriorApplyQwenLoRAFile"]
+
+
+@dataclass
+class Comfy:
+    server: ComfyServer
+    base: Path
+    names: dict
+    pipe: object  # the tiny QwenImagePipeline whose weights ComfyUI loaded
+
+    @property
+    def models(self) -> Path:
+        return self.base / "models"
+
+    def output(self, name: str) -> Path:
+        return self.base / "output" / name
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, _tiny_pipe_session):
+    if not OK:
+        pytest.skip(WHY)
+    base = tmp_path_factory.mktemp("comfy-base")
+    for d in ("custom_nodes", "input", "output", "user"):
+        (base / d).mkdir()
+    install_pack(base / "custom_nodes")
+    shutil.copy(Path(__file__).parent / "comfy_harness" / "tiny_qwen_patch.py",
+                base / "custom_nodes" / "zz_tiny_qwen_test_patch.py")
+    names = write_models(base / "models", _tiny_pipe_session)
+    server = ComfyServer(base).start()
+    try:
+        yield Comfy(server, base, names, _tiny_pipe_session)
+    finally:
+        server.stop()
+
+
+def _vec(seed: int, dim: int = 32, scale: float = 0.5) -> torch.Tensor:
+    return torch.randn(dim, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _cond_graph(clip_name: str, archive: str | None, text: str, out: str) -> dict:
+    g = {"2": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip_name, "type": "qwen_image", "device": "default"}},
+         "8": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["2", 0]}},
+         "20": {"class_type": "ZPTestSaveConditioning", "inputs": {"conditioning": ["8", 0], "filename": out}}}
+    if archive:
+        g["4"] = {"class_type": "ZeroPriorLoadArchive", "inputs": {"archive": archive, "path": ""}}
+        g["5"] = {"class_type": "ZeroPriorRegisterToken", "inputs": {"clip": ["2", 0], "archive": ["4", 0]}}
+        g["8"]["inputs"]["clip"] = ["5", 0]
+    return g
+
+
+def _core_cond(pipe, archive_path: Path | None, text: str) -> torch.Tensor:
+    from qwen_zero_prior.training.archive import load_archive
+    from qwen_zero_prior.training.inference import InferenceSession
+
+    p = copy.deepcopy(pipe)
+    session = InferenceSession(p)
+    if archive_path is not None:
+        session.apply(load_archive(archive_path))
+    with torch.no_grad():
+        emb, _ = p._get_qwen_prompt_embeds([text], device=torch.device("cpu"), dtype=torch.float32)
+    return emb[0]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ---- installed like ComfyUI Manager does, loads with no import error -----------------------------------
+def test_pack_listed_with_tooltips(comfy):
+    info = comfy.server.object_info()
+    for n in NODES:
+        assert n in info, f"{n} missing; log:\n{comfy.server.log_text()[-3000:]}"
+        assert info[n]["category"] == "Qwen-Image/zero-prior"
+        for section in ("required", "optional"):
+            for name, spec in info[n]["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{n}.{name} has no tooltip"
+    log = comfy.server.log_text()
+    ours = [line for line in log.splitlines() if "qwen-zero-prior" in line or "zz_tiny_qwen" in line]
+    assert ours and not any("IMPORT FAILED" in line or "Cannot import" in line for line in ours), log[-3000:]
+    pack = comfy.base / "custom_nodes" / "comfyui-qwen-zero-prior"
+    assert (pack / "pyproject.toml").is_file() and (pack / "web" / "zero_prior.js").is_file()
+    assert "torch" not in [line.split(">")[0].split("=")[0].strip() for line in (pack / "requirements.txt").read_text().splitlines()]
+    js = comfy.server.get("/extensions").json()
+    assert any(p.endswith("zero_prior.js") for p in js), js
+
+
+# ---- equivalence with the core ------------------------------------------------------------------------
+@pytest.mark.parametrize("clip_key, tol", [("clip", 1e-3), ("clip_bf16", 1e-2), ("clip_fp16", 1e-2), ("clip_fp8", 5e-2)])
+def test_conditioning_matches_core_and_uses_vector(comfy, clip_key, tol):
+    text = "a photo of <zwx>"
+    a1 = make_archive(comfy.models / "zero_prior" / f"cond_a_{clip_key}.zip", vector=_vec(1))
+    a2 = make_archive(comfy.models / "zero_prior" / f"cond_b_{clip_key}.zip", vector=_vec(2))
+    clip = comfy.names[clip_key]
+    comfy.server.run(_cond_graph(clip, a1.name, text, f"c1_{clip_key}.safetensors"))
+    comfy.server.run(_cond_graph(clip, a2.name, text, f"c2_{clip_key}.safetensors"))
+    comfy.server.run(_cond_graph(clip, None, text, f"c0_{clip_key}.safetensors"))
+    c1 = load_file(comfy.output(f"c1_{clip_key}.safetensors"))["cond"][0]
+    c2 = load_file(comfy.output(f"c2_{clip_key}.safetensors"))["cond"][0]
+    c0 = load_file(comfy.output(f"c0_{clip_key}.safetensors"))["cond"][0]
+    core = _core_cond(comfy.pipe, a1, text)
+    assert c1.shape == core.shape, (c1.shape, core.shape)
+    print(f"{clip_key}: ComfyUI vs core conditioning, max rel diff {_rel(c1, core):.2e}")
+    assert _rel(c1, core) < tol, _rel(c1, core)
+    assert _rel(c2, c1) > 10 * tol  # another vector, another conditioning: the token is really used
+    # without Register the string splits into several plain tokens (the input CLIP is left as it was)
+    assert c0.shape[0] > c1.shape[0]
+
+
+def test_registered_id_is_comfy_tokenizers(comfy):
+    a = make_archive(comfy.models / "zero_prior" / "ids.zip", vector=_vec(3))
+    g = _cond_graph(comfy.names["clip"], a.name, "<zwx> and <zwx>", "ids.safetensors")
+    entry = comfy.server.run(g)
+    assert entry["outputs"]["5"]["text"] == ["<zwx> -> id 151669 (151665 at training time)"]
+
+
+def _forward_graph(unet: str, archive: str | None, strength: float, out: str, lora_file: str | None = None) -> dict:
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+         "30": {"class_type": "ZPTestModelForward", "inputs": {"model": ["1", 0], "inputs": "fwd_in.safetensors",
+                                                                "filename": out}}}
+    if archive:
+        g["4"] = {"class_type": "ZeroPriorLoadArchive", "inputs": {"archive": archive, "path": ""}}
+        g["6"] = {"class_type": "ZeroPriorApplyQwenLoRA",
+                  "inputs": {"model": ["1", 0], "archive": ["4", 0], "strength": strength}}
+        g["30"]["inputs"]["model"] = ["6", 0]
+    if lora_file:
+        g["6"] = {"class_type": "ZeroPriorApplyQwenLoRAFile",
+                  "inputs": {"model": ["1", 0], "lora_name": lora_file, "strength": strength}}
+        g["30"]["inputs"]["model"] = ["6", 0]
+    return g
+
+
+def _diffusers_forward(pipe, lora, scale, x, t, ctx):
+    from qwen_zero_prior.training.lora import load_lora_into_pipeline
+
+    p = copy.deepcopy(pipe)
+    if lora is not None:
+        assert load_lora_into_pipeline(p, lora, scale=scale) == {"missing": [], "unexpected": []}
+    b, c, h, w = x.shape
+    packed = p._pack_latents(x, b, c, h, w)
+    with torch.no_grad():
+        out = p.transformer(hidden_states=packed, timestep=t, encoder_hidden_states=ctx,
+                            img_shapes=[[(1, h // 2, w // 2)]], return_dict=False)[0]
+    return p._unpack_latents(out, h * p.vae_scale_factor, w * p.vae_scale_factor, p.vae_scale_factor)[:, :, 0]
+
+
+def test_lora_forward_matches_diffusers(comfy):
+    from qwen_zero_prior.training.lora import diffusers_to_kohya
+
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.6]), torch.randn(1, 7, 32, generator=g)
+    save_file({"x": x, "t": t, "context": ctx}, comfy.base / "input" / "fwd_in.safetensors")
+    lora = random_lora(comfy.pipe, seed=5)
+    arc = make_archive(comfy.models / "zero_prior" / "lora_only.zip", lora=lora)
+    save_file(diffusers_to_kohya(lora, alpha=2.0), comfy.models / "loras" / "kohya_tiny.safetensors")
+
+    entry = comfy.server.run(_forward_graph(comfy.names["unet"], arc.name, 0.7, "fwd_lora.safetensors"))
+    assert entry["outputs"]["6"]["text"][0].endswith("all keys loaded")
+    comfy.server.run(_forward_graph(comfy.names["unet"], None, 0.0, "fwd_base.safetensors"))
+    comfy.server.run(_forward_graph(comfy.names["unet"], None, 0.7, "fwd_kohya.safetensors", "kohya_tiny.safetensors"))
+    got = load_file(comfy.output("fwd_lora.safetensors"))["out"]
+    base = load_file(comfy.output("fwd_base.safetensors"))["out"]
+    kohya = load_file(comfy.output("fwd_kohya.safetensors"))["out"]
+    ref = _diffusers_forward(comfy.pipe, lora, 0.7, x, t, ctx)
+    ref_base = _diffusers_forward(comfy.pipe, None, 1.0, x, t, ctx)
+    assert got.shape == ref.shape
+    print(f"LoRA forward: ComfyUI vs diffusers max rel diff {_rel(got, ref):.2e}; base {_rel(base, ref_base):.2e}")
+    assert _rel(base, ref_base) < 1e-4, _rel(base, ref_base)
+    assert _rel(got, ref) < 1e-4, _rel(got, ref)
+    assert _rel(got, base) > 1e-2  # the LoRA really changed the model
+    assert _rel(kohya, got) < 1e-4  # the kohya file of the same LoRA gives the same model
+
+
+def test_t2i_example_workflow(comfy):
+    graph = json.loads((REPO / "example_workflows" / "qwen_zero_prior_t2i_api.json").read_text())
+    arc = make_archive(comfy.models / "zero_prior" / "t2i.zip", vector=_vec(4), lora=random_lora(comfy.pipe, seed=4))
+    graph["1"]["inputs"]["unet_name"] = comfy.names["unet"]
+    graph["2"]["inputs"]["clip_name"] = comfy.names["clip"]
+    graph["3"]["inputs"]["vae_name"] = comfy.names["vae"]
+    graph["4"]["inputs"]["archive"] = arc.name
+    graph["10"]["inputs"].update(width=64, height=64)
+    graph["11"]["inputs"].update(steps=2, cfg=1.0)
+    entry = comfy.server.run(graph)
+    img = entry["outputs"]["13"]["images"][0]
+    path = comfy.output(os.path.join(img["subfolder"], img["filename"]))
+    a = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    assert a.shape == (64, 64, 3)
+    graph["6"]["inputs"]["strength"] = 0.0
+    graph["5"]["inputs"]["clip"] = ["2", 0]  # keep the node, bypass its effect: base CLIP feeds the encoder
+    graph["8"]["inputs"]["clip"] = ["2", 0]
+    graph["9"]["inputs"]["clip"] = ["2", 0]
+    img2 = comfy.server.run(graph)["outputs"]["13"]["images"][0]
+    b = np.asarray(Image.open(comfy.output(os.path.join(img2["subfolder"], img2["filename"]))).convert("RGB"), dtype=np.int16)
+    assert np.abs(a - b).max() > 0
+
+
+def test_token_only_and_lora_only_archives(comfy):
+    tok = make_archive(comfy.models / "zero_prior" / "token_only.zip", vector=_vec(6))
+    lor = make_archive(comfy.models / "zero_prior" / "lora_only2.zip", lora=random_lora(comfy.pipe, seed=6))
+    e = comfy.server.run(_forward_graph(comfy.names["unet"], tok.name, 1.0, "fwd_tok.safetensors"))
+    assert e["outputs"]["6"]["text"] == ["archive has no LoRA: model passed through"]
+    e = comfy.server.run(_cond_graph(comfy.names["clip"], lor.name, "a photo of <zwx>", "c_lor.safetensors"))
+    assert e["outputs"]["5"]["text"] == ["archive has no token: CLIP passed through"]
+
+
+def test_reexecutes_only_when_file_changes(comfy):
+    arc = make_archive(comfy.models / "zero_prior" / "cache.zip", vector=_vec(7))
+    g = _cond_graph(comfy.names["clip"], arc.name, "a photo of <zwx>", "cache.safetensors")
+
+    def cached(entry):
+        return {n for m in entry["status"]["messages"] if m[0] == "execution_cached" for n in m[1]["nodes"]}
+
+    comfy.server.run(g)
+    assert "4" in cached(comfy.server.run(g))
+    make_archive(arc, vector=_vec(8))  # same name, new content
+    second = comfy.server.run(g)
+    assert "4" not in cached(second)
+
+
+# ---- bad input: one clear error each ------------------------------------------------------------------
+def _error(comfy, graph) -> str:
+    with pytest.raises(PromptFailed) as e:
+        comfy.server.run(graph)
+    return e.value.error.get("exception_message", "")
+
+
+def test_bad_archives_and_confined_paths(comfy, tmp_path):
+    zp = comfy.models / "zero_prior"
+    (zp / "not_an_archive.zip").write_bytes(b"hello")
+    msg = _error(comfy, _cond_graph(comfy.names["clip"], "not_an_archive.zip", "x", "e.safetensors"))
+    assert "not a zip, tar or tar.gz archive" in msg
+    # a vector for another text encoder width
+    make_archive(zp / "wide.zip", vector=torch.zeros(3584))
+    msg = _error(comfy, _cond_graph(comfy.names["clip"], "wide.zip", "x", "e.safetensors"))
+    assert "3584-wide vector" in msg and "32-wide" in msg
+    # paths outside ComfyUI's folders: ../, absolute, symlink
+    outside = make_archive(tmp_path / "outside.zip", vector=_vec(9))
+    os.symlink(outside, zp / "link.zip")
+    for path in ("../../../../../../etc/passwd", str(outside), "link.zip", "/etc/hostname"):
+        g = _cond_graph(comfy.names["clip"], "weights.zip", "x", "e.safetensors")
+        g["4"]["inputs"] = {"archive": "(use path)", "path": path}
+        msg = _error(comfy, g)
+        assert "outside ComfyUI's models, input and output folders" in msg, (path, msg)
+    # a path inside ComfyUI's output folder is fine
+    inside = make_archive(comfy.base / "output" / "runs" / "w.zip", vector=_vec(10))
+    g = _cond_graph(comfy.names["clip"], "weights.zip", "a <zwx>", "inside.safetensors")
+    g["4"]["inputs"] = {"archive": "(use path)", "path": "runs/w.zip"}
+    comfy.server.run(g)
+    assert inside.is_file() and comfy.output("inside.safetensors").is_file()
+
+
+def test_example_workflows_match_server(comfy):
+    info = comfy.server.object_info()
+    api = json.loads((REPO / "example_workflows" / "qwen_zero_prior_t2i_api.json").read_text())
+    for nid, node in api.items():
+        spec = info[node["class_type"]]["input"]
+        for name in spec.get("required", {}):
+            assert name in node["inputs"], (nid, name)
+    ui = json.loads((REPO / "example_workflows" / "qwen_zero_prior_t2i.json").read_text())
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in api.values()}
+    for link_id, src, slot, dst, dst_slot, typ in ui["links"]:
+        assert info[by_id[src]["type"]]["output"][slot] == typ, (link_id, typ)
+        assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
+    for n in ui["nodes"]:
+        required = info[n["type"]]["input"].get("required", {})
+        optional = info[n["type"]]["input"].get("optional", {})
+        widgets = [k for k, v in {**required, **optional}.items() if not isinstance(v[0], str) or v[0] in
+                   ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+        extra = 1 if n["type"] == "KSampler" else 0  # control_after_generate
+        assert len(n["widgets_values"]) == len(widgets) + extra, (n["type"], n["widgets_values"], widgets)
