@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/comfy_harness, tests/cog_harness
+sys.path.insert(1, str(REPO))  # predict.py, train.py, cog_support.py (Cog's entry points live at the root)
 
 
 def _tokenizer_dir() -> Path | None:

@@ -1,0 +1,119 @@
+"""Shared by the Cog predictor (predict.py) and trainer (train.py): base-model settings from the environment,
+and the OpenAPI schema that Cog's HTTP server validates inputs against.
+
+Cog's static schema generator needs literal defaults and bounds in the predict/train signatures, so those
+literals are written out there; ``tests/test_cog.py`` checks each one against ``training.config`` (the one
+source of truth) and checks that the shipped ``.cog/openapi_schema.json`` is what :func:`openapi_schema` builds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+try:  # installed (pip install .): the package name
+    from qwen_zero_prior.training.config import Config, ModelConfig, field_spec
+except ImportError:  # inside a Cog image the source folder itself is on sys.path
+    from training.config import Config, ModelConfig, field_spec  # type: ignore[no-redef]
+
+ENV_MODEL = "QWEN_IMAGE_MODEL"  # local diffusers folder or hub id
+ENV_DTYPE = "QWEN_IMAGE_DTYPE"
+ENV_DEVICE = "QWEN_IMAGE_DEVICE"
+SCHEMA_PATH = Path(__file__).resolve().parent / ".cog" / "openapi_schema.json"
+
+
+def model_config() -> ModelConfig:
+    defaults = ModelConfig()
+    return ModelConfig(
+        base_model=os.environ.get(ENV_MODEL, defaults.base_model),
+        dtype=os.environ.get(ENV_DTYPE, defaults.dtype),
+        device=os.environ.get(ENV_DEVICE, defaults.device),
+    )
+
+
+# name -> (config section, config field) for trainer inputs taken straight from the config
+TRAIN_FIELDS = {
+    "rank": ("train", "rank"),
+    "steps": ("train", "steps"),
+    "learning_rate": ("train", "learning_rate"),
+    "token_learning_rate": ("train", "token_learning_rate"),
+    "train_placeholder_token": ("train", "train_placeholder_token"),
+    "placeholder_token": ("train", "placeholder_token"),
+    "placeholder_init_std": ("train", "placeholder_init_std"),
+    "resolution": ("train", "resolution"),
+    "batch_size": ("train", "batch_size"),
+    "seed": ("train", "seed"),
+}
+
+PREDICT_INPUTS = {
+    "prompt": {"type": "string", "description": "Prompt; write the placeholder token (e.g. <zwx>) where the concept goes."},
+    "negative_prompt": {"type": "string", "default": " ", "description": "Negative prompt (used when guidance > 1)."},
+    "steps": {"type": "integer", "default": 30, "minimum": 1, "maximum": 100, "description": "Denoising steps."},
+    "guidance": {"type": "number", "default": 4.0, "minimum": 1.0, "maximum": 20.0,
+                 "description": "True-CFG scale (1 disables CFG)."},
+    "width": {"type": "integer", "default": 1024, "minimum": 64, "maximum": 2048, "description": "Image width."},
+    "height": {"type": "integer", "default": 1024, "minimum": 64, "maximum": 2048, "description": "Image height."},
+    "lora_scale": {"type": "number", "default": 1.0, "minimum": -2.0, "maximum": 3.0,
+                   "description": "Strength of the archive's LoRA."},
+    "seed": {"type": "integer", "default": 0, "minimum": 0, "maximum": 2147483647, "description": "Random seed."},
+    "replicate_weights": {"type": "string", "format": "uri", "nullable": True,
+                          "description": "weights.zip (or .tar / .tar.gz) from training; empty: the base model."},
+}
+
+
+def train_inputs() -> dict[str, dict]:
+    out = {"dataset": {"type": "string", "format": "uri",
+                       "description": "Zip of images with same-name .txt captions."}}
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    for name, (section, key) in TRAIN_FIELDS.items():
+        spec = field_spec(section, key)
+        prop = {"type": kinds[type(spec["default"])], "default": spec["default"], "description": spec["help"]}
+        if "min" in spec:
+            prop["minimum"] = spec["min"]
+        if "max" in spec:
+            prop["maximum"] = spec["max"]
+        out[name] = prop
+    return out
+
+
+def _object(title: str, props: dict[str, dict], required: list[str]) -> dict:
+    properties = {}
+    for i, (name, p) in enumerate(props.items()):
+        properties[name] = {"title": name.replace("_", " ").title(), "x-order": i, **p}
+    return {"title": title, "type": "object", "properties": properties, "required": required}
+
+
+def openapi_schema() -> dict:
+    """The OpenAPI document Cog's server loads from .cog/openapi_schema.json to validate inputs."""
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "Cog", "version": "0.1.0"},
+        "paths": {},
+        "components": {"schemas": {
+            "Input": _object("Input", PREDICT_INPUTS, ["prompt"]),
+            "Output": {"title": "Output", "type": "string", "format": "uri"},
+            "TrainingInput": _object("TrainingInput", train_inputs(), ["dataset"]),
+            "TrainingOutput": {"title": "TrainingOutput", "type": "object",
+                               "properties": {"weights": {"title": "Weights", "type": "string", "format": "uri"}},
+                               "required": ["weights"]},
+        }},
+    }
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(openapi_schema(), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def config_for_training(**inputs) -> Config:
+    train = {key: inputs[name] for name, (section, key) in TRAIN_FIELDS.items() if section == "train"}
+    train["checkpoint_every"] = 0
+    mc = model_config()
+    return Config.from_dict({"model": {"base_model": mc.base_model, "dtype": mc.dtype, "device": mc.device},
+                             "train": train})
+
+
+if __name__ == "__main__":
+    print(write_schema())

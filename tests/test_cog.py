@@ -1,0 +1,187 @@
+"""The Cog trainer and predictor through Cog's own HTTP server, as Replicate calls them."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cog_harness.server import REPO, CogServer, FileServer
+
+pytestmark = pytest.mark.cog
+cog = pytest.importorskip("cog", reason="cog is not installed (pip install -e '.[cog]'): Cog HTTP tests SKIPPED")
+
+
+def _data_uri_bytes(uri: str) -> bytes:
+    assert uri.startswith("data:"), uri[:80]
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    fs = FileServer(root)
+    yield root, fs
+    fs.close()
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir):
+    return {"QWEN_IMAGE_MODEL": str(tiny_model_dir), "QWEN_IMAGE_DTYPE": "float32", "QWEN_IMAGE_DEVICE": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def trained(env, files, tmp_path_factory):
+    """weights.zip produced by POST /trainings on a dataset zip served over HTTP."""
+    from qwen_zero_prior.training.tiny import make_synthetic_dataset
+
+    root, fs = files
+    data = make_synthetic_dataset(tmp_path_factory.mktemp("ds"), n=4, size=32)
+    with zipfile.ZipFile(root / "dataset.zip", "w") as zf:
+        for p in sorted(data.iterdir()):
+            zf.write(p, p.name)
+    server = CogServer("train", env, tmp_path_factory.mktemp("cogtrain") / "log.txt").start()
+    try:
+        r = server.post("/trainings", {"dataset": fs.url("dataset.zip"), "steps": 6, "rank": 4, "resolution": 32,
+                                       "train_placeholder_token": True, "placeholder_token": "<zwx>",
+                                       "learning_rate": 2e-3, "token_learning_rate": 5e-2})
+        assert r.status_code == 200, r.text[-2000:]
+        body = r.json()
+        assert body["status"] == "succeeded", body.get("error") or body.get("logs")
+        weights = _data_uri_bytes(body["output"]["weights"])
+        bad = server.post("/trainings", {"dataset": fs.url("dataset.zip"), "steps": 0})
+        assert bad.status_code == 422 and "steps" in bad.text
+        wrong = server.post("/trainings", {"dataset": fs.url("dataset.zip"), "steps": 2, "resolution": 40})
+        assert wrong.json()["status"] == "failed" and "multiple of 16, got 40" in wrong.json()["error"]
+    finally:
+        server.stop()
+    (root / "weights.zip").write_bytes(weights)
+    return root / "weights.zip"
+
+
+@pytest.fixture(scope="module")
+def predictor(env, tmp_path_factory):
+    server = CogServer("predict", env, tmp_path_factory.mktemp("cogpredict") / "log.txt").start()
+    yield server
+    server.stop()
+
+
+def _png(server, **inputs) -> tuple[np.ndarray, dict]:
+    base = {"prompt": "a photo of <zwx>", "steps": 2, "width": 64, "height": 64, "guidance": 1.0, "seed": 1}
+    r = server.post("/predictions", {**base, **inputs})
+    assert r.status_code == 200, r.text[-2000:]
+    body = r.json()
+    assert body["status"] == "succeeded", body.get("error") or body.get("logs")
+    raw = _data_uri_bytes(body["output"])
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.int16), body
+
+
+def test_training_output_is_core_archive(trained):
+    from qwen_zero_prior.training.archive import load_archive
+
+    arc = load_archive(trained)
+    assert arc.has_lora and arc.has_token and arc.token == "<zwx>"
+    assert arc.meta.placeholder_token_id == 151665 and arc.meta.rank == 4 and arc.meta.steps == 6
+
+
+def test_predict_with_weights_reuse_swap_and_tar(predictor, trained, files):
+    root, fs = files
+    plain, _ = _png(predictor)
+    assert plain.shape == (64, 64, 3)
+    with_w, body = _png(predictor, replicate_weights=fs.url("weights.zip"))
+    assert np.abs(with_w - plain).max() > 0
+    assert "weights loaded" in body["logs"]
+    again, body = _png(predictor, replicate_weights=fs.url("weights.zip"))
+    assert "weights unchanged" in body["logs"] and "weights loaded" not in body["logs"]
+    assert np.array_equal(again, with_w)
+
+    # the same archive as tar.gz works too
+    with zipfile.ZipFile(trained) as zf, tarfile.open(root / "weights.tar.gz", "w:gz") as tf:
+        for name in zf.namelist():
+            data = zf.read(name)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    shutil.copy(root / "weights.tar.gz", root / "weights_tar_copy.tar.gz")
+    tar_img, body = _png(predictor, replicate_weights=fs.url("weights.tar.gz"))
+    assert np.array_equal(tar_img, with_w)
+
+    # different weights (LoRA only, another token) replace the previous token and LoRA completely
+    from qwen_zero_prior.training.archive import load_archive, write_archive
+
+    arc = load_archive(trained)
+    arc.meta.placeholder_token = None
+    arc.meta.placeholder_token_id = None
+    write_archive(root / "lora_only.zip", arc.meta, arc.lora_state_dict, None)
+    arc2 = load_archive(trained)
+    arc2.meta.placeholder_token = "<sks>"
+    write_archive(root / "token_only.zip", arc2.meta, None, arc2.vector)
+    token_only, body = _png(predictor, replicate_weights=fs.url("token_only.zip"))
+    assert "weights loaded" in body["logs"]
+    assert np.array_equal(token_only, plain), "the previous LoRA or <zwx> survived a weights swap"
+    back, _ = _png(predictor)
+    assert np.array_equal(back, plain)
+
+
+def test_predict_bad_inputs(predictor, files):
+    root, fs = files
+    r = predictor.post("/predictions", {"prompt": "x", "steps": 101})
+    assert r.status_code == 422 and "steps" in r.text
+    r = predictor.post("/predictions", {"prompt": "x", "width": 8})
+    assert r.status_code == 422 and "width" in r.text
+    r = predictor.post("/predictions", {"steps": 2})
+    assert r.status_code == 422 and "prompt" in r.text
+    (root / "garbage.zip").write_bytes(b"not an archive at all")
+    r = predictor.post("/predictions", {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                        "replicate_weights": fs.url("garbage.zip")})
+    body = r.json()
+    assert body["status"] == "failed" and "not a zip, tar or tar.gz archive" in body["error"]
+    with zipfile.ZipFile(root / "nolora.zip", "w") as zf:
+        zf.writestr("meta.json", json.dumps({"format_version": 1, "base_model": "x", "placeholder_token": None,
+                                             "placeholder_token_id": None, "rank": 4, "created": "2026-01-01T00:00:00Z",
+                                             "contents": ["lora"]}))
+    body = predictor.post("/predictions", {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                           "replicate_weights": fs.url("nolora.zip")}).json()
+    assert body["status"] == "failed" and "LoRA weights not found: expected lora/lora_weights.safetensors" in body["error"]
+
+
+# ---- one source of truth: Cog literals and the shipped schema follow training.config -------------------
+def test_cog_inputs_follow_config():
+    import cog_support
+    import predict
+    import train
+
+    schema = cog_support.openapi_schema()
+    shipped = json.loads((REPO / ".cog" / "openapi_schema.json").read_text())
+    assert shipped == schema, "run `python cog_support.py` to regenerate .cog/openapi_schema.json"
+
+    def check(fn, props):
+        params = {k: v for k, v in inspect.signature(fn).parameters.items() if k != "self"}
+        assert list(params) == list(props), (list(params), list(props))
+        for name, p in params.items():
+            info, prop = p.default, props[name]
+            if "default" in prop:
+                assert info.default == prop["default"], (name, info.default, prop["default"])
+            assert info.ge == prop.get("minimum") and info.le == prop.get("maximum"), name
+            assert info.description == prop["description"], name
+
+    check(predict.Predictor.predict, schema["components"]["schemas"]["Input"]["properties"])
+    check(train.train, schema["components"]["schemas"]["TrainingInput"]["properties"])
+    cfg = (REPO / "cog.yaml").read_text()
+    assert 'predict: "predict.py:Predictor"' in cfg and 'train: "train.py:train"' in cfg
+
+
+def test_cog_requirements_match_pack():
+    def reqs(name):
+        return {line.strip() for line in (REPO / name).read_text().splitlines() if line.strip() and not line.startswith("#")}
+
+    assert reqs("requirements-cog.txt") - {"torch>=2.5"} == reqs("requirements.txt")
