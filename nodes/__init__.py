@@ -8,8 +8,11 @@ from .archive_node import LoadPlaceholderArchive
 from .lora_node import ApplyQwenLoRA, ApplyQwenLoRAFile
 from .paths import register_folder
 from .token_node import RegisterZeroPriorToken
+from .train_node import TrainZeroPriorToken
 
-NODES: list[type[io.ComfyNode]] = [LoadPlaceholderArchive, RegisterZeroPriorToken, ApplyQwenLoRA, ApplyQwenLoRAFile]
+NODES: list[type[io.ComfyNode]] = [
+    LoadPlaceholderArchive, RegisterZeroPriorToken, ApplyQwenLoRA, ApplyQwenLoRAFile, TrainZeroPriorToken,
+]
 
 
 class ZeroPriorExtension(ComfyExtension):

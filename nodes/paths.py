@@ -81,3 +81,24 @@ def resolve_output_path(value: str, default_name: str) -> Path:
             "give a path relative to the output folder"
         )
     return real
+
+
+def resolve_dataset_path(value: str) -> Path:
+    """A dataset folder or archive named by a graph: relative to input/ (or output/), confined like archives."""
+    raw = (value or "").strip()
+    if not raw:
+        raise PathNotAllowed("dataset path is empty")
+    p = Path(raw).expanduser()
+    roots = allowed_roots()
+    candidates = [p] if p.is_absolute() else [Path(folder_paths.get_input_directory()) / p,
+                                              Path(folder_paths.get_output_directory()) / p]
+    for cand in candidates:
+        real = cand.resolve()
+        if not _inside(real, roots):
+            raise PathNotAllowed(
+                f"dataset path {raw!r} resolves to {real}, outside ComfyUI's models, input and output folders; "
+                "put the dataset under input/ and name it relative to that"
+            )
+        if real.exists():
+            return real
+    raise FileNotFoundError(f"dataset {raw!r} not found in input/ or output/")

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.comfyui
 OK, WHY = comfyui_available()
 if not OK:
     print(f"\n{'#' * 100}\n# {WHY}\n{'#' * 100}")
-NODES = ["ZeroPriorLoadArchive", "ZeroPriorRegisterToken", "ZeroPriorApplyQwenLoRA", "ZeroPriorApplyQwenLoRAFile"]
+NODES = ["ZeroPriorLoadArchive", "ZeroPriorRegisterToken", "ZeroPriorApplyQwenLoRA", "ZeroPriorApplyQwenLoRAFile",
+         "ZeroPriorTrain"]
 
 
 @dataclass
@@ -273,14 +274,15 @@ def test_bad_archives_and_confined_paths(comfy, tmp_path):
     assert inside.is_file() and comfy.output("inside.safetensors").is_file()
 
 
-def test_example_workflows_match_server(comfy):
+@pytest.mark.parametrize("wf", ["qwen_zero_prior_t2i", "qwen_zero_prior_train"])
+def test_example_workflows_match_server(comfy, wf):
     info = comfy.server.object_info()
-    api = json.loads((REPO / "example_workflows" / "qwen_zero_prior_t2i_api.json").read_text())
+    api = json.loads((REPO / "example_workflows" / f"{wf}_api.json").read_text())
     for nid, node in api.items():
         spec = info[node["class_type"]]["input"]
         for name in spec.get("required", {}):
             assert name in node["inputs"], (nid, name)
-    ui = json.loads((REPO / "example_workflows" / "qwen_zero_prior_t2i.json").read_text())
+    ui = json.loads((REPO / "example_workflows" / f"{wf}.json").read_text())
     by_id = {n["id"]: n for n in ui["nodes"]}
     assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in api.values()}
     for link_id, src, slot, dst, dst_slot, typ in ui["links"]:
@@ -293,3 +295,162 @@ def test_example_workflows_match_server(comfy):
                    ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
         extra = 1 if n["type"] == "KSampler" else 0  # control_after_generate
         assert len(n["widgets_values"]) == len(widgets) + extra, (n["type"], n["widgets_values"], widgets)
+
+
+# ---- the training node --------------------------------------------------------------------------------
+def _train_graph(comfy, *, dataset="train_ds", output_name="zero_prior/trained.zip", steps=8, clip_key="clip", **kw):
+    inputs = {"model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "dataset": dataset, "output_name": output_name,
+              "train_placeholder_token": True, "placeholder_token": "<zwx>", "placeholder_init_std": 1e-5,
+              "rank": 4, "steps": steps, "learning_rate": 3e-3, "token_learning_rate": 5e-2, "batch_size": 1,
+              "resolution": 32, "seed": 0, "checkpoint_every": 0, "default_caption": "", "resume": "",
+              "preview_every": 0, "captions": ""}
+    inputs.update(kw)
+    return {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": comfy.names["unet"], "weight_dtype": "default"}},
+            "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.names[clip_key], "type": "qwen_image",
+                                                          "device": "default"}},
+            "3": {"class_type": "VAELoader", "inputs": {"vae_name": comfy.names["vae"]}},
+            "40": {"class_type": "ZeroPriorTrain", "inputs": inputs}}
+
+
+@pytest.fixture(scope="module")
+def train_ds(comfy):
+    from qwen_zero_prior.training.tiny import make_synthetic_dataset
+
+    return make_synthetic_dataset(comfy.base / "input" / "train_ds", n=4, size=32)
+
+
+def test_training_node_end_to_end(comfy, train_ds):
+    from qwen_zero_prior.training.archive import load_archive
+    from qwen_zero_prior.training.lora import load_lora_into_pipeline
+
+    g = torch.Generator().manual_seed(1)
+    save_file({"x": torch.randn(1, 16, 8, 8, generator=g), "t": torch.tensor([0.4]),
+               "context": torch.randn(1, 7, 32, generator=g)}, comfy.base / "input" / "fwd_in.safetensors")
+    plain = "a photo of a red disc"
+    comfy.server.run(_cond_graph(comfy.names["clip"], None, plain, "te_before.safetensors"))
+    comfy.server.run(_forward_graph(comfy.names["unet"], None, 0.0, "dit_before.safetensors"))
+
+    entry = comfy.server.run(_train_graph(comfy, steps=150), timeout=600)
+    out = entry["outputs"]["40"]
+    losses = out["loss"]
+    assert len(losses) == 150
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    print(f"ComfyUI training node: mean loss first 20 steps {first:.4f} -> last 20 {last:.4f}")
+    assert last < 0.9 * first, (first, last)
+    archive_path = Path(out["archive"][0])
+    assert archive_path == comfy.output("zero_prior/trained.zip") and archive_path.is_file()
+    assert comfy.output("zero_prior/trained_loss.png").is_file()
+
+    # only the token row trained: the frozen text encoder and DiT give bit-identical outputs afterwards
+    comfy.server.run(_cond_graph(comfy.names["clip"], None, plain, "te_after.safetensors"))
+    comfy.server.run(_forward_graph(comfy.names["unet"], None, 0.0, "dit_after.safetensors"))
+    assert torch.equal(load_file(comfy.output("te_before.safetensors"))["cond"],
+                       load_file(comfy.output("te_after.safetensors"))["cond"])
+    assert torch.equal(load_file(comfy.output("dit_before.safetensors"))["out"],
+                       load_file(comfy.output("dit_after.safetensors"))["out"])
+
+    # same archive format as the core: diffusers loads every LoRA key, the vector moved off its ~0 init
+    arc = load_archive(archive_path)
+    assert arc.token == "<zwx>" and arc.meta.steps == 150 and arc.meta.placeholder_token_id == 151669
+    assert arc.vector.norm() > 1e-2
+    assert load_lora_into_pipeline(copy.deepcopy(comfy.pipe), arc.lora_state_dict) == {"missing": [], "unexpected": []}
+
+    # the inference nodes load it (path relative to output/)
+    gi = _cond_graph(comfy.names["clip"], "weights.zip", "a photo of <zwx>", "trained_cond.safetensors")
+    gi["4"]["inputs"] = {"archive": "(use path)", "path": "zero_prior/trained.zip"}
+    assert comfy.server.run(gi)["outputs"]["5"]["text"][0].startswith("<zwx> -> id 151669")
+
+
+def test_training_example_workflow_samples_in_same_graph(comfy, train_ds):
+    graph = json.loads((REPO / "example_workflows" / "qwen_zero_prior_train_api.json").read_text())
+    graph["1"]["inputs"]["unet_name"] = comfy.names["unet"]
+    graph["2"]["inputs"]["clip_name"] = comfy.names["clip"]
+    graph["3"]["inputs"]["vae_name"] = comfy.names["vae"]
+    graph["4"]["inputs"].update(dataset="train_ds", steps=3, resolution=32, output_name="zero_prior/example.zip")
+    graph["7"]["inputs"].update(width=64, height=64)
+    graph["8"]["inputs"].update(steps=2)
+    entry = comfy.server.run(graph, timeout=600)
+    img = entry["outputs"]["10"]["images"][0]
+    assert comfy.output(os.path.join(img["subfolder"], img["filename"])).is_file()
+    assert comfy.output("zero_prior/example.zip").is_file()
+
+
+def test_interrupt_keeps_checkpoint_and_resume_reaches_target(comfy, train_ds):
+    import time
+
+    from qwen_zero_prior.training.archive import load_archive
+    from qwen_zero_prior.training.checkpoint import list_checkpoints, load_checkpoint
+
+    r = comfy.server.queue(_train_graph(comfy, steps=5000, checkpoint_every=3, output_name="zero_prior/long.zip"))
+    assert r.status_code == 200, r.text
+    pid = r.json()["prompt_id"]
+    ckroot = comfy.output("zero_prior/long_run/checkpoints")
+    deadline = time.time() + 300
+    latencies = []
+    while not list_checkpoints(ckroot) and time.time() < deadline:
+        t0 = time.time()
+        assert comfy.server.get("/system_stats", timeout=5).ok  # the server keeps answering during training
+        latencies.append(time.time() - t0)
+        time.sleep(0.2)
+    assert list_checkpoints(ckroot), comfy.server.log_text()[-3000:]
+    for _ in range(5):
+        t0 = time.time()
+        comfy.server.get("/queue", timeout=5)
+        latencies.append(time.time() - t0)
+    print(f"HTTP latency during training: max {max(latencies) * 1000:.0f} ms over {len(latencies)} requests")
+    assert max(latencies) < 2.0
+    comfy.server.interrupt()
+    entry = comfy.server.wait(pid, timeout=120, allow_error=True)
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    last = list_checkpoints(ckroot)[-1]
+    state = load_checkpoint(last)  # valid: every file readable
+    stopped = state["step"]
+    assert 0 < stopped < 5000 and "<zwx>" in state["token_tensors"] and state["lora"]
+    assert not comfy.output("zero_prior/long.zip").exists()
+
+    # the next prompt runs
+    comfy.server.run(_cond_graph(comfy.names["clip"], None, "after interrupt", "after_interrupt.safetensors"))
+    # resume continues to the target step count
+    target = stopped + 4
+    entry = comfy.server.run(_train_graph(comfy, steps=target, checkpoint_every=3, output_name="zero_prior/long.zip",
+                                          resume="zero_prior/long_run"), timeout=600)
+    arc = load_archive(comfy.output("zero_prior/long.zip"))
+    assert arc.meta.steps == target
+    assert len(entry["outputs"]["40"]["loss"]) == target
+
+
+def test_training_inputs_from_graph_and_fp8_text_encoder(comfy):
+    from qwen_zero_prior.training.archive import load_archive
+
+    g = _train_graph(comfy, dataset="", steps=4, clip_key="clip_fp8", output_name="zero_prior/fp8.zip",
+                     captions="a photo of <zwx>", placeholder_init_std=0.0)
+    g["50"] = {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 32, "batch_size": 2, "color": 16711680}}
+    g["40"]["inputs"]["images"] = ["50", 0]
+    comfy.server.run(g, timeout=600)
+    arc = load_archive(comfy.output("zero_prior/fp8.zip"))
+    assert arc.vector.abs().sum() > 0  # the float row trained through an fp8-stored text encoder
+
+
+def test_training_bad_datasets_fail_before_training(comfy, train_ds):
+    import shutil as sh
+
+    bad = comfy.base / "input" / "bad_ds"
+    sh.copytree(train_ds, bad)
+    (bad / "broken.png").write_bytes(b"definitely not a png")
+    (bad / "img_01.txt").unlink()
+    msg = _error(comfy, _train_graph(comfy, dataset="bad_ds", output_name="zero_prior/bad.zip"))
+    assert "unreadable image(s): broken.png" in msg
+    (bad / "broken.png").unlink()
+    msg = _error(comfy, _train_graph(comfy, dataset="bad_ds", output_name="zero_prior/bad.zip"))
+    assert "without a same-name .txt caption: img_01.png" in msg
+    (comfy.base / "input" / "empty_ds").mkdir()
+    msg = _error(comfy, _train_graph(comfy, dataset="empty_ds", output_name="zero_prior/bad.zip"))
+    assert "no usable images" in msg
+    assert not comfy.output("zero_prior/bad_run").exists()  # nothing started
+    msg = _error(comfy, _train_graph(comfy, dataset="../../../../etc", output_name="zero_prior/bad.zip"))
+    assert "outside ComfyUI's models, input and output folders" in msg
+    msg = _error(comfy, _train_graph(comfy, output_name="../../escape.zip"))
+    assert "outside ComfyUI's output folder" in msg
+    msg = _error(comfy, _train_graph(comfy, steps=2, resolution=40))
+    assert "multiple of 16, got 40" in msg

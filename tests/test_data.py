@@ -73,3 +73,10 @@ def test_batch_plan_deterministic_and_bucket_pure(tmp_path):
     # two ranks of batch 1 together see what one rank of batch 2 sees
     r0, r1 = BatchPlan(ex, 1, 1, rank=0, world=2), BatchPlan(ex, 1, 1, rank=1, world=2)
     assert [r0.batch(s) + r1.batch(s) for s in range(6)] == [BatchPlan(ex, 2, 1).batch(s) for s in range(6)]
+
+
+def test_require_captions(tmp_path):
+    d = make_synthetic_dataset(tmp_path / "d", n=2, size=32)
+    (d / "img_01.txt").unlink()
+    with pytest.raises(DatasetError, match=r"1 image\(s\) without a same-name .txt caption: img_01.png"):
+        scan_dataset(d, "<zwx>", "{token}", True, require_captions=True)

@@ -55,8 +55,13 @@ def resolve_dataset(path: str | os.PathLike, workdir: str | os.PathLike) -> Path
     return dest
 
 
-def scan_dataset(root: Path, token: str, default_caption: str, prepend: bool) -> list[Example]:
-    """Collect images (recursively, hidden files and __MACOSX skipped). Raises one error for all bad images."""
+def scan_dataset(root: Path, token: str, default_caption: str, prepend: bool,
+                 require_captions: bool = False) -> list[Example]:
+    """Collect images (recursively, hidden files and __MACOSX skipped).
+
+    Raises one :class:`DatasetError` naming every unreadable image (and, with ``require_captions``, every
+    image without a caption) before any training starts.
+    """
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(
@@ -80,6 +85,12 @@ def scan_dataset(root: Path, token: str, default_caption: str, prepend: bool) ->
         examples.append(Example(f, prepare_caption(raw, token, default_caption, prepend), size))
     if bad:
         raise DatasetError(f"dataset {root}: {len(bad)} unreadable image(s): {', '.join(bad[:10])}")
+    if require_captions and no_caption:
+        missing = [str(e.image.relative_to(root)) for e in examples if not e.image.with_suffix(".txt").is_file()]
+        raise DatasetError(
+            f"dataset {root}: {len(missing)} image(s) without a same-name .txt caption: {', '.join(missing[:10])} "
+            "(add captions or set a default caption)"
+        )
     if not examples:
         raise DatasetError(
             f"dataset {root}: no usable images (looked for {', '.join(sorted(IMAGE_EXTS))} with same-name .txt captions)"

@@ -1,0 +1,213 @@
+"""Train Zero-Prior Token + LoRA: the training loop inside a graph, on the graph's MODEL, CLIP and VAE.
+
+Progress goes to ComfyUI's progress bar (which is also what makes Cancel work), each step's loss is sent to
+the browser as a ``zero_prior.loss`` event (drawn live on the node by ``web/zero_prior.js``), checkpoints go
+next to the archive, and a ``resume`` input continues a checkpoint to the same step count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from ..training.config import Config, field_spec
+from ..training.data import DatasetError, resolve_dataset, scan_dataset
+from .comfy_trainer import ComfyTrainer, Progress
+from .paths import resolve_dataset_path, resolve_output_path
+from .sockets import CATEGORY, ZeroPriorArchive
+from .token_node import register_token
+
+logger = logging.getLogger(__name__)
+LOSS_EVENT = "zero_prior.loss"
+
+
+def _spec_input(kind, section: str, name: str, **extra):
+    """A widget whose default, bounds and tooltip come from training.config (the one source of truth)."""
+    spec = field_spec(section, name)
+    kw = {"default": spec["default"], "tooltip": spec["help"], **extra}
+    if kind in (io.Int, io.Float):
+        if "min" in spec:
+            kw["min"] = spec["min"]
+        if "max" in spec:
+            kw["max"] = spec["max"]
+        if kind is io.Float:
+            kw.setdefault("step", spec.get("step", 1e-5))
+            kw.setdefault("round", False)
+    return kind.Input(name, **kw)
+
+
+def _send_loss(node_id: str | None, step: int, total: int, loss: float) -> None:
+    try:
+        from server import PromptServer
+    except ImportError:  # not inside a ComfyUI server process
+        return
+    if PromptServer.instance is not None:
+        PromptServer.instance.send_sync(LOSS_EVENT, {"node": node_id, "step": step, "total": total,
+                                                     "loss": None if math.isnan(loss) else loss})
+
+
+def _graph_dataset(images: torch.Tensor, captions: str, workdir: Path) -> Path:
+    """IMAGE batch + captions (one per line, or one for all) -> a folder the core's scanner reads."""
+    from PIL import Image
+
+    lines = [c.strip() for c in (captions or "").splitlines() if c.strip()]
+    n = images.shape[0]
+    if lines and len(lines) not in (1, n):
+        raise DatasetError(f"captions: got {len(lines)} lines for {n} images; give one per image or one for all")
+    for i in range(n):
+        arr = (images[i].detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr[..., :3]).save(workdir / f"graph_{i:04d}.png")
+        if lines:
+            (workdir / f"graph_{i:04d}.txt").write_text(lines[i if len(lines) == n else 0], encoding="utf-8")
+    return workdir
+
+
+class TrainZeroPriorToken(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZeroPriorTrain",
+            display_name="Train Zero-Prior Token + LoRA",
+            category=CATEGORY,
+            description="Trains the zero-prior placeholder token (one embedding row) together with a LoRA on the "
+            "graph's Qwen-Image MODEL/CLIP/VAE. Writes weights.zip (same format as the CLI and Cog) into the output "
+            "folder and returns the MODEL and CLIP patched with the result.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="Qwen-Image diffusion model (UNETLoader)."),
+                io.Clip.Input("clip", tooltip="Qwen-Image's text encoder (CLIPLoader, type qwen_image)."),
+                io.Vae.Input("vae", tooltip="Qwen-Image's VAE."),
+                io.String.Input("dataset", default="", tooltip="Folder or zip of images with same-name .txt captions, "
+                                "relative to input/ (or output/, models/). Leave empty to train on 'images'."),
+                io.String.Input("output_name", default="zero_prior/weights.zip",
+                                tooltip="Archive to write, relative to ComfyUI's output folder."),
+                _spec_input(io.Boolean, "train", "train_placeholder_token"),
+                _spec_input(io.String, "train", "placeholder_token"),
+                _spec_input(io.Float, "train", "placeholder_init_std", step=1e-6),
+                _spec_input(io.Int, "train", "rank"),
+                _spec_input(io.Int, "train", "steps"),
+                _spec_input(io.Float, "train", "learning_rate"),
+                _spec_input(io.Float, "train", "token_learning_rate"),
+                _spec_input(io.Int, "train", "batch_size"),
+                _spec_input(io.Int, "train", "resolution", step=16),
+                _spec_input(io.Int, "train", "seed", control_after_generate=False),
+                _spec_input(io.Int, "train", "checkpoint_every"),
+                io.String.Input("default_caption", default="", optional=True,
+                                tooltip="Caption for images without one ({token} becomes the token). Empty: a missing "
+                                "caption is an error."),
+                io.String.Input("resume", default="", optional=True,
+                                tooltip="A checkpoint folder (or the run folder) under output/ to continue to 'steps'."),
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Render a sample preview (first caption) every N steps; 0 disables."),
+                io.Image.Input("images", optional=True, tooltip="Training images from the graph (instead of 'dataset')."),
+                io.String.Input("captions", default="", multiline=True, optional=True,
+                                tooltip="Captions for 'images': one line per image, or one line for all."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The MODEL with the trained LoRA."),
+                io.Clip.Output(display_name="CLIP", tooltip="The CLIP with the trained token registered."),
+                io.String.Output(display_name="archive_path", tooltip="The weights.zip written (absolute path)."),
+                ZeroPriorArchive.Output(display_name="archive", tooltip="The trained archive, for the inference nodes."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, output_name, train_placeholder_token, placeholder_token,
+                placeholder_init_std, rank, steps, learning_rate, token_learning_rate, batch_size, resolution, seed,
+                checkpoint_every, default_caption="", resume="", preview_every=0, images=None,
+                captions="") -> io.NodeOutput:
+        import comfy.utils
+
+        from ..training.archive import load_archive
+
+        cfg = Config.from_dict({"train": {
+            "train_placeholder_token": train_placeholder_token, "placeholder_token": placeholder_token,
+            "placeholder_init_std": placeholder_init_std, "rank": rank, "steps": steps,
+            "learning_rate": learning_rate, "token_learning_rate": token_learning_rate, "batch_size": batch_size,
+            "resolution": resolution, "seed": seed, "checkpoint_every": checkpoint_every,
+            "default_caption": default_caption or "a photo of {token}",
+        }}, source="Train Zero-Prior Token node")
+        archive_path = resolve_output_path(output_name, "zero_prior/weights.zip")
+        if archive_path.suffix.lower() != ".zip":
+            raise ValueError(f"output_name {output_name!r} must end in .zip")
+        run_dir = archive_path.with_name(archive_path.stem + "_run")
+        resume_dir = None
+        if resume and resume.strip():
+            resume_dir = resolve_output_path(resume, "")
+            if not resume_dir.exists():
+                raise FileNotFoundError(f"resume {resume!r}: no such checkpoint folder under output/")
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+
+        with tempfile.TemporaryDirectory(prefix="qzp-comfy-data-") as work:
+            work = Path(work)
+            if dataset and dataset.strip():
+                root = resolve_dataset(resolve_dataset_path(dataset), work)
+            elif images is not None:
+                (work / "graph").mkdir()
+                root = _graph_dataset(images, captions, work / "graph")
+            else:
+                raise DatasetError("Train Zero-Prior Token: give a dataset folder/zip or connect images")
+            t = cfg.train
+            examples = scan_dataset(root, t.placeholder_token, t.default_caption,
+                                    t.prepend_token and t.train_placeholder_token,
+                                    require_captions=not default_caption)
+            logger.info("training on %d images from %s", len(examples), dataset or "the graph")
+
+            pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
+
+            def on_step(step: int, total: int, loss: float) -> None:
+                _send_loss(node_id, step, total, loss)
+                pbar.update_absolute(step, total)  # raises InterruptProcessingException on Cancel
+
+            def on_preview(step: int, image) -> None:
+                if image is not None:
+                    pbar.update_absolute(step, steps, ("PNG", image, 512))
+
+            trainer = ComfyTrainer(cfg, model, clip, vae, examples, run_dir, Progress(on_step, on_preview))
+            result = trainer.fit(archive_path, resume=resume_dir, preview_every=preview_every,
+                                 render_preview=lambda: _render_preview(trainer, vae))
+
+        archive = load_archive(result.archive)
+        new_clip, _ = register_token(clip, archive)
+        first = sum(result.losses[: max(1, len(result.losses) // 10)]) / max(1, len(result.losses) // 10)
+        last = sum(result.losses[-max(1, len(result.losses) // 10):]) / max(1, len(result.losses) // 10)
+        info = (f"{result.steps} steps; loss {first:.4f} -> {last:.4f}; token id {result.token_id}; "
+                f"{result.archive.name}")
+        ui = {"text": [info], "loss": [float(x) for x in result.losses], "archive": [str(result.archive)]}
+        return io.NodeOutput(result.model, new_clip, str(result.archive), archive, ui=ui)
+
+
+def _render_preview(trainer: ComfyTrainer, vae):
+    """A few-step sample of the first caption with the current LoRA and token (PIL image)."""
+    import comfy.model_management as mm
+    import comfy.sample
+    from PIL import Image
+
+    caption = trainer.examples[0].caption
+    cond, mask = trainer.encode([caption])
+    extra = {} if mask is None else {"attention_mask": mask}
+    positive = [[cond.detach().float().cpu(), extra]]
+    w, h = trainer.examples[0].bucket
+    latent = torch.zeros(1, 16, h // 8, w // 8)
+    noise = comfy.sample.prepare_noise(latent, trainer.t.seed)
+    samples = comfy.sample.sample(trainer.mp, noise, 8, 1.0, "euler", "simple", positive, positive, latent,
+                                  disable_pbar=True, seed=trainer.t.seed)
+    img = vae.decode(samples)
+    while img.ndim > 4:
+        img = img[:, 0] if img.shape[1] == 1 else img.reshape(-1, *img.shape[-3:])
+    arr = (img[0].float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    # sampling/decoding may have reloaded models under ComfyUI's management: make them trainable again
+    size = trainer.mp.model_size() + trainer.clip.patcher.model_size()
+    mm.load_models_gpu([trainer.mp, trainer.clip.patcher], memory_required=int(size * 0.5), force_full_load=True)
+    from .comfy_trainer import _ordinary_tensors
+
+    _ordinary_tensors(trainer.mp.model.diffusion_model)
+    _ordinary_tensors(trainer.clip.cond_stage_model)
+    return Image.fromarray(arr)
