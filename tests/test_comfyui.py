@@ -454,3 +454,68 @@ def test_training_bad_datasets_fail_before_training(comfy, train_ds):
     assert "outside ComfyUI's output folder" in msg
     msg = _error(comfy, _train_graph(comfy, steps=2, resolution=40))
     assert "multiple of 16, got 40" in msg
+
+
+# ---- the web/ loss chart in ComfyUI's own frontend, headless Chromium ----------------------------------
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_web_loss_chart_in_headless_chromium(comfy, train_ds):
+    import time
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: web chart test SKIPPED")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("Chromium not found (apt-get install chromium): web chart test SKIPPED")
+    ui = json.loads((REPO / "example_workflows" / "qwen_zero_prior_train.json").read_text())
+    api = json.loads((REPO / "example_workflows" / "qwen_zero_prior_train_api.json").read_text())
+    api = {k: v for k, v in api.items() if k in ("1", "2", "3", "4")}
+    api["1"]["inputs"]["unet_name"] = comfy.names["unet"]
+    api["2"]["inputs"]["clip_name"] = comfy.names["clip"]
+    api["3"]["inputs"]["vae_name"] = comfy.names["vae"]
+    steps = 60
+    api["4"]["inputs"].update(dataset="train_ds", steps=steps, resolution=32, rank=4, checkpoint_every=0,
+                              learning_rate=3e-3, token_learning_rate=5e-2, output_name="zero_prior/chart.zip")
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    import requests
+
+    requests.post(comfy.server.url + "/settings/Comfy.TutorialCompleted", json=True, timeout=10)  # no template dialog
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 950})
+            page.goto(comfy.server.url, wait_until="domcontentloaded", timeout=60000)
+            page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=60000)
+            page.wait_for_function("() => window.LiteGraph && LiteGraph.registered_node_types['ZeroPriorTrain']",
+                                   timeout=60000)
+            page.evaluate("wf => app.loadGraphData(wf)", ui)
+            chart = "() => app.graph.getNodeById(4)?.widgets?.find(w => w.name === 'zero_prior_loss_chart')"
+            page.wait_for_function(f"() => !!({chart})()", timeout=30000)
+            r = comfy.server.queue(api)
+            assert r.status_code == 200, r.text
+            pid = r.json()["prompt_id"]
+            partial = []
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                n = page.evaluate(f"() => ({chart})().losses.filter(x => x !== undefined).length")
+                partial.append(n)
+                if n >= steps:
+                    break
+                time.sleep(0.05)
+            entry = comfy.server.wait(pid, timeout=300)
+            page.wait_for_function(f"() => ({chart})().losses.length === {steps}", timeout=30000)
+            page.evaluate("() => { const n = app.graph.getNodeById(4); app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] + 40]; "
+                          "app.canvas.ds.scale = 1.0; app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true); }")
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(artifacts / "loss_chart.png"))
+            drawn = page.evaluate(f"() => ({chart})().losses")
+        finally:
+            browser.close()
+    assert any(0 < n < steps for n in partial), f"the chart never showed a partial curve: {partial[:20]}..."
+    assert drawn == pytest.approx(entry["outputs"]["4"]["loss"], rel=1e-6)
+    assert (artifacts / "loss_chart.png").stat().st_size > 10_000
