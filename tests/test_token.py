@@ -105,3 +105,24 @@ def test_materialize_writes_row_only(tiny_pipe):
     changed = (after != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == [reg.token_id]
     assert torch.equal(after[reg.token_id], vec)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_prompt_encoder_matches_pipeline_and_its_gradient(tiny_pipe, prefix_cache):
+    from qwen_zero_prior.training.prompt import PromptEncoder
+
+    reg = install_placeholder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<zwx>", torch.randn(32))
+    caps = ["a photo of <zwx> on a plain background", "<zwx>", "a dog and <zwx>, <zwx>!", "no token here"]
+    cpu = torch.device("cpu")
+    ref, ref_mask = tiny_pipe._get_qwen_prompt_embeds(caps, device=cpu, dtype=torch.float32)
+    ref.pow(2).sum().backward()
+    ref_grad = reg.vector.grad.clone()
+    reg.vector.grad = None
+    enc = PromptEncoder(tiny_pipe, reg.token_id, prefix_cache=prefix_cache)
+    for _ in range(2):  # the second pass reuses the cached prefixes
+        got, mask = enc.encode(caps, torch.float32, cpu)
+        assert torch.equal(mask, ref_mask)
+        assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    reg.vector.grad = None
+    got.pow(2).sum().backward()
+    assert torch.allclose(reg.vector.grad, ref_grad, rtol=1e-4, atol=1e-5)

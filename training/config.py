@@ -73,6 +73,13 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _f(False, "Recompute transformer activations in backward to save memory.")
     device: str = _f("auto", "Torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    compile: bool = _f(False, "torch.compile the transformer's repeated blocks (diffusers' regional compilation).")
+    attention_backend: str | None = _f(
+        None, "diffusers attention backend for the transformer, e.g. _native_cudnn, flash, _native_flash; empty: default."
+    )
+    text_prefix_cache: bool = _f(
+        True, "Encode the caption text before the first placeholder once and run only the rest each step (exact)."
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

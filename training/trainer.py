@@ -1,8 +1,8 @@
 """The masked-embedding + LoRA training loop on Qwen-Image's flow-matching objective.
 
-Conditioning is produced by ``QwenImagePipeline._get_qwen_prompt_embeds`` itself (same chat template, same
-dropped 34-token prefix as inference), so what the token learns at train time is what the pipeline feeds the
-transformer at inference. Timesteps, loss weighting and latent normalisation follow diffusers'
+Conditioning is what ``QwenImagePipeline._get_qwen_prompt_embeds`` computes (same chat template, same dropped
+34-token prefix as inference; ``prompt.PromptEncoder`` gets the same numbers with less work), so what the token
+learns at train time is what the pipeline feeds the transformer at inference. Timesteps, loss weighting and latent normalisation follow diffusers'
 ``train_dreambooth_lora_qwen_image.py``.
 """
 
@@ -22,6 +22,7 @@ from .archive import ArchiveMeta, atomic_write_bytes, write_archive
 from .config import Config
 from .data import BatchPlan, Example, assign_buckets, load_pixels
 from .lora import ADAPTER_NAME, add_lora, export_lora, lora_parameters
+from .prompt import PromptEncoder
 from .token import RegisteredToken, check_single_id, encode_ids, install_placeholder, materialize
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,10 @@ class Trainer:
         self.lora_modules = add_lora(pipe.transformer, t.rank, t.alpha, t.lora_targets, seed=t.seed)
         cast_training_params(pipe.transformer, dtype=torch.float32)
         pipe.transformer.train()
+        if self.cfg.model.attention_backend:
+            pipe.transformer.set_attention_backend(self.cfg.model.attention_backend)
+        if self.cfg.model.compile:
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
 
         gen = torch.Generator().manual_seed(t.seed)
         if t.train_placeholder_token:
@@ -115,6 +120,8 @@ class Trainer:
             groups.append({"params": [self.token.vector], "lr": t.token_learning_rate, "weight_decay": 0.0})
             self.param_names.append("placeholder_vector")
         self.optimizer = torch.optim.AdamW(groups)
+        self.prompts = PromptEncoder(pipe, self.token.token_id if self.token else None,
+                                     prefix_cache=self.cfg.model.text_prefix_cache)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         vae_cfg = pipe.vae.config
         self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
@@ -131,13 +138,13 @@ class Trainer:
         for c in captions:
             self._log_prompt(c)
         if self.token is not None:  # gradient reaches the token row through the frozen text encoder
-            embeds, mask = self.pipe._get_qwen_prompt_embeds(captions, device=self.device, dtype=self.dtype)
+            embeds, mask = self.prompts.encode(captions, self.dtype, self.device)
         else:
             missing = [c for c in dict.fromkeys(captions) if c not in self._prompt_cache]
             if missing:
                 with torch.no_grad():
                     for c in missing:
-                        e, m = self.pipe._get_qwen_prompt_embeds([c], device=self.device, dtype=self.dtype)
+                        e, m = self.prompts.encode([c], self.dtype, self.device)
                         self._prompt_cache[c] = (e[0].cpu(), m[0].cpu())
             parts = [self._prompt_cache[c] for c in captions]
             length = max(e.shape[0] for e, _ in parts)
