@@ -1,0 +1,397 @@
+"""Training-step and inference benchmark at full Qwen-Image scale (random weights, no downloads).
+
+Times, in one process and on the same inputs (1024x1024 -> 4096 image tokens, ~128 text tokens, LoRA rank 32):
+
+  (a) the plain diffusers + peft LoRA step, eager, without and with gradient checkpointing;
+  (b) this project's training step (``training.trainer.Trainer.train_step``) with the zero-prior token on:
+      text-encoder forward + backward to the token row, DiT forward + backward, AdamW;
+  (c) one inference forward of the DiT with the token + LoRA applied vs without.
+
+Reports ms/step (median of N after warm-up, CUDA events), TFLOP per step (torch.utils.flop_counter), MFU
+against a bf16 matmul peak measured in the same run, and peak memory.
+
+  python -m bench.bench_step --size full --out bench/results-h200.json           # on a GPU
+  python -m bench.bench_step --size full --mode capped --capped-gib 24           # 24 GiB memory-capped mode
+  python -m bench.bench_step --size tiny --device cpu                            # smoke test (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_zero_prior.training.config import ATTENTION_TARGETS, Config
+from qwen_zero_prior.training.data import Example
+
+TEMPLATE_PROMPT = ("a photo of <zwx> standing on a wooden table next to a ceramic cup of coffee, soft morning light "
+                   "from a window on the left, shallow depth of field, film grain, warm colors, detailed texture, "
+                   "high resolution, a small plant in the background, reflections on the polished wood surface, "
+                   "cozy kitchen interior, <zwx> in sharp focus")
+
+
+# ---- models -------------------------------------------------------------------------------------------
+def _te_config(size: str, vocab: int):
+    from transformers import Qwen2_5_VLConfig
+
+    from qwen_zero_prior.training.tiny import tiny_text_encoder
+
+    if size == "tiny":
+        return tiny_text_encoder(vocab).config
+    # Qwen2.5-VL-7B-Instruct's text model (the shapes matter here, not the values)
+    return Qwen2_5_VLConfig(
+        text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                     "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
+                     "rope_theta": 1000000.0, "vocab_size": 152064, "max_position_embeddings": 128000,
+                     "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                       "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]},
+        vocab_size=152064, hidden_size=3584,
+    )
+
+
+@contextlib.contextmanager
+def _default(dtype: torch.dtype, device: torch.device):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_pipeline(size: str, device: torch.device, dtype: torch.dtype):
+    """A QwenImagePipeline of random weights, created directly on ``device`` in ``dtype``."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qwen_zero_prior.training import tiny
+
+    tokenizer, real = tiny.load_tokenizer()
+    vocab = tiny.REAL_VOCAB_ROWS if real else len(tokenizer) + 64
+    torch.manual_seed(0)
+    with _default(dtype, device):
+        if size == "full":
+            transformer = QwenImageTransformer2DModel()  # the 20.4B defaults
+            vae = AutoencoderKLQwenImage()
+        else:
+            transformer, vae = tiny.tiny_transformer(), tiny.tiny_vae()
+        text_encoder = Qwen2_5_VLForConditionalGeneration(_te_config(size, vocab)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
+                                                max_shift=0.9, shift=1.0, shift_terminal=0.02,
+                                                use_dynamic_shifting=True, time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, real
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, warmup: int, iters: int) -> list[float]:
+    """Per-call milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def count_tflop(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops() / 1e12
+
+
+def matmul_peak(device, dtype) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = statistics.median(time_fn(lambda: a @ b, device, 3, 20))
+    return 2 * n**3 / (ms / 1000) / 1e12
+
+
+def _mem_reset(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _mem_peak(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+# ---- the variants ---------------------------------------------------------------------------------------
+def dit_inputs(pipe, res: int, text_len: int, device, dtype, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = w = res // pipe.vae_scale_factor
+    x = torch.randn(1, (h // 2) * (w // 2), pipe.transformer.config.in_channels, generator=g).to(device, dtype)
+    ctx = torch.randn(1, text_len, pipe.transformer.config.joint_attention_dim, generator=g).to(device, dtype)
+    target = torch.randn(x.shape, generator=g).to(device, dtype)
+    t = torch.full((1,), 0.5, device=device, dtype=dtype)
+    return dict(hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_shapes=[[(1, h // 2, w // 2)]]), target
+
+
+def baseline_step_fn(pipe, rank: int, inputs, target, checkpointing: bool):
+    """diffusers + peft as its training scripts do it: LoRA (fp32 params) on the attention, AdamW, eager."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    tr = pipe.transformer
+    tr.requires_grad_(False)
+    if "bench" not in (getattr(tr, "peft_config", None) or {}):
+        tr.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                  target_modules=list(ATTENTION_TARGETS)), adapter_name="bench")
+        cast_training_params(tr, dtype=torch.float32)
+    tr.set_adapter("bench")
+    if checkpointing:
+        tr.enable_gradient_checkpointing()
+    else:
+        tr.disable_gradient_checkpointing()
+    tr.train()
+    params = [p for p in tr.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        out = tr(**inputs, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(out.float(), target.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def make_dataset(folder: Path, res: int, n: int = 2) -> list[Example]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = folder / f"img_{i}.png"
+        Image.new("RGB", (res, res), (40 * i + 60, 120, 200)).save(p)
+        out.append(Example(p, TEMPLATE_PROMPT, (res, res)))
+    return out
+
+
+def project_trainer(pipe, args, workdir: Path, **model_overrides):
+    from qwen_zero_prior.training.trainer import Trainer
+
+    model = {"base_model": "random-weights", "dtype": args.dtype, "device": str(args.device_obj),
+             "compile": args.compile, "attention_backend": args.attention_backend or None}
+    model.update(model_overrides)
+    cfg = Config.from_dict({
+        "model": model,
+        "train": {"train_placeholder_token": True, "placeholder_token": "<zwx>", "rank": args.rank,
+                  "alpha": args.rank, "steps": 10**6, "resolution": args.res, "checkpoint_every": 0,
+                  "lora_targets": "attention", "batch_size": 1, "seed": 0},
+    })
+    return Trainer(cfg, pipe, make_dataset(workdir / "data", args.res), workdir)
+
+
+def text_encoder_fn(trainer):
+    """Text-encoder forward + backward to the token row (the part (b) adds over a plain LoRA step)."""
+    caption = trainer.examples[0].caption
+
+    def run():
+        emb, _ = trainer.encode([caption])
+        emb.float().square().mean().backward()
+        trainer.token.vector.grad = None
+
+    return run
+
+
+def text_len_of(trainer) -> int:
+    return len(trainer.prompts.ids(trainer.examples[0].caption)) - trainer.prompts.drop
+
+
+# ---- main -------------------------------------------------------------------------------------------------
+def run(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device_obj = device
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    res: dict = {"size": args.size, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "resolution": args.res, "rank": args.rank, "rows": []}
+    import diffusers
+    import peft
+    import transformers
+
+    res.update(diffusers=diffusers.__version__, peft=peft.__version__, transformers=transformers.__version__)
+    if args.mode == "capped":
+        return run_capped(args, device, dtype, res)
+    res["matmul_peak_tflops"] = peak = matmul_peak(device, dtype)
+    t0 = time.time()
+    pipe, real_tok = build_pipeline(args.size, device, dtype)
+    res["build_s"] = round(time.time() - t0, 1)
+    res["real_tokenizer"] = real_tok
+    work = Path(tempfile.mkdtemp(prefix="qzp-bench-"))
+
+    def row(name, ms, tflop=None, mem=None, note=""):
+        med = statistics.median(ms)
+        r = {"name": name, "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
+             "n": len(ms), "tflop": None if tflop is None else round(tflop, 2),
+             "mfu": None if (tflop is None or peak != peak) else round(tflop / (med / 1000) / peak, 3),
+             "peak_mem_gib": None if mem is None or mem != mem else round(mem, 1), "note": note}
+        res["rows"].append(r)
+        print(json.dumps(r), flush=True)
+
+    # (b) first: the project's step (its text length sets the baseline's). FLOPs are counted on eager code
+    # further down (FlopCounterMode and compiled regions do not mix) and filled in at the end.
+    trainer = project_trainer(pipe, args, work)
+    text_len = text_len_of(trainer)
+    res["text_tokens"] = text_len
+    trainer.cache_all_latents()
+    te_fn = text_encoder_fn(trainer)
+    te_tflop = count_tflop(te_fn)
+    _mem_reset(device)
+    row("b-text-encoder fwd+bwd to token row (prefix cache)", time_fn(te_fn, device, args.warmup, args.iters),
+        te_tflop, _mem_peak(device))
+    trainer.prompts.prefix_cache = False
+    row("b-text-encoder fwd+bwd to token row (no prefix cache)", time_fn(te_fn, device, args.warmup, args.iters),
+        count_tflop(te_fn))
+    trainer.prompts.prefix_cache = True
+    _mem_reset(device)
+    warm = args.warmup + (3 if args.compile else 0)
+    ms = time_fn(trainer.train_step, device, warm, args.iters)
+    row(f"b-project step: token+LoRA (compile={args.compile}, attn={args.attention_backend or 'default'})", ms,
+        None, _mem_peak(device))
+    b_row = res["rows"][-1]
+
+    # (c) inference forward with the trained token + LoRA applied (fused) vs without
+    inputs, target = dit_inputs(pipe, args.res, text_len, device, dtype)
+    tr = pipe.transformer
+    tr.eval()
+
+    def fwd():
+        with torch.no_grad():
+            tr(**inputs, return_dict=False)
+
+    tr.fuse_lora(adapter_names=["zero_prior"])
+    with_lora = time_fn(fwd, device, args.warmup, args.iters)
+    tr.unfuse_lora()
+    tr.disable_adapters()
+    without = time_fn(fwd, device, args.warmup, args.iters)
+    row("c-inference forward, token+LoRA fused", with_lora)
+    c_rows = res["rows"][-1:]
+    row("c-inference forward, base model", without)
+    c_rows.append(res["rows"][-1])
+    tr.enable_adapters()
+    tr.delete_adapters("zero_prior")
+    del trainer
+    for blk in tr.transformer_blocks:  # back to eager for the baseline (undo nn.Module.compile)
+        blk._compiled_call_impl = None
+    _mem_reset(device)
+    fwd_tflop = count_tflop(fwd)
+    for r in c_rows:
+        r["tflop"] = round(fwd_tflop, 2)
+        r["mfu"] = None if peak != peak else round(fwd_tflop / (r["ms_median"] / 1000) / peak, 3)
+
+    # (a) diffusers + peft baseline, eager
+    inputs, target = dit_inputs(pipe, args.res, text_len, device, dtype)
+    dit_tflop = None
+    for ckpt in (False, True):
+        step = baseline_step_fn(pipe, args.rank, inputs, target, ckpt)
+        _mem_reset(device)
+        ms = time_fn(step, device, args.warmup, args.iters)
+        flops = count_tflop(step)
+        dit_tflop = dit_tflop or flops
+        row(f"a-diffusers+peft step, eager, checkpointing={ckpt}", ms, flops, _mem_peak(device))
+    b_row["tflop"] = round(dit_tflop + te_tflop, 2)
+    b_row["mfu"] = None if peak != peak else round(b_row["tflop"] / (b_row["ms_median"] / 1000) / peak, 3)
+    return res
+
+
+def run_capped(args, device, dtype, res) -> dict:
+    """24 GiB-card mode: fp8-stored DiT weights, gradient checkpointing, text encoder offloaded block by block."""
+    from diffusers.hooks import apply_group_offloading
+
+    from qwen_zero_prior.training.models import apply_fp8_storage
+
+    cap = args.capped_gib * 2**30
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+        res["memory_fraction"] = cap / total
+    t0 = time.time()
+    pipe, _ = build_pipeline(args.size, torch.device("cpu"), dtype)  # build on CPU, move only what fits
+    res["build_s"] = round(time.time() - t0, 1)
+    apply_fp8_storage(pipe.transformer, dtype)
+    pipe.transformer.to(device)
+    pipe.vae.to(device)
+    te = pipe.text_encoder
+    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_group_offloading(te.model.language_model, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=device.type == "cuda")
+    work = Path(tempfile.mkdtemp(prefix="qzp-bench-"))
+    # HF checkpointing turns the KV cache off, so the prefix cache is off in this mode
+    trainer = project_trainer(pipe, args, work, gradient_checkpointing=True, compile=False, text_prefix_cache=False)
+    te.train()  # checkpointing is active in train mode only (dropout is 0)
+    trainer.cache_all_latents()
+    pipe.vae.to("cpu")
+    _mem_reset(device)
+    ms = time_fn(trainer.train_step, device, args.warmup, args.iters)
+    med = statistics.median(ms)
+    r = {"name": f"capped {args.capped_gib} GiB: fp8 DiT + checkpointing + offloaded text encoder",
+         "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "n": len(ms), "peak_mem_gib": round(_mem_peak(device), 1)}
+    res["rows"].append(r)
+    print(json.dumps(r), flush=True)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--mode", choices=["main", "capped"], default="main")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--res", type=int, default=1024)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention-backend", default="")
+    p.add_argument("--capped-gib", type=float, default=24.0)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    res = run(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"\n{'variant':78s} {'ms':>9s} {'TFLOP':>7s} {'MFU':>6s} {'GiB':>6s}")
+    for r in res["rows"]:
+        print(f"{r['name'][:78]:78s} {r['ms_median']:9.1f} {str(r.get('tflop')):>7s} {str(r.get('mfu')):>6s} "
+              f"{str(r.get('peak_mem_gib')):>6s}")
+    print(f"matmul peak {res.get('matmul_peak_tflops')} TFLOP/s on {res['device']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
