@@ -130,6 +130,19 @@ def count_tflop(fn) -> float:
     return fc.get_total_flops() / 1e12
 
 
+def count_tflop_eager_attention(fn, text_encoder) -> float:
+    """FlopCounterMode cannot size SDPA with grouped KV heads; count with transformers' eager attention."""
+    configs = [m.config for m in text_encoder.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    old = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = "eager"
+        return count_tflop(fn)
+    finally:
+        for c, o in zip(configs, old):
+            c._attn_implementation = o
+
+
 def matmul_peak(device, dtype) -> float:
     if device.type != "cuda":
         return float("nan")
@@ -270,13 +283,13 @@ def run(args) -> dict:
     res["text_tokens"] = text_len
     trainer.cache_all_latents()
     te_fn = text_encoder_fn(trainer)
-    te_tflop = count_tflop(te_fn)
+    te_tflop = count_tflop_eager_attention(te_fn, pipe.text_encoder)
     _mem_reset(device)
     row("b-text-encoder fwd+bwd to token row (prefix cache)", time_fn(te_fn, device, args.warmup, args.iters),
         te_tflop, _mem_peak(device))
     trainer.prompts.prefix_cache = False
     row("b-text-encoder fwd+bwd to token row (no prefix cache)", time_fn(te_fn, device, args.warmup, args.iters),
-        count_tflop(te_fn))
+        count_tflop_eager_attention(te_fn, pipe.text_encoder))
     trainer.prompts.prefix_cache = True
     _mem_reset(device)
     warm = args.warmup + (3 if args.compile else 0)

@@ -8,6 +8,7 @@ learns at train time is what the pipeline feeds the transformer at inference. Ti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -95,6 +96,9 @@ class Trainer:
             pipe.transformer.set_attention_backend(self.cfg.model.attention_backend)
         if self.cfg.model.compile:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            # the text encoder's decoder layers too (regional, dynamic: caption lengths vary)
+            for layer in pipe.text_encoder.model.language_model.layers:
+                layer.compile(dynamic=True)
 
         gen = torch.Generator().manual_seed(t.seed)
         if t.train_placeholder_token:
@@ -191,20 +195,28 @@ class Trainer:
         sigmas = self.scheduler.sigmas[idx].to(self.device, torch.float32).view(-1, 1, 1, 1, 1)
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
         packed = pipe._pack_latents(noisy.permute(0, 2, 1, 3, 4), bsz, c, h, w).to(self.dtype)
-        embeds, mask = self.encode([self.examples[i].caption for i in indices])
-        pred = pipe.transformer(
-            hidden_states=packed,
-            timestep=(timesteps / 1000).to(self.dtype),
-            encoder_hidden_states=embeds,
-            encoder_hidden_states_mask=mask,
-            img_shapes=[[(1, h // 2, w // 2)]] * bsz,
-            return_dict=False,
-        )[0]
+        with self._autocast():
+            embeds, mask = self.encode([self.examples[i].caption for i in indices])
+            pred = pipe.transformer(
+                hidden_states=packed,
+                timestep=(timesteps / 1000).to(self.dtype),
+                encoder_hidden_states=embeds,
+                encoder_hidden_states_mask=mask,
+                img_shapes=[[(1, h // 2, w // 2)]] * bsz,
+                return_dict=False,
+            )[0]
         vsf = pipe.vae_scale_factor
         pred = pipe._unpack_latents(pred, h * vsf, w * vsf, vsf)
         target = noise - x0
         weighting = compute_loss_weighting_for_sd3(self.t.weighting_scheme, sigmas)
         return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1).mean()
+
+    def _autocast(self):
+        """bf16/fp16 autocast around the forward, as diffusers' scripts get from accelerate's mixed precision:
+        the float32 LoRA (master) weights then multiply in the model's dtype instead of in float32."""
+        if self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
 
     def train_step(self) -> float:
         gen = torch.Generator().manual_seed(self.t.seed * 7919 + self.step * self.world + self.rank)
