@@ -260,6 +260,8 @@ def run(args) -> dict:
     res.update(diffusers=diffusers.__version__, peft=peft.__version__, transformers=transformers.__version__)
     if args.mode == "capped":
         return run_capped(args, device, dtype, res)
+    if args.mode == "profile":
+        return run_profile(args, device, dtype, res)
     res["matmul_peak_tflops"] = peak = matmul_peak(device, dtype)
     t0 = time.time()
     pipe, real_tok = build_pipeline(args.size, device, dtype)
@@ -342,6 +344,31 @@ def run(args) -> dict:
     return res
 
 
+def run_profile(args, device, dtype, res) -> dict:
+    """torch.profiler tables (top kernels by device time, top ops by host time) for (b)'s two parts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe, _ = build_pipeline(args.size, device, dtype)
+    trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")))
+    trainer.cache_all_latents()
+    te_fn = text_encoder_fn(trainer)
+    for name, fn in (("text-encoder fwd+bwd", te_fn), ("project step", trainer.train_step)):
+        for _ in range(args.warmup + 2):
+            fn()
+        _sync(device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                fn()
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n==== {name}: by device time ====")
+        print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=70))
+        print(f"\n==== {name}: by host time ====")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))
+    return res
+
+
 def run_capped(args, device, dtype, res) -> dict:
     """24 GiB-card mode: fp8-stored DiT weights, gradient checkpointing, text encoder offloaded block by block."""
     from diffusers.hooks import apply_group_offloading
@@ -351,7 +378,7 @@ def run_capped(args, device, dtype, res) -> dict:
     cap = args.capped_gib * 2**30
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.cuda.current_device())
         res["memory_fraction"] = cap / total
     t0 = time.time()
     pipe, _ = build_pipeline(args.size, torch.device("cpu"), dtype)  # build on CPU, move only what fits
@@ -382,7 +409,7 @@ def run_capped(args, device, dtype, res) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["full", "tiny"], default="full")
-    p.add_argument("--mode", choices=["main", "capped"], default="main")
+    p.add_argument("--mode", choices=["main", "capped", "profile"], default="main")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--res", type=int, default=1024)
