@@ -219,7 +219,8 @@ def project_trainer(pipe, args, workdir: Path, **model_overrides):
     from qwen_zero_prior.training.trainer import Trainer
 
     model = {"base_model": "random-weights", "dtype": args.dtype, "device": str(args.device_obj),
-             "compile": args.compile, "attention_backend": args.attention_backend or None}
+             "compile": args.compile, "attention_backend": args.attention_backend or None,
+             "compile_mode": args.compile_mode or None}
     model.update(model_overrides)
     cfg = Config.from_dict({
         "model": model,
@@ -296,9 +297,11 @@ def run(args) -> dict:
     _mem_reset(device)
     warm = args.warmup + (3 if args.compile else 0)
     ms = time_fn(trainer.train_step, device, warm, args.iters)
-    row(f"b-project step: token+LoRA (compile={args.compile}, attn={args.attention_backend or 'default'})", ms,
-        None, _mem_peak(device))
+    row(f"b-project step: token+LoRA (compile={args.compile} {args.compile_mode}, attn={args.attention_backend or 'default'})",
+        ms, None, _mem_peak(device))
     b_row = res["rows"][-1]
+    if args.only_b:
+        return res
 
     # (c) inference forward with the trained token + LoRA applied (fused) vs without
     inputs, target = dit_inputs(pipe, args.res, text_len, device, dtype)
@@ -418,6 +421,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--attention-backend", default="")
+    p.add_argument("--compile-mode", default="")
+    p.add_argument("--only-b", action="store_true", help="time only the project's step (tuning runs)")
     p.add_argument("--capped-gib", type=float, default=24.0)
     p.add_argument("--out")
     args = p.parse_args(argv)

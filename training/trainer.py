@@ -95,10 +95,8 @@ class Trainer:
         if self.cfg.model.attention_backend:
             pipe.transformer.set_attention_backend(self.cfg.model.attention_backend)
         if self.cfg.model.compile:
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
-            # the text encoder's decoder layers too (regional, dynamic: caption lengths vary)
-            for layer in pipe.text_encoder.model.language_model.layers:
-                layer.compile(dynamic=True)
+            mode = self.cfg.model.compile_mode
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
 
         gen = torch.Generator().manual_seed(t.seed)
         if t.train_placeholder_token:
@@ -123,9 +121,10 @@ class Trainer:
         if self.token is not None:
             groups.append({"params": [self.token.vector], "lr": t.token_learning_rate, "weight_decay": 0.0})
             self.param_names.append("placeholder_vector")
-        self.optimizer = torch.optim.AdamW(groups)
+        # fused AdamW: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
+        self.optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda")
         self.prompts = PromptEncoder(pipe, self.token.token_id if self.token else None,
-                                     prefix_cache=self.cfg.model.text_prefix_cache)
+                                     prefix_cache=self.cfg.model.text_prefix_cache, compile=self.cfg.model.compile)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         vae_cfg = pipe.vae.config
         self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
