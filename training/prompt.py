@@ -46,7 +46,7 @@ class PromptEncoder:
         kwargs = {"inputs_embeds": embeds, "use_cache": use_cache, self._cache_kw: cache}
         if start:
             kwargs["position_ids"] = torch.arange(start, start + len(ids), device=device)[None]
-        return (model or self.lm)(**kwargs)
+        return (model if model is not None else self.lm)(**kwargs)
 
     def _cache_of(self, out):
         return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
