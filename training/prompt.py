@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-import logging
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 class PromptEncoder:
@@ -33,10 +30,7 @@ class PromptEncoder:
         self.drop = pipe.prompt_template_encode_start_idx
         self.max_length = pipe.tokenizer_max_length + self.drop
         self.lm = pipe.text_encoder.model.language_model
-        # Compiled on CUDA: the full-caption forward + backward is replayed as CUDA graphs (one pair per caption
-        # length, torch.cuda.make_graphed_callables). Eager, it is ~2700 small launches, host-bound.
-        self.cuda_graph = compile
-        self._graphed: dict[int, object] = {}
+        self._lm_full = torch.compile(self.lm, dynamic=True) if compile else self.lm
         params = inspect.signature(self.lm.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._prefix: dict[str, tuple[object, torch.Tensor, int]] = {}
@@ -45,35 +39,14 @@ class PromptEncoder:
         enc = self.pipe.tokenizer(self.template.format(caption), max_length=self.max_length, truncation=True)
         return list(enc["input_ids"])
 
-    def _run(self, ids: list[int], cache=None, start: int = 0, use_cache: bool = False):
+    def _run(self, ids: list[int], cache=None, start: int = 0, use_cache: bool = False, model=None):
         device = self.lm.embed_tokens.weight.device
         t = torch.tensor([ids], device=device)
         embeds = self.lm.embed_tokens(t)
         kwargs = {"inputs_embeds": embeds, "use_cache": use_cache, self._cache_kw: cache}
         if start:
             kwargs["position_ids"] = torch.arange(start, start + len(ids), device=device)[None]
-        return self.lm(**kwargs)
-
-    def _full(self, ids: list[int]) -> torch.Tensor:
-        device = self.lm.embed_tokens.weight.device
-        embeds = self.lm.embed_tokens(torch.tensor([ids], device=device))
-        if not (self.cuda_graph and embeds.is_cuda and embeds.requires_grad):
-            return self.lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        fn = self._graphed.get(len(ids))
-        if fn is None:
-            positions = torch.arange(len(ids), device=device)[None]
-
-            def body(e):
-                return self.lm(inputs_embeds=e, position_ids=positions, use_cache=False).last_hidden_state
-
-            try:
-                fn = torch.cuda.make_graphed_callables(body, (embeds.detach().clone().requires_grad_(True),))
-            except RuntimeError as e:  # a model/version whose forward cannot be captured: stay eager
-                logger.warning("text encoder not captured as a CUDA graph (%s); running it eagerly", e)
-                self.cuda_graph = False
-                fn = body
-            self._graphed[len(ids)] = fn
-        return fn(embeds)
+        return (model if model is not None else self.lm)(**kwargs)
 
     def _cache_of(self, out):
         return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -85,7 +58,7 @@ class PromptEncoder:
         if self.token_id is not None and self.prefix_cache:
             first = next((i for i, t in enumerate(ids) if t == self.token_id and i >= self.drop), None)
         if first is None or first <= self.drop:
-            return self._full(ids)[0, self.drop:]
+            return self._run(ids, model=self._lm_full).last_hidden_state[0, self.drop:]
         entry = self._prefix.get(caption)
         if entry is None:
             with torch.no_grad():
