@@ -20,17 +20,14 @@ import torch
 
 
 class PromptEncoder:
-    def __init__(self, pipe, token_id: int | None = None, prefix_cache: bool = True, compile: bool = False):
+    def __init__(self, pipe, token_id: int | None = None, prefix_cache: bool = True):
         self.pipe = pipe
         self.token_id = token_id
-        # Compiled, the whole decoder runs as one graph over the full caption (the step is launch-bound, not
-        # FLOP-bound, so one graph beats the prefix cache, whose cache object would break the graph).
-        self.prefix_cache = prefix_cache and not compile
+        self.prefix_cache = prefix_cache
         self.template = pipe.prompt_template_encode
         self.drop = pipe.prompt_template_encode_start_idx
         self.max_length = pipe.tokenizer_max_length + self.drop
         self.lm = pipe.text_encoder.model.language_model
-        self._lm_full = torch.compile(self.lm, dynamic=True) if compile else self.lm
         params = inspect.signature(self.lm.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._prefix: dict[str, tuple[object, torch.Tensor, int]] = {}
@@ -39,14 +36,14 @@ class PromptEncoder:
         enc = self.pipe.tokenizer(self.template.format(caption), max_length=self.max_length, truncation=True)
         return list(enc["input_ids"])
 
-    def _run(self, ids: list[int], cache=None, start: int = 0, use_cache: bool = False, model=None):
+    def _run(self, ids: list[int], cache=None, start: int = 0, use_cache: bool = False):
         device = self.lm.embed_tokens.weight.device
         t = torch.tensor([ids], device=device)
         embeds = self.lm.embed_tokens(t)
         kwargs = {"inputs_embeds": embeds, "use_cache": use_cache, self._cache_kw: cache}
         if start:
             kwargs["position_ids"] = torch.arange(start, start + len(ids), device=device)[None]
-        return (model if model is not None else self.lm)(**kwargs)
+        return self.lm(**kwargs)
 
     def _cache_of(self, out):
         return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -58,7 +55,7 @@ class PromptEncoder:
         if self.token_id is not None and self.prefix_cache:
             first = next((i for i, t in enumerate(ids) if t == self.token_id and i >= self.drop), None)
         if first is None or first <= self.drop:
-            return self._run(ids, model=self._lm_full).last_hidden_state[0, self.drop:]
+            return self._run(ids).last_hidden_state[0, self.drop:]
         entry = self._prefix.get(caption)
         if entry is None:
             with torch.no_grad():

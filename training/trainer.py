@@ -124,7 +124,7 @@ class Trainer:
         # fused AdamW: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
         self.optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda")
         self.prompts = PromptEncoder(pipe, self.token.token_id if self.token else None,
-                                     prefix_cache=self.cfg.model.text_prefix_cache, compile=self.cfg.model.compile)
+                                     prefix_cache=self.cfg.model.text_prefix_cache)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         vae_cfg = pipe.vae.config
         self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
