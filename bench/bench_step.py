@@ -387,11 +387,16 @@ def run_capped(args, device, dtype, res) -> dict:
     res["build_s"] = round(time.time() - t0, 1)
     apply_fp8_storage(pipe.transformer, dtype)
     te = pipe.text_encoder
-    te.to("cpu")
     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = te.model.language_model
-    apply_group_offloading(lm, onload_device=device, offload_device=torch.device("cpu"),
-                           offload_type="block_level", num_blocks_per_group=1, use_stream=device.type == "cuda")
+    # each decoder layer lives in CPU memory and is brought over for its forward (and its recompute in
+    # backward); the embedding table, final norm and rotary tables stay on the GPU with the token row
+    for layer in lm.layers:
+        layer.to("cpu")
+        apply_group_offloading(layer, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1)
+    te.model.visual.to("cpu")
+    te.lm_head.to("cpu")
     work = Path(tempfile.mkdtemp(prefix="qzp-bench-"))
     # HF checkpointing turns the KV cache off, so the prefix cache is off in this mode
     trainer = project_trainer(pipe, args, work, gradient_checkpointing=True, compile=False, text_prefix_cache=False)
