@@ -34,7 +34,10 @@ from qwen_zero_prior.training.data import Example
 TEMPLATE_PROMPT = ("a photo of <zwx> standing on a wooden table next to a ceramic cup of coffee, soft morning light "
                    "from a window on the left, shallow depth of field, film grain, warm colors, detailed texture, "
                    "high resolution, a small plant in the background, reflections on the polished wood surface, "
-                   "cozy kitchen interior, <zwx> in sharp focus")
+                   "cozy kitchen interior, <zwx> in sharp focus, The scene is framed as a still life with a gentle "
+                   "vignette, muted green tones in the background, crisp edges on the foreground objects, and a faint "
+                   "morning haze drifting through the room while dust motes float in the light beam, captured with a "
+                   "vintage medium format camera")  # 128 tokens after the template's dropped prefix
 
 
 # ---- models -------------------------------------------------------------------------------------------
