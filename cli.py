@@ -9,7 +9,11 @@ from pathlib import Path
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import os
+
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"%(levelname)s {rank}%(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -38,7 +42,11 @@ def _cmd_train(args) -> int:
     from .training.run import train
 
     cfg = _load_config(args)
+    import os
+
     result = train(cfg, args.dataset, args.output, output_dir=args.output_dir, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(f"archive: {result.archive} ({result.steps} steps, final loss {result.losses[-1]:.4f})")
     if result.loss_plot:
         print(f"loss plot: {result.loss_plot}")
@@ -134,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from .training.checkpoint import CheckpointError
     from .training.config import ConfigError
     from .training.data import DatasetError
+    from .training.distributed import RankLostError
     from .training.lora import LoraError
     from .training.models import ModelLoadError
     from .training.token import TokenError
@@ -142,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ConfigError, ArchiveError, DatasetError, TokenError, LoraError, ModelLoadError, CheckpointError) as e:
+    except (ConfigError, ArchiveError, DatasetError, TokenError, LoraError, ModelLoadError, CheckpointError,
+            RankLostError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

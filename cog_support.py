@@ -115,5 +115,73 @@ def config_for_training(**inputs) -> Config:
                              "train": train})
 
 
+TRAIN_PROCESSES_ENV = "QZP_TRAIN_PROCESSES"
+
+
+def train_processes() -> int:
+    """How many data-parallel processes the Cog trainer starts: QZP_TRAIN_PROCESSES, else one per GPU."""
+    env = os.environ.get(TRAIN_PROCESSES_ENV)
+    if env:
+        return max(1, int(env))
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def run_training(cfg: Config, dataset: Path, archive: Path) -> str:
+    """Train in this process, or under torchrun with one process per GPU; returns a one-line summary."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    nproc = train_processes()
+    if nproc == 1:
+        try:
+            from qwen_zero_prior.training.run import train as core_train
+        except ImportError:
+            from training.run import train as core_train  # type: ignore[no-redef]
+        result = core_train(cfg, dataset, archive)
+        return f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}; token id {result.token_id}"
+    cfg_path = archive.with_name("config.yaml")
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).resolve()), "train", "--config", str(cfg_path), "--dataset", str(dataset),
+           "--output", str(archive)]
+    # relay the workers' output through this process so Cog records it in the training's logs
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+    proc.wait()
+    if proc.returncode != 0 or not archive.is_file():
+        raise RuntimeError(f"data-parallel training with {nproc} processes failed (exit {proc.returncode}); "
+                           "the log above names the failing rank")
+    return f"trained with {nproc} data-parallel processes"
+
+
+def _worker(argv: list[str]) -> int:
+    """Entry point of each torchrun process started by :func:`run_training`."""
+    import argparse
+    import logging
+
+    try:
+        from qwen_zero_prior.training.run import train as core_train
+    except ImportError:
+        from training.run import train as core_train  # type: ignore[no-redef]
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--output", required=True)
+    a = p.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s: %(message)s")
+    core_train(Config.from_yaml(a.config), a.dataset, a.output)
+    return 0
+
+
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "train":
+        sys.exit(_worker(sys.argv[2:]))
     print(write_schema())

@@ -1,5 +1,6 @@
 """Cog trainer: a zip of image-caption pairs -> weights.zip, through the project's core.
 
+With several GPUs (or QZP_TRAIN_PROCESSES=N) it trains data-parallel under torchrun, one process per GPU.
 Defaults and bounds are literals (Cog's static schema generator needs them) and are checked against
 ``training.config`` by the tests.
 """
@@ -12,12 +13,7 @@ from pathlib import Path as _Path
 
 from cog import BaseModel, Input, Path
 
-from cog_support import config_for_training
-
-try:
-    from qwen_zero_prior.training.run import train as core_train
-except ImportError:  # source folder on sys.path inside a Cog image
-    from training.run import train as core_train  # type: ignore[no-redef]
+from cog_support import config_for_training, run_training
 
 
 class TrainingOutput(BaseModel):
@@ -55,6 +51,6 @@ def train(
         placeholder_init_std=placeholder_init_std, resolution=resolution, batch_size=batch_size, seed=seed,
     )
     out_dir = _Path(tempfile.mkdtemp(prefix="qzp-train-"))
-    result = core_train(cfg, _Path(dataset), out_dir / "weights.zip")
-    print(f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}; token id {result.token_id}")
-    return TrainingOutput(weights=Path(result.archive))
+    archive = out_dir / "weights.zip"
+    print(run_training(cfg, _Path(dataset), archive))  # one process per GPU under torchrun when there are several
+    return TrainingOutput(weights=Path(archive))

@@ -185,3 +185,22 @@ def test_cog_requirements_match_pack():
         return {line.strip() for line in (REPO / name).read_text().splitlines() if line.strip() and not line.startswith("#")}
 
     assert reqs("requirements-cog.txt") - {"torch>=2.5"} == reqs("requirements.txt")
+
+
+def test_cog_training_data_parallel_two_processes(env, files, tmp_path, trained):
+    """POST /trainings with QZP_TRAIN_PROCESSES=2: torchrun, gloo on CPU, one archive from rank 0."""
+    from qwen_zero_prior.training.archive import load_archive
+
+    root, fs = files
+    server = CogServer("train", {**env, "QZP_TRAIN_PROCESSES": "2", "OMP_NUM_THREADS": "1"}, tmp_path / "log.txt").start()
+    try:
+        r = server.post("/trainings", {"dataset": fs.url("dataset.zip"), "steps": 3, "rank": 4, "resolution": 32,
+                                       "train_placeholder_token": True})
+        body = r.json()
+        assert body["status"] == "succeeded", (body.get("error"), body.get("logs", "")[-3000:])
+        assert "data parallel: rank 1 of 2" in body["logs"] and "trained with 2 data-parallel processes" in body["logs"]
+        (tmp_path / "w.zip").write_bytes(_data_uri_bytes(body["output"]["weights"]))
+        arc = load_archive(tmp_path / "w.zip")
+        assert arc.has_token and arc.meta.steps == 3
+    finally:
+        server.stop()

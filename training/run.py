@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from .archive import load_archive
 from .config import Config
 from .data import resolve_dataset, scan_dataset
@@ -19,12 +20,20 @@ logger = logging.getLogger(__name__)
 
 
 def train(cfg: Config, dataset: str | Path, archive_path: str | Path, *, output_dir: str | Path | None = None,
-          resume: str | Path | None = None, pipe=None, callbacks: Callbacks | None = None,
-          rank: int = 0, world: int = 1, sync_grads=None) -> TrainResult:
+          resume: str | Path | None = None, pipe=None, callbacks: Callbacks | None = None) -> TrainResult:
     """Train LoRA (+ the zero-prior token if enabled) on ``dataset`` and write ``archive_path``.
 
-    ``output_dir`` (default: the archive's folder) receives checkpoints/, samples/ and the loss plot.
+    ``output_dir`` (default: the archive's folder) receives checkpoints/, samples/ and the loss plot. Under
+    ``torchrun`` / ``accelerate launch`` every process runs this; they train data-parallel and rank 0 writes.
     """
+    ctx = distributed.from_env()
+    try:
+        return _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx) -> TrainResult:
     archive_path = Path(archive_path)
     output_dir = Path(output_dir) if output_dir is not None else archive_path.parent
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -35,8 +44,8 @@ def train(cfg: Config, dataset: str | Path, archive_path: str | Path, *, output_
                                 t.prepend_token and t.train_placeholder_token)
         logger.info("dataset: %d images from %s", len(examples), dataset)
         if pipe is None:
-            pipe = load_pipeline(cfg.model)
-        trainer = Trainer(cfg, pipe, examples, output_dir, rank=rank, world=world, sync_grads=sync_grads)
+            pipe = load_pipeline(cfg.model, device=ctx.device() if ctx.enabled and cfg.model.device == "auto" else None)
+        trainer = Trainer(cfg, pipe, examples, output_dir, dist=ctx)
         if resume:
             trainer.resume(resume)
         return trainer.fit(archive_path, callbacks)

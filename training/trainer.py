@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from .archive import ArchiveMeta, atomic_write_bytes, write_archive
 from .config import Config
 from .data import BatchPlan, Example, assign_buckets, load_pixels
+from .distributed import DistContext, average, barrier
 from .lora import ADAPTER_NAME, add_lora, export_lora, lora_parameters
 from .prompt import PromptEncoder
 from .token import RegisteredToken, check_single_id, encode_ids, install_placeholder, materialize
@@ -57,18 +58,18 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, pipe, examples: list[Example], output_dir: Path, *, rank: int = 0,
-                 world: int = 1, sync_grads: Callable[[list[torch.Tensor]], None] | None = None):
+    def __init__(self, cfg: Config, pipe, examples: list[Example], output_dir: Path, *,
+                 dist: DistContext | None = None):
         self.cfg = cfg
         self.pipe = pipe
         self.t = cfg.train
         self.output_dir = Path(output_dir)
-        self.rank, self.world = rank, world
-        self.sync_grads = sync_grads
+        self.dist = dist or DistContext()
+        self.rank, self.world = self.dist.rank, self.dist.world
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
         self.examples = assign_buckets(examples, self.t.resolution)
-        self.plan = BatchPlan(self.examples, self.t.batch_size, self.t.seed, rank, world)
+        self.plan = BatchPlan(self.examples, self.t.batch_size, self.t.seed, self.rank, self.world)
         self.token: RegisteredToken | None = None
         self.step = 0
         self.losses: list[float] = []
@@ -179,16 +180,19 @@ class Trainer:
                 self.latents_for([i])
 
     # ---- one step ------------------------------------------------------------------------------------
-    def loss_for(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+    def loss_for(self, indices: list[int], generator: torch.Generator | None = None,
+                 sample_seeds: list[int] | None = None) -> torch.Tensor:
+        """Flow-matching loss on ``indices``. Noise and timestep come from ``generator``, or, per sample, from
+        ``sample_seeds`` (so a sample draws the same noise whichever rank or batch slot it lands in)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
         pipe = self.pipe
         x0 = self.latents_for(indices)  # (B, C, 1, h, w)
         bsz, c, _, h, w = x0.shape
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        u = compute_density_for_timestep_sampling(
-            self.t.weighting_scheme, bsz, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=generator
-        )
+        gens = [generator] * bsz if generator is not None else [torch.Generator().manual_seed(s) for s in sample_seeds]
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device)
+        u = torch.cat([compute_density_for_timestep_sampling(
+            self.t.weighting_scheme, 1, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=g) for g in gens])
         idx = (u * self.scheduler.config.num_train_timesteps).long().clamp(max=len(self.scheduler.timesteps) - 1)
         timesteps = self.scheduler.timesteps[idx].to(self.device)
         sigmas = self.scheduler.sigmas[idx].to(self.device, torch.float32).view(-1, 1, 1, 1, 1)
@@ -217,14 +221,21 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=self.dtype)
         return contextlib.nullcontext()
 
+    def sample_seeds(self) -> list[int]:
+        first = self.rank * self.t.batch_size  # position of this rank's slice in the global batch
+        return [self.t.seed * 1_000_003 + self.step * 10_007 + first + j for j in range(self.t.batch_size)]
+
     def train_step(self) -> float:
-        gen = torch.Generator().manual_seed(self.t.seed * 7919 + self.step * self.world + self.rank)
-        loss = self.loss_for(self.plan.batch(self.step), gen)
+        loss = self.loss_for(self.plan.batch(self.step), sample_seeds=self.sample_seeds())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = self.trainable()
-        if self.sync_grads is not None:
-            self.sync_grads([p.grad for p in params if p.grad is not None])
+        if self.dist.enabled:  # mean of the ranks' gradients (and losses), one flat all-reduce
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            loss = loss.detach().reshape(1).clone()
+            average(self.dist, [p.grad for p in params] + [loss], self.step)
         if self.t.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm)
         self.optimizer.step()
@@ -292,7 +303,7 @@ class Trainer:
     def render_samples(self) -> tuple[list[Path], list]:
         """Render ``sample.prompts`` with the current LoRA and token; returns (saved paths, PIL images)."""
         s = self.cfg.sample
-        if not s.prompts:
+        if not s.prompts or not self.dist.is_main:
             return [], []
         was_training = self.pipe.transformer.training
         self.pipe.transformer.eval()
@@ -371,8 +382,9 @@ class Trainer:
             bar.close()
         if self.t.checkpoint_every:
             self.save_checkpoint()
-        archive = self.export(archive_path) if self.rank == 0 else archive_path
-        plot = save_loss_plot(self.losses, archive_path.with_name(archive_path.stem + "_loss.png")) if self.rank == 0 else None
+        archive = self.export(archive_path) if self.dist.is_main else archive_path
+        plot = save_loss_plot(self.losses, archive_path.with_name(archive_path.stem + "_loss.png")) if self.dist.is_main else None
+        barrier(self.dist)  # the other ranks return once the archive is complete
         return TrainResult(archive, self.step, list(self.losses), self.token.token_id if self.token else None,
                            plot, samples, time.time() - t0)
 
