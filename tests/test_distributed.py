@@ -150,3 +150,17 @@ def test_lost_peer_raises_clear_error_without_an_agent(tmp_path):
     procs[1].communicate(timeout=60)
     assert procs[0].returncode == 3, out0[-3000:]
     assert "rank 0: lost the other training processes in the gradient all-reduce at step 7" in out0
+
+
+def test_accelerate_launch_two_processes(tiny_model_dir, tmp_path):
+    from qwen_zero_prior.training.tiny import make_synthetic_dataset
+
+    pytest.importorskip("accelerate")
+    data = make_synthetic_dataset(tmp_path / "data", n=4, size=32)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           *_train_cmd(1, _config(tmp_path, tiny_model_dir, 1, 2, checkpoint_every=0), data, tmp_path / "w.zip")[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data parallel: rank 1 of 2" in proc.stderr
+    assert load_archive(tmp_path / "w.zip").meta.steps == 2
