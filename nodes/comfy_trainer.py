@@ -256,13 +256,7 @@ class ComfyTrainer:
         state = ckpt.load_checkpoint(where)
         if state.get("trainer") != "comfyui":
             raise ckpt.CheckpointError(f"checkpoint {where} was not written by the ComfyUI training node")
-        saved = state.get("config", {}).get("train", {})
-        for key in ("rank", "lora_targets", "train_placeholder_token", "placeholder_token"):
-            if key in saved and saved[key] != getattr(self.t, key):
-                raise ckpt.CheckpointError(
-                    f"checkpoint {where} was trained with train.{key}={saved[key]!r} but this run has "
-                    f"{getattr(self.t, key)!r}; use the same value to resume"
-                )
+        ckpt.check_compatible(state, where, self.t)
         own = self._lora_state()
         missing = sorted(set(own) - set(state["lora"]))
         if missing:

@@ -94,6 +94,20 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+RESUME_KEYS = ("rank", "lora_targets", "train_placeholder_token", "placeholder_token")
+
+
+def check_compatible(state: dict, where: Path, train_cfg) -> None:
+    """Refuse to resume a checkpoint trained with a different LoRA shape or token, naming the setting."""
+    saved = state.get("config", {}).get("train", {})
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != getattr(train_cfg, key):
+            raise CheckpointError(
+                f"checkpoint {where} was trained with train.{key}={saved[key]!r} but this run has "
+                f"{getattr(train_cfg, key)!r}; use the same value to resume"
+            )
+
+
 def restore_optimizer(optimizer: torch.optim.Optimizer, param_names: list[str], state: dict) -> None:
     meta = state["optimizer"]
     tensors = state["optimizer_tensors"]

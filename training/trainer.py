@@ -276,13 +276,7 @@ class Trainer:
 
         where = ckpt.find_checkpoint(path)
         state = ckpt.load_checkpoint(where)
-        saved = state.get("config", {}).get("train", {})
-        for key in ("rank", "lora_targets", "train_placeholder_token", "placeholder_token"):
-            if key in saved and saved[key] != getattr(self.t, key):
-                raise ckpt.CheckpointError(
-                    f"checkpoint {where} was trained with train.{key}={saved[key]!r} but this run has "
-                    f"{getattr(self.t, key)!r}; use the same value to resume"
-                )
+        ckpt.check_compatible(state, where, self.t)
         result = set_peft_model_state_dict(self.pipe.transformer, state["lora"], adapter_name=ADAPTER_NAME)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
