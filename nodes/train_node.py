@@ -168,6 +168,7 @@ class TrainZeroPriorToken(io.ComfyNode):
 
             def on_preview(step: int, image) -> None:
                 if image is not None:
+                    logger.info("sample preview at step %d (%dx%d)", step, *image.size)
                     pbar.update_absolute(step, steps, ("PNG", image, 512))
 
             trainer = ComfyTrainer(cfg, model, clip, vae, examples, run_dir, Progress(on_step, on_preview))
@@ -195,7 +196,7 @@ def _render_preview(trainer: ComfyTrainer, vae):
     extra = {} if mask is None else {"attention_mask": mask}
     positive = [[cond.detach().float().cpu(), extra]]
     w, h = trainer.examples[0].bucket
-    latent = torch.zeros(1, 16, h // 8, w // 8)
+    latent = comfy.sample.fix_empty_latent_channels(trainer.mp, torch.zeros(1, 16, h // 8, w // 8))
     noise = comfy.sample.prepare_noise(latent, trainer.t.seed)
     samples = comfy.sample.sample(trainer.mp, noise, 8, 1.0, "euler", "simple", positive, positive, latent,
                                   disable_pbar=True, seed=trainer.t.seed)

@@ -519,3 +519,17 @@ def test_web_loss_chart_in_headless_chromium(comfy, train_ds):
     assert any(0 < n < steps for n in partial), f"the chart never showed a partial curve: {partial[:20]}..."
     assert drawn == pytest.approx(entry["outputs"]["4"]["loss"], rel=1e-6)
     assert (artifacts / "loss_chart.png").stat().st_size > 10_000
+
+
+def test_training_preview_and_non_qwen_clip_refused(comfy, train_ds):
+    # sample previews every N steps render through ComfyUI's sampler and VAE without disturbing training
+    entry = comfy.server.run(_train_graph(comfy, steps=2, preview_every=1, output_name="zero_prior/preview.zip"),
+                             timeout=600)
+    assert len(entry["outputs"]["40"]["loss"]) == 2
+    assert "sample preview at step 2" in comfy.server.log_text()
+    # a CLIP that is not Qwen-Image's text encoder is refused by name
+    arc = make_archive(comfy.models / "zero_prior" / "refuse.zip", vector=_vec(11))
+    g = _cond_graph(comfy.names["clip"], arc.name, "a photo of <zwx>", "refused.safetensors")
+    g["2"] = {"class_type": "ZPTestNonQwenClip", "inputs": {}}
+    msg = _error(comfy, g)
+    assert "needs Qwen-Image's text encoder" in msg and "this CLIP is Linear" in msg

@@ -158,4 +158,22 @@ class ZPTestModelForward:
         return {}
 
 
-NODE_CLASS_MAPPINGS = {"ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestModelForward": ZPTestModelForward}
+class ZPTestNonQwenClip:
+    """A CLIP object whose text encoder is not Qwen-Image's (stands in for an SD/Flux CLIP)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self):
+        clip = comfy.sd.CLIP(no_init=True)
+        clip.cond_stage_model = torch.nn.Linear(4, 4)
+        return (clip,)
+
+
+NODE_CLASS_MAPPINGS = {"ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestModelForward": ZPTestModelForward,
+                       "ZPTestNonQwenClip": ZPTestNonQwenClip}
