@@ -390,7 +390,10 @@ def run_capped(args, device, dtype, res) -> dict:
     res["build_s"] = round(time.time() - t0, 1)
     apply_fp8_storage(pipe.transformer, dtype)
     te = pipe.text_encoder
-    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = te.model.language_model
     # each decoder layer lives in CPU memory and is brought over for its forward (and its recompute in
     # backward); the embedding table, final norm and rotary tables stay on the GPU with the token row
