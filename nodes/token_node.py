@@ -36,10 +36,6 @@ class ZeroPriorTokenizer:
             raise AttributeError(name)
         return getattr(self._inner, name)
 
-    @property
-    def token_ids(self) -> dict[str, int]:
-        return {v: k for k, v in self._names.items()}
-
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
         out = self._inner.tokenize_with_weights(text, return_word_ids=return_word_ids, **kwargs)
         for batches in out.values():

@@ -25,7 +25,7 @@ from .data import BatchPlan, Example, assign_buckets, load_pixels
 from .distributed import DistContext, average, barrier
 from .lora import ADAPTER_NAME, add_lora, export_lora, lora_parameters
 from .prompt import PromptEncoder
-from .token import RegisteredToken, check_single_id, encode_ids, install_placeholder, materialize
+from .token import RegisteredToken, check_single_id, encode_ids, install_placeholder
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class Trainer:
         pipe.text_encoder.eval()
         if self.cfg.model.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
-        self.lora_modules = add_lora(pipe.transformer, t.rank, t.alpha, t.lora_targets, seed=t.seed)
+        adapted = add_lora(pipe.transformer, t.rank, t.alpha, t.lora_targets, seed=t.seed)
+        logger.info("LoRA rank %d on %d transformer modules (%s)", t.rank, len(adapted), ", ".join(t.lora_targets))
         cast_training_params(pipe.transformer, dtype=torch.float32)
         pipe.transformer.train()
         if self.cfg.model.attention_backend:
@@ -381,10 +382,6 @@ class Trainer:
         barrier(self.dist)  # the other ranks return once the archive is complete
         return TrainResult(archive, self.step, list(self.losses), self.token.token_id if self.token else None,
                            plot, samples, time.time() - t0)
-
-    def finish_text_encoder(self) -> torch.Tensor | None:
-        """Write the trained vector into the table row and unwrap the text encoder."""
-        return materialize(self.pipe.text_encoder)
 
 
 def save_loss_plot(losses: list[float], path: Path) -> Path | None:

@@ -6,7 +6,6 @@ two output nodes that dump tensors for equivalence checks. Shapes do not reveal 
 tiny models' fixed HEAD_DIM is assumed.
 """
 
-import dataclasses
 import logging
 import os
 
