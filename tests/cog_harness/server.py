@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -15,13 +13,9 @@ from pathlib import Path
 
 import requests
 
+from server_process import LoggedProcess, free_port
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FileServer:
@@ -47,23 +41,21 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-class CogServer:
+class CogServer(LoggedProcess):
     def __init__(self, mode: str, env: dict[str, str], log: Path):
         self.mode = mode
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         stub = {"predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Predictor"), "train": ("COG_TRAIN_TYPE_STUB", "train.py:train")}[mode]
         self.env = {**os.environ, **env, "PORT": str(self.port), stub[0]: stub[1], "PYTHONUNBUFFERED": "1",
                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self.log_path = log
-        self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> CogServer:
         cmd = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"]
         if self.mode == "train":
             cmd += ["--x-mode", "train"]
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.spawn(cmd, REPO, self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -83,15 +75,3 @@ class CogServer:
     def post(self, path: str, inputs: dict, timeout: float = 600) -> requests.Response:
         return requests.post(self.url + path, json={"input": inputs}, timeout=timeout)
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if getattr(self, "log", None):
-            self.log.close()

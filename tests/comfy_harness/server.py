@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ import uuid
 from pathlib import Path
 
 import requests
+
+from server_process import LoggedProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -32,12 +33,6 @@ def comfyui_available() -> tuple[bool, str]:
     return True, str(p)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def install_pack(custom_nodes: Path, name: str = PACK_DIR_NAME) -> Path:
     """Copy the checkout's tracked (and not-ignored) files, as a git clone would, then pip install -r."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
@@ -53,12 +48,11 @@ def install_pack(custom_nodes: Path, name: str = PACK_DIR_NAME) -> Path:
     return dest
 
 
-class ComfyServer:
+class ComfyServer(LoggedProcess):
     def __init__(self, base: Path, port: int | None = None):
         self.base = Path(base)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
         self.log_path = self.base / "comfyui.log"
         self.client_id = uuid.uuid4().hex
 
@@ -67,8 +61,7 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.spawn(cmd, comfyui_path(), env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -81,18 +74,6 @@ class ComfyServer:
             time.sleep(0.3)
         raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log_text()[-4000:]}")
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if getattr(self, "log", None):
-            self.log.close()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     # -- API --
     def get(self, path: str, **kw):
