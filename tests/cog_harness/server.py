@@ -72,6 +72,19 @@ class CogServer(LoggedProcess):
             time.sleep(0.3)
         raise TimeoutError(f"cog server not ready in {timeout} s:\n{self.log_text()[-3000:]}")
 
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until /health-check says READY: a slot frees a moment after the previous response (esp. a failure)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if requests.get(self.url + "/health-check", timeout=5).json().get("status") == "READY":
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"cog server not READY within {timeout} s:\n{self.log_text()[-3000:]}")
+
     def post(self, path: str, inputs: dict, timeout: float = 600) -> requests.Response:
+        self.wait_ready()
         return requests.post(self.url + path, json={"input": inputs}, timeout=timeout)
 
