@@ -155,6 +155,19 @@ def matmul_peak(device, dtype) -> float:
     return 2 * n**3 / (ms / 1000) / 1e12
 
 
+def fp8_matmul_peak(device) -> float:
+    """The same product through ``torch._scaled_mm`` with row-wise scales (what ``model.fp8_matmul`` runs)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return float("nan")
+    n = 8192
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+    ms = statistics.median(time_fn(lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
+                                   device, 3, 20))
+    return 2 * n**3 / (ms / 1000) / 1e12
+
+
 def _mem_reset(device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -234,6 +247,19 @@ def project_trainer(pipe, args, workdir: Path, **model_overrides):
     return Trainer(cfg, pipe, make_dataset(workdir / "data", args.res), workdir)
 
 
+def count_tflop_text_encoder(te_fn, trainer) -> float:
+    """FLOPs of the text-encoder part, counted on its eager path (graph replays are invisible to the counter)."""
+    suffix = trainer.prompts.suffix
+    graphs = suffix.cuda_graphs if suffix is not None else False
+    if suffix is not None:
+        suffix.cuda_graphs = False
+    try:
+        return count_tflop_eager_attention(te_fn, trainer.pipe.text_encoder)
+    finally:
+        if suffix is not None:
+            suffix.cuda_graphs = graphs
+
+
 def text_encoder_fn(trainer):
     """Text-encoder forward + backward to the token row (the part (b) adds over a plain LoRA step)."""
     caption = trainer.examples[0].caption
@@ -266,7 +292,10 @@ def run(args) -> dict:
         return run_capped(args, device, dtype, res)
     if args.mode == "profile":
         return run_profile(args, device, dtype, res)
+    if args.mode == "variants":
+        return run_variants(args, device, dtype, res)
     res["matmul_peak_tflops"] = peak = matmul_peak(device, dtype)
+    res["fp8_matmul_peak_tflops"] = fp8_matmul_peak(device) if args.fp8 else None
     t0 = time.time()
     pipe, real_tok = build_pipeline(args.size, device, dtype)
     res["build_s"] = round(time.time() - t0, 1)
@@ -289,13 +318,18 @@ def run(args) -> dict:
     res["text_tokens"] = text_len
     trainer.cache_all_latents()
     te_fn = text_encoder_fn(trainer)
-    te_tflop = count_tflop_eager_attention(te_fn, pipe.text_encoder)
+    te_tflop = count_tflop_text_encoder(te_fn, trainer)
     _mem_reset(device)
-    row("b-text-encoder fwd+bwd to token row (prefix cache)", time_fn(te_fn, device, args.warmup, args.iters),
-        te_tflop, _mem_peak(device))
+    suffix = trainer.prompts.suffix
+    row("b-text-encoder fwd+bwd to token row (prefix cache, CUDA graphs)",
+        time_fn(te_fn, device, args.warmup, args.iters), te_tflop, _mem_peak(device))
+    suffix.cuda_graphs = False
+    row("b-text-encoder fwd+bwd to token row (prefix cache, eager)", time_fn(te_fn, device, args.warmup, args.iters),
+        te_tflop)
+    suffix.cuda_graphs = True
     trainer.prompts.prefix_cache = False
-    row("b-text-encoder fwd+bwd to token row (no prefix cache)", time_fn(te_fn, device, args.warmup, args.iters),
-        count_tflop_eager_attention(te_fn, pipe.text_encoder))
+    row("b-text-encoder fwd+bwd to token row (no prefix cache, eager)", time_fn(te_fn, device, args.warmup, args.iters),
+        count_tflop_text_encoder(te_fn, trainer))
     trainer.prompts.prefix_cache = True
     _mem_reset(device)
     warm = args.warmup + (3 if args.compile else 0)
@@ -304,6 +338,9 @@ def run(args) -> dict:
         ms, None, _mem_peak(device))
     b_row = res["rows"][-1]
     if args.only_b:
+        del trainer
+        if args.fp8:
+            project_step_fp8(pipe, args, work, row, None)
         return res
 
     # (c) inference forward with the trained token + LoRA applied (fused) vs without
@@ -311,7 +348,11 @@ def run(args) -> dict:
     tr = pipe.transformer
     tr.eval()
 
+    graphs = args.compile and args.compile_mode == "reduce-overhead"
+
     def fwd():
+        if graphs:  # each call is a new "step" for the CUDA-graph trees (else they re-record)
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
             tr(**inputs, return_dict=False)
 
@@ -347,6 +388,129 @@ def run(args) -> dict:
         row(f"a-diffusers+peft step, eager, checkpointing={ckpt}", ms, flops, _mem_peak(device))
     b_row["tflop"] = round(dit_tflop + te_tflop, 2)
     b_row["mfu"] = None if peak != peak else round(b_row["tflop"] / (b_row["ms_median"] / 1000) / peak, 3)
+    if args.fp8:
+        project_step_fp8(pipe, args, work, row, b_row["tflop"])
+    return res
+
+
+def project_step_fp8(pipe, args, work: Path, row, tflop):
+    """(b) again with ``model.fp8_matmul`` (converts the image-stream base weights in place: run it last).
+
+    Its TFLOP are the bf16 step's and its MFU is against the bf16 peak ("bf16-equivalent"), so the two rows
+    compare as speed; the fp8 tensor-core peak is reported beside."""
+    from qwen_zero_prior.training import tiny
+
+    device = args.device_obj
+    tr = pipe.transformer
+    for name in list(getattr(tr, "peft_config", None) or {}):
+        tr.delete_adapters(name)
+    tr.disable_gradient_checkpointing()
+    for blk in tr.transformer_blocks:
+        blk._compiled_call_impl = None
+    torch._dynamo.reset()
+    pipe.tokenizer = tiny.load_tokenizer()[0]  # a tokenizer without the first trainer's <zwx>
+    trainer = project_trainer(pipe, args, work / "fp8", fp8_matmul=True)
+    trainer.cache_all_latents()
+    _mem_reset(device)
+    ms = time_fn(trainer.train_step, device, args.warmup + (3 if args.compile else 0), args.iters)
+    row(f"b-project step: token+LoRA, fp8 matmuls (compile={args.compile} {args.compile_mode}, "
+        f"attn={args.attention_backend or 'default'})", ms, tflop, _mem_peak(device),
+        note="TFLOP/MFU: bf16-equivalent (the bf16 step's FLOPs against the bf16 peak)")
+
+
+def _parse_variant(spec: str) -> dict:
+    out = {}
+    for item in spec.split():
+        key, _, value = item.partition("=")
+        low = value.lower()
+        out[key] = True if low in ("1", "true", "yes") else False if low in ("0", "false", "no") else (value or None)
+    return out
+
+
+def device_busy_ms(fn, device, steps: int = 2, table: bool = False) -> float:
+    """Summed kernel time per call (CUDA-only profiler: little host overhead); wall minus this is idle GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return float("nan")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    avgs = prof.key_averages()
+    if table:
+        print(avgs.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
+    total_us = sum(e.self_device_time_total for e in avgs)
+    return total_us / 1000 / steps
+
+
+def phase_times(trainer, device, n: int = 3) -> dict:
+    """Trainer.train_step's phases (forward incl. text encoder, backward, clip+AdamW) timed twice: CUDA events
+    (when the GPU finished each) and host clocks (when Python got past each). Host ~= GPU means host-bound."""
+    if device.type != "cuda":
+        return {}
+    rows = []
+    for _ in range(n):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        idx, seeds = trainer.plan.batch(trainer.step), trainer.sample_seeds()
+        if trainer.cfg.model.compile and trainer.cfg.model.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        torch.cuda.synchronize()
+        h = [time.perf_counter()]
+        ev[0].record()
+        loss = trainer.loss_for(idx, sample_seeds=seeds)
+        ev[1].record()
+        h.append(time.perf_counter())
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ev[2].record()
+        h.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(trainer.trainable(), trainer.t.max_grad_norm)
+        trainer.optimizer.step()
+        ev[3].record()
+        h.append(time.perf_counter())
+        torch.cuda.synchronize()
+        gpu = [ev[i].elapsed_time(ev[i + 1]) for i in range(3)]
+        host = [(h[i + 1] - h[i]) * 1000 for i in range(3)]
+        rows.append(gpu + host)
+    med = [statistics.median(r[i] for r in rows) for i in range(6)]
+    names = ("forward", "backward", "optimizer")
+    return {f"{k}_{n}": round(v, 1) for k, vals in (("gpu", med[:3]), ("host", med[3:])) for n, v in zip(names, vals)}
+
+
+def run_variants(args, device, dtype, res) -> dict:
+    """(b) under several model settings (``--variant "fp8_matmul=1 compile_mode=reduce-overhead"``), in the order
+    given (fp8 converts weights in place: list those last). Reports wall ms and the GPU's busy ms per step."""
+    from qwen_zero_prior.training import tiny
+
+    pipe, _ = build_pipeline(args.size, device, dtype)
+    tr = pipe.transformer
+    for i, spec in enumerate(args.variant):
+        overrides = _parse_variant(spec)
+        for name in list(getattr(tr, "peft_config", None) or {}):
+            tr.delete_adapters(name)
+        for blk in tr.transformer_blocks:
+            blk._compiled_call_impl = None
+        torch._dynamo.reset()
+        pipe.tokenizer = tiny.load_tokenizer()[0]
+        trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
+        trainer.cache_all_latents()
+        _mem_reset(device)
+        t0 = time.time()
+        for _ in range(args.warmup + (3 if trainer.cfg.model.compile else 0)):
+            trainer.train_step()
+        warm_s = time.time() - t0
+        ms = time_fn(trainer.train_step, device, 0, args.iters)
+        busy = device_busy_ms(trainer.train_step, device, table=args.kernels)
+        phases = phase_times(trainer, device)
+        med = statistics.median(ms)
+        r = {"name": f"b-variant {spec or 'defaults'}", "ms_median": round(med, 2), "ms_min": round(min(ms), 2),
+             "ms_max": round(max(ms), 2), "n": len(ms), "gpu_busy_ms": round(busy, 1),
+             "peak_mem_gib": round(_mem_peak(device), 1) if device.type == "cuda" else None,
+             "warmup_s": round(warm_s, 1), **phases}
+        res["rows"].append(r)
+        print(json.dumps(r), flush=True)
+        del trainer
     return res
 
 
@@ -376,40 +540,24 @@ def run_profile(args, device, dtype, res) -> dict:
 
 
 def run_capped(args, device, dtype, res) -> dict:
-    """24 GiB-card mode: fp8-stored DiT weights, gradient checkpointing, text encoder offloaded block by block.
+    """24 GiB-card mode (``model.offload``): fp8 transformer weights, the blocks beyond the budget and the text
+    encoder's layers streamed from pinned CPU memory, gradient checkpointing, under
+    ``torch.cuda.set_per_process_memory_fraction`` = ``--capped-gib``.
 
-    The random models are built on the GPU first (building 28B parameters on the CPU is slow); the cap applies
-    from the moment the DiT holds fp8 weights and the text encoder lives in CPU memory.
+    The random models are built on the GPU first (initializing 28B parameters on the CPU is slow); the trainer's
+    offload setup then moves what it streams to CPU memory, and the cap applies from then on.
     """
-    from diffusers.hooks import apply_group_offloading
-
-    from qwen_zero_prior.training.models import apply_fp8_storage
-
     t0 = time.time()
     pipe, _ = build_pipeline(args.size, device, dtype)
     res["build_s"] = round(time.time() - t0, 1)
-    apply_fp8_storage(pipe.transformer, dtype)
-    te = pipe.text_encoder
-    if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-        te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm = te.model.language_model
-    # each decoder layer lives in CPU memory and is brought over for its forward (and its recompute in
-    # backward); the embedding table, final norm and rotary tables stay on the GPU with the token row
-    for layer in lm.layers:
-        layer.to("cpu")
-        apply_group_offloading(layer, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1)
-    te.model.visual.to("cpu")
-    te.lm_head.to("cpu")
     work = Path(tempfile.mkdtemp(prefix="qzp-bench-"))
-    # HF checkpointing turns the KV cache off, so the prefix cache is off in this mode
-    trainer = project_trainer(pipe, args, work, gradient_checkpointing=True, compile=False, text_prefix_cache=False)
-    te.train()  # checkpointing is active in train mode only (dropout is 0)
+    on_cuda = device.type == "cuda"
+    trainer = project_trainer(pipe, args, work, compile=False, offload=on_cuda, offload_budget_gib=args.capped_gib,
+                              gradient_checkpointing=True)
+    res["offload"] = trainer.offload_summary
     trainer.cache_all_latents()
     pipe.vae.to("cpu")
-    if device.type == "cuda":
+    if on_cuda:
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
         cap = args.capped_gib * 2**30
@@ -419,8 +567,9 @@ def run_capped(args, device, dtype, res) -> dict:
     _mem_reset(device)
     ms = time_fn(trainer.train_step, device, args.warmup, args.iters)
     med = statistics.median(ms)
-    r = {"name": f"capped {args.capped_gib} GiB: fp8 DiT + checkpointing + offloaded text encoder",
-         "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "n": len(ms), "peak_mem_gib": round(_mem_peak(device), 1)}
+    r = {"name": f"capped {args.capped_gib:g} GiB: fp8 DiT, streamed blocks + text encoder, checkpointing",
+         "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2), "n": len(ms),
+         "peak_mem_gib": round(_mem_peak(device), 1) if on_cuda else None, "offload": trainer.offload_summary}
     res["rows"].append(r)
     print(json.dumps(r), flush=True)
     return res
@@ -429,7 +578,9 @@ def run_capped(args, device, dtype, res) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["full", "tiny"], default="full")
-    p.add_argument("--mode", choices=["main", "capped", "profile"], default="main")
+    p.add_argument("--mode", choices=["main", "capped", "profile", "variants"], default="main")
+    p.add_argument("--variant", action="append", default=[],
+                   help='--mode variants: model settings of one (b) run, e.g. "fp8_matmul=1 compile_mode=reduce-overhead"')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--res", type=int, default=1024)
@@ -440,6 +591,8 @@ def main(argv=None) -> int:
     p.add_argument("--attention-backend", default="")
     p.add_argument("--compile-mode", default="")
     p.add_argument("--only-b", action="store_true", help="time only the project's step (tuning runs)")
+    p.add_argument("--kernels", action="store_true", help="--mode variants: print each variant's top kernels")
+    p.add_argument("--fp8", action="store_true", help="also time (b) with model.fp8_matmul (run last, in place)")
     p.add_argument("--capped-gib", type=float, default=24.0)
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -447,11 +600,12 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
-    print(f"\n{'variant':78s} {'ms':>9s} {'TFLOP':>7s} {'MFU':>6s} {'GiB':>6s}")
+    print(f"\n{'variant':78s} {'ms':>9s} {'TFLOP':>7s} {'MFU':>6s} {'GiB':>6s} {'busy':>6s}")
     for r in res["rows"]:
         print(f"{r['name'][:78]:78s} {r['ms_median']:9.1f} {str(r.get('tflop')):>7s} {str(r.get('mfu')):>6s} "
-              f"{str(r.get('peak_mem_gib')):>6s}")
-    print(f"matmul peak {res.get('matmul_peak_tflops')} TFLOP/s on {res['device']}")
+              f"{str(r.get('peak_mem_gib')):>6s} {str(r.get('gpu_busy_ms', '')):>6s}")
+    print(f"matmul peak {res.get('matmul_peak_tflops')} TFLOP/s (bf16), {res.get('fp8_matmul_peak_tflops')} (fp8 "
+          f"row-scaled) on {res['device']}")
     return 0
 
 

@@ -78,6 +78,10 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
             "on a machine with internet access."
         ) from e
     device = device or resolve_device(cfg.device)
+    if cfg.offload:  # the trainer converts and places the transformer and text encoder (training/offload.py)
+        pipe.vae.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     if cfg.quantize:
         apply_fp8_storage(pipe.transformer, dtype)
     if cfg.quantize_te:

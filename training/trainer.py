@@ -76,6 +76,7 @@ class Trainer:
         self._latents: dict[int, torch.Tensor] = {}
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._logged_prompts: set[str] = set()
+        self.offload_summary: dict | None = None
         self._setup()
 
     # ---- setup ----------------------------------------------------------------------------------------
@@ -88,15 +89,32 @@ class Trainer:
             m.requires_grad_(False)
         pipe.vae.eval()
         pipe.text_encoder.eval()
-        if self.cfg.model.gradient_checkpointing:
+        if self.cfg.model.gradient_checkpointing or self.cfg.model.offload:
             pipe.transformer.enable_gradient_checkpointing()
         adapted = add_lora(pipe.transformer, t.rank, t.alpha, t.lora_targets, seed=t.seed)
         logger.info("LoRA rank %d on %d transformer modules (%s)", t.rank, len(adapted), ", ".join(t.lora_targets))
         cast_training_params(pipe.transformer, dtype=torch.float32)
         pipe.transformer.train()
+        if self.cfg.model.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
+            from .fp8 import apply_fp8_matmul
+
+            apply_fp8_matmul(pipe.transformer)
+        if self.cfg.model.offload:  # after add_lora, like fp8: the LoRA's base layers become offloaded ones
+            from .models import resolve_device
+            from .offload import apply_offload
+
+            device = resolve_device(self.cfg.model.device)
+            if device.type != "cuda":
+                raise RuntimeError(f"model.offload needs a CUDA device, got {device}; set model.offload: false")
+            budget = self.cfg.model.offload_budget_gib or torch.cuda.get_device_properties(device).total_memory / 2**30
+            self.offload_summary = apply_offload(pipe, device, budget)
+            self.device = pipe.transformer.device
         if self.cfg.model.attention_backend:
             pipe.transformer.set_attention_backend(self.cfg.model.attention_backend)
         if self.cfg.model.compile:
+            from . import rope
+
+            rope.install()  # same numbers in real arithmetic, which inductor can fuse (see rope.py)
             mode = self.cfg.model.compile_mode
             pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
 
@@ -126,7 +144,8 @@ class Trainer:
         # fused AdamW: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
         self.optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda")
         self.prompts = PromptEncoder(pipe, self.token.token_id if self.token else None,
-                                     prefix_cache=self.cfg.model.text_prefix_cache)
+                                     prefix_cache=self.cfg.model.text_prefix_cache,
+                                     cuda_graphs=self.cfg.model.text_cuda_graphs and not self.cfg.model.offload)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         vae_cfg = pipe.vae.config
         self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
@@ -199,8 +218,9 @@ class Trainer:
         sigmas = self.scheduler.sigmas[idx].to(self.device, torch.float32).view(-1, 1, 1, 1, 1)
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
         packed = pipe._pack_latents(noisy.permute(0, 2, 1, 3, 4), bsz, c, h, w).to(self.dtype)
+        # the frozen text encoder runs in its own dtype, outside autocast (which CUDA-graph replay cannot take)
+        embeds, mask = self.encode([self.examples[i].caption for i in indices])
         with self._autocast():
-            embeds, mask = self.encode([self.examples[i].caption for i in indices])
             pred = pipe.transformer(
                 hidden_states=packed,
                 timestep=(timesteps / 1000).to(self.dtype),
@@ -227,6 +247,9 @@ class Trainer:
         return [self.t.seed * 1_000_003 + self.step * 10_007 + first + j for j in range(self.t.batch_size)]
 
     def train_step(self) -> float:
+        if self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead":
+            # a new step for torch.compile's CUDA-graph trees: last step's graph outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
         loss = self.loss_for(self.plan.batch(self.step), sample_seeds=self.sample_seeds())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

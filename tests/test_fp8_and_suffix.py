@@ -1,0 +1,220 @@
+"""fp8 base-weight matmuls (model.fp8_matmul) and the static-shape text-encoder suffix (CUDA-graph path)."""
+
+import pytest
+import torch
+
+from qwen_zero_prior.training.config import Config
+from qwen_zero_prior.training.data import scan_dataset
+from qwen_zero_prior.training.fp8 import IMAGE_STREAM, Fp8Error, Fp8Linear, apply_fp8_matmul, check_supported, restore
+from qwen_zero_prior.training.lora import add_lora
+from qwen_zero_prior.training.token import install_placeholder
+from qwen_zero_prior.training.trainer import Trainer
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear_close_to_linear_forward_and_backward(dtype, device):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(device, dtype)
+    f = Fp8Linear(lin)
+    assert f.w_q.dtype == torch.float8_e4m3fn and f.wt_q.shape == (64, 48)
+    x = torch.randn(2, 37, 64, dtype=dtype, device=device, requires_grad=True)  # 74 rows: padded to 80 inside
+    y = f(x)
+    y.square().sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    ref = lin(x)
+    ref.square().sum().backward()
+    assert y.dtype == dtype and y.shape == ref.shape
+    # really quantized (not a bf16 fallback), and within e4m3's row-scaled error
+    assert 5e-3 < _rel(y, ref) < 0.06
+    assert 5e-3 < _rel(g, x.grad) < 0.08
+    assert all(not p.requires_grad for p in f.parameters())
+
+
+def test_apply_fp8_converts_image_stream_bases_inside_lora(tiny_pipe):
+    tr = tiny_pipe.transformer
+    add_lora(tr, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    n = apply_fp8_matmul(tr, keep_original=True)
+    blocks = len(tr.transformer_blocks)
+    assert n == blocks * len(IMAGE_STREAM)
+    blk = tr.transformer_blocks[0]
+    assert isinstance(blk.attn.to_q.base_layer, Fp8Linear)  # peft wrapper kept, its base layer converted
+    assert isinstance(blk.img_mlp.net[2], Fp8Linear)
+    assert type(blk.attn.add_q_proj.base_layer) is torch.nn.Linear  # text stream stays
+    assert type(blk.txt_mlp.net[2]) is torch.nn.Linear
+    assert restore(tr) == n
+    assert type(blk.attn.to_q.base_layer) is torch.nn.Linear
+
+
+def test_fp8_refused_on_gpus_without_fp8(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100")
+    with pytest.raises(Fp8Error, match=r"A100 is 8\.0.*fp8_matmul: false"):
+        check_supported(torch.device("cuda"))
+
+
+def test_trainer_step_with_fp8_matmul_tracks_the_bf16_loss(tiny_pipe, dataset_dir, tmp_path):
+    import copy
+
+    examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+    losses = {}
+    for fp8 in (False, True):
+        cfg = Config.from_dict({"model": {"base_model": "x", "dtype": "bfloat16", "device": "cpu", "fp8_matmul": fp8},
+                                "train": {"train_placeholder_token": True, "rank": 4, "resolution": 32,
+                                          "checkpoint_every": 0, "seed": 0}})
+        pipe = copy.deepcopy(tiny_pipe).to(dtype=torch.bfloat16)
+        trainer = Trainer(cfg, pipe, examples, tmp_path / str(fp8))
+        loss = trainer.loss_for([0], torch.Generator().manual_seed(0))
+        loss.backward()
+        # every LoRA tensor gets a gradient except the last block's text output (diffusers discards it)
+        missing = [n for n, p in zip(trainer.param_names, trainer.lora_params) if p.grad is None]
+        assert all(".to_add_out." in n for n in missing) and len(missing) == 2, missing
+        assert sum(float(p.grad.abs().sum()) for p in trainer.lora_params if p.grad is not None) > 0
+        assert trainer.token.vector.grad is not None and float(trainer.token.vector.grad.abs().sum()) > 0
+        losses[fp8] = float(loss)
+        fp8_layers = sum(isinstance(m, Fp8Linear) for m in pipe.transformer.modules())
+        assert fp8_layers == (len(pipe.transformer.transformer_blocks) * len(IMAGE_STREAM) if fp8 else 0)
+    assert abs(losses[True] - losses[False]) < 0.05 * losses[False], losses
+
+
+def test_suffix_decoder_exact_for_any_bucket_and_split(tiny_pipe):
+    """Prefix keys/values + padded suffix reproduce the decoder's full forward (and its gradient)."""
+    from qwen_zero_prior.training.suffix import SuffixDecoder, supported
+
+    reg = install_placeholder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<zwx>", torch.randn(32))
+    lm = tiny_pipe.text_encoder.model.language_model
+    assert supported(lm)
+    ids = tiny_pipe.tokenizer("a quiet photo of <zwx> on the grass, <zwx> smiling")["input_ids"]
+    embeds = lm.embed_tokens(torch.tensor([ids]))
+    full = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    full.square().sum().backward()
+    ref_grad = reg.vector.grad.clone()
+    first = ids.index(reg.token_id)
+    for bucket in (1, 7, 32):
+        dec = SuffixDecoder(lm, bucket=bucket)
+        k, v, hid = dec.prefix(lm.embed_tokens(torch.tensor([ids[:first]])))
+        assert k.shape[:2] == (len(lm.layers), 1) and k.shape[3] == first
+        reg.vector.grad = None
+        out = dec.suffix(lm.embed_tokens(torch.tensor([ids[first:]])), k, v)
+        got = torch.cat([hid, out], dim=1)
+        assert torch.allclose(got, full, atol=1e-5), (bucket, (got - full).abs().max())
+        got.square().sum().backward()
+        assert torch.allclose(reg.vector.grad, ref_grad, rtol=1e-4, atol=1e-6), bucket
+        assert not dec._graphs  # CPU: eager, no graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+def test_suffix_cuda_graph_replay_matches_eager(tiny_pipe):
+    from qwen_zero_prior.training.suffix import SuffixDecoder
+
+    pipe = tiny_pipe.to("cuda")
+    reg = install_placeholder(pipe.tokenizer, pipe.text_encoder, "<zwx>", torch.randn(32))
+    lm = pipe.text_encoder.model.language_model
+    ids = pipe.tokenizer("a quiet photo of <zwx> on the grass")["input_ids"]
+    first = ids.index(reg.token_id)
+    eager, graphed = SuffixDecoder(lm, cuda_graphs=False), SuffixDecoder(lm, cuda_graphs=True)
+    k, v, _ = eager.prefix(lm.embed_tokens(torch.tensor([ids[:first]], device="cuda")))
+    results = []
+    for dec in (eager, graphed, graphed):  # the second graphed call replays
+        reg.vector.grad = None
+        out = dec.suffix(lm.embed_tokens(torch.tensor([ids[first:]], device="cuda")), k, v)
+        out.square().sum().backward()
+        results.append((out.detach(), reg.vector.grad.clone()))
+    assert len(graphed._graphs) == 1
+    for out, grad in results[1:]:
+        assert torch.allclose(out, results[0][0], atol=1e-5) and torch.allclose(grad, results[0][1], rtol=1e-4, atol=1e-6)
+
+
+# ---- offload (model.offload: 24 GB cards) --------------------------------------------------------------------
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_offloaded_linear_forward_backward(fp8, on_gpu):
+    from qwen_zero_prior.training.offload import OffloadedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    off = OffloadedLinear(lin, torch.device("cpu"), fp8=fp8, on_gpu=on_gpu)
+    assert (off.stored.dtype == torch.float8_e4m3fn) == fp8
+    x = torch.randn(5, 64, requires_grad=True)
+    y = off(x)
+    y.square().sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    ref = lin(x)
+    ref.square().sum().backward()
+    if fp8:
+        assert 1e-3 < _rel(y, ref) < 0.06 and _rel(g, x.grad) < 0.06
+    else:
+        assert torch.allclose(y, ref, atol=1e-6) and torch.allclose(g, x.grad, atol=1e-6)
+    assert not any(p.requires_grad for p in off.parameters())
+
+
+def test_apply_offload_keeps_training_working(tiny_pipe, dataset_dir, tmp_path, make_config):
+    from qwen_zero_prior.training.offload import OffloadedLinear, apply_offload, block_bytes_fp8
+
+    trainer = Trainer(make_config(), tiny_pipe, scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True), tmp_path)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with torch.no_grad():
+        before = float(trainer.loss_for([0], gen()))
+    tr = tiny_pipe.transformer
+    per_block = block_bytes_fp8(tr)
+    emb = tiny_pipe.text_encoder.get_input_embeddings().weight
+    # a budget that holds exactly one block: the other one is "streamed"
+    budget = (emb.numel() * emb.element_size() + 1.5 * per_block) / 2**30
+    summary = apply_offload(tiny_pipe, torch.device("cpu"), budget, reserve_gib=0)
+    assert summary["resident_blocks"] == 1 and summary["streamed_blocks"] == len(tr.transformer_blocks) - 1
+    assert isinstance(tr.transformer_blocks[0].attn.to_q.base_layer, OffloadedLinear)
+    assert isinstance(tr.transformer_blocks[0].img_mod[1], OffloadedLinear)  # every block linear, LoRA'd or not
+    layer = tiny_pipe.text_encoder.model.language_model.layers[0]
+    assert isinstance(layer.mlp.down_proj, OffloadedLinear) and layer.mlp.down_proj.stored.dtype == torch.float32
+    loss = trainer.loss_for([0], gen())
+    loss.backward()
+    assert abs(float(loss) - before) < 0.05 * before
+    assert trainer.token.vector.grad is not None and float(trainer.token.vector.grad.abs().sum()) > 0
+    assert sum(float(p.grad.abs().sum()) for p in trainer.lora_params if p.grad is not None) > 0
+
+
+def test_offload_config_refusals():
+    from qwen_zero_prior.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp8_matmul"):
+        Config.from_dict({"model": {"offload": True, "fp8_matmul": True}})
+    with pytest.raises(ConfigError, match="model.compile: false"):
+        Config.from_dict({"model": {"offload": True, "compile": True}})
+
+
+# ---- RoPE in real arithmetic (compiled blocks) ------------------------------------------------------------------
+def test_real_rope_matches_diffusers_bitwise_in_the_transformer(tiny_pipe):
+    from diffusers.models.transformers import transformer_qwenimage as mod
+
+    from qwen_zero_prior.training import rope
+
+    original = mod.apply_rotary_emb_qwen
+    tr = tiny_pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 64, generator=g)
+    ctx = torch.randn(1, 7, 32, generator=g, requires_grad=True)
+    kw = dict(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]],
+              return_dict=False)
+    outs = []
+    try:
+        for patched in (False, True):
+            if patched:
+                assert rope.install() and not rope.install()  # idempotent
+                assert mod.apply_rotary_emb_qwen is rope.apply_rotary_emb_qwen_real
+            ctx.grad = None
+            out = tr(**kw)[0]
+            out.square().sum().backward()
+            outs.append((out.detach(), ctx.grad.clone()))
+    finally:
+        rope.uninstall()
+    assert mod.apply_rotary_emb_qwen is original
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)

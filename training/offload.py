@@ -1,0 +1,144 @@
+"""Training on 24 GB cards (``model.offload``): fp8 weight storage, streamed from CPU memory what does not fit.
+
+The 20.4B transformer is 40.8 GB in bf16 and 20.4 GB in fp8; the 7B text encoder 15 GB in bf16. Token training
+needs both every step, so on a 24 GB card:
+
+- every ``Linear`` of the transformer's blocks keeps its weight in float8_e4m3fn (row-scaled), dequantized to
+  the compute dtype for each use; the blocks that do not fit the budget keep that fp8 weight in pinned CPU memory
+  and copy it over for each use;
+- the text encoder's decoder ``Linear`` weights stay bf16 (fp8 would change the conditioning the token learns
+  against: ``quantize_te`` is refused with token training) in pinned CPU memory, copied per use; its embedding
+  table, norms and the placeholder row stay on the GPU;
+- gradient checkpointing on the transformer bounds activations.
+
+Why not diffusers' layerwise casting / group offloading: both swap a module's parameter storage in hooks around
+its forward. Backward then finds the weights it saved already cast back to fp8 or moved to the CPU (seen here:
+"Expected all tensors to be on the same device ... cpu" in backward). :class:`OffloadedLinear` fetches its
+weight inside an autograd function, for the forward and again for the backward, so it never saves one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+
+from .fp8 import FP8, quantize_rows
+
+logger = logging.getLogger(__name__)
+
+_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+
+
+class _FetchMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, owner):
+        ctx.owner = owner
+        return torch.nn.functional.linear(x, owner.fetch(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.owner.fetch(dy.dtype), None
+
+
+class OffloadedLinear(nn.Module):
+    """A frozen ``Linear`` whose weight is stored as fp8 (+ per-row scale) or as is, on the GPU or in pinned CPU
+    memory, and materialized in the compute dtype on the GPU for each forward and backward use."""
+
+    def __init__(self, linear: nn.Linear, device: torch.device, *, fp8: bool, on_gpu: bool):
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.device = torch.device(device)
+        self.compute_dtype = w.dtype
+        store = torch.device(device) if on_gpu else torch.device("cpu")
+        if fp8:
+            q, scale = quantize_rows(w.to(self.device))  # quantize where it is fast
+            self.scale = scale.view(-1, 1).to(self.device)
+            w = q
+        else:
+            self.scale = None
+        w = w.to(store)
+        if store.type == "cpu" and self.device.type == "cuda":
+            w = w.pin_memory()  # lets the copy run asynchronously on the compute stream
+        self.stored = w
+        self.bias = None if linear.bias is None else nn.Parameter(
+            linear.bias.detach().to(self.device), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that probes .weight (dtype/device)
+        return self.fetch(self.compute_dtype)
+
+    def fetch(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.stored.to(self.device, non_blocking=True)
+        if self.scale is not None:
+            w = w.to(torch.float32).mul_(self.scale)
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _FetchMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        where = self.stored.device.type
+        kind = "fp8" if self.stored.dtype == FP8 else str(self.stored.dtype).replace("torch.", "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind} on {where}"
+
+
+def _replace(root: nn.Module, pick) -> list[tuple[str, nn.Linear]]:
+    """Frozen ``nn.Linear`` layers under ``root`` whose name passes ``pick`` (never the LoRA's own A/B layers)."""
+    return [(n, m) for n, m in root.named_modules()
+            if type(m) is nn.Linear and pick(n) and ".lora_" not in n and not m.weight.requires_grad]
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
+
+
+def block_bytes_fp8(transformer: nn.Module) -> int:
+    blk = transformer.transformer_blocks[0]
+    return sum(m.weight.numel() for m in blk.modules() if type(m) is nn.Linear)
+
+
+def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: float = 6.0) -> dict:
+    """Convert ``pipe``'s transformer and text encoder as the module docstring says and put them on ``device``.
+
+    ``budget_gib``: GPU memory to plan for; ``reserve_gib`` of it is kept for activations, the LoRA and its
+    optimizer state; the transformer blocks that fit in the rest stay resident (in fp8). Call after the LoRA is
+    added. Returns a summary (resident/streamed block counts, bytes).
+    """
+    device = torch.device(device)
+    tr, te = pipe.transformer, pipe.text_encoder
+    n_blocks = len(tr.transformer_blocks)
+    per_block = block_bytes_fp8(tr)
+    emb = te.get_input_embeddings()
+    fixed = emb.weight.numel() * emb.weight.element_size()
+    free = budget_gib * 2**30 - reserve_gib * 2**30 - fixed
+    resident = max(0, min(n_blocks, int(free // per_block)))
+    streamed_ids = set(range(resident, n_blocks))
+
+    converted = {"resident": 0, "streamed": 0, "text_encoder": 0}
+    for name, lin in _replace(tr, lambda n: n.startswith("transformer_blocks.")):
+        idx = int(_BLOCK.match(name).group(1))
+        on_gpu = idx not in streamed_ids
+        _set(tr, name, OffloadedLinear(lin, device, fp8=True, on_gpu=on_gpu))
+        converted["resident" if on_gpu else "streamed"] += 1
+    lm = te.model.language_model
+    for name, lin in _replace(lm, lambda n: n.startswith("layers.")):
+        _set(lm, name, OffloadedLinear(lin, device, fp8=False, on_gpu=False))
+        converted["text_encoder"] += 1
+    # what is left (norms, embeddings, the transformer's input/output layers, LoRA) goes to the GPU; the vision
+    # tower and LM head are not used for Qwen-Image conditioning and stay in CPU memory
+    te.model.visual.to("cpu")
+    if getattr(te, "lm_head", None) is not None:
+        te.lm_head.to("cpu")
+    for mod in (tr, lm):
+        mod.to(device)
+    summary = {"blocks": n_blocks, "resident_blocks": resident, "streamed_blocks": n_blocks - resident,
+               "block_fp8_gib": round(per_block / 2**30, 3), **converted}
+    logger.info("offload: %d of %d transformer blocks resident in fp8, %d streamed from CPU; text encoder's %d "
+                "linear layers streamed", resident, n_blocks, n_blocks - resident, converted["text_encoder"])
+    return summary
