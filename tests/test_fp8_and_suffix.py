@@ -127,6 +127,7 @@ def test_suffix_cuda_graph_replay_matches_eager(tiny_pipe):
         reg.vector.grad = None
         out = dec.suffix(lm.embed_tokens(torch.tensor([ids[first:]], device="cuda")), k, v)
         out.square().sum().backward()
+        assert not dec._pending  # the backward released the bucket: the next call replays again
         results.append((out.detach(), reg.vector.grad.clone()))
     assert len(graphed._graphs) == 1
     for out, grad in results[1:]:
@@ -218,3 +219,32 @@ def test_real_rope_matches_diffusers_bitwise_in_the_transformer(tiny_pipe):
         rope.uninstall()
     assert mod.apply_rotary_emb_qwen is original
     assert torch.equal(outs[0][0], outs[1][0]) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
+
+
+def test_suffix_graph_not_replayed_twice_before_backward(tiny_pipe, monkeypatch):
+    """Two captions of one batch in the same bucket: the second must not overwrite the first's graph
+    activations (it runs eagerly); after the backward the graph is free again. CUDA graphs are stood in for
+    by the eager function, counting replays."""
+    from qwen_zero_prior.training.prompt import PromptEncoder
+
+    replays = []
+
+    def fake_capture(fn, sample):
+        def graphed(*args):
+            replays.append(args[0].shape)
+            return fn(*args)
+        return graphed
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
+    reg = install_placeholder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<zwx>", torch.randn(32))
+    enc = PromptEncoder(tiny_pipe, reg.token_id)
+    monkeypatch.setattr(enc.suffix, "_graphs_on", lambda embeds: True)
+    caps = ["a photo of <zwx> on grass", "a photo of <zwx> on sand"]  # same prefix, same bucket
+    ref, _ = tiny_pipe._get_qwen_prompt_embeds(caps, device=torch.device("cpu"), dtype=torch.float32)
+    got, _ = enc.encode(caps, torch.float32, torch.device("cpu"))
+    assert len(replays) == 1  # the second caption ran eagerly
+    assert torch.allclose(got, ref, atol=1e-5)
+    got.sum().backward()
+    assert not enc.suffix._pending  # the gradient hook released the bucket
+    enc.encode(caps[:1], torch.float32, torch.device("cpu"))
+    assert len(replays) == 2

@@ -58,6 +58,8 @@ class PromptEncoder:
 
     def encode(self, captions: list[str], dtype: torch.dtype, device: torch.device):
         """(batch, seq, dim) embeddings and (batch, seq) mask, zero-padded like the pipeline."""
+        if self.suffix is not None:
+            self.suffix.new_batch()
         hs = [self.encode_one(c) for c in captions]
         length = max(h.shape[0] for h in hs)
         embeds = torch.stack([torch.cat([h, h.new_zeros(length - h.shape[0], h.shape[1])]) for h in hs])

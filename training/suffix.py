@@ -72,6 +72,14 @@ class SuffixDecoder:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple[int, int], object] = OrderedDict()
         self._no_graph: set[tuple[int, int]] = set()
+        # a captured graph keeps one set of activations: a bucket whose forward replayed and whose backward has
+        # not run yet (two captions of one batch in the same bucket) must not replay again; the later ones
+        # run eagerly. Cleared by the output's gradient hook and by new_batch().
+        self._pending: set[tuple[int, int]] = set()
+
+    def new_batch(self) -> None:
+        """Start of a step's conditioning: no graph's activations are awaiting a backward any more."""
+        self._pending.clear()
 
     # ---- pieces ---------------------------------------------------------------------------------------
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +155,13 @@ class SuffixDecoder:
         mask = mask[None, None]
         cos, sin = self.rotary(torch.arange(p, p + sp, device=dev), dt)
         args = (embeds, past_k, past_v, mask, cos, sin)
-        fn = self._graphed((pp, sp), args) if self._graphs_on(embeds) else None
-        out = fn(*args) if fn is not None else self._suffix_fn(*args)
+        key = (pp, sp)
+        fn = self._graphed(key, args) if self._graphs_on(embeds) and key not in self._pending else None
+        if fn is None:
+            return self._suffix_fn(*args)[:, :s]
+        out = fn(*args)
+        self._pending.add(key)
+        out.register_hook(lambda grad: self._pending.discard(key))
         return out[:, :s]
 
     def _graphs_on(self, embeds: torch.Tensor) -> bool:
