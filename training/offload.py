@@ -25,7 +25,7 @@ import re
 import torch
 from torch import nn
 
-from .fp8 import FP8, quantize_rows
+from .fp8 import FP8, _parent, quantize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ def _replace(root: nn.Module, pick) -> list[tuple[str, nn.Linear]]:
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
+    parent, attr = _parent(root, name)
+    setattr(parent, attr, module)
 
 
 def block_bytes_fp8(transformer: nn.Module) -> int:
