@@ -125,6 +125,71 @@ def time_fn(fn, device, warmup: int, iters: int) -> list[float]:
     return out
 
 
+def time_steady(fn, device, windows: int, per_window: int = 3) -> list[float]:
+    """ms per call with calls back to back, as ``Trainer.fit`` runs steps (the host may prepare the next step
+    while the GPU finishes the last): CUDA events around ``per_window`` calls, one number per window."""
+    if device.type != "cuda":
+        return time_fn(fn, device, 0, windows)
+    out = []
+    for _ in range(windows):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(per_window):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) / per_window)
+    return out
+
+
+def label_phases(trainer):
+    """``record_function`` ranges around the step's parts, for ``bench.trace_gaps`` (instance attributes; the
+    classes stay as they are)."""
+    from torch.profiler import record_function
+
+    def wrap(obj, attr, name):
+        inner = getattr(obj, attr)
+
+        def labelled(*a, **kw):
+            with record_function(name):
+                return inner(*a, **kw)
+        setattr(obj, attr, labelled)
+
+    wrap(trainer, "train_step", "train_step")
+    wrap(trainer, "latents_for", "latents")
+    wrap(trainer, "encode", "text encoder")
+    wrap(trainer.pipe.transformer, "forward", "transformer forward")
+    wrap(trainer.optimizer, "step", "adamw")
+
+
+def trace_steps(trainer, device, path: Path, steps: int = 2) -> dict:
+    """Chrome trace (gzip) of ``steps`` back-to-back training steps and its GPU-idle report."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from . import trace_gaps
+
+    label_phases(trainer)
+    for _ in range(2):
+        trainer.train_step()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        _sync(device)
+    raw = path.with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    import gzip
+    import shutil
+
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    rep = trace_gaps.gap_report(trace_gaps.load(path))
+    print(trace_gaps.format_report(rep), flush=True)
+    return rep
+
+
 def count_tflop(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -302,14 +367,18 @@ def run(args) -> dict:
     res["real_tokenizer"] = real_tok
     work = Path(tempfile.mkdtemp(prefix="qzp-bench-"))
 
-    def row(name, ms, tflop=None, mem=None, note=""):
+    def row(name, ms, tflop=None, mem=None, note="", steady=None):
         med = statistics.median(ms)
         r = {"name": name, "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
              "n": len(ms), "tflop": None if tflop is None else round(tflop, 2),
              "mfu": None if (tflop is None or peak != peak) else round(tflop / (med / 1000) / peak, 3),
              "peak_mem_gib": None if mem is None or mem != mem else round(mem, 1), "note": note}
+        if steady:
+            r["ms_steady_median"] = round(statistics.median(steady), 2)
+            r["mfu_steady"] = r["mfu"] and round(tflop / (r["ms_steady_median"] / 1000) / peak, 3)
         res["rows"].append(r)
         print(json.dumps(r), flush=True)
+        return r
 
     # (b) first: the project's step (its text length sets the baseline's). FLOPs are counted on eager code
     # further down (FlopCounterMode and compiled regions do not mix) and filled in at the end.
@@ -334,8 +403,9 @@ def run(args) -> dict:
     _mem_reset(device)
     warm = args.warmup + (3 if args.compile else 0)
     ms = time_fn(trainer.train_step, device, warm, args.iters)
+    steady = time_steady(trainer.train_step, device, args.iters)
     row(f"b-project step: token+LoRA (compile={args.compile} {args.compile_mode}, attn={args.attention_backend or 'default'})",
-        ms, None, _mem_peak(device))
+        ms, None, _mem_peak(device), steady=steady)
     b_row = res["rows"][-1]
     if args.only_b:
         del trainer
@@ -370,6 +440,7 @@ def run(args) -> dict:
     del trainer
     for blk in tr.transformer_blocks:  # back to eager for the baseline (undo nn.Module.compile)
         blk._compiled_call_impl = None
+    _undo_compile_rewrites(tr)
     _mem_reset(device)
     fwd_tflop = count_tflop(fwd)
     for r in c_rows:
@@ -388,9 +459,20 @@ def run(args) -> dict:
         row(f"a-diffusers+peft step, eager, checkpointing={ckpt}", ms, flops, _mem_peak(device))
     b_row["tflop"] = round(dit_tflop + te_tflop, 2)
     b_row["mfu"] = None if peak != peak else round(b_row["tflop"] / (b_row["ms_median"] / 1000) / peak, 3)
+    if "ms_steady_median" in b_row and peak == peak:
+        b_row["mfu_steady"] = round(b_row["tflop"] / (b_row["ms_steady_median"] / 1000) / peak, 3)
     if args.fp8:
         project_step_fp8(pipe, args, work, row, b_row["tflop"])
     return res
+
+
+def _undo_compile_rewrites(transformer) -> None:
+    """Plain diffusers RoPE and GELU again (the trainer installs their fusable forms with ``model.compile``): the
+    baseline runs diffusers' own code, and eagerly the rewrites would only cost memory."""
+    from qwen_zero_prior.training import gelu, rope
+
+    rope.uninstall()
+    gelu.uninstall(transformer)
 
 
 def project_step_fp8(pipe, args, work: Path, row, tflop):
@@ -413,9 +495,12 @@ def project_step_fp8(pipe, args, work: Path, row, tflop):
     trainer.cache_all_latents()
     _mem_reset(device)
     ms = time_fn(trainer.train_step, device, args.warmup + (3 if args.compile else 0), args.iters)
-    row(f"b-project step: token+LoRA, fp8 matmuls (compile={args.compile} {args.compile_mode}, "
+    steady = time_steady(trainer.train_step, device, args.iters)
+    r = row(f"b-project step: token+LoRA, fp8 matmuls (compile={args.compile} {args.compile_mode}, "
         f"attn={args.attention_backend or 'default'})", ms, tflop, _mem_peak(device),
-        note="TFLOP/MFU: bf16-equivalent (the bf16 step's FLOPs against the bf16 peak)")
+        note="TFLOP/MFU: bf16-equivalent (the bf16 step's FLOPs against the bf16 peak)", steady=steady)
+    if args.trace:
+        r["idle"] = trace_steps(trainer, device, Path(args.trace) / "b-fp8.json.gz")
 
 
 def _parse_variant(spec: str) -> dict:
@@ -501,13 +586,17 @@ def run_variants(args, device, dtype, res) -> dict:
             trainer.train_step()
         warm_s = time.time() - t0
         ms = time_fn(trainer.train_step, device, 0, args.iters)
+        steady = time_steady(trainer.train_step, device, args.iters)
         busy = device_busy_ms(trainer.train_step, device, table=args.kernels)
         phases = phase_times(trainer, device)
         med = statistics.median(ms)
         r = {"name": f"b-variant {spec or 'defaults'}", "ms_median": round(med, 2), "ms_min": round(min(ms), 2),
-             "ms_max": round(max(ms), 2), "n": len(ms), "gpu_busy_ms": round(busy, 1),
+             "ms_max": round(max(ms), 2), "n": len(ms), "ms_steady_median": round(statistics.median(steady), 2),
+             "gpu_busy_ms": round(busy, 1),
              "peak_mem_gib": round(_mem_peak(device), 1) if device.type == "cuda" else None,
              "warmup_s": round(warm_s, 1), **phases}
+        if args.trace and device.type == "cuda":
+            r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
         res["rows"].append(r)
         print(json.dumps(r), flush=True)
         del trainer
@@ -594,15 +683,17 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", action="store_true", help="--mode variants: print each variant's top kernels")
     p.add_argument("--fp8", action="store_true", help="also time (b) with model.fp8_matmul (run last, in place)")
     p.add_argument("--capped-gib", type=float, default=24.0)
+    p.add_argument("--trace", help="folder: Chrome traces of two (b) steps (fp8 row, variants) and a GPU-idle report")
     p.add_argument("--out")
     args = p.parse_args(argv)
     res = run(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
-    print(f"\n{'variant':78s} {'ms':>9s} {'TFLOP':>7s} {'MFU':>6s} {'GiB':>6s} {'busy':>6s}")
+    print(f"\n{'variant':78s} {'ms':>9s} {'steady':>7s} {'TFLOP':>7s} {'MFU':>6s} {'GiB':>6s} {'busy':>6s}")
     for r in res["rows"]:
-        print(f"{r['name'][:78]:78s} {r['ms_median']:9.1f} {str(r.get('tflop')):>7s} {str(r.get('mfu')):>6s} "
+        print(f"{r['name'][:78]:78s} {r['ms_median']:9.1f} {str(r.get('ms_steady_median', '')):>7s} "
+              f"{str(r.get('tflop')):>7s} {str(r.get('mfu')):>6s} "
               f"{str(r.get('peak_mem_gib')):>6s} {str(r.get('gpu_busy_ms', '')):>6s}")
     print(f"matmul peak {res.get('matmul_peak_tflops')} TFLOP/s (bf16), {res.get('fp8_matmul_peak_tflops')} (fp8 "
           f"row-scaled) on {res['device']}")

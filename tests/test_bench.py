@@ -8,7 +8,7 @@ def test_bench_main_and_capped_paths(tmp_path):
 
     out = tmp_path / "r.json"
     assert main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
-                 "--warmup", "1", "--iters", "1", "--fp8", "--out", str(out)]) == 0
+                 "--warmup", "1", "--iters", "1", "--fp8", "--trace", str(tmp_path), "--out", str(out)]) == 0
     all_rows = json.loads(out.read_text())["rows"]
     rows = {r["name"].split(" ")[0]: r for r in all_rows if "fp8" not in r["name"]}
     assert {"a-diffusers+peft", "b-project", "b-text-encoder", "c-inference"} <= set(rows)
@@ -18,7 +18,37 @@ def test_bench_main_and_capped_paths(tmp_path):
     assert len(te) == 3 and all(r["tflop"] is not None for r in te)
     fp8 = [r for r in all_rows if "fp8 matmuls" in r["name"]]
     assert len(fp8) == 1 and fp8[0]["tflop"] == rows["b-project"]["tflop"]  # bf16-equivalent FLOPs
+    assert rows["b-project"]["ms_steady_median"] > 0 and fp8[0]["ms_steady_median"] > 0
+    assert (tmp_path / "b-fp8.json.gz").stat().st_size > 0 and "idle_ms" in fp8[0]["idle"]
     out2 = tmp_path / "c.json"
     assert main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
                  "--warmup", "1", "--iters", "1", "--mode", "capped", "--out", str(out2)]) == 0
     assert json.loads(out2.read_text())["rows"][0]["ms_median"] > 0
+
+
+def test_trace_gaps_charges_idle_time_to_the_launching_range():
+    """A hand-made trace: two kernels back to back, a 2 ms gap before a kernel launched inside "encode", a 1 ms
+    gap before one launched from another thread (the autograd engine's)."""
+    from bench.trace_gaps import format_report, gap_report
+
+    def kernel(ts, dur, corr, name="k"):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    def launch(ts, corr, tid=1):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 5, "tid": tid,
+                "args": {"correlation": corr}}
+
+    def annotation(ts, dur, name, tid=1):
+        return {"ph": "X", "cat": "user_annotation", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    events = [
+        annotation(0, 10_000, "train_step"), annotation(2_000, 3_000, "encode"),
+        launch(10, 1), kernel(100, 400, 1), launch(20, 2), kernel(500, 500, 2),  # busy 0.1 .. 1.0 ms
+        launch(2_900, 3), kernel(3_000, 1_000, 3, "after_sync"),  # 2 ms idle, launched inside "encode"
+        launch(4_500, 4, tid=7), kernel(5_000, 1_000, 4, "grad"),  # 1 ms idle, autograd thread
+    ]
+    rep = gap_report(events, min_gap_us=50)
+    assert rep["busy_ms"] == 2.9 and rep["idle_ms"] == 3.0 and rep["span_ms"] == 5.9
+    assert rep["by_label_ms"] == {"encode": 2.0, "backward (autograd thread)": 1.0}
+    assert rep["gaps"][0] == {"ms": 2.0, "at_ms": 0.9, "label": "encode", "next_kernel": "after_sync"}
+    assert "encode" in format_report(rep)

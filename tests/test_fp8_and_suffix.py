@@ -112,7 +112,8 @@ def test_suffix_decoder_exact_for_any_bucket_and_split(tiny_pipe):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
-def test_suffix_cuda_graph_replay_matches_eager(tiny_pipe):
+@pytest.mark.parametrize("compile", [False, True])
+def test_suffix_cuda_graph_replay_matches_eager(tiny_pipe, compile):
     from qwen_zero_prior.training.suffix import SuffixDecoder
 
     pipe = tiny_pipe.to("cuda")
@@ -120,7 +121,7 @@ def test_suffix_cuda_graph_replay_matches_eager(tiny_pipe):
     lm = pipe.text_encoder.model.language_model
     ids = pipe.tokenizer("a quiet photo of <zwx> on the grass")["input_ids"]
     first = ids.index(reg.token_id)
-    eager, graphed = SuffixDecoder(lm, cuda_graphs=False), SuffixDecoder(lm, cuda_graphs=True)
+    eager, graphed = SuffixDecoder(lm, cuda_graphs=False), SuffixDecoder(lm, cuda_graphs=True, compile=compile)
     k, v, _ = eager.prefix(lm.embed_tokens(torch.tensor([ids[:first]], device="cuda")))
     results = []
     for dec in (eager, graphed, graphed):  # the second graphed call replays
@@ -129,9 +130,11 @@ def test_suffix_cuda_graph_replay_matches_eager(tiny_pipe):
         out.square().sum().backward()
         assert not dec._pending  # the backward released the bucket: the next call replays again
         results.append((out.detach(), reg.vector.grad.clone()))
-    assert len(graphed._graphs) == 1
+    assert len(graphed._graphs) == 1 and (graphed._compiled is not None) == compile
+    tol = 1e-4 if compile else 1e-5  # inductor's fused kernels round differently
     for out, grad in results[1:]:
-        assert torch.allclose(out, results[0][0], atol=1e-5) and torch.allclose(grad, results[0][1], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(out, results[0][0], atol=tol), (out - results[0][0]).abs().max()
+        assert torch.allclose(grad, results[0][1], rtol=10 * tol, atol=tol / 10), (grad - results[0][1]).abs().max()
 
 
 # ---- offload (model.offload: 24 GB cards) --------------------------------------------------------------------
@@ -192,6 +195,49 @@ def test_offload_config_refusals():
         Config.from_dict({"model": {"offload": True, "compile": True}})
 
 
+# ---- GELU through sigmoid (compiled blocks) ----------------------------------------------------------------------
+def test_sigmoid_gelu_equals_tanh_gelu_and_installs_per_model(tiny_pipe):
+    import copy
+
+    import torch.nn.functional as F
+
+    from qwen_zero_prior.training import gelu
+
+    x = torch.linspace(-12, 12, 20001, dtype=torch.float64).float().requires_grad_()
+    ref = F.gelu(x, approximate="tanh")
+    got = gelu.gelu_tanh_sigmoid(x)
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), (got - ref).abs().max()
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    (g_got,) = torch.autograd.grad(got.sum(), x)
+    assert torch.allclose(g_got, g_ref, rtol=1e-5, atol=1e-5), (g_got - g_ref).abs().max()
+    xb = torch.randn(4096, generator=torch.Generator().manual_seed(0)).bfloat16()
+    same = (gelu.gelu_tanh_sigmoid(xb) == F.gelu(xb, approximate="tanh")).float().mean()
+    assert gelu.gelu_tanh_sigmoid(xb).dtype == torch.bfloat16 and same > 0.99, same
+
+    tr = tiny_pipe.transformer
+    other = copy.deepcopy(tr)
+    kw = dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 7, 32),
+              timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]], return_dict=False)
+    with torch.no_grad():
+        before = tr(**kw)[0]
+        assert gelu.install(tr) == 2 * len(tr.transformer_blocks)  # image and text MLP of each block
+        after = tr(**kw)[0]
+    assert torch.allclose(after, before, atol=1e-5)
+    assert not any("gelu" in vars(m) for m in other.modules())  # only the model it was installed on
+    gelu.uninstall(tr)
+    assert not any("gelu" in vars(m) for m in tr.modules())
+
+
+def test_quantize_rows_saturates_each_row_exactly():
+    from qwen_zero_prior.training.fp8 import FP8_MAX, quantize_rows
+
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)) * torch.logspace(-4, 4, 64)[:, None]
+    q, scale = quantize_rows(x)
+    assert torch.equal(q.float().abs().amax(dim=1), torch.full((64,), FP8_MAX))
+    err = (q.float() * scale - x).abs()
+    assert (err <= 0.07 * x.abs() + scale * 2**-9).all()  # e4m3: 3 mantissa bits, subnormals near 0
+
+
 # ---- RoPE in real arithmetic (compiled blocks) ------------------------------------------------------------------
 def test_real_rope_matches_diffusers_bitwise_in_the_transformer(tiny_pipe):
     from diffusers.models.transformers import transformer_qwenimage as mod
@@ -248,3 +294,57 @@ def test_suffix_graph_not_replayed_twice_before_backward(tiny_pipe, monkeypatch)
     assert not enc.suffix._pending  # the gradient hook released the bucket
     enc.encode(caps[:1], torch.float32, torch.device("cpu"))
     assert len(replays) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device syncs exist only on a GPU (run on the device machine)")
+def test_train_step_never_waits_for_the_gpu(tiny_pipe, dataset_dir, tmp_path):
+    """After warm-up (latents cached, text-encoder graphs captured), a step makes no device sync: blocking
+    host-to-device copies, ``.item()``/``bool()`` on GPU tensors or ``float(loss)`` would each idle the GPU
+    while the host catches up. The loss still comes back, from pinned memory."""
+    examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+    cfg = Config.from_dict({"model": {"base_model": "x", "dtype": "bfloat16", "device": "cuda"},
+                            "train": {"train_placeholder_token": True, "rank": 4, "resolution": 32,
+                                      "checkpoint_every": 0, "seed": 0}})
+    trainer = Trainer(cfg, tiny_pipe.to("cuda", torch.bfloat16), examples, tmp_path)
+    trainer.cache_all_latents()
+    for _ in range(3):
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [trainer.train_step() for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(isinstance(v, float) and v == v and v > 0 for v in losses), losses
+    assert trainer.losses[-2:] == losses
+
+
+def test_suffix_function_traces_as_one_graph(tiny_pipe):
+    """``model.compile`` compiles the text encoder's suffix with ``fullgraph=True`` before capture: dynamo must
+    trace it whole (a graph break would raise here, not deep inside a GPU run). Same numbers and gradient."""
+    from qwen_zero_prior.training.suffix import SuffixDecoder
+
+    torch._dynamo.reset()
+    reg = install_placeholder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<zwx>", torch.randn(32))
+    lm = tiny_pipe.text_encoder.model.language_model
+    ids = tiny_pipe.tokenizer("a photo of <zwx> by the sea")["input_ids"]
+    first = ids.index(reg.token_id)
+    dec = SuffixDecoder(lm, cuda_graphs=False)
+    k, v, _ = dec.prefix(lm.embed_tokens(torch.tensor([ids[:first]])))
+    ref = dec.suffix(lm.embed_tokens(torch.tensor([ids[first:]])), k, v)
+    captured = {}
+    plain = dec._suffix_fn
+
+    def spy(*a):  # the padded static-shape arguments suffix() builds
+        captured["args"] = a
+        return plain(*a)
+
+    dec._suffix_fn = spy
+    dec.suffix(lm.embed_tokens(torch.tensor([ids[first:]])), k, v)
+    args = captured["args"]
+    compiled = torch.compile(plain, fullgraph=True, dynamic=False, backend="aot_eager")
+    reg.vector.grad = None
+    out = compiled(*args)[:, : ref.shape[1]]
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.sum().backward()
+    assert reg.vector.grad is not None and float(reg.vector.grad.abs().sum()) > 0

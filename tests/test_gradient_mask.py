@@ -49,3 +49,31 @@ def test_only_token_row_changes(tiny_pipe, dataset_dir, make_config, tmp_path, c
     for k, v in tiny_pipe.transformer.state_dict().items():
         if "lora_" not in k:
             assert torch.equal(v, tr_before[k.replace(".base_layer", "")]), k
+
+
+def test_prefetched_step_inputs_train_the_same_as_fresh_ones(tiny_pipe, dataset_dir, make_config, tmp_path):
+    """``Trainer.prefetch`` (on for CUDA) prepares step n+1's latents, noise and timesteps at the end of step n;
+    the losses and the trained token must be what a trainer without it computes, also across a resume."""
+    import copy
+
+    from qwen_zero_prior.training.trainer import Trainer
+
+    examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+    runs = {}
+    for prefetch in (False, True):
+        trainer = Trainer(make_config(steps=4, batch_size=1), copy.deepcopy(tiny_pipe), examples, tmp_path / str(prefetch))
+        trainer.prefetch = prefetch
+        losses = [trainer.train_step() for _ in range(3)]
+        runs[prefetch] = (losses, trainer.token.vector.detach().clone())
+    assert runs[True][0] == runs[False][0]
+    assert torch.equal(runs[True][1], runs[False][1])
+
+    assert trainer._next_inputs is not None and trainer._next_inputs[0] == 3
+    trainer.step = 1  # as after a resume: the prefetched inputs (for step 3) must not be used
+    used = []
+    plain = trainer.loss_for
+    trainer.loss_for = lambda indices, inputs=None, **kw: used.append(inputs) or plain(indices, inputs=inputs, **kw)
+    trainer.train_step()
+    fresh = trainer.step_inputs(trainer.plan.batch(1), sample_seeds=[trainer.t.seed * 1_000_003 + 10_007])
+    assert used[0].indices == fresh.indices and torch.equal(used[0].noise, fresh.noise)
+    assert torch.equal(used[0].sigmas, fresh.sigmas)

@@ -73,7 +73,10 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _f(False, "Recompute transformer activations in backward to save memory.")
     device: str = _f("auto", "Torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
-    compile: bool = _f(False, "torch.compile the transformer's repeated blocks (diffusers' regional compilation).")
+    compile: bool = _f(
+        False, "torch.compile the transformer's repeated blocks (diffusers' regional compilation) and, with "
+        "text_cuda_graphs, the text encoder's per-step part before its graphs are captured."
+    )
     compile_mode: str | None = _f(
         None, "torch.compile mode for the transformer blocks: empty (default), reduce-overhead (CUDA graphs), "
         "max-autotune, max-autotune-no-cudagraphs.",

@@ -40,7 +40,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> float8 (M, K) and float32 scales (M, 1) with ``x ≈ q * scale``."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
     scale = amax / FP8_MAX
-    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    # a multiply by the row's reciprocal, not a division per element: the fused quantizing kernels are
+    # arithmetic-bound (an fp32 division is ~10 instructions); equal up to one fp32 rounding before e4m3's 3 bits
+    q = (x.float() * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
 

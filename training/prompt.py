@@ -20,7 +20,8 @@ from . import suffix as suffix_mod
 
 
 class PromptEncoder:
-    def __init__(self, pipe, token_id: int | None = None, prefix_cache: bool = True, cuda_graphs: bool = True):
+    def __init__(self, pipe, token_id: int | None = None, prefix_cache: bool = True, cuda_graphs: bool = True,
+                 compile: bool = False):
         self.pipe = pipe
         self.token_id = token_id
         self.prefix_cache = prefix_cache
@@ -28,7 +29,8 @@ class PromptEncoder:
         self.drop = pipe.prompt_template_encode_start_idx
         self.max_length = pipe.tokenizer_max_length + self.drop
         self.lm = pipe.text_encoder.model.language_model
-        self.suffix = suffix_mod.SuffixDecoder(self.lm, cuda_graphs=cuda_graphs) if suffix_mod.supported(self.lm) else None
+        self.suffix = (suffix_mod.SuffixDecoder(self.lm, cuda_graphs=cuda_graphs, compile=compile)
+                       if suffix_mod.supported(self.lm) else None)
         self._prefix: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
 
     def ids(self, caption: str) -> list[int]:
@@ -36,33 +38,40 @@ class PromptEncoder:
         return list(enc["input_ids"])
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
-        return self.lm.embed_tokens(torch.tensor([ids], device=self.lm.embed_tokens.weight.device))
+        # non_blocking: a blocking host-to-device copy would wait for all queued GPU work first
+        return self.lm.embed_tokens(torch.tensor([ids]).to(self.lm.embed_tokens.weight.device, non_blocking=True))
 
     def encode_one(self, caption: str) -> torch.Tensor:
         """(seq, dim) conditioning for one caption; differentiable w.r.t. the placeholder vector."""
-        ids = self.ids(caption)
-        first = None
-        if self.token_id is not None and self.prefix_cache and self.suffix is not None:
-            first = next((i for i, t in enumerate(ids) if t == self.token_id and i >= self.drop), None)
-        if first is None:
-            return self.lm(inputs_embeds=self._embed(ids), use_cache=False).last_hidden_state[0, self.drop:]
-        entry = self._prefix.get(caption)
+        caching = self.token_id is not None and self.prefix_cache and self.suffix is not None
+        entry = self._prefix.get(caption) if caching else None
         if entry is None:
+            ids = self.ids(caption)
+            first = None
+            if caching:
+                first = next((i for i, t in enumerate(ids) if t == self.token_id and i >= self.drop), None)
+            if first is None:
+                return self.lm(inputs_embeds=self._embed(ids), use_cache=False).last_hidden_state[0, self.drop:]
             with torch.no_grad():
                 keys, values, hidden = self.suffix.prefix(self._embed(ids[:first]))
-            entry = (keys, values, hidden[0, self.drop:], first)
+            suffix_ids = torch.tensor([ids[first:]]).to(self.lm.embed_tokens.weight.device, non_blocking=True)
+            entry = (keys, values, hidden[0, self.drop:], suffix_ids)  # per caption: no tokenizing each step
             self._prefix[caption] = entry
-        keys, values, prefix_hidden, first = entry
-        out = self.suffix.suffix(self._embed(ids[first:]), keys, values)
+        keys, values, prefix_hidden, suffix_ids = entry
+        out = self.suffix.suffix(self.lm.embed_tokens(suffix_ids), keys, values)
         return torch.cat([prefix_hidden, out[0]], dim=0)
 
     def encode(self, captions: list[str], dtype: torch.dtype, device: torch.device):
-        """(batch, seq, dim) embeddings and (batch, seq) mask, zero-padded like the pipeline."""
+        """(batch, seq, dim) embeddings on ``device`` and the (batch, seq) mask, zero-padded like the pipeline.
+
+        The mask stays on the host: it depends only on token counts, and whether it is all ones (then the
+        transformer takes no mask) is then known without waiting for the GPU."""
         if self.suffix is not None:
             self.suffix.new_batch()
         hs = [self.encode_one(c) for c in captions]
         length = max(h.shape[0] for h in hs)
         embeds = torch.stack([torch.cat([h, h.new_zeros(length - h.shape[0], h.shape[1])]) for h in hs])
-        mask = torch.stack([torch.cat([torch.ones(h.shape[0], dtype=torch.long, device=h.device),
-                                       torch.zeros(length - h.shape[0], dtype=torch.long, device=h.device)]) for h in hs])
-        return embeds.to(device=device, dtype=dtype), mask.to(device)
+        mask = torch.zeros(len(hs), length, dtype=torch.long)
+        for row, h in zip(mask, hs):
+            row[: h.shape[0]] = 1
+        return embeds.to(device=device, dtype=dtype), mask

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -77,6 +77,8 @@ class Trainer:
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._logged_prompts: set[str] = set()
         self.offload_summary: dict | None = None
+        self._next_inputs: tuple[int, StepInputs] | None = None
+        self.prefetch = self.device.type == "cuda"  # prepare step n+1's inputs at the end of step n
         self._setup()
 
     # ---- setup ----------------------------------------------------------------------------------------
@@ -112,9 +114,10 @@ class Trainer:
         if self.cfg.model.attention_backend:
             pipe.transformer.set_attention_backend(self.cfg.model.attention_backend)
         if self.cfg.model.compile:
-            from . import rope
+            from . import gelu, rope
 
             rope.install()  # same numbers in real arithmetic, which inductor can fuse (see rope.py)
+            gelu.install(pipe.transformer)  # the same activation with cheaper arithmetic (see gelu.py)
             mode = self.cfg.model.compile_mode
             pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
 
@@ -145,7 +148,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda")
         self.prompts = PromptEncoder(pipe, self.token.token_id if self.token else None,
                                      prefix_cache=self.cfg.model.text_prefix_cache,
-                                     cuda_graphs=self.cfg.model.text_cuda_graphs and not self.cfg.model.offload)
+                                     cuda_graphs=self.cfg.model.text_cuda_graphs and not self.cfg.model.offload,
+                                     compile=self.cfg.model.compile)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         vae_cfg = pipe.vae.config
         self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
@@ -174,8 +178,9 @@ class Trainer:
             length = max(e.shape[0] for e, _ in parts)
             embeds = torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e, _ in parts])
             mask = torch.stack([torch.cat([m, m.new_zeros(length - m.shape[0])]) for _, m in parts])
-            embeds, mask = embeds.to(self.device), mask.to(self.device)
-        return embeds, (None if bool(mask.all()) else mask)
+            embeds = embeds.to(self.device, non_blocking=True)
+        # the mask is a host tensor: testing it does not wait for the GPU (a sync here idles it mid-step)
+        return embeds, (None if bool(mask.all()) else mask.to(self.device, non_blocking=True))
 
     # ---- latents --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,7 +197,7 @@ class Trainer:
                 if self.t.cache_latents:
                     self._latents[i] = lat
             out.append(lat)
-        return torch.stack(out).to(self.device)
+        return torch.stack(out).to(self.device, non_blocking=True)
 
     def cache_all_latents(self) -> None:
         if self.t.cache_latents:
@@ -200,22 +205,37 @@ class Trainer:
                 self.latents_for([i])
 
     # ---- one step ------------------------------------------------------------------------------------
-    def loss_for(self, indices: list[int], generator: torch.Generator | None = None,
-                 sample_seeds: list[int] | None = None) -> torch.Tensor:
-        """Flow-matching loss on ``indices``. Noise and timestep come from ``generator``, or, per sample, from
-        ``sample_seeds`` (so a sample draws the same noise whichever rank or batch slot it lands in)."""
-        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    def step_inputs(self, indices: list[int], generator: torch.Generator | None = None,
+                    sample_seeds: list[int] | None = None) -> StepInputs:
+        """Latents, noise and timesteps of one step, on the device. Noise and timestep come from ``generator``,
+        or, per sample, from ``sample_seeds`` (so a sample draws the same noise whichever rank or batch slot it
+        lands in). Nothing here depends on the trained weights: ``train_step`` prepares the next step's while
+        the GPU still runs this one's backward."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        pipe = self.pipe
         x0 = self.latents_for(indices)  # (B, C, 1, h, w)
-        bsz, c, _, h, w = x0.shape
+        bsz = x0.shape[0]
         gens = [generator] * bsz if generator is not None else [torch.Generator().manual_seed(s) for s in sample_seeds]
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device)
+        # host-to-device copies are non_blocking throughout the step: a blocking one waits for the GPU to finish
+        # everything queued (the last step's backward), so the host could not prepare this step meanwhile
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device, non_blocking=True)
         u = torch.cat([compute_density_for_timestep_sampling(
             self.t.weighting_scheme, 1, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=g) for g in gens])
         idx = (u * self.scheduler.config.num_train_timesteps).long().clamp(max=len(self.scheduler.timesteps) - 1)
-        timesteps = self.scheduler.timesteps[idx].to(self.device)
-        sigmas = self.scheduler.sigmas[idx].to(self.device, torch.float32).view(-1, 1, 1, 1, 1)
+        timesteps = self.scheduler.timesteps[idx].to(self.device, non_blocking=True)
+        sigmas = self.scheduler.sigmas[idx].to(self.device, torch.float32, non_blocking=True).view(-1, 1, 1, 1, 1)
+        return StepInputs(list(indices), x0, noise, timesteps, sigmas)
+
+    def loss_for(self, indices: list[int], generator: torch.Generator | None = None,
+                 sample_seeds: list[int] | None = None, inputs: StepInputs | None = None) -> torch.Tensor:
+        """Flow-matching loss on ``indices`` (or on prepared ``inputs``); see :meth:`step_inputs`."""
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        pipe = self.pipe
+        if inputs is None:
+            inputs = self.step_inputs(indices, generator, sample_seeds)
+        indices, x0, noise, timesteps, sigmas = inputs
+        bsz, c, _, h, w = x0.shape
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
         packed = pipe._pack_latents(noisy.permute(0, 2, 1, 3, 4), bsz, c, h, w).to(self.dtype)
         # the frozen text encoder runs in its own dtype, outside autocast (which CUDA-graph replay cannot take)
@@ -250,8 +270,13 @@ class Trainer:
         if self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead":
             # a new step for torch.compile's CUDA-graph trees: last step's graph outputs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
-        loss = self.loss_for(self.plan.batch(self.step), sample_seeds=self.sample_seeds())
+        ready, self._next_inputs = self._next_inputs, None
+        if ready is None or ready[0] != self.step:  # nothing prefetched (first step, CPU) or the step moved (resume)
+            ready = (self.step, self.step_inputs(self.plan.batch(self.step), sample_seeds=self.sample_seeds()))
+        loss = self.loss_for(None, inputs=ready[1])
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.dist.enabled:
+            reading = _LossReadback(loss)  # copied as soon as the forward is done, read at the end
         loss.backward()
         params = self.trainable()
         if self.dist.enabled:  # mean of the ranks' gradients (and losses), one flat all-reduce
@@ -260,11 +285,16 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
             loss = loss.detach().reshape(1).clone()
             average(self.dist, [p.grad for p in params] + [loss], self.step)
+            reading = _LossReadback(loss)
         if self.t.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm)
         self.optimizer.step()
         self.step += 1
-        value = float(loss.detach())
+        if self.prefetch:
+            # the host is ahead of the GPU here (backward and optimizer are queued, not done): prepare the next
+            # step's inputs now, so that step starts with the text encoder instead of host work on an idle GPU
+            self._next_inputs = (self.step, self.step_inputs(self.plan.batch(self.step), sample_seeds=self.sample_seeds()))
+        value = reading.value()
         self.losses.append(value)
         return value
 
@@ -405,6 +435,38 @@ class Trainer:
         barrier(self.dist)  # the other ranks return once the archive is complete
         return TrainResult(archive, self.step, list(self.losses), self.token.token_id if self.token else None,
                            plot, samples, time.time() - t0)
+
+
+class StepInputs(NamedTuple):
+    indices: list[int]
+    x0: torch.Tensor  # (B, C, 1, h, w) normalized latents
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor  # (B, 1, 1, 1, 1)
+
+
+class _LossReadback:
+    """The loss as a Python float without waiting for the whole step.
+
+    ``float(loss)`` at the end of a step waits for the backward and the optimizer too, so the next step's host
+    work (data, tokenizing, kernel launches) would start on an idle GPU. The value is copied to pinned host
+    memory as soon as it exists; reading it waits only for that copy, and the step's remaining GPU work
+    overlaps the next step's host work."""
+
+    def __init__(self, loss: torch.Tensor):
+        loss = loss.detach().reshape(())
+        if loss.is_cuda:
+            self.host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            self.host.copy_(loss, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = loss, None
+
+    def value(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.host)
 
 
 def save_loss_plot(losses: list[float], path: Path) -> Path | None:
