@@ -159,7 +159,7 @@ def label_phases(trainer):
     wrap(trainer, "train_step", "train_step")
     wrap(trainer, "latents_for", "latents")
     wrap(trainer, "encode", "text encoder")
-    wrap(trainer.pipe.transformer, "forward", "transformer forward")
+    wrap(trainer.backend.pipe.transformer, "forward", "transformer forward")
     wrap(trainer.optimizer, "step", "adamw")
 
 
@@ -314,12 +314,12 @@ def project_trainer(pipe, args, workdir: Path, **model_overrides):
 
 def count_tflop_text_encoder(te_fn, trainer) -> float:
     """FLOPs of the text-encoder part, counted on its eager path (graph replays are invisible to the counter)."""
-    suffix = trainer.prompts.suffix
+    suffix = trainer.backend.prompts.suffix
     graphs = suffix.cuda_graphs if suffix is not None else False
     if suffix is not None:
         suffix.cuda_graphs = False
     try:
-        return count_tflop_eager_attention(te_fn, trainer.pipe.text_encoder)
+        return count_tflop_eager_attention(te_fn, trainer.backend.pipe.text_encoder)
     finally:
         if suffix is not None:
             suffix.cuda_graphs = graphs
@@ -338,7 +338,7 @@ def text_encoder_fn(trainer):
 
 
 def text_len_of(trainer) -> int:
-    return len(trainer.prompts.ids(trainer.examples[0].caption)) - trainer.prompts.drop
+    return len(trainer.backend.prompts.ids(trainer.examples[0].caption)) - trainer.backend.prompts.drop
 
 
 # ---- main -------------------------------------------------------------------------------------------------
@@ -389,17 +389,17 @@ def run(args) -> dict:
     te_fn = text_encoder_fn(trainer)
     te_tflop = count_tflop_text_encoder(te_fn, trainer)
     _mem_reset(device)
-    suffix = trainer.prompts.suffix
+    suffix = trainer.backend.prompts.suffix
     row("b-text-encoder fwd+bwd to token row (prefix cache, CUDA graphs)",
         time_fn(te_fn, device, args.warmup, args.iters), te_tflop, _mem_peak(device))
     suffix.cuda_graphs = False
     row("b-text-encoder fwd+bwd to token row (prefix cache, eager)", time_fn(te_fn, device, args.warmup, args.iters),
         te_tflop)
     suffix.cuda_graphs = True
-    trainer.prompts.prefix_cache = False
+    trainer.backend.prompts.prefix_cache = False
     row("b-text-encoder fwd+bwd to token row (no prefix cache, eager)", time_fn(te_fn, device, args.warmup, args.iters),
         count_tflop_text_encoder(te_fn, trainer))
-    trainer.prompts.prefix_cache = True
+    trainer.backend.prompts.prefix_cache = True
     _mem_reset(device)
     warm = args.warmup + (3 if args.compile else 0)
     ms = time_fn(trainer.train_step, device, warm, args.iters)
@@ -643,7 +643,7 @@ def run_capped(args, device, dtype, res) -> dict:
     on_cuda = device.type == "cuda"
     trainer = project_trainer(pipe, args, work, compile=False, offload=on_cuda, offload_budget_gib=args.capped_gib,
                               gradient_checkpointing=True)
-    res["offload"] = trainer.offload_summary
+    res["offload"] = trainer.backend.offload_summary
     trainer.cache_all_latents()
     pipe.vae.to("cpu")
     if on_cuda:
@@ -658,7 +658,7 @@ def run_capped(args, device, dtype, res) -> dict:
     med = statistics.median(ms)
     r = {"name": f"capped {args.capped_gib:g} GiB: fp8 DiT, streamed blocks + text encoder, checkpointing",
          "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2), "n": len(ms),
-         "peak_mem_gib": round(_mem_peak(device), 1) if on_cuda else None, "offload": trainer.offload_summary}
+         "peak_mem_gib": round(_mem_peak(device), 1) if on_cuda else None, "offload": trainer.backend.offload_summary}
     res["rows"].append(r)
     print(json.dumps(r), flush=True)
     return res

@@ -1,8 +1,11 @@
-"""Train Zero-Prior Token + LoRA: the training loop inside a graph, on the graph's MODEL, CLIP and VAE.
+"""Train Zero-Prior Token + LoRA: the core's training loop inside a graph, on the graph's MODEL, CLIP and VAE.
 
-Progress goes to ComfyUI's progress bar (which is also what makes Cancel work), each step's loss is sent to
-the browser as a ``zero_prior.loss`` event (drawn live on the node by ``web/zero_prior.js``), checkpoints go
-next to the archive, and a ``resume`` input continues a checkpoint to the same step count.
+A thin adapter: the loop is ``training/trainer.py`` (the same as the CLI's and Cog's), the models run through
+``comfy_backend.ComfyBackend``. Progress goes to ComfyUI's progress bar (whose hook is also what makes Cancel
+work), each step's loss is sent to the browser as a ``zero_prior.loss`` event (drawn live on the node by
+``web/zero_prior.js``), checkpoints go next to the archive, and a ``resume`` input continues a checkpoint to
+the same step count. The MODEL and CLIP outputs are the inputs with the trained archive applied exactly as
+*Apply Qwen LoRA* and *Register Zero-Prior Token* apply it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from comfy_api.latest import io
 
 from ..training.config import Config, field_spec
 from ..training.data import DatasetError, resolve_dataset, scan_dataset
-from .comfy_trainer import ComfyTrainer, Progress
 from .paths import resolve_dataset_path, resolve_output_path
 from .sockets import CATEGORY, ZeroPriorArchive
 from .token_node import register_token
@@ -123,9 +125,13 @@ class TrainZeroPriorToken(io.ComfyNode):
                 placeholder_init_std, rank, steps, learning_rate, token_learning_rate, batch_size, resolution, seed,
                 checkpoint_every, default_caption="", resume="", preview_every=0, images=None,
                 captions="") -> io.NodeOutput:
+        import comfy.model_management as mm
         import comfy.utils
 
         from ..training.archive import load_archive
+        from ..training.trainer import Callbacks, Trainer, TrainingInterrupted
+        from .comfy_backend import ComfyBackend
+        from .lora_node import apply_lora
 
         cfg = Config.from_dict({"train": {
             "train_placeholder_token": train_placeholder_token, "placeholder_token": placeholder_token,
@@ -159,56 +165,53 @@ class TrainZeroPriorToken(io.ComfyNode):
                                     t.prepend_token and t.train_placeholder_token,
                                     require_captions=not default_caption)
             logger.info("training on %d images from %s", len(examples), dataset or "the graph")
+            if preview_every:  # previews: the first caption, a few steps, through ComfyUI's sampler
+                from ..training.data import assign_buckets
+
+                w, h = assign_buckets(examples[:1], t.resolution)[0].bucket
+                cfg = cfg.replace(sample={"prompts": [examples[0].caption], "every": preview_every, "steps": 8,
+                                          "guidance": 1.0, "width": w, "height": h, "seed": t.seed})
 
             pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
+            cancel = []
 
             def on_step(step: int, total: int, loss: float) -> None:
                 _send_loss(node_id, step, total, loss)
-                pbar.update_absolute(step, total)  # raises InterruptProcessingException on Cancel
+                try:
+                    pbar.update_absolute(step, total)  # ComfyUI's progress hook raises on Cancel
+                except mm.InterruptProcessingException:
+                    cancel.append(step)
 
-            def on_preview(step: int, image) -> None:
-                if image is not None:
-                    logger.info("sample preview at step %d (%dx%d)", step, *image.size)
-                    pbar.update_absolute(step, steps, ("PNG", image, 512))
+            def on_sample(step: int, images_: list) -> None:
+                if images_:
+                    logger.info("sample preview at step %d (%dx%d)", step, *images_[0].size)
+                    pbar.update_absolute(step, steps, ("PNG", images_[0], 512))
 
-            trainer = ComfyTrainer(cfg, model, clip, vae, examples, run_dir, Progress(on_step, on_preview))
-            result = trainer.fit(archive_path, resume=resume_dir, preview_every=preview_every,
-                                 render_preview=lambda: _render_preview(trainer, vae))
+            callbacks = Callbacks(on_step=on_step, on_sample=on_sample,
+                                  should_stop=lambda: bool(cancel) or mm.processing_interrupted(),
+                                  interrupt_exceptions=(mm.InterruptProcessingException,))
+            # ComfyUI runs prompts under inference_mode; training needs autograd
+            with torch.inference_mode(False), torch.enable_grad():
+                backend = ComfyBackend(cfg, model, clip, vae)
+                try:
+                    trainer = Trainer(cfg, backend, examples, run_dir)
+                    if resume_dir is not None:
+                        trainer.resume(resume_dir)
+                    _send_loss(node_id, trainer.step, steps, float("nan"))
+                    result = trainer.fit(archive_path, callbacks)
+                except TrainingInterrupted as e:
+                    logger.info("training interrupted at step %d; checkpoint %s", e.step, e.checkpoint)
+                    raise mm.InterruptProcessingException() from e
+                finally:
+                    backend.close()
 
+        # the graph continues with the archive applied the way the inference nodes apply it
         archive = load_archive(result.archive)
+        new_model, _, _ = apply_lora(model, archive.lora_state_dict, 1.0, str(result.archive))
         new_clip, _ = register_token(clip, archive)
-        first = sum(result.losses[: max(1, len(result.losses) // 10)]) / max(1, len(result.losses) // 10)
-        last = sum(result.losses[-max(1, len(result.losses) // 10):]) / max(1, len(result.losses) // 10)
+        k = max(1, len(result.losses) // 10)
+        first, last = sum(result.losses[:k]) / k, sum(result.losses[-k:]) / k
         info = (f"{result.steps} steps; loss {first:.4f} -> {last:.4f}; token id {result.token_id}; "
                 f"{result.archive.name}")
         ui = {"text": [info], "loss": [float(x) for x in result.losses], "archive": [str(result.archive)]}
-        return io.NodeOutput(result.model, new_clip, str(result.archive), archive, ui=ui)
-
-
-def _render_preview(trainer: ComfyTrainer, vae):
-    """A few-step sample of the first caption with the current LoRA and token (PIL image)."""
-    import comfy.model_management as mm
-    import comfy.sample
-    from PIL import Image
-
-    caption = trainer.examples[0].caption
-    cond, mask = trainer.encode([caption])
-    extra = {} if mask is None else {"attention_mask": mask}
-    positive = [[cond.detach().float().cpu(), extra]]
-    w, h = trainer.examples[0].bucket
-    latent = comfy.sample.fix_empty_latent_channels(trainer.mp, torch.zeros(1, 16, h // 8, w // 8))
-    noise = comfy.sample.prepare_noise(latent, trainer.t.seed)
-    samples = comfy.sample.sample(trainer.mp, noise, 8, 1.0, "euler", "simple", positive, positive, latent,
-                                  disable_pbar=True, seed=trainer.t.seed)
-    img = vae.decode(samples)
-    while img.ndim > 4:
-        img = img[:, 0] if img.shape[1] == 1 else img.reshape(-1, *img.shape[-3:])
-    arr = (img[0].float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    # sampling/decoding may have reloaded models under ComfyUI's management: make them trainable again
-    size = trainer.mp.model_size() + trainer.clip.patcher.model_size()
-    mm.load_models_gpu([trainer.mp, trainer.clip.patcher], memory_required=int(size * 0.5), force_full_load=True)
-    from .comfy_trainer import _ordinary_tensors
-
-    _ordinary_tensors(trainer.mp.model.diffusion_model)
-    _ordinary_tensors(trainer.clip.cond_stage_model)
-    return Image.fromarray(arr)
+        return io.NodeOutput(new_model, new_clip, str(result.archive), archive, ui=ui)

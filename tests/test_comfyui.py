@@ -15,13 +15,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from comfy_harness.server import REPO, ComfyServer, PromptFailed, comfyui_available, install_pack
+from comfy_harness.overlay import comfyui_version
+from comfy_harness.server import REPO, ComfyServer, PromptFailed, comfyui_trees, install_pack
 from comfy_harness.weights import make_archive, random_lora, write_models
 
 pytestmark = pytest.mark.comfyui
-OK, WHY = comfyui_available()
-if not OK:
-    print(f"\n{'#' * 100}\n# {WHY}\n{'#' * 100}")
+TREES, MISSING = comfyui_trees()
+for _line in MISSING:
+    print(f"\n{'#' * 100}\n# {_line}\n{'#' * 100}")
+# every test below runs once per ComfyUI tree (COMFYUI_PATHS lists several versions)
+_PARAMS = [pytest.param(t, id=f"comfyui-{comfyui_version(t)}") for t in TREES] or [
+    pytest.param(None, id="comfyui-missing")]
 NODES = ["ZeroPriorLoadArchive", "ZeroPriorRegisterToken", "ZeroPriorApplyQwenLoRA", "ZeroPriorApplyQwenLoRAFile",
          "ZeroPriorTrain"]
 
@@ -32,6 +36,7 @@ class Comfy:
     base: Path
     names: dict
     pipe: object  # the tiny QwenImagePipeline whose weights ComfyUI loaded
+    version: str  # ComfyUI's version, e.g. "0.33.0"
 
     @property
     def models(self) -> Path:
@@ -41,20 +46,22 @@ class Comfy:
         return self.base / "output" / name
 
 
-@pytest.fixture(scope="session")
-def comfy(tmp_path_factory, _tiny_pipe_session):
-    if not OK:
-        pytest.skip(WHY)
-    base = tmp_path_factory.mktemp("comfy-base")
+@pytest.fixture(scope="session", params=_PARAMS)
+def comfy(request, tmp_path_factory, _tiny_pipe_session):
+    root = request.param
+    if root is None:
+        pytest.skip("; ".join(MISSING))
+    version = comfyui_version(root)
+    base = tmp_path_factory.mktemp(f"comfy-base-{version}")
     for d in ("custom_nodes", "input", "output", "user"):
         (base / d).mkdir()
     install_pack(base / "custom_nodes")
     shutil.copy(Path(__file__).parent / "comfy_harness" / "tiny_qwen_patch.py",
                 base / "custom_nodes" / "zz_tiny_qwen_test_patch.py")
-    names = write_models(base / "models", _tiny_pipe_session)
-    server = ComfyServer(base).start()
+    names = write_models(base / "models", _tiny_pipe_session, root)
+    server = ComfyServer(base, root=root).start()
     try:
-        yield Comfy(server, base, names, _tiny_pipe_session)
+        yield Comfy(server, base, names, _tiny_pipe_session, version)
     finally:
         server.stop()
 
@@ -130,6 +137,30 @@ def test_conditioning_matches_core_and_uses_vector(comfy, clip_key, tol):
     assert _rel(c2, c1) > 10 * tol  # another vector, another conditioning: the token is really used
     # without Register the string splits into several plain tokens (the input CLIP is left as it was)
     assert c0.shape[0] > c1.shape[0]
+
+
+@pytest.mark.parametrize("clip_key", ["clip", "clip_bf16", "clip_fp16", "clip_fp8"])
+def test_training_conditioning_equals_clip_text_encode(comfy, clip_key):
+    """What the training node trains against (the pack's decoder over ComfyUI's loaded text encoder, with the
+    token's vector) is what CLIPTextEncode gives through Register Zero-Prior Token, and its gradient reaches the
+    vector (ComfyUI >= 0.33's text encoder forward refuses autograd: the pack must not depend on it)."""
+    text = "a watercolor of <zwx> beside a red door, <zwx> smiling"
+    arc = make_archive(comfy.models / "zero_prior" / f"tc_{clip_key}.zip", vector=_vec(21))
+    clip = comfy.names[clip_key]
+    comfy.server.run(_cond_graph(clip, arc.name, text, f"tc_comfy_{clip_key}.safetensors"))
+    g = {"2": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip, "type": "qwen_image", "device": "default"}},
+         "4": {"class_type": "ZeroPriorLoadArchive", "inputs": {"archive": arc.name, "path": ""}},
+         "9": {"class_type": "ZPTestTrainingConditioning",
+               "inputs": {"clip": ["2", 0], "archive": ["4", 0], "text": text, "filename": f"tc_train_{clip_key}.safetensors"}}}
+    comfy.server.run(g)
+    ref = load_file(comfy.output(f"tc_comfy_{clip_key}.safetensors"))["cond"][0]
+    got = load_file(comfy.output(f"tc_train_{clip_key}.safetensors"))
+    assert got["cond"][0].shape == ref.shape, (got["cond"].shape, ref.shape)
+    rel = _rel(got["cond"][0], ref)
+    print(f"ComfyUI {comfy.version} {clip_key}: training conditioning vs CLIPTextEncode, max rel diff {rel:.2e}")
+    assert rel < 1e-5, rel  # same weights, same float32 arithmetic: only kernel rounding differs
+    grad = got["grad"]
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_registered_id_is_comfy_tokenizers(comfy):
@@ -298,14 +329,15 @@ def test_example_workflows_match_server(comfy, wf):
 
 
 # ---- the training node --------------------------------------------------------------------------------
-def _train_graph(comfy, *, dataset="train_ds", output_name="zero_prior/trained.zip", steps=8, clip_key="clip", **kw):
+def _train_graph(comfy, *, dataset="train_ds", output_name="zero_prior/trained.zip", steps=8, clip_key="clip",
+                 unet_key="unet", weight_dtype="default", **kw):
     inputs = {"model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "dataset": dataset, "output_name": output_name,
               "train_placeholder_token": True, "placeholder_token": "<zwx>", "placeholder_init_std": 1e-5,
               "rank": 4, "steps": steps, "learning_rate": 3e-3, "token_learning_rate": 5e-2, "batch_size": 1,
               "resolution": 32, "seed": 0, "checkpoint_every": 0, "default_caption": "", "resume": "",
               "preview_every": 0, "captions": ""}
     inputs.update(kw)
-    return {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": comfy.names["unet"], "weight_dtype": "default"}},
+    return {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": comfy.names[unet_key], "weight_dtype": weight_dtype}},
             "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.names[clip_key], "type": "qwen_image",
                                                           "device": "default"}},
             "3": {"class_type": "VAELoader", "inputs": {"vae_name": comfy.names["vae"]}},
@@ -430,6 +462,27 @@ def test_training_inputs_from_graph_and_fp8_text_encoder(comfy):
     comfy.server.run(g, timeout=600)
     arc = load_archive(comfy.output("zero_prior/fp8.zip"))
     assert arc.vector.abs().sum() > 0  # the float row trained through an fp8-stored text encoder
+
+
+@pytest.mark.parametrize("unet_key, weight_dtype", [("unet_fp8", "default"), ("unet", "fp8_e4m3fn")])
+def test_training_fp8_stored_dit(comfy, train_ds, unet_key, weight_dtype):
+    """An fp8-stored DiT (the qwen_image_fp8_e4m3fn file, or UNETLoader's fp8_e4m3fn option) trains in the model's
+    compute dtype, not its storage dtype (latents cast to fp8 broke the first step), and the LoRA moves."""
+    from qwen_zero_prior.training.archive import load_archive
+
+    name = f"zero_prior/fp8dit_{unet_key}.zip"
+    entry = comfy.server.run(_train_graph(comfy, steps=4, unet_key=unet_key, weight_dtype=weight_dtype,
+                                          output_name=name), timeout=600)
+    losses = entry["outputs"]["40"]["loss"]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    arc = load_archive(comfy.output(name))
+    storage, compute = arc.meta.extra["dit_storage_dtype"], arc.meta.extra["compute_dtype"]
+    print(f"ComfyUI {comfy.version} {unet_key}/{weight_dtype}: DiT stored {storage}, computed {compute}")
+    if weight_dtype == "fp8_e4m3fn":  # asked for: ComfyUI keeps fp8 storage on every device
+        assert storage == "float8_e4m3fn", arc.meta.extra
+    # (an fp8 *file* with weight_dtype default: ComfyUI may upcast it on a CPU; on a GPU it stays fp8)
+    assert compute in ("float32", "bfloat16", "float16"), arc.meta.extra
+    assert any(float(v.abs().sum()) > 0 for k, v in arc.lora_state_dict.items() if "lora_B" in k)
 
 
 def test_training_bad_datasets_fail_before_training(comfy, train_ds):

@@ -12,11 +12,19 @@ are masked out), so one CUDA graph per (prefix, suffix) bucket is captured with
 ``torch.cuda.make_graphed_callables`` and replayed each step: forward and backward become two graph launches.
 
 Why not transformers' own forward: it threads a Python ``DynamicCache`` object through the layers (copied each
-step so the suffix keys do not leak into the cached prefix), which graph capture cannot reuse. The layer's
-own modules (norms, projections, MLP) are called as they are; only attention-with-prefix and the rotary
-tables are written here. Text-only Qwen2.5-VL positions are equal in its three m-RoPE sections, so its
-rotary reduces to plain 1-D RoPE over ``rotary_emb.inv_freq``. The tests compare against the pipeline's
-``_get_qwen_prompt_embeds``.
+step so the suffix keys do not leak into the cached prefix), which graph capture cannot reuse. Only
+attention-with-prefix and the rotary tables are written here; the rest is called through :class:`LayerOps`, a
+small view of one decoder layer (norms, projections, MLP). :func:`hf_parts` gives that view over transformers'
+modules (called as they are); the ComfyUI backend gives one over ComfyUI's loaded text encoder, so the token's
+gradient path through a ComfyUI model runs this code rather than ComfyUI's forward, which is not written for
+autograd. Text-only Qwen2.5-VL positions are equal in its three m-RoPE sections, so its rotary reduces to plain
+1-D RoPE over the decoder's ``inv_freq``. The tests compare against the pipeline's ``_get_qwen_prompt_embeds``
+and against ComfyUI's ``CLIPTextEncode``.
+
+Qwen3-VL (Qwen-Image 2.1's text encoder) is the same decoder plus an RMSNorm over each head's queries and keys
+before the rotary (:meth:`LayerOps.head_norm`) and interleaved m-RoPE, which for text-only positions (equal in all
+three sections) is the same 1-D RoPE. 2.1 conditions on the last layer's output *before* the final norm:
+``final_norm=False``. ``prefix(..., past_k, past_v)`` extends a cached prefix (2.1's constant system turn).
 """
 
 from __future__ import annotations
@@ -33,6 +41,52 @@ logger = logging.getLogger(__name__)
 
 def _ceil_to(n: int, k: int) -> int:
     return max(k, int(math.ceil(n / k)) * k)
+
+
+class LayerOps:
+    """One decoder layer as the calls :class:`SuffixDecoder` makes: pre-attention norm, q/k/v projections,
+    optional per-head q/k norms (Qwen3), output projection, pre-MLP norm, MLP. This base class calls
+    transformers' modules as they are."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.attn = layer.self_attn
+        q_norm, k_norm = getattr(self.attn, "q_norm", None), getattr(self.attn, "k_norm", None)
+        self.has_head_norm = q_norm is not None and k_norm is not None
+
+    def ln1(self, h: torch.Tensor) -> torch.Tensor:
+        return self.layer.input_layernorm(h)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.attn.q_proj(x), self.attn.k_proj(x), self.attn.v_proj(x)
+
+    def head_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k as (batch, heads, seq, head_dim); normed over head_dim where the model has q/k norms."""
+        if not self.has_head_norm:
+            return q, k
+        return self.attn.q_norm(q), self.attn.k_norm(k)
+
+    def o(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn.o_proj(x)
+
+    def ln2(self, h: torch.Tensor) -> torch.Tensor:
+        return self.layer.post_attention_layernorm(h)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.mlp(x)
+
+
+class DecoderParts:
+    """What :class:`SuffixDecoder` needs of a causal decoder: its layers (as :class:`LayerOps`), the final norm,
+    attention geometry and the 1-D rotary frequencies."""
+
+    def __init__(self, layers: list, norm, *, n_heads: int, n_kv: int, head_dim: int, inv_freq: torch.Tensor,
+                 attention_scaling: float = 1.0):
+        self.layers = layers
+        self.norm = norm
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self.inv_freq = inv_freq
+        self.attention_scaling = float(attention_scaling)
 
 
 def supported(lm) -> bool:
@@ -53,24 +107,36 @@ def supported(lm) -> bool:
     )
 
 
+def hf_parts(lm) -> DecoderParts:
+    """The view of a transformers decoder (``text_encoder.model.language_model``)."""
+    cfg = lm.config
+    n_heads = cfg.num_attention_heads
+    rot = lm.rotary_emb
+    return DecoderParts(
+        [LayerOps(layer) for layer in lm.layers], lm.norm, n_heads=n_heads, n_kv=cfg.num_key_value_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads, inv_freq=rot.inv_freq,
+        attention_scaling=float(getattr(rot, "attention_scaling", 1.0)),
+    )
+
+
 class SuffixDecoder:
     """Decoder forward over a caption's suffix given its prefix's keys/values (see the module docstring).
 
+    ``lm``: a transformers decoder, or the :class:`DecoderParts` of another implementation's modules.
     ``cuda_graphs``: capture forward+backward per shape bucket on CUDA (at most ``max_graphs`` kept; others run
     eagerly). ``bucket``: padding granularity in tokens for both the prefix and the suffix.
     """
 
     def __init__(self, lm, *, cuda_graphs: bool = True, bucket: int = 32, max_graphs: int = 4,
-                 compile: bool = False):
-        self.lm = lm
+                 compile: bool = False, final_norm: bool = True):
+        self.parts = lm if isinstance(lm, DecoderParts) else hf_parts(lm)
+        # hidden states after the decoder's final RMSNorm (Qwen-Image) or before it (Qwen-Image 2.1)
+        self.final_norm = final_norm
         # compile: the captured function is the inductor-compiled one (norms, rotary, SiLU fused: ~3,400 small
         # kernels per step become a few hundred), one compilation per bucket, only where graphs are captured
         self.compile = compile
         self._compiled = None
-        cfg = lm.config
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.n_heads, self.n_kv, self.head_dim = self.parts.n_heads, self.parts.n_kv, self.parts.head_dim
         self.scaling = self.head_dim ** -0.5
         self.cuda_graphs = cuda_graphs
         self.bucket = bucket
@@ -90,11 +156,10 @@ class SuffixDecoder:
     # ---- pieces ---------------------------------------------------------------------------------------
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, S, head_dim) cos/sin, as ``Qwen2_5_VLRotaryEmbedding`` gives for text-only positions."""
-        rot = self.lm.rotary_emb
-        inv = rot.inv_freq.to(device=positions.device, dtype=torch.float32)
+        inv = self.parts.inv_freq.to(device=positions.device, dtype=torch.float32)
         freqs = positions.float()[:, None] * inv[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
-        scale = float(getattr(rot, "attention_scaling", 1.0))
+        scale = self.parts.attention_scaling
         return (emb.cos() * scale).to(dtype)[None], (emb.sin() * scale).to(dtype)[None]
 
     @staticmethod
@@ -103,13 +168,14 @@ class SuffixDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos[:, None] + rotated * sin[:, None]
 
-    def _layer(self, layer, h, cos, sin, past_k, past_v, mask):
-        attn = layer.self_attn
+    def _layer(self, ops: LayerOps, h, cos, sin, past_k, past_v, mask):
         b, s, _ = h.shape
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        x = ops.ln1(h)
+        q, k, v = ops.qkv(x)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k = ops.head_norm(q, k)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         keys = k if past_k is None else torch.cat([past_k, k], dim=2)
         values = v if past_v is None else torch.cat([past_v, v], dim=2)
@@ -121,32 +187,59 @@ class SuffixDecoder:
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=s > 1, scale=self.scaling)
         else:
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + ops.o(o.transpose(1, 2).reshape(b, s, -1))
+        h = h + ops.mlp(ops.ln2(h))
         return h, k, v
+
+    def _out(self, h: torch.Tensor) -> torch.Tensor:
+        return self.parts.norm(h) if self.final_norm else h
 
     # ---- prefix (once per caption, no grad) -----------------------------------------------------------
     @torch.no_grad()
-    def prefix(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values (layers, 1, kv_heads, P, head_dim) and final-normed hidden states (1, P, dim)."""
-        positions = torch.arange(embeds.shape[1], device=embeds.device)
-        cos, sin = self.rotary(positions, embeds.dtype)
+    def prefix(self, embeds: torch.Tensor, past_k: torch.Tensor | None = None,
+               past_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values (layers, 1, kv_heads, P, head_dim) and hidden states (1, S, dim) of ``embeds``.
+
+        With ``past_k/v`` (an earlier ``prefix`` result), ``embeds`` continue that prefix (e.g. a constant system
+        turn cached once): the returned keys and values cover both (P = past + S), the hidden states only the new
+        positions."""
+        p, s = (0 if past_k is None else past_k.shape[3]), embeds.shape[1]
+        mask = None
+        if past_k is not None:
+            q_idx = torch.arange(s, device=embeds.device)[:, None]
+            k_idx = torch.arange(p + s, device=embeds.device)[None, :]
+            mask = ((k_idx < p) | (k_idx - p <= q_idx))[None, None]  # all of the past, causal among the new
+        cos, sin = self.rotary(torch.arange(p, p + s, device=embeds.device), embeds.dtype)
         h, ks, vs = embeds, [], []
-        for layer in self.lm.layers:
-            h, k, v = self._layer(layer, h, cos, sin, None, None, None)
+        for i, ops in enumerate(self.parts.layers):
+            h, k, v = self._layer(ops, h, cos, sin, None if past_k is None else past_k[i],
+                                  None if past_v is None else past_v[i], mask)
             ks.append(k)
             vs.append(v)
-        return torch.stack(ks), torch.stack(vs), self.lm.norm(h)
+        keys, values = torch.stack(ks), torch.stack(vs)
+        if past_k is not None:
+            keys, values = torch.cat([past_k, keys], dim=3), torch.cat([past_v, values], dim=3)
+        return keys, values, self._out(h)
+
+    def full(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (1, S, dim) of ``embeds`` from position 0: the whole decoder, differentiable,
+        no cache and no graphs (``text_prefix_cache: false``)."""
+        cos, sin = self.rotary(torch.arange(embeds.shape[1], device=embeds.device), embeds.dtype)
+        h = embeds
+        for ops in self.parts.layers:
+            h, _, _ = self._layer(ops, h, cos, sin, None, None, None)
+        return self._out(h)
 
     # ---- suffix (every step, differentiable w.r.t. its embeddings) --------------------------------------
     def _suffix_fn(self, embeds, past_k, past_v, mask, cos, sin):
         h = embeds
-        for i, layer in enumerate(self.lm.layers):
-            h, _, _ = self._layer(layer, h, cos, sin, past_k[i], past_v[i], mask)
-        return self.lm.norm(h)
+        for i, ops in enumerate(self.parts.layers):
+            h, _, _ = self._layer(ops, h, cos, sin, past_k[i], past_v[i], mask)
+        return self._out(h)
 
     def suffix(self, embeds: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (1, S, dim) of ``embeds`` placed after the cached prefix ``past_k/v``."""
+        """Hidden states (1, S, dim; final-normed unless ``final_norm=False``) of ``embeds`` placed after the
+        cached prefix ``past_k/v``."""
         s, p = embeds.shape[1], past_k.shape[3]
         sp, pp = _ceil_to(s, self.bucket), _ceil_to(p, self.bucket)
         dev, dt = embeds.device, embeds.dtype

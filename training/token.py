@@ -142,13 +142,17 @@ class PlaceholderEmbedding(nn.Module):
 
 @dataclass
 class RegisteredToken:
+    """A registered placeholder: its string, its id in the tokenizer at hand, and its float32 vector (held by the
+    :class:`PlaceholderEmbedding` for transformers models, or directly where another runtime embeds)."""
+
     token: str
     token_id: int
-    module: PlaceholderEmbedding
+    module: PlaceholderEmbedding | None = None
+    own_vector: nn.Parameter | None = None
 
     @property
     def vector(self) -> torch.Tensor:
-        return self.module.vector
+        return self.module.vector if self.module is not None else self.own_vector
 
 
 def install_placeholder(

@@ -1,14 +1,14 @@
-"""The masked-embedding + LoRA training loop on Qwen-Image's flow-matching objective.
+"""The masked-embedding + LoRA training loop on Qwen-Image's flow-matching objective: one loop for every front end.
 
-Conditioning is what ``QwenImagePipeline._get_qwen_prompt_embeds`` computes (same chat template, same dropped
-34-token prefix as inference; ``prompt.PromptEncoder`` gets the same numbers with less work), so what the token
-learns at train time is what the pipeline feeds the transformer at inference. Timesteps, loss weighting and latent normalisation follow diffusers'
-``train_dreambooth_lora_qwen_image.py``.
+The loop is the same whatever runs the models; a :class:`~qwen_zero_prior.training.backend.TrainBackend` runs them
+(diffusers for the CLI, Cog and the demo; ComfyUI's loaded MODEL/CLIP/VAE for the training node). Conditioning is
+what the inference pipeline feeds the transformer (same chat template, same dropped prefix), so what the token
+learns at train time is what it gets at inference. Timesteps, loss weighting and latent normalisation follow
+diffusers' ``train_dreambooth_lora_qwen_image.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -21,11 +21,10 @@ import torch
 from . import checkpoint as ckpt
 from .archive import ArchiveMeta, atomic_write_bytes, write_archive
 from .config import Config
-from .data import BatchPlan, Example, assign_buckets, load_pixels
+from .data import BatchPlan, Example, assign_buckets
+from .backend import TrainBackend
 from .distributed import DistContext, average, barrier
-from .lora import ADAPTER_NAME, add_lora, export_lora, lora_parameters
-from .prompt import PromptEncoder
-from .token import RegisteredToken, check_single_id, encode_ids, install_placeholder
+from .token import RegisteredToken
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +41,11 @@ class TrainingInterrupted(RuntimeError):
 @dataclass
 class Callbacks:
     on_step: Callable[[int, int, float], None] | None = None  # (step, total, loss)
-    should_stop: Callable[[], bool] | None = None
+    should_stop: Callable[[], bool] | None = None  # checked before each step: True stops with a checkpoint
     on_sample: Callable[[int, list], None] | None = None  # (step, PIL images)
+    # exceptions that mean "the user stopped the run" when raised inside a step (ComfyUI >= 0.33 raises its
+    # InterruptProcessingException from inside model forwards): the completed steps are checkpointed first
+    interrupt_exceptions: tuple[type[BaseException], ...] = ()
 
 
 @dataclass
@@ -58,127 +60,81 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, pipe, examples: list[Example], output_dir: Path, *,
+    """The training loop, over a :class:`~qwen_zero_prior.training.backend.TrainBackend`.
+
+    ``model`` is a backend, or a diffusers ``QwenImagePipeline`` (wrapped in a
+    :class:`~qwen_zero_prior.training.diffusers_backend.DiffusersBackend`).
+    """
+
+    def __init__(self, cfg: Config, model, examples: list[Example], output_dir: Path, *,
                  dist: DistContext | None = None):
+        if not isinstance(model, TrainBackend):
+            from .diffusers_backend import DiffusersBackend
+
+            model = DiffusersBackend(cfg, model)
+        self.backend = model
         self.cfg = cfg
-        self.pipe = pipe
         self.t = cfg.train
         self.output_dir = Path(output_dir)
         self.dist = dist or DistContext()
         self.rank, self.world = self.dist.rank, self.dist.world
-        self.device = pipe.transformer.device
-        self.dtype = pipe.transformer.dtype
         self.examples = assign_buckets(examples, self.t.resolution)
         self.plan = BatchPlan(self.examples, self.t.batch_size, self.t.seed, self.rank, self.world)
         self.token: RegisteredToken | None = None
         self.step = 0
         self.losses: list[float] = []
         self._latents: dict[int, torch.Tensor] = {}
-        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._logged_prompts: set[str] = set()
-        self.offload_summary: dict | None = None
         self._next_inputs: tuple[int, StepInputs] | None = None
-        self.prefetch = self.device.type == "cuda"  # prepare step n+1's inputs at the end of step n
-        self._setup()
+        self._prepared = False
+        self.sigmas = model.training_sigmas()
+        self.setup()
+        # prepare step n+1's inputs at the end of step n (on a GPU the host is then ahead of the device)
+        self.prefetch = self.device.type == "cuda"
 
     # ---- setup ----------------------------------------------------------------------------------------
-    def _setup(self) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.training_utils import cast_training_params
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
 
-        pipe, t = self.pipe, self.t
-        for m in (pipe.vae, pipe.text_encoder, pipe.transformer):
-            m.requires_grad_(False)
-        pipe.vae.eval()
-        pipe.text_encoder.eval()
-        if self.cfg.model.gradient_checkpointing or self.cfg.model.offload:
-            pipe.transformer.enable_gradient_checkpointing()
-        adapted = add_lora(pipe.transformer, t.rank, t.alpha, t.lora_targets, seed=t.seed)
-        logger.info("LoRA rank %d on %d transformer modules (%s)", t.rank, len(adapted), ", ".join(t.lora_targets))
-        cast_training_params(pipe.transformer, dtype=torch.float32)
-        pipe.transformer.train()
-        if self.cfg.model.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
-            from .fp8 import apply_fp8_matmul
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
 
-            apply_fp8_matmul(pipe.transformer)
-        if self.cfg.model.offload:  # after add_lora, like fp8: the LoRA's base layers become offloaded ones
-            from .models import resolve_device
-            from .offload import apply_offload
-
-            device = resolve_device(self.cfg.model.device)
-            if device.type != "cuda":
-                raise RuntimeError(f"model.offload needs a CUDA device, got {device}; set model.offload: false")
-            budget = self.cfg.model.offload_budget_gib or torch.cuda.get_device_properties(device).total_memory / 2**30
-            self.offload_summary = apply_offload(pipe, device, budget)
-            self.device = pipe.transformer.device
-        if self.cfg.model.attention_backend:
-            pipe.transformer.set_attention_backend(self.cfg.model.attention_backend)
-        if self.cfg.model.compile:
-            from . import gelu, rope
-
-            rope.install()  # same numbers in real arithmetic, which inductor can fuse (see rope.py)
-            gelu.install(pipe.transformer)  # the same activation with cheaper arithmetic (see gelu.py)
-            mode = self.cfg.model.compile_mode
-            pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
-
-        gen = torch.Generator().manual_seed(t.seed)
+    def setup(self) -> None:
+        """Latents first (the VAE can then leave the GPU), then LoRA, token and optimizer. Idempotent."""
+        if self._prepared:
+            return
+        t, backend = self.t, self.backend
+        self.cache_all_latents()
+        backend.before_training()
+        backend.prepare(t)
         if t.train_placeholder_token:
-            self.token = install_placeholder(
-                pipe.tokenizer, pipe.text_encoder, t.placeholder_token, init_std=t.placeholder_init_std, generator=gen
-            )
-            if self.cfg.debug.log_prompt_ids:
-                rows = self.token.module.base.weight.shape[0]
-                frozen = sum(1 for p in pipe.text_encoder.parameters() if not p.requires_grad)
-                logger.info("placeholder token %r registered as id %d", self.token.token, self.token.token_id)
-                logger.info(
-                    "gradient mask active: only embedding row %d of %d trains (one %d-wide parameter, weight "
-                    "decay 0); %d text-encoder tensors frozen", self.token.token_id, rows,
-                    self.token.vector.shape[0], frozen,
-                )
+            self.token = backend.add_token(t.placeholder_token, t.placeholder_init_std,
+                                           torch.Generator().manual_seed(t.seed))
         elif any(t.placeholder_token in ex.caption for ex in self.examples):
-            check_single_id(pipe.tokenizer, t.placeholder_token, context="train_placeholder_token is off")
-
-        self.lora_params = lora_parameters(pipe.transformer)
-        self.param_names = [n for n, p in pipe.transformer.named_parameters() if p.requires_grad]
+            backend.check_trigger(t.placeholder_token)
+        named = backend.named_lora_parameters()
+        self.lora_params = [p for _, p in named]
+        self.param_names = [n for n, _ in named]
         groups = [{"params": self.lora_params, "lr": t.learning_rate, "weight_decay": t.weight_decay}]
         if self.token is not None:
             groups.append({"params": [self.token.vector], "lr": t.token_learning_rate, "weight_decay": 0.0})
             self.param_names.append("placeholder_vector")
         # fused AdamW: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
         self.optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda")
-        self.prompts = PromptEncoder(pipe, self.token.token_id if self.token else None,
-                                     prefix_cache=self.cfg.model.text_prefix_cache,
-                                     cuda_graphs=self.cfg.model.text_cuda_graphs and not self.cfg.model.offload,
-                                     compile=self.cfg.model.compile)
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        vae_cfg = pipe.vae.config
-        self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
-        self.latents_std = torch.tensor(vae_cfg.latents_std).view(1, vae_cfg.z_dim, 1, 1, 1)
+        self._prepared = True
 
     # ---- conditioning ---------------------------------------------------------------------------------
     def _log_prompt(self, caption: str) -> None:
         if self.cfg.debug.log_prompt_ids and caption not in self._logged_prompts:
             self._logged_prompts.add(caption)
-            ids = encode_ids(self.pipe.tokenizer, caption)
-            logger.info("prompt %r -> ids %s", caption, ids)
+            logger.info("prompt %r -> ids %s", caption, self.backend.prompt_ids(caption))
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         for c in captions:
             self._log_prompt(c)
-        if self.token is not None:  # gradient reaches the token row through the frozen text encoder
-            embeds, mask = self.prompts.encode(captions, self.dtype, self.device)
-        else:
-            missing = [c for c in dict.fromkeys(captions) if c not in self._prompt_cache]
-            if missing:
-                with torch.no_grad():
-                    for c in missing:
-                        e, m = self.prompts.encode([c], self.dtype, self.device)
-                        self._prompt_cache[c] = (e[0].cpu(), m[0].cpu())
-            parts = [self._prompt_cache[c] for c in captions]
-            length = max(e.shape[0] for e, _ in parts)
-            embeds = torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e, _ in parts])
-            mask = torch.stack([torch.cat([m, m.new_zeros(length - m.shape[0])]) for _, m in parts])
-            embeds = embeds.to(self.device, non_blocking=True)
+        embeds, mask = self.backend.encode(captions)
         # the mask is a host tensor: testing it does not wait for the GPU (a sync here idles it mid-step)
         return embeds, (None if bool(mask.all()) else mask.to(self.device, non_blocking=True))
 
@@ -189,11 +145,7 @@ class Trainer:
         for i in indices:
             lat = self._latents.get(i)
             if lat is None:
-                ex = self.examples[i]
-                px = load_pixels(ex.image, ex.bucket)[None, :, None].to(self.device, self.pipe.vae.dtype)
-                dist = self.pipe.vae.encode(px).latent_dist
-                lat = dist.mode()  # the posterior mean; the Qwen VAE's variance is negligible
-                lat = ((lat.float().cpu() - self.latents_mean) / self.latents_std)[0]
+                lat = self.backend.latent(self.examples[i])
                 if self.t.cache_latents:
                     self._latents[i] = lat
             out.append(lat)
@@ -202,15 +154,16 @@ class Trainer:
     def cache_all_latents(self) -> None:
         if self.t.cache_latents:
             for i in range(len(self.examples)):
-                self.latents_for([i])
+                if i not in self._latents:
+                    self._latents[i] = self.backend.latent(self.examples[i])
 
     # ---- one step ------------------------------------------------------------------------------------
     def step_inputs(self, indices: list[int], generator: torch.Generator | None = None,
                     sample_seeds: list[int] | None = None) -> StepInputs:
-        """Latents, noise and timesteps of one step, on the device. Noise and timestep come from ``generator``,
-        or, per sample, from ``sample_seeds`` (so a sample draws the same noise whichever rank or batch slot it
-        lands in). Nothing here depends on the trained weights: ``train_step`` prepares the next step's while
-        the GPU still runs this one's backward."""
+        """Latents, noise and noise levels of one step, on the device. Noise and timestep come from
+        ``generator``, or, per sample, from ``sample_seeds`` (so a sample draws the same noise whichever rank or
+        batch slot it lands in). Nothing here depends on the trained weights: ``train_step`` prepares the next
+        step's while the GPU still runs this one's backward."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         x0 = self.latents_for(indices)  # (B, C, 1, h, w)
@@ -221,55 +174,35 @@ class Trainer:
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device, non_blocking=True)
         u = torch.cat([compute_density_for_timestep_sampling(
             self.t.weighting_scheme, 1, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=g) for g in gens])
-        idx = (u * self.scheduler.config.num_train_timesteps).long().clamp(max=len(self.scheduler.timesteps) - 1)
-        timesteps = self.scheduler.timesteps[idx].to(self.device, non_blocking=True)
-        sigmas = self.scheduler.sigmas[idx].to(self.device, torch.float32, non_blocking=True).view(-1, 1, 1, 1, 1)
-        return StepInputs(list(indices), x0, noise, timesteps, sigmas)
+        idx = (u * len(self.sigmas)).long().clamp(0, len(self.sigmas) - 1)
+        sigmas = self.sigmas[idx].to(self.device, torch.float32, non_blocking=True)
+        return StepInputs(list(indices), x0, noise, sigmas)
 
     def loss_for(self, indices: list[int], generator: torch.Generator | None = None,
                  sample_seeds: list[int] | None = None, inputs: StepInputs | None = None) -> torch.Tensor:
         """Flow-matching loss on ``indices`` (or on prepared ``inputs``); see :meth:`step_inputs`."""
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-        pipe = self.pipe
+        self.setup()
         if inputs is None:
             inputs = self.step_inputs(indices, generator, sample_seeds)
-        indices, x0, noise, timesteps, sigmas = inputs
-        bsz, c, _, h, w = x0.shape
-        noisy = (1.0 - sigmas) * x0 + sigmas * noise
-        packed = pipe._pack_latents(noisy.permute(0, 2, 1, 3, 4), bsz, c, h, w).to(self.dtype)
+        indices, x0, noise, sigmas = inputs
+        s = sigmas.view(-1, 1, 1, 1, 1)
+        noisy = (1.0 - s) * x0 + s * noise
         # the frozen text encoder runs in its own dtype, outside autocast (which CUDA-graph replay cannot take)
         embeds, mask = self.encode([self.examples[i].caption for i in indices])
-        with self._autocast():
-            pred = pipe.transformer(
-                hidden_states=packed,
-                timestep=(timesteps / 1000).to(self.dtype),
-                encoder_hidden_states=embeds,
-                encoder_hidden_states_mask=mask,
-                img_shapes=[[(1, h // 2, w // 2)]] * bsz,
-                return_dict=False,
-            )[0]
-        vsf = pipe.vae_scale_factor
-        pred = pipe._unpack_latents(pred, h * vsf, w * vsf, vsf)
+        pred = self.backend.predict(noisy.to(self.dtype), sigmas, embeds, mask)
         target = noise - x0
-        weighting = compute_loss_weighting_for_sd3(self.t.weighting_scheme, sigmas)
-        return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1).mean()
-
-    def _autocast(self):
-        """bf16/fp16 autocast around the forward, as diffusers' scripts get from accelerate's mixed precision:
-        the float32 LoRA (master) weights then multiply in the model's dtype instead of in float32."""
-        if self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
+        weighting = compute_loss_weighting_for_sd3(self.t.weighting_scheme, s)
+        return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean()
 
     def sample_seeds(self) -> list[int]:
         first = self.rank * self.t.batch_size  # position of this rank's slice in the global batch
         return [self.t.seed * 1_000_003 + self.step * 10_007 + first + j for j in range(self.t.batch_size)]
 
     def train_step(self) -> float:
-        if self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead":
-            # a new step for torch.compile's CUDA-graph trees: last step's graph outputs may be overwritten now
-            torch.compiler.cudagraph_mark_step_begin()
+        self.setup()
+        self.backend.step_begin()
         ready, self._next_inputs = self._next_inputs, None
         if ready is None or ready[0] != self.step:  # nothing prefetched (first step, CPU) or the step moved (resume)
             ready = (self.step, self.step_inputs(self.plan.batch(self.step), sample_seeds=self.sample_seeds()))
@@ -306,40 +239,54 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.output_dir / "checkpoints"
 
-    def raw_lora(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.pipe.transformer, adapter_name=ADAPTER_NAME)
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        self.setup()
+        return dict(self.backend.named_lora_parameters())
 
     def save_checkpoint(self) -> Path | None:
         if self.rank != 0:
             return None
         path = ckpt.save_checkpoint(
-            self.checkpoint_root, self.step, lora=self.raw_lora(),
+            self.checkpoint_root, self.step, lora=self.lora_state(),
             token=self.token.token if self.token else None,
             vector=self.token.vector if self.token else None,
             optimizer=self.optimizer, param_names=self.param_names,
-            state={"losses": self.losses, "config": self.cfg.to_dict(),
+            state={"losses": self.losses, "config": self.cfg.to_dict(), "trainer": self.backend.name,
                    "token_id": self.token.token_id if self.token else None},
         )
         logger.info("checkpoint saved: %s", path)
         return path
 
     def resume(self, path: str | Path) -> Path:
-        from peft.utils import set_peft_model_state_dict
-
+        self.setup()
         where = ckpt.find_checkpoint(path)
         state = ckpt.load_checkpoint(where)
+        written_by = state.get("trainer", "diffusers")
+        if written_by != self.backend.name:
+            raise ckpt.CheckpointError(
+                f"checkpoint {where} was written by the {written_by} trainer; it resumes only there, not in the "
+                f"{self.backend.name} one"
+            )
         ckpt.check_compatible(state, where, self.t)
-        result = set_peft_model_state_dict(self.pipe.transformer, state["lora"], adapter_name=ADAPTER_NAME)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ckpt.CheckpointError(f"checkpoint {where}: LoRA keys do not fit the model: {unexpected[:5]}")
-        if self.token is not None:
-            vec = state["token_tensors"].get(self.token.token)
-            if vec is None:
-                raise ckpt.CheckpointError(f"checkpoint {where} has no vector for {self.token.token!r}")
-            with torch.no_grad():
+        own = self.lora_state()
+        missing = sorted(set(own) - set(state["lora"]))
+        unexpected = sorted(set(state["lora"]) - set(own))
+        if missing or unexpected:
+            raise ckpt.CheckpointError(
+                f"checkpoint {where}: its LoRA tensors do not fit this model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
+        with torch.no_grad():
+            for k, p in own.items():
+                src = state["lora"][k]
+                if src.shape != p.shape:
+                    raise ckpt.CheckpointError(
+                        f"checkpoint {where}: {k} has shape {tuple(src.shape)}, this model's is {tuple(p.shape)}")
+                p.copy_(src)
+            if self.token is not None:
+                vec = state["token_tensors"].get(self.token.token)
+                if vec is None:
+                    raise ckpt.CheckpointError(f"checkpoint {where} has no vector for {self.token.token!r}")
                 self.token.vector.copy_(vec)
         ckpt.restore_optimizer(self.optimizer, self.param_names, state)
         self.step = int(state["step"])
@@ -348,38 +295,26 @@ class Trainer:
         return where
 
     # ---- samples & export -----------------------------------------------------------------------------
-    def render_samples(self) -> tuple[list[Path], list]:
-        """Render ``sample.prompts`` with the current LoRA and token; returns (saved paths, PIL images)."""
-        s = self.cfg.sample
-        if not s.prompts or not self.dist.is_main:
+    def render_samples(self, prompts: list[str] | None = None) -> tuple[list[Path], list]:
+        """Render ``sample.prompts`` (or ``prompts``) with the current LoRA and token; (saved paths, PIL images)."""
+        prompts = list(self.cfg.sample.prompts) if prompts is None else prompts
+        if not prompts or not self.dist.is_main:
             return [], []
-        was_training = self.pipe.transformer.training
-        self.pipe.transformer.eval()
+        with torch.no_grad():
+            images = self.backend.sample(prompts, self.step)
         out = []
-        images = []
-        try:
-            for i, prompt in enumerate(s.prompts):
-                gen = torch.Generator(device="cpu").manual_seed(s.seed + i)
-                img = self.pipe(
-                    prompt=prompt, negative_prompt=s.negative_prompt if s.guidance > 1 else None,
-                    true_cfg_scale=s.guidance, num_inference_steps=s.steps,
-                    width=s.width or self.t.resolution, height=s.height or self.t.resolution, generator=gen,
-                ).images[0]
-                images.append(img)
-                if self.rank == 0:
-                    path = self.output_dir / "samples" / f"step-{self.step:06d}-{i}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    img.save(path)
-                    out.append(path)
-        finally:
-            self.pipe.transformer.train(was_training)
+        if self.rank == 0 and self.cfg.sample.prompts:
+            for i, img in enumerate(images):
+                path = self.output_dir / "samples" / f"step-{self.step:06d}-{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img.save(path)
+                out.append(path)
         return out, images
 
     def export(self, archive_path: Path) -> Path:
         t = self.t
-        lora = export_lora(self.pipe.transformer, t.rank, t.alpha)
         meta = ArchiveMeta(
-            base_model=self.cfg.model.base_model,
+            base_model=self.backend.base_model(),
             placeholder_token=t.placeholder_token if self.token else None,
             placeholder_token_id=self.token.token_id if self.token else None,
             rank=t.rank,
@@ -390,9 +325,10 @@ class Trainer:
             steps=self.step,
             train_placeholder_token=bool(self.token),
             extra={"resolution": t.resolution, "learning_rate": t.learning_rate,
-                   "token_learning_rate": t.token_learning_rate, "final_loss": self.losses[-1] if self.losses else None},
+                   "token_learning_rate": t.token_learning_rate,
+                   "final_loss": self.losses[-1] if self.losses else None, **self.backend.archive_extra()},
         )
-        return write_archive(archive_path, meta, lora, self.token.vector if self.token else None)
+        return write_archive(archive_path, meta, self.backend.export_lora(), self.token.vector if self.token else None)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def fit(self, archive_path: Path, callbacks: Callbacks | None = None) -> TrainResult:
@@ -400,7 +336,7 @@ class Trainer:
 
         cb = callbacks or Callbacks()
         t0 = time.time()
-        self.cache_all_latents()
+        self.setup()
         total = self.t.steps
         samples: list[Path] = []
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
@@ -409,7 +345,11 @@ class Trainer:
                 if cb.should_stop is not None and cb.should_stop():
                     where = self.save_checkpoint() if self.step > 0 else None
                     raise TrainingInterrupted(self.step, where)
-                loss = self.train_step()
+                try:
+                    loss = self.train_step()
+                except cb.interrupt_exceptions:
+                    where = self.save_checkpoint() if self.step > 0 else None
+                    raise TrainingInterrupted(self.step, where) from None
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"loss became {loss} at step {self.step}; lower train.learning_rate / token_learning_rate"
@@ -441,8 +381,7 @@ class StepInputs(NamedTuple):
     indices: list[int]
     x0: torch.Tensor  # (B, C, 1, h, w) normalized latents
     noise: torch.Tensor
-    timesteps: torch.Tensor
-    sigmas: torch.Tensor  # (B, 1, 1, 1, 1)
+    sigmas: torch.Tensor  # (B,) float32 noise levels
 
 
 class _LossReadback:

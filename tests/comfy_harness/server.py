@@ -16,6 +16,8 @@ import requests
 
 from server_process import LoggedProcess, free_port
 
+from .overlay import OVERLAY
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PACK_DIR_NAME = "comfyui-qwen-zero-prior"  # any folder name must work; Manager uses the repo's name
@@ -25,12 +27,30 @@ def comfyui_path() -> Path:
     return Path(os.environ.get("COMFYUI_PATH", "~/ComfyUI")).expanduser()
 
 
+def comfyui_paths() -> list[Path]:
+    """The ComfyUI work trees to test against: ``COMFYUI_PATHS`` (separated by ``os.pathsep``), else
+    ``COMFYUI_PATH`` (default ``~/ComfyUI``)."""
+    raw = os.environ.get("COMFYUI_PATHS")
+    paths = [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()] if raw else [comfyui_path()]
+    return list(dict.fromkeys(paths))
+
+
+def comfyui_trees() -> tuple[list[Path], list[str]]:
+    """(trees that exist, one loud line for each one that does not)."""
+    found, missing = [], []
+    for p in comfyui_paths():
+        if (p / "main.py").is_file():
+            found.append(p)
+        else:
+            missing.append(f"ComfyUI NOT FOUND at {p}: its real-ComfyUI integration tests are SKIPPED. Set "
+                           "COMFYUI_PATH (or COMFYUI_PATHS for several versions) to a ComfyUI work tree prepared "
+                           "with ../shared/tools/comfyui-setup")
+    return found, missing
+
+
 def comfyui_available() -> tuple[bool, str]:
-    p = comfyui_path()
-    if not (p / "main.py").is_file():
-        return False, (f"ComfyUI NOT FOUND at {p}: real-ComfyUI integration tests SKIPPED. Set COMFYUI_PATH or "
-                       "run ../shared/tools/comfyui-setup GITDIR")
-    return True, str(p)
+    found, missing = comfyui_trees()
+    return bool(found), "; ".join(missing) or ", ".join(map(str, found))
 
 
 def install_pack(custom_nodes: Path, name: str = PACK_DIR_NAME) -> Path:
@@ -49,7 +69,8 @@ def install_pack(custom_nodes: Path, name: str = PACK_DIR_NAME) -> Path:
 
 
 class ComfyServer(LoggedProcess):
-    def __init__(self, base: Path, port: int | None = None):
+    def __init__(self, base: Path, port: int | None = None, root: Path | None = None):
+        self.root = Path(root) if root is not None else comfyui_path()
         self.base = Path(base)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -61,7 +82,10 @@ class ComfyServer(LoggedProcess):
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.spawn(cmd, comfyui_path(), env)
+        overlay = self.root / OVERLAY  # this version's own pins where the shared test venv differs (overlay.py)
+        if overlay.is_dir():
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(overlay), env.get("PYTHONPATH", "")]))
+        self.spawn(cmd, self.root, env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

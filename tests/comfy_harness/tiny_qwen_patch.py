@@ -174,5 +174,54 @@ class ZPTestNonQwenClip:
         return (clip,)
 
 
+def _pack_module(name: str):
+    """A submodule of the zero-prior pack as ComfyUI loaded it from custom_nodes/ (whatever the folder name)."""
+    import importlib
+    import sys
+
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None) or ""
+        if f.endswith("__init__.py") and hasattr(mod, "comfy_entrypoint") and hasattr(mod, "WEB_DIRECTORY") \
+                and os.path.isfile(os.path.join(os.path.dirname(f), "nodes", "comfy_text.py")):
+            return importlib.import_module(f"{mod.__name__}.{name}")
+    raise RuntimeError("zero-prior pack not loaded")
+
+
+class ZPTestTrainingConditioning:
+    """The conditioning the training node trains against (the pack's own decoder over ComfyUI's modules) for a
+    prompt with the archive's token and vector, and the vector's gradient of its sum (autograd must work)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "archive": ("ZERO_PRIOR_ARCHIVE",), "text": ("STRING", {"default": ""}),
+                             "filename": ("STRING", {"default": "train_cond.safetensors"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def run(self, clip, archive, text, filename):
+        import copy
+
+        comfy_text = _pack_module("nodes.comfy_text")
+        token_mod = _pack_module("training.token")
+        backend = _pack_module("nodes.comfy_backend")
+        with torch.inference_mode(False), torch.enable_grad():
+            comfy.model_management.load_models_gpu([clip.patcher], force_full_load=True)
+            backend._ordinary_tensors(comfy_text.qwen_decoder(clip))
+            tok = copy.deepcopy(clip.tokenizer)
+            sd_tok = getattr(tok, tok.clip)
+            token_id = token_mod.ensure_token(sd_tok.tokenizer, archive.token)
+            device = clip.patcher.load_device
+            vector = torch.nn.Parameter(archive.vector.detach().clone().to(device))
+            enc = comfy_text.ComfyPromptEncoder(clip, tok, device, token_id=token_id, vector=vector)
+            cond, mask = enc.encode([text], torch.float32, torch.device("cpu"))
+            cond.sum().backward()
+        save_file({"cond": cond.detach().float().cpu().contiguous(), "grad": vector.grad.detach().float().cpu()},
+                  os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)))
+        return {}
+
+
 NODE_CLASS_MAPPINGS = {"ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestModelForward": ZPTestModelForward,
-                       "ZPTestNonQwenClip": ZPTestNonQwenClip}
+                       "ZPTestNonQwenClip": ZPTestNonQwenClip, "ZPTestTrainingConditioning": ZPTestTrainingConditioning}

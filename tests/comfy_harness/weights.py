@@ -49,18 +49,23 @@ def comfy_text_encoder_sd(text_encoder, mode: str = "fp32") -> dict[str, torch.T
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def write_models(models: Path, pipe) -> dict[str, str]:
+def write_models(models: Path, pipe, root: Path | None = None) -> dict[str, str]:
     for d in ("diffusion_models", "text_encoders", "vae", "zero_prior", "loras"):
         (models / d).mkdir(parents=True, exist_ok=True)
-    names = {"unet": "tiny_qwen_image.safetensors", "clip": "tiny_qwen25vl.safetensors",
+    names = {"unet": "tiny_qwen_image.safetensors", "unet_fp8": "tiny_qwen_image_fp8_e4m3fn.safetensors",
+             "clip": "tiny_qwen25vl.safetensors",
              "clip_bf16": "tiny_qwen25vl_bf16.safetensors", "clip_fp16": "tiny_qwen25vl_fp16.safetensors", "clip_fp8": "tiny_qwen25vl_fp8.safetensors",
              "vae": "tiny_qwen_vae.safetensors"}
-    save_file({k: v.contiguous() for k, v in pipe.transformer.state_dict().items()},
-              models / "diffusion_models" / names["unet"])
+    dit = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}
+    save_file(dit, models / "diffusion_models" / names["unet"])
+    # as ComfyUI's qwen_image_fp8_e4m3fn file: the blocks' Linear weights stored in float8_e4m3fn
+    save_file({k: (v.to(torch.float8_e4m3fn) if k.startswith("transformer_blocks.") and k.endswith(".weight")
+                   and v.ndim == 2 else v) for k, v in dit.items()},
+              models / "diffusion_models" / names["unet_fp8"])
     for key, mode in (("clip", "fp32"), ("clip_bf16", "bf16"), ("clip_fp16", "fp16"), ("clip_fp8", "fp8_scaled")):
         save_file(comfy_text_encoder_sd(pipe.text_encoder, mode), models / "text_encoders" / names[key])
     subprocess.run([sys.executable, str(HERE / "make_tiny_vae.py"), str(models / "vae" / names["vae"])],
-                   cwd=comfyui_path(), check=True, capture_output=True)
+                   cwd=root or comfyui_path(), check=True, capture_output=True)
     return names
 
 

@@ -1,0 +1,286 @@
+"""The training loop's backend for the MODEL, CLIP and VAE a ComfyUI graph loaded (the training node).
+
+The loop itself is the core's (``training/trainer.py``): batches, noise and timesteps, loss, optimizer groups,
+checkpoints, resume, interruption and the archive are the same as for the CLI and Cog. This backend runs the models
+the way ComfyUI's own trainer (``comfy_extras/nodes_train.py``) sets them up, feature-detected per version:
+
+- under ``torch.inference_mode(False)`` (ComfyUI runs prompts in inference mode), on a clone of the MODEL made with
+  ``clone(force_deepcopy=True)`` where ComfyUI has it (>= 0.25: a trainable, non-dynamic copy); on older versions
+  a plain clone whose inference tensors are swapped for ordinary ones after loading (same values);
+- ``comfy.model_management.in_training`` set while training where ComfyUI has the flag (its RoPE then uses
+  differentiable torch code instead of comfy_kitchen kernels);
+- the LoRA is a trainable low-rank branch added to each target ``Linear``'s output by a forward hook
+  (:class:`LoRABranch`), removed when training ends: the frozen weight keeps its storage (bf16, fp8) and is never
+  materialised with the delta (cheaper than ``add_weight_wrapper``, whose weight function also costs a full
+  weight gradient per layer). Hooks rather than ``add_object_patch``: on versions without ``force_deepcopy`` the
+  clone shares ComfyUI's module tree with the graph's MODEL, and object patches stay applied to it until ComfyUI
+  next unpatches that model, while hooks are removed deterministically in ``finally``;
+- the token's gradient path through the frozen text encoder runs this project's decoder code over ComfyUI's
+  loaded modules (``nodes/comfy_text.py``), not ComfyUI's inference forward.
+
+The compute dtype is the model's manual-cast dtype (bf16 for an fp8-stored DiT on a GPU), never the storage dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import comfy.model_management as mm
+
+from ..training.backend import TrainBackend
+from ..training.config import Config, TrainConfig
+from ..training.data import Example, load_pixels
+from ..training.token import RegisteredToken, add_placeholder_token, check_single_id, init_vector
+from .comfy_text import ComfyPromptEncoder, qwen_decoder
+from .token_node import ZeroPriorTokenizer, qwen_te_parts
+
+logger = logging.getLogger(__name__)
+
+
+class LoRABranch(nn.Module):
+    """The trainable low-rank branch ``scale * B(A(x))`` added to a frozen ``Linear``'s output; float32 ``A``/``B``
+    computed in ``x``'s dtype. ``A`` starts N(0, 1/rank) and ``B`` at zero (peft's ``init_lora_weights="gaussian"``,
+    as the core's LoRA), so the model starts unchanged."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.rank, self.scale = rank, float(alpha) / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, in_features) / rank)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+
+    def hook(self, module, args, output):
+        """``register_forward_hook`` callback: the Linear's output plus the branch of its input."""
+        return output + self(args[0]).to(output.dtype)
+
+
+def _ordinary_tensors(module: nn.Module) -> int:
+    """Replace inference tensors held by ``module`` with ordinary clones (call under inference_mode(False)).
+
+    Autograd cannot save an inference tensor for backward, and ComfyUI loads weights under inference mode. The
+    values are bit-identical, so other nodes sharing the module see no difference, and the originals are not
+    kept (keeping them would double the memory of a 20B model)."""
+    swapped = 0
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_inference():
+                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+                swapped += 1
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_inference():
+                m._buffers[name] = b.clone()
+                swapped += 1
+    return swapped
+
+
+def _trainable_clone(model):
+    """A clone of the MODEL to train, following ComfyUI's own trainer: ``force_deepcopy`` where it exists."""
+    if "force_deepcopy" in inspect.signature(model.clone).parameters:
+        try:
+            return model.clone(force_deepcopy=True), True
+        except RuntimeError as e:  # a custom loader without cached_patcher_init: fall back to swapping tensors
+            logger.info("MODEL cannot be deep-copied (%s); training on a clone with ordinary tensors", e)
+    return model.clone(), False
+
+
+class ComfyBackend(TrainBackend):
+    name = "comfyui"
+
+    def __init__(self, cfg: Config, model, clip, vae):
+        super().__init__(cfg)
+        from comfy.model_base import QwenImage
+
+        if not isinstance(model.model, QwenImage):
+            raise TypeError(f"Train Zero-Prior Token needs a Qwen-Image MODEL; this one is {type(model.model).__name__}")
+        qwen_te_parts(clip)  # a clear error for CLIPs that are not Qwen-Image's text encoder
+        self.model, self.clip, self.vae = model, clip, vae
+        self.device = mm.get_torch_device()
+        base = model.model
+        self.dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+        self.mp = None
+        self.adapters: dict[str, LoRABranch] = {}
+        self.token: RegisteredToken | None = None
+        self.tokenizer = self._base_tokenizer()
+        self.prompts: ComfyPromptEncoder | None = None
+        self._in_training_flag = hasattr(mm, "in_training")
+        self._handles: list = []  # forward hooks of the LoRA branches (removed in close())
+        self._checkpointed: list = []
+
+    def _base_tokenizer(self):
+        tok = self.clip.tokenizer
+        return tok._inner if isinstance(tok, ZeroPriorTokenizer) else tok
+
+    # ---- setup ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latent(self, example: Example) -> torch.Tensor:
+        px = load_pixels(example.image, example.bucket)  # (3, H, W) in [-1, 1]
+        img = ((px + 1.0) / 2.0).clamp(0, 1).permute(1, 2, 0)[None]  # ComfyUI IMAGE: (1, H, W, 3) in [0, 1]
+        lat = self.vae.encode(img)
+        if lat.ndim == 4:
+            lat = lat[:, :, None]
+        return self.model.model.process_latent_in(lat.float()).float().cpu()[0]
+
+    def prepare(self, t: TrainConfig) -> None:
+        self.mp, deep = _trainable_clone(self.model)
+        dm = self.mp.model.diffusion_model
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(t.seed)
+        try:
+            for name, m in dm.named_modules():
+                if not any(name == tgt or name.endswith("." + tgt) for tgt in t.lora_targets):
+                    continue
+                w = getattr(m, "weight", None)
+                if w is None or w.ndim != 2:
+                    continue
+                self.adapters[name] = LoRABranch(w.shape[1], w.shape[0], t.rank, t.alpha)
+                self._handles.append(m.register_forward_hook(self.adapters[name].hook))
+        finally:
+            torch.random.set_rng_state(gen_state)
+        if not self.adapters:
+            raise ValueError(f"train.lora_targets {list(t.lora_targets)} match no Linear of this MODEL")
+        logger.info("LoRA rank %d on %d modules of ComfyUI's Qwen-Image (%s)", t.rank, len(self.adapters),
+                    "deep copy" if deep else "shared weights")
+        if self.cfg.model.gradient_checkpointing:
+            # as ComfyUI's trainer does (its patch()/unpatch()): each block's forward wrapped, restored in close()
+            for block in dm.transformer_blocks:
+                self._checkpointed.append((block, block.__dict__.get("forward")))
+                block.forward = _checkpointed(block.forward)
+        if self._in_training_flag:
+            mm.in_training = True
+        self._load()
+        for a in self.adapters.values():
+            a.to(self.device)
+        self._make_prompts()
+
+    def _load(self) -> None:
+        """Load DiT and text encoder once, fully, with room for backward activations; then make every weight an
+        ordinary tensor (a no-op for a deep copy made outside inference mode)."""
+        size = self.mp.model_size() + self.clip.patcher.model_size()
+        mm.load_models_gpu([self.mp, self.clip.patcher], memory_required=int(size * 0.5), force_full_load=True)
+        swapped = _ordinary_tensors(self.mp.model.diffusion_model) + _ordinary_tensors(qwen_decoder(self.clip))
+        logger.debug("swapped %d inference tensors for ordinary ones", swapped)
+
+    def _make_prompts(self) -> None:
+        m = self.cfg.model
+        self.prompts = ComfyPromptEncoder(
+            self.clip, self.tokenizer, self.clip.patcher.load_device,
+            token_id=self.token.token_id if self.token else None, vector=self.token.vector if self.token else None,
+            prefix_cache=m.text_prefix_cache, cuda_graphs=m.text_cuda_graphs, compile=m.compile,
+        )
+
+    def named_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [p for name, a in self.adapters.items()
+                for p in ((f"{name}.lora_A.weight", a.lora_A), (f"{name}.lora_B.weight", a.lora_B))]
+
+    def export_lora(self) -> dict[str, torch.Tensor]:
+        """Diffusers keys (ComfyUI's Qwen-Image DiT has diffusers' module names), alpha/rank folded into B."""
+        out = {}
+        for name, a in self.adapters.items():
+            out[f"transformer.{name}.lora_A.weight"] = a.lora_A.detach().float().cpu().clone()
+            out[f"transformer.{name}.lora_B.weight"] = a.lora_B.detach().float().cpu().clone() * a.scale
+        return out
+
+    def add_token(self, token: str, init_std: float, generator: torch.Generator) -> RegisteredToken:
+        tok = copy.deepcopy(self._base_tokenizer())  # CLIP.clone() shares the tokenizer: never mutate the graph's
+        sd_tok = getattr(tok, tok.clip)
+        token_id = add_placeholder_token(sd_tok.tokenizer, token)
+        sd_tok.inv_vocab[token_id] = token
+        self.tokenizer = tok
+        _, _, width = qwen_te_parts(self.clip)
+        vector = nn.Parameter(init_vector(width, init_std, generator).to(self.clip.patcher.load_device))
+        self.token = RegisteredToken(token, token_id, own_vector=vector)
+        if self.cfg.debug.log_prompt_ids:
+            logger.info("placeholder token %r registered as id %d in ComfyUI's tokenizer", token, token_id)
+            logger.info("gradient mask active: only the %d-wide vector for id %d trains (weight decay 0)", width, token_id)
+        if self.prompts is not None:
+            self._make_prompts()
+        return self.token
+
+    def check_trigger(self, token: str) -> None:
+        check_single_id(getattr(self.tokenizer, self.tokenizer.clip).tokenizer, token,
+                        context="train_placeholder_token is off")
+
+    # ---- every step -----------------------------------------------------------------------------------
+    def prompt_ids(self, caption: str) -> list[int]:
+        return self.prompts.ids(caption) if self.prompts is not None else []
+
+    def encode(self, captions: list[str]):
+        return self.prompts.encode(captions, self.dtype, self.device)
+
+    def predict(self, noisy, sigmas, embeds, mask):
+        dm = self.mp.model.diffusion_model
+        return dm(noisy.to(self.dtype), sigmas.to(self.dtype), embeds.to(self.dtype), attention_mask=mask)
+
+    # ---- the rest -------------------------------------------------------------------------------------
+    def sample(self, prompts: list[str], step: int) -> list:
+        """Few-step samples through ComfyUI's sampler and VAE with the current LoRA and token."""
+        import comfy.sample
+        from PIL import Image
+
+        s = self.cfg.sample
+        images = []
+        for i, prompt in enumerate(prompts):
+            cond, mask = self.prompts.encode([prompt], torch.float32, torch.device("cpu"))
+            extra = {} if bool(mask.all()) else {"attention_mask": mask}
+            positive = [[cond.detach(), extra]]
+            w, h = (s.width or self.cfg.train.resolution), (s.height or self.cfg.train.resolution)
+            latent = comfy.sample.fix_empty_latent_channels(self.mp, torch.zeros(1, 16, h // 8, w // 8))
+            noise = comfy.sample.prepare_noise(latent, s.seed + i)
+            samples = comfy.sample.sample(self.mp, noise, s.steps, s.guidance, "euler", "simple", positive, positive,
+                                          latent, disable_pbar=True, seed=s.seed + i)
+            img = self.vae.decode(samples)
+            while img.ndim > 4:
+                img = img[:, 0] if img.shape[1] == 1 else img.reshape(-1, *img.shape[-3:])
+            arr = (img[0].float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            images.append(Image.fromarray(arr))
+        # sampling and decoding may have reloaded models under ComfyUI's management: make them trainable again
+        self._load()
+        return images
+
+    def base_model(self) -> str:
+        return "Qwen/Qwen-Image"
+
+    def archive_extra(self) -> dict:
+        try:
+            from comfyui_version import __version__ as version
+        except ImportError:
+            version = None
+        return {"trained_with": "ComfyUI", "comfyui_version": version,
+                "dit_storage_dtype": str(self.model.model.get_dtype()).removeprefix("torch."),
+                "compute_dtype": str(self.dtype).removeprefix("torch.")}
+
+    def close(self) -> None:
+        """Leave ComfyUI's modules as they were: hooks removed, block forwards restored, training flag reset (the
+        graph continues with the archive applied through ComfyUI's own LoRA patching)."""
+        if self._in_training_flag:
+            mm.in_training = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for block, own in self._checkpointed:
+            if own is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = own
+        self._checkpointed.clear()
+        for a in self.adapters.values():
+            a.requires_grad_(False)
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+__all__ = ["ComfyBackend", "LoRABranch"]

@@ -1,0 +1,79 @@
+"""The one training loop (``training/trainer.py``) over a backend: what every front end shares."""
+
+import pytest
+import torch
+
+from qwen_zero_prior.training.backend import TrainBackend
+from qwen_zero_prior.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from qwen_zero_prior.training.data import scan_dataset
+from qwen_zero_prior.training.diffusers_backend import DiffusersBackend
+from qwen_zero_prior.training.trainer import Callbacks, Trainer, TrainingInterrupted
+
+
+class StopNow(Exception):
+    """Stands in for ComfyUI's InterruptProcessingException, which ComfyUI >= 0.33 raises inside model forwards."""
+
+
+def _examples(dataset_dir):
+    return scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+
+
+def test_pipeline_is_wrapped_in_the_diffusers_backend(tiny_pipe, dataset_dir, make_config, tmp_path):
+    trainer = Trainer(make_config(), tiny_pipe, _examples(dataset_dir), tmp_path)
+    assert isinstance(trainer.backend, DiffusersBackend) and isinstance(trainer.backend, TrainBackend)
+    names = trainer.param_names
+    assert names[-1] == "placeholder_vector" and all(".lora_A." in n or ".lora_B." in n for n in names[:-1])
+    assert not any(".zero_prior." in n for n in names)  # peft's adapter name is not part of the checkpoint keys
+    # the token's group has weight decay 0, the LoRA's the configured decay
+    groups = trainer.optimizer.param_groups
+    assert groups[1]["params"] == [trainer.token.vector] and groups[1]["weight_decay"] == 0.0
+    assert groups[0]["weight_decay"] == trainer.t.weight_decay > 0
+
+
+def test_interrupt_raised_inside_a_step_checkpoints_completed_steps(tiny_pipe, dataset_dir, make_config, tmp_path):
+    trainer = Trainer(make_config(steps=10), tiny_pipe, _examples(dataset_dir), tmp_path)
+    plain = trainer.backend.predict
+    calls = []
+
+    def predict(*args):
+        calls.append(1)
+        if len(calls) == 4:  # during the forward of the 4th step
+            raise StopNow()
+        return plain(*args)
+
+    trainer.backend.predict = predict
+    with pytest.raises(TrainingInterrupted) as e:
+        trainer.fit(tmp_path / "weights.zip", Callbacks(interrupt_exceptions=(StopNow,)))
+    assert e.value.step == 3 and e.value.checkpoint is not None
+    state = load_checkpoint(e.value.checkpoint)
+    assert state["step"] == 3 and state["trainer"] == "diffusers" and len(state["losses"]) == 3
+    assert not (tmp_path / "weights.zip").exists()
+    # an exception that is not an interrupt propagates as is, with no checkpoint written for it
+    trainer.backend.predict = lambda *a: (_ for _ in ()).throw(ValueError("boom"))
+    before = list_checkpoints(tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match="boom"):
+        trainer.fit(tmp_path / "weights.zip", Callbacks(interrupt_exceptions=(StopNow,)))
+    assert list_checkpoints(tmp_path / "checkpoints") == before
+
+
+def test_checkpoint_resumes_only_on_the_backend_that_wrote_it(tiny_pipe, dataset_dir, make_config, tmp_path):
+    import copy
+
+    trainer = Trainer(make_config(steps=2, checkpoint_every=1), copy.deepcopy(tiny_pipe), _examples(dataset_dir),
+                      tmp_path)
+    trainer.fit(tmp_path / "weights.zip")
+
+    class Other(DiffusersBackend):
+        name = "comfyui"
+
+    other = Trainer(make_config(steps=4), Other(make_config(), copy.deepcopy(tiny_pipe)), _examples(dataset_dir),
+                    tmp_path / "other")
+    with pytest.raises(CheckpointError, match="written by the diffusers trainer; it resumes only there"):
+        other.resume(tmp_path)
+    fresh = Trainer(make_config(steps=4), copy.deepcopy(tiny_pipe), _examples(dataset_dir), tmp_path / "again")
+    fresh.resume(tmp_path)
+    assert fresh.step == 2
+    assert torch.equal(fresh.token.vector.detach(), trainer.token.vector.detach())
+    own = dict(trainer.backend.named_lora_parameters())
+    for name, p in fresh.backend.named_lora_parameters():
+        assert torch.equal(p.detach(), own[name].detach()), name

@@ -1,0 +1,197 @@
+"""The training loop's backend for a diffusers ``QwenImagePipeline`` (CLI, Cog, demo, benchmarks).
+
+- LoRA through peft (diffusers' ``add_adapter``) on the configured targets, text stream included.
+- The token: :class:`~qwen_zero_prior.training.token.PlaceholderEmbedding` routes its id to one float32 vector.
+- Conditioning: :class:`~qwen_zero_prior.training.prompt.PromptEncoder` (the pipeline's numbers; prefix cache and
+  a CUDA-graph suffix for the token's gradient path).
+- Speed and memory options of ``model:``: fp8 matmuls for the frozen image-stream weights, offload for 24 GB
+  cards, an attention backend, regional ``torch.compile``, gradient checkpointing, bf16/fp16 autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from .backend import TrainBackend
+from .config import Config, TrainConfig
+from .data import Example, load_pixels
+from .lora import ADAPTER_NAME, add_lora, export_lora
+from .prompt import PromptEncoder
+from .token import RegisteredToken, check_single_id, encode_ids, install_placeholder
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusersBackend(TrainBackend):
+    name = "diffusers"
+
+    def __init__(self, cfg: Config, pipe):
+        super().__init__(cfg)
+        self.pipe = pipe
+        self.device = pipe.transformer.device
+        self.dtype = pipe.transformer.dtype
+        self.token: RegisteredToken | None = None
+        self.prompts: PromptEncoder | None = None
+        self.offload_summary: dict | None = None
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        vae_cfg = pipe.vae.config
+        self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
+        self.latents_std = torch.tensor(vae_cfg.latents_std).view(1, vae_cfg.z_dim, 1, 1, 1)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    # ---- setup ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latent(self, example: Example) -> torch.Tensor:
+        px = load_pixels(example.image, example.bucket)[None, :, None].to(self.device, self.pipe.vae.dtype)
+        lat = self.pipe.vae.encode(px).latent_dist.mode()  # the posterior mean; the Qwen VAE's variance is negligible
+        return ((lat.float().cpu() - self.latents_mean) / self.latents_std)[0]
+
+    def prepare(self, t: TrainConfig) -> None:
+        from diffusers.training_utils import cast_training_params
+
+        pipe, m = self.pipe, self.cfg.model
+        for mod in (pipe.vae, pipe.text_encoder, pipe.transformer):
+            mod.requires_grad_(False)
+        pipe.vae.eval()
+        pipe.text_encoder.eval()
+        if m.gradient_checkpointing or m.offload:
+            pipe.transformer.enable_gradient_checkpointing()
+        adapted = add_lora(pipe.transformer, t.rank, t.alpha, t.lora_targets, seed=t.seed)
+        logger.info("LoRA rank %d on %d transformer modules (%s)", t.rank, len(adapted), ", ".join(t.lora_targets))
+        cast_training_params(pipe.transformer, dtype=torch.float32)
+        pipe.transformer.train()
+        if m.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
+            from .fp8 import apply_fp8_matmul
+
+            apply_fp8_matmul(pipe.transformer)
+        if m.offload:  # after add_lora, like fp8: the LoRA's base layers become offloaded ones
+            from .models import resolve_device
+            from .offload import apply_offload
+
+            device = resolve_device(m.device)
+            if device.type != "cuda":
+                raise RuntimeError(f"model.offload needs a CUDA device, got {device}; set model.offload: false")
+            budget = m.offload_budget_gib or torch.cuda.get_device_properties(device).total_memory / 2**30
+            self.offload_summary = apply_offload(pipe, device, budget)
+            self.device = pipe.transformer.device
+        if m.attention_backend:
+            pipe.transformer.set_attention_backend(m.attention_backend)
+        if m.compile:
+            from . import gelu, rope
+
+            rope.install()  # same numbers in real arithmetic, which inductor can fuse (see rope.py)
+            gelu.install(pipe.transformer)  # the same activation with cheaper arithmetic (see gelu.py)
+            mode = m.compile_mode
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
+        self._make_prompts()
+
+    def _make_prompts(self) -> None:
+        m = self.cfg.model
+        self.prompts = PromptEncoder(self.pipe, self.token.token_id if self.token else None,
+                                     prefix_cache=m.text_prefix_cache,
+                                     cuda_graphs=m.text_cuda_graphs and not m.offload, compile=m.compile)
+
+    def named_lora_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        # peft's parameter names carry the adapter name; the checkpoint keys are peft's state-dict keys
+        marker = f".{ADAPTER_NAME}."
+        return [(n.replace(marker, "."), p) for n, p in self.pipe.transformer.named_parameters()
+                if "lora_" in n and p.requires_grad]
+
+    def export_lora(self) -> dict[str, torch.Tensor]:
+        t = self.cfg.train
+        return export_lora(self.pipe.transformer, t.rank, t.alpha)
+
+    def add_token(self, token: str, init_std: float, generator: torch.Generator) -> RegisteredToken:
+        pipe = self.pipe
+        self.token = install_placeholder(pipe.tokenizer, pipe.text_encoder, token, init_std=init_std,
+                                         generator=generator)
+        if self.cfg.debug.log_prompt_ids:
+            rows = self.token.module.base.weight.shape[0]
+            frozen = sum(1 for p in pipe.text_encoder.parameters() if not p.requires_grad)
+            logger.info("placeholder token %r registered as id %d", token, self.token.token_id)
+            logger.info(
+                "gradient mask active: only embedding row %d of %d trains (one %d-wide parameter, weight decay 0); "
+                "%d text-encoder tensors frozen", self.token.token_id, rows, self.token.vector.shape[0], frozen,
+            )
+        if self.prompts is not None:
+            self._make_prompts()
+        return self.token
+
+    def check_trigger(self, token: str) -> None:
+        check_single_id(self.pipe.tokenizer, token, context="train_placeholder_token is off")
+
+    def training_sigmas(self) -> torch.Tensor:
+        return self.scheduler.sigmas[: len(self.scheduler.timesteps)].float()
+
+    # ---- every step -----------------------------------------------------------------------------------
+    def prompt_ids(self, caption: str) -> list[int]:
+        return encode_ids(self.pipe.tokenizer, caption)
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.token is not None:  # the gradient reaches the token row through the frozen text encoder
+            return self.prompts.encode(captions, self.dtype, self.device)
+        missing = [c for c in dict.fromkeys(captions) if c not in self._prompt_cache]
+        if missing:
+            with torch.no_grad():
+                for c in missing:
+                    e, m = self.prompts.encode([c], self.dtype, self.device)
+                    self._prompt_cache[c] = (e[0].cpu(), m[0].cpu())
+        parts = [self._prompt_cache[c] for c in captions]
+        length = max(e.shape[0] for e, _ in parts)
+        embeds = torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e, _ in parts])
+        mask = torch.stack([torch.cat([m, m.new_zeros(length - m.shape[0])]) for _, m in parts])
+        return embeds.to(self.device, non_blocking=True), mask
+
+    def predict(self, noisy, sigmas, embeds, mask):
+        pipe = self.pipe
+        bsz, c, _, h, w = noisy.shape
+        packed = pipe._pack_latents(noisy.permute(0, 2, 1, 3, 4), bsz, c, h, w).to(self.dtype)
+        with self._autocast():
+            pred = pipe.transformer(
+                hidden_states=packed,
+                timestep=sigmas.to(self.dtype),  # the transformer takes timestep / 1000 = sigma
+                encoder_hidden_states=embeds,
+                encoder_hidden_states_mask=mask,
+                img_shapes=[[(1, h // 2, w // 2)]] * bsz,
+                return_dict=False,
+            )[0]
+        vsf = pipe.vae_scale_factor
+        return pipe._unpack_latents(pred, h * vsf, w * vsf, vsf)
+
+    def _autocast(self):
+        """bf16/fp16 autocast around the forward, as diffusers' scripts get from accelerate's mixed precision:
+        the float32 LoRA (master) weights then multiply in the model's dtype instead of in float32."""
+        if self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def step_begin(self) -> None:
+        if self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead":
+            # a new step for torch.compile's CUDA-graph trees: last step's graph outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
+
+    # ---- the rest -------------------------------------------------------------------------------------
+    def sample(self, prompts: list[str], step: int) -> list:
+        s, t = self.cfg.sample, self.cfg.train
+        was_training = self.pipe.transformer.training
+        self.pipe.transformer.eval()
+        images = []
+        try:
+            for i, prompt in enumerate(prompts):
+                gen = torch.Generator(device="cpu").manual_seed(s.seed + i)
+                images.append(self.pipe(
+                    prompt=prompt, negative_prompt=s.negative_prompt if s.guidance > 1 else None,
+                    true_cfg_scale=s.guidance, num_inference_steps=s.steps,
+                    width=s.width or t.resolution, height=s.height or t.resolution, generator=gen,
+                ).images[0])
+        finally:
+            self.pipe.transformer.train(was_training)
+        return images
+
+
+__all__ = ["DiffusersBackend"]
