@@ -17,6 +17,12 @@ own modules (norms, projections, MLP) are called as they are; only attention-wit
 tables are written here. Text-only Qwen2.5-VL positions are equal in its three m-RoPE sections, so its
 rotary reduces to plain 1-D RoPE over ``rotary_emb.inv_freq``. The tests compare against the pipeline's
 ``_get_qwen_prompt_embeds``.
+
+Qwen3-VL (Qwen-Image 2.1's text encoder) is the same decoder plus an RMSNorm over each head's queries and keys
+before the rotary (``self_attn.q_norm``/``k_norm``, applied when the layer has them) and interleaved m-RoPE,
+which for text-only positions (equal in all three sections) is the same 1-D RoPE. 2.1 conditions on the last
+layer's output *before* the final norm: ``final_norm=False``. ``prefix(..., past_k, past_v)`` extends a cached
+prefix (2.1's constant system turn) by more positions.
 """
 
 from __future__ import annotations
@@ -61,8 +67,12 @@ class SuffixDecoder:
     """
 
     def __init__(self, lm, *, cuda_graphs: bool = True, bucket: int = 32, max_graphs: int = 4,
-                 compile: bool = False):
+                 compile: bool = False, final_norm: bool = True):
         self.lm = lm
+        # hidden states after the decoder's final RMSNorm (Qwen-Image) or before it (Qwen-Image 2.1)
+        self.final_norm = final_norm
+        attn0 = getattr(lm.layers[0], "self_attn", None) if len(lm.layers) else None
+        self.qk_norm = hasattr(attn0, "q_norm") and hasattr(attn0, "k_norm")  # Qwen3
         # compile: the captured function is the inductor-compiled one (norms, rotary, SiLU fused: ~3,400 small
         # kernels per step become a few hundred), one compilation per bucket, only where graphs are captured
         self.compile = compile
@@ -107,8 +117,11 @@ class SuffixDecoder:
         attn = layer.self_attn
         b, s, _ = h.shape
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = attn.q_proj(x).view(b, s, -1, self.head_dim)
+        k = attn.k_proj(x).view(b, s, -1, self.head_dim)
+        if self.qk_norm:  # per-head RMSNorm before the rotary, as Qwen3's attention
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         keys = k if past_k is None else torch.cat([past_k, k], dim=2)
@@ -126,27 +139,47 @@ class SuffixDecoder:
         return h, k, v
 
     # ---- prefix (once per caption, no grad) -----------------------------------------------------------
+    def _out(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.norm(h) if self.final_norm else h
+
     @torch.no_grad()
-    def prefix(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values (layers, 1, kv_heads, P, head_dim) and final-normed hidden states (1, P, dim)."""
-        positions = torch.arange(embeds.shape[1], device=embeds.device)
-        cos, sin = self.rotary(positions, embeds.dtype)
+    def prefix(self, embeds: torch.Tensor, past_k: torch.Tensor | None = None,
+               past_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values (layers, 1, kv_heads, P, head_dim) and hidden states (1, S, dim) of ``embeds``.
+
+        With ``past_k/v`` (an earlier ``prefix`` result), ``embeds`` continue that prefix: the returned keys and
+        values cover both (P = past + S), the hidden states only the new positions."""
+        if past_k is None:
+            positions = torch.arange(embeds.shape[1], device=embeds.device)
+            cos, sin = self.rotary(positions, embeds.dtype)
+            h, ks, vs = embeds, [], []
+            for layer in self.lm.layers:
+                h, k, v = self._layer(layer, h, cos, sin, None, None, None)
+                ks.append(k)
+                vs.append(v)
+            return torch.stack(ks), torch.stack(vs), self._out(h)
+        p, s = past_k.shape[3], embeds.shape[1]
+        q_idx = torch.arange(s, device=embeds.device)[:, None]
+        k_idx = torch.arange(p + s, device=embeds.device)[None, :]
+        mask = ((k_idx < p) | (k_idx - p <= q_idx))[None, None]  # all of the past, causal among the new
+        cos, sin = self.rotary(torch.arange(p, p + s, device=embeds.device), embeds.dtype)
         h, ks, vs = embeds, [], []
-        for layer in self.lm.layers:
-            h, k, v = self._layer(layer, h, cos, sin, None, None, None)
+        for i, layer in enumerate(self.lm.layers):
+            h, k, v = self._layer(layer, h, cos, sin, past_k[i], past_v[i], mask)
             ks.append(k)
             vs.append(v)
-        return torch.stack(ks), torch.stack(vs), self.lm.norm(h)
+        return torch.cat([past_k, torch.stack(ks)], dim=3), torch.cat([past_v, torch.stack(vs)], dim=3), self._out(h)
 
     # ---- suffix (every step, differentiable w.r.t. its embeddings) --------------------------------------
     def _suffix_fn(self, embeds, past_k, past_v, mask, cos, sin):
         h = embeds
         for i, layer in enumerate(self.lm.layers):
             h, _, _ = self._layer(layer, h, cos, sin, past_k[i], past_v[i], mask)
-        return self.lm.norm(h)
+        return self._out(h)
 
     def suffix(self, embeds: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (1, S, dim) of ``embeds`` placed after the cached prefix ``past_k/v``."""
+        """Hidden states (1, S, dim; final-normed unless ``final_norm=False``) of ``embeds`` placed after the
+        cached prefix ``past_k/v``."""
         s, p = embeds.shape[1], past_k.shape[3]
         sp, pp = _ceil_to(s, self.bucket), _ceil_to(p, self.bucket)
         dev, dt = embeds.device, embeds.dtype
