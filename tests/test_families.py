@@ -155,3 +155,47 @@ def test_inference_refuses_other_family(tiny_pipe, tiny_pipe_21, tmp_path):
         sqi.apply(_archive(tmp_path, "qwen-image-2.1"))
     sqi.apply(_archive(tmp_path, None))  # an old archive still fits Qwen-Image
     assert sqi.token_id == 151665
+
+
+def test_load_pipeline_refuses_family_that_contradicts_the_folder(tmp_path):
+    from qwen_zero_prior.training.config import ModelConfig
+    from qwen_zero_prior.training.models import ModelLoadError, load_pipeline
+
+    folder = _index(tmp_path / "q21", "QwenImage21Pipeline")
+    with pytest.raises(ModelLoadError, match=r"model.family is 'qwen-image' \(Qwen-Image\) but .* holds a "
+                                             r"Qwen-Image 2.1 pipeline \(QwenImage21Pipeline\)"):
+        load_pipeline(ModelConfig(base_model=str(folder), family="qwen-image", dtype="float32", device="cpu"))
+    other = _index(tmp_path / "flux", "FluxPipeline")
+    with pytest.raises(ModelLoadError, match="_class_name 'FluxPipeline' is not a supported pipeline"):
+        load_pipeline(ModelConfig(base_model=str(other), dtype="float32", device="cpu"))
+
+
+def test_load_pipeline_auto_loads_the_folders_family(tiny_model_dir):
+    from qwen_zero_prior.training.config import ModelConfig
+    from qwen_zero_prior.training.models import load_pipeline
+
+    pipe = load_pipeline(ModelConfig(base_model=str(tiny_model_dir), dtype="float32", device="cpu"))
+    assert type(pipe).__name__ == "QwenImagePipeline"
+
+
+def test_load_pipeline_21_from_folder(tiny_pipe_21, tmp_path):
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        pytest.skip("transformers loads a Qwen3VLProcessor (QwenImage21Pipeline's) only with torchvision installed")
+    from qwen_zero_prior.training.config import ModelConfig
+    from qwen_zero_prior.training.models import load_pipeline
+
+    tiny_pipe_21.save_pretrained(tmp_path / "q21")
+    pipe = load_pipeline(ModelConfig(base_model=str(tmp_path / "q21"), dtype="float32", device="cpu"))
+    assert type(pipe).__name__ == "QwenImage21Pipeline" and F.detect_pipeline(pipe).name == "qwen-image-2.1"
+
+
+def test_buckets_follow_the_family_step():
+    from qwen_zero_prior.training.data import Example, assign_buckets
+
+    def bucket(step):
+        return assign_buckets([Example(image=None, caption="c", size=(300, 200))], 256, step)[0].bucket
+
+    assert bucket(F.get_family("qwen-image").bucket_step) == (320, 208)  # fine for Qwen-Image, odd for 2.1
+    assert bucket(F.get_family("qwen-image-2.1").bucket_step) == (320, 192)

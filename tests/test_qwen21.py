@@ -179,6 +179,24 @@ def test_gradients_reach_only_the_vector_and_equal_encode_prompts(tiny_pipe_21):
     assert all(p.grad is None for n, p in tiny_pipe_21.text_encoder.named_parameters() if not p.requires_grad)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+def test_conditioning_cuda_graphs_equal_encode_prompt(tiny_pipe_21):
+    pipe = tiny_pipe_21.to("cuda")
+    reg = _token(pipe)
+    enc = PromptEncoder21(pipe, reg.token_id, cuda_graphs=True)
+    weights = torch.randn(4, 21, 32, generator=torch.Generator().manual_seed(5)).cuda()
+    ref, _, _ = pipe.encode_prompt(CAPTIONS)
+    (ref * weights[:, : ref.shape[1]]).sum().backward()
+    want = reg.vector.grad.clone()
+    for _ in range(3):  # capture, then replay
+        reg.vector.grad = None
+        embeds, _ = enc.encode(CAPTIONS, torch.float32, torch.device("cuda"))
+        (embeds * weights[:, : embeds.shape[1]]).sum().backward()
+        torch.testing.assert_close(embeds, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reg.vector.grad, want, rtol=1e-4, atol=1e-6)
+    assert enc.suffix._graphs
+
+
 def test_system_prefix_computed_once(tiny_pipe_21):
     reg = _token(tiny_pipe_21)
     enc = PromptEncoder21(tiny_pipe_21, reg.token_id)
