@@ -210,6 +210,8 @@ def test_system_prefix_computed_once(tiny_pipe_21):
     # a caption without the token runs the whole decoder instead
     firsts = [enc.ids(c).index(reg.token_id) - drop for c in CAPTIONS if "<zwx>" in c]
     assert calls == [drop, *firsts] and len(firsts) == 3
+    # a caption without the token does not depend on the vector: encoded once, no autograd graph kept
+    assert list(enc._fixed) == ["a dog in the snow"] and not enc._fixed["a dog in the snow"].requires_grad
 
 
 # ---- the placeholder on Qwen3-VL -----------------------------------------------------------------------------

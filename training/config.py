@@ -181,8 +181,8 @@ class TrainConfig:
             self.alpha = float(self.rank)
         if self.train_placeholder_token and not set(self.lora_targets) & set(TEXT_STREAM_TARGETS):
             logger.warning(
-                "train.lora_targets %s has no text-stream module (%s): the LoRA cannot adapt how the image "
-                "attends to the placeholder token.",
+                "train.lora_targets %s has no text-stream module (%s): on Qwen-Image the LoRA cannot adapt how "
+                "the image attends to the placeholder token (Qwen-Image 2.1 is single-stream: not an issue there).",
                 self.lora_targets,
                 ", ".join(TEXT_STREAM_TARGETS[:4]),
             )

@@ -119,9 +119,8 @@ def predict(transformer, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: t
     b, _, _, h, w = noisy.shape
     tokens = pack(noisy)
     if mask is not None:
-        mask = mask.to(embeds.device)
-        if bool(mask.all()):  # as encode_prompt: no mask when nothing is padded
-            mask = None
+        # as encode_prompt: no mask when nothing is padded (tested where the mask is: on the host, no device sync)
+        mask = None if bool(mask.all()) else mask.to(embeds.device, non_blocking=True)
     out = transformer(
         hidden_states=tokens.to(embeds.dtype),
         encoder_hidden_states=embeds,

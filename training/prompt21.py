@@ -69,6 +69,7 @@ class PromptEncoder21:
         self._ids: dict[str, list[int]] = {}
         self._system: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         self._prefix: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._fixed: dict[str, torch.Tensor] = {}  # captions without the token: their conditioning is constant
 
     @property
     def _device(self) -> torch.device:
@@ -110,7 +111,13 @@ class PromptEncoder21:
             if caching:
                 first = next((i for i, t in enumerate(ids) if t == self.token_id and i >= self.drop), None)
             if first is None:
-                return self.full(ids)
+                if not caching:
+                    return self.full(ids)
+                fixed = self._fixed.get(caption)
+                if fixed is None:  # does not depend on the vector: computed once, without a graph
+                    with torch.no_grad():
+                        fixed = self._fixed[caption] = self.full(ids)
+                return fixed
             with torch.no_grad():
                 keys, values = self._system_kv(ids)
                 hidden = self.lm.embed_tokens.weight.new_zeros(0, self.lm.config.hidden_size)
