@@ -68,6 +68,22 @@ def tiny_model_dir(_tiny_pipe_session, tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def _tiny_pipe_21_session(tokenizer_dir):
+    from qwen_zero_prior.training.tiny import tiny_pipeline_21
+
+    pipe = tiny_pipeline_21(tokenizer_dir, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_pipe_21(_tiny_pipe_21_session):
+    """A fresh copy of a tiny QwenImage21Pipeline (real classes, random weights, Qwen3-VL tokenizer built from
+    the real Qwen-Image files plus Qwen3's four added tokens)."""
+    return copy.deepcopy(_tiny_pipe_21_session)
+
+
 @pytest.fixture
 def dataset_dir(tmp_path) -> Path:
     from qwen_zero_prior.training.tiny import make_synthetic_dataset

@@ -2,7 +2,7 @@
 
 Layout::
 
-    meta.json                              format_version, base_model, placeholder_token, ... (validated)
+    meta.json                              format_version, base_model, model_family, placeholder_token, ...
     lora/lora_weights.safetensors          diffusers keys (QwenImagePipeline.load_lora_weights loads them)
     token/placeholder_embedding.safetensors  {placeholder_token: float32 vector}, keyed by the token *string*
 
@@ -53,6 +53,8 @@ class ArchiveMeta:
     train_placeholder_token: bool = False
     contents: list = field(default_factory=list)  # subset of ["lora", "token"]
     trainer: str = "qwen-zero-prior"
+    # qwen-image | qwen-image-2.1 (training.families); archives written before 2.1 support lack it: Qwen-Image
+    model_family: str = "qwen-image"
     extra: dict = field(default_factory=dict)
 
     @staticmethod
@@ -108,6 +110,13 @@ class ArchiveMeta:
             raise bad("contents", "a list drawn from ['lora', 'token']")
         if "token" in self.contents and not self.placeholder_token:
             raise ArchiveError(f"{where}: meta.json lists a token but placeholder_token is empty")
+        from .families import FAMILIES  # families imports this module
+
+        if self.model_family not in FAMILIES:
+            raise ArchiveError(
+                f"{where}: meta.json model_family must be one of {list(FAMILIES)}, got {self.model_family!r}; "
+                "an unknown family comes from a newer version: upgrade comfyui-qwen-zero-prior"
+            )
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -32,6 +32,7 @@ MLP_TARGETS = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt
 TEXT_STREAM_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 TARGET_PRESETS = {"attention": ATTENTION_TARGETS, "attention+mlp": ATTENTION_TARGETS + MLP_TARGETS}
 DTYPES = ("float32", "bfloat16", "float16")
+FAMILY_CHOICES = ("auto", "qwen-image", "qwen-image-2.1")  # training.families (kept literal: no torch import here)
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
@@ -64,7 +65,11 @@ def _check_range(section: str, obj: Any) -> None:
 @dataclass
 class ModelConfig:
     base_model: str = _f(
-        "Qwen/Qwen-Image", "Local Qwen-Image folder (diffusers layout) or a Hugging Face hub id."
+        "Qwen/Qwen-Image", "Local Qwen-Image or Qwen-Image 2.1 folder (diffusers layout) or a Hugging Face hub id."
+    )
+    family: str = _f(
+        "auto", "Model family: auto (from the model folder's model_index.json), qwen-image or qwen-image-2.1.",
+        choices=FAMILY_CHOICES,
     )
     dtype: str = _f("bfloat16", "Compute dtype of the models.", choices=DTYPES)
     quantize: bool = _f(False, "Store the image transformer's weights in fp8 (computed in `dtype`).")
@@ -176,8 +181,8 @@ class TrainConfig:
             self.alpha = float(self.rank)
         if self.train_placeholder_token and not set(self.lora_targets) & set(TEXT_STREAM_TARGETS):
             logger.warning(
-                "train.lora_targets %s has no text-stream module (%s): the LoRA cannot adapt how the image "
-                "attends to the placeholder token.",
+                "train.lora_targets %s has no text-stream module (%s): on Qwen-Image the LoRA cannot adapt how "
+                "the image attends to the placeholder token (Qwen-Image 2.1 is single-stream: not an issue there).",
                 self.lora_targets,
                 ", ".join(TEXT_STREAM_TARGETS[:4]),
             )

@@ -114,8 +114,10 @@ def make_buckets(resolution: int, step: int = BUCKET_STEP, max_ratio: float = 2.
     return sorted(out)
 
 
-def assign_buckets(examples: list[Example], resolution: int) -> list[Example]:
-    buckets = make_buckets(resolution)
+def assign_buckets(examples: list[Example], resolution: int, step: int = BUCKET_STEP) -> list[Example]:
+    """Give each example the bucket nearest its aspect ratio (sides multiples of ``step``: the model family's
+    ``bucket_step``, 32 for Qwen-Image 2.1)."""
+    buckets = make_buckets(resolution, step)
     for ex in examples:
         w, h = ex.size
         ar = math.log(w / h)

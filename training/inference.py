@@ -1,4 +1,5 @@
-"""Archive -> registered token (by string) -> LoRA at ``lora_scale`` -> ``QwenImagePipeline`` image."""
+"""Archive -> registered token (by string) -> LoRA at ``lora_scale`` -> image, with a ``QwenImagePipeline`` or a
+``QwenImage21Pipeline`` (the archive's ``model_family`` must be the pipeline's)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .archive import PlaceholderArchive
+from .families import check_archive_family, detect_pipeline
 from .lora import ADAPTER_NAME, load_lora_into_pipeline
 from .token import check_single_id, install_placeholder, remove_placeholder
 
@@ -31,7 +33,8 @@ class InferenceSession:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self._pristine_tokenizer = copy.deepcopy(pipe.tokenizer)
+        self.family = detect_pipeline(pipe)
+        self._pristine_tokenizer = copy.deepcopy(self.family.tokenizer(pipe))
         self.archive: PlaceholderArchive | None = None
         self.token_id: int | None = None
         self.lora_report: dict | None = None
@@ -42,16 +45,17 @@ class InferenceSession:
             if ADAPTER_NAME in self.pipe.transformer.peft_config:
                 self.pipe.delete_adapters([ADAPTER_NAME])
         remove_placeholder(self.pipe.text_encoder)
-        self.pipe.tokenizer = copy.deepcopy(self._pristine_tokenizer)
+        self.family.set_tokenizer(self.pipe, copy.deepcopy(self._pristine_tokenizer))
         self.archive = None
         self.token_id = None
         self.lora_report = None
 
     def apply(self, archive: PlaceholderArchive, lora_scale: float = 1.0) -> None:
+        check_archive_family(archive.meta, self.family, archive.source or "archive")
         self.clear()
         pipe = self.pipe
         if archive.has_token:
-            reg = install_placeholder(pipe.tokenizer, pipe.text_encoder, archive.token, archive.vector,
+            reg = install_placeholder(self.family.tokenizer(pipe), pipe.text_encoder, archive.token, archive.vector,
                                       trainable=False, fresh=False)
             self.token_id = reg.token_id
             if reg.token_id != archive.meta.placeholder_token_id:
@@ -67,7 +71,7 @@ class InferenceSession:
 
     def generate(self, opts: GenerateOptions):
         if self.archive is not None and self.archive.has_token and self.archive.token in opts.prompt:
-            check_single_id(self.pipe.tokenizer, self.archive.token, context="at inference")
+            check_single_id(self.family.tokenizer(self.pipe), self.archive.token, context="at inference")
         elif self.archive is not None and self.archive.has_token:
             logger.warning("prompt %r does not contain the placeholder token %r", opts.prompt, self.archive.token)
         return generate(self.pipe, opts)

@@ -30,9 +30,12 @@ def add_lora(transformer, rank: int, alpha: float, targets: list[str], seed: int
     matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
+        block = "transformer_blocks.0."  # the names one block offers (both families' transformers have these)
+        examples = [n.removeprefix(block) for n, m in transformer.named_modules()
+                    if n.startswith(block) and isinstance(m, torch.nn.Linear)] or ["to_q", "to_out.0"]
         raise LoraError(
             f"train.lora_targets {unmatched} match no module of {type(transformer).__name__}; "
-            "use names such as to_q, add_q_proj, to_add_out, img_mlp.net.2"
+            f"use names such as {', '.join(examples[:8])}"
         )
     for p in transformer.parameters():
         p.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""Loading Qwen-Image (diffusers layout) from a local folder or a hub id, with optional fp8 weight storage."""
+"""Loading Qwen-Image or Qwen-Image 2.1 (diffusers layout) from a local folder or a hub id, with optional fp8
+weight storage. The family is ``model.family`` or, with ``auto``, what the folder's model_index.json names."""
 
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
 
 
 def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
-    """``QwenImagePipeline`` for ``cfg.base_model`` on ``device`` in ``cfg.dtype`` (+ fp8 storage if asked)."""
-    from diffusers import QwenImagePipeline
+    """The family's pipeline (``QwenImagePipeline`` / ``QwenImage21Pipeline``) for ``cfg.base_model`` on
+    ``device`` in ``cfg.dtype`` (+ fp8 storage if asked)."""
+    from .families import FamilyError, resolve_family
 
     base = cfg.base_model
     path = Path(base).expanduser()
@@ -66,12 +68,17 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
                 f"model.base_model {base!r} is not a diffusers Qwen-Image folder (no model_index.json); "
-                "point it at a folder saved by QwenImagePipeline.save_pretrained or a hub id such as Qwen/Qwen-Image"
+                "point it at a folder saved by QwenImagePipeline or QwenImage21Pipeline.save_pretrained, or a hub "
+                "id such as Qwen/Qwen-Image"
             )
         base = str(path)
+    try:
+        family = resolve_family(cfg.family, base, is_local=looks_local)
+    except FamilyError as e:
+        raise ModelLoadError(str(e)) from e
     dtype = torch_dtype(cfg.dtype)
     try:
-        pipe = QwenImagePipeline.from_pretrained(base, **_dtype_kwarg(dtype))
+        pipe = family.pipeline_cls().from_pretrained(base, **_dtype_kwarg(dtype))
     except OSError as e:
         raise ModelLoadError(
             f"model.base_model {base!r} could not be loaded ({e}). Use a local diffusers-layout folder, or a hub id "

@@ -149,6 +149,11 @@ class SuffixDecoder:
         # run eagerly. Cleared by the output's gradient hook and by new_batch().
         self._pending: set[tuple[int, int]] = set()
 
+    @property
+    def qk_norm(self) -> bool:
+        """Whether the layers norm each head's queries and keys (Qwen3)."""
+        return any(ops.has_head_norm for ops in self.parts.layers)
+
     def new_batch(self) -> None:
         """Start of a step's conditioning: no graph's activations are awaiting a backward any more."""
         self._pending.clear()

@@ -1,9 +1,14 @@
-"""Tiny random Qwen-Image models of the real classes, for the offline demo, tests and benchmarks' smoke path.
+"""Tiny random Qwen-Image and Qwen-Image 2.1 models of the real classes, for the offline demo, tests and
+benchmarks' smoke path.
 
 Nothing is downloaded. The tokenizer is the real Qwen-Image one when it can be found locally
 (``QWEN_IMAGE_TOKENIZER`` or a ``shared/tokenizers/qwen-image`` folder beside the checkout); otherwise a
 byte-level :class:`~transformers.Qwen2Tokenizer` with the chat-template specials is generated, which is
 enough to run the whole loop (ids then differ from the real model's).
+
+Qwen-Image 2.1's tokenizer (Qwen3-VL's) is Qwen-Image's vocabulary and merges plus four added tokens at
+151665-151668 (``QWEN3_ADDED_TOKENS``; sources in docs/qwen-image-2.1.md), so :func:`load_tokenizer_21` builds
+it from the same files in memory: a fresh ``<zwx>`` then gets id 151669, as with the real one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 TEXT_DIM = 32
 REAL_VOCAB_ROWS = 152064  # Qwen2.5-VL's table: larger than the tokenizer, so new tokens already have a row
+REAL_VOCAB_ROWS_21 = 151936  # Qwen3-VL's table (Qwen-Image 2.1's text encoder)
+# Qwen3's added tokens after Qwen2.5's 151643-151664, in id order (151665-151668), not special
+QWEN3_ADDED_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 TOKENIZER_ENV = "QWEN_IMAGE_TOKENIZER"
 _CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -155,6 +163,169 @@ def tiny_pipeline(tokenizer_dir: Path | None = None, seed: int = 0):
         text_encoder=tiny_text_encoder(rows, seed=seed),
         tokenizer=tokenizer,
         transformer=tiny_transformer(seed=seed),
+    )
+
+
+# ---- Qwen-Image 2.1 ------------------------------------------------------------------------------------
+
+
+def add_qwen3_tokens(tokenizer):
+    """Add Qwen3's four added tokens (not special, as in Qwen3-VL's tokenizer_config.json) in id order."""
+    from transformers import AddedToken
+
+    first = len(tokenizer)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False)
+                          for t in QWEN3_ADDED_TOKENS])
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in QWEN3_ADDED_TOKENS]
+    if ids != list(range(first, first + len(QWEN3_ADDED_TOKENS))):
+        raise ValueError(f"tokenizer already holds some of {QWEN3_ADDED_TOKENS} (ids {ids}); expected a "
+                         "Qwen2.5-VL tokenizer to extend")
+    return tokenizer
+
+
+def load_tokenizer_21(folder: Path | None = None):
+    """(Qwen3-VL tokenizer, real?) built from Qwen-Image's files plus :data:`QWEN3_ADDED_TOKENS`."""
+    tokenizer, real = load_tokenizer(folder)
+    return add_qwen3_tokens(tokenizer), real
+
+
+def tiny_text_encoder_21(vocab_rows: int, dim: int = TEXT_DIM, layers: int = 2, seed: int = 0):
+    """A tiny ``Qwen3VLForConditionalGeneration``: q/k norms, grouped-query attention (2 heads, 1 kv head)
+    and interleaved m-RoPE like the 8B model, a vision tower whose merged token covers 32x32 pixels."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    head_dim = 16
+    config = Qwen3VLConfig(
+        text_config={
+            "hidden_size": dim,
+            "intermediate_size": dim * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": dim // head_dim,
+            "num_key_value_heads": 1,
+            "head_dim": head_dim,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
+                                "mrope_interleaved": True},
+            "rms_norm_eps": 1e-6,
+            "vocab_size": vocab_rows,
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": dim, "patch_size": 16, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+        tie_word_embeddings=False,
+    )
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a final norm of all ones would hide a pre-/post-norm mix-up (see prompt21.py)
+        norm = model.model.language_model.norm.weight
+        norm.copy_(torch.linspace(0.5, 2.0, norm.numel()))
+    return model
+
+
+# Qwen3-VL's chat template reduced to text turns (string or [{"type": "text", ...}] content), rendered as the
+# real one renders them. The pipeline counts the system turn's tokens with it (``_drop_idx``); Qwen-Image's own
+# template cannot render list content.
+QWEN3VL_TEXT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for part in message.content %}{%- if 'text' in part %}{{- part.text }}{%- endif %}{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def tiny_processor_21(tokenizer):
+    """A ``Qwen3VLProcessor`` around ``tokenizer`` (patch 16, merge 2: one vision slot = 2x2 latents).
+
+    transformers builds Qwen3-VL's video processor only with torchvision installed, and checks every processor
+    part's class against a registry that is a stub without it. Text-to-image never touches the video processor,
+    so without torchvision the processor is built without one (the class check skipped for that part only).
+    """
+    from unittest import mock
+
+    from transformers import Qwen3VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+        from transformers import Qwen3VLVideoProcessor
+
+        video = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
+    else:
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+
+        video = None
+    image = ImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
+                           max_pixels=64 * 64)
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def check_but_absent_video(self, name, arg):
+        return None if (name == "video_processor" and arg is None) else check(self, name, arg)
+
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check_but_absent_video):
+        return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                chat_template=QWEN3VL_TEXT_CHAT_TEMPLATE)
+
+
+LATENT_CHANNELS_21 = 64
+
+
+def tiny_transformer_21(text_dim: int = TEXT_DIM, layers: int = 2, seed: int = 0):
+    from diffusers import QwenImage21Transformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImage21Transformer2DModel(
+        patch_size=1,
+        in_channels=LATENT_CHANNELS_21,  # the real model's 64 latent channels, consumed unpatched
+        out_channels=LATENT_CHANNELS_21,
+        num_layers=layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=text_dim,
+        mlp_ratio=2,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def tiny_vae_21(seed: int = 0):
+    """``AutoencoderKLQwenImage21`` with 16x spatial compression (five stages) and non-trivial latent
+    statistics, so a missing (x - mean) / std shows in the numbers."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    torch.manual_seed(seed)
+    z = LATENT_CHANNELS_21
+    return AutoencoderKLQwenImage21(
+        base_dim=4,
+        decoder_base_dim=4,
+        z_dim=z,
+        dim_mult=[1, 1, 1, 1, 1],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True, True],
+        latents_mean=[round(-0.5 + i / z, 4) for i in range(z)],
+        latents_std=[round(0.5 + i / z, 4) for i in range(z)],
+    )
+
+
+def tiny_pipeline_21(tokenizer_dir: Path | None = None, seed: int = 0):
+    """An in-memory ``QwenImage21Pipeline`` of tiny random models (real classes)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
+
+    tokenizer, real = load_tokenizer_21(tokenizer_dir)
+    rows = REAL_VOCAB_ROWS_21 if real else len(tokenizer) + 64
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=1.0,
+        use_dynamic_shifting=True,
+    )
+    return QwenImage21Pipeline(
+        scheduler=scheduler,
+        vae=tiny_vae_21(seed),
+        text_encoder=tiny_text_encoder_21(rows, seed=seed),
+        processor=tiny_processor_21(tokenizer),
+        transformer=tiny_transformer_21(seed=seed),
     )
 
 
