@@ -120,14 +120,17 @@ class ComfyBackend(TrainBackend):
         return tok._inner if isinstance(tok, ZeroPriorTokenizer) else tok
 
     # ---- setup ----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def latent(self, example: Example) -> torch.Tensor:
         px = load_pixels(example.image, example.bucket)  # (3, H, W) in [-1, 1]
         img = ((px + 1.0) / 2.0).clamp(0, 1).permute(1, 2, 0)[None]  # ComfyUI IMAGE: (1, H, W, 3) in [0, 1]
-        lat = self.vae.encode(img)
-        if lat.ndim == 4:
-            lat = lat[:, :, None]
-        return self.model.model.process_latent_in(lat.float()).float().cpu()[0]
+        # ComfyUI's own mode for its VAE (loading it outside inference mode left its weights in a state ComfyUI's
+        # next VAEDecode in the graph refused on 0.3.64); the result is copied out as an ordinary tensor
+        with torch.inference_mode():
+            lat = self.vae.encode(img)
+            if lat.ndim == 4:
+                lat = lat[:, :, None]
+            lat = self.model.model.process_latent_in(lat.float()).float().cpu()[0]
+        return lat.clone()
 
     def prepare(self, t: TrainConfig) -> None:
         self.mp, deep = _trainable_clone(self.model)
@@ -149,7 +152,12 @@ class ComfyBackend(TrainBackend):
             raise ValueError(f"train.lora_targets {list(t.lora_targets)} match no Linear of this MODEL")
         logger.info("LoRA rank %d on %d modules of ComfyUI's Qwen-Image (%s)", t.rank, len(self.adapters),
                     "deep copy" if deep else "shared weights")
-        if self.cfg.model.gradient_checkpointing:
+        storage = self.mp.model.get_dtype()
+        if self.cfg.model.gradient_checkpointing or storage != self.dtype:
+            # a DiT stored in another dtype than it computes in (fp8 files) casts each weight per use, and autograd
+            # would keep every cast (40 GB in bf16 for the 20B DiT) until the backward: recompute per block instead
+            logger.info("gradient checkpointing per transformer block (DiT stored in %s, computed in %s)",
+                        storage, self.dtype)
             # as ComfyUI's trainer does (its patch()/unpatch()): each block's forward wrapped, restored in close()
             for block in dm.transformer_blocks:
                 self._checkpointed.append((block, block.__dict__.get("forward")))
@@ -162,19 +170,32 @@ class ComfyBackend(TrainBackend):
         self._make_prompts()
 
     def _load(self) -> None:
-        """Load DiT and text encoder once, fully, with room for backward activations; then make every weight an
-        ordinary tensor (a no-op for a deep copy made outside inference mode)."""
+        """Load DiT and text encoder for training, leaving room for backward activations: fully where they fit,
+        else partially (ComfyUI then streams the rest per use; the per-block checkpointing bounds what backward
+        keeps). Then make every weight an ordinary tensor (a no-op for a deep copy made outside inference mode)."""
+        t = self.cfg.train
+        reserve = int(max(2.0, 6.0 * (t.resolution / 1024) ** 2 * t.batch_size) * 2**30)
         size = self.mp.model_size() + self.clip.patcher.model_size()
-        mm.load_models_gpu([self.mp, self.clip.patcher], memory_required=int(size * 0.5), force_full_load=True)
-        swapped = _ordinary_tensors(self.mp.model.diffusion_model) + _ordinary_tensors(qwen_decoder(self.clip))
+        full = self.device.type != "cuda" or mm.get_free_memory(self.device) >= size + reserve
+        if not full:
+            logger.info("DiT + text encoder (%.1f GiB) do not fit with %.1f GiB for activations in %.1f GiB free: "
+                        "loading partially, ComfyUI streams the rest", size / 2**30, reserve / 2**30,
+                        mm.get_free_memory(self.device) / 2**30)
+        mm.load_models_gpu([self.mp, self.clip.patcher], memory_required=reserve, force_full_load=full)
+        dm, te = self.mp.model.diffusion_model, qwen_decoder(self.clip)
+        swapped = _ordinary_tensors(dm) + _ordinary_tensors(te)
         logger.debug("swapped %d inference tensors for ordinary ones", swapped)
+        # frozen, as ComfyUI's trainer makes them: a base weight left trainable would get a full gradient (and an
+        # fp8 one cannot even be accumulated: "add not implemented for Float8" at the second step)
+        dm.requires_grad_(False)
+        te.requires_grad_(False)
 
     def _make_prompts(self) -> None:
         m = self.cfg.model
         self.prompts = ComfyPromptEncoder(
             self.clip, self.tokenizer, self.clip.patcher.load_device,
             token_id=self.token.token_id if self.token else None, vector=self.token.vector if self.token else None,
-            prefix_cache=m.text_prefix_cache, cuda_graphs=m.text_cuda_graphs, compile=m.compile,
+            prefix_cache=m.text_prefix_cache, cuda_graphs=False, compile=False,
         )
 
     def named_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -223,28 +244,33 @@ class ComfyBackend(TrainBackend):
     # ---- the rest -------------------------------------------------------------------------------------
     def sample(self, prompts: list[str], step: int) -> list:
         """Few-step samples through ComfyUI's sampler and VAE with the current LoRA and token."""
-        import comfy.sample
-        from PIL import Image
-
-        s = self.cfg.sample
         images = []
         for i, prompt in enumerate(prompts):
             cond, mask = self.prompts.encode([prompt], torch.float32, torch.device("cpu"))
             extra = {} if bool(mask.all()) else {"attention_mask": mask}
-            positive = [[cond.detach(), extra]]
-            w, h = (s.width or self.cfg.train.resolution), (s.height or self.cfg.train.resolution)
-            latent = comfy.sample.fix_empty_latent_channels(self.mp, torch.zeros(1, 16, h // 8, w // 8))
-            noise = comfy.sample.prepare_noise(latent, s.seed + i)
-            samples = comfy.sample.sample(self.mp, noise, s.steps, s.guidance, "euler", "simple", positive, positive,
-                                          latent, disable_pbar=True, seed=s.seed + i)
-            img = self.vae.decode(samples)
-            while img.ndim > 4:
-                img = img[:, 0] if img.shape[1] == 1 else img.reshape(-1, *img.shape[-3:])
-            arr = (img[0].float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-            images.append(Image.fromarray(arr))
+            images.append(self._render(cond.detach(), extra, self.cfg.sample.seed + i))
         # sampling and decoding may have reloaded models under ComfyUI's management: make them trainable again
         self._load()
         return images
+
+    @torch.inference_mode()
+    def _render(self, cond: torch.Tensor, extra: dict, seed: int):
+        """One sample through ComfyUI's sampler and VAE, in ComfyUI's own (inference) mode."""
+        import comfy.sample
+        from PIL import Image
+
+        s = self.cfg.sample
+        positive = [[cond.clone(), extra]]
+        w, h = (s.width or self.cfg.train.resolution), (s.height or self.cfg.train.resolution)
+        latent = comfy.sample.fix_empty_latent_channels(self.mp, torch.zeros(1, 16, h // 8, w // 8))
+        noise = comfy.sample.prepare_noise(latent, seed)
+        samples = comfy.sample.sample(self.mp, noise, s.steps, s.guidance, "euler", "simple", positive, positive,
+                                      latent, disable_pbar=True, seed=seed)
+        img = self.vae.decode(samples)
+        while img.ndim > 4:
+            img = img[:, 0] if img.shape[1] == 1 else img.reshape(-1, *img.shape[-3:])
+        arr = (img[0].float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(arr)
 
     def base_model(self) -> str:
         return "Qwen/Qwen-Image"

@@ -131,11 +131,12 @@ class ComfyPromptEncoder:
 
     ``tokenizer``: ComfyUI's Qwen-Image tokenizer with the placeholder registered (its id ``token_id``);
     ``vector``: the trainable float32 row. Text before the first placeholder is encoded once per caption
-    (causal prefix cache); on CUDA the per-step suffix replays as CUDA graphs (see ``training/suffix.py``).
+    (causal prefix cache). ``cuda_graphs`` is off by default here: ComfyUI's layers may stream and cast weights
+    with host-side logic that graph capture cannot replay (dynamic VRAM).
     """
 
     def __init__(self, clip, tokenizer, device: torch.device, token_id: int | None = None,
-                 vector: torch.nn.Parameter | None = None, *, prefix_cache: bool = True, cuda_graphs: bool = True,
+                 vector: torch.nn.Parameter | None = None, *, prefix_cache: bool = True, cuda_graphs: bool = False,
                  compile: bool = False):
         self.tokenizer = tokenizer
         self.model = qwen_decoder(clip)
@@ -143,7 +144,10 @@ class ComfyPromptEncoder:
         self.device = torch.device(device)
         self.token_id, self.vector = token_id, vector
         self.prefix_cache = prefix_cache
-        self.suffix = SuffixDecoder(comfy_parts(self.model), cuda_graphs=cuda_graphs, compile=compile)
+        # recompute: ComfyUI's layers cast their weights to float32 for each use, and autograd would keep every
+        # cast until the backward (28 GB for the 7B encoder); per-layer recompute keeps one layer's at a time
+        self.suffix = SuffixDecoder(comfy_parts(self.model), cuda_graphs=cuda_graphs, compile=compile,
+                                    recompute=True)
         self._prefix: dict[str, tuple] = {}
         self._fixed: dict[str, torch.Tensor] = {}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,8 @@ class TrainZeroPriorToken(io.ComfyNode):
             if not resume_dir.exists():
                 raise FileNotFoundError(f"resume {resume!r}: no such checkpoint folder under output/")
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        started = time.perf_counter()
+        first_step_at: list[float] = []
 
         with tempfile.TemporaryDirectory(prefix="qzp-comfy-data-") as work:
             work = Path(work)
@@ -176,6 +179,8 @@ class TrainZeroPriorToken(io.ComfyNode):
             cancel = []
 
             def on_step(step: int, total: int, loss: float) -> None:
+                if not first_step_at:
+                    first_step_at.append(time.perf_counter() - started)
                 _send_loss(node_id, step, total, loss)
                 try:
                     pbar.update_absolute(step, total)  # ComfyUI's progress hook raises on Cancel
@@ -211,7 +216,13 @@ class TrainZeroPriorToken(io.ComfyNode):
         new_clip, _ = register_token(clip, archive)
         k = max(1, len(result.losses) // 10)
         first, last = sum(result.losses[:k]) / k, sum(result.losses[-k:]) / k
+        secs = sorted(result.step_seconds[1:] or result.step_seconds)
+        per_step = secs[len(secs) // 2] if secs else float("nan")
         info = (f"{result.steps} steps; loss {first:.4f} -> {last:.4f}; token id {result.token_id}; "
-                f"{result.archive.name}")
-        ui = {"text": [info], "loss": [float(x) for x in result.losses], "archive": [str(result.archive)]}
+                f"{per_step:.2f} s/step; {result.archive.name}")
+        ui = {"text": [info], "loss": [float(x) for x in result.losses], "archive": [str(result.archive)],
+              "step_seconds": [float(x) for x in result.step_seconds],
+              "first_step_seconds": first_step_at[:1]}
+        if torch.cuda.is_available():  # the server process's peaks so far (loading included)
+            ui["peak_vram_gib"] = [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30]
         return io.NodeOutput(new_model, new_clip, str(result.archive), archive, ui=ui)

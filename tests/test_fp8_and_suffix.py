@@ -98,8 +98,8 @@ def test_suffix_decoder_exact_for_any_bucket_and_split(tiny_pipe):
     full.square().sum().backward()
     ref_grad = reg.vector.grad.clone()
     first = ids.index(reg.token_id)
-    for bucket in (1, 7, 32):
-        dec = SuffixDecoder(lm, bucket=bucket)
+    for bucket, recompute in ((1, False), (7, False), (32, False), (7, True)):
+        dec = SuffixDecoder(lm, bucket=bucket, recompute=recompute)
         k, v, hid = dec.prefix(lm.embed_tokens(torch.tensor([ids[:first]])))
         assert k.shape[:2] == (len(lm.layers), 1) and k.shape[3] == first
         reg.vector.grad = None
@@ -107,8 +107,13 @@ def test_suffix_decoder_exact_for_any_bucket_and_split(tiny_pipe):
         got = torch.cat([hid, out], dim=1)
         assert torch.allclose(got, full, atol=1e-5), (bucket, (got - full).abs().max())
         got.square().sum().backward()
-        assert torch.allclose(reg.vector.grad, ref_grad, rtol=1e-4, atol=1e-6), bucket
+        assert torch.allclose(reg.vector.grad, ref_grad, rtol=1e-4, atol=1e-6), (bucket, recompute)
         assert not dec._graphs  # CPU: eager, no graphs
+        reg.vector.grad = None  # the whole decoder from position 0 (no prefix cache) gives the same
+        whole = dec.full(lm.embed_tokens(torch.tensor([ids])))
+        assert torch.allclose(whole, full, atol=1e-5)
+        whole.square().sum().backward()
+        assert torch.allclose(reg.vector.grad, ref_grad, rtol=1e-4, atol=1e-6), (bucket, recompute)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")

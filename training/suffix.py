@@ -128,8 +128,12 @@ class SuffixDecoder:
     """
 
     def __init__(self, lm, *, cuda_graphs: bool = True, bucket: int = 32, max_graphs: int = 4,
-                 compile: bool = False, final_norm: bool = True):
+                 compile: bool = False, final_norm: bool = True, recompute: bool = False):
         self.parts = lm if isinstance(lm, DecoderParts) else hf_parts(lm)
+        # recompute: activation checkpointing per layer in the differentiable paths. For decoders whose frozen
+        # weights are cast for each use (ComfyUI's manual-cast layers: bf16/fp8 files computed in float32),
+        # autograd would otherwise keep every layer's cast weight until the backward (28 GB for a 7B encoder)
+        self.recompute = recompute
         # hidden states after the decoder's final RMSNorm (Qwen-Image) or before it (Qwen-Image 2.1)
         self.final_norm = final_norm
         # compile: the captured function is the inductor-compiled one (norms, rotary, SiLU fused: ~3,400 small
@@ -226,20 +230,27 @@ class SuffixDecoder:
             keys, values = torch.cat([past_k, keys], dim=3), torch.cat([past_v, values], dim=3)
         return keys, values, self._out(h)
 
+    def _hidden(self, ops: LayerOps, h, cos, sin, past_k, past_v, mask):
+        """One layer's output hidden states (recomputed in the backward with ``recompute``)."""
+        if self.recompute and torch.is_grad_enabled() and h.requires_grad:
+            return torch.utils.checkpoint.checkpoint(
+                lambda *a: self._layer(ops, *a)[0], h, cos, sin, past_k, past_v, mask, use_reentrant=False)
+        return self._layer(ops, h, cos, sin, past_k, past_v, mask)[0]
+
     def full(self, embeds: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (1, S, dim) of ``embeds`` from position 0: the whole decoder, differentiable,
         no cache and no graphs (``text_prefix_cache: false``)."""
         cos, sin = self.rotary(torch.arange(embeds.shape[1], device=embeds.device), embeds.dtype)
         h = embeds
         for ops in self.parts.layers:
-            h, _, _ = self._layer(ops, h, cos, sin, None, None, None)
+            h = self._hidden(ops, h, cos, sin, None, None, None)
         return self._out(h)
 
     # ---- suffix (every step, differentiable w.r.t. its embeddings) --------------------------------------
     def _suffix_fn(self, embeds, past_k, past_v, mask, cos, sin):
         h = embeds
         for i, ops in enumerate(self.parts.layers):
-            h, _, _ = self._layer(ops, h, cos, sin, past_k[i], past_v[i], mask)
+            h = self._hidden(ops, h, cos, sin, past_k[i], past_v[i], mask)
         return self._out(h)
 
     def suffix(self, embeds: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ class TrainResult:
     loss_plot: Path | None
     samples: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step this run (loss read back)
 
 
 class Trainer:
@@ -339,17 +340,20 @@ class Trainer:
         self.setup()
         total = self.t.steps
         samples: list[Path] = []
+        step_seconds: list[float] = []
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
         try:
             while self.step < total:
                 if cb.should_stop is not None and cb.should_stop():
                     where = self.save_checkpoint() if self.step > 0 else None
                     raise TrainingInterrupted(self.step, where)
+                t_step = time.perf_counter()
                 try:
                     loss = self.train_step()
                 except cb.interrupt_exceptions:
                     where = self.save_checkpoint() if self.step > 0 else None
                     raise TrainingInterrupted(self.step, where) from None
+                step_seconds.append(time.perf_counter() - t_step)
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"loss became {loss} at step {self.step}; lower train.learning_rate / token_learning_rate"
@@ -374,7 +378,7 @@ class Trainer:
         plot = save_loss_plot(self.losses, archive_path.with_name(archive_path.stem + "_loss.png")) if self.dist.is_main else None
         barrier(self.dist)  # the other ranks return once the archive is complete
         return TrainResult(archive, self.step, list(self.losses), self.token.token_id if self.token else None,
-                           plot, samples, time.time() - t0)
+                           plot, samples, time.time() - t0, step_seconds)
 
 
 class StepInputs(NamedTuple):

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call (the `device` tool; see docs/benchmarks.md "ComfyUI training node"): set up what pack.sh carried,
+# write full-size random-weight files in ComfyUI's layouts (once per machine), then run the training node through
+# /prompt for each "comfyui-<version>:<cap GiB>" in $RUNS (cap 0 = uncapped), e.g.
+#   RUNS="comfyui-0.33.0:78 comfyui-0.33.0:0 comfyui-0.3.64:78 comfyui-0.33.0:24". JSON rows in $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+here=$(cd "$(dirname "$0")" && pwd)
+bash "$here/device_setup.sh" "${CARRY:-.gpu}"
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+M=${MODELS:-/tmp/zp-models}
+mkdir -p "$M" "${OUT:-/tmp/out}"
+DIT=${DIT:-qwen_image_fp8_e4m3fn.safetensors}
+TE=${TE:-qwen_2.5_vl_7b_fp8_scaled.safetensors}
+VAE=${VAE:-qwen_image_vae.safetensors}
+first_tree=$(ls -d /tmp/comfyui-* | sort -V | tail -1)
+t0=$(date +%s)
+[[ -f $M/$DIT ]] || python3 "$here/make_weights.py" dit --dtype "${DIT_DTYPE:-fp8_e4m3fn}" "$M/$DIT" &
+[[ -f $M/$TE ]] || python3 "$here/make_weights.py" te --dtype "${TE_DTYPE:-fp8_scaled}" "$M/$TE" &
+[[ -f $M/$VAE ]] || (cd "$first_tree" && python3 "$here/make_weights.py" vae "$M/$VAE") &
+wait
+echo "weights ready in $(( $(date +%s) - t0 )) s: $(du -sh "$M" | cut -f1)"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for run in ${RUNS:-$(basename "$first_tree"):78}; do
+  IFS=: read -r v cap extra <<<"$run"   # comfyui-<version>:<cap>[:<one extra ComfyUI flag>]
+  timeout "${RUN_TIMEOUT:-420}" python3 "$here/run_node.py" --comfyui "/tmp/$v" --models "$M" --dit "$DIT" --te "$TE" \
+    --vae "$VAE" --cap-gib "$cap" --steps "${STEPS:-10}" --sample-steps "${SAMPLE_STEPS:-4}" \
+    --timeout "${PROMPT_TIMEOUT:-360}" ${extra:+--extra-args=$extra} \
+    --out "${OUT:-/tmp/out}/node-$v-cap$cap${extra:+$extra}.json"
+  echo "== $v cap $cap $extra: exit $? after $(( $(date +%s) - t0 )) s"
+done
