@@ -21,7 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .archive import ArchiveMeta, atomic_write_bytes, write_archive
 from .config import Config
-from .data import BatchPlan, Example, assign_buckets, load_pixels
+from .data import BatchPlan, Example, assign_buckets, dataset_fingerprint, load_pixels
 from .distributed import DistContext, average, barrier
 from .lora import ADAPTER_NAME, add_lora, export_lora, lora_parameters
 from .prompt import PromptEncoder
@@ -320,17 +320,19 @@ class Trainer:
             vector=self.token.vector if self.token else None,
             optimizer=self.optimizer, param_names=self.param_names,
             state={"losses": self.losses, "config": self.cfg.to_dict(),
-                   "token_id": self.token.token_id if self.token else None},
+                   "token_id": self.token.token_id if self.token else None,
+                   "dataset": dataset_fingerprint(self.examples)},
         )
         logger.info("checkpoint saved: %s", path)
         return path
 
-    def resume(self, path: str | Path) -> Path:
+    def resume(self, path: str | Path, force: bool = False) -> Path:
         from peft.utils import set_peft_model_state_dict
 
         where = ckpt.find_checkpoint(path)
         state = ckpt.load_checkpoint(where)
-        ckpt.check_compatible(state, where, self.t)
+        ckpt.check_compatible(state, where, self.t, dataset=dataset_fingerprint(self.examples), force=force)
+        ckpt.check_lora_shapes(state["lora"], self.raw_lora(), where)
         result = set_peft_model_state_dict(self.pipe.transformer, state["lora"], adapter_name=ADAPTER_NAME)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
@@ -470,8 +472,22 @@ class _LossReadback:
 
 
 def save_loss_plot(losses: list[float], path: Path) -> Path | None:
+    """The loss curve as a PNG beside the archive; None if there is nothing to plot or it cannot be written.
+
+    It is drawn after the archive is complete, so a failure here (a full disk, an unwritable name, a broken
+    matplotlib) is logged as a warning and never turns a finished run into a failed one.
+    """
     if not losses:
         return None
+    try:
+        return _draw_loss_plot(losses, path)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the trained archive is already safe on disk
+        logger.warning("could not write the loss plot %s (%s: %s); the archive is complete", path,
+                       e.__class__.__name__, e)
+        return None
+
+
+def _draw_loss_plot(losses: list[float], path: Path) -> Path:
     import io
 
     import matplotlib
