@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="generate an image with a weights.zip")
     r.add_argument("--archive", help="weights.zip / .tar / .tar.gz from training")
-    r.add_argument("--base-model", help="Qwen-Image folder or hub id (default: the archive's base_model if that is a local folder; "
-                   "a hub id is only ever downloaded when given here)")
+    r.add_argument("--base-model", help="Qwen-Image folder or hub id (default: the archive's base_model if that is "
+                   "a local folder; a hub id is only ever downloaded when given here)")
     r.add_argument("--prompt", required=True)
     r.add_argument("--negative-prompt", default=" ")
     r.add_argument("--steps", type=int, default=30)

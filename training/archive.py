@@ -124,7 +124,8 @@ class ArchiveMeta:
                 validate_token(self.placeholder_token)
             except TokenError as e:
                 raise ArchiveError(f"{where}: meta.json {e}") from None
-        if self.placeholder_token_id is not None and (not is_int(self.placeholder_token_id) or self.placeholder_token_id < 0):
+        tid, std = self.placeholder_token_id, self.placeholder_init_std
+        if tid is not None and (not is_int(tid) or tid < 0):
             raise bad("placeholder_token_id", "a non-negative integer or null")
         if self.rank is not None and (not is_int(self.rank) or self.rank < 1):
             raise bad("rank", "a positive integer or null")
@@ -140,7 +141,7 @@ class ArchiveMeta:
             raise bad("alpha", "a non-negative number or null")
         if not isinstance(self.lora_targets, list) or not all(isinstance(t, str) for t in self.lora_targets):
             raise bad("lora_targets", "a list of module names")
-        if self.placeholder_init_std is not None and (not is_num(self.placeholder_init_std) or self.placeholder_init_std < 0):
+        if std is not None and (not is_num(std) or std < 0):
             raise bad("placeholder_init_std", "a non-negative number or null")
         if not is_int(self.steps) or self.steps < 0:
             raise bad("steps", "a non-negative integer")

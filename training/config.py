@@ -203,7 +203,9 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompts, list):  # a plain string would be rendered once per character
-            raise ConfigError(f"sample.prompts must be a list of prompts, e.g. ['a photo of <zwx>'], got {self.prompts!r}")
+            raise ConfigError(
+                f"sample.prompts must be a list of prompts, e.g. ['a photo of <zwx>'], got {self.prompts!r}"
+            )
         for i, p in enumerate(self.prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ConfigError(f"sample.prompts[{i}] must be a non-empty string, got {p!r}")
