@@ -44,7 +44,8 @@ def _cmd_train(args) -> int:
     cfg = _load_config(args)
     import os
 
-    result = train(cfg, args.dataset, args.output, output_dir=args.output_dir, resume=args.resume)
+    result = train(cfg, args.dataset, args.output, output_dir=args.output_dir, resume=args.resume,
+                   force_resume=args.force_resume)
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(f"archive: {result.archive} ({result.steps} steps, final loss {result.losses[-1]:.4f})")
@@ -56,13 +57,11 @@ def _cmd_train(args) -> int:
 def _cmd_predict(args) -> int:
     from .training.archive import load_archive
     from .training.config import ModelConfig
-    from .training.inference import GenerateOptions, InferenceSession
+    from .training.inference import GenerateOptions, InferenceSession, base_model_for
     from .training.models import load_pipeline
 
     archive = load_archive(args.archive) if args.archive else None
-    base = args.base_model or (archive.meta.base_model if archive else None)
-    if not base:
-        raise SystemExit("predict: give --base-model (or an archive whose meta.json names one)")
+    base = base_model_for(archive, args.base_model)  # never downloads an archive's hub id unasked
     session = InferenceSession(load_pipeline(ModelConfig(base_model=base, dtype=args.dtype, device=args.device)))
     if archive is not None:
         session.apply(archive, lora_scale=args.lora_scale)
@@ -110,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", default="weights.zip", help="archive to write")
     t.add_argument("--output-dir", help="checkpoints/, samples/ (default: the archive's folder)")
     t.add_argument("--resume", help="checkpoint folder (or run folder) to continue from")
+    t.add_argument("--force-resume", action="store_true",
+                   help="resume even if the checkpoint was trained with another seed or dataset")
     t.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("predict", help="generate an image with a weights.zip")
     r.add_argument("--archive", help="weights.zip / .tar / .tar.gz from training")
-    r.add_argument("--base-model", help="Qwen-Image folder or hub id (default: the archive's base_model)")
+    r.add_argument("--base-model", help="Qwen-Image folder or hub id (default: the archive's base_model if that is "
+                   "a local folder; a hub id is only ever downloaded when given here)")
     r.add_argument("--prompt", required=True)
     r.add_argument("--negative-prompt", default=" ")
     r.add_argument("--steps", type=int, default=30)
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from .training.distributed import RankLostError
     from .training.lora import LoraError
     from .training.models import ModelLoadError
+    from .training.outputs import OutputError
     from .training.token import TokenError
 
     args = build_parser().parse_args(argv)
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ArchiveError, DatasetError, TokenError, LoraError, ModelLoadError, CheckpointError,
-            RankLostError) as e:
+            RankLostError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

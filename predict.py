@@ -2,7 +2,9 @@
 
 The base model comes from QWEN_IMAGE_MODEL (a local diffusers folder or a hub id; default Qwen/Qwen-Image).
 The last applied archive is kept: the same weights are neither re-extracted nor re-loaded; different weights
-replace the previous token and LoRA completely.
+replace the previous token and LoRA completely. A prediction whose weights fail to load leaves the base model
+(nothing loaded), so the next prediction loads its weights afresh. An archive's ``base_model`` is ignored here:
+the base model is the one QWEN_IMAGE_MODEL names, so an archive never makes the predictor download anything.
 """
 
 from __future__ import annotations
@@ -46,18 +48,25 @@ class Predictor(BasePredictor):
 
     def _use_weights(self, weights: _Path | None, lora_scale: float) -> None:
         if weights is None:
-            if self.weights_digest is not None:
+            if self.weights_digest is not None or self.session.archive is not None:
                 self.session.clear()
                 self.weights_digest = None
                 print("weights removed: base model")
             return
         digest = _sha256(weights)
-        if digest == self.weights_digest:
+        if digest == self.weights_digest and self.session.archive is not None:
             self.session.set_lora_scale(lora_scale)
             print(f"weights unchanged (sha256 {digest[:12]}): reusing the loaded token and LoRA")
             return
-        archive = load_archive(weights)  # raises ArchiveError with a clear message -> failed prediction
-        self.session.apply(archive, lora_scale=lora_scale)
+        # forget the previous weights before anything can fail: after a failed load the state is "nothing
+        # loaded" (the base model), never the previous archive's digest over half-applied weights
+        self.weights_digest = None
+        try:
+            archive = load_archive(weights)  # ArchiveError with a clear message -> failed prediction
+            self.session.apply(archive, lora_scale=lora_scale)  # clears itself on failure
+        except BaseException:
+            self.session.clear()
+            raise
         self.weights_digest = digest
         print(f"weights loaded (sha256 {digest[:12]}): token {archive.token!r} id {self.session.token_id}, "
               f"LoRA {'yes' if archive.has_lora else 'no'}")

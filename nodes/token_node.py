@@ -17,7 +17,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..training.token import check_single_id, ensure_token
+from ..training.token import check_single_id, ensure_token, validate_token
 from .sockets import CATEGORY, ZeroPriorArchive
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,10 @@ def register_token(clip, archive):
             f"archive {archive.source}: token {archive.token!r} has a {archive.vector.shape[0]}-wide vector but "
             f"this text encoder's embeddings are {width}-wide; the archive was trained for another model"
         )
+    # the same check training and the core's inference apply: no special / vocabulary / invisible tokens
+    ours = set(clip.tokenizer._names.values()) if isinstance(clip.tokenizer, ZeroPriorTokenizer) else set()
+    validate_token(archive.token, getattr(base_tok, base_tok.clip).tokenizer, allow=ours,
+                   where=f"archive {archive.source}")
     tok = copy.deepcopy(base_tok)  # CLIP.clone() shares the tokenizer: never mutate the input's
     sd_tok = getattr(tok, tok.clip)
     token_id = ensure_token(sd_tok.tokenizer, archive.token)

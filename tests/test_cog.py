@@ -154,6 +154,30 @@ def test_predict_bad_inputs(predictor, files):
     assert body["status"] == "failed" and "LoRA weights not found: expected lora/lora_weights.safetensors" in body["error"]
 
 
+def test_failed_load_leaves_nothing_loaded(predictor, files, _tiny_pipe_session):
+    """Predict A, predict a broken B (it fails), predict A again: A's pixels, loaded afresh (issue 13)."""
+    from test_hostile_inputs import broken_archives
+
+    root, fs = files
+    good, broken = broken_archives(root, _tiny_pipe_session)
+    plain, _ = _png(predictor)
+    first, body = _png(predictor, replicate_weights=fs.url(good.name))
+    assert "weights loaded" in body["logs"] and np.abs(first - plain).max() > 0
+    for name, (path, needle) in broken.items():
+        body = predictor.post("/predictions", {"prompt": "a photo of <zwx>", "steps": 2, "width": 64, "height": 64,
+                                               "guidance": 1.0, "seed": 1, "replicate_weights": fs.url(path.name)}).json()
+        assert body["status"] == "failed" and needle in body["error"], (name, body.get("error"))
+        assert "Traceback" not in body["error"], body["error"]
+        again, body = _png(predictor, replicate_weights=fs.url(good.name))
+        assert "weights loaded" in body["logs"] and "weights unchanged" not in body["logs"], name
+        assert np.array_equal(again, first), f"{name}: stale weights served after a failed load"
+    # a failed load followed by no weights at all: the base model
+    predictor.post("/predictions", {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                    "replicate_weights": fs.url(broken["lora_shape"][0].name)})
+    base, _ = _png(predictor)
+    assert np.array_equal(base, plain)
+
+
 # ---- one source of truth: Cog literals and the shipped schema follow training.config -------------------
 def test_cog_inputs_follow_config():
     import cog_support

@@ -305,6 +305,46 @@ def test_bad_archives_and_confined_paths(comfy, tmp_path):
     assert inside.is_file() and comfy.output("inside.safetensors").is_file()
 
 
+def test_register_refuses_special_and_invisible_tokens(comfy):
+    """An archive whose token is a special token (or one training would refuse) is refused by name (issue 13)."""
+    zp = comfy.models / "zero_prior"
+    for name, token, needle in (("special.zip", "<|im_start|>", "'<|im_start|>' is already a special token"),
+                                ("tool.zip", "<tool_call>", "'<tool_call>' is already a special token"),
+                                ("vocab.zip", "hello", "'hello' is already a regular vocabulary entry")):
+        make_archive(zp / name, vector=_vec(12), token=token)
+        msg = _error(comfy, _cond_graph(comfy.names["clip"], name, f"a photo of {token}", "e.safetensors"))
+        assert needle in msg and name in msg, msg
+    # chaining the same archive twice stays allowed: the token is this pack's own
+    a = make_archive(zp / "chain.zip", vector=_vec(13))
+    g = _cond_graph(comfy.names["clip"], a.name, "a photo of <zwx>", "chain.safetensors")
+    g["6"] = {"class_type": "ZeroPriorRegisterToken", "inputs": {"clip": ["5", 0], "archive": ["4", 0]}}
+    g["8"]["inputs"]["clip"] = ["6", 0]
+    assert comfy.server.run(g)["outputs"]["6"]["text"] == ["<zwx> -> id 151669 (151665 at training time)"]
+
+
+def test_apply_lora_refuses_wrong_shapes_and_nan(comfy):
+    """A LoRA ComfyUI would reject per weight at sampling time (or NaN) is refused before patching (issue 13)."""
+    zp = comfy.models / "zero_prior"
+    lora = random_lora(comfy.pipe, seed=14)
+    key = "transformer.transformer_blocks.0.attn.to_k.lora_A.weight"
+    make_archive(zp / "wrong_shape.zip", lora={**lora, key: torch.randn(4, 33)})
+    msg = _error(comfy, _forward_graph(comfy.names["unet"], "wrong_shape.zip", 1.0, "e.safetensors"))
+    assert f"LoRA tensor {key!r} has shape [4, 33]" in msg, msg
+    assert "'diffusion_model.transformer_blocks.0.attn.to_k.weight' has shape [32, 32]" in msg and "[4, 32]" in msg
+    assert "wrong_shape.zip" in msg
+    up = "transformer.transformer_blocks.1.attn.add_q_proj.lora_B.weight"
+    save_file({**lora, up: torch.randn(48, 4)}, comfy.models / "loras" / "wrong_up.safetensors")
+    msg = _error(comfy, _forward_graph(comfy.names["unet"], None, 1.0, "e.safetensors", "wrong_up.safetensors"))
+    assert f"LoRA tensor {up!r} has shape [48, 4]" in msg and "would need [32, 4]" in msg, msg
+    nan = {**lora, up: torch.full((32, 4), float("nan"))}
+    save_file(nan, comfy.models / "loras" / "nan.safetensors")
+    msg = _error(comfy, _forward_graph(comfy.names["unet"], None, 1.0, "e.safetensors", "nan.safetensors"))
+    assert f"nan.safetensors: LoRA tensor {up!r} holds NaN or Inf values" in msg, msg
+    make_archive(zp / "nan.zip", lora=nan)  # an archive with NaN is refused already by the Load node
+    msg = _error(comfy, _forward_graph(comfy.names["unet"], "nan.zip", 1.0, "e.safetensors"))
+    assert "nan.zip" in msg and f"LoRA tensor {up!r} is not finite" in msg, msg
+
+
 @pytest.mark.parametrize("wf", ["qwen_zero_prior_t2i", "qwen_zero_prior_train"])
 def test_example_workflows_match_server(comfy, wf):
     info = comfy.server.object_info()

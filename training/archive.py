@@ -12,12 +12,15 @@ Nothing here unpickles anything: tensors are safetensors, metadata is JSON.
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import json
+import math
 import os
 import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -31,6 +34,13 @@ TOKEN_MEMBER = "token/placeholder_embedding.safetensors"
 META_MEMBER = "meta.json"
 DEFAULT_MAX_MEMBER_BYTES = 8 << 30  # a rank-1024 LoRA of the 20B transformer stays below this
 DEFAULT_MAX_TOTAL_BYTES = 16 << 30
+MAX_META_BYTES = 1 << 20  # meta.json is a few hundred bytes
+MAX_TOKEN_BYTES = 64 << 20  # one float32 vector (14 KiB for Qwen-Image)
+MAX_JSON_DEPTH = 32
+_CHUNK = 1 << 20
+# what a damaged zip / tar / gzip stream raises while being read
+_CORRUPT = (zipfile.BadZipFile, tarfile.TarError, zlib.error, gzip.BadGzipFile, EOFError, OSError, ValueError,
+            NotImplementedError)
 
 
 class ArchiveError(ValueError):
@@ -63,42 +73,63 @@ class ArchiveMeta:
 
     @classmethod
     def from_json(cls, raw: bytes | str, where: str) -> ArchiveMeta:
+        if len(raw) > MAX_META_BYTES:
+            raise ArchiveError(f"{where}: meta.json is {len(raw)} bytes, over the {MAX_META_BYTES}-byte limit")
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArchiveError(f"{where}: meta.json is not valid JSON ({e})") from e
+        except RecursionError:
+            raise ArchiveError(f"{where}: meta.json is nested too deeply to read") from None
+        _check_depth(data, where)
         if not isinstance(data, dict):
             raise ArchiveError(f"{where}: meta.json must hold an object, got {type(data).__name__}")
         version = data.get("format_version")
-        if not isinstance(version, int) or version < 1:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ArchiveError(f"{where}: meta.json format_version must be a positive integer, got {version!r}")
         if version > FORMAT_VERSION:
             raise ArchiveError(
                 f"{where}: meta.json format_version {version} is newer than this version supports "
                 f"({FORMAT_VERSION}); upgrade comfyui-qwen-zero-prior"
             )
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f for f in cls.__dataclass_fields__} - {"extra"}  # extra's keys are written at the top level
         required = ("base_model", "placeholder_token", "placeholder_token_id", "rank", "created")
         missing = [k for k in required if k not in data]
         if missing:
             raise ArchiveError(f"{where}: meta.json lacks required key(s) {missing}")
-        extra = {k: v for k, v in data.items() if k not in known}
-        meta = cls(**{k: v for k, v in data.items() if k in known})
-        meta.extra.update(extra)
+        extra = data.get("extra", {})
+        if not isinstance(extra, dict):
+            raise ArchiveError(f"{where}: meta.json extra must be an object, got {extra!r:.80}")
+        extra = {**extra, **{k: v for k, v in data.items() if k not in known and k != "extra"}}
+        meta = cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
         meta.validate(where)
         return meta
 
     def validate(self, where: str = "meta.json") -> None:
+        """Every field's type and range; raises :class:`ArchiveError` naming the field and quoting its value."""
+
         def bad(key: str, want: str) -> ArchiveError:
-            return ArchiveError(f"{where}: meta.json {key} must be {want}, got {getattr(self, key)!r}")
+            return ArchiveError(f"{where}: meta.json {key} must be {want}, got {getattr(self, key)!r:.200}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         if not isinstance(self.base_model, str):
             raise bad("base_model", "a string")
-        if self.placeholder_token is not None and (not isinstance(self.placeholder_token, str) or not self.placeholder_token.strip()):
-            raise bad("placeholder_token", "a non-empty string or null")
-        if self.placeholder_token_id is not None and (not isinstance(self.placeholder_token_id, int) or self.placeholder_token_id < 0):
+        if self.placeholder_token is not None:
+            from .token import TokenError, validate_token
+
+            try:
+                validate_token(self.placeholder_token)
+            except TokenError as e:
+                raise ArchiveError(f"{where}: meta.json {e}") from None
+        tid, std = self.placeholder_token_id, self.placeholder_init_std
+        if tid is not None and (not is_int(tid) or tid < 0):
             raise bad("placeholder_token_id", "a non-negative integer or null")
-        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+        if self.rank is not None and (not is_int(self.rank) or self.rank < 1):
             raise bad("rank", "a positive integer or null")
         if not isinstance(self.created, str):
             raise bad("created", "an ISO-8601 string")
@@ -106,7 +137,26 @@ class ArchiveMeta:
             _dt.datetime.fromisoformat(self.created.replace("Z", "+00:00"))
         except ValueError:
             raise bad("created", "an ISO-8601 UTC timestamp") from None
-        if not isinstance(self.contents, list) or not set(self.contents) <= {"lora", "token"}:
+        if not is_int(self.format_version) or self.format_version < 1:
+            raise bad("format_version", "a positive integer")
+        if self.alpha is not None and (not is_num(self.alpha) or self.alpha < 0):
+            raise bad("alpha", "a non-negative number or null")
+        if not isinstance(self.lora_targets, list) or not all(isinstance(t, str) for t in self.lora_targets):
+            raise bad("lora_targets", "a list of module names")
+        if std is not None and (not is_num(std) or std < 0):
+            raise bad("placeholder_init_std", "a non-negative number or null")
+        if not is_int(self.steps) or self.steps < 0:
+            raise bad("steps", "a non-negative integer")
+        if self.embedding_dim is not None and (not is_int(self.embedding_dim) or self.embedding_dim < 1):
+            raise bad("embedding_dim", "a positive integer or null")
+        if not isinstance(self.train_placeholder_token, bool):
+            raise bad("train_placeholder_token", "true or false")
+        if not isinstance(self.trainer, str):
+            raise bad("trainer", "a string")
+        if not isinstance(self.extra, dict):
+            raise bad("extra", "an object")
+        if (not isinstance(self.contents, list) or not all(isinstance(c, str) for c in self.contents)
+                or not set(self.contents) <= {"lora", "token"}):
             raise bad("contents", "a list drawn from ['lora', 'token']")
         if "token" in self.contents and not self.placeholder_token:
             raise ArchiveError(f"{where}: meta.json lists a token but placeholder_token is empty")
@@ -123,6 +173,19 @@ class ArchiveMeta:
         extra = data.pop("extra") or {}
         data.update(extra)
         return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _check_depth(value, where: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH (iteratively: deep nesting must not recurse here)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ArchiveError(f"{where}: meta.json is nested deeper than {MAX_JSON_DEPTH} levels; refusing")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
 
 
 @dataclass
@@ -180,7 +243,7 @@ def write_archive(
     meta.contents = contents
     meta.validate(str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = _mkstemp_for(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -201,10 +264,37 @@ def write_archive(
     return path
 
 
+def umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass  # not Linux: fall back to the set-and-restore idiom below
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _mkstemp_for(path: Path) -> tuple[int, str]:
+    """A temp file beside ``path`` (``.<name>.XXXX.part``) with the mode a plain ``open`` would give it:
+    mkstemp creates 0600 files, and os.replace keeps that mode, so outputs would be private to their owner."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~umask())
+    except OSError:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = _mkstemp_for(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -239,13 +329,22 @@ class _Member:
 
 
 class SafeArchiveReader:
-    """Uniform, validated access to zip / tar / tar.gz members (no links, no absolute paths, no ``..``)."""
+    """Uniform, validated access to zip / tar / tar.gz members (no links, no absolute paths, no ``..``).
+
+    Opening lists the members and checks their names and types, and that the listing is complete (a tar
+    must end in its end-of-archive block and a gzip stream in its checksum: a truncated file is refused, not
+    listed short). Sizes are checked when a member is read or extracted: a member that is never needed is
+    never read, one that is needed is refused by its declared size before reading and by its actual size
+    while reading. Every damage found while reading (bad CRC, corrupt deflate stream, truncation) raises
+    :class:`ArchiveError` naming the archive and the member.
+    """
 
     def __init__(self, path: str | os.PathLike, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
                  max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES):
         self.path = Path(path)
         self.where = str(self.path)
         self.max_member_bytes = max_member_bytes
+        self.max_total_bytes = max_total_bytes
         if not self.path.is_file():
             raise ArchiveError(f"archive not found: {self.where}")
         self._zip: zipfile.ZipFile | None = None
@@ -253,25 +352,25 @@ class SafeArchiveReader:
         if zipfile.is_zipfile(self.path):
             try:
                 self._zip = zipfile.ZipFile(self.path)
-            except zipfile.BadZipFile as e:
+            except (*_CORRUPT, RecursionError) as e:
                 raise ArchiveError(f"{self.where}: corrupt zip ({e})") from e
         else:
             try:
                 self._tar = tarfile.open(self.path, "r:*")
-            except (tarfile.TarError, OSError, EOFError) as e:
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
                 raise ArchiveError(
                     f"{self.where}: not a zip, tar or tar.gz archive; expected weights.zip as written by training"
                 ) from e
         self.members: dict[str, _Member] = {}
-        total = 0
-        for m in self._iter_raw():
-            name = _check_member_name(m.name, self.where)
-            if m.size > max_member_bytes:
-                raise ArchiveError(f"{self.where}: member {name!r} is {m.size} bytes, over the {max_member_bytes}-byte limit")
-            total += m.size
-            if total > max_total_bytes:
-                raise ArchiveError(f"{self.where}: archive unpacks to over {max_total_bytes} bytes; refusing")
-            self.members[name] = _Member(name, m.size, m.is_dir)
+        try:
+            for m in self._iter_raw():
+                name = _check_member_name(m.name, self.where)
+                if m.size < 0:
+                    raise ArchiveError(f"{self.where}: member {name!r} declares a negative size")
+                self.members[name] = _Member(name, m.size, m.is_dir)
+        except BaseException:
+            self.close()
+            raise
 
     def _iter_raw(self):
         if self._zip is not None:
@@ -283,14 +382,32 @@ class SafeArchiveReader:
         else:
             try:
                 infos = self._tar.getmembers()
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise ArchiveError(f"{self.where}: corrupt tar ({e})") from e
+                self._check_tar_end()
+            except ArchiveError:
+                raise
+            except (*_CORRUPT, RecursionError) as e:
+                raise ArchiveError(f"{self.where}: corrupt or truncated tar ({e.__class__.__name__}: {e})") from e
             for info in infos:
                 if info.issym() or info.islnk():
                     raise ArchiveError(f"{self.where}: member {info.name!r} is a link; refusing")
                 if not (info.isfile() or info.isdir()):
                     raise ArchiveError(f"{self.where}: member {info.name!r} is not a regular file; refusing")
                 yield _Member(info.name, info.size, info.isdir())
+
+    def _check_tar_end(self) -> None:
+        """tarfile stops listing silently at a truncated header; a complete tar has its end-of-archive (zero)
+        block where the listing stopped. Reading on to the end also makes gzip check its CRC and length."""
+        fh = self._tar.fileobj
+        fh.seek(self._tar.offset)
+        end = fh.read(tarfile.BLOCKSIZE)
+        if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+            raise ArchiveError(
+                f"{self.where}: the tar is truncated or damaged after member {self._tar.members[-1].name!r} "
+                f"(no end-of-archive block at byte {self._tar.offset}); re-create or re-download it"
+                if self._tar.members else f"{self.where}: the tar is truncated or damaged (no end-of-archive block)"
+            )
+        while fh.read(_CHUNK):
+            pass
 
     def files(self) -> list[str]:
         return sorted(n for n, m in self.members.items() if not m.is_dir)
@@ -302,23 +419,67 @@ class SafeArchiveReader:
         hits = [n for n in self.files() if n.endswith("/" + member) and n.count("/") == member.count("/") + 1]
         return hits[0] if len(hits) == 1 else None
 
-    def read(self, member: str) -> bytes:
+    def _check_declared(self, name: str, limit: int) -> int:
+        size = self.members[name].size
+        if size > limit:
+            raise ArchiveError(f"{self.where}: member {name!r} is {size} bytes, over the {limit}-byte limit")
+        return size
+
+    def _open(self, name: str):
+        if self._zip is not None:
+            return self._zip.open(name)
+        return self._tar.extractfile(self._tar.getmember(name))
+
+    def _copy(self, name: str, limit: int, sink) -> int:
+        """Stream member ``name`` into ``sink(chunk)``; refuse it past ``limit`` or its declared size."""
+        declared = self._check_declared(name, limit)
+
+        def damaged(e: BaseException) -> ArchiveError:
+            return ArchiveError(f"{self.where}: member {name!r} is corrupt ({e.__class__.__name__}: {e}); the archive "
+                                "is damaged, re-create or re-download it")
+
+        n = 0
+        try:
+            fh = self._open(name)
+        except _CORRUPT as e:
+            raise damaged(e) from e
+        with fh:
+            while True:
+                try:  # only reading is guarded: an error of the sink (a full disk) is not the archive's fault
+                    chunk = fh.read(_CHUNK)
+                except _CORRUPT as e:
+                    raise damaged(e) from e
+                if not chunk:
+                    break
+                n += len(chunk)
+                if n > declared or n > limit:
+                    raise ArchiveError(f"{self.where}: member {name!r} unpacks to more than the {declared} bytes it "
+                                       "declares; refusing")
+                sink(chunk)
+        if n != declared:
+            raise ArchiveError(f"{self.where}: member {name!r} holds {n} bytes but declares {declared}; the archive "
+                               "is damaged, re-create or re-download it")
+        return n
+
+    def read(self, member: str, limit: int | None = None) -> bytes:
+        """The whole member in memory (for the small files load_archive needs), at most ``limit`` bytes."""
         name = self.find(member)
         if name is None:
             raise KeyError(member)
-        if self._zip is not None:
-            with self._zip.open(name) as fh:
-                data = fh.read(self.max_member_bytes + 1)
-        else:
-            fh = self._tar.extractfile(self._tar.getmember(name))
-            data = fh.read(self.max_member_bytes + 1)
-        if len(data) > self.max_member_bytes:
-            raise ArchiveError(f"{self.where}: member {name!r} is larger than it claims; refusing")
-        return data
+        parts: list[bytes] = []
+        self._copy(name, min(limit or self.max_member_bytes, self.max_member_bytes), parts.append)
+        return b"".join(parts)
 
     def extract_all(self, dest: str | os.PathLike) -> Path:
+        """Every member to ``dest``, streamed to disk in chunks (never a whole member in memory), sizes capped."""
         dest = Path(dest).resolve()
         dest.mkdir(parents=True, exist_ok=True)
+        total = 0
+        for name, m in self.members.items():  # refuse by declared sizes before writing anything
+            if not m.is_dir:
+                total += self._check_declared(name, self.max_member_bytes)
+                if total > self.max_total_bytes:
+                    raise ArchiveError(f"{self.where}: archive unpacks to over {self.max_total_bytes} bytes; refusing")
         for name, m in self.members.items():
             target = (dest / name).resolve()
             if dest != target and dest not in target.parents:
@@ -327,7 +488,12 @@ class SafeArchiveReader:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.read(name))
+            try:
+                with open(target, "wb") as out:
+                    self._copy(name, self.max_member_bytes, out.write)
+            except BaseException:
+                target.unlink(missing_ok=True)
+                raise
         return dest
 
     def close(self) -> None:
@@ -367,7 +533,7 @@ def load_archive(path: str | os.PathLike, **limits: int) -> PlaceholderArchive:
                 f"meta.json not found in {where} (found: {', '.join(r.files()) or 'nothing'}); "
                 "expected weights.zip as written by qwen-zero-prior training"
             )
-        meta = ArchiveMeta.from_json(r.read(META_MEMBER), where)
+        meta = ArchiveMeta.from_json(r.read(META_MEMBER, MAX_META_BYTES), where)
         contents = set(meta.contents) if meta.contents else {"lora"} | ({"token"} if meta.placeholder_token else set())
         lora_sd = lora_md = None
         if "lora" in contents:
@@ -378,6 +544,11 @@ def load_archive(path: str | os.PathLike, **limits: int) -> PlaceholderArchive:
             lora_sd, lora_md = _load_safetensors(r.read(LORA_MEMBER), LORA_MEMBER, where)
             if not lora_sd or not all("lora" in k for k in lora_sd):
                 raise ArchiveError(f"{where}: {LORA_MEMBER} holds no LoRA tensors (keys must contain 'lora')")
+            for k, v in lora_sd.items():
+                if not v.is_floating_point() or not torch.isfinite(v).all():
+                    raise ArchiveError(f"{where}: LoRA tensor {k!r} is not finite floating point "
+                                       f"({v.dtype}{', holds NaN or Inf' if v.is_floating_point() else ''}); "
+                                       "the LoRA is unusable (training diverged or the file is damaged)")
         token = vector = None
         if "token" in contents:
             if r.find(TOKEN_MEMBER) is None:
@@ -385,13 +556,16 @@ def load_archive(path: str | os.PathLike, **limits: int) -> PlaceholderArchive:
                     f"placeholder embedding not found: expected {TOKEN_MEMBER} in {where} "
                     f"(found: {', '.join(r.files()) or 'nothing'})"
                 )
-            tensors, _ = _load_safetensors(r.read(TOKEN_MEMBER), TOKEN_MEMBER, where)
+            tensors, _ = _load_safetensors(r.read(TOKEN_MEMBER, MAX_TOKEN_BYTES), TOKEN_MEMBER, where)
             token = meta.placeholder_token
             if token not in tensors:
                 raise ArchiveError(
                     f"{where}: {TOKEN_MEMBER} has no vector for token {token!r} (keys: {sorted(tensors)})"
                 )
-            vector = tensors[token].to(torch.float32)
+            vector = tensors[token]
+            if not vector.is_floating_point():
+                raise ArchiveError(f"{where}: the vector for {token!r} must be floating point, got {vector.dtype}")
+            vector = vector.to(torch.float32)
             if vector.ndim != 1 or not torch.isfinite(vector).all():
                 raise ArchiveError(f"{where}: the vector for {token!r} must be 1-D and finite, got shape {tuple(vector.shape)}")
             if meta.embedding_dim is not None and vector.shape[0] != meta.embedding_dim:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -10,8 +11,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .archive import umask
+
+logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -28,6 +33,7 @@ def save_checkpoint(root: Path, step: int, *, lora: dict[str, torch.Tensor], tok
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp gives 0700; the renamed folder keeps it
         save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
         if vector is not None:
             save_file({token: vector.detach().float().cpu().contiguous()}, tmp / "token.safetensors")
@@ -82,30 +88,96 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint; a missing, truncated or malformed file raises :class:`CheckpointError` naming it."""
+    path = Path(path)
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} is incomplete or corrupt: {what}; resume from another "
+                               "checkpoint (or start over)")
+
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        state["lora"] = load_file(path / "lora.safetensors")
-        tok = path / "token.safetensors"
-        state["token_tensors"] = load_file(tok) if tok.is_file() else {}
-        opt = path / "optimizer.safetensors"
-        state["optimizer_tensors"] = load_file(opt) if opt.is_file() else {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"{STATE_FILE}: {e.__class__.__name__}: {e}") from e
+    if not isinstance(state, dict):
+        raise bad(f"{STATE_FILE} holds {type(state).__name__}, not an object")
+    step, opt = state.get("step"), state.get("optimizer")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise bad(f"{STATE_FILE} step must be a non-negative integer, got {step!r:.80}")
+    if (not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list)
+            or not all(isinstance(g, dict) for g in opt["param_groups"]) or not isinstance(opt.get("steps"), dict)
+            or not all(isinstance(v, (int, float)) for v in opt["steps"].values())):
+        raise bad(f"{STATE_FILE} optimizer must be an object with param_groups (a list) and steps")
+    losses = state.get("losses", [])
+    if not isinstance(losses, list) or not all(isinstance(x, (int, float)) for x in losses):
+        raise bad(f"{STATE_FILE} losses must be a list of numbers")
+    if not isinstance(state.get("config", {}), dict) or not isinstance(state.get("config", {}).get("train", {}), dict):
+        raise bad(f"{STATE_FILE} config must be an object")
+    for key, name, required in (("lora", "lora.safetensors", True), ("token_tensors", "token.safetensors", False),
+                                ("optimizer_tensors", "optimizer.safetensors", False)):
+        f = path / name
+        if not required and not f.is_file():
+            state[key] = {}
+            continue
+        try:
+            state[key] = load_file(f)
+        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+            raise bad(f"{name}: {e.__class__.__name__}: {e}") from e
+    missing = [f"{n}::{k}" for n in opt["steps"] for k in ("exp_avg", "exp_avg_sq")
+               if f"{n}::{k}" not in state["optimizer_tensors"]]
+    if missing:
+        raise bad(f"optimizer.safetensors lacks {missing[:3]}")
     return state
 
 
-RESUME_KEYS = ("rank", "lora_targets", "train_placeholder_token", "placeholder_token")
+RESUME_KEYS = ("rank", "lora_targets", "train_placeholder_token", "placeholder_token")  # the LoRA / token layout
+SOFT_RESUME_KEYS = ("seed",)  # a different value trains a different run; --force-resume accepts it
 
 
-def check_compatible(state: dict, where: Path, train_cfg) -> None:
-    """Refuse to resume a checkpoint trained with a different LoRA shape or token, naming the setting."""
+def check_compatible(state: dict, where: Path, train_cfg, *, dataset: dict | None = None, force: bool = False) -> None:
+    """Refuse to resume a checkpoint from another run, naming the setting.
+
+    A different LoRA layout or token (``RESUME_KEYS``) is always refused: its tensors cannot fit. A different
+    seed or dataset (``dataset``: :func:`data.dataset_fingerprint` of this run, compared with the one the
+    checkpoint recorded) is refused unless ``force`` (``--force-resume``); then it is logged and accepted.
+    """
     saved = state.get("config", {}).get("train", {})
     for key in RESUME_KEYS:
         if key in saved and saved[key] != getattr(train_cfg, key):
             raise CheckpointError(
                 f"checkpoint {where} was trained with train.{key}={saved[key]!r} but this run has "
-                f"{getattr(train_cfg, key)!r}; use the same value to resume"
+                f"{getattr(train_cfg, key)!r}; use the same value to resume (its tensors cannot fit otherwise)"
             )
+    differences = [f"train.{key}={saved[key]!r} (this run: {getattr(train_cfg, key)!r})"
+                   for key in SOFT_RESUME_KEYS if key in saved and saved[key] != getattr(train_cfg, key)]
+    was = state.get("dataset")
+    if dataset is not None and isinstance(was, dict) and was.get("sha256") != dataset.get("sha256"):
+        differences.append(f"a different dataset ({was.get('images')} images, sha256 {str(was.get('sha256'))[:12]}; "
+                           f"this run: {dataset['images']} images, sha256 {dataset['sha256'][:12]})")
+    if not differences:
+        return
+    if force:
+        logger.warning("resuming checkpoint %s although it was trained with %s (forced)", where, "; ".join(differences))
+        return
+    raise CheckpointError(
+        f"checkpoint {where} was trained with {'; '.join(differences)}: resuming would not continue that run. "
+        "Use the same settings and dataset, or --force-resume to resume anyway"
+    )
+
+
+def check_lora_shapes(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor], where: Path) -> None:
+    """The checkpoint's LoRA tensors must be exactly the model's (names, shapes, finite values)."""
+    missing = sorted(set(current) - set(saved))
+    if missing:
+        raise CheckpointError(f"checkpoint {where}: lora.safetensors lacks {len(missing)} LoRA tensor(s), e.g. "
+                              f"{missing[0]!r}; it does not fit this model")
+    for k, v in current.items():
+        if tuple(saved[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"checkpoint {where}: LoRA tensor {k!r} has shape {list(saved[k].shape)} but the "
+                                  f"model's is {list(v.shape)}; it does not fit this model")
+        if not saved[k].is_floating_point() or not torch.isfinite(saved[k]).all():
+            raise CheckpointError(f"checkpoint {where}: LoRA tensor {k!r} is not finite floating point; the checkpoint "
+                                  "is damaged")
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, param_names: list[str], state: dict) -> None:
@@ -115,9 +187,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, param_names: list[str], 
         for k, v in saved.items():
             if k in group and not isinstance(group[k], torch.Tensor):
                 group[k] = tuple(v) if isinstance(group[k], tuple) else v
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise CheckpointError(f"checkpoint optimizer state has {len(meta['param_groups'])} parameter groups, this run "
+                              f"{len(optimizer.param_groups)}; it was written with another token setting")
     for p, name in zip(_all_params(optimizer), param_names):
         if f"{name}::exp_avg" not in tensors:
             continue
+        for k in ("exp_avg", "exp_avg_sq"):
+            if tuple(tensors[f"{name}::{k}"].shape) != tuple(p.shape):
+                raise CheckpointError(f"checkpoint optimizer state {name}::{k} has shape "
+                                      f"{list(tensors[f'{name}::{k}'].shape)}, the parameter {list(p.shape)}")
         optimizer.state[p] = {
             "step": torch.tensor(meta["steps"][name]),
             "exp_avg": tensors[f"{name}::exp_avg"].to(p.device, p.dtype),

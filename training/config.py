@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ TEXT_STREAM_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "
 TARGET_PRESETS = {"attention": ATTENTION_TARGETS, "attention+mlp": ATTENTION_TARGETS + MLP_TARGETS}
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILY_CHOICES = ("auto", "qwen-image", "qwen-image-2.1")  # training.families (kept literal: no torch import here)
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
@@ -120,6 +122,8 @@ class ModelConfig:
                               "set model.compile: false")
         if not isinstance(self.base_model, str) or not self.base_model.strip():
             raise ConfigError(f"model.base_model must be a folder or hub id, got {self.base_model!r}")
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"model.device must be auto, cpu, cuda, cuda:N (or mps, xpu, xpu:N), got {self.device!r}")
 
 
 @dataclass
@@ -174,9 +178,12 @@ class TrainConfig:
             )
         if self.resolution % 16:
             raise ConfigError(f"train.resolution must be a multiple of 16, got {self.resolution!r}")
-        tok = self.placeholder_token
-        if not isinstance(tok, str) or not tok.strip() or tok != tok.strip() or any(c.isspace() for c in tok):
-            raise ConfigError(f"train.placeholder_token must be one word without spaces, got {tok!r}")
+        from .token import TokenError, validate_token  # the one check training, inference and ComfyUI share
+
+        try:
+            validate_token(self.placeholder_token)
+        except TokenError as e:
+            raise ConfigError(f"train.placeholder_token: {e}") from None
         if self.alpha is None:
             self.alpha = float(self.rank)
         if self.train_placeholder_token and not set(self.lora_targets) & set(TEXT_STREAM_TARGETS):
@@ -198,6 +205,15 @@ class SampleConfig:
     width: int | None = _f(None, "Sample width (default: train.resolution).", min=16, max=4096)
     height: int | None = _f(None, "Sample height (default: train.resolution).", min=16, max=4096)
     seed: int = _f(0, "Sampling seed.", min=0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompts, list):  # a plain string would be rendered once per character
+            raise ConfigError(
+                f"sample.prompts must be a list of prompts, e.g. ['a photo of <zwx>'], got {self.prompts!r}"
+            )
+        for i, p in enumerate(self.prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ConfigError(f"sample.prompts[{i}] must be a non-empty string, got {p!r}")
 
 
 @dataclass
@@ -249,9 +265,12 @@ class Config:
 
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except OSError as e:
             raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                              "save the config file as UTF-8") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -18,10 +19,12 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 BUCKET_STEP = 16  # VAE factor 8 x patch 2 for the real model
 MAX_DATASET_BYTES = 8 << 30
+MAX_DATASET_MEMBER_BYTES = 1 << 30  # one image or caption
+TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white (documented in README)
 
 
 class DatasetError(ValueError):
-    """The dataset is missing, empty, or has unreadable images."""
+    """The dataset is missing, empty, or has unreadable images or captions."""
 
 
 @dataclass
@@ -51,53 +54,142 @@ def resolve_dataset(path: str | os.PathLike, workdir: str | os.PathLike) -> Path
     if not path.exists():
         raise DatasetError(f"dataset not found: {path}")
     dest = Path(workdir) / "dataset"
-    safe_extract(path, dest, max_total_bytes=MAX_DATASET_BYTES)
+    safe_extract(path, dest, max_member_bytes=MAX_DATASET_MEMBER_BYTES, max_total_bytes=MAX_DATASET_BYTES)
     return dest
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8 (BOM or not), or UTF-16 / UTF-32 with a byte-order mark.
+
+    Raises ``ValueError`` saying why for anything else (other encodings would be garbled silently, and a
+    UTF-16 file without a BOM decodes as UTF-8 full of NUL characters).
+    """
+    raw = path.read_bytes()
+    for bom, codec in ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
+                       (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if raw.startswith(bom):
+            break
+    else:
+        codec = "utf-8"
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not {codec.upper().replace('-SIG', '')} text: byte 0x{raw[e.start]:02x} at offset {e.start}; "
+                         "save it as UTF-8") from None
+    if "\x00" in text:
+        raise ValueError("holds NUL characters (UTF-16 without a byte-order mark?); save it as UTF-8")
+    return text
+
+
+def _dataset_files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+        and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts)
+    )
 
 
 def scan_dataset(root: Path, token: str, default_caption: str, prepend: bool,
                  require_captions: bool = False) -> list[Example]:
     """Collect images (recursively, hidden files and __MACOSX skipped).
 
-    Raises one :class:`DatasetError` naming every unreadable image (and, with ``require_captions``, every
-    image without a caption) before any training starts.
+    Every image is decoded in full (a truncated JPEG passes a header check) with its EXIF orientation, and
+    every caption is decoded. One :class:`DatasetError` lists every unreadable image, every caption that is
+    not text and (with ``require_captions``) every image without a caption, before any model is loaded.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-        and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts)
-    )
-    examples, bad, no_caption = [], [], 0
-    for f in files:
+    examples, bad, bad_captions, missing = [], [], [], []
+    for f in _dataset_files(root):
+        rel = f.relative_to(root)
         try:
-            with Image.open(f) as im:
-                im.verify()
-            with Image.open(f) as im:
-                size = im.size
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            bad.append(f"{f.relative_to(root)} ({e.__class__.__name__})")
+            size = open_image(f).size
+        except DatasetError as e:
+            bad.append(f"{rel} ({e})")
             continue
         txt = f.with_suffix(".txt")
-        raw = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
-        no_caption += raw is None
+        raw = None
+        if txt.is_file():
+            try:
+                raw = read_caption(txt)
+            except (ValueError, OSError) as e:
+                bad_captions.append(f"{txt.relative_to(root)} ({e})")
+                continue
+        else:
+            missing.append(str(rel))
         examples.append(Example(f, prepare_caption(raw, token, default_caption, prepend), size))
+    problems = []
     if bad:
-        raise DatasetError(f"dataset {root}: {len(bad)} unreadable image(s): {', '.join(bad[:10])}")
-    if require_captions and no_caption:
-        missing = [str(e.image.relative_to(root)) for e in examples if not e.image.with_suffix(".txt").is_file()]
-        raise DatasetError(
-            f"dataset {root}: {len(missing)} image(s) without a same-name .txt caption: {', '.join(missing[:10])} "
-            "(add captions or set a default caption)"
-        )
+        problems.append(f"{len(bad)} unreadable image(s): {', '.join(bad)}")
+    if bad_captions:
+        problems.append(f"{len(bad_captions)} caption file(s) that are not text: {', '.join(bad_captions)}")
+    if require_captions and missing:
+        problems.append(f"{len(missing)} image(s) without a same-name .txt caption: {', '.join(missing)} "
+                        "(add captions or set a default caption)")
+    if problems:
+        raise DatasetError(f"dataset {root}: " + "; ".join(problems))
     if not examples:
         raise DatasetError(
             f"dataset {root}: no usable images (looked for {', '.join(sorted(IMAGE_EXTS))} with same-name .txt captions)"
         )
-    if no_caption:
-        logger.info("%d of %d images have no .txt caption; using %r", no_caption, len(examples), default_caption)
+    if missing:
+        logger.info("%d of %d images have no .txt caption; using %r", len(missing), len(examples), default_caption)
     return examples
+
+
+def open_image(path: Path):
+    """The image fully decoded, EXIF orientation applied, as 8-bit RGB (see :func:`to_rgb`).
+
+    Raises :class:`DatasetError` saying why an image is unusable: not an image, truncated or corrupt, or
+    too large (PIL's decompression-bomb limit).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes every pixel: truncated files fail here, not after the model loaded
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"too large: {e}") from None
+    except UnidentifiedImageError:
+        raise DatasetError("UnidentifiedImageError: not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DatasetError(f"{e.__class__.__name__}: {e}") from None
+
+
+def to_rgb(im):
+    """8-bit RGB from any mode PIL gives for our formats.
+
+    16-bit grayscale (``I;16``/``I``) is scaled from 0..65535 (PIL's ``convert('RGB')`` clips it: white);
+    images with transparency are composited on ``TRANSPARENT_BACKGROUND`` rather than keeping whatever colour
+    the transparent pixels happen to hold.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        arr = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def dataset_fingerprint(examples: list[Example]) -> dict:
+    """What a checkpoint remembers of its dataset, for ``--resume`` to compare: the image count and a SHA-256
+    over every image's path (relative to the dataset folder), file size, pixel size and caption. Cheap (no
+    image is read again), and any added, removed, renamed, re-encoded or re-captioned image changes it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if examples:
+        root = Path(os.path.commonpath([str(e.image.parent) for e in examples]))
+        for ex in sorted(examples, key=lambda e: e.image.relative_to(root).as_posix()):
+            rec = [ex.image.relative_to(root).as_posix(), ex.image.stat().st_size, list(ex.size), ex.caption]
+            h.update(json.dumps(rec).encode() + b"\n")
+    return {"images": len(examples), "sha256": h.hexdigest()}
 
 
 def make_buckets(resolution: int, step: int = BUCKET_STEP, max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -126,19 +218,18 @@ def assign_buckets(examples: list[Example], resolution: int, step: int = BUCKET_
 
 
 def load_pixels(path: Path, bucket: tuple[int, int]) -> torch.Tensor:
-    """Resize to cover the bucket, centre-crop, -> float tensor (3, H, W) in [-1, 1]."""
+    """Resize to cover the bucket, centre-crop, -> float tensor (3, H, W) in [-1, 1] (decoded as the scan did)."""
     import numpy as np
     from PIL import Image
 
     bw, bh = bucket
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = max(bw / im.width, bh / im.height)
-        nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - bw) // 2, (nh - bh) // 2
-        im = im.crop((left, top, left + bw, top + bh))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    im = open_image(path)
+    scale = max(bw / im.width, bh / im.height)
+    nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
+    im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    im = im.crop((left, top, left + bw, top + bh))
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

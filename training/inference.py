@@ -6,13 +6,21 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .archive import PlaceholderArchive
+from .archive import ArchiveError, PlaceholderArchive
 from .families import check_archive_family, detect_pipeline
-from .lora import ADAPTER_NAME, load_lora_into_pipeline
-from .token import check_single_id, install_placeholder, remove_placeholder
+from .lora import ADAPTER_NAME, check_lora_fits, has_lora_layers, load_lora_into_pipeline
+from .token import (
+    base_embedding,
+    check_single_id,
+    check_vector_width,
+    install_placeholder,
+    remove_placeholder,
+    validate_token,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +37,12 @@ class GenerateOptions:
 
 
 class InferenceSession:
-    """A loaded base pipeline that archives are applied to and removed from (Cog keeps one of these)."""
+    """A loaded base pipeline that archives are applied to and removed from (Cog keeps one of these).
+
+    ``apply`` either applies the whole archive or leaves the base model: every check (token string against
+    the tokenizer, vector width, LoRA keys and shapes) runs before the pipeline is touched, and any failure
+    while applying clears the token and LoRA again, so nothing half-loaded (or left over) is ever served.
+    """
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -41,9 +54,10 @@ class InferenceSession:
 
     def clear(self) -> None:
         """Remove any applied token and LoRA: the pipeline is the base model again."""
-        if self.pipe.transformer is not None and getattr(self.pipe.transformer, "peft_config", None):
-            if ADAPTER_NAME in self.pipe.transformer.peft_config:
-                self.pipe.delete_adapters([ADAPTER_NAME])
+        if self.pipe.transformer is not None and has_lora_layers(self.pipe.transformer):
+            # unload, not delete_adapters: a load that failed half-way leaves peft layers with no adapter
+            # listed in peft_config; unloading restores the plain modules whatever state they are in
+            self.pipe.unload_lora_weights()
         remove_placeholder(self.pipe.text_encoder)
         self.family.set_tokenizer(self.pipe, copy.deepcopy(self._pristine_tokenizer))
         self.archive = None
@@ -53,16 +67,27 @@ class InferenceSession:
     def apply(self, archive: PlaceholderArchive, lora_scale: float = 1.0) -> None:
         check_archive_family(archive.meta, self.family, archive.source or "archive")
         self.clear()
-        pipe = self.pipe
-        if archive.has_token:
-            reg = install_placeholder(self.family.tokenizer(pipe), pipe.text_encoder, archive.token, archive.vector,
-                                      trainable=False, fresh=False)
-            self.token_id = reg.token_id
-            if reg.token_id != archive.meta.placeholder_token_id:
-                logger.info("token %r has id %d here (it was %s at training time); mapped by string",
-                            archive.token, reg.token_id, archive.meta.placeholder_token_id)
-        if archive.has_lora:
-            self.lora_report = load_lora_into_pipeline(pipe, archive.lora_state_dict, scale=lora_scale)
+        pipe, where = self.pipe, archive.source or "archive"
+        try:
+            if archive.has_token:  # refuse before anything changes
+                validate_token(archive.token, self.family.tokenizer(pipe), where=where)
+                check_vector_width(archive.vector, base_embedding(pipe.text_encoder).weight.shape[1], archive.token,
+                                   where)
+            if archive.has_lora:
+                check_lora_fits(pipe.transformer, archive.lora_state_dict, source=where)
+            if archive.has_token:
+                reg = install_placeholder(self.family.tokenizer(pipe), pipe.text_encoder, archive.token, archive.vector,
+                                          trainable=False, where=where)
+                self.token_id = reg.token_id
+                if reg.token_id != archive.meta.placeholder_token_id:
+                    logger.info("token %r has id %d here (it was %s at training time); mapped by string",
+                                archive.token, reg.token_id, archive.meta.placeholder_token_id)
+            if archive.has_lora:
+                self.lora_report = load_lora_into_pipeline(pipe, archive.lora_state_dict, scale=lora_scale,
+                                                           source=where)
+        except BaseException:
+            self.clear()
+            raise
         self.archive = archive
 
     def set_lora_scale(self, scale: float) -> None:
@@ -90,3 +115,21 @@ def generate(pipe, opts: GenerateOptions):
         height=int(opts.height),
         generator=gen,
     ).images[0]
+
+
+def base_model_for(archive: PlaceholderArchive | None, requested: str | None) -> str:
+    """The base model to load for a prediction: the one the user asked for, else the archive's if it is a
+    local folder. An archive's hub id is never downloaded unless the user names that model: a file someone
+    hands over must not make this machine fetch tens of gigabytes (or anything at all)."""
+    if requested:
+        return requested
+    if archive is None:
+        raise ArchiveError("no base model: give one (--base-model), or an archive whose meta.json names a local folder")
+    base = archive.meta.base_model
+    if base and Path(base).expanduser().is_dir():
+        return base
+    raise ArchiveError(
+        f"{archive.source}: meta.json names base model {base!r}, which is not a folder on this machine; models are "
+        f"not downloaded on an archive's say-so. Pass --base-model {base} to use (and if needed download) it, or "
+        "--base-model /path/to/a/local/Qwen-Image folder"
+    )

@@ -67,19 +67,24 @@ def export_lora(transformer, rank: int, alpha: float) -> dict[str, torch.Tensor]
 
 
 def load_lora_into_pipeline(pipe, state_dict: dict[str, torch.Tensor], scale: float = 1.0,
-                            adapter_name: str = ADAPTER_NAME) -> dict[str, list[str]]:
+                            adapter_name: str = ADAPTER_NAME, source: str = "") -> dict[str, list[str]]:
     """Load a diffusers- or kohya-format LoRA into ``pipe.transformer`` and verify every key landed.
 
-    Returns ``{"missing": [...], "unexpected": [...]}`` (both empty on success); raises if nothing loads.
+    Every key, shape and value is checked against the transformer first (:func:`check_lora_fits`), so a LoRA
+    that does not fit raises :class:`LoraError` naming ``source`` and the key, and the model is left as it
+    was (no peft layers added). Returns ``{"missing": [...], "unexpected": [...]}`` (both empty on success).
     """
     from peft.utils import get_peft_model_state_dict
 
-    sd = type(pipe).lora_state_dict(dict(state_dict))  # diffusers converts kohya / ComfyUI layouts itself
+    sd = check_lora_fits(pipe.transformer, state_dict, source=source, pipeline_cls=type(pipe))
     expected = {k.removeprefix("transformer."): v for k, v in sd.items() if "lora_" in k}
-    if not expected:
-        raise LoraError("the LoRA holds no lora_A/lora_B (or lora_down/lora_up) tensors")
-    pipe.load_lora_weights(sd, adapter_name=adapter_name)
-    pipe.set_adapters([adapter_name], adapter_weights=[float(scale)])
+    try:
+        pipe.load_lora_weights(sd, adapter_name=adapter_name)
+        pipe.set_adapters([adapter_name], adapter_weights=[float(scale)])
+    except (RuntimeError, ValueError, KeyError) as e:  # diffusers' size mismatch, peft's NoMatchingPeftModuleError
+        if has_lora_layers(pipe.transformer):
+            pipe.unload_lora_weights()
+        raise LoraError(f"{_src(source)}the LoRA could not be loaded into the transformer: {e}") from e
     loaded = get_peft_model_state_dict(pipe.transformer, adapter_name=adapter_name)
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
@@ -88,6 +93,83 @@ def load_lora_into_pipeline(pipe, state_dict: dict[str, torch.Tensor], scale: fl
     if unexpected:
         logger.warning("transformer LoRA modules with no weights in the file: %s", unexpected[:20])
     return {"missing": missing, "unexpected": unexpected}
+
+
+def _src(source: str) -> str:
+    return f"{source}: " if source else ""
+
+
+def has_lora_layers(model) -> bool:
+    """Whether any peft LoRA layer wraps a module of ``model`` (also after a load that failed half-way)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def check_lora_finite(state_dict: dict[str, torch.Tensor], source: str = "") -> None:
+    """Refuse a LoRA with a non-float tensor or a NaN / Inf value, naming the first such key."""
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or key.endswith(".alpha")):
+            raise LoraError(f"{_src(source)}LoRA tensor {key!r} is not a float tensor "
+                            f"({getattr(value, 'dtype', type(value).__name__)})")
+        if not torch.isfinite(value).all():
+            raise LoraError(f"{_src(source)}LoRA tensor {key!r} holds NaN or Inf values; the LoRA is unusable "
+                            "(training diverged or the file is damaged)")
+
+
+def check_lora_fits(transformer, state_dict: dict[str, torch.Tensor], source: str = "",
+                    pipeline_cls=None) -> dict[str, torch.Tensor]:
+    """Check a LoRA against ``transformer`` before anything is loaded; return it in diffusers keys.
+
+    Refuses, naming ``source`` and the key: non-finite values; keys that are not LoRA weights; keys whose
+    module does not exist in the transformer; a ``lora_A`` / ``lora_B`` whose shape does not fit the module's
+    weight (both shapes named); a module with only one of the pair, or with different ranks in A and B.
+    """
+    if pipeline_cls is None:
+        from diffusers import QwenImagePipeline as pipeline_cls
+    check_lora_finite(state_dict, source)
+    try:
+        sd = pipeline_cls.lora_state_dict(dict(state_dict))  # diffusers converts kohya / ComfyUI layouts itself
+    except (KeyError, ValueError, RuntimeError, IndexError) as e:
+        raise LoraError(f"{_src(source)}the LoRA's keys are in no layout diffusers can read ({e})") from e
+    if not any("lora_" in k for k in sd):
+        raise LoraError(f"{_src(source)}the LoRA holds no lora_A/lora_B (or lora_down/lora_up) tensors")
+    modules = dict(transformer.named_modules())
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unmatched = []
+    for key, value in sd.items():
+        m = _LORA_KEY.match(key.removeprefix("transformer."))
+        if not m:
+            raise LoraError(f"{_src(source)}{key!r} is not a LoRA weight key (expected <module>.lora_A.weight / "
+                            "lora_B.weight)")
+        if m["module"] not in modules:
+            unmatched.append(key)
+            continue
+        pairs.setdefault(m["module"], {})[m["ab"]] = (key, value)
+    if unmatched:
+        raise LoraError(
+            f"{_src(source)}{len(unmatched)} of {len(sd)} LoRA key(s) match no module of "
+            f"{type(transformer).__name__} (e.g. {unmatched[0]!r}); the LoRA was made for another model"
+        )
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            have = next(iter(ab.values()))[0]
+            raise LoraError(f"{_src(source)}LoRA key {have!r} has no lora_{'B' if 'A' in ab else 'A'} partner")
+        module = modules[name]
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if weight is None or weight.ndim < 2:
+            raise LoraError(f"{_src(source)}LoRA key {ab['A'][0]!r} targets {name!r}, which has no 2-D weight")
+        out_f, in_f = weight.shape[0], weight[0].numel()
+        (a_key, a), (b_key, b) = ab["A"], ab["B"]
+        rank = a.shape[0] if a.ndim >= 1 else 0
+        for key, t, want in ((a_key, a, (rank, in_f)), (b_key, b, (out_f, rank))):
+            if t.ndim != 2 or tuple(t.shape) != want or rank < 1:
+                raise LoraError(
+                    f"{_src(source)}LoRA tensor {key!r} has shape {list(t.shape)} but module {name!r} has a weight of "
+                    f"shape {list(weight.shape)} (this tensor would need {list(want)}); the LoRA was made for "
+                    "another model"
+                )
+    return sd
 
 
 # ---- kohya <-> diffusers ------------------------------------------------------------------------------

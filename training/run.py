@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import distributed
+from . import checkpoint as ckpt
+from . import distributed, outputs
 from .archive import load_archive
 from .config import Config
-from .data import resolve_dataset, scan_dataset
+from .data import dataset_fingerprint, resolve_dataset, scan_dataset
 from .inference import GenerateOptions, InferenceSession
 from .models import load_pipeline
 from .trainer import Callbacks, Trainer, TrainResult
@@ -20,35 +21,59 @@ logger = logging.getLogger(__name__)
 
 
 def train(cfg: Config, dataset: str | Path, archive_path: str | Path, *, output_dir: str | Path | None = None,
-          resume: str | Path | None = None, pipe=None, callbacks: Callbacks | None = None) -> TrainResult:
+          resume: str | Path | None = None, pipe=None, callbacks: Callbacks | None = None,
+          force_resume: bool = False) -> TrainResult:
     """Train LoRA (+ the zero-prior token if enabled) on ``dataset`` and write ``archive_path``.
 
     ``output_dir`` (default: the archive's folder) receives checkpoints/, samples/ and the loss plot. Under
     ``torchrun`` / ``accelerate launch`` every process runs this; they train data-parallel and rank 0 writes.
+
+    Before any model loads: the output folders are probed (read-only, full disk), locked against a second
+    training on the same output, and cleaned of a killed run's leftovers; the dataset is scanned in full.
+    ``force_resume`` resumes a checkpoint of another seed or dataset (``--force-resume``).
     """
     ctx = distributed.from_env()
     try:
-        return _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx)
+        return _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx, force_resume)
     finally:
         distributed.shutdown(ctx)
 
 
-def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx) -> TrainResult:
+def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx, force_resume=False) -> TrainResult:
     archive_path = Path(archive_path)
     output_dir = Path(output_dir) if output_dir is not None else archive_path.parent
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="qzp-data-") as work:
-        root = resolve_dataset(dataset, work)
-        t = cfg.train
-        examples = scan_dataset(root, t.placeholder_token, t.default_caption,
-                                t.prepend_token and t.train_placeholder_token)
-        logger.info("dataset: %d images from %s", len(examples), dataset)
-        if pipe is None:
-            pipe = load_pipeline(cfg.model, device=ctx.device() if ctx.enabled and cfg.model.device == "auto" else None)
-        trainer = Trainer(cfg, pipe, examples, output_dir, dist=ctx)
-        if resume:
-            trainer.resume(resume)
-        return trainer.fit(archive_path, callbacks)
+    lock = None
+    if ctx.is_main:  # only rank 0 writes; the other ranks of this job share its lock
+        outputs.probe_writable(output_dir, "output folder")
+        if archive_path.parent.resolve() != output_dir.resolve():
+            outputs.probe_writable(archive_path.parent, "archive folder")
+        lock = outputs.RunLock([output_dir, archive_path.parent], archive_path).acquire()
+    try:
+        if ctx.is_main:
+            outputs.clean_leftovers(output_dir, archive_path)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        work = outputs.make_data_dir(output_dir)
+        try:
+            root = resolve_dataset(dataset, work)
+            t = cfg.train
+            examples = scan_dataset(root, t.placeholder_token, t.default_caption,
+                                    t.prepend_token and t.train_placeholder_token)
+            logger.info("dataset: %d images from %s", len(examples), dataset)
+            if resume:  # a corrupt or mismatched checkpoint is refused now, not after the model has loaded
+                where = ckpt.find_checkpoint(resume)
+                ckpt.check_compatible(ckpt.load_checkpoint(where), where, t, dataset=dataset_fingerprint(examples),
+                                      force=force_resume)
+            if pipe is None:
+                pipe = load_pipeline(cfg.model, device=ctx.device() if ctx.enabled and cfg.model.device == "auto" else None)
+            trainer = Trainer(cfg, pipe, examples, output_dir, dist=ctx)
+            if resume:
+                trainer.resume(resume, force=force_resume)
+            return trainer.fit(archive_path, callbacks)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @dataclass

@@ -15,6 +15,7 @@ for that row only (the "gradient mask" is structural) and every other weight sta
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -47,25 +48,66 @@ def check_single_id(tokenizer, token: str, *, context: str = "") -> int | None:
     return None
 
 
-def add_placeholder_token(tokenizer, token: str) -> int:
+MAX_TOKEN_CHARS = 64
+# whitespace, control, format (zero-width, bidi), surrogate, private-use and unassigned code points: a token
+# holding one cannot be typed reliably and may be invisible in a prompt
+_BAD_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible format character", "Cs": "a surrogate",
+                   "Co": "a private-use character", "Cn": "an unassigned code point", "Zs": "a space",
+                   "Zl": "a line separator", "Zp": "a paragraph separator"}
+
+
+def _known_tokens(tokenizer) -> set[str]:
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    added = {t.content if hasattr(t, "content") else str(t) for t in tokenizer.get_added_vocab()}
+    return specials | added
+
+
+def validate_token(token, tokenizer=None, *, allow=(), where: str = "") -> str:
+    """The one check of a placeholder token string, shared by training (config + registration), inference
+    (CLI, Cog) and ComfyUI's Register node, so all of them accept and refuse the same strings.
+
+    Refuses a token that is not a non-empty string of at most ``MAX_TOKEN_CHARS`` characters, that holds
+    whitespace or control / invisible characters, and (with ``tokenizer``) one that is already a special or
+    added token, a regular vocabulary entry, or overlaps a special token (so it could swallow the chat
+    template's own tokens). ``allow``: tokens this project registered earlier in the same tokenizer.
+    Raises :class:`TokenError` naming the token (and ``where`` it came from); returns the token.
+    """
+    src = f"{where}: " if where else ""
+    fix = "pick a fresh string such as <zwx>"
+    if not isinstance(token, str) or not token:
+        raise TokenError(f"{src}placeholder token must be a non-empty string, got {token!r}; {fix}")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise TokenError(f"{src}placeholder token {token!r} is {len(token)} characters long (at most "
+                         f"{MAX_TOKEN_CHARS}); {fix}")
+    for i, c in enumerate(token):
+        what = "whitespace" if c.isspace() else _BAD_CATEGORIES.get(unicodedata.category(c))
+        if what:
+            raise TokenError(f"{src}placeholder token {token!r} contains {what} (U+{ord(c):04X} at position {i}); "
+                             f"it must be one word of visible characters: {fix}")
+    if tokenizer is None or token in allow:
+        return token
+    known = _known_tokens(tokenizer) - set(allow)
+    if token in known:
+        raise TokenError(f"{src}placeholder token {token!r} is already a special token of this tokenizer; {fix}.")
+    vocab = tokenizer.get_vocab()
+    if token in vocab:
+        raise TokenError(f"{src}placeholder token {token!r} is already a regular vocabulary entry (id {vocab[token]}) "
+                         f"and carries a prior; {fix}.")
+    overlap = sorted(k for k in known if token in k or k in token)
+    if overlap:
+        raise TokenError(f"{src}placeholder token {token!r} overlaps the special token {overlap[0]!r}: registering it "
+                         f"would change how prompts and the chat template tokenize; {fix}.")
+    return token
+
+
+def add_placeholder_token(tokenizer, token: str, *, where: str = "") -> int:
     """Add ``token`` as an additional special token and return its id.
 
-    Refuses a token that is already a special token or a regular vocabulary entry: it would not be fresh.
+    Refuses what :func:`validate_token` refuses: a token already known to the tokenizer would not be fresh.
     """
     from transformers import AddedToken
 
-    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    added = {t.content if hasattr(t, "content") else str(t) for t in tokenizer.get_added_vocab()}
-    if token in specials or token in added:
-        raise TokenError(
-            f"placeholder token {token!r} is already a special token of this tokenizer; pick a fresh string "
-            "such as <zwx>."
-        )
-    if token in tokenizer.get_vocab():
-        raise TokenError(
-            f"placeholder token {token!r} is already a regular vocabulary entry (id "
-            f"{tokenizer.convert_tokens_to_ids(token)}) and carries a prior; pick a fresh string such as <zwx>."
-        )
+    validate_token(token, tokenizer, where=where)
     tokenizer.add_tokens([AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False)], special_tokens=True)
     token_id = tokenizer.convert_tokens_to_ids(token)
     if check_single_id(tokenizer, token, context="after registration") is None:
@@ -74,7 +116,11 @@ def add_placeholder_token(tokenizer, token: str) -> int:
 
 
 def ensure_token(tokenizer, token: str) -> int:
-    """Id of ``token`` in ``tokenizer``, registering it if absent (inference: any id the tokenizer gives)."""
+    """Id of ``token`` in ``tokenizer``, registering it if absent (checked by :func:`validate_token`).
+
+    An id already there is returned as is: callers re-registering their own tokens (ComfyUI's Register node
+    chaining archives) check the string with :func:`validate_token` and its ``allow`` first.
+    """
     added = tokenizer.get_added_vocab()
     if token in added:
         return int(added[token])
@@ -165,13 +211,18 @@ def install_placeholder(
     trainable: bool = True,
     generator: torch.Generator | None = None,
     fresh: bool = True,
+    where: str = "",
 ) -> RegisteredToken:
     """Register ``token`` and route its id to a single vector inside ``text_encoder``.
 
-    ``fresh=True`` (training) refuses tokens already known to the tokenizer; ``fresh=False`` (inference)
-    reuses whatever id the tokenizer already gives the string. Every base weight is frozen.
+    The token must pass :func:`validate_token` against ``tokenizer`` in training and at inference alike
+    (``fresh`` is kept for callers of the old signature). The vector's width is checked before the tokenizer
+    or the text encoder is touched, so a refused archive leaves both as they were. Every base weight is frozen.
     """
-    token_id = add_placeholder_token(tokenizer, token) if fresh else ensure_token(tokenizer, token)
+    base = base_embedding(text_encoder)
+    if vector is not None:
+        check_vector_width(vector, base.weight.shape[1], token, where)
+    token_id = add_placeholder_token(tokenizer, token, where=where)
     remove_placeholder(text_encoder)
     ensure_row(text_encoder, token_id)
     base = base_embedding(text_encoder)
@@ -182,6 +233,18 @@ def install_placeholder(
     module = PlaceholderEmbedding(base, token_id, vector, trainable=trainable)
     text_encoder.set_input_embeddings(module)
     return RegisteredToken(token, token_id, module)
+
+
+def check_vector_width(vector: torch.Tensor, width: int, token: str, where: str = "") -> None:
+    """Refuse a vector that is not 1-D, finite and ``width`` wide, naming the token and both widths."""
+    src = f"{where}: " if where else ""
+    if vector.ndim != 1 or vector.shape[0] != width:
+        raise TokenError(
+            f"{src}placeholder vector for {token!r} has shape {tuple(vector.shape)} but the text encoder's embedding "
+            f"width is {width}: the archive was trained for a different text encoder"
+        )
+    if not torch.isfinite(vector).all():
+        raise TokenError(f"{src}placeholder vector for {token!r} holds NaN or Inf values")
 
 
 def remove_placeholder(text_encoder) -> None:

@@ -21,7 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .archive import ArchiveMeta, atomic_write_bytes, write_archive
 from .config import Config
-from .data import BatchPlan, Example, assign_buckets
+from .data import BatchPlan, Example, assign_buckets, dataset_fingerprint
 from .backend import TrainBackend
 from .distributed import DistContext, average, barrier
 from .token import RegisteredToken
@@ -253,12 +253,15 @@ class Trainer:
             vector=self.token.vector if self.token else None,
             optimizer=self.optimizer, param_names=self.param_names,
             state={"losses": self.losses, "config": self.cfg.to_dict(), "trainer": self.backend.name,
-                   "token_id": self.token.token_id if self.token else None},
+                   "token_id": self.token.token_id if self.token else None,
+                   "dataset": dataset_fingerprint(self.examples)},
         )
         logger.info("checkpoint saved: %s", path)
         return path
 
-    def resume(self, path: str | Path) -> Path:
+    def resume(self, path: str | Path, force: bool = False) -> Path:
+        """Continue from a checkpoint. A different seed or dataset is refused unless ``force``; a different LoRA
+        layout or token, or another backend's checkpoint, always (its tensors cannot fit)."""
         self.setup()
         where = ckpt.find_checkpoint(path)
         state = ckpt.load_checkpoint(where)
@@ -268,22 +271,15 @@ class Trainer:
                 f"checkpoint {where} was written by the {written_by} trainer; it resumes only there, not in the "
                 f"{self.backend.name} one"
             )
-        ckpt.check_compatible(state, where, self.t)
+        ckpt.check_compatible(state, where, self.t, dataset=dataset_fingerprint(self.examples), force=force)
         own = self.lora_state()
-        missing = sorted(set(own) - set(state["lora"]))
+        ckpt.check_lora_shapes(state["lora"], own, where)
         unexpected = sorted(set(state["lora"]) - set(own))
-        if missing or unexpected:
-            raise ckpt.CheckpointError(
-                f"checkpoint {where}: its LoRA tensors do not fit this model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]})"
-            )
+        if unexpected:
+            raise ckpt.CheckpointError(f"checkpoint {where}: LoRA tensors this model does not have: {unexpected[:3]}")
         with torch.no_grad():
             for k, p in own.items():
-                src = state["lora"][k]
-                if src.shape != p.shape:
-                    raise ckpt.CheckpointError(
-                        f"checkpoint {where}: {k} has shape {tuple(src.shape)}, this model's is {tuple(p.shape)}")
-                p.copy_(src)
+                p.copy_(state["lora"][k])
             if self.token is not None:
                 vec = state["token_tensors"].get(self.token.token)
                 if vec is None:
@@ -413,8 +409,22 @@ class _LossReadback:
 
 
 def save_loss_plot(losses: list[float], path: Path) -> Path | None:
+    """The loss curve as a PNG beside the archive; None if there is nothing to plot or it cannot be written.
+
+    It is drawn after the archive is complete, so a failure here (a full disk, an unwritable name, a broken
+    matplotlib) is logged as a warning and never turns a finished run into a failed one.
+    """
     if not losses:
         return None
+    try:
+        return _draw_loss_plot(losses, path)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the trained archive is already safe on disk
+        logger.warning("could not write the loss plot %s (%s: %s); the archive is complete", path,
+                       e.__class__.__name__, e)
+        return None
+
+
+def _draw_loss_plot(losses: list[float], path: Path) -> Path:
     import io
 
     import matplotlib
