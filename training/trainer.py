@@ -201,7 +201,10 @@ class Trainer:
 
     def cache_all_latents(self) -> None:
         if self.t.cache_latents:
-            for i in range(len(self.examples)):
+            from tqdm.auto import tqdm
+
+            # a bar: on CPU (or a slow VAE) encoding every image takes long enough to look like a hang
+            for i in tqdm(range(len(self.examples)), desc="caching latents", unit="image", disable=self.rank != 0):
                 self.latents_for([i])
 
     # ---- one step ------------------------------------------------------------------------------------
@@ -321,6 +324,7 @@ class Trainer:
             optimizer=self.optimizer, param_names=self.param_names,
             state={"losses": self.losses, "config": self.cfg.to_dict(),
                    "token_id": self.token.token_id if self.token else None},
+            keep=self.t.keep_checkpoints,
         )
         logger.info("checkpoint saved: %s", path)
         return path
@@ -331,6 +335,10 @@ class Trainer:
         where = ckpt.find_checkpoint(path)
         state = ckpt.load_checkpoint(where)
         ckpt.check_compatible(state, where, self.t)
+        if int(state["step"]) > self.t.steps:  # fit would train nothing and write an archive of the longer run
+            raise ckpt.CheckpointError(
+                f"checkpoint {where} is at step {state['step']}, past train.steps={self.t.steps}; to train further "
+                f"set train.steps above {state['step']} (e.g. --set train.steps={2 * int(state['step'])})")
         result = set_peft_model_state_dict(self.pipe.transformer, state["lora"], adapter_name=ADAPTER_NAME)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
@@ -373,6 +381,8 @@ class Trainer:
                     out.append(path)
         finally:
             self.pipe.transformer.train(was_training)
+        if out:
+            logger.info("step %d: %d sample image(s) written to %s", self.step, len(out), out[0].parent)
         return out, images
 
     def export(self, archive_path: Path) -> Path:
