@@ -58,7 +58,8 @@ class InferenceSession:
                 logger.info("token %r has id %d here (it was %s at training time); mapped by string",
                             archive.token, reg.token_id, archive.meta.placeholder_token_id)
         if archive.has_lora:
-            self.lora_report = load_lora_into_pipeline(pipe, archive.lora_state_dict, scale=lora_scale)
+            self.lora_report = load_lora_into_pipeline(pipe, archive.lora_state_dict, scale=lora_scale,
+                                                       metadata=archive.lora_metadata)
         self.archive = archive
 
     def set_lora_scale(self, scale: float) -> None:
