@@ -28,8 +28,8 @@ def comfyui_path() -> Path:
 def comfyui_available() -> tuple[bool, str]:
     p = comfyui_path()
     if not (p / "main.py").is_file():
-        return False, (f"ComfyUI NOT FOUND at {p}: real-ComfyUI integration tests SKIPPED. Set COMFYUI_PATH or "
-                       "run ../shared/tools/comfyui-setup GITDIR")
+        return False, (f"ComfyUI NOT FOUND at {p}: real-ComfyUI integration tests SKIPPED. Set COMFYUI_PATH to a "
+                       "ComfyUI clone whose requirements.txt is installed in this environment")
     return True, str(p)
 
 
