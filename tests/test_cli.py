@@ -95,6 +95,24 @@ def test_errors_name_the_right_thing_and_create_no_folder(tiny_model_dir, datase
     assert not run.exists()  # no empty output folder from any of these
 
 
+def test_unreachable_hub_is_one_clear_error(monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from qwen_zero_prior.training.models import ModelLoadError, check_hub_model
+
+    def no_network(repo, *a, **kw):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+    with pytest.raises(ModelLoadError) as e:
+        check_hub_model("nobody/no-such-model")
+    msg = str(e.value)
+    assert "could not be reached on the Hugging Face Hub (ConnectionError: [Errno -2] Name or service not known)" in msg
+    assert "not in the local cache" in msg and "stacktrace" not in msg and "\n" not in msg
+
+
 def test_cpu_bf16_warns_once(tiny_model_dir, caplog):
     from qwen_zero_prior.training import models
     from qwen_zero_prior.training.config import ModelConfig

@@ -103,6 +103,13 @@ def check_hub_model(repo: str) -> None:
         return  # in the local cache: diffusers loads it from there when offline
     fix = (f"download it once on a machine with internet access (`hf download {repo}`, cache in "
            f"{constants.HF_HUB_CACHE}), or set model.base_model to a local diffusers-layout Qwen-Image folder")
+
+    def unreachable(why: str) -> ModelLoadError:
+        return ModelLoadError(f"model.base_model {repo!r} could not be reached on the Hugging Face Hub ({why}); it is "
+                              f"not in the local cache, and {Path.cwd()} has no folder of that name. To fix: {fix}")
+
+    if constants.HF_HUB_OFFLINE:
+        raise unreachable("HF_HUB_OFFLINE is set")
     try:
         model_info(repo)
     except GatedRepoError as e:
@@ -115,9 +122,7 @@ def check_hub_model(repo: str) -> None:
         raise ModelLoadError(f"model.base_model {repo!r}: the Hugging Face Hub answered "
                              f"{_strip_stacktrace_hint(str(e)).splitlines()[0]}; {fix}") from e
     except _hub_network_errors() as e:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        raise ModelLoadError(f"model.base_model {repo!r} could not be reached on the Hugging Face Hub ({why}); it is "
-                             f"not in the local cache, and {Path.cwd()} has no folder of that name. To fix: {fix}") from e
+        raise unreachable(f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def load_pipeline(cfg: ModelConfig, device: torch.device | None = None, progress: bool = False):
