@@ -1,4 +1,4 @@
-"""LoRA on the Qwen-Image transformer (through peft / diffusers) and kohya <-> diffusers key conversion.
+"""LoRA on the Qwen-Image transformer (through peft / diffusers) and conversion between LoRA key styles.
 
 Exported LoRAs use diffusers keys (``transformer.<module>.lora_A.weight`` / ``lora_B.weight``) with the
 ``alpha / rank`` scale folded into ``lora_B``. That is the convention every loader shares when a file carries
