@@ -16,7 +16,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..training.lora import LoraError, check_lora_finite
+from ..training.lora import LoraError, check_lora_finite, header_alpha_tensors
 from .paths import resolve_input_path
 from .sockets import CATEGORY, ZeroPriorArchive
 
@@ -158,6 +158,7 @@ class ApplyQwenLoRAFile(io.ComfyNode):
         path = resolve_input_path(full, "LoRA")
         if path.suffix.lower() != ".safetensors":
             raise ValueError(f"{path.name}: only .safetensors LoRAs are loaded (no pickle)")
-        sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+        sd, header = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+        sd.update(header_alpha_tensors(sd, header, path.name))  # diffusers' dreambooth alpha is only in the header
         out, patched, unloaded = apply_lora(model, sd, strength, path.name)
         return io.NodeOutput(out, ui={"text": [_report(patched, unloaded)]})

@@ -24,17 +24,20 @@ def _tokenizer_dir() -> Path | None:
 
 
 TOKENIZER_DIR = _tokenizer_dir()
+TOKENIZER_MISSING = (
+    "Qwen-Image's tokenizer not found: set QWEN_IMAGE_TOKENIZER to a folder with its vocab.json (e.g. "
+    "hf download Qwen/Qwen-Image --include 'tokenizer/*' --local-dir qwen-image; then qwen-image/tokenizer)"
+)
 needs_tokenizer = pytest.mark.skipif(
     TOKENIZER_DIR is None,
-    reason="real Qwen-Image tokenizer not found: expected ../shared/tokenizers/qwen-image beside the checkout "
-    "(or set QWEN_IMAGE_TOKENIZER)",
+    reason=TOKENIZER_MISSING,
 )
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     if TOKENIZER_DIR is None:
-        pytest.skip("real Qwen-Image tokenizer not found (../shared/tokenizers/qwen-image); set QWEN_IMAGE_TOKENIZER")
+        pytest.skip(TOKENIZER_MISSING)
     return TOKENIZER_DIR
 
 

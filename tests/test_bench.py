@@ -52,3 +52,13 @@ def test_trace_gaps_charges_idle_time_to_the_launching_range():
     assert rep["by_label_ms"] == {"encode": 2.0, "backward (autograd thread)": 1.0}
     assert rep["gaps"][0] == {"ms": 2.0, "at_ms": 0.9, "label": "encode", "next_kernel": "after_sync"}
     assert "encode" in format_report(rep)
+
+
+def test_bench_demo_reports_the_demo_time(tmp_path):
+    """The demo's wall time is reported by bench/bench_demo.py (tests never assert a time)."""
+    from bench.bench_demo import main
+
+    out = tmp_path / "demo.json"
+    assert main(["--steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["steps"] == 2 and len(result["seconds"]) == 1 and result["median_s"] > 0

@@ -92,3 +92,27 @@ def test_replace_validates():
     assert cfg.train.steps == 7
     with pytest.raises(ConfigError):
         Config().replace(train={"steps": -1})
+
+
+def test_override_errors_name_the_override_not_the_yaml(tmp_path):
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("train:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        Config.from_yaml(ok, ["train.step=5"])
+    msg = str(e.value)
+    assert msg.startswith("--set train.step=5: unknown key train.step") and str(ok) not in msg
+    assert "steps" in msg  # the known keys are listed
+    with pytest.raises(ConfigError, match=r"^--set trian.steps=5: unknown section 'trian'"):
+        Config.from_yaml(ok, ["trian.steps=5"])
+    # the YAML's own mistakes still name the file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=f"^{bad}: unknown key train.stepz"):
+        Config.from_yaml(bad, ["train.steps=5"])
+
+
+def test_keep_checkpoints_field():
+    assert Config().train.keep_checkpoints == 2
+    assert Config.from_dict({"train": {"keep_checkpoints": 0}}).train.keep_checkpoints == 0
+    with pytest.raises(ConfigError, match="train.keep_checkpoints must be >= 0"):
+        Config.from_dict({"train": {"keep_checkpoints": -1}})

@@ -158,6 +158,10 @@ class TrainConfig:
     resolution: int = _f(1024, "Training resolution (area of the aspect-ratio buckets), multiple of 16.", min=16, max=4096)
     seed: int = _f(42, "Random seed (data order, noise, init).", min=0, max=2**32 - 1)
     checkpoint_every: int = _f(250, "Save a resumable checkpoint every N steps; 0 disables.", min=0)
+    keep_checkpoints: int = _f(
+        2, "Keep the newest N checkpoints under checkpoints/ (older ones are deleted when one is written); 0 keeps all.",
+        min=0,
+    )
     weighting_scheme: str = _f(
         "none", "Timestep sampling, as diffusers' training scripts.", choices=WEIGHTING_SCHEMES
     )
@@ -355,9 +359,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in data.items()}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=500")
+            raise ConfigError(f"--set {item!r} must look like section.key=value, e.g. --set train.steps=500")
         key, raw = item.split("=", 1)
         section, name = key.strip().split(".", 1)
+        _check_override_key(item, section, name)  # named as --set: the YAML file is not what is wrong
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
@@ -369,6 +374,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: section {section!r} is not a mapping")
         sect[name] = value
     return data
+
+
+def _check_override_key(item: str, section: str, name: str) -> None:
+    sections = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"--set {item}: unknown section {section!r} (known: {', '.join(sections)})")
+    known = [f.name for f in dataclasses.fields(sections[section])]
+    if name not in known:
+        raise ConfigError(f"--set {item}: unknown key {section}.{name} (known keys in {section}: {', '.join(known)})")
 
 
 def field_spec(section: str, name: str) -> dict:

@@ -84,7 +84,7 @@ class InferenceSession:
                                 archive.token, reg.token_id, archive.meta.placeholder_token_id)
             if archive.has_lora:
                 self.lora_report = load_lora_into_pipeline(pipe, archive.lora_state_dict, scale=lora_scale,
-                                                           source=where)
+                                                           source=where, metadata=archive.lora_metadata)
         except BaseException:
             self.clear()
             raise

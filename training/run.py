@@ -85,6 +85,7 @@ class DemoResult:
     last_loss: float
     token_id: int | None
     seconds: float
+    model_dir: Path | None = None  # the tiny model: a base_model to train on offline
 
 
 def demo(output_dir: str | Path, steps: int = 150, resolution: int = 64) -> DemoResult:
@@ -92,7 +93,7 @@ def demo(output_dir: str | Path, steps: int = 150, resolution: int = 64) -> Demo
     from .tiny import make_synthetic_dataset, save_tiny_pipeline
 
     t0 = time.time()
-    out = Path(output_dir)
+    out = Path(output_dir).resolve()  # meta.json's base_model is then this absolute folder: usable from anywhere
     out.mkdir(parents=True, exist_ok=True)
     model_dir = save_tiny_pipeline(out / "tiny-qwen-image")
     data_dir = make_synthetic_dataset(out / "dataset", n=4, size=resolution)
@@ -112,4 +113,5 @@ def demo(output_dir: str | Path, steps: int = 150, resolution: int = 64) -> Demo
     img.save(image_path)
     k = max(1, len(result.losses) // 10)  # per-step losses are noisy (random timesteps): compare tenths
     first, last = sum(result.losses[:k]) / k, sum(result.losses[-k:]) / k
-    return DemoResult(result.archive, image_path, result.loss_plot, first, last, result.token_id, time.time() - t0)
+    return DemoResult(result.archive, image_path, result.loss_plot, first, last, result.token_id, time.time() - t0,
+                      model_dir)

@@ -154,7 +154,10 @@ class Trainer:
 
     def cache_all_latents(self) -> None:
         if self.t.cache_latents:
-            for i in range(len(self.examples)):
+            from tqdm.auto import tqdm
+
+            # a bar: on CPU (or a slow VAE) encoding every image takes long enough to look like a hang
+            for i in tqdm(range(len(self.examples)), desc="caching latents", unit="image", disable=self.rank != 0):
                 if i not in self._latents:
                     self._latents[i] = self.backend.latent(self.examples[i])
 
@@ -255,6 +258,7 @@ class Trainer:
             state={"losses": self.losses, "config": self.cfg.to_dict(), "trainer": self.backend.name,
                    "token_id": self.token.token_id if self.token else None,
                    "dataset": dataset_fingerprint(self.examples)},
+            keep=self.t.keep_checkpoints,
         )
         logger.info("checkpoint saved: %s", path)
         return path
@@ -272,6 +276,10 @@ class Trainer:
                 f"{self.backend.name} one"
             )
         ckpt.check_compatible(state, where, self.t, dataset=dataset_fingerprint(self.examples), force=force)
+        if int(state["step"]) > self.t.steps:  # fit would train nothing and write an archive of the longer run
+            raise ckpt.CheckpointError(
+                f"checkpoint {where} is at step {state['step']}, past train.steps={self.t.steps}; to train further "
+                f"set train.steps above {state['step']} (e.g. --set train.steps={2 * int(state['step'])})")
         own = self.lora_state()
         ckpt.check_lora_shapes(state["lora"], own, where)
         unexpected = sorted(set(state["lora"]) - set(own))
@@ -306,6 +314,8 @@ class Trainer:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 img.save(path)
                 out.append(path)
+        if out:
+            logger.info("step %d: %d sample image(s) written to %s", self.step, len(out), out[0].parent)
         return out, images
 
     def export(self, archive_path: Path) -> Path:
