@@ -342,12 +342,57 @@ def text_len_of(trainer) -> int:
 
 
 # ---- main -------------------------------------------------------------------------------------------------
+def apply_memory_cap(cap_gib: float, device: torch.device) -> float | None:
+    """A hard per-process cap (how an 80 GB or 24 GB card is emulated on a bigger one); call before anything else
+    allocates on the GPU. Returns the fraction set."""
+    if not cap_gib or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, cap_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
+def run_isolated(args, argv: list[str]) -> dict:
+    """Each ``--variant`` in its own process (a CUDA OOM or a crash of one cannot take the others down, and each
+    starts with clean memory); a variant that fails is a row saying how, not a dead benchmark."""
+    import subprocess
+
+    res: dict = {"size": args.size, "mode": "variants (isolated)", "memory_cap_gib": args.memory_cap_gib or None,
+                 "resolution": args.res, "rank": args.rank, "rows": []}
+    base = [a for a in argv if a != "--isolate"]
+    base = [a for i, a in enumerate(base) if a != "--variant" and (i == 0 or base[i - 1] != "--variant")]
+    base = [a for i, a in enumerate(base) if a != "--out" and (i == 0 or base[i - 1] != "--out")]
+    for spec in args.variant:
+        out = Path(tempfile.mkdtemp(prefix="qzp-variant-")) / "row.json"
+        cmd = [sys.executable, "-m", "bench.bench_step", *base, "--variant", spec, "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0 and out.is_file():
+            child = json.loads(out.read_text())
+            for key in ("device", "torch", "diffusers", "peft", "transformers"):
+                res.setdefault(key, child.get(key))
+            res["rows"] += child["rows"]
+            continue
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        kind = ("CUDA out of memory" if "OutOfMemoryError" in tail or "CUDA out of memory" in tail else
+                f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}")
+        row = {"name": f"b-variant {spec or 'defaults'}", "error": kind, "ms_median": float("nan"),
+               "log_tail": tail[-1200:]}
+        res["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
+    return res
+
+
 def run(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device_obj = device
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     res: dict = {"size": args.size, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "resolution": args.res, "rank": args.rank, "rows": []}
+                 "torch": torch.__version__, "resolution": args.res, "rank": args.rank, "rows": [],
+                 "memory_cap_gib": args.memory_cap_gib or None}
+    fraction = apply_memory_cap(args.memory_cap_gib, device)
+    if fraction is not None:
+        res["memory_fraction"] = round(fraction, 4)
     import diffusers
     import peft
     import transformers
@@ -683,20 +728,27 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", action="store_true", help="--mode variants: print each variant's top kernels")
     p.add_argument("--fp8", action="store_true", help="also time (b) with model.fp8_matmul (run last, in place)")
     p.add_argument("--capped-gib", type=float, default=24.0)
+    p.add_argument("--memory-cap-gib", type=float, default=0.0,
+                   help="hard per-process GPU memory cap set before anything is built (80 GB card: 78); 0: none")
+    p.add_argument("--isolate", action="store_true",
+                   help="--mode variants: each variant in its own process; an OOM or crash becomes a row")
     p.add_argument("--trace", help="folder: Chrome traces of two (b) steps (fp8 row, variants) and a GPU-idle report")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    res = run(args)
+    res = run_isolated(args, list(sys.argv[1:] if argv is None else argv)) if args.isolate else run(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"\n{'variant':78s} {'ms':>9s} {'steady':>7s} {'TFLOP':>7s} {'MFU':>6s} {'GiB':>6s} {'busy':>6s}")
     for r in res["rows"]:
+        if r.get("error"):
+            print(f"{r['name'][:78]:78s} {r['error']}")
+            continue
         print(f"{r['name'][:78]:78s} {r['ms_median']:9.1f} {str(r.get('ms_steady_median', '')):>7s} "
               f"{str(r.get('tflop')):>7s} {str(r.get('mfu')):>6s} "
               f"{str(r.get('peak_mem_gib')):>6s} {str(r.get('gpu_busy_ms', '')):>6s}")
     print(f"matmul peak {res.get('matmul_peak_tflops')} TFLOP/s (bf16), {res.get('fp8_matmul_peak_tflops')} (fp8 "
-          f"row-scaled) on {res['device']}")
+          f"row-scaled) on {res.get('device')}; memory cap {res.get('memory_cap_gib')} GiB")
     return 0
 
 

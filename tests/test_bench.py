@@ -62,3 +62,23 @@ def test_bench_demo_reports_the_demo_time(tmp_path):
     assert main(["--steps", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["steps"] == 2 and len(result["seconds"]) == 1 and result["median_s"] > 0
+
+
+def test_isolated_variants_record_failures_as_rows(tmp_path, monkeypatch):
+    """``--isolate`` runs each variant in its own process: one that fails (here: an invalid setting, standing in
+    for a CUDA OOM or a crash) becomes a row saying how, the others still run, and the cap is in the JSON."""
+    import os
+
+    from bench.bench_step import main
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "v.json"
+    assert main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+                 "--warmup", "1", "--iters", "1", "--mode", "variants", "--isolate", "--memory-cap-gib", "78",
+                 "--variant", "text_prefix_cache=1", "--variant", "compile_mode=reduce-overhead",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["memory_cap_gib"] == 78 and len(res["rows"]) == 2
+    ok, failed = res["rows"]
+    assert ok["ms_median"] > 0 and "error" not in ok
+    assert failed["error"].startswith("exit ") and "compile_mode is set but model.compile is false" in failed["log_tail"]

@@ -333,7 +333,7 @@ def test_lora_load_errors_name_key_and_shapes(tiny_pipe):
                                             "transformer.nope.lora_B.weight": torch.zeros(32, 4)}, source="w.zip")
     with pytest.raises(LoraError, match="holds NaN or Inf"):
         load_lora_into_pipeline(tiny_pipe, {**lora, key: torch.full((32, 4), float("inf"))})
-    with pytest.raises(LoraError, match="has no lora_B partner"):
+    with pytest.raises(LoraError, match="to_k.* has no lora_B"):
         load_lora_into_pipeline(tiny_pipe, {k: v for k, v in lora.items() if k != key})
     assert not has_lora_layers(tiny_pipe.transformer)  # nothing was half-loaded
     assert load_lora_into_pipeline(tiny_pipe, lora) == {"missing": [], "unexpected": []}
@@ -518,7 +518,7 @@ def test_full_disk_found_at_start(tmp_path, dataset_dir, monkeypatch, capsys):
                  "--set", "model.base_model=/no/such/model"]) == 2
     line = _one_line_error(capsys)
     assert f"output folder {out} is on a full disk" in line and "No space left on device" in line
-    assert list(out.iterdir()) == []  # the probe is gone
+    assert not out.exists()  # the probe is gone, and so is the folder the CLI created for this failed run
 
 
 def _drop_dac_caps() -> None:

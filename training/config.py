@@ -103,6 +103,11 @@ class ModelConfig:
     offload_budget_gib: float = _f(
         0.0, "GPU memory to plan for with offload (GiB); 0: the card's total memory.", min=0.0, max=1024.0
     )
+    memory: str = _f(
+        "auto", "Memory plan: auto picks the fastest that fits this GPU (resident, checkpoint = gradient "
+        "checkpointing, offload = 24 GB cards) and logs why; manual keeps gradient_checkpointing/offload as set.",
+        choices=("auto", "manual", "resident", "checkpoint", "offload"),
+    )
     text_prefix_cache: bool = _f(
         True, "Encode the caption text before the first placeholder once and run only the rest each step (exact)."
     )
@@ -114,12 +119,25 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.offload and self.fp8_matmul:
-            raise ConfigError("model.offload and model.fp8_matmul both replace the transformer's linear layers; "
-                              "set one of them to false")
-        if self.offload and self.compile:
-            raise ConfigError("model.offload streams weights from Python code that torch.compile cannot trace; "
-                              "set model.compile: false")
+        offload = self.offload or self.memory == "offload"
+        if offload and self.fp8_matmul:
+            raise ConfigError("model.offload (or memory: offload) and model.fp8_matmul both replace the "
+                              "transformer's linear layers; set one of them to false")
+        if offload and self.compile:
+            raise ConfigError("model.offload (or memory: offload) streams weights from Python code that "
+                              "torch.compile cannot trace; set model.compile: false")
+        if self.compile_mode is not None and not self.compile:
+            raise ConfigError(f"model.compile_mode is set but model.compile is false (compile_mode "
+                              f"{self.compile_mode!r} would be ignored); set model.compile: true or drop compile_mode")
+        recomputes = self.gradient_checkpointing or offload or self.memory == "checkpoint"
+        if self.compile_mode == "reduce-overhead" and recomputes:
+            # seen on an H100: "graph recording observed an input tensor deallocate" in the first step
+            raise ConfigError("model.compile_mode reduce-overhead (CUDA graphs) crashes with gradient checkpointing "
+                              "(gradient_checkpointing, memory: checkpoint or offload); use the default compile "
+                              "mode, or memory: auto (it switches the mode when it must checkpoint)")
+        if self.quantize and (offload or self.fp8_matmul):
+            raise ConfigError("model.quantize (fp8 storage through diffusers' layerwise casting) cannot be combined "
+                              "with offload or fp8_matmul, which convert the same layers their own way; keep one")
         if not isinstance(self.base_model, str) or not self.base_model.strip():
             raise ConfigError(f"model.base_model must be a folder or hub id, got {self.base_model!r}")
         if not _DEVICE.match(self.device):

@@ -19,6 +19,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "zero_prior"
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")  # a diffusers key, after "transformer."
 
 
 class LoraError(ValueError):

@@ -126,12 +126,14 @@ def check_hub_model(repo: str) -> None:
         raise unreachable(f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def load_pipeline(cfg: ModelConfig, device: torch.device | None = None, progress: bool = False):
+def load_pipeline(cfg: ModelConfig, device: torch.device | None = None, progress: bool = False,
+                  place: bool = True):
     """The family's pipeline (``QwenImagePipeline`` / ``QwenImage21Pipeline``) for ``cfg.base_model`` on
     ``device`` in ``cfg.dtype`` (+ fp8 storage if asked).
 
     ``progress`` keeps the pipeline's denoising progress bar on (the CLI's predict); the trainer's samples and the
-    Cog predictor run without one.
+    Cog predictor run without one. ``place=False`` leaves it on the CPU (the trainer first chooses a memory plan,
+    then :func:`place_pipeline`).
     """
     from .families import FamilyError, resolve_family
 
@@ -164,14 +166,21 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | None = None, progress
             f"model.base_model {base!r} could not be loaded ({_strip_stacktrace_hint(str(e))}). Use a local "
             "diffusers-layout folder, or a hub id on a machine with internet access."
         ) from e
-    if cfg.offload:  # the trainer converts and places the transformer and text encoder (training/offload.py)
+    pipe.set_progress_bar_config(disable=not progress, desc="denoising")
+    if place:
+        place_pipeline(pipe, cfg, device)
+    return pipe
+
+
+def place_pipeline(pipe, cfg: ModelConfig, device: torch.device) -> None:
+    """Move a loaded pipeline to ``device`` as ``cfg`` says: fp8 storage where asked; with offload only the VAE
+    (the trainer converts and places the transformer and text encoder: training/offload.py)."""
+    if cfg.offload:
         pipe.vae.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return
+    dtype = torch_dtype(cfg.dtype)
     if cfg.quantize:
         apply_fp8_storage(pipe.transformer, dtype)
     if cfg.quantize_te:
         apply_fp8_storage(pipe.text_encoder, dtype)
     pipe.to(device)
-    pipe.set_progress_bar_config(disable=not progress, desc="denoising")
-    return pipe

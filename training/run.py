@@ -14,7 +14,7 @@ from .archive import load_archive
 from .config import Config
 from .data import dataset_fingerprint, resolve_dataset, scan_dataset
 from .inference import GenerateOptions, InferenceSession
-from .models import load_pipeline
+from .models import load_pipeline, place_pipeline, resolve_device
 from .trainer import Callbacks, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx,
                 ckpt.check_compatible(ckpt.load_checkpoint(where), where, t, dataset=dataset_fingerprint(examples),
                                       force=force_resume)
             if pipe is None:
-                pipe = load_pipeline(cfg.model, device=ctx.device() if ctx.enabled and cfg.model.device == "auto" else None)
+                pipe, cfg = _load_for_training(cfg, ctx)
             trainer = Trainer(cfg, pipe, examples, output_dir, dist=ctx)
             if resume:
                 trainer.resume(resume, force=force_resume)
@@ -74,6 +74,19 @@ def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx,
     finally:
         if lock is not None:
             lock.release()
+
+
+def _load_for_training(cfg: Config, ctx):
+    """The pipeline, loaded on the CPU, placed by the memory plan (``model.memory``, see training/memory.py); the
+    config with that plan applied."""
+    from . import memory
+
+    device = ctx.device() if ctx.enabled and cfg.model.device == "auto" else resolve_device(cfg.model.device)
+    pipe = load_pipeline(cfg.model, device=device, place=False)
+    weights = memory.module_bytes(pipe.transformer, pipe.text_encoder, pipe.vae)
+    cfg, _ = memory.resolve(cfg, weights, device)
+    place_pipeline(pipe, cfg.model, device)
+    return pipe, cfg
 
 
 @dataclass

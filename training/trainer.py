@@ -338,6 +338,21 @@ class Trainer:
         return write_archive(archive_path, meta, self.backend.export_lora(), self.token.vector if self.token else None)
 
     # ---- the loop -------------------------------------------------------------------------------------
+    def _log_summary(self, step_seconds: list[float]) -> None:
+        """One line per process: median s/step after the first, samples/s of the whole job, peak GPU memory."""
+        if not step_seconds:
+            return
+        per_step = _median(step_seconds[1:] or step_seconds)
+        global_batch = self.t.batch_size * self.world
+        peak = ""
+        if self.device.type == "cuda":
+            peak = (f"; peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB allocated, "
+                    f"{torch.cuda.max_memory_reserved(self.device) / 2**30:.1f} GiB reserved")
+        logger.info("%d steps: median %.3f s/step after the first (first %.1f s), %.2f samples/s with %d "
+                    "process(es) x batch %d%s", len(step_seconds), per_step, step_seconds[0],
+                    global_batch / per_step if per_step == per_step and per_step > 0 else float("nan"),
+                    self.world, self.t.batch_size, peak)
+
     def fit(self, archive_path: Path, callbacks: Callbacks | None = None) -> TrainResult:
         from tqdm.auto import tqdm
 
@@ -380,11 +395,17 @@ class Trainer:
             bar.close()
         if self.t.checkpoint_every:
             self.save_checkpoint()
+        self._log_summary(step_seconds)
         archive = self.export(archive_path) if self.dist.is_main else archive_path
         plot = save_loss_plot(self.losses, archive_path.with_name(archive_path.stem + "_loss.png")) if self.dist.is_main else None
         barrier(self.dist)  # the other ranks return once the archive is complete
         return TrainResult(archive, self.step, list(self.losses), self.token.token_id if self.token else None,
                            plot, samples, time.time() - t0, step_seconds)
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if v else float("nan")
 
 
 class StepInputs(NamedTuple):

@@ -1,0 +1,151 @@
+"""``model.memory``: how the models are placed for training, chosen from the GPU's memory when ``auto``.
+
+Plans, fastest first:
+
+- ``resident``: every weight on the GPU, no recomputation;
+- ``checkpoint``: every weight on the GPU, the transformer's activations recomputed per block in the backward
+  (``gradient_checkpointing``): ~20 GiB less at 1024² for ~30% more compute;
+- ``offload``: fp8 transformer weights, what does not fit streamed from CPU memory, the text encoder's layers
+  streamed, checkpointing (``training/offload.py``): trains on 24 GB cards.
+
+``auto`` (the default) picks the first that fits the memory this process may use: the device's total, or less
+under a per-process cap (``torch.cuda.set_per_process_memory_fraction``, how an 80 GB card is emulated on a bigger
+one), minus what other processes hold. It logs the plan and why. ``manual`` keeps ``gradient_checkpointing`` and
+``offload`` exactly as set (the settings before this option existed). On a CPU every plan is ``resident``.
+
+The activation figures are per-sample at 1024² (4096 image tokens), from full-scale H200 runs
+(``docs/benchmarks.md``): ~54 GiB of bf16 weights; the step peaked at 75.8 GiB resident (compiled), the eager
+resident step did not fit 78 GiB, and with checkpointing it peaked at 57.3-57.4 GiB; they scale with the number of
+image tokens. A safety margin covers the allocator's fragmentation and the text encoder's CUDA-graph pools.
+
+:func:`resolve` applies the plan to a :class:`~qwen_zero_prior.training.config.Config` and adjusts what the plan
+makes impossible (reduce-overhead CUDA graphs crash with checkpointing: "graph recording observed an input tensor
+deallocate"; offload streams weights from Python code compile cannot trace), logging each change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PLANS = ("auto", "manual", "resident", "checkpoint", "offload")
+GIB = 2**30
+# per sample at 1024², activations kept for the backward: the compiled step peaked at 75.8 GiB (~19 GiB of
+# activations); the eager one did not fit 78 GiB (75.7 GiB allocated at its OOM), so eager needs more
+ACT_RESIDENT_GIB = 24.0
+ACT_CHECKPOINT_GIB = 1.5  # per sample at 1024² with per-block recomputation
+MARGIN_GIB = 4.0  # allocator fragmentation, CUDA-graph pools, the optimizer's state and the LoRA
+REDUCE_OVERHEAD_POOL_GIB = 3.5  # torch.compile's reduce-overhead graphs keep their own memory pools
+
+
+@dataclass
+class MemoryPlan:
+    mode: str  # resident | checkpoint | offload
+    reason: str
+    capacity_gib: float | None = None
+    weights_gib: float | None = None
+    need_gib: dict | None = None
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.mode in ("checkpoint", "offload")
+
+    @property
+    def offload(self) -> bool:
+        return self.mode == "offload"
+
+
+CAPACITY_ENV = "QZP_GPU_MEMORY_GIB"  # an external per-process limit torch cannot see (a cluster's), in GiB
+
+
+def per_process_capacity(device: torch.device) -> tuple[float, float]:
+    """(bytes this process may allocate on ``device``, bytes free on the device now): the device's memory, less
+    under ``torch.cuda.set_per_process_memory_fraction`` or ``QZP_GPU_MEMORY_GIB``, at most what is free plus what
+    this process already holds."""
+    import os
+
+    # an index always: the fraction getter does not resolve a bare "cuda" (it answered 1.0 under a 78 GiB cap)
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info(device)
+    env = os.environ.get(CAPACITY_ENV)
+    if env:
+        total = min(total, float(env) * GIB)
+    fraction = 1.0
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is not None:
+        try:
+            fraction = float(getter(device.index))
+        except (RuntimeError, TypeError, ValueError):  # older builds, or no allocator yet
+            fraction = 1.0
+    return min(total * fraction, free + torch.cuda.memory_allocated(device)), float(free)
+
+
+def activation_gib(per_sample_1024: float, resolution: int, batch_size: int) -> float:
+    return per_sample_1024 * batch_size * (resolution / 1024) ** 2
+
+
+def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, device: torch.device,
+           reduce_overhead: bool = False, capacity_bytes: float | None = None) -> MemoryPlan:
+    """The plan for ``mode`` (see the module docstring). ``weights_bytes``: the frozen models' bytes once placed
+    (transformer + text encoder + VAE). ``capacity_bytes`` overrides what the device reports (tests)."""
+    if mode in ("resident", "checkpoint", "offload"):
+        return MemoryPlan(mode, f"model.memory: {mode}")
+    if device.type != "cuda" and capacity_bytes is None:
+        return MemoryPlan("resident", f"{device.type}: no GPU memory to plan for")
+    if capacity_bytes is None:
+        capacity_bytes, _ = per_process_capacity(device)
+    cap, w = capacity_bytes / GIB, weights_bytes / GIB
+    pools = REDUCE_OVERHEAD_POOL_GIB if reduce_overhead else 0.0
+    need = {
+        "resident": round(w + activation_gib(ACT_RESIDENT_GIB, resolution, batch_size) + MARGIN_GIB + pools, 1),
+        "checkpoint": round(w + activation_gib(ACT_CHECKPOINT_GIB, resolution, batch_size) + MARGIN_GIB, 1),
+    }
+    for plan in ("resident", "checkpoint"):
+        if need[plan] <= cap:
+            why = (f"{plan}: needs ~{need[plan]} GiB ({w:.1f} GiB weights + activations at {resolution}² x "
+                   f"{batch_size}) of {cap:.1f} GiB available")
+            if plan == "checkpoint":
+                why += f"; resident would need ~{need['resident']} GiB"
+            return MemoryPlan(plan, why, round(cap, 1), round(w, 1), need)
+    return MemoryPlan("offload", f"offload: resident needs ~{need['resident']} GiB and checkpointing ~"
+                      f"{need['checkpoint']} GiB, more than the {cap:.1f} GiB available", round(cap, 1), round(w, 1),
+                      need)
+
+
+def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float | None = None):
+    """(cfg with ``model.memory`` resolved to a plan and its settings applied, the plan) — or ``(cfg, None)`` for
+    ``manual``. Explicit ``offload: true`` / ``gradient_checkpointing: true`` are floors for ``auto``."""
+    m, t = cfg.model, cfg.train
+    if m.memory == "manual":
+        return cfg, None
+    mode = m.memory
+    if mode == "auto" and m.offload:
+        mode = "offload"
+    plan = choose(mode, weights_bytes=weights_bytes, resolution=t.resolution, batch_size=t.batch_size,
+                  device=device, reduce_overhead=m.compile and m.compile_mode == "reduce-overhead",
+                  capacity_bytes=capacity_bytes)
+    if plan.mode == "resident" and m.gradient_checkpointing:
+        plan = MemoryPlan("checkpoint", plan.reason + "; model.gradient_checkpointing: true keeps checkpointing",
+                          plan.capacity_gib, plan.weights_gib, plan.need_gib)
+    model = {"memory": plan.mode, "gradient_checkpointing": plan.gradient_checkpointing, "offload": plan.offload}
+    if plan.gradient_checkpointing and m.compile and m.compile_mode == "reduce-overhead":
+        logger.warning("memory plan %s: compile_mode reduce-overhead (CUDA graphs) crashes with gradient "
+                       "checkpointing; using the default compile mode", plan.mode)
+        model["compile_mode"] = None
+    if plan.offload and (m.compile or m.fp8_matmul):
+        logger.warning("memory plan offload: model.compile and model.fp8_matmul do not apply to offloaded "
+                       "weights; turned off")
+        model.update(compile=False, compile_mode=None, fp8_matmul=False)
+    logger.info("memory plan: %s", plan.reason)
+    return cfg.replace(model=model), plan
+
+
+def module_bytes(*modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
+__all__ = ["MemoryPlan", "PLANS", "choose", "module_bytes", "per_process_capacity", "resolve"]
