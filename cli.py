@@ -21,7 +21,7 @@ def _setup_logging(verbose: bool) -> None:
 def _cmd_demo(args) -> int:
     from .training.run import demo
 
-    r = demo(args.output, steps=args.steps)
+    r = demo(args.output, steps=args.steps, family=args.family)
     print(f"trained token id {r.token_id}; mean loss, first vs last tenth: {r.first_loss:.4f} -> {r.last_loss:.4f}")
     print(f"archive:   {r.archive}")
     print(f"image:     {r.image}")
@@ -63,10 +63,14 @@ def _cmd_predict(args) -> int:
     base = args.base_model or (archive.meta.base_model if archive else None)
     if not base:
         raise SystemExit("predict: give --base-model (or an archive whose meta.json names one)")
-    session = InferenceSession(load_pipeline(ModelConfig(base_model=base, dtype=args.dtype, device=args.device)))
+    session = InferenceSession(load_pipeline(ModelConfig(base_model=base, family=args.family, dtype=args.dtype,
+                                                         device=args.device)))
     if archive is not None:
-        session.apply(archive, lora_scale=args.lora_scale)
-    img = session.generate(GenerateOptions(args.prompt, args.negative_prompt, args.steps, args.guidance,
+        session.apply(archive, lora_scale=args.lora_scale)  # refuses an archive of the other model family
+    fam = session.family  # unset --steps / --guidance: the family's defaults (2.1: 40 steps, no CFG)
+    steps = fam.default_steps if args.steps is None else args.steps
+    guidance = fam.default_guidance if args.guidance is None else args.guidance
+    img = session.generate(GenerateOptions(args.prompt, args.negative_prompt, steps, guidance,
                                            args.width, args.height, args.seed))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline demo on a tiny random Qwen-Image (no downloads)")
     d.add_argument("--output", default="demo-output")
     d.add_argument("--steps", type=int, default=150)
+    d.add_argument("--family", default="qwen-image", choices=["qwen-image", "qwen-image-2.1"],
+                   help="which tiny model family to train (default: qwen-image)")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="train LoRA (+ zero-prior token) and write weights.zip")
@@ -117,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--base-model", help="Qwen-Image folder or hub id (default: the archive's base_model)")
     r.add_argument("--prompt", required=True)
     r.add_argument("--negative-prompt", default=" ")
-    r.add_argument("--steps", type=int, default=30)
-    r.add_argument("--guidance", type=float, default=4.0)
+    r.add_argument("--family", default="auto", choices=["auto", "qwen-image", "qwen-image-2.1"],
+                   help="model family of the base model (default: from its model_index.json)")
+    r.add_argument("--steps", type=int, help="denoising steps (default: the family's, 30 or 2.1's 40)")
+    r.add_argument("--guidance", type=float, help="true-CFG scale, 1 disables CFG (default: 4, 2.1: 1)")
     r.add_argument("--width", type=int, default=1024)
     r.add_argument("--height", type=int, default=1024)
     r.add_argument("--seed", type=int, default=0)
