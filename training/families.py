@@ -99,6 +99,8 @@ class ModelFamily:
                 return list(self.lora_presets[targets])
             return [t.strip() for t in targets.split(",") if t.strip()]
         targets = list(targets)
+        if len(targets) == 1 and targets[0] in self.lora_presets:  # a preset name the config did not know
+            return list(self.lora_presets[targets[0]])
         qi = FAMILIES[QWEN_IMAGE]
         if targets == qi.default_lora_targets:
             return self.default_lora_targets
