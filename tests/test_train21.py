@@ -256,3 +256,21 @@ def test_cli_family_errors(tiny_model_dir, tiny_model_dir_21, dataset_dir, tmp_p
     assert rc == 2 and "this archive was trained on Qwen-Image 2.1 (meta.json model_family 'qwen-image-2.1') but " \
                        "the base model is Qwen-Image ('qwen-image')" in err
     assert not (tmp_path / "no.png").exists()
+
+
+def test_fp8_storage_on_2_1(tiny_model_dir_21, dataset_dir, make_config, tmp_path):
+    """``model.quantize`` (the transformer's weights stored in fp8) trains LoRA and token on 2.1;
+    ``model.quantize_te`` (the text encoder's too) trains a plain LoRA."""
+    from qwen_zero_prior.training.models import load_pipeline
+    from qwen_zero_prior.training.run import train
+
+    cfg = make_config(tiny_model_dir_21, steps=2).replace(model={"quantize": True})
+    pipe = load_pipeline(cfg.model)
+    assert pipe.transformer.transformer_blocks[0].img_mlp.gate_layer.weight.dtype == torch.float8_e4m3fn
+    arc = load_archive(train(cfg, dataset_dir, tmp_path / "w.zip", pipe=pipe).archive)
+    assert arc.has_lora and arc.has_token and all(torch.isfinite(v).all() for v in arc.lora_state_dict.values())
+    te_cfg = make_config(tiny_model_dir_21, steps=1, train_placeholder_token=False).replace(model={"quantize_te": True})
+    te_pipe = load_pipeline(te_cfg.model)
+    assert te_pipe.text_encoder.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    plain = load_archive(train(te_cfg, dataset_dir, tmp_path / "plain.zip", pipe=te_pipe).archive)
+    assert plain.has_lora and not plain.has_token and plain.meta.model_family == "qwen-image-2.1"
