@@ -171,6 +171,20 @@ def test_registered_id_is_comfy_tokenizers(comfy):
     assert entry["outputs"]["5"]["text"] == ["<zwx> -> id 151669 (151665 at training time)"]
 
 
+def test_register_passes_non_list_token_dict_entries(comfy):
+    """ComfyUI >= 0.37's Qwen-Image 2.1 tokenizer puts a non-list entry ("keep_vision") into its token dict; the
+    registered CLIP's tokenizer must pass it through (here a test CLIP that adds one): the same conditioning."""
+    a = make_archive(comfy.models / "zero_prior" / "kv.zip", vector=_vec(41))
+    text = "a photo of <zwx>"
+    comfy.server.run(_cond_graph(comfy.names["clip"], a.name, text, "kv_ref.safetensors"))
+    g = _cond_graph(comfy.names["clip"], a.name, text, "kv.safetensors")
+    g["3"] = {"class_type": "ZPTestKeepVisionTokenizer", "inputs": {"clip": ["2", 0]}}
+    g["5"]["inputs"]["clip"] = ["3", 0]
+    comfy.server.run(g)
+    assert torch.equal(load_file(comfy.output("kv.safetensors"))["cond"],
+                       load_file(comfy.output("kv_ref.safetensors"))["cond"])
+
+
 # ---- Qwen-Image 2.1's text encoder (Qwen3-VL, ComfyUI >= 0.33) -------------------------------------------
 # ComfyUI 0.33's comfy/text_encoders/qwen3vl.py, Qwen3VLTokenizer.tokenize_with_weights (thinking=False default):
 # the user turn, then an empty think block; Qwen3VLClipModel: the last layer's output without the final RMSNorm

@@ -233,6 +233,39 @@ class ZPTestModelForward:
         return {}
 
 
+class _KeepVisionTokenizer:
+    """A ComfyUI tokenizer whose token dict also holds a non-list entry, as ComfyUI >= 0.37's Qwen-Image 2.1
+    tokenizer adds ``out["keep_vision"] = keep_vision`` (comfy/text_encoders/qwen_image21.py)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        out = self.inner.tokenize_with_weights(text, return_word_ids, **kwargs)
+        out["keep_vision"] = False
+        return out
+
+
+class ZPTestKeepVisionTokenizer:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",)}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, clip):
+        out = clip.clone()
+        out.tokenizer = _KeepVisionTokenizer(clip.tokenizer)
+        return (out,)
+
+
 class ZPTestNonQwenClip:
     """A CLIP object whose text encoder is not Qwen-Image's (stands in for an SD/Flux CLIP)."""
 
@@ -300,4 +333,5 @@ class ZPTestTrainingConditioning:
 
 
 NODE_CLASS_MAPPINGS = {"ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestTokens": ZPTestTokens, "ZPTestModelForward": ZPTestModelForward,
-                       "ZPTestNonQwenClip": ZPTestNonQwenClip, "ZPTestTrainingConditioning": ZPTestTrainingConditioning}
+                       "ZPTestNonQwenClip": ZPTestNonQwenClip,
+                       "ZPTestKeepVisionTokenizer": ZPTestKeepVisionTokenizer, "ZPTestTrainingConditioning": ZPTestTrainingConditioning}
