@@ -166,7 +166,7 @@ def _remove_empty(dirs: list[Path]) -> None:
 def _cmd_demo(args) -> int:
     from .training.run import demo
 
-    r = demo(args.output, steps=args.steps)
+    r = demo(args.output, steps=args.steps, family=args.family)
     print(f"trained token id {r.token_id}; mean loss, first vs last tenth: {r.first_loss:.4f} -> {r.last_loss:.4f}")
     print(f"archive:   {r.archive}")
     print(f"image:     {r.image}")
@@ -245,11 +245,15 @@ def _cmd_predict(args) -> int:
 
     archive = load_archive(args.archive) if args.archive else None
     base = base_model_for(archive, args.base_model)  # never downloads an archive's hub id unasked
-    pipe = load_pipeline(ModelConfig(base_model=base, dtype=args.dtype, device=args.device), progress=True)
+    pipe = load_pipeline(ModelConfig(base_model=base, family=args.family, dtype=args.dtype, device=args.device),
+                         progress=True)
     session = InferenceSession(pipe)
     if archive is not None:
-        session.apply(archive, lora_scale=args.lora_scale)
-    img = session.generate(GenerateOptions(args.prompt, args.negative_prompt, args.steps, args.guidance,
+        session.apply(archive, lora_scale=args.lora_scale)  # refuses an archive of the other model family
+    fam = session.family  # unset --steps / --guidance: the family's defaults (2.1: 40 steps, no CFG)
+    steps = fam.default_steps if args.steps is None else args.steps
+    guidance = fam.default_guidance if args.guidance is None else args.guidance
+    img = session.generate(GenerateOptions(args.prompt, args.negative_prompt, steps, guidance,
                                            args.width, args.height, args.seed))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -335,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                        **kw)
     d.add_argument("--output", default="demo-output", help="folder for the model, dataset, archive and image")
     d.add_argument("--steps", type=int, default=150, help="training steps")
+    d.add_argument("--family", default="qwen-image", choices=["qwen-image", "qwen-image-2.1"],
+                   help="which tiny model family to train")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="train a LoRA (+ the zero-prior token) and write weights.zip",
@@ -364,8 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", required=True, help="text prompt; write the token as trained, e.g. <zwx>")
     r.add_argument("--negative-prompt", default=" ",
                    help="negative prompt, used when --guidance > 1 (default: a single space, as Qwen-Image's pipeline)")
-    r.add_argument("--steps", type=int, default=30, help="denoising steps")
-    r.add_argument("--guidance", type=float, default=4.0, help="true-CFG scale; 1 disables CFG")
+    r.add_argument("--family", default="auto", choices=["auto", "qwen-image", "qwen-image-2.1"],
+                   help="model family of the base model (auto: from its model_index.json)")
+    r.add_argument("--steps", type=int, help="denoising steps (default: the family's, 30; Qwen-Image 2.1: 40)")
+    r.add_argument("--guidance", type=float, help="true-CFG scale, 1 disables CFG (default: 4; Qwen-Image 2.1: 1)")
     r.add_argument("--width", type=int, default=1024, help="image width in pixels")
     r.add_argument("--height", type=int, default=1024, help="image height in pixels")
     r.add_argument("--seed", type=int, default=0, help="random seed")

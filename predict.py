@@ -16,14 +16,16 @@ from pathlib import Path as _Path
 
 from cog import BasePredictor, Input, Path
 
-from cog_support import model_config
+from cog_support import ENV_MODEL, model_config
 
 try:
     from qwen_zero_prior.training.archive import load_archive
+    from qwen_zero_prior.training.families import FamilyMismatchError, archive_family
     from qwen_zero_prior.training.inference import GenerateOptions, InferenceSession
     from qwen_zero_prior.training.models import load_pipeline
 except ImportError:  # source folder on sys.path inside a Cog image
     from training.archive import load_archive  # type: ignore[no-redef]
+    from training.families import FamilyMismatchError, archive_family  # type: ignore[no-redef]
     from training.inference import GenerateOptions, InferenceSession  # type: ignore[no-redef]
     from training.models import load_pipeline  # type: ignore[no-redef]
 
@@ -43,8 +45,9 @@ class Predictor(BasePredictor):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         cfg = model_config()
         self.session = InferenceSession(load_pipeline(cfg))
+        self.base_model = cfg.base_model
         self.weights_digest: str | None = None
-        print(f"loaded base model {cfg.base_model} ({cfg.dtype})")
+        print(f"loaded base model {cfg.base_model} ({self.session.family.title}, {cfg.dtype})")
 
     def _use_weights(self, weights: _Path | None, lora_scale: float) -> None:
         if weights is None:
@@ -63,12 +66,18 @@ class Predictor(BasePredictor):
         self.weights_digest = None
         try:
             archive = load_archive(weights)  # ArchiveError with a clear message -> failed prediction
-            self.session.apply(archive, lora_scale=lora_scale)  # clears itself on failure
+            try:
+                self.session.apply(archive, lora_scale=lora_scale)  # clears itself on failure
+            except FamilyMismatchError as e:
+                trained = archive_family(archive.meta)
+                raise FamilyMismatchError(f"{e} This predictor serves {self.base_model} ({ENV_MODEL}); deploy one "
+                                          f"with {ENV_MODEL} set to a {trained.title} model for these weights.") from None
         except BaseException:
             self.session.clear()
             raise
         self.weights_digest = digest
-        print(f"weights loaded (sha256 {digest[:12]}): token {archive.token!r} id {self.session.token_id}, "
+        print(f"weights loaded (sha256 {digest[:12]}, {archive_family(archive.meta).title}): token {archive.token!r} "
+              f"id {self.session.token_id}, "
               f"LoRA {'yes' if archive.has_lora else 'no'}")
 
     def predict(

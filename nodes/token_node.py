@@ -7,16 +7,23 @@ not Qwen-Image's 151665 — the mapping is by string). Each occurrence of that i
 replaced by the vector itself, the mechanism ``comfy/sd1_clip.py: process_tokens`` already has for embeddings.
 One list entry stays one vector, so Qwen-Image's template drop (which counts positions) is unchanged, and the
 text encoder's weights are never touched: bf16/fp16 and fp8-stored encoders behave the same.
+
+Qwen-Image 2.1's text encoder is Qwen3-VL-8B: ComfyUI has it since 0.33 (``comfy/text_encoders/qwen3vl.py``,
+``Qwen3VLTEModel``; ComfyUI >= 0.37 adds 2.1's own ``qwen_image21.QwenImage21TEModel`` on it). Its tokenizer is
+the same bundled ``qwen25_tokenizer`` and ``process_tokens`` the same, so the token registers the same way (id
+151669 there too); an archive's ``model_family`` must match the CLIP's (one error naming both).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 
 import torch
 from comfy_api.latest import io
 
+from ..training.families import QWEN_IMAGE, QWEN_IMAGE_21, check_archive_family, get_family
 from ..training.token import check_single_id, ensure_token, validate_token
 from .sockets import CATEGORY, ZeroPriorArchive
 
@@ -39,6 +46,8 @@ class ZeroPriorTokenizer:
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
         out = self._inner.tokenize_with_weights(text, return_word_ids=return_word_ids, **kwargs)
         for batches in out.values():
+            if not isinstance(batches, list):  # e.g. ComfyUI >= 0.37's 2.1 tokenizer adds a "keep_vision" flag
+                continue
             for batch in batches:
                 for i, entry in enumerate(batch):
                     tok = entry[0]
@@ -48,6 +57,44 @@ class ZeroPriorTokenizer:
 
     def state_dict(self):
         return self._inner.state_dict()
+
+
+# ComfyUI's Qwen3-VL text-encoder classes (module, class): absent from versions before 0.33 / 0.37
+_QWEN3VL_TE = (("comfy.text_encoders.qwen3vl", "Qwen3VLTEModel"),
+               ("comfy.text_encoders.qwen_image21", "QwenImage21TEModel"))
+
+
+def _qwen3vl_classes() -> tuple[type, ...]:
+    found = []
+    for module, name in _QWEN3VL_TE:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # this ComfyUI predates it
+            continue
+    return tuple(found)
+
+
+def text_encoder_parts(clip):
+    """(ComfyUI tokenizer, its SD tokenizer, embedding width, model family) of a Qwen-Image (Qwen2.5-VL) or
+    Qwen-Image 2.1 (Qwen3-VL) CLIP, or a clear error for other CLIPs."""
+    from comfy.text_encoders.qwen_image import QwenImageTEModel
+
+    model = clip.cond_stage_model
+    qwen3vl = _qwen3vl_classes()
+    if isinstance(model, QwenImageTEModel):
+        family = QWEN_IMAGE
+    elif qwen3vl and isinstance(model, qwen3vl):
+        family = QWEN_IMAGE_21
+    else:
+        raise TypeError(
+            f"Register Zero-Prior Token needs Qwen-Image's text encoder (load it with CLIPLoader, type "
+            f"'qwen_image') or Qwen-Image 2.1's Qwen3-VL text encoder (ComfyUI 0.33 or newer); this CLIP is "
+            f"{type(model).__name__}"
+        )
+    tok = clip.tokenizer._inner if isinstance(clip.tokenizer, ZeroPriorTokenizer) else clip.tokenizer
+    sd_tok = getattr(tok, tok.clip)
+    width = getattr(model, model.clip).transformer.get_input_embeddings().weight.shape[1]
+    return tok, sd_tok, width, family
 
 
 def qwen_te_parts(clip):
@@ -71,7 +118,8 @@ def register_token(clip, archive):
     if not archive.has_token:
         logger.info("archive %s has no placeholder token; CLIP passed through", archive.source)
         return clip, None
-    base_tok, _, width = qwen_te_parts(clip)
+    base_tok, _, width, family = text_encoder_parts(clip)
+    check_archive_family(archive.meta, get_family(family), archive.source or "archive")
     if archive.vector.shape[0] != width:
         raise ValueError(
             f"archive {archive.source}: token {archive.token!r} has a {archive.vector.shape[0]}-wide vector but "
@@ -109,10 +157,12 @@ class RegisterZeroPriorToken(io.ComfyNode):
             node_id="ZeroPriorRegisterToken",
             display_name="Register Zero-Prior Token",
             category=CATEGORY,
-            description="Patches a clone of Qwen-Image's CLIP so that the archive's placeholder token (e.g. <zwx>) "
-            "is one token whose embedding is the trained vector. Write the token in CLIPTextEncode prompts.",
+            description="Patches a clone of Qwen-Image's CLIP (or Qwen-Image 2.1's Qwen3-VL) so that the archive's "
+            "placeholder token (e.g. <zwx>) is one token whose embedding is the trained vector. Write the token in "
+            "CLIPTextEncode prompts.",
             inputs=[
-                io.Clip.Input("clip", tooltip="Qwen-Image's text encoder (CLIPLoader, type qwen_image)."),
+                io.Clip.Input("clip", tooltip="Qwen-Image's text encoder (CLIPLoader, type qwen_image), or Qwen-Image "
+                              "2.1's Qwen3-VL-8B (ComfyUI 0.33+) for a 2.1 archive."),
                 ZeroPriorArchive.Input("archive", tooltip="From Load Placeholder Archive."),
             ],
             outputs=[

@@ -87,6 +87,20 @@ def tiny_pipe_21(_tiny_pipe_21_session):
     return copy.deepcopy(_tiny_pipe_21_session)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir_21(_tiny_pipe_21_session, tmp_path_factory) -> Path:
+    """The tiny 2.1 pipeline saved in diffusers layout (transformers saves and loads its Qwen3VLProcessor only
+    with torchvision, which ComfyUI's requirements install: skipped where it is absent)."""
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        pytest.skip("transformers saves/loads a Qwen3VLProcessor (QwenImage21Pipeline's) only with torchvision; "
+                    "install it (ComfyUI's requirements do) to run the Qwen-Image 2.1 folder tests")
+    d = tmp_path_factory.mktemp("tiny-qwen-image-2.1")
+    _tiny_pipe_21_session.save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def dataset_dir(tmp_path) -> Path:
     from qwen_zero_prior.training.tiny import make_synthetic_dataset

@@ -228,3 +228,55 @@ def test_cog_training_data_parallel_two_processes(env, files, tmp_path, trained)
         assert arc.has_token and arc.meta.steps == 3
     finally:
         server.stop()
+
+
+# ---- Qwen-Image 2.1: QWEN_IMAGE_MODEL at a 2.1 folder; weights of the other family refused -----------------
+def test_cog_qwen_image_21_train_predict_and_family_mismatch(tiny_model_dir_21, files, trained, predictor, tmp_path):
+    """``cog train`` on a 2.1 folder writes a 2.1 archive; ``cog predict`` on that folder uses it; each predictor
+    refuses the other family's weights with one error naming both families and the predictor's model."""
+    from qwen_zero_prior.training.archive import load_archive
+
+    root, fs = files
+    env21 = {"QWEN_IMAGE_MODEL": str(tiny_model_dir_21), "QWEN_IMAGE_DTYPE": "float32", "QWEN_IMAGE_DEVICE": "cpu"}
+    server = CogServer("train", env21, tmp_path / "train21.txt").start()
+    try:
+        r = server.post("/trainings", {"dataset": fs.url("dataset.zip"), "steps": 3, "rank": 4, "resolution": 32,
+                                       "train_placeholder_token": True, "learning_rate": 1e-2,
+                                       "token_learning_rate": 5e-2})
+        body = r.json()
+        assert body["status"] == "succeeded", (body.get("error"), body.get("logs", "")[-3000:])
+        wrong = server.post("/trainings", {"dataset": fs.url("dataset.zip"), "steps": 1, "resolution": 48}).json()
+        assert wrong["status"] == "failed"
+        assert "train.resolution must be a multiple of 32 for Qwen-Image 2.1, got 48" in wrong["error"]
+    finally:
+        server.stop()
+    (root / "weights21.zip").write_bytes(_data_uri_bytes(body["output"]["weights"]))
+    arc = load_archive(root / "weights21.zip")
+    assert arc.meta.model_family == "qwen-image-2.1" and arc.meta.placeholder_token_id == 151669
+    assert arc.meta.base_model == str(tiny_model_dir_21) and arc.has_lora and arc.meta.steps == 3
+
+    def refused(server, weights):
+        body = server.post("/predictions", {"prompt": "a photo of <zwx>", "steps": 1, "width": 64, "height": 64,
+                                            "guidance": 1.0, "replicate_weights": fs.url(weights)}).json()
+        assert body["status"] == "failed", body.get("logs")
+        return body["error"]
+
+    err = refused(predictor, "weights21.zip")
+    assert "this archive was trained on Qwen-Image 2.1 (meta.json model_family 'qwen-image-2.1') but the base " \
+           "model is Qwen-Image ('qwen-image')" in err
+    assert err.endswith(f"This predictor serves {predictor.env['QWEN_IMAGE_MODEL']} (QWEN_IMAGE_MODEL); deploy one "
+                        "with QWEN_IMAGE_MODEL set to a Qwen-Image 2.1 model for these weights.")
+
+    p21 = CogServer("predict", env21, tmp_path / "predict21.txt").start()
+    try:
+        plain, _ = _png(p21)
+        with_w, body = _png(p21, replicate_weights=fs.url("weights21.zip"))
+        assert "Qwen-Image 2.1): token '<zwx>' id 151669" in body["logs"]
+        assert plain.shape == (64, 64, 3) and np.abs(with_w - plain).max() > 0
+        err = refused(p21, "weights.zip")
+        assert "this archive was trained on Qwen-Image (meta.json model_family 'qwen-image') but the base model " \
+               "is Qwen-Image 2.1 ('qwen-image-2.1')" in err and "set to a Qwen-Image model" in err
+        again, _ = _png(p21, replicate_weights=fs.url("weights21.zip"))  # the refused weights changed nothing
+        assert np.array_equal(again, with_w)
+    finally:
+        p21.stop()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from comfy_harness.overlay import comfyui_version
 from comfy_harness.server import REPO, ComfyServer, PromptFailed, comfyui_trees, install_pack
-from comfy_harness.weights import make_archive, random_lora, write_models
+from comfy_harness.weights import make_archive, random_lora, write_models, write_qwen3vl_text_encoder
 
 pytestmark = pytest.mark.comfyui
 TREES, MISSING = comfyui_trees()
@@ -37,6 +37,7 @@ class Comfy:
     names: dict
     pipe: object  # the tiny QwenImagePipeline whose weights ComfyUI loaded
     version: str  # ComfyUI's version, e.g. "0.33.0"
+    root: Path  # the ComfyUI work tree
 
     @property
     def models(self) -> Path:
@@ -61,7 +62,7 @@ def comfy(request, tmp_path_factory, _tiny_pipe_session):
     names = write_models(base / "models", _tiny_pipe_session, root)
     server = ComfyServer(base, root=root).start()
     try:
-        yield Comfy(server, base, names, _tiny_pipe_session, version)
+        yield Comfy(server, base, names, _tiny_pipe_session, version, Path(root))
     finally:
         server.stop()
 
@@ -168,6 +169,105 @@ def test_registered_id_is_comfy_tokenizers(comfy):
     g = _cond_graph(comfy.names["clip"], a.name, "<zwx> and <zwx>", "ids.safetensors")
     entry = comfy.server.run(g)
     assert entry["outputs"]["5"]["text"] == ["<zwx> -> id 151669 (151665 at training time)"]
+
+
+def test_register_passes_non_list_token_dict_entries(comfy):
+    """ComfyUI >= 0.37's Qwen-Image 2.1 tokenizer puts a non-list entry ("keep_vision") into its token dict; the
+    registered CLIP's tokenizer must pass it through (here a test CLIP that adds one): the same conditioning."""
+    a = make_archive(comfy.models / "zero_prior" / "kv.zip", vector=_vec(41))
+    text = "a photo of <zwx>"
+    comfy.server.run(_cond_graph(comfy.names["clip"], a.name, text, "kv_ref.safetensors"))
+    g = _cond_graph(comfy.names["clip"], a.name, text, "kv.safetensors")
+    g["3"] = {"class_type": "ZPTestKeepVisionTokenizer", "inputs": {"clip": ["2", 0]}}
+    g["5"]["inputs"]["clip"] = ["3", 0]
+    comfy.server.run(g)
+    assert torch.equal(load_file(comfy.output("kv.safetensors"))["cond"],
+                       load_file(comfy.output("kv_ref.safetensors"))["cond"])
+
+
+# ---- Qwen-Image 2.1's text encoder (Qwen3-VL, ComfyUI >= 0.33) -------------------------------------------
+# ComfyUI 0.33's comfy/text_encoders/qwen3vl.py, Qwen3VLTokenizer.tokenize_with_weights (thinking=False default):
+# the user turn, then an empty think block; Qwen3VLClipModel: the last layer's output without the final RMSNorm
+QWEN3VL_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def _qwen3vl_clip(comfy, pipe21) -> str:
+    if not (comfy.root / "comfy" / "text_encoders" / "qwen3vl.py").is_file():
+        pytest.skip(f"ComfyUI {comfy.version} has no Qwen3-VL text encoder (comfy/text_encoders/qwen3vl.py arrived "
+                    "in 0.33): Register on Qwen-Image 2.1's text encoder is tested on ComfyUI 0.33 and newer only")
+    name = "tiny_qwen3vl.safetensors"
+    path = comfy.models / "text_encoders" / name
+    if not path.is_file():
+        write_qwen3vl_text_encoder(path, pipe21.text_encoder)
+    return name
+
+
+def _qwen3vl_reference(pipe21, ids: list[int], token_id: int | None = None, vector: torch.Tensor | None = None):
+    """transformers' Qwen3-VL over ``ids``: the last decoder layer before the final norm, ``vector`` as the
+    embedding of ``token_id``."""
+    from qwen_zero_prior.training.prompt21 import without_final_norm
+
+    lm = pipe21.text_encoder.model.language_model
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        emb = lm.embed_tokens(t)
+        if vector is not None:
+            emb = torch.where((t == token_id)[..., None], vector.to(emb.dtype), emb)
+        with without_final_norm(lm):
+            return lm(inputs_embeds=emb, use_cache=False).last_hidden_state[0]
+
+
+def test_register_token_on_qwen3vl_text_encoder(comfy, _tiny_pipe_21_session, tokenizer_dir):
+    """Register Zero-Prior Token on ComfyUI's Qwen3-VL text encoder (tiny, in Qwen3-VL's file layout): the token
+    gets id 151669 in ComfyUI's tokenizer, each occurrence carries the archive's vector, and CLIPTextEncode's hidden
+    states equal transformers' Qwen3-VL for the same ids (with and without the token). Archives of the other family
+    are refused on either CLIP with one error naming both."""
+    from qwen_zero_prior.training.tiny import load_tokenizer_21
+    from qwen_zero_prior.training.token import add_placeholder_token
+
+    zp = comfy.models / "zero_prior"
+    a21 = make_archive(zp / "q3_a.zip", vector=_vec(31), family="qwen-image-2.1")
+    msg = _error(comfy, _cond_graph(comfy.names["clip"], a21.name, "a photo of <zwx>", "q3_refused.safetensors"))
+    assert ("this archive was trained on Qwen-Image 2.1 (meta.json model_family 'qwen-image-2.1') but the base model "
+            "is Qwen-Image ('qwen-image')") in msg, msg
+
+    clip = _qwen3vl_clip(comfy, _tiny_pipe_21_session)
+    b21 = make_archive(zp / "q3_b.zip", vector=_vec(32), family="qwen-image-2.1")
+    text = "a photo of <zwx> on a beach, <zwx> smiling"
+    g = _cond_graph(clip, a21.name, text, "q3_c1.safetensors")
+    g["21"] = {"class_type": "ZPTestTokens", "inputs": {"clip": ["5", 0], "text": text, "filename": "q3_tok.safetensors"}}
+    entry = comfy.server.run(g)
+    assert entry["outputs"]["5"]["text"] == ["<zwx> -> id 151669 (151669 at training time)"]
+    comfy.server.run(_cond_graph(clip, b21.name, text, "q3_c2.safetensors"))
+
+    tok, real = load_tokenizer_21(tokenizer_dir)
+    assert real and add_placeholder_token(tok, "<zwx>") == 151669
+    ids = tok(QWEN3VL_TEMPLATE.format(text), add_special_tokens=False)["input_ids"]
+    assert ids.count(151669) == 2
+    got = load_file(comfy.output("q3_tok.safetensors"))
+    assert got["ids"].tolist() == [-1 if i == 151669 else i for i in ids]  # -1: the entry is the vector itself
+    assert torch.equal(got["vectors"], torch.stack([_vec(31)] * 2))
+
+    c1 = load_file(comfy.output("q3_c1.safetensors"))["cond"][0]
+    c2 = load_file(comfy.output("q3_c2.safetensors"))["cond"][0]
+    ref = _qwen3vl_reference(_tiny_pipe_21_session, ids, 151669, _vec(31))
+    assert c1.shape == ref.shape == (len(ids), 32)
+    print(f"ComfyUI {comfy.version} Qwen3-VL with the token vs transformers: max rel diff {_rel(c1, ref):.2e}")
+    assert _rel(c1, ref) < 1e-4, _rel(c1, ref)
+    assert _rel(c2, c1) > 1e-2  # another vector, another conditioning: the token is really used
+
+    # no token: the plain text encoder's hidden states are transformers' for the same ids
+    plain = "a watercolor of a red door"
+    comfy.server.run(_cond_graph(clip, None, plain, "q3_c0.safetensors"))
+    c0 = load_file(comfy.output("q3_c0.safetensors"))["cond"][0]
+    ref0 = _qwen3vl_reference(_tiny_pipe_21_session, tok(QWEN3VL_TEMPLATE.format(plain), add_special_tokens=False)["input_ids"])
+    assert c0.shape == ref0.shape and _rel(c0, ref0) < 1e-4, _rel(c0, ref0)
+
+    # a Qwen-Image archive on the Qwen3-VL CLIP
+    qi = make_archive(zp / "q3_qi.zip", vector=_vec(33))
+    msg = _error(comfy, _cond_graph(clip, qi.name, "a photo of <zwx>", "q3_refused2.safetensors"))
+    assert ("this archive was trained on Qwen-Image (meta.json model_family 'qwen-image') but the base model is "
+            "Qwen-Image 2.1 ('qwen-image-2.1')") in msg, msg
 
 
 def _forward_graph(unet: str, archive: str | None, strength: float, out: str, lora_file: str | None = None) -> dict:

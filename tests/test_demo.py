@@ -59,3 +59,29 @@ def test_readme_offline_block_demo_train_predict(tmp_path):
                          cwd=elsewhere, env=OFFLINE, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert Image.open(elsewhere / "img.png").size == (64, 64)
+
+
+def test_demo_family_qwen_image_21(tmp_path):
+    """``demo --family qwen-image-2.1``: the tiny Qwen-Image 2.1 (real classes) trained and sampled offline."""
+    import json
+    import os
+    import zipfile
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen_zero_prior.cli", "demo", "--family", "qwen-image-2.1", "--steps", "20",
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained token id 151669;" in proc.stdout  # Qwen3-VL's tokenizer: four more tokens than Qwen-Image's
+    meta = json.loads(zipfile.ZipFile(tmp_path / "weights.zip").read("meta.json"))
+    assert meta["model_family"] == "qwen-image-2.1" and meta["steps"] == 20
+    assert meta["base_model"] == str(tmp_path / "tiny-qwen-image-2.1")
+    assert json.loads((tmp_path / "tiny-qwen-image-2.1" / "model_index.json").read_text())["_class_name"] == \
+        "QwenImage21Pipeline"
+    img = Image.open(tmp_path / "demo.png")
+    assert img.size == (64, 64) and img.mode == "RGBA"  # 2.1's VAE decodes RGBA
+    bad = subprocess.run([sys.executable, "-m", "qwen_zero_prior.cli", "demo", "--family", "flux"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice: 'flux'" in bad.stderr

@@ -107,6 +107,9 @@ def test_lora_targets_translate_qwen_image_presets():
     assert q21.lora_targets(list(ATTENTION_TARGETS + MLP_TARGETS)) == full
     assert q21.lora_targets("attention") == full[:4]
     assert q21.lora_targets("attention+mlp+txt_in")[-2:] == ["txt_in.in_layer", "txt_in.out_layer"]
+    # a 2.1-only preset named in a config arrives as a one-name list (TrainConfig knows Qwen-Image's presets only)
+    assert TrainConfig(lora_targets="attention+mlp+txt_in").lora_targets == ["attention+mlp+txt_in"]
+    assert q21.lora_targets(["attention+mlp+txt_in"]) == full + ["txt_in.in_layer", "txt_in.out_layer"]
     assert q21.lora_targets(["attn.to_q", "txt_in.in_layer"]) == ["attn.to_q", "txt_in.in_layer"]
     qi = F.get_family("qwen-image")
     assert qi.lora_targets(TrainConfig().lora_targets) == list(ATTENTION_TARGETS)

@@ -8,11 +8,14 @@ the models:
 - :class:`~qwen_zero_prior.training.diffusers_backend.DiffusersBackend`: a diffusers ``QwenImagePipeline`` (the CLI,
   Cog, the demo), with the core's speed work (text-encoder prefix cache and CUDA-graph suffix, fp8 matmuls,
   offload, regional compile);
+- :class:`~qwen_zero_prior.training.diffusers21_backend.Diffusers21Backend`: the same for a
+  ``QwenImage21Pipeline`` (Qwen-Image 2.1);
 - ``nodes.comfy_backend.ComfyBackend``: the MODEL, CLIP and VAE a ComfyUI graph loaded (the training node).
 
 Shapes and conventions every backend follows:
 
-- latents are ``(C, 1, h, w)`` float32, normalised as the model consumes them (Qwen-Image: ``(z - mean) / std``);
+- latents are ``(C, 1, h, w)`` float32, normalised as the model consumes them (Qwen-Image: ``(z - mean) / std``,
+  16 channels, patchified 2x2 by the backend; Qwen-Image 2.1: 64 channels, unpatched);
 - ``sigmas`` are flow-matching noise levels in (0, 1]: ``x_t = (1 - sigma) x_0 + sigma * noise`` and the model
   predicts ``noise - x_0``;
 - conditioning is ``(batch, seq, dim)`` on the backend's device with a host ``(batch, seq)`` long mask (the loop
@@ -40,6 +43,10 @@ class TrainBackend(ABC):
     device: torch.device
     #: the transformer's compute dtype (noisy latents are handed to :meth:`predict` in it)
     dtype: torch.dtype
+    #: ``families`` name of the model trained (recorded in the archive's meta.json)
+    model_family: str = "qwen-image"
+    #: image sides must be multiples of this (the family's ``bucket_step``)
+    bucket_step: int = 16
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -104,6 +111,10 @@ class TrainBackend(ABC):
 
     def base_model(self) -> str:
         return self.cfg.model.base_model
+
+    def lora_targets(self) -> list[str]:
+        """The LoRA's target module names as trained (recorded in meta.json)."""
+        return list(self.cfg.train.lora_targets)
 
     def archive_extra(self) -> dict:
         """Extra ``meta.json`` fields this backend records."""

@@ -1,4 +1,5 @@
-"""The training loop's backend for a diffusers ``QwenImagePipeline`` (CLI, Cog, demo, benchmarks).
+"""The training loop's backend for a diffusers ``QwenImagePipeline`` (CLI, Cog, demo, benchmarks);
+:func:`make_backend` picks it or Qwen-Image 2.1's (``diffusers21_backend``) by the pipeline's family.
 
 - LoRA through peft (diffusers' ``add_adapter``) on the configured targets, text stream included.
 - The token: :class:`~qwen_zero_prior.training.token.PlaceholderEmbedding` routes its id to one float32 vector.
@@ -18,11 +19,21 @@ import torch
 from .backend import TrainBackend
 from .config import Config, TrainConfig
 from .data import Example, load_pixels
+from .families import QWEN_IMAGE_21, detect_pipeline
 from .lora import ADAPTER_NAME, add_lora, export_lora
 from .prompt import PromptEncoder
 from .token import RegisteredToken, check_single_id, encode_ids, install_placeholder
 
 logger = logging.getLogger(__name__)
+
+
+def make_backend(cfg: Config, pipe) -> TrainBackend:
+    """The diffusers backend for ``pipe``'s model family (a ``QwenImagePipeline`` or ``QwenImage21Pipeline``)."""
+    if detect_pipeline(pipe).name == QWEN_IMAGE_21:
+        from .diffusers21_backend import Diffusers21Backend
+
+        return Diffusers21Backend(cfg, pipe)
+    return DiffusersBackend(cfg, pipe)
 
 
 class DiffusersBackend(TrainBackend):
@@ -31,6 +42,10 @@ class DiffusersBackend(TrainBackend):
     def __init__(self, cfg: Config, pipe):
         super().__init__(cfg)
         self.pipe = pipe
+        self.family = detect_pipeline(pipe)
+        self.model_family = self.family.name
+        self.bucket_step = self.family.bucket_step
+        self._targets = self.family.lora_targets(cfg.train.lora_targets)
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
         self.token: RegisteredToken | None = None
@@ -61,14 +76,14 @@ class DiffusersBackend(TrainBackend):
         pipe.text_encoder.eval()
         if m.gradient_checkpointing or m.offload:
             pipe.transformer.enable_gradient_checkpointing()
-        adapted = add_lora(pipe.transformer, t.rank, t.alpha, t.lora_targets, seed=t.seed)
-        logger.info("LoRA rank %d on %d transformer modules (%s)", t.rank, len(adapted), ", ".join(t.lora_targets))
+        adapted = add_lora(pipe.transformer, t.rank, t.alpha, self._targets, seed=t.seed)
+        logger.info("LoRA rank %d on %d transformer modules (%s)", t.rank, len(adapted), ", ".join(self._targets))
         cast_training_params(pipe.transformer, dtype=torch.float32)
         pipe.transformer.train()
         if m.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
             from .fp8 import apply_fp8_matmul
 
-            apply_fp8_matmul(pipe.transformer)
+            apply_fp8_matmul(pipe.transformer, modules=self.family.fp8_modules)
         if m.offload:  # after add_lora, like fp8: the LoRA's base layers become offloaded ones
             from .models import resolve_device
             from .offload import apply_offload
@@ -84,7 +99,8 @@ class DiffusersBackend(TrainBackend):
         if m.compile:
             from . import gelu, rope
 
-            rope.install()  # same numbers in real arithmetic, which inductor can fuse (see rope.py)
+            if self.family.name != QWEN_IMAGE_21:  # rewrites Qwen-Image's module only; 2.1 has its own RoPE
+                rope.install()  # same numbers in real arithmetic, which inductor can fuse (see rope.py)
             gelu.install(pipe.transformer)  # the same activation with cheaper arithmetic (see gelu.py)
             mode = m.compile_mode
             pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
@@ -95,6 +111,9 @@ class DiffusersBackend(TrainBackend):
         self.prompts = PromptEncoder(self.pipe, self.token.token_id if self.token else None,
                                      prefix_cache=m.text_prefix_cache,
                                      cuda_graphs=m.text_cuda_graphs and not m.offload, compile=m.compile)
+
+    def lora_targets(self) -> list[str]:
+        return list(self._targets)
 
     def named_lora_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         # peft's parameter names carry the adapter name; the checkpoint keys are peft's state-dict keys
@@ -108,7 +127,7 @@ class DiffusersBackend(TrainBackend):
 
     def add_token(self, token: str, init_std: float, generator: torch.Generator) -> RegisteredToken:
         pipe = self.pipe
-        self.token = install_placeholder(pipe.tokenizer, pipe.text_encoder, token, init_std=init_std,
+        self.token = install_placeholder(self.family.tokenizer(pipe), pipe.text_encoder, token, init_std=init_std,
                                          generator=generator)
         if self.cfg.debug.log_prompt_ids:
             rows = self.token.module.base.weight.shape[0]
@@ -123,14 +142,14 @@ class DiffusersBackend(TrainBackend):
         return self.token
 
     def check_trigger(self, token: str) -> None:
-        check_single_id(self.pipe.tokenizer, token, context="train_placeholder_token is off")
+        check_single_id(self.family.tokenizer(self.pipe), token, context="train_placeholder_token is off")
 
     def training_sigmas(self) -> torch.Tensor:
         return self.scheduler.sigmas[: len(self.scheduler.timesteps)].float()
 
     # ---- every step -----------------------------------------------------------------------------------
     def prompt_ids(self, caption: str) -> list[int]:
-        return encode_ids(self.pipe.tokenizer, caption)
+        return encode_ids(self.family.tokenizer(self.pipe), caption)
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.token is not None:  # the gradient reaches the token row through the frozen text encoder

@@ -51,6 +51,8 @@ class ModelFamily:
     bucket_step: int = 16  # image sides must be multiples of this (VAE factor x patch / latent grouping)
     default_steps: int = 30
     default_guidance: float = 4.0  # true-CFG scale; 1 disables CFG
+    # block projections (relative to transformer_blocks.<i>.) whose frozen weights model.fp8_matmul computes in fp8
+    fp8_modules: tuple = ()
 
     def __str__(self) -> str:
         return self.name
@@ -97,6 +99,8 @@ class ModelFamily:
                 return list(self.lora_presets[targets])
             return [t.strip() for t in targets.split(",") if t.strip()]
         targets = list(targets)
+        if len(targets) == 1 and targets[0] in self.lora_presets:  # a preset name the config did not know
+            return list(self.lora_presets[targets[0]])
         qi = FAMILIES[QWEN_IMAGE]
         if targets == qi.default_lora_targets:
             return self.default_lora_targets
@@ -128,6 +132,8 @@ FAMILIES: dict[str, ModelFamily] = {
         bucket_step=16,
         default_steps=30,
         default_guidance=4.0,
+        # the image stream only: the text stream sees ~100 tokens, too few rows for fp8 to gain (fp8.py)
+        fp8_modules=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.0.proj", "img_mlp.net.2"),
     ),
     QWEN_IMAGE_21: ModelFamily(
         name=QWEN_IMAGE_21,
@@ -144,6 +150,7 @@ FAMILIES: dict[str, ModelFamily] = {
         bucket_step=32,  # VAE factor 16, and latents are grouped 2x2 into the text encoder's image slots
         default_steps=40,
         default_guidance=1.0,  # 2.1 is sampled without CFG (diffusers' default true_cfg_scale)
+        fp8_modules=_Q21_ATTENTION + _Q21_MLP,  # single-stream: every token goes through all seven
     ),
 }
 FAMILY_CHOICES = (AUTO, QWEN_IMAGE, QWEN_IMAGE_21)

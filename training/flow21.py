@@ -116,16 +116,25 @@ def image_slot_mask(text_len: int, h: int, w: int, batch: int, device=None) -> t
 def predict(transformer, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
             mask: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
     """The transformer's velocity for noisy latents (B, C, 1, h, w) at ``timesteps`` (0..1000), same shape."""
-    b, _, _, h, w = noisy.shape
-    tokens = pack(noisy)
     if mask is not None:
         # as encode_prompt: no mask when nothing is padded (tested where the mask is: on the host, no device sync)
         mask = None if bool(mask.all()) else mask.to(embeds.device, non_blocking=True)
+    timestep = (timesteps.to(embeds.device) / 1000).to(embeds.dtype)
+    return forward(transformer, noisy, timestep, embeds, mask, attention_kwargs)
+
+
+def forward(transformer, noisy: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+            mask: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
+    """The transformer call of :func:`predict` with the timestep already as the transformer reads it (``t / 1000``
+    = sigma, in ``embeds``' dtype) and ``mask`` already None (nothing padded) or on ``embeds``' device: what a
+    training loop that has resolved both on the host calls (``diffusers21_backend``)."""
+    b, _, _, h, w = noisy.shape
+    tokens = pack(noisy)
     out = transformer(
         hidden_states=tokens.to(embeds.dtype),
         encoder_hidden_states=embeds,
         encoder_hidden_states_mask=mask,
-        timestep=(timesteps.to(embeds.device) / 1000).to(embeds.dtype),
+        timestep=timestep,
         img_shapes=[[(1, h, w)]] * b,
         img_mask=image_slot_mask(embeds.shape[1], h, w, b, embeds.device),
         attention_kwargs=attention_kwargs,

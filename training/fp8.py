@@ -10,6 +10,8 @@ recipe of torchao's float8 training). The LoRA branch, biases, norms and attenti
 
 Only the image stream's large layers are converted (attention projections and MLP of ``transformer_blocks``;
 4096 rows at 1024²): the text stream has ~100 rows, where fp8 gains nothing, and the modulation layers see one.
+Qwen-Image 2.1 is single-stream: text and image tokens go through the same seven projections of each block,
+all of them converted (``families.ModelFamily.fp8_modules`` names each family's).
 Numerics: e4m3 keeps ~3 significant bits; the per-row scaling bounds the error of each product to a few 1e-2
 relative, which LoRA training on a frozen base tolerates (the bench and tests report the difference).
 """
@@ -27,7 +29,8 @@ logger = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
-# image-stream projections of QwenImageTransformerBlock (names relative to transformer_blocks.<i>.)
+# image-stream projections of QwenImageTransformerBlock (names relative to transformer_blocks.<i>.); Qwen-Image
+# 2.1's are in families.py
 IMAGE_STREAM = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.0.proj", "img_mlp.net.2")
 _BLOCK = re.compile(r"^transformer_blocks\.\d+\.(.+?)(\.base_layer)?$")
 
@@ -126,19 +129,21 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
 
-def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False) -> int:
-    """Replace the image-stream base ``Linear`` layers of ``transformer_blocks`` (inside peft LoRA wrappers too)
-    with :class:`Fp8Linear`. Call after the LoRA is added. Returns the number of layers converted."""
+def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
+                     modules: tuple[str, ...] = IMAGE_STREAM) -> int:
+    """Replace the base ``Linear`` layers named ``modules`` (relative to ``transformer_blocks.<i>.``; default:
+    Qwen-Image's image stream) of ``transformer_blocks`` (inside peft LoRA wrappers too) with :class:`Fp8Linear`.
+    Call after the LoRA is added. Returns the number of layers converted."""
     check_supported(next(transformer.parameters()).device)
     targets = []
     for name, mod in transformer.named_modules():
         m = _BLOCK.match(name)
-        if m and m.group(1) in IMAGE_STREAM and type(mod) is nn.Linear:
+        if m and m.group(1) in modules and type(mod) is nn.Linear:
             targets.append((name, mod))
     for name, mod in targets:
         parent, attr = _parent(transformer, name)
         setattr(parent, attr, Fp8Linear(mod, keep_original=keep_original))
-    logger.info("fp8 matmuls on %d image-stream layers of the transformer", len(targets))
+    logger.info("fp8 matmuls on %d block layers of the transformer", len(targets))
     return len(targets)
 
 

@@ -101,17 +101,21 @@ class DemoResult:
     model_dir: Path | None = None  # the tiny model: a base_model to train on offline
 
 
-def demo(output_dir: str | Path, steps: int = 150, resolution: int = 64) -> DemoResult:
-    """Offline: tiny random Qwen-Image (real classes) + synthetic dataset -> token + LoRA -> weights.zip -> PNG."""
-    from .tiny import make_synthetic_dataset, save_tiny_pipeline
+def demo(output_dir: str | Path, steps: int = 150, resolution: int = 64, family: str = "qwen-image") -> DemoResult:
+    """Offline: a tiny random model of ``family`` (real classes: Qwen-Image or Qwen-Image 2.1) + a synthetic
+    dataset -> token + LoRA -> weights.zip -> PNG."""
+    from .families import QWEN_IMAGE_21, get_family
+    from .tiny import make_synthetic_dataset, save_tiny_pipeline, save_tiny_pipeline_21
 
+    fam = get_family(family)
     t0 = time.time()
     out = Path(output_dir).resolve()  # meta.json's base_model is then this absolute folder: usable from anywhere
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = save_tiny_pipeline(out / "tiny-qwen-image")
+    save = save_tiny_pipeline_21 if fam.name == QWEN_IMAGE_21 else save_tiny_pipeline
+    model_dir = save(out / f"tiny-{fam.name}")
     data_dir = make_synthetic_dataset(out / "dataset", n=4, size=resolution)
     cfg = Config.from_dict({
-        "model": {"base_model": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "model": {"base_model": str(model_dir), "family": fam.name, "dtype": "float32", "device": "cpu"},
         "train": {"train_placeholder_token": True, "placeholder_token": "<zwx>", "rank": 4, "steps": steps,
                   "learning_rate": 2e-3, "token_learning_rate": 2e-2, "resolution": resolution,
                   "checkpoint_every": 0, "seed": 0},

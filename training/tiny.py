@@ -336,6 +336,19 @@ def save_tiny_pipeline(folder: str | os.PathLike, tokenizer_dir: Path | None = N
     return folder
 
 
+def save_tiny_pipeline_21(folder: str | os.PathLike, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+    """Write a tiny Qwen-Image 2.1 in diffusers layout (``QwenImage21Pipeline.from_pretrained`` loads it; saving
+    and loading its ``Qwen3VLProcessor`` needs torchvision, as for the real model)."""
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        raise RuntimeError("saving a Qwen-Image 2.1 pipeline needs torchvision (transformers builds its "
+                           "Qwen3VLProcessor only with it): pip install torchvision")
+    folder = Path(folder)
+    tiny_pipeline_21(tokenizer_dir, seed).save_pretrained(folder)
+    return folder
+
+
 def make_synthetic_dataset(folder: str | os.PathLike, n: int = 4, size: int = 64, token: str = "<zwx>",
                            seed: int = 0, captions: bool = True) -> Path:
     """Images of one recognisable 'concept' (a red disc with a blue square) and captions using ``token``."""

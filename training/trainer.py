@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .archive import ArchiveMeta, atomic_write_bytes, write_archive
-from .config import Config
+from .config import Config, ConfigError
 from .data import BatchPlan, Example, assign_buckets, dataset_fingerprint
 from .backend import TrainBackend
 from .distributed import DistContext, average, barrier
@@ -63,23 +63,29 @@ class TrainResult:
 class Trainer:
     """The training loop, over a :class:`~qwen_zero_prior.training.backend.TrainBackend`.
 
-    ``model`` is a backend, or a diffusers ``QwenImagePipeline`` (wrapped in a
-    :class:`~qwen_zero_prior.training.diffusers_backend.DiffusersBackend`).
+    ``model`` is a backend, or a diffusers ``QwenImagePipeline`` / ``QwenImage21Pipeline`` (wrapped in the
+    family's diffusers backend, :func:`~qwen_zero_prior.training.diffusers_backend.make_backend`).
     """
 
     def __init__(self, cfg: Config, model, examples: list[Example], output_dir: Path, *,
                  dist: DistContext | None = None):
         if not isinstance(model, TrainBackend):
-            from .diffusers_backend import DiffusersBackend
+            from .diffusers_backend import make_backend
 
-            model = DiffusersBackend(cfg, model)
+            model = make_backend(cfg, model)
         self.backend = model
         self.cfg = cfg
         self.t = cfg.train
         self.output_dir = Path(output_dir)
         self.dist = dist or DistContext()
         self.rank, self.world = self.dist.rank, self.dist.world
-        self.examples = assign_buckets(examples, self.t.resolution)
+        step = model.bucket_step
+        if self.t.resolution % step:
+            from .families import get_family
+
+            raise ConfigError(f"train.resolution must be a multiple of {step} for "
+                              f"{get_family(model.model_family).title}, got {self.t.resolution}")
+        self.examples = assign_buckets(examples, self.t.resolution, step)
         self.plan = BatchPlan(self.examples, self.t.batch_size, self.t.seed, self.rank, self.world)
         self.token: RegisteredToken | None = None
         self.step = 0
@@ -327,10 +333,11 @@ class Trainer:
             rank=t.rank,
             created=ArchiveMeta.now(),
             alpha=float(t.alpha),
-            lora_targets=list(t.lora_targets),
+            lora_targets=self.backend.lora_targets(),
             placeholder_init_std=t.placeholder_init_std if self.token else None,
             steps=self.step,
             train_placeholder_token=bool(self.token),
+            model_family=self.backend.model_family,
             extra={"resolution": t.resolution, "learning_rate": t.learning_rate,
                    "token_learning_rate": t.token_learning_rate,
                    "final_loss": self.losses[-1] if self.losses else None, **self.backend.archive_extra()},

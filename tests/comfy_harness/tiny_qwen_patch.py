@@ -1,9 +1,9 @@
 """TEST-ONLY ComfyUI patch (installed into a sandbox's custom_nodes/ by the test harness, never by the pack).
 
 ComfyUI hard-codes Qwen-Image's sizes (24 heads x 128, text width 3584, a 7B Qwen2.5-VL text encoder, a
-96-wide Wan VAE). This module makes it build the tiny test models from the weights' shapes instead, and adds
-two output nodes that dump tensors for equivalence checks. Shapes do not reveal attention head size, so the
-tiny models' fixed HEAD_DIM is assumed.
+96-wide Wan VAE) and Qwen3-VL-8B's (Qwen-Image 2.1's text encoder, ComfyUI >= 0.33). This module makes it build
+the tiny test models from the weights' shapes instead, and adds output nodes that dump tensors for equivalence
+checks. Shapes do not reveal attention head size, so the tiny models' fixed HEAD_DIM is assumed.
 """
 
 import logging
@@ -38,6 +38,54 @@ def _te_config(**kw):
 
 _orig_detect_te = comfy.sd.detect_te_model
 
+# ---- Qwen3-VL text encoder (ComfyUI >= 0.33: comfy/text_encoders/qwen3vl.py; absent from 0.3.64) ---------
+try:
+    import comfy.text_encoders.qwen3vl as qwen3vl
+except ImportError:
+    qwen3vl = None
+_q3_sizes: dict = {}
+# training/tiny.py's tiny Qwen3-VL vision tower (ComfyUI builds Qwen3-VL-8B's from constants)
+_Q3_TINY_VISION = dict(hidden_size=16, intermediate_size=16, depth=1, deepstack_visual_indexes=[0], num_heads=2,
+                       num_position_embeddings=64)
+
+
+def _detect_qwen3vl(sd) -> bool:
+    """A tiny Qwen3-VL in transformers' layout (Qwen3VLForConditionalGeneration.state_dict()): record its sizes."""
+    emb = sd.get("model.language_model.embed_tokens.weight")
+    if qwen3vl is None or emb is None or "model.visual.deepstack_merger_list.0.norm.weight" not in sd \
+            or emb.shape[1] >= 2560:
+        _q3_sizes.clear()
+        return False
+    pre = "model.language_model.layers."
+    _q3_sizes.clear()
+    _q3_sizes.update(
+        vocab_size=emb.shape[0], hidden_size=emb.shape[1],
+        intermediate_size=sd[pre + "0.mlp.gate_proj.weight"].shape[0],
+        num_hidden_layers=1 + max(int(k[len(pre):].split(".")[0]) for k in sd if k.startswith(pre)),
+        num_attention_heads=sd[pre + "0.self_attn.q_proj.weight"].shape[0] // HEAD_DIM,
+        num_key_value_heads=sd[pre + "0.self_attn.k_proj.weight"].shape[0] // HEAD_DIM,
+    )
+    log.info("tiny Qwen3-VL text encoder from weight shapes: %s", _q3_sizes)
+    return True
+
+
+if qwen3vl is not None:
+    _OrigQ3Config = qwen3vl.QWEN3VL_CONFIGS["qwen3vl_8b"]
+    _OrigQ3Vision = qwen3vl.Qwen3VLVisionModel
+
+    def _q3_config(**kw):
+        cfg = _OrigQ3Config(**{**_q3_sizes, **kw})
+        if _q3_sizes:
+            cfg.head_dim = HEAD_DIM
+            cfg.rope_dims = [2, 3, 3]  # training/tiny.py's mrope_section (interleaved, as the 8B's)
+        return cfg
+
+    def _q3_vision(config, *args, **kw):
+        return _OrigQ3Vision({**config, **_Q3_TINY_VISION} if _q3_sizes else config, *args, **kw)
+
+    qwen3vl.QWEN3VL_CONFIGS["qwen3vl_8b"] = _q3_config
+    qwen3vl.Qwen3VLVisionModel = _q3_vision
+
 
 def _detect_te(sd):
     emb = sd.get("model.embed_tokens.weight")
@@ -52,8 +100,10 @@ def _detect_te(sd):
             num_key_value_heads=sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // HEAD_DIM,
         )
         log.info("tiny Qwen2.5-VL text encoder from weight shapes: %s", _te_sizes)
+        _q3_sizes.clear()
         return comfy.sd.TEModel.QWEN25_7B
     _te_sizes.clear()
+    _detect_qwen3vl(sd)
     return _orig_detect_te(sd)
 
 
@@ -130,6 +180,32 @@ class ZPTestSaveConditioning:
         return {}
 
 
+class ZPTestTokens:
+    """The CLIP's token list for a prompt: ids (-1 where an entry is a tensor, i.e. a registered token's vector)
+    and those vectors, in order."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "text": ("STRING", {"default": ""}),
+                             "filename": ("STRING", {"default": "tokens.safetensors"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def run(self, clip, text, filename):
+        tokens = clip.tokenize(text)
+        pairs = next(v for v in tokens.values() if isinstance(v, list))[0]
+        ids = [int(e[0]) if isinstance(e[0], int) else -1 for e in pairs]
+        vectors = [e[0].detach().float().reshape(-1) for e in pairs if isinstance(e[0], torch.Tensor)]
+        out = {"ids": torch.tensor(ids, dtype=torch.int64)}
+        if vectors:
+            out["vectors"] = torch.stack(vectors).contiguous()
+        save_file(out, os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)))
+        return {}
+
+
 class ZPTestModelForward:
     @classmethod
     def INPUT_TYPES(cls):
@@ -155,6 +231,39 @@ class ZPTestModelForward:
         save_file({"out": out.float().cpu().contiguous()},
                   os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)))
         return {}
+
+
+class _KeepVisionTokenizer:
+    """A ComfyUI tokenizer whose token dict also holds a non-list entry, as ComfyUI >= 0.37's Qwen-Image 2.1
+    tokenizer adds ``out["keep_vision"] = keep_vision`` (comfy/text_encoders/qwen_image21.py)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        out = self.inner.tokenize_with_weights(text, return_word_ids, **kwargs)
+        out["keep_vision"] = False
+        return out
+
+
+class ZPTestKeepVisionTokenizer:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",)}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, clip):
+        out = clip.clone()
+        out.tokenizer = _KeepVisionTokenizer(clip.tokenizer)
+        return (out,)
 
 
 class ZPTestNonQwenClip:
@@ -223,5 +332,6 @@ class ZPTestTrainingConditioning:
         return {}
 
 
-NODE_CLASS_MAPPINGS = {"ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestModelForward": ZPTestModelForward,
-                       "ZPTestNonQwenClip": ZPTestNonQwenClip, "ZPTestTrainingConditioning": ZPTestTrainingConditioning}
+NODE_CLASS_MAPPINGS = {"ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestTokens": ZPTestTokens, "ZPTestModelForward": ZPTestModelForward,
+                       "ZPTestNonQwenClip": ZPTestNonQwenClip,
+                       "ZPTestKeepVisionTokenizer": ZPTestKeepVisionTokenizer, "ZPTestTrainingConditioning": ZPTestTrainingConditioning}

@@ -49,6 +49,14 @@ def comfy_text_encoder_sd(text_encoder, mode: str = "fp32") -> dict[str, torch.T
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def write_qwen3vl_text_encoder(path: Path, text_encoder) -> Path:
+    """A transformers ``Qwen3VLForConditionalGeneration`` as one safetensors file in the layout it saves (and
+    ComfyUI's Qwen3-VL files use): ``model.language_model.*``, ``model.visual.*``, ``lm_head.weight``, float32."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().clone().float().contiguous() for k, v in text_encoder.state_dict().items()}, path)
+    return path
+
+
 def write_models(models: Path, pipe, root: Path | None = None) -> dict[str, str]:
     for d in ("diffusion_models", "text_encoders", "vae", "zero_prior", "loras"):
         (models / d).mkdir(parents=True, exist_ok=True)
@@ -81,8 +89,10 @@ def random_lora(pipe, seed: int = 0, rank: int = 4, alpha: float = 8.0) -> dict[
 
 
 def make_archive(path: Path, pipe=None, *, vector: torch.Tensor | None = None, lora: dict | None = None,
-                 token: str = "<zwx>") -> Path:
+                 token: str = "<zwx>", family: str = "qwen-image") -> Path:
+    token_id = 151669 if family == "qwen-image-2.1" else 151665
     meta = ArchiveMeta(base_model="tiny", placeholder_token=token if vector is not None else None,
-                       placeholder_token_id=151665 if vector is not None else None,
-                       rank=4 if lora else None, created=ArchiveMeta.now(), alpha=8.0, lora_targets=TARGETS, steps=1)
+                       placeholder_token_id=token_id if vector is not None else None,
+                       rank=4 if lora else None, created=ArchiveMeta.now(), alpha=8.0, lora_targets=TARGETS, steps=1,
+                       model_family=family)
     return write_archive(path, meta, lora, vector)

@@ -1,0 +1,276 @@
+"""Qwen-Image 2.1 through the one training loop (``Trainer`` over ``Diffusers21Backend``) and the CLI, on tiny
+random models of the real classes: only the token's row moves, the loop's loss is flow21's (the pipeline's
+numbers), the archive loads in QwenImage21Pipeline.load_lora_weights with no unexpected keys, train -> predict
+end to end, and the family is picked from the folder (or named, or refused when it contradicts the folder)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen_zero_prior.training import flow21
+from qwen_zero_prior.training.archive import load_archive
+from qwen_zero_prior.training.config import ConfigError
+from qwen_zero_prior.training.data import load_pixels, scan_dataset
+from qwen_zero_prior.training.token import materialize
+from qwen_zero_prior.training.trainer import Trainer
+
+TARGETS_21 = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.proj", "img_mlp.gate_layer",
+              "img_mlp.out"]
+
+
+def _examples(dataset_dir):
+    return scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+
+
+def test_backend_is_picked_by_family(tiny_pipe, tiny_pipe_21, dataset_dir, make_config, tmp_path):
+    from qwen_zero_prior.training.diffusers21_backend import Diffusers21Backend
+    from qwen_zero_prior.training.diffusers_backend import DiffusersBackend
+
+    t21 = Trainer(make_config(steps=1), tiny_pipe_21, _examples(dataset_dir), tmp_path / "a")
+    assert type(t21.backend) is Diffusers21Backend and t21.backend.model_family == "qwen-image-2.1"
+    assert t21.backend.bucket_step == 32 and t21.backend.lora_targets() == TARGETS_21
+    tqi = Trainer(make_config(steps=1), tiny_pipe, _examples(dataset_dir), tmp_path / "b")
+    assert type(tqi.backend) is DiffusersBackend and tqi.backend.model_family == "qwen-image"
+    # the loop's noise levels are 2.1's scheduler training grid, as diffusers' 2.1 script samples them
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(tiny_pipe_21.scheduler.config)
+    assert torch.equal(t21.sigmas, sched.sigmas[:1000].float()) and len(t21.sigmas) == 1000
+
+
+def test_resolution_must_fit_the_family(tiny_pipe_21, dataset_dir, make_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"^train.resolution must be a multiple of 32 for Qwen-Image 2.1, got 48$"):
+        Trainer(make_config(resolution=48), tiny_pipe_21, _examples(dataset_dir), tmp_path)
+
+
+def test_overfit_only_token_row_moves(tiny_pipe_21, dataset_dir, make_config, tmp_path, caplog):
+    """Token + LoRA training on 2.1 through the loop overfits one sample (its noise and noise level held fixed):
+    the loss falls, also on other noise, the token moves far off its init, and every text-encoder weight except
+    the token's row, every base transformer weight and the VAE stay bit-identical."""
+    import logging
+
+    pipe = tiny_pipe_21
+    te_before = {k: v.detach().clone() for k, v in pipe.text_encoder.state_dict().items()}
+    dit_before = {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()}
+    vae_before = {k: v.detach().clone() for k, v in pipe.vae.state_dict().items()}
+    cfg = make_config(steps=30, placeholder_init_std=1e-5, learning_rate=1e-2, token_learning_rate=5e-2,
+                      weight_decay=0.1).replace(debug={"log_prompt_ids": True})
+    caplog.set_level(logging.INFO, logger="qwen_zero_prior")
+    trainer = Trainer(cfg, pipe, _examples(dataset_dir)[:1], tmp_path)
+    trainer.sample_seeds = lambda: [5]  # the same noise and noise level every step: an overfit
+    init = trainer.token.vector.detach().clone()
+
+    def other_noise_loss():
+        with torch.no_grad():
+            return sum(float(trainer.loss_for([0], torch.Generator().manual_seed(100 + i))) for i in range(4)) / 4
+
+    before = other_noise_loss()
+    result = trainer.fit(tmp_path / "weights.zip")
+    assert result.losses[-1] < 0.6 * result.losses[0], result.losses
+    assert other_noise_loss() < before
+    assert result.token_id == 151669 and trainer.token.token_id == 151669
+    assert "registered as id 151669" in caplog.text and "[64, 6548, 315, 220, 151669" in caplog.text
+    groups = trainer.optimizer.param_groups
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    vec = trainer.token.vector.detach().clone()
+    assert (vec - init).norm() > 100 * init.norm(), "the token row stayed at its init"
+
+    materialize(pipe.text_encoder)
+    after_te = pipe.text_encoder.state_dict()
+    assert set(after_te) == set(te_before)
+    key = "model.language_model.embed_tokens.weight"
+    assert after_te[key].shape == (151936, 32)  # Qwen3-VL's table: never resized
+    for k, v in after_te.items():
+        if k == key:
+            assert (v != te_before[k]).any(dim=1).nonzero().flatten().tolist() == [151669]
+            assert torch.equal(v[151669], vec)
+        else:
+            assert torch.equal(v, te_before[k]), f"text-encoder weight {k} changed"
+    base = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    assert set(base) == set(dit_before)
+    for k, v in base.items():
+        assert torch.equal(v, dit_before[k]), f"transformer weight {k} changed"
+    for k, v in pipe.vae.state_dict().items():
+        assert torch.equal(v, vae_before[k]), k
+
+
+def test_loop_loss_is_flow21s(tiny_pipe_21, dataset_dir, make_config, tmp_path):
+    """The loop's loss on 2.1 (its sigmas, the backend's latents, conditioning and transformer call) equals
+    ``flow21.flow_matching_loss`` (checked against the pipeline in test_qwen21.py) on the same inputs, with the
+    timestep that diffusers' 2.1 script draws from the same random numbers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from qwen_zero_prior.training.prompt21 import PromptEncoder21
+
+    trainer = Trainer(make_config(steps=1, batch_size=2), tiny_pipe_21, _examples(dataset_dir), tmp_path)
+    ex = trainer.examples[0]
+    x0 = flow21.encode_latents(tiny_pipe_21.vae, load_pixels(ex.image, ex.bucket)[None])
+    torch.testing.assert_close(trainer.latents_for([0]), x0, rtol=0, atol=1e-6)
+    assert x0.shape == (1, 64, 1, 2, 2)
+
+    inputs = trainer.step_inputs([0, 1], sample_seeds=[7, 8])
+    sched = FlowMatchEulerDiscreteScheduler.from_config(tiny_pipe_21.scheduler.config)
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    for g in gens:  # the loop draws each sample's noise first, then its timestep
+        torch.randn(inputs.x0.shape[1:], generator=g)
+    timesteps, sigmas = flow21.sample_timesteps(sched, 2, "none", gens)
+    torch.testing.assert_close(inputs.sigmas, sigmas.flatten(), rtol=0, atol=0)
+    with torch.no_grad():
+        loss = trainer.loss_for(None, inputs=inputs)
+        enc = PromptEncoder21(tiny_pipe_21, trainer.token.token_id)
+        embeds, mask = enc.encode([trainer.examples[i].caption for i in (0, 1)], torch.float32, torch.device("cpu"))
+        want = flow21.flow_matching_loss(tiny_pipe_21.transformer, inputs.x0, inputs.noise, timesteps, sigmas,
+                                         embeds, mask)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
+
+
+def test_archive_loads_in_diffusers_21(tiny_pipe_21, dataset_dir, make_config, tmp_path):
+    """The trained archive: meta.json records the family, base model and 2.1's targets; its LoRA loads in
+    ``QwenImage21Pipeline.load_lora_weights`` itself with no unexpected and no missing keys, and the fused
+    weights are W + B·A."""
+    from peft.utils import get_peft_model_state_dict
+
+    fresh = copy.deepcopy(tiny_pipe_21)
+    cfg = make_config("my-2.1-model", steps=3)
+    trainer = Trainer(cfg, tiny_pipe_21, _examples(dataset_dir), tmp_path)
+    path = trainer.fit(tmp_path / "weights.zip").archive
+    meta = json.loads(zipfile.ZipFile(path).read("meta.json"))
+    assert meta["model_family"] == "qwen-image-2.1" and meta["base_model"] == "my-2.1-model"
+    assert meta["lora_targets"] == TARGETS_21 and meta["placeholder_token_id"] == 151669
+    assert meta["embedding_dim"] == 32 and meta["steps"] == 3
+
+    sd = load_archive(path).lora_state_dict
+    assert len(sd) == 2 * 7 * 2 and all(k.startswith("transformer.transformer_blocks.") for k in sd)
+    base = {n: p.detach().clone() for n, p in fresh.transformer.named_parameters()}
+    fresh.load_lora_weights(dict(sd), adapter_name="zp")
+    loaded = {f"transformer.{k}" for k in get_peft_model_state_dict(fresh.transformer, adapter_name="zp")}
+    assert sorted(loaded - set(sd)) == [] and sorted(set(sd) - loaded) == []
+    fresh.fuse_lora(components=["transformer"], lora_scale=1.0)
+    fused = dict(fresh.transformer.named_parameters())
+    for key, a in sd.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        b = sd[key.replace(".lora_A.", ".lora_B.")]
+        name = f"{module}.base_layer.weight" if f"{module}.base_layer.weight" in fused else f"{module}.weight"
+        torch.testing.assert_close(fused[name], base[f"{module}.weight"] + b @ a, rtol=0, atol=1e-6)
+
+
+def test_fp8_matmul_converts_2_1s_block_layers(tiny_pipe_21, dataset_dir, make_config, tmp_path):
+    """``model.fp8_matmul`` on 2.1: the frozen base weight of each block's seven projections (single-stream:
+    text and image tokens both go through them) becomes fp8; the LoRA and the token still train."""
+    from qwen_zero_prior.training import families
+    from qwen_zero_prior.training.fp8 import IMAGE_STREAM, Fp8Linear
+
+    assert families.get_family("qwen-image").fp8_modules == IMAGE_STREAM
+    assert list(families.get_family("qwen-image-2.1").fp8_modules) == TARGETS_21
+    cfg = make_config(steps=2).replace(model={"fp8_matmul": True})
+    trainer = Trainer(cfg, tiny_pipe_21, _examples(dataset_dir), tmp_path)
+    names = sorted(n.removesuffix(".base_layer") for n, m in tiny_pipe_21.transformer.named_modules()
+                   if isinstance(m, Fp8Linear))
+    assert names == sorted(f"transformer_blocks.{i}.{t}" for i in range(2) for t in TARGETS_21)
+    vec = trainer.token.vector.detach().clone()
+    losses = [trainer.train_step() for _ in range(2)]
+    assert all(np.isfinite(losses)) and not torch.equal(trainer.token.vector.detach(), vec)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tiny_pipe_21, dataset_dir, make_config, tmp_path):
+    runs = []
+    for gc in (False, True):
+        cfg = make_config(steps=2).replace(model={"gradient_checkpointing": gc})
+        trainer = Trainer(cfg, copy.deepcopy(tiny_pipe_21), _examples(dataset_dir), tmp_path / str(gc))
+        runs.append(([trainer.train_step() for _ in range(2)], trainer.token.vector.detach().clone()))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-8)
+
+
+# ---- the CLI on a 2.1 folder ------------------------------------------------------------------------------
+
+
+def _predict(main, out, *extra):
+    return main(["predict", "--prompt", "a photo of <zwx>", "--steps", "2", "--width", "32", "--height", "32",
+                 "--dtype", "float32", "--device", "cpu", "--output", str(out), *extra])
+
+
+def test_cli_train_predict_on_a_2_1_folder(tiny_model_dir_21, dataset_dir, tmp_path, capsys):
+    """``qwen-zero-prior train`` on a 2.1 folder (family detected; also named in the config), with samples during
+    training, then ``predict`` with the archive (its meta names the base model and family): the trained token
+    and LoRA change the image; the base model alone gives another."""
+    from qwen_zero_prior.cli import main
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        f"model:\n  base_model: {tiny_model_dir_21}\n  family: qwen-image-2.1\n  dtype: float32\n  device: cpu\n"
+        "train:\n  train_placeholder_token: true\n  placeholder_token: '<zwx>'\n  rank: 4\n  steps: 4\n"
+        "  resolution: 32\n  checkpoint_every: 0\n  learning_rate: 0.01\n  token_learning_rate: 0.05\n"
+        "sample:\n  prompts: ['a photo of <zwx>']\n  every: 4\n  steps: 2\n  guidance: 1\n"
+    )
+    rc = main(["train", "--config", str(cfg), "--dataset", str(dataset_dir), "--output", str(tmp_path / "run" / "w.zip")])
+    assert rc == 0, capsys.readouterr().err
+    arc = load_archive(tmp_path / "run" / "w.zip")
+    assert arc.meta.model_family == "qwen-image-2.1" and arc.meta.base_model == str(tiny_model_dir_21)
+    assert arc.meta.placeholder_token_id == 151669 and arc.has_lora and arc.meta.lora_targets == TARGETS_21
+    assert Image.open(tmp_path / "run" / "samples" / "step-000004-0.png").size == (32, 32)
+
+    # auto-detected family: the same folder without model.family trains too
+    rc = main(["train", "--set", f"model.base_model={tiny_model_dir_21}", "--set", "model.dtype=float32",
+               "--set", "model.device=cpu", "--set", "train.steps=1", "--set", "train.resolution=32",
+               "--set", "train.checkpoint_every=0", "--dataset", str(dataset_dir), "--output", str(tmp_path / "auto.zip")])
+    assert rc == 0 and load_archive(tmp_path / "auto.zip").meta.model_family == "qwen-image-2.1"
+
+    assert _predict(main, tmp_path / "with.png", "--archive", str(tmp_path / "run" / "w.zip")) == 0
+    assert _predict(main, tmp_path / "base.png", "--base-model", str(tiny_model_dir_21)) == 0
+    capsys.readouterr()
+    with_w = np.asarray(Image.open(tmp_path / "with.png"), dtype=np.int16)
+    plain = np.asarray(Image.open(tmp_path / "base.png"), dtype=np.int16)
+    assert with_w.shape == plain.shape == (32, 32, 4)  # 2.1's VAE decodes RGBA
+    assert np.abs(with_w - plain).max() > 0
+
+
+def test_cli_family_errors(tiny_model_dir, tiny_model_dir_21, dataset_dir, tmp_path, capsys):
+    """One clear error each: model.family contradicting the folder; a 2.1 archive on a Qwen-Image base model."""
+    from qwen_zero_prior.cli import main
+
+    rc = main(["train", "--set", f"model.base_model={tiny_model_dir_21}", "--set", "model.family=qwen-image",
+               "--set", "model.device=cpu", "--set", "train.steps=1", "--dataset", str(dataset_dir),
+               "--output", str(tmp_path / "x.zip")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == (
+        f"error: model.family is 'qwen-image' (Qwen-Image) but {tiny_model_dir_21} holds a Qwen-Image 2.1 pipeline "
+        "(QwenImage21Pipeline); set model.family to 'qwen-image-2.1' or auto")
+
+    from qwen_zero_prior.training.archive import ArchiveMeta, write_archive
+
+    meta = ArchiveMeta(base_model=str(tiny_model_dir_21), placeholder_token="<zwx>", placeholder_token_id=151669,
+                       rank=None, created=ArchiveMeta.now(), model_family="qwen-image-2.1")
+    arc = write_archive(tmp_path / "q21.zip", meta, None, torch.zeros(32))
+    rc = _predict(main, tmp_path / "no.png", "--archive", str(arc), "--base-model", str(tiny_model_dir))
+    err = capsys.readouterr().err
+    assert rc == 2 and "this archive was trained on Qwen-Image 2.1 (meta.json model_family 'qwen-image-2.1') but " \
+                       "the base model is Qwen-Image ('qwen-image')" in err
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_fp8_storage_on_2_1(tiny_model_dir_21, dataset_dir, make_config, tmp_path):
+    """``model.quantize`` (the transformer's weights stored in fp8) trains LoRA and token on 2.1;
+    ``model.quantize_te`` (the text encoder's too) trains a plain LoRA."""
+    from qwen_zero_prior.training.models import load_pipeline
+    from qwen_zero_prior.training.run import train
+
+    cfg = make_config(tiny_model_dir_21, steps=2).replace(model={"quantize": True})
+    pipe = load_pipeline(cfg.model)
+    assert pipe.transformer.transformer_blocks[0].img_mlp.gate_layer.weight.dtype == torch.float8_e4m3fn
+    arc = load_archive(train(cfg, dataset_dir, tmp_path / "w.zip", pipe=pipe).archive)
+    assert arc.has_lora and arc.has_token and all(torch.isfinite(v).all() for v in arc.lora_state_dict.values())
+    te_cfg = make_config(tiny_model_dir_21, steps=1, train_placeholder_token=False).replace(model={"quantize_te": True})
+    te_pipe = load_pipeline(te_cfg.model)
+    assert te_pipe.text_encoder.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    plain = load_archive(train(te_cfg, dataset_dir, tmp_path / "plain.zip", pipe=te_pipe).archive)
+    assert plain.has_lora and not plain.has_token and plain.meta.model_family == "qwen-image-2.1"
