@@ -99,8 +99,13 @@ class ComfyBackend(TrainBackend):
         super().__init__(cfg)
         from comfy.model_base import QwenImage
 
+        kind = type(model.model).__name__
         if not isinstance(model.model, QwenImage):
-            raise TypeError(f"Train Zero-Prior Token needs a Qwen-Image MODEL; this one is {type(model.model).__name__}")
+            raise TypeError(f"Train Zero-Prior Token needs a Qwen-Image MODEL; this one is {kind}")
+        if kind.startswith("QwenImage21"):  # ComfyUI >= 0.37: a subclass of QwenImage, but another model
+            raise TypeError(f"Train Zero-Prior Token trains Qwen-Image (20B) in ComfyUI; this MODEL is {kind}. "
+                            "Qwen-Image 2.1 trains with the CLI or Cog (qwen-zero-prior train on a 2.1 folder); "
+                            "its archives load in ComfyUI's Register Zero-Prior Token")
         qwen_te_parts(clip)  # a clear error for CLIPs that are not Qwen-Image's text encoder
         self.model, self.clip, self.vae = model, clip, vae
         self.device = mm.get_torch_device()
