@@ -39,7 +39,8 @@ from ..training.config import Config, TrainConfig
 from ..training.data import Example, load_pixels
 from ..training.token import RegisteredToken, add_placeholder_token, check_single_id, init_vector
 from .comfy_text import ComfyPromptEncoder, qwen_decoder
-from .token_node import ZeroPriorTokenizer, qwen_te_parts
+from ..training.families import QWEN_IMAGE, get_family
+from .token_node import ZeroPriorTokenizer, text_encoder_parts
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,11 @@ class LoRABranch(nn.Module):
     computed in ``x``'s dtype. ``A`` starts N(0, 1/rank) and ``B`` at zero (peft's ``init_lora_weights="gaussian"``,
     as the core's LoRA), so the model starts unchanged."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.rank, self.scale = rank, float(alpha) / rank
-        self.lora_A = nn.Parameter(torch.randn(rank, in_features) / rank)
+        self.lora_A = nn.Parameter(torch.randn(rank, in_features, generator=generator) / rank)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,11 @@ class ComfyBackend(TrainBackend):
             raise TypeError(f"Train Zero-Prior Token trains Qwen-Image (20B) in ComfyUI; this MODEL is {kind}. "
                             "Qwen-Image 2.1 trains with the CLI or Cog (qwen-zero-prior train on a 2.1 folder); "
                             "its archives load in ComfyUI's Register Zero-Prior Token")
-        qwen_te_parts(clip)  # a clear error for CLIPs that are not Qwen-Image's text encoder
+        _, _, self.width, family = text_encoder_parts(clip, node="Train Zero-Prior Token")
+        if family != QWEN_IMAGE:
+            raise TypeError(f"Train Zero-Prior Token trains Qwen-Image (Qwen2.5-VL text encoder) in ComfyUI; this "
+                            f"CLIP is {get_family(family).title}'s text encoder. Load Qwen-Image's with CLIPLoader, "
+                            "type 'qwen_image'")
         self.model, self.clip, self.vae = model, clip, vae
         self.device = mm.get_torch_device()
         base = model.model
@@ -117,6 +123,7 @@ class ComfyBackend(TrainBackend):
         self.tokenizer = self._base_tokenizer()
         self.prompts: ComfyPromptEncoder | None = None
         self._in_training_flag = hasattr(mm, "in_training")
+        self._was_in_training = False
         self._handles: list = []  # forward hooks of the LoRA branches (removed in close())
         self._checkpointed: list = []
 
@@ -140,19 +147,20 @@ class ComfyBackend(TrainBackend):
     def prepare(self, t: TrainConfig) -> None:
         self.mp, deep = _trainable_clone(self.model)
         dm = self.mp.model.diffusion_model
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(t.seed)
-        try:
-            for name, m in dm.named_modules():
-                if not any(name == tgt or name.endswith("." + tgt) for tgt in t.lora_targets):
-                    continue
-                w = getattr(m, "weight", None)
-                if w is None or w.ndim != 2:
-                    continue
-                self.adapters[name] = LoRABranch(w.shape[1], w.shape[0], t.rank, t.alpha)
-                self._handles.append(m.register_forward_hook(self.adapters[name].hook))
-        finally:
-            torch.random.set_rng_state(gen_state)
+        gen = torch.Generator().manual_seed(t.seed)  # the LoRA's init, without touching the global RNGs
+        matched: set[str] = set()
+        for name, m in dm.named_modules():
+            target = next((tgt for tgt in t.lora_targets if name == tgt or name.endswith("." + tgt)), None)
+            w = getattr(m, "weight", None)
+            if target is None or w is None or w.ndim != 2:
+                continue
+            matched.add(target)
+            self.adapters[name] = LoRABranch(w.shape[1], w.shape[0], t.rank, t.alpha, gen)
+            self._handles.append(m.register_forward_hook(self.adapters[name].hook))
+        unmatched = [tgt for tgt in t.lora_targets if tgt not in matched]
+        if unmatched and self.adapters:  # as the core refuses them (training/lora.py add_lora)
+            raise ValueError(f"train.lora_targets {unmatched} match no Linear of this MODEL; use names such as "
+                             "to_q, add_q_proj, to_add_out, img_mlp.net.2")
         if not self.adapters:
             raise ValueError(f"train.lora_targets {list(t.lora_targets)} match no Linear of this MODEL")
         logger.info("LoRA rank %d on %d modules of ComfyUI's Qwen-Image (%s)", t.rank, len(self.adapters),
@@ -168,6 +176,7 @@ class ComfyBackend(TrainBackend):
                 self._checkpointed.append((block, block.__dict__.get("forward")))
                 block.forward = _checkpointed(block.forward)
         if self._in_training_flag:
+            self._was_in_training = mm.in_training
             mm.in_training = True
         self._load()
         for a in self.adapters.values():
@@ -221,12 +230,12 @@ class ComfyBackend(TrainBackend):
         token_id = add_placeholder_token(sd_tok.tokenizer, token)
         sd_tok.inv_vocab[token_id] = token
         self.tokenizer = tok
-        _, _, width = qwen_te_parts(self.clip)
-        vector = nn.Parameter(init_vector(width, init_std, generator).to(self.clip.patcher.load_device))
+        vector = nn.Parameter(init_vector(self.width, init_std, generator).to(self.clip.patcher.load_device))
         self.token = RegisteredToken(token, token_id, own_vector=vector)
         if self.cfg.debug.log_prompt_ids:
             logger.info("placeholder token %r registered as id %d in ComfyUI's tokenizer", token, token_id)
-            logger.info("gradient mask active: only the %d-wide vector for id %d trains (weight decay 0)", width, token_id)
+            logger.info("gradient mask active: only the %d-wide vector for id %d trains (weight decay 0)", self.width,
+                        token_id)
         if self.prompts is not None:
             self._make_prompts()
         return self.token
@@ -244,7 +253,11 @@ class ComfyBackend(TrainBackend):
 
     def predict(self, noisy, sigmas, embeds, mask):
         dm = self.mp.model.diffusion_model
-        return dm(noisy.to(self.dtype), sigmas.to(self.dtype), embeds.to(self.dtype), attention_mask=mask)
+        # the MODEL's own transformer options (patches other nodes added apply as when sampling), in a fresh dict:
+        # the forward writes into it, and its default argument is shared
+        options = dict(self.mp.model_options.get("transformer_options", {}))
+        return dm(noisy.to(self.dtype), sigmas.to(self.dtype), embeds.to(self.dtype), attention_mask=mask,
+                  transformer_options=options)
 
     # ---- the rest -------------------------------------------------------------------------------------
     def sample(self, prompts: list[str], step: int) -> list:
@@ -293,7 +306,7 @@ class ComfyBackend(TrainBackend):
         """Leave ComfyUI's modules as they were: hooks removed, block forwards restored, training flag reset (the
         graph continues with the archive applied through ComfyUI's own LoRA patching)."""
         if self._in_training_flag:
-            mm.in_training = False
+            mm.in_training = self._was_in_training
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -303,8 +316,10 @@ class ComfyBackend(TrainBackend):
             else:
                 block.forward = own
         self._checkpointed.clear()
-        for a in self.adapters.values():
-            a.requires_grad_(False)
+        # the trainable clone (a deep copy of the DiT on ComfyUI >= 0.25) and the branches are not needed any more:
+        # the graph goes on with the archive applied through ComfyUI's own LoRA patching
+        self.mp, self.prompts = None, None
+        self.adapters.clear()
 
 
 def _checkpointed(forward):

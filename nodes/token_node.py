@@ -74,9 +74,9 @@ def _qwen3vl_classes() -> tuple[type, ...]:
     return tuple(found)
 
 
-def text_encoder_parts(clip):
+def text_encoder_parts(clip, node: str = "Register Zero-Prior Token"):
     """(ComfyUI tokenizer, its SD tokenizer, embedding width, model family) of a Qwen-Image (Qwen2.5-VL) or
-    Qwen-Image 2.1 (Qwen3-VL) CLIP, or a clear error for other CLIPs."""
+    Qwen-Image 2.1 (Qwen3-VL) CLIP, or a clear error naming ``node`` for other CLIPs."""
     from comfy.text_encoders.qwen_image import QwenImageTEModel
 
     model = clip.cond_stage_model
@@ -87,7 +87,7 @@ def text_encoder_parts(clip):
         family = QWEN_IMAGE_21
     else:
         raise TypeError(
-            f"Register Zero-Prior Token needs Qwen-Image's text encoder (load it with CLIPLoader, type "
+            f"{node} needs Qwen-Image's text encoder (load it with CLIPLoader, type "
             f"'qwen_image') or Qwen-Image 2.1's Qwen3-VL text encoder (ComfyUI 0.33 or newer); this CLIP is "
             f"{type(model).__name__}"
         )
@@ -95,22 +95,6 @@ def text_encoder_parts(clip):
     sd_tok = getattr(tok, tok.clip)
     width = getattr(model, model.clip).transformer.get_input_embeddings().weight.shape[1]
     return tok, sd_tok, width, family
-
-
-def qwen_te_parts(clip):
-    """(ComfyUI Qwen-Image tokenizer, its HF tokenizer, embedding width), or a clear error for other CLIPs."""
-    from comfy.text_encoders.qwen_image import QwenImageTEModel
-
-    model = clip.cond_stage_model
-    if not isinstance(model, QwenImageTEModel):
-        raise TypeError(
-            f"Register Zero-Prior Token needs Qwen-Image's text encoder (load it with CLIPLoader, type "
-            f"'qwen_image'); this CLIP is {type(model).__name__}"
-        )
-    tok = clip.tokenizer._inner if isinstance(clip.tokenizer, ZeroPriorTokenizer) else clip.tokenizer
-    sd_tok = getattr(tok, tok.clip)
-    width = model.qwen25_7b.transformer.get_input_embeddings().weight.shape[1]
-    return tok, sd_tok, width
 
 
 def register_token(clip, archive):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
+from ..training import outputs
 from ..training.config import Config, field_spec
 from ..training.data import DatasetError, resolve_dataset, scan_dataset
 from .paths import resolve_dataset_path, resolve_output_path
@@ -154,8 +155,13 @@ class TrainZeroPriorToken(io.ComfyNode):
         started = time.perf_counter()
         first_step_at: list[float] = []
 
-        with tempfile.TemporaryDirectory(prefix="qzp-comfy-data-") as work:
-            work = Path(work)
+        # as the core's run: the output is probed before anything else; the dataset is extracted beside the archive
+        # (in a folder the next run cleans up if this process is killed); the run folder is locked against a second
+        # training of the same archive, and a killed run's leftovers are removed, once the dataset is known good
+        outputs.probe_writable(archive_path.parent, "output folder")
+        work = outputs.make_data_dir(archive_path.parent)
+        lock = None
+        try:
             if dataset and dataset.strip():
                 root = resolve_dataset(resolve_dataset_path(dataset), work)
             elif images is not None:
@@ -190,11 +196,17 @@ class TrainZeroPriorToken(io.ComfyNode):
             def on_sample(step: int, images_: list) -> None:
                 if images_:
                     logger.info("sample preview at step %d (%dx%d)", step, *images_[0].size)
-                    pbar.update_absolute(step, steps, ("PNG", images_[0], 512))
+                    try:
+                        pbar.update_absolute(step, steps, ("PNG", images_[0], 512))
+                    except mm.InterruptProcessingException:
+                        cancel.append(step)
 
             callbacks = Callbacks(on_step=on_step, on_sample=on_sample,
                                   should_stop=lambda: bool(cancel) or mm.processing_interrupted(),
                                   interrupt_exceptions=(mm.InterruptProcessingException,))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = outputs.RunLock([run_dir], archive_path).acquire()
+            outputs.clean_leftovers(run_dir, archive_path)
             # ComfyUI runs prompts under inference_mode; training needs autograd
             with torch.inference_mode(False), torch.enable_grad():
                 backend = ComfyBackend(cfg, model, clip, vae)
@@ -209,6 +221,10 @@ class TrainZeroPriorToken(io.ComfyNode):
                     raise mm.InterruptProcessingException() from e
                 finally:
                     backend.close()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if lock is not None:
+                lock.release()
 
         # the graph continues with the archive applied the way the inference nodes apply it
         archive = load_archive(result.archive)

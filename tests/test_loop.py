@@ -77,3 +77,32 @@ def test_checkpoint_resumes_only_on_the_backend_that_wrote_it(tiny_pipe, dataset
     own = dict(trainer.backend.named_lora_parameters())
     for name, p in fresh.backend.named_lora_parameters():
         assert torch.equal(p.detach(), own[name].detach()), name
+
+
+def test_resume_restores_moments_saved_under_the_older_names(tiny_pipe, dataset_dir, make_config, tmp_path):
+    """Checkpoints written before the one loop named the LoRA's AdamW moments with peft's adapter name inside
+    (``…lora_A.zero_prior.weight``): resuming one restores them instead of silently restarting the moments."""
+    import copy
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    trainer = Trainer(make_config(steps=2, checkpoint_every=1), copy.deepcopy(tiny_pipe), _examples(dataset_dir),
+                      tmp_path)
+    trainer.fit(tmp_path / "weights.zip")
+    where = list_checkpoints(tmp_path / "checkpoints")[-1]
+    legacy = lambda n: n.replace(".lora_A.", ".lora_A.zero_prior.").replace(".lora_B.", ".lora_B.zero_prior.")  # noqa: E731
+    opt = load_file(where / "optimizer.safetensors")
+    save_file({legacy(k): v for k, v in opt.items()}, where / "optimizer.safetensors")
+    state = json.loads((where / "state.json").read_text())
+    state["optimizer"]["steps"] = {legacy(k): v for k, v in state["optimizer"]["steps"].items()}
+    (where / "state.json").write_text(json.dumps(state))
+
+    fresh = Trainer(make_config(steps=4), copy.deepcopy(tiny_pipe), _examples(dataset_dir), tmp_path / "again")
+    fresh.resume(tmp_path)
+    restored = [p for p in fresh.lora_params if p in fresh.optimizer.state]
+    assert len(restored) > 0.9 * len(fresh.lora_params)
+    own = dict(zip(trainer.param_names, trainer.trainable()))
+    for name, p in zip(fresh.param_names, fresh.trainable()):
+        if p in fresh.optimizer.state:
+            assert torch.equal(fresh.optimizer.state[p]["exp_avg"], trainer.optimizer.state[own[name]]["exp_avg"])

@@ -76,3 +76,12 @@ def test_resolve_applies_the_plan_to_the_config():
 def test_combinations_that_would_crash_are_refused_at_config_time(model, message):
     with pytest.raises(ConfigError, match=message):
         Config.from_dict({"model": model})
+
+
+def test_plan_respects_fp8_storage_and_the_device():
+    cfg = Config.from_dict({"model": {"memory": "auto", "quantize": True}, "train": {"resolution": 1024}})
+    out, plan = memory.resolve(cfg, FULL_WEIGHTS, CUDA, capacity_bytes=24 * GIB)
+    assert plan.mode == "offload" and out.model.offload and not out.model.quantize  # offload stores fp8 itself
+    for mode in ("checkpoint", "offload"):
+        with pytest.raises(ConfigError, match=f"model.memory: {mode} plans GPU memory, but this run is on cpu"):
+            memory.resolve(Config.from_dict({"model": {"memory": mode}}), FULL_WEIGHTS, torch.device("cpu"))

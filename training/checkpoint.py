@@ -180,25 +180,53 @@ def check_lora_shapes(saved: dict[str, torch.Tensor], current: dict[str, torch.T
                                   "is damaged")
 
 
+# optimizer hyper-parameters a checkpoint restores (the moments' schedule); the rest (fused, foreach, capturable, ...)
+# describes this run's device and torch, and the learning rates come from this run's config
+_RESTORED_GROUP_KEYS = ("betas", "eps", "amsgrad", "maximize")
+
+
+def _legacy_name(name: str) -> str:
+    """Optimizer-state names of checkpoints written before the one loop carried peft's adapter name."""
+    return name.replace(".lora_A.", ".lora_A.zero_prior.").replace(".lora_B.", ".lora_B.zero_prior.")
+
+
 def restore_optimizer(optimizer: torch.optim.Optimizer, param_names: list[str], state: dict) -> None:
+    """AdamW's moments and step counts from ``state`` into ``optimizer`` (whose parameters are ``param_names``).
+
+    Learning rates and device settings stay this run's (a changed learning rate is logged); ``step`` is placed
+    where torch's own ``load_state_dict`` would put it (on the parameter's device for fused or capturable
+    groups). Parameters without moments (one that never had a gradient) start fresh, as they would have; moments
+    saved under the names older versions used (peft's adapter name inside) are found too."""
     meta = state["optimizer"]
     tensors = state["optimizer_tensors"]
-    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
-        for k, v in saved.items():
-            if k in group and not isinstance(group[k], torch.Tensor):
-                group[k] = tuple(v) if isinstance(group[k], tuple) else v
     if len(meta["param_groups"]) != len(optimizer.param_groups):
         raise CheckpointError(f"checkpoint optimizer state has {len(meta['param_groups'])} parameter groups, this run "
                               f"{len(optimizer.param_groups)}; it was written with another token setting")
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        for k in _RESTORED_GROUP_KEYS:
+            if k in saved and k in group:
+                group[k] = tuple(saved[k]) if isinstance(group[k], tuple) else saved[k]
+        if "lr" in saved and saved["lr"] != group.get("lr"):
+            logger.info("resuming with learning rate %s (the checkpoint's run used %s)", group.get("lr"), saved["lr"])
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    missing = []
     for p, name in zip(_all_params(optimizer), param_names):
-        if f"{name}::exp_avg" not in tensors:
+        key = name if f"{name}::exp_avg" in tensors else _legacy_name(name)
+        if f"{key}::exp_avg" not in tensors:
+            missing.append(name)
             continue
         for k in ("exp_avg", "exp_avg_sq"):
-            if tuple(tensors[f"{name}::{k}"].shape) != tuple(p.shape):
-                raise CheckpointError(f"checkpoint optimizer state {name}::{k} has shape "
-                                      f"{list(tensors[f'{name}::{k}'].shape)}, the parameter {list(p.shape)}")
+            if tuple(tensors[f"{key}::{k}"].shape) != tuple(p.shape):
+                raise CheckpointError(f"checkpoint optimizer state {key}::{k} has shape "
+                                      f"{list(tensors[f'{key}::{k}'].shape)}, the parameter {list(p.shape)}")
+        group = group_of[id(p)]
+        on_device = group.get("fused") or group.get("capturable")
         optimizer.state[p] = {
-            "step": torch.tensor(meta["steps"][name]),
-            "exp_avg": tensors[f"{name}::exp_avg"].to(p.device, p.dtype),
-            "exp_avg_sq": tensors[f"{name}::exp_avg_sq"].to(p.device, p.dtype),
+            "step": torch.tensor(meta["steps"].get(key, meta["steps"].get(name)), dtype=torch.float32,
+                                 device=p.device if on_device else "cpu"),
+            "exp_avg": tensors[f"{key}::exp_avg"].to(p.device, p.dtype),
+            "exp_avg_sq": tensors[f"{key}::exp_avg_sq"].to(p.device, p.dtype),
         }
+    if tensors and len(missing) == len(param_names):
+        raise CheckpointError("checkpoint optimizer state names none of this run's parameters "
+                              f"(e.g. {param_names[0]!r}); it does not belong to this run")

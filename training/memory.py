@@ -122,6 +122,11 @@ def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float
     m, t = cfg.model, cfg.train
     if m.memory == "manual":
         return cfg, None
+    if m.memory in ("checkpoint", "offload") and device.type != "cuda":
+        from .config import ConfigError
+
+        raise ConfigError(f"model.memory: {m.memory} plans GPU memory, but this run is on {device}; use "
+                          "model.memory: auto (or resident)")
     mode = m.memory
     if mode == "auto" and m.offload:
         mode = "offload"
@@ -136,10 +141,10 @@ def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float
         logger.warning("memory plan %s: compile_mode reduce-overhead (CUDA graphs) crashes with gradient "
                        "checkpointing; using the default compile mode", plan.mode)
         model["compile_mode"] = None
-    if plan.offload and (m.compile or m.fp8_matmul):
-        logger.warning("memory plan offload: model.compile and model.fp8_matmul do not apply to offloaded "
-                       "weights; turned off")
-        model.update(compile=False, compile_mode=None, fp8_matmul=False)
+    if plan.offload and (m.compile or m.fp8_matmul or m.quantize):
+        logger.warning("memory plan offload: it stores the transformer in fp8 itself; model.compile, "
+                       "model.fp8_matmul and model.quantize do not apply to offloaded weights: turned off")
+        model.update(compile=False, compile_mode=None, fp8_matmul=False, quantize=False)
     logger.info("memory plan: %s", plan.reason)
     return cfg.replace(model=model), plan
 

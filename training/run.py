@@ -66,9 +66,12 @@ def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx,
             if pipe is None:
                 pipe, cfg = _load_for_training(cfg, ctx)
             trainer = Trainer(cfg, pipe, examples, output_dir, dist=ctx)
-            if resume:
-                trainer.resume(resume, force=force_resume)
-            return trainer.fit(archive_path, callbacks)
+            try:
+                if resume:
+                    trainer.resume(resume, force=force_resume)
+                return trainer.fit(archive_path, callbacks)
+            finally:
+                trainer.backend.close()
         finally:
             shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -83,7 +86,10 @@ def _load_for_training(cfg: Config, ctx):
 
     device = ctx.device() if ctx.enabled and cfg.model.device == "auto" else resolve_device(cfg.model.device)
     pipe = load_pipeline(cfg.model, device=device, place=False)
-    weights = memory.module_bytes(pipe.transformer, pipe.text_encoder, pipe.vae)
+    # as they will be placed: model.quantize / quantize_te store those weights in fp8 (one byte a value)
+    weights = sum(memory.module_bytes(module) // (module.dtype.itemsize if quantized else 1)
+                  for module, quantized in ((pipe.transformer, cfg.model.quantize),
+                                            (pipe.text_encoder, cfg.model.quantize_te), (pipe.vae, False)))
     cfg, _ = memory.resolve(cfg, weights, device)
     place_pipeline(pipe, cfg.model, device)
     return pipe, cfg

@@ -238,8 +238,8 @@ class SuffixDecoder:
         return self._layer(ops, h, cos, sin, past_k, past_v, mask)[0]
 
     def full(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (1, S, dim) of ``embeds`` from position 0: the whole decoder, differentiable,
-        no cache and no graphs (``text_prefix_cache: false``)."""
+        """Hidden states (1, S, dim; final-normed unless ``final_norm=False``) of ``embeds`` from position 0: the
+        whole decoder, differentiable, no cache and no graphs (``text_prefix_cache: false``)."""
         cos, sin = self.rotary(torch.arange(embeds.shape[1], device=embeds.device), embeds.dtype)
         h = embeds
         for ops in self.parts.layers:

@@ -109,7 +109,8 @@ class Trainer:
         return self.backend.dtype
 
     def setup(self) -> None:
-        """Latents first (the VAE can then leave the GPU), then LoRA, token and optimizer. Idempotent."""
+        """Latents first (a backend may then free the VAE: ``before_training``), then LoRA, token and optimizer.
+        Idempotent."""
         if self._prepared:
             return
         t, backend = self.t, self.backend
@@ -233,7 +234,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm)
         self.optimizer.step()
         self.step += 1
-        if self.prefetch:
+        if self.prefetch and self.step < self.t.steps:
             # the host is ahead of the GPU here (backward and optimizer are queued, not done): prepare the next
             # step's inputs now, so that step starts with the text encoder instead of host work on an idle GPU
             self._next_inputs = (self.step, self.step_inputs(self.plan.batch(self.step), sample_seeds=self.sample_seeds()))
@@ -376,28 +377,28 @@ class Trainer:
                     where = self.save_checkpoint() if self.step > 0 else None
                     raise TrainingInterrupted(self.step, where)
                 t_step = time.perf_counter()
-                try:
+                try:  # an interrupt raised anywhere in the iteration (a step, a sample) keeps the finished steps
                     loss = self.train_step()
+                    step_seconds.append(time.perf_counter() - t_step)
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss became {loss} at step {self.step}; lower train.learning_rate / token_learning_rate"
+                        )
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if cb.on_step is not None:
+                        cb.on_step(self.step, total, loss)
+                    every = self.t.checkpoint_every
+                    if every and self.step % every == 0 and self.step < total:
+                        self.save_checkpoint()
+                    if self.cfg.sample.every and self.step % self.cfg.sample.every == 0:
+                        paths, images = self.render_samples()
+                        samples += paths
+                        if cb.on_sample is not None:
+                            cb.on_sample(self.step, images)
                 except cb.interrupt_exceptions:
                     where = self.save_checkpoint() if self.step > 0 else None
                     raise TrainingInterrupted(self.step, where) from None
-                step_seconds.append(time.perf_counter() - t_step)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss} at step {self.step}; lower train.learning_rate / token_learning_rate"
-                    )
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if cb.on_step is not None:
-                    cb.on_step(self.step, total, loss)
-                every = self.t.checkpoint_every
-                if every and self.step % every == 0 and self.step < total:
-                    self.save_checkpoint()
-                if self.cfg.sample.every and self.step % self.cfg.sample.every == 0:
-                    paths, images = self.render_samples()
-                    samples += paths
-                    if cb.on_sample is not None:
-                        cb.on_sample(self.step, images)
         finally:
             bar.close()
         if self.t.checkpoint_every:
