@@ -85,6 +85,8 @@ def test_config_token_list_and_the_single_token_form():
      "<bob>"),
     ({"placeholder_tokens": ["<alice>", "<b ob>"]}, "train.placeholder_tokens: placeholder token '<b ob>' contains "
      "whitespace (U+0020 at position 2)"),
+    ({"placeholder_tokens": [f"<t{i}>" for i in range(257)]},
+     "train.placeholder_tokens: 257 placeholder tokens listed; at most 256 train together"),
     ({"placeholder_tokens": "<alice>,,"}, None),  # a comma list of one: fine
     ({"placeholder_tokens": [], "placeholder_token": "<sks>"}, None),  # empty list: the single token
     ({"placeholder_token": "<carol>", "placeholder_tokens": TOKENS},

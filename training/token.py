@@ -50,6 +50,7 @@ def check_single_id(tokenizer, token: str, *, context: str = "") -> int | None:
 
 
 MAX_TOKEN_CHARS = 64
+MAX_TOKENS = 256  # tokens trained together; also bounds the pairwise checks of a list read from an archive
 # whitespace, control, format (zero-width, bidi), surrogate, private-use and unassigned code points: a token
 # holding one cannot be typed reliably and may be invisible in a prompt
 _BAD_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible format character", "Cs": "a surrogate",
@@ -117,6 +118,8 @@ def validate_tokens(tokens, tokenizer=None, *, allow=(), where: str = "") -> lis
         raise TokenError(f"{src}placeholder tokens must be a non-empty list of strings such as ['<alice>', '<bob>'], "
                          f"got {tokens!r}")
     tokens = list(tokens)
+    if len(tokens) > MAX_TOKENS:
+        raise TokenError(f"{src}{len(tokens)} placeholder tokens listed; at most {MAX_TOKENS} train together")
     for t in tokens:
         validate_token(t, where=where)
     seen = set()
