@@ -266,12 +266,10 @@ class PlaceholderArchive:
 
 def token_file_bytes(token: str | dict[str, torch.Tensor], vector: torch.Tensor | None = None) -> bytes:
     """The token member: ``{token: vector}`` for each token (``token`` a token string with ``vector``, or the
-    mapping). Its header's ``token`` names the first, as in the one-token format."""
+    mapping). Its header's ``token`` names the first, as in the one-token format; the order is meta.json's."""
     vectors = token if isinstance(token, dict) else {token: vector}
-    first = next(iter(vectors))
     return st_save({t: v.detach().to(torch.float32).contiguous().cpu() for t, v in vectors.items()},
-                   metadata={"format": "pt", "token": first, **({"tokens": json.dumps(list(vectors))}
-                                                               if len(vectors) > 1 else {})})
+                   metadata={"format": "pt", "token": next(iter(vectors))})
 
 
 def lora_file_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -307,11 +305,10 @@ def write_archive(
     if vectors:
         tokens = list(vectors)
         meta.placeholder_token, meta.placeholder_tokens = tokens[0], tokens
-        if not (isinstance(meta.placeholder_token_ids, list) and len(meta.placeholder_token_ids) == len(tokens)
-                and meta.placeholder_token_ids[0] == meta.placeholder_token_id):
-            meta.placeholder_token_ids = [meta.placeholder_token_id] + [None] * (len(tokens) - 1)
-        if meta.placeholder_token_id is None and len(tokens) == 1:
-            meta.placeholder_token_ids = None
+        ids = meta.placeholder_token_ids
+        if not (isinstance(ids, list) and len(ids) == len(tokens) and ids[0] == meta.placeholder_token_id):
+            ids = [meta.placeholder_token_id] + [None] * (len(tokens) - 1)
+        meta.placeholder_token_ids = ids if any(i is not None for i in ids) else None
         widths = {int(v.shape[-1]) for v in vectors.values()}
         if len(widths) != 1:
             raise ArchiveError(f"token vectors of different widths {sorted(widths)}: all must fit one text encoder")

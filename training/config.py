@@ -422,8 +422,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = raw
         if isinstance(value, (int, float)) and not isinstance(value, bool) and name in ("placeholder_token",):
             value = raw
-        if name == "placeholder_tokens" and isinstance(value, str):
-            value = raw.strip()  # <a>,<b>: a comma list (YAML would keep it as one string anyway)
         sect = data.setdefault(section, {})
         if not isinstance(sect, dict):
             raise ConfigError(f"override {item!r}: section {section!r} is not a mapping")
