@@ -250,6 +250,9 @@ def _cmd_predict(args) -> int:
     session = InferenceSession(pipe)
     if archive is not None:
         session.apply(archive, lora_scale=args.lora_scale)  # refuses an archive of the other model family
+        if session.token_ids:
+            print("token" + ("s" if len(session.token_ids) > 1 else "") + ": "
+                  + ", ".join(f"{t} (id {i})" for t, i in session.token_ids.items()))
     fam = session.family  # unset --steps / --guidance: the family's defaults (2.1: 40 steps, no CFG)
     steps = fam.default_steps if args.steps is None else args.steps
     guidance = fam.default_guidance if args.guidance is None else args.guidance
@@ -363,11 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="generate an image with a weights.zip",
                        description="Loads the base model named in the archive's meta.json (or --base-model), "
-                       "registers the token, applies the LoRA and writes one image.", **kw)
+                       "registers the archive's token(s), applies the LoRA and writes one image.", **kw)
     r.add_argument("--archive", help="weights.zip / .tar / .tar.gz from training (default: none, the base model)")
     r.add_argument("--base-model", help="Qwen-Image folder or hub id (default: the archive's base_model if that is "
                    "a local folder; a hub id is only ever downloaded when given here)")
-    r.add_argument("--prompt", required=True, help="text prompt; write the token as trained, e.g. <zwx>")
+    r.add_argument("--prompt", required=True, help="text prompt; write the token(s) as trained, e.g. <zwx>")
     r.add_argument("--negative-prompt", default=" ",
                    help="negative prompt, used when --guidance > 1 (default: a single space, as Qwen-Image's pipeline)")
     r.add_argument("--family", default="auto", choices=["auto", "qwen-image", "qwen-image-2.1"],

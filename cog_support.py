@@ -14,8 +14,10 @@ from pathlib import Path
 
 try:  # installed (pip install .): the package name
     from qwen_zero_prior.training.config import Config, ModelConfig, field_spec
+    from qwen_zero_prior.training.token import split_token_list
 except ImportError:  # inside a Cog image the source folder itself is on sys.path
     from training.config import Config, ModelConfig, field_spec  # type: ignore[no-redef]
+    from training.token import split_token_list  # type: ignore[no-redef]
 
 ENV_MODEL = "QWEN_IMAGE_MODEL"  # local diffusers folder or hub id
 ENV_DTYPE = "QWEN_IMAGE_DTYPE"
@@ -46,6 +48,12 @@ TRAIN_FIELDS = {
     "seed": ("train", "seed"),
 }
 
+# trainer inputs whose Cog description differs from the config field's help (the Cog input takes more)
+TRAIN_DESCRIPTIONS = {
+    "placeholder_token": "The new special token written in prompts, e.g. <zwx>; several tokens trained together: a "
+                         "comma-separated list, e.g. <alice>,<bob> (each its own vector, one LoRA).",
+}
+
 PREDICT_INPUTS = {
     "prompt": {"type": "string", "description": "Prompt; write the placeholder token (e.g. <zwx>) where the concept goes."},
     "negative_prompt": {"type": "string", "default": " ", "description": "Negative prompt (used when guidance > 1)."},
@@ -68,7 +76,8 @@ def train_inputs() -> dict[str, dict]:
     kinds = {bool: "boolean", int: "integer", float: "number", str: "string"}
     for name, (section, key) in TRAIN_FIELDS.items():
         spec = field_spec(section, key)
-        prop = {"type": kinds[type(spec["default"])], "default": spec["default"], "description": spec["help"]}
+        prop = {"type": kinds[type(spec["default"])], "default": spec["default"],
+                "description": TRAIN_DESCRIPTIONS.get(name, spec["help"])}
         if "min" in spec:
             prop["minimum"] = spec["min"]
         if "max" in spec:
@@ -109,6 +118,12 @@ def write_schema(path: Path = SCHEMA_PATH) -> Path:
 
 def config_for_training(**inputs) -> Config:
     train = {key: inputs[name] for name, (section, key) in TRAIN_FIELDS.items() if section == "train"}
+    tokens = split_token_list(train["placeholder_token"])  # "<alice>,<bob>": several tokens in one run
+    if len(tokens) > 1:
+        train["placeholder_tokens"] = tokens
+        del train["placeholder_token"]
+    elif tokens:
+        train["placeholder_token"] = tokens[0]
     train["checkpoint_every"] = 0
     mc = model_config()
     return Config.from_dict({"model": {"base_model": mc.base_model, "dtype": mc.dtype, "device": mc.device},

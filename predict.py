@@ -76,8 +76,10 @@ class Predictor(BasePredictor):
             self.session.clear()
             raise
         self.weights_digest = digest
-        print(f"weights loaded (sha256 {digest[:12]}, {archive_family(archive.meta).title}): token {archive.token!r} "
-              f"id {self.session.token_id}, "
+        ids = self.session.token_ids
+        tokens = (("token " if len(ids) == 1 else "tokens ") + ", ".join(f"{t!r} id {i}" for t, i in ids.items())
+                  if ids else "no token")
+        print(f"weights loaded (sha256 {digest[:12]}, {archive_family(archive.meta).title}): {tokens}, "
               f"LoRA {'yes' if archive.has_lora else 'no'}")
 
     def predict(

@@ -33,7 +33,11 @@ def train(
         default=False,
         description="Train a fresh zero-prior token (placeholder_token) together with the LoRA. Off: plain LoRA.",
     ),
-    placeholder_token: str = Input(default="<zwx>", description="The new special token written in prompts, e.g. <zwx>."),
+    placeholder_token: str = Input(
+        default="<zwx>",
+        description="The new special token written in prompts, e.g. <zwx>; several tokens trained together: a "
+        "comma-separated list, e.g. <alice>,<bob> (each its own vector, one LoRA).",
+    ),
     placeholder_init_std: float = Input(
         default=1e-5, ge=0.0, le=1.0, description="Std of the token row's N(0, std) init; 0 gives exact zeros."
     ),

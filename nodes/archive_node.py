@@ -33,8 +33,9 @@ class LoadPlaceholderArchive(io.ComfyNode):
             node_id="ZeroPriorLoadArchive",
             display_name="Load Placeholder Archive",
             category=CATEGORY,
-            description="Reads weights.zip from zero-prior training: the placeholder token's string and vector, "
-            "the Qwen-Image LoRA and meta.json. Re-executes only when the file changes.",
+            description="Reads weights.zip from zero-prior training: the placeholder token's string and vector (each "
+            "token's, for an archive of several), the Qwen-Image LoRA and meta.json. Re-executes only when the file "
+            "changes.",
             inputs=[
                 io.Combo.Input(
                     "archive",
@@ -51,7 +52,8 @@ class LoadPlaceholderArchive(io.ComfyNode):
             ],
             outputs=[
                 ZeroPriorArchive.Output(display_name="archive", tooltip="Token, vector, LoRA and metadata."),
-                io.String.Output(display_name="token", tooltip="The placeholder token to write in prompts."),
+                io.String.Output(display_name="token", tooltip="The placeholder token to write in prompts (several: "
+                                 "comma-separated, in training order, e.g. '<alice>, <bob>')."),
             ],
         )
 
@@ -71,9 +73,10 @@ class LoadPlaceholderArchive(io.ComfyNode):
         m = arc.meta
         parts = []
         if arc.has_token:
-            parts.append(f"token {arc.token} ({arc.vector.shape[0]}-wide)")
+            tokens = arc.tokens
+            parts.append(f"token{'s' if len(tokens) > 1 else ''} {', '.join(tokens)} ({arc.vector.shape[0]}-wide)")
         if arc.has_lora:
             parts.append(f"LoRA rank {m.rank}, {len(arc.lora_state_dict)} tensors")
         info = f"{p.name}: " + ", ".join(parts) + f"; {m.steps} steps; base {m.base_model}"
         logger.info("zero-prior archive %s", info)
-        return io.NodeOutput(arc, arc.token or "", ui={"text": [info]})
+        return io.NodeOutput(arc, ", ".join(arc.tokens), ui={"text": [info]})

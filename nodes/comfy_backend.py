@@ -37,7 +37,7 @@ import comfy.model_management as mm
 from ..training.backend import TrainBackend
 from ..training.config import Config, TrainConfig
 from ..training.data import Example, load_pixels
-from ..training.token import RegisteredToken, add_placeholder_token, check_single_id, init_vector
+from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_text import ComfyPromptEncoder, qwen_decoder
 from ..training.families import QWEN_IMAGE, get_family
 from .token_node import ZeroPriorTokenizer, text_encoder_parts
@@ -119,7 +119,7 @@ class ComfyBackend(TrainBackend):
         self.dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
         self.mp = None
         self.adapters: dict[str, LoRABranch] = {}
-        self.token: RegisteredToken | None = None
+        self.tokens: list[RegisteredToken] = []
         self.tokenizer = self._base_tokenizer()
         self.prompts: ComfyPromptEncoder | None = None
         self._in_training_flag = hasattr(mm, "in_training")
@@ -208,7 +208,7 @@ class ComfyBackend(TrainBackend):
         m = self.cfg.model
         self.prompts = ComfyPromptEncoder(
             self.clip, self.tokenizer, self.clip.patcher.load_device,
-            token_id=self.token.token_id if self.token else None, vector=self.token.vector if self.token else None,
+            vectors={tok.token_id: tok.vector for tok in self.tokens},
             prefix_cache=m.text_prefix_cache, cuda_graphs=False, compile=False,
         )
 
@@ -224,21 +224,28 @@ class ComfyBackend(TrainBackend):
             out[f"transformer.{name}.lora_B.weight"] = a.lora_B.detach().float().cpu().clone() * a.scale
         return out
 
-    def add_token(self, token: str, init_std: float, generator: torch.Generator) -> RegisteredToken:
+    def add_tokens(self, tokens: list[str], init_std: float, generator: torch.Generator) -> list[RegisteredToken]:
         tok = copy.deepcopy(self._base_tokenizer())  # CLIP.clone() shares the tokenizer: never mutate the graph's
         sd_tok = getattr(tok, tok.clip)
-        token_id = add_placeholder_token(sd_tok.tokenizer, token)
-        sd_tok.inv_vocab[token_id] = token
+        ids = add_placeholder_tokens(sd_tok.tokenizer, tokens)
+        for token, token_id in zip(tokens, ids):
+            sd_tok.inv_vocab[token_id] = token
         self.tokenizer = tok
-        vector = nn.Parameter(init_vector(self.width, init_std, generator).to(self.clip.patcher.load_device))
-        self.token = RegisteredToken(token, token_id, own_vector=vector)
+        width = self.width
+        device = self.clip.patcher.load_device
+        # drawn in list order from the one generator: the first token gets what a one-token run gets
+        self.tokens = [RegisteredToken(token, token_id, own_vector=nn.Parameter(
+                           init_vector(width, init_std, generator).to(device)))
+                       for token, token_id in zip(tokens, ids)]
         if self.cfg.debug.log_prompt_ids:
-            logger.info("placeholder token %r registered as id %d in ComfyUI's tokenizer", token, token_id)
-            logger.info("gradient mask active: only the %d-wide vector for id %d trains (weight decay 0)", self.width,
-                        token_id)
+            for t in self.tokens:
+                logger.info("placeholder token %r registered as id %d in ComfyUI's tokenizer", t.token, t.token_id)
+            logger.info("gradient mask active: only the %d-wide vector%s for id%s %s train%s (weight decay 0)", width,
+                        "s" if len(ids) > 1 else "", "s" if len(ids) > 1 else "", ", ".join(map(str, ids)),
+                        "" if len(ids) > 1 else "s")
         if self.prompts is not None:
             self._make_prompts()
-        return self.token
+        return self.tokens
 
     def check_trigger(self, token: str) -> None:
         check_single_id(getattr(self.tokenizer, self.tokenizer.clip).tokenizer, token,

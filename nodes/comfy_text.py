@@ -127,22 +127,25 @@ def template_end(ids: list[int]) -> int:
 
 
 class ComfyPromptEncoder:
-    """Qwen-Image conditioning for training from a ComfyUI CLIP, differentiable w.r.t. the placeholder vector.
+    """Qwen-Image conditioning for training from a ComfyUI CLIP, differentiable w.r.t. the placeholder vectors.
 
-    ``tokenizer``: ComfyUI's Qwen-Image tokenizer with the placeholder registered (its id ``token_id``);
-    ``vector``: the trainable float32 row. Text before the first placeholder is encoded once per caption
-    (causal prefix cache). ``cuda_graphs`` is off by default here: ComfyUI's layers may stream and cast weights
-    with host-side logic that graph capture cannot replay (dynamic VRAM).
+    ``tokenizer``: ComfyUI's Qwen-Image tokenizer with the placeholders registered; ``vectors``: each
+    placeholder's id in it -> its trainable float32 vector (or, for one token, ``token_id`` and ``vector``). Text
+    before the first placeholder is encoded once per caption (causal prefix cache). ``cuda_graphs`` is off by
+    default here: ComfyUI's layers may stream and cast weights with host-side logic that graph capture cannot
+    replay (dynamic VRAM).
     """
 
     def __init__(self, clip, tokenizer, device: torch.device, token_id: int | None = None,
-                 vector: torch.nn.Parameter | None = None, *, prefix_cache: bool = True, cuda_graphs: bool = False,
-                 compile: bool = False):
+                 vector: torch.nn.Parameter | None = None, *, vectors: dict[int, torch.nn.Parameter] | None = None,
+                 prefix_cache: bool = True, cuda_graphs: bool = False, compile: bool = False):
         self.tokenizer = tokenizer
         self.model = qwen_decoder(clip)
         self.embed_tokens = self.model.embed_tokens
         self.device = torch.device(device)
-        self.token_id, self.vector = token_id, vector
+        self.vectors: dict[int, torch.nn.Parameter] = dict(vectors or {})
+        if vector is not None:
+            self.vectors[int(token_id)] = vector
         self.prefix_cache = prefix_cache
         # recompute: ComfyUI's layers cast their weights to float32 for each use, and autograd would keep every
         # cast until the backward (28 GB for the 7B encoder); per-layer recompute keeps one layer's at a time
@@ -157,16 +160,17 @@ class ComfyPromptEncoder:
         return [int(entry[0]) for batch in pairs for entry in batch]
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
-        """(1, n, dim) float32 input embeddings, the placeholder's rows replaced by the vector."""
+        """(1, n, dim) float32 input embeddings, each placeholder's rows replaced by its vector."""
         t = torch.tensor([ids]).to(self.device, non_blocking=True)
         out = self.embed_tokens(t).to(COMPUTE_DTYPE)
-        if self.vector is not None and self.token_id in ids:
-            mask = (t == self.token_id).unsqueeze(-1)
-            out = torch.where(mask, self.vector.to(out.dtype), out)
+        for token_id, vector in self.vectors.items():
+            if token_id in ids:
+                mask = (t == token_id).unsqueeze(-1)
+                out = torch.where(mask, vector.to(out.dtype), out)
         return out
 
     def encode_one(self, caption: str) -> torch.Tensor:
-        """(seq, dim) float32 conditioning of one caption; carries the vector's gradient where it appears."""
+        """(seq, dim) float32 conditioning of one caption; carries the vectors' gradients where they appear."""
         entry = self._prefix.get(caption)
         if entry is None:
             fixed = self._fixed.get(caption)
@@ -175,10 +179,10 @@ class ComfyPromptEncoder:
             ids = self.ids(caption)
             drop = template_end(ids)
             first = None
-            if self.vector is not None:
-                first = next((i for i, t in enumerate(ids) if t == self.token_id and i >= drop), None)
+            if self.vectors:
+                first = next((i for i, t in enumerate(ids) if t in self.vectors and i >= drop), None)
             if first is None or not self.prefix_cache:
-                if first is None:  # the conditioning does not depend on the vector: compute it once
+                if first is None:  # the conditioning does not depend on any vector: compute it once
                     with torch.no_grad():
                         _, _, hidden = self.suffix.prefix(self._embed(ids))
                     self._fixed[caption] = hidden[0, drop:].cpu()

@@ -1,12 +1,14 @@
-"""Register Zero-Prior Token: CLIP + archive -> a clone whose tokenizer knows the token and whose text
-encoder sees the trained vector at every occurrence.
+"""Register Zero-Prior Token: CLIP + archive -> a clone whose tokenizer knows the archive's token(s) and whose
+text encoder sees each trained vector at every occurrence of its token.
 
 ComfyUI's Qwen tokenizer ignores ``embedding:`` syntax, so the token is registered in (a copy of) the HF
 tokenizer inside ComfyUI's tokenizer, which then gives it one id (151669 with ComfyUI's bundled vocabulary,
 not Qwen-Image's 151665 — the mapping is by string). Each occurrence of that id in the token list is then
 replaced by the vector itself, the mechanism ``comfy/sd1_clip.py: process_tokens`` already has for embeddings.
 One list entry stays one vector, so Qwen-Image's template drop (which counts positions) is unchanged, and the
-text encoder's weights are never touched: bf16/fp16 and fp8-stored encoders behave the same.
+text encoder's weights are never touched: bf16/fp16 and fp8-stored encoders behave the same. An archive of
+several tokens registers all of them (ids 151669, 151670, ... in its training order); the node's ``token_id``
+output is the first token's id and its ``token_ids`` output every token's id as a JSON object.
 
 Qwen-Image 2.1's text encoder is Qwen3-VL-8B: ComfyUI has it since 0.33 (``comfy/text_encoders/qwen3vl.py``,
 ``Qwen3VLTEModel``; ComfyUI >= 0.37 adds 2.1's own ``qwen_image21.QwenImage21TEModel`` on it). Its tokenizer is
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
 
 import torch
 from comfy_api.latest import io
 
 from ..training.families import QWEN_IMAGE, QWEN_IMAGE_21, check_archive_family, get_family
-from ..training.token import check_single_id, ensure_token, validate_token
+from ..training.token import check_single_id, ensure_token, validate_tokens
 from .sockets import CATEGORY, ZeroPriorArchive
 
 logger = logging.getLogger(__name__)
@@ -98,40 +101,49 @@ def text_encoder_parts(clip, node: str = "Register Zero-Prior Token"):
 
 
 def register_token(clip, archive):
-    """A clone of ``clip`` with ``archive``'s token registered. The input CLIP is untouched."""
+    """A clone of ``clip`` with every token of ``archive`` registered, and ``{token: id}`` in ComfyUI's tokenizer
+    (training order; ``{}`` for an archive without tokens, which passes ``clip`` through). The input CLIP is
+    untouched."""
     if not archive.has_token:
         logger.info("archive %s has no placeholder token; CLIP passed through", archive.source)
-        return clip, None
+        return clip, {}
     base_tok, _, width, family = text_encoder_parts(clip)
     check_archive_family(archive.meta, get_family(family), archive.source or "archive")
-    if archive.vector.shape[0] != width:
-        raise ValueError(
-            f"archive {archive.source}: token {archive.token!r} has a {archive.vector.shape[0]}-wide vector but "
-            f"this text encoder's embeddings are {width}-wide; the archive was trained for another model"
-        )
-    # the same check training and the core's inference apply: no special / vocabulary / invisible tokens
+    tokens = archive.tokens
+    for token in tokens:
+        vector = archive.vectors[token]
+        if vector.shape[0] != width:
+            raise ValueError(
+                f"archive {archive.source}: token {token!r} has a {vector.shape[0]}-wide vector but this text "
+                f"encoder's embeddings are {width}-wide; the archive was trained for another model"
+            )
+    # the same checks training and the core's inference apply: no special / vocabulary / invisible tokens, a list
+    # of distinct tokens none of which contains another
     ours = set(clip.tokenizer._names.values()) if isinstance(clip.tokenizer, ZeroPriorTokenizer) else set()
-    validate_token(archive.token, getattr(base_tok, base_tok.clip).tokenizer, allow=ours,
-                   where=f"archive {archive.source}")
+    validate_tokens(tokens, getattr(base_tok, base_tok.clip).tokenizer, allow=ours, where=f"archive {archive.source}")
     tok = copy.deepcopy(base_tok)  # CLIP.clone() shares the tokenizer: never mutate the input's
     sd_tok = getattr(tok, tok.clip)
-    token_id = ensure_token(sd_tok.tokenizer, archive.token)
-    sd_tok.inv_vocab[token_id] = archive.token
-    if check_single_id(sd_tok.tokenizer, archive.token, context="ComfyUI tokenizer") is None:
-        raise ValueError(f"token {archive.token!r} does not tokenize to one id in ComfyUI's tokenizer")
     vectors, names = {}, {}
     if isinstance(clip.tokenizer, ZeroPriorTokenizer):  # chain: keep tokens registered earlier
         vectors.update(clip.tokenizer._vectors)
         names.update(clip.tokenizer._names)
         for earlier in names.values():
             ensure_token(sd_tok.tokenizer, earlier)
-    vectors[token_id] = archive.vector.detach().to(torch.float32).clone()
-    names[token_id] = archive.token
+    ids = {}
+    for token in tokens:
+        token_id = ensure_token(sd_tok.tokenizer, token)
+        sd_tok.inv_vocab[token_id] = token
+        ids[token] = token_id
+    for token, token_id in ids.items():
+        if check_single_id(sd_tok.tokenizer, token, context="ComfyUI tokenizer") is None:
+            raise ValueError(f"token {token!r} does not tokenize to one id in ComfyUI's tokenizer")
+        vectors[token_id] = archive.vectors[token].detach().to(torch.float32).clone()
+        names[token_id] = token
     out = clip.clone()
     out.tokenizer = ZeroPriorTokenizer(tok, vectors, names)
-    logger.info("registered %r as id %d in ComfyUI's tokenizer (id %s at training time)",
-                archive.token, token_id, archive.meta.placeholder_token_id)
-    return out, token_id
+    for (token, token_id), trained in zip(ids.items(), archive.meta.token_ids):
+        logger.info("registered %r as id %d in ComfyUI's tokenizer (id %s at training time)", token, token_id, trained)
+    return out, ids
 
 
 class RegisterZeroPriorToken(io.ComfyNode):
@@ -142,8 +154,8 @@ class RegisterZeroPriorToken(io.ComfyNode):
             display_name="Register Zero-Prior Token",
             category=CATEGORY,
             description="Patches a clone of Qwen-Image's CLIP (or Qwen-Image 2.1's Qwen3-VL) so that the archive's "
-            "placeholder token (e.g. <zwx>) is one token whose embedding is the trained vector. Write the token in "
-            "CLIPTextEncode prompts.",
+            "placeholder token (e.g. <zwx>; every one of them for an archive of several) is one token whose embedding "
+            "is the trained vector. Write the token(s) in CLIPTextEncode prompts.",
             inputs=[
                 io.Clip.Input("clip", tooltip="Qwen-Image's text encoder (CLIPLoader, type qwen_image), or Qwen-Image "
                               "2.1's Qwen3-VL-8B (ComfyUI 0.33+) for a 2.1 archive."),
@@ -151,14 +163,18 @@ class RegisterZeroPriorToken(io.ComfyNode):
             ],
             outputs=[
                 io.Clip.Output(display_name="CLIP", tooltip="A clone that understands the token; the input is unchanged."),
-                io.Int.Output(display_name="token_id", tooltip="The token's id in ComfyUI's tokenizer."),
+                io.Int.Output(display_name="token_id", tooltip="The (first) token's id in ComfyUI's tokenizer; -1 "
+                              "for an archive without a token."),
+                io.String.Output(display_name="token_ids", tooltip="Every token's id in ComfyUI's tokenizer, as JSON "
+                                 "in training order, e.g. {\"<alice>\": 151669, \"<bob>\": 151670}; {} without a token."),
             ],
         )
 
     @classmethod
     def execute(cls, clip, archive) -> io.NodeOutput:
-        out, token_id = register_token(clip, archive)
-        if token_id is None:
-            return io.NodeOutput(clip, -1, ui={"text": ["archive has no token: CLIP passed through"]})
-        info = f"{archive.token} -> id {token_id} ({archive.meta.placeholder_token_id} at training time)"
-        return io.NodeOutput(out, token_id, ui={"text": [info]})
+        out, ids = register_token(clip, archive)
+        if not ids:
+            return io.NodeOutput(clip, -1, "{}", ui={"text": ["archive has no token: CLIP passed through"]})
+        info = [f"{token} -> id {token_id} ({trained} at training time)"
+                for (token, token_id), trained in zip(ids.items(), archive.meta.token_ids)]
+        return io.NodeOutput(out, next(iter(ids.values())), json.dumps(ids), ui={"text": info})

@@ -23,6 +23,7 @@ from comfy_api.latest import io
 from ..training import outputs
 from ..training.config import Config, field_spec
 from ..training.data import DatasetError, resolve_dataset, scan_dataset
+from ..training.token import split_token_list
 from .paths import resolve_dataset_path, resolve_output_path
 from .sockets import CATEGORY, ZeroPriorArchive
 from .token_node import register_token
@@ -79,8 +80,8 @@ class TrainZeroPriorToken(io.ComfyNode):
             node_id="ZeroPriorTrain",
             display_name="Train Zero-Prior Token + LoRA",
             category=CATEGORY,
-            description="Trains the zero-prior placeholder token (one embedding row) together with a LoRA on the "
-            "graph's Qwen-Image MODEL/CLIP/VAE. Writes weights.zip (same format as the CLI and Cog) into the output "
+            description="Trains the zero-prior placeholder token (one embedding row; several tokens: one row each) "
+            "together with a LoRA on the graph's Qwen-Image MODEL/CLIP/VAE. Writes weights.zip (same format as the CLI and Cog) into the output "
             "folder and returns the MODEL and CLIP patched with the result.",
             is_output_node=True,
             inputs=[
@@ -92,7 +93,10 @@ class TrainZeroPriorToken(io.ComfyNode):
                 io.String.Input("output_name", default="zero_prior/weights.zip",
                                 tooltip="Archive to write, relative to ComfyUI's output folder."),
                 _spec_input(io.Boolean, "train", "train_placeholder_token"),
-                _spec_input(io.String, "train", "placeholder_token"),
+                _spec_input(io.String, "train", "placeholder_token",
+                            tooltip="The new special token written in prompts, e.g. <zwx>. Several tokens trained "
+                            "together (each its own vector, one LoRA): a comma-separated list, e.g. <alice>, <bob>; "
+                            "images in dataset folders named after a token get it prepended to their captions."),
                 _spec_input(io.Float, "train", "placeholder_init_std", step=1e-6),
                 _spec_input(io.Int, "train", "rank"),
                 _spec_input(io.Int, "train", "steps"),
@@ -135,8 +139,11 @@ class TrainZeroPriorToken(io.ComfyNode):
         from .comfy_backend import ComfyBackend
         from .lora_node import apply_lora
 
+        tokens = split_token_list(placeholder_token)  # "<alice>, <bob>": several tokens in one run
+        token_keys = ({"placeholder_tokens": tokens} if len(tokens) > 1 else
+                      {"placeholder_token": tokens[0] if tokens else placeholder_token})
         cfg = Config.from_dict({"train": {
-            "train_placeholder_token": train_placeholder_token, "placeholder_token": placeholder_token,
+            "train_placeholder_token": train_placeholder_token, **token_keys,
             "placeholder_init_std": placeholder_init_std, "rank": rank, "steps": steps,
             "learning_rate": learning_rate, "token_learning_rate": token_learning_rate, "batch_size": batch_size,
             "resolution": resolution, "seed": seed, "checkpoint_every": checkpoint_every,
@@ -170,7 +177,7 @@ class TrainZeroPriorToken(io.ComfyNode):
             else:
                 raise DatasetError("Train Zero-Prior Token: give a dataset folder/zip or connect images")
             t = cfg.train
-            examples = scan_dataset(root, t.placeholder_token, t.default_caption,
+            examples = scan_dataset(root, t.placeholder_tokens, t.default_caption,
                                     t.prepend_token and t.train_placeholder_token,
                                     require_captions=not default_caption)
             logger.info("training on %d images from %s", len(examples), dataset or "the graph")
@@ -234,8 +241,9 @@ class TrainZeroPriorToken(io.ComfyNode):
         first, last = sum(result.losses[:k]) / k, sum(result.losses[-k:]) / k
         secs = sorted(result.step_seconds[1:] or result.step_seconds)
         per_step = secs[len(secs) // 2] if secs else float("nan")
-        info = (f"{result.steps} steps; loss {first:.4f} -> {last:.4f}; token id {result.token_id}; "
-                f"{per_step:.2f} s/step; {result.archive.name}")
+        ids = (f"token id {result.token_id}" if len(result.token_ids) <= 1 else
+               "token ids " + ", ".join(f"{t} {i}" for t, i in result.token_ids.items()))
+        info = f"{result.steps} steps; loss {first:.4f} -> {last:.4f}; {ids}; {per_step:.2f} s/step; {result.archive.name}"
         ui = {"text": [info], "loss": [float(x) for x in result.losses], "archive": [str(result.archive)],
               "step_seconds": [float(x) for x in result.step_seconds],
               "first_step_seconds": first_step_at[:1]}

@@ -178,6 +178,40 @@ def test_failed_load_leaves_nothing_loaded(predictor, files, _tiny_pipe_session)
     assert np.array_equal(base, plain)
 
 
+def test_cog_trains_two_tokens_from_a_comma_list_and_predicts_with_both(env, files, predictor, tmp_path):
+    """POST /trainings with placeholder_token "<alice>,<bob>" on a zip in the folder convention (issue 18): one
+    archive with both vectors; the predictor registers both."""
+    from qwen_zero_prior.training.archive import load_archive
+    from test_multi_token import two_token_dataset
+
+    root, fs = files
+    data = two_token_dataset(tmp_path / "two")
+    with zipfile.ZipFile(root / "two_tokens.zip", "w") as zf:
+        for p in sorted(data.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(data).as_posix())
+    server = CogServer("train", env, tmp_path / "log.txt").start()
+    try:
+        r = server.post("/trainings", {"dataset": fs.url("two_tokens.zip"), "steps": 3, "rank": 4, "resolution": 32,
+                                       "batch_size": 2, "train_placeholder_token": True,
+                                       "placeholder_token": "<alice>,<bob>", "token_learning_rate": 5e-2})
+        body = r.json()
+        assert body["status"] == "succeeded", (body.get("error"), body.get("logs", "")[-3000:])
+        dup = server.post("/trainings", {"dataset": fs.url("two_tokens.zip"), "steps": 1, "resolution": 32,
+                                         "train_placeholder_token": True, "placeholder_token": "<bob>,<bob>"}).json()
+        assert dup["status"] == "failed" and "placeholder token '<bob>' is listed twice" in dup["error"], dup
+    finally:
+        server.stop()
+    (root / "two_weights.zip").write_bytes(_data_uri_bytes(body["output"]["weights"]))
+    arc = load_archive(root / "two_weights.zip")
+    assert arc.tokens == ["<alice>", "<bob>"] and arc.meta.placeholder_token_ids == [151665, 151666]
+    assert all(v.norm() > 1e-2 for v in arc.vectors.values())  # both moved off N(0, 1e-5)
+    plain, _ = _png(predictor, prompt="<alice> and <bob>")
+    both, body = _png(predictor, prompt="<alice> and <bob>", replicate_weights=fs.url("two_weights.zip"))
+    assert "tokens '<alice>' id 151665, '<bob>' id 151666" in body["logs"]
+    assert np.abs(both - plain).max() > 0
+
+
 # ---- one source of truth: Cog literals and the shipped schema follow training.config -------------------
 def test_cog_inputs_follow_config():
     import cog_support

@@ -171,6 +171,68 @@ def test_registered_id_is_comfy_tokenizers(comfy):
     assert entry["outputs"]["5"]["text"] == ["<zwx> -> id 151669 (151665 at training time)"]
 
 
+def test_two_token_archive_conditions_like_the_core_and_like_training(comfy):
+    """An archive of two tokens (issue 18): Register registers both (ids 151669, 151670 in ComfyUI's tokenizer;
+    token_id the first, token_ids every one as JSON), each occurrence carries its own vector, CLIPTextEncode's
+    conditioning for a prompt with both equals the core's (fp32 tolerance as for one token), and what the training
+    node trains against equals it with a gradient for each vector."""
+    text = "a photo of <alice> and <bob>, <bob> smiling"
+    zp = comfy.models / "zero_prior"
+    arc = make_archive(zp / "two_a.zip", vectors={"<alice>": _vec(51), "<bob>": _vec(52)})
+    swapped = make_archive(zp / "two_b.zip", vectors={"<alice>": _vec(52), "<bob>": _vec(51)})
+    clip = comfy.names["clip"]
+    g = _cond_graph(clip, arc.name, text, "two_c1.safetensors")
+    g["21"] = {"class_type": "ZPTestTokens", "inputs": {"clip": ["5", 0], "text": text, "filename": "two_tok.safetensors"}}
+    g["22"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}}
+    g["23"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 2]}}
+    entry = comfy.server.run(g)
+    assert entry["outputs"]["5"]["text"] == ["<alice> -> id 151669 (151665 at training time)",
+                                             "<bob> -> id 151670 (151666 at training time)"]
+    assert entry["outputs"]["22"]["text"] == ["151669"]
+    assert json.loads(entry["outputs"]["23"]["text"][0]) == {"<alice>": 151669, "<bob>": 151670}
+    toks = load_file(comfy.output("two_tok.safetensors"))
+    ids = toks["ids"].tolist()
+    assert ids.count(-1) == 3 and not {151669, 151670} & set(ids)  # every occurrence became its vector
+    assert torch.equal(toks["vectors"], torch.stack([_vec(51), _vec(52), _vec(52)]))
+
+    comfy.server.run(_cond_graph(clip, swapped.name, text, "two_c2.safetensors"))
+    c1 = load_file(comfy.output("two_c1.safetensors"))["cond"][0]
+    c2 = load_file(comfy.output("two_c2.safetensors"))["cond"][0]
+    core = _core_cond(comfy.pipe, arc, text)
+    assert c1.shape == core.shape, (c1.shape, core.shape)
+    print(f"ComfyUI {comfy.version}: two tokens, ComfyUI vs core conditioning, max rel diff {_rel(c1, core):.2e}")
+    assert _rel(c1, core) < 1e-3, _rel(c1, core)
+    assert _rel(c2, c1) > 1e-2  # the vectors swapped: another conditioning, each token carries its own vector
+
+    g = {"2": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip, "type": "qwen_image", "device": "default"}},
+         "4": {"class_type": "ZeroPriorLoadArchive", "inputs": {"archive": arc.name, "path": ""}},
+         "9": {"class_type": "ZPTestTrainingConditioning",
+               "inputs": {"clip": ["2", 0], "archive": ["4", 0], "text": text, "filename": "two_train.safetensors"}}}
+    comfy.server.run(g)
+    got = load_file(comfy.output("two_train.safetensors"))
+    rel = _rel(got["cond"][0], c1)
+    print(f"ComfyUI {comfy.version}: two tokens, training conditioning vs CLIPTextEncode, max rel diff {rel:.2e}")
+    assert got["cond"][0].shape == c1.shape and rel < 1e-5, rel
+    for key in ("grad", "grad_1"):  # <alice>'s and <bob>'s vector
+        assert torch.isfinite(got[key]).all() and got[key].abs().sum() > 0, key
+
+
+def test_old_format_archive_registers(comfy):
+    """An archive written before several tokens existed (meta.json without placeholder_tokens) registers as before:
+    the same conditioning as the same vector in this version's format."""
+    from test_multi_token import _old_format_archive
+
+    zp = comfy.models / "zero_prior"
+    _old_format_archive(zp / "old_format.zip", _vec(53))
+    new = make_archive(zp / "new_format.zip", vector=_vec(53))
+    text = "a photo of <zwx>"
+    entry = comfy.server.run(_cond_graph(comfy.names["clip"], "old_format.zip", text, "old_fmt.safetensors"))
+    assert entry["outputs"]["5"]["text"] == ["<zwx> -> id 151669 (151665 at training time)"]
+    comfy.server.run(_cond_graph(comfy.names["clip"], new.name, text, "new_fmt.safetensors"))
+    assert torch.equal(load_file(comfy.output("old_fmt.safetensors"))["cond"],
+                       load_file(comfy.output("new_fmt.safetensors"))["cond"])
+
+
 def test_register_passes_non_list_token_dict_entries(comfy):
     """ComfyUI >= 0.37's Qwen-Image 2.1 tokenizer puts a non-list entry ("keep_vision") into its token dict; the
     registered CLIP's tokenizer must pass it through (here a test CLIP that adds one): the same conditioning."""
@@ -580,6 +642,29 @@ def test_training_node_end_to_end(comfy, train_ds):
     gi = _cond_graph(comfy.names["clip"], "weights.zip", "a photo of <zwx>", "trained_cond.safetensors")
     gi["4"]["inputs"] = {"archive": "(use path)", "path": "zero_prior/trained.zip"}
     assert comfy.server.run(gi)["outputs"]["5"]["text"][0].startswith("<zwx> -> id 151669")
+
+
+def test_training_node_two_tokens_from_token_folders(comfy):
+    """The training node with a comma-separated token list on a dataset in the folder convention (issue 18): one
+    archive with both vectors (ids 151669, 151670 in ComfyUI's tokenizer), both moved off their init; the graph's
+    CLIP output has both registered."""
+    from qwen_zero_prior.training.archive import load_archive
+    from test_multi_token import two_token_dataset
+
+    two_token_dataset(comfy.base / "input" / "two_ds")
+    g = _train_graph(comfy, dataset="two_ds", steps=4, batch_size=2, placeholder_token="<alice>, <bob>",
+                     default_caption="a photo of {token}", output_name="zero_prior/two.zip")
+    text = "<alice> and <bob>"
+    g["41"] = {"class_type": "ZPTestTokens", "inputs": {"clip": ["40", 1], "text": text, "filename": "two_trained.safetensors"}}
+    entry = comfy.server.run(g, timeout=600)
+    assert "token ids <alice> 151669, <bob> 151670" in entry["outputs"]["40"]["text"][0]
+    arc = load_archive(comfy.output("zero_prior/two.zip"))
+    assert arc.tokens == ["<alice>", "<bob>"] and arc.meta.placeholder_token_ids == [151669, 151670]
+    for token, vector in arc.vectors.items():
+        assert vector.norm() > 1e-2, token  # from N(0, 1e-5): moved
+    toks = load_file(comfy.output("two_trained.safetensors"))
+    assert toks["ids"].tolist().count(-1) == 2
+    assert torch.equal(toks["vectors"], torch.stack([arc.vectors["<alice>"], arc.vectors["<bob>"]]))
 
 
 def test_training_example_workflow_samples_in_same_graph(comfy, train_ds):

@@ -2,9 +2,13 @@
 
 Layout::
 
-    meta.json                              format_version, base_model, model_family, placeholder_token, ...
+    meta.json                              format_version, base_model, model_family, placeholder_token(s), ...
     lora/lora_weights.safetensors          diffusers keys (QwenImagePipeline.load_lora_weights loads them)
-    token/placeholder_embedding.safetensors  {placeholder_token: float32 vector}, keyed by the token *string*
+    token/placeholder_embedding.safetensors  {token: float32 vector} for each token, keyed by the token *string*
+
+Several tokens (``placeholder_tokens`` in meta.json, in training order) share the one safetensors file;
+``placeholder_token`` stays the first, so readers of the one-token format find one of them. Archives written
+before several tokens existed have no ``placeholder_tokens``: their token list is ``[placeholder_token]``.
 
 Nothing here unpickles anything: tensors are safetensors, metadata is JSON.
 """
@@ -65,7 +69,25 @@ class ArchiveMeta:
     trainer: str = "qwen-zero-prior"
     # qwen-image | qwen-image-2.1 (training.families); archives written before 2.1 support lack it: Qwen-Image
     model_family: str = "qwen-image"
+    # every token in training order (the first is placeholder_token) and their ids at training time; archives
+    # written before several tokens existed lack both: [placeholder_token], [placeholder_token_id]
+    placeholder_tokens: list | None = None
+    placeholder_token_ids: list | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every token of the archive, in training order ([] for none)."""
+        if self.placeholder_tokens:
+            return list(self.placeholder_tokens)
+        return [self.placeholder_token] if self.placeholder_token else []
+
+    @property
+    def token_ids(self) -> list[int | None]:
+        """The tokens' ids at training time, aligned with :attr:`tokens` (None where unknown)."""
+        if self.placeholder_token_ids:
+            return list(self.placeholder_token_ids)
+        return [self.placeholder_token_id] + [None] * (len(self.tokens) - 1) if self.tokens else []
 
     @staticmethod
     def now() -> str:
@@ -160,6 +182,27 @@ class ArchiveMeta:
             raise bad("contents", "a list drawn from ['lora', 'token']")
         if "token" in self.contents and not self.placeholder_token:
             raise ArchiveError(f"{where}: meta.json lists a token but placeholder_token is empty")
+        if self.placeholder_tokens is not None:
+            from .token import TokenError, validate_tokens
+
+            if not isinstance(self.placeholder_tokens, list):
+                raise bad("placeholder_tokens", "a list of token strings or null")
+            try:
+                validate_tokens(self.placeholder_tokens)
+            except TokenError as e:
+                raise ArchiveError(f"{where}: meta.json placeholder_tokens: {e}") from None
+            if self.placeholder_tokens[0] != self.placeholder_token:
+                raise ArchiveError(f"{where}: meta.json placeholder_token {self.placeholder_token!r} must be the first "
+                                   f"of placeholder_tokens {self.placeholder_tokens}")
+        ids = self.placeholder_token_ids
+        if ids is not None:
+            if (not isinstance(ids, list) or not all(i is None or (is_int(i) and i >= 0) for i in ids)
+                    or len(ids) != len(self.tokens)):
+                raise bad("placeholder_token_ids", f"a list of {len(self.tokens)} non-negative integers (one per token) "
+                          "or null")
+            if ids and ids[0] != self.placeholder_token_id:
+                raise ArchiveError(f"{where}: meta.json placeholder_token_id {self.placeholder_token_id!r} must be the "
+                                   f"first of placeholder_token_ids {ids}")
         from .families import FAMILIES  # families imports this module
 
         if self.model_family not in FAMILIES:
@@ -195,9 +238,19 @@ class PlaceholderArchive:
     meta: ArchiveMeta
     lora_state_dict: dict[str, torch.Tensor] | None
     lora_metadata: dict[str, str] | None
-    token: str | None
+    token: str | None  # the first token (its vector: ``vector``); every token: ``vectors``
     vector: torch.Tensor | None
     source: str = ""
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> float32 vector, in training order
+
+    def __post_init__(self) -> None:
+        if not self.vectors and self.token is not None and self.vector is not None:
+            self.vectors = {self.token: self.vector}
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every token, in training order."""
+        return list(self.vectors)
 
     @property
     def has_lora(self) -> bool:
@@ -211,8 +264,12 @@ class PlaceholderArchive:
 # ---- writing ------------------------------------------------------------------------------------------
 
 
-def token_file_bytes(token: str, vector: torch.Tensor) -> bytes:
-    return st_save({token: vector.detach().to(torch.float32).contiguous().cpu()}, metadata={"format": "pt", "token": token})
+def token_file_bytes(token: str | dict[str, torch.Tensor], vector: torch.Tensor | None = None) -> bytes:
+    """The token member: ``{token: vector}`` for each token (``token`` a token string with ``vector``, or the
+    mapping). Its header's ``token`` names the first, as in the one-token format; the order is meta.json's."""
+    vectors = token if isinstance(token, dict) else {token: vector}
+    return st_save({t: v.detach().to(torch.float32).contiguous().cpu() for t, v in vectors.items()},
+                   metadata={"format": "pt", "token": next(iter(vectors))})
 
 
 def lora_file_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -227,17 +284,38 @@ def write_archive(
     vector: torch.Tensor | None = None,
     lora_metadata: dict[str, str] | None = None,
     extra_files: dict[str, bytes] | None = None,
+    *,
+    vectors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``weights.zip`` atomically: a temp file in the same folder, fsync, then ``os.replace``."""
+    """Write ``weights.zip`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
+
+    The token vectors: ``vector`` (one, for ``meta.placeholder_token``) or ``vectors`` (token -> vector, in training
+    order; ``meta.placeholder_token`` and ``placeholder_tokens`` are set from it). ``meta.placeholder_token_ids``
+    keeps the ids the caller set when they are one per token, else the first id only."""
     path = Path(path)
-    contents = []
-    if lora_state_dict:
-        contents.append("lora")
+    if vector is not None and vectors is not None:
+        raise ArchiveError("give the token vector as vector= or vectors=, not both")
     if vector is not None:
         if not meta.placeholder_token:
             raise ArchiveError("cannot store a token vector without meta.placeholder_token")
+        vectors = {meta.placeholder_token: vector}
+    contents = []
+    if lora_state_dict:
+        contents.append("lora")
+    if vectors:
+        tokens = list(vectors)
+        meta.placeholder_token, meta.placeholder_tokens = tokens[0], tokens
+        ids = meta.placeholder_token_ids
+        if not (isinstance(ids, list) and len(ids) == len(tokens) and ids[0] == meta.placeholder_token_id):
+            ids = [meta.placeholder_token_id] + [None] * (len(tokens) - 1)
+        meta.placeholder_token_ids = ids if any(i is not None for i in ids) else None
+        widths = {int(v.shape[-1]) for v in vectors.values()}
+        if len(widths) != 1:
+            raise ArchiveError(f"token vectors of different widths {sorted(widths)}: all must fit one text encoder")
         contents.append("token")
-        meta.embedding_dim = int(vector.shape[-1])
+        meta.embedding_dim = widths.pop()
+    else:
+        meta.placeholder_tokens = meta.placeholder_token_ids = None
     if not contents:
         raise ArchiveError("nothing to write: the archive needs a LoRA, a token vector, or both")
     meta.contents = contents
@@ -250,8 +328,8 @@ def write_archive(
                 zf.writestr(META_MEMBER, meta.to_json())
                 if lora_state_dict:
                     zf.writestr(LORA_MEMBER, lora_file_bytes(lora_state_dict, lora_metadata))
-                if vector is not None:
-                    zf.writestr(TOKEN_MEMBER, token_file_bytes(meta.placeholder_token, vector))
+                if vectors:
+                    zf.writestr(TOKEN_MEMBER, token_file_bytes(vectors))
                 for name, data in (extra_files or {}).items():
                     _check_member_name(name, str(path))
                     zf.writestr(name, data)
@@ -549,7 +627,7 @@ def load_archive(path: str | os.PathLike, **limits: int) -> PlaceholderArchive:
                     raise ArchiveError(f"{where}: LoRA tensor {k!r} is not finite floating point "
                                        f"({v.dtype}{', holds NaN or Inf' if v.is_floating_point() else ''}); "
                                        "the LoRA is unusable (training diverged or the file is damaged)")
-        token = vector = None
+        vectors: dict[str, torch.Tensor] = {}
         if "token" in contents:
             if r.find(TOKEN_MEMBER) is None:
                 raise ArchiveError(
@@ -557,19 +635,21 @@ def load_archive(path: str | os.PathLike, **limits: int) -> PlaceholderArchive:
                     f"(found: {', '.join(r.files()) or 'nothing'})"
                 )
             tensors, _ = _load_safetensors(r.read(TOKEN_MEMBER, MAX_TOKEN_BYTES), TOKEN_MEMBER, where)
-            token = meta.placeholder_token
-            if token not in tensors:
-                raise ArchiveError(
-                    f"{where}: {TOKEN_MEMBER} has no vector for token {token!r} (keys: {sorted(tensors)})"
-                )
-            vector = tensors[token]
-            if not vector.is_floating_point():
-                raise ArchiveError(f"{where}: the vector for {token!r} must be floating point, got {vector.dtype}")
-            vector = vector.to(torch.float32)
-            if vector.ndim != 1 or not torch.isfinite(vector).all():
-                raise ArchiveError(f"{where}: the vector for {token!r} must be 1-D and finite, got shape {tuple(vector.shape)}")
-            if meta.embedding_dim is not None and vector.shape[0] != meta.embedding_dim:
-                raise ArchiveError(
-                    f"{where}: vector width {vector.shape[0]} does not match meta.json embedding_dim {meta.embedding_dim}"
-                )
-        return PlaceholderArchive(meta, lora_sd, lora_md, token, vector, source=where)
+            for token in meta.tokens:  # [placeholder_token] for archives of the one-token format
+                if token not in tensors:
+                    raise ArchiveError(
+                        f"{where}: {TOKEN_MEMBER} has no vector for token {token!r} (keys: {sorted(tensors)})"
+                    )
+                vector = tensors[token]
+                if not vector.is_floating_point():
+                    raise ArchiveError(f"{where}: the vector for {token!r} must be floating point, got {vector.dtype}")
+                vector = vector.to(torch.float32)
+                if vector.ndim != 1 or not torch.isfinite(vector).all():
+                    raise ArchiveError(f"{where}: the vector for {token!r} must be 1-D and finite, got shape "
+                                       f"{tuple(vector.shape)}")
+                if meta.embedding_dim is not None and vector.shape[0] != meta.embedding_dim:
+                    raise ArchiveError(f"{where}: vector width {vector.shape[0]} of {token!r} does not match meta.json "
+                                       f"embedding_dim {meta.embedding_dim}")
+                vectors[token] = vector
+        token = next(iter(vectors), None)
+        return PlaceholderArchive(meta, lora_sd, lora_md, token, vectors.get(token), source=where, vectors=vectors)

@@ -73,8 +73,14 @@ class TrainBackend(ABC):
         float32 on the CPU."""
 
     @abstractmethod
+    def add_tokens(self, tokens: list[str], init_std: float, generator: torch.Generator) -> list[RegisteredToken]:
+        """Register ``tokens`` (in order) as fresh tokens, each embedded as its own trainable float32 vector drawn
+        from N(0, init_std) in list order from ``generator`` (the first gets what a one-token run gets); the
+        conditioning of :meth:`encode` then carries every vector's gradient."""
+
     def add_token(self, token: str, init_std: float, generator: torch.Generator) -> RegisteredToken:
-        """Register ``token`` as a fresh token whose embedding is one trainable float32 vector (N(0, init_std))."""
+        """:meth:`add_tokens` of one token."""
+        return self.add_tokens([token], init_std, generator)[0]
 
     @abstractmethod
     def check_trigger(self, token: str) -> None:
@@ -90,7 +96,7 @@ class TrainBackend(ABC):
     @abstractmethod
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditioning ``(batch, seq, dim)`` on the device in the compute dtype, differentiable w.r.t. the token
-        vector, and the host ``(batch, seq)`` long mask (zero-padded to the longest caption)."""
+        vectors, and the host ``(batch, seq)`` long mask (zero-padded to the longest caption)."""
 
     @abstractmethod
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: torch.Tensor,

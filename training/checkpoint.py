@@ -1,4 +1,5 @@
-"""Resumable checkpoints without pickle: LoRA, token vector and AdamW moments as safetensors, the rest JSON."""
+"""Resumable checkpoints without pickle: LoRA, token vectors (keyed by token string) and AdamW moments as
+safetensors, the rest JSON."""
 
 from __future__ import annotations
 
@@ -25,18 +26,22 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not fit the current run."""
 
 
-def save_checkpoint(root: Path, step: int, *, lora: dict[str, torch.Tensor], token: str | None,
-                    vector: torch.Tensor | None, optimizer: torch.optim.Optimizer, param_names: list[str],
-                    state: dict, keep: int = 2) -> Path:
-    """Write ``root/step-NNNNNN`` atomically (temp dir + rename) and prune to the newest ``keep``."""
+def save_checkpoint(root: Path, step: int, *, lora: dict[str, torch.Tensor], token: str | None = None,
+                    vector: torch.Tensor | None = None, optimizer: torch.optim.Optimizer, param_names: list[str],
+                    state: dict, keep: int = 2, vectors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``root/step-NNNNNN`` atomically (temp dir + rename) and prune to the newest ``keep``.
+
+    The token vectors: ``vectors`` (token -> vector), or one ``token`` with its ``vector``."""
+    if vectors is None and vector is not None:
+        vectors = {token: vector}
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp gives 0700; the renamed folder keeps it
         save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
-        if vector is not None:
-            save_file({token: vector.detach().float().cpu().contiguous()}, tmp / "token.safetensors")
+        if vectors:
+            save_file({t: v.detach().float().cpu().contiguous() for t, v in vectors.items()}, tmp / "token.safetensors")
         opt_tensors, opt_meta = {}, {"param_groups": [], "steps": {}}
         by_id = {id(p): n for p, n in zip(_all_params(optimizer), param_names)}
         for group in optimizer.param_groups:
@@ -130,7 +135,7 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-RESUME_KEYS = ("rank", "lora_targets", "train_placeholder_token", "placeholder_token")  # the LoRA / token layout
+RESUME_KEYS = ("rank", "lora_targets", "train_placeholder_token")  # the LoRA / token layout (and the token list)
 SOFT_RESUME_KEYS = ("seed",)  # a different value trains a different run; --force-resume accepts it
 
 
@@ -142,6 +147,16 @@ def check_compatible(state: dict, where: Path, train_cfg, *, dataset: dict | Non
     checkpoint recorded) is refused unless ``force`` (``--force-resume``); then it is logged and accepted.
     """
     saved = state.get("config", {}).get("train", {})
+    # the token list: checkpoints written before several tokens existed record placeholder_token only
+    was = saved.get("placeholder_tokens") or ([saved["placeholder_token"]] if "placeholder_token" in saved else None)
+    if was is not None and list(was) != list(train_cfg.placeholder_tokens):
+        def show(tokens):
+            return repr(tokens[0]) if len(tokens) == 1 else str(list(tokens))
+
+        raise CheckpointError(
+            f"checkpoint {where} was trained with the placeholder token(s) {show(was)} but this run has "
+            f"{show(train_cfg.placeholder_tokens)}; use the same token list, in the same order, to resume (its vectors "
+            "and optimizer state cannot fit otherwise)")
     for key in RESUME_KEYS:
         if key in saved and saved[key] != getattr(train_cfg, key):
             raise CheckpointError(

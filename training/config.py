@@ -36,6 +36,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 FAMILY_CHOICES = ("auto", "qwen-image", "qwen-image-2.1")  # training.families (kept literal: no torch import here)
 _DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+DEFAULT_TOKEN = "<zwx>"
 
 
 class ConfigError(ValueError):
@@ -149,15 +150,21 @@ class TrainConfig:
     train_placeholder_token: bool = _f(
         False, "Train a fresh zero-prior token (placeholder_token) together with the LoRA. Off: plain LoRA."
     )
-    placeholder_token: str = _f("<zwx>", "The new special token written in prompts, e.g. <zwx>.")
+    placeholder_token: str = _f(DEFAULT_TOKEN, "The new special token written in prompts, e.g. <zwx>.")
+    placeholder_tokens: list = _f(
+        [], "Several tokens trained in one run, e.g. ['<alice>', '<bob>'] (each its own vector, one LoRA); empty: "
+        "[placeholder_token]. placeholder_token is then the first."
+    )
     placeholder_init_std: float = _f(
         1e-5, "Std of the token row's N(0, std) init; 0 gives exact zeros.", min=0.0, max=1.0, step=1e-6
     )
     prepend_token: bool = _f(
-        True, "With token training on, prepend the token to captions that do not contain it."
+        True, "With token training on, prepend the token to captions that do not contain it (several tokens: an "
+        "image's folder token, for images in a folder named after a token)."
     )
     default_caption: str = _f(
-        "a photo of {token}", "Caption for images without a .txt file; {token} becomes placeholder_token."
+        "a photo of {token}", "Caption for images without a .txt file; {token} becomes placeholder_token (several "
+        "tokens: the token of the folder the image is in)."
     )
     rank: int = _f(16, "LoRA rank.", min=1, max=1024)
     alpha: float | None = _f(None, "LoRA alpha (scale = alpha / rank); empty means alpha = rank.", min=0.0)
@@ -200,12 +207,28 @@ class TrainConfig:
             )
         if self.resolution % 16:
             raise ConfigError(f"train.resolution must be a multiple of 16, got {self.resolution!r}")
-        from .token import TokenError, validate_token  # the one check training, inference and ComfyUI share
+        from .token import TokenError, split_token_list, validate_token, validate_tokens  # the checks training,
+        # inference and ComfyUI share
 
         try:
             validate_token(self.placeholder_token)
         except TokenError as e:
             raise ConfigError(f"train.placeholder_token: {e}") from None
+        if isinstance(self.placeholder_tokens, str):  # --set train.placeholder_tokens=<a>,<b>
+            self.placeholder_tokens = split_token_list(self.placeholder_tokens)
+        if self.placeholder_tokens:
+            try:
+                validate_tokens(self.placeholder_tokens)
+            except TokenError as e:
+                raise ConfigError(f"train.placeholder_tokens: {e}") from None
+            first = self.placeholder_tokens[0]
+            if self.placeholder_token not in (first, DEFAULT_TOKEN):
+                raise ConfigError(
+                    f"train.placeholder_token {self.placeholder_token!r} is not the first of train.placeholder_tokens "
+                    f"{self.placeholder_tokens}; set only placeholder_tokens (placeholder_token is its first entry)")
+            self.placeholder_token = first
+        else:
+            self.placeholder_tokens = [self.placeholder_token]
         if self.alpha is None:
             self.alpha = float(self.rank)
         if self.train_placeholder_token and not set(self.lora_targets) & set(TEXT_STREAM_TARGETS):
@@ -308,7 +331,12 @@ class Config:
         """A new Config with some fields changed, e.g. ``cfg.replace(train={"steps": 10})`` (validated)."""
         data = self.to_dict()
         for name, values in sections.items():
-            data.setdefault(name, {}).update(values)
+            section = data.setdefault(name, {})
+            if name == "train":  # one of the two token keys given: the other follows it instead of contradicting it
+                for key, other in (("placeholder_token", "placeholder_tokens"), ("placeholder_tokens", "placeholder_token")):
+                    if key in values and other not in values:
+                        section.pop(other, None)
+            section.update(values)
         return Config.from_dict(data)
 
 
@@ -367,7 +395,14 @@ def _build_section(sub_cls: type, section: str, values: dict, source: str) -> An
             f"{source}: unknown key {section}.{unknown[0]} (known keys in {section}: {', '.join(known)})"
         )
     kwargs = {k: _coerce(section, k, hints[k], v) for k, v in values.items()}
-    return sub_cls(**kwargs)
+    obj = sub_cls(**kwargs)
+    given = kwargs.get("placeholder_token")
+    if sub_cls is TrainConfig and given is not None and given != obj.placeholder_token:
+        # both keys given (the default <zwx> included): placeholder_token must be the list's first
+        raise ConfigError(
+            f"train.placeholder_token {given!r} is not the first of train.placeholder_tokens "
+            f"{obj.placeholder_tokens}; set only placeholder_tokens (placeholder_token is its first entry)")
+    return obj
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -1,4 +1,9 @@
-"""Datasets: a folder or zip of images with same-name ``.txt`` captions, aspect-ratio buckets, batch order."""
+"""Datasets: a folder or zip of images with same-name ``.txt`` captions, aspect-ratio buckets, batch order.
+
+With several placeholder tokens, images may sit in folders named after them (``dataset/<alice>/…``,
+``dataset/<bob>/…``): that folder's token is the image's token (prepended to a caption that lacks it, and what
+``{token}`` in ``default_caption`` becomes). Images outside such folders keep their captions as they are.
+"""
 
 from __future__ import annotations
 
@@ -39,11 +44,28 @@ def token_in_caption(caption: str, token: str) -> bool:
     return token in caption
 
 
-def prepare_caption(raw: str | None, token: str, default_caption: str, prepend: bool) -> str:
-    caption = (raw or "").strip() or default_caption.replace("{token}", token)
-    if prepend and not token_in_caption(caption, token):
+def prepare_caption(raw: str | None, token: str | None, default_caption: str, prepend: bool) -> str:
+    """The caption an image trains with: its text (else ``default_caption`` with ``{token}`` filled in), the token
+    prepended where ``prepend`` and it is missing. ``token`` None: an image of no particular token (several
+    tokens, not in a token folder): the text as it is."""
+    caption = (raw or "").strip()
+    if not caption:
+        if token is None and "{token}" in default_caption:
+            raise ValueError("has no caption and is in no token folder, so {token} in the default caption names no "
+                             "token")
+        caption = default_caption.replace("{token}", token or "")
+    if prepend and token is not None and not token_in_caption(caption, token):
         caption = f"{token} {caption}"
     return caption
+
+
+def folder_token(rel: Path, tokens: list[str]) -> str | None:
+    """The token whose folder holds ``rel`` (a path relative to the dataset root): the deepest parent folder named
+    exactly like one of ``tokens``, e.g. ``<alice>/beach/01.png`` -> ``<alice>``; None if there is none."""
+    for part in reversed(rel.parts[:-1]):
+        if part in tokens:
+            return part
+    return None
 
 
 def resolve_dataset(path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
@@ -89,15 +111,20 @@ def _dataset_files(root: Path) -> list[Path]:
     )
 
 
-def scan_dataset(root: Path, token: str, default_caption: str, prepend: bool,
+def scan_dataset(root: Path, token: str | list[str], default_caption: str, prepend: bool,
                  require_captions: bool = False) -> list[Example]:
     """Collect images (recursively, hidden files and __MACOSX skipped).
+
+    ``token``: the placeholder token, or the list of them. With one token every image is its image (prepended
+    where missing, with ``prepend``); with several, an image's token is the folder it sits in
+    (:func:`folder_token`), and images outside token folders keep their captions as they are.
 
     Every image is decoded in full (a truncated JPEG passes a header check) with its EXIF orientation, and
     every caption is decoded. One :class:`DatasetError` lists every unreadable image, every caption that is
     not text and (with ``require_captions``) every image without a caption, before any model is loaded.
     """
-    examples, bad, bad_captions, missing = [], [], [], []
+    tokens = [token] if isinstance(token, str) else list(token)
+    examples, bad, bad_captions, missing, unnamed = [], [], [], [], []
     for f in _dataset_files(root):
         rel = f.relative_to(root)
         try:
@@ -115,7 +142,13 @@ def scan_dataset(root: Path, token: str, default_caption: str, prepend: bool,
                 continue
         else:
             missing.append(str(rel))
-        examples.append(Example(f, prepare_caption(raw, token, default_caption, prepend), size))
+        own = folder_token(rel, tokens) or (tokens[0] if len(tokens) == 1 else None)
+        try:
+            caption = prepare_caption(raw, own, default_caption, prepend)
+        except ValueError:
+            unnamed.append(str(rel))
+            continue
+        examples.append(Example(f, caption, size))
     problems = []
     if bad:
         problems.append(f"{len(bad)} unreadable image(s): {', '.join(bad)}")
@@ -124,6 +157,11 @@ def scan_dataset(root: Path, token: str, default_caption: str, prepend: bool,
     if require_captions and missing:
         problems.append(f"{len(missing)} image(s) without a same-name .txt caption: {', '.join(missing)} "
                         "(add captions or set a default caption)")
+    if unnamed and not (require_captions and missing):
+        problems.append(f"{len(unnamed)} image(s) without a caption outside the token folders: {', '.join(unnamed)} "
+                        f"(with several tokens {{token}} in the default caption {default_caption!r} names none of "
+                        f"{tokens}: caption them, or move them into a folder named after their token, e.g. "
+                        f"{tokens[0]}/)")
     if problems:
         raise DatasetError(f"dataset {root}: " + "; ".join(problems))
     if not examples:

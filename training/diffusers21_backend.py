@@ -1,7 +1,7 @@
 """The training loop's backend for a diffusers ``QwenImage21Pipeline`` (Qwen-Image 2.1: CLI, Cog, demo).
 
 Everything but the model's own numbers is :class:`~qwen_zero_prior.training.diffusers_backend.DiffusersBackend`'s
-(LoRA through peft, the token's one-vector embedding, fp8 matmuls, offload, regional compile, samples), read
+(LoRA through peft, the tokens' one-vector-per-token embedding, fp8 matmuls, offload, regional compile, samples), read
 through the family (``families.py``: 2.1's LoRA targets, tokenizer, fp8 layers, bucket step 32). What differs:
 
 - latents: ``flow21.encode_latents`` (RGBA, 16x, 64 channels, unpatched), ``(64, 1, h, w)`` as the loop expects;
@@ -34,7 +34,7 @@ class Diffusers21Backend(DiffusersBackend):
 
     def _make_prompts(self) -> None:
         m = self.cfg.model
-        self.prompts = PromptEncoder21(self.pipe, self.token.token_id if self.token else None,
+        self.prompts = PromptEncoder21(self.pipe, [tok.token_id for tok in self.tokens] or None,
                                        prefix_cache=m.text_prefix_cache,
                                        cuda_graphs=m.text_cuda_graphs and not m.offload, compile=m.compile)
 

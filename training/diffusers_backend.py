@@ -2,7 +2,8 @@
 :func:`make_backend` picks it or Qwen-Image 2.1's (``diffusers21_backend``) by the pipeline's family.
 
 - LoRA through peft (diffusers' ``add_adapter``) on the configured targets, text stream included.
-- The token: :class:`~qwen_zero_prior.training.token.PlaceholderEmbedding` routes its id to one float32 vector.
+- The tokens: :class:`~qwen_zero_prior.training.token.PlaceholderEmbedding` routes each token's id to its own
+  float32 vector.
 - Conditioning: :class:`~qwen_zero_prior.training.prompt.PromptEncoder` (the pipeline's numbers; prefix cache and
   a CUDA-graph suffix for the token's gradient path).
 - Speed and memory options of ``model:``: fp8 matmuls for the frozen image-stream weights, offload for 24 GB
@@ -22,7 +23,7 @@ from .data import Example, load_pixels
 from .families import QWEN_IMAGE_21, detect_pipeline
 from .lora import ADAPTER_NAME, add_lora, export_lora
 from .prompt import PromptEncoder
-from .token import RegisteredToken, check_single_id, encode_ids, install_placeholder
+from .token import RegisteredToken, check_single_id, encode_ids, install_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class DiffusersBackend(TrainBackend):
         self._targets = self.family.lora_targets(cfg.train.lora_targets)
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
-        self.token: RegisteredToken | None = None
+        self.tokens: list[RegisteredToken] = []
         self.prompts: PromptEncoder | None = None
         self.offload_summary: dict | None = None
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -108,7 +109,7 @@ class DiffusersBackend(TrainBackend):
 
     def _make_prompts(self) -> None:
         m = self.cfg.model
-        self.prompts = PromptEncoder(self.pipe, self.token.token_id if self.token else None,
+        self.prompts = PromptEncoder(self.pipe, [tok.token_id for tok in self.tokens] or None,
                                      prefix_cache=m.text_prefix_cache,
                                      cuda_graphs=m.text_cuda_graphs and not m.offload, compile=m.compile)
 
@@ -125,21 +126,23 @@ class DiffusersBackend(TrainBackend):
         t = self.cfg.train
         return export_lora(self.pipe.transformer, t.rank, t.alpha)
 
-    def add_token(self, token: str, init_std: float, generator: torch.Generator) -> RegisteredToken:
+    def add_tokens(self, tokens: list[str], init_std: float, generator: torch.Generator) -> list[RegisteredToken]:
         pipe = self.pipe
-        self.token = install_placeholder(self.family.tokenizer(pipe), pipe.text_encoder, token, init_std=init_std,
-                                         generator=generator)
+        self.tokens = install_placeholders(self.family.tokenizer(pipe), pipe.text_encoder, tokens, init_std=init_std,
+                                           generator=generator)
         if self.cfg.debug.log_prompt_ids:
-            rows = self.token.module.base.weight.shape[0]
+            rows = self.tokens[0].module.base.weight.shape[0]
             frozen = sum(1 for p in pipe.text_encoder.parameters() if not p.requires_grad)
-            logger.info("placeholder token %r registered as id %d", token, self.token.token_id)
-            logger.info(
-                "gradient mask active: only embedding row %d of %d trains (one %d-wide parameter, weight decay 0); "
-                "%d text-encoder tensors frozen", self.token.token_id, rows, self.token.vector.shape[0], frozen,
-            )
+            for tok in self.tokens:
+                logger.info("placeholder token %r registered as id %d", tok.token, tok.token_id)
+            ids, width = [tok.token_id for tok in self.tokens], self.tokens[0].vector.shape[0]
+            which = (f"row {ids[0]} of {rows} trains (one {width}-wide parameter" if len(ids) == 1 else
+                     f"rows {', '.join(map(str, ids))} of {rows} train (one {width}-wide parameter each")
+            logger.info("gradient mask active: only embedding %s, weight decay 0); %d text-encoder tensors frozen",
+                        which, frozen)
         if self.prompts is not None:
             self._make_prompts()
-        return self.token
+        return self.tokens
 
     def check_trigger(self, token: str) -> None:
         check_single_id(self.family.tokenizer(self.pipe), token, context="train_placeholder_token is off")
@@ -152,7 +155,7 @@ class DiffusersBackend(TrainBackend):
         return encode_ids(self.family.tokenizer(self.pipe), caption)
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.token is not None:  # the gradient reaches the token row through the frozen text encoder
+        if self.tokens:  # the gradient reaches the token rows through the frozen text encoder
             return self.prompts.encode(captions, self.dtype, self.device)
         missing = [c for c in dict.fromkeys(captions) if c not in self._prompt_cache]
         if missing:

@@ -1,5 +1,5 @@
-"""Archive -> registered token (by string) -> LoRA at ``lora_scale`` -> image, with a ``QwenImagePipeline`` or a
-``QwenImage21Pipeline`` (the archive's ``model_family`` must be the pipeline's)."""
+"""Archive -> registered tokens (by string; every token of the archive) -> LoRA at ``lora_scale`` -> image, with a
+``QwenImagePipeline`` or a ``QwenImage21Pipeline`` (the archive's ``model_family`` must be the pipeline's)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from .token import (
     base_embedding,
     check_single_id,
     check_vector_width,
-    install_placeholder,
+    install_placeholders,
     remove_placeholder,
-    validate_token,
+    validate_tokens,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class InferenceSession:
         self.family = detect_pipeline(pipe)
         self._pristine_tokenizer = copy.deepcopy(self.family.tokenizer(pipe))
         self.archive: PlaceholderArchive | None = None
-        self.token_id: int | None = None
+        self.token_id: int | None = None  # the first token's id here
+        self.token_ids: dict[str, int] = {}  # every token's id here, in training order
         self.lora_report: dict | None = None
 
     def clear(self) -> None:
@@ -62,6 +63,7 @@ class InferenceSession:
         self.family.set_tokenizer(self.pipe, copy.deepcopy(self._pristine_tokenizer))
         self.archive = None
         self.token_id = None
+        self.token_ids = {}
         self.lora_report = None
 
     def apply(self, archive: PlaceholderArchive, lora_scale: float = 1.0) -> None:
@@ -69,19 +71,23 @@ class InferenceSession:
         self.clear()
         pipe, where = self.pipe, archive.source or "archive"
         try:
-            if archive.has_token:  # refuse before anything changes
-                validate_token(archive.token, self.family.tokenizer(pipe), where=where)
-                check_vector_width(archive.vector, base_embedding(pipe.text_encoder).weight.shape[1], archive.token,
-                                   where)
+            tokens = archive.tokens if archive.has_token else []
+            if tokens:  # refuse before anything changes
+                validate_tokens(tokens, self.family.tokenizer(pipe), where=where)
+                width = base_embedding(pipe.text_encoder).weight.shape[1]
+                for token in tokens:
+                    check_vector_width(archive.vectors[token], width, token, where)
             if archive.has_lora:
                 check_lora_fits(pipe.transformer, archive.lora_state_dict, source=where)
-            if archive.has_token:
-                reg = install_placeholder(self.family.tokenizer(pipe), pipe.text_encoder, archive.token, archive.vector,
-                                          trainable=False, where=where)
-                self.token_id = reg.token_id
-                if reg.token_id != archive.meta.placeholder_token_id:
-                    logger.info("token %r has id %d here (it was %s at training time); mapped by string",
-                                archive.token, reg.token_id, archive.meta.placeholder_token_id)
+            if tokens:
+                regs = install_placeholders(self.family.tokenizer(pipe), pipe.text_encoder, tokens,
+                                            [archive.vectors[t] for t in tokens], trainable=False, where=where)
+                self.token_ids = {reg.token: reg.token_id for reg in regs}
+                self.token_id = regs[0].token_id
+                for reg, trained_id in zip(regs, archive.meta.token_ids):
+                    if reg.token_id != trained_id:
+                        logger.info("token %r has id %d here (it was %s at training time); mapped by string",
+                                    reg.token, reg.token_id, trained_id)
             if archive.has_lora:
                 self.lora_report = load_lora_into_pipeline(pipe, archive.lora_state_dict, scale=lora_scale,
                                                            source=where, metadata=archive.lora_metadata)
@@ -95,10 +101,13 @@ class InferenceSession:
             self.pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(scale)])
 
     def generate(self, opts: GenerateOptions):
-        if self.archive is not None and self.archive.has_token and self.archive.token in opts.prompt:
-            check_single_id(self.family.tokenizer(self.pipe), self.archive.token, context="at inference")
-        elif self.archive is not None and self.archive.has_token:
-            logger.warning("prompt %r does not contain the placeholder token %r", opts.prompt, self.archive.token)
+        tokens = list(self.token_ids)
+        used = [t for t in tokens if t in opts.prompt]
+        for token in used:
+            check_single_id(self.family.tokenizer(self.pipe), token, context="at inference")
+        if tokens and not used:
+            logger.warning("prompt %r does not contain the placeholder token%s %s", opts.prompt,
+                           "s" if len(tokens) > 1 else "", ", ".join(map(repr, tokens)))
         return generate(self.pipe, opts)
 
 

@@ -3,10 +3,10 @@ computed with less work.
 
 - The decoder (``text_encoder.model.language_model``) is called directly: no LM head (152064 logits per token)
   and no stack of every layer's hidden states; its last hidden state is the pipeline's ``hidden_states[-1]``.
-- Causal prefix cache: text before the first placeholder token does not depend on it, so its keys/values and
-  hidden states are computed once per caption (no grad) and each step runs only the suffix, from the first
-  placeholder on, with gradients to the token's vector (``suffix.SuffixDecoder``; on CUDA its forward and
-  backward replay as CUDA graphs).
+- Causal prefix cache: text before the first placeholder token (of any of the trained tokens) does not depend on
+  their vectors, so its keys/values and hidden states are computed once per caption (no grad) and each step runs
+  only the suffix, from the first placeholder on, with gradients to the tokens' vectors (``suffix.SuffixDecoder``;
+  on CUDA its forward and backward replay as CUDA graphs).
 
 Same chat template, same dropped prefix (``prompt_template_encode_start_idx``) as the pipeline; the tests check
 the result against ``_get_qwen_prompt_embeds``.
@@ -20,10 +20,11 @@ from . import suffix as suffix_mod
 
 
 class PromptEncoder:
-    def __init__(self, pipe, token_id: int | None = None, prefix_cache: bool = True, cuda_graphs: bool = True,
-                 compile: bool = False):
+    def __init__(self, pipe, token_ids: int | list[int] | None = None, prefix_cache: bool = True,
+                 cuda_graphs: bool = True, compile: bool = False):
         self.pipe = pipe
-        self.token_id = token_id
+        # the placeholder ids (one or several): the prefix cache ends at the first occurrence of any of them
+        self.token_ids = frozenset([token_ids] if isinstance(token_ids, int) else (token_ids or ()))
         self.prefix_cache = prefix_cache
         self.template = pipe.prompt_template_encode
         self.drop = pipe.prompt_template_encode_start_idx
@@ -43,13 +44,13 @@ class PromptEncoder:
 
     def encode_one(self, caption: str) -> torch.Tensor:
         """(seq, dim) conditioning for one caption; differentiable w.r.t. the placeholder vector."""
-        caching = self.token_id is not None and self.prefix_cache and self.suffix is not None
+        caching = bool(self.token_ids) and self.prefix_cache and self.suffix is not None
         entry = self._prefix.get(caption) if caching else None
         if entry is None:
             ids = self.ids(caption)
             first = None
             if caching:
-                first = next((i for i, t in enumerate(ids) if t == self.token_id and i >= self.drop), None)
+                first = next((i for i, t in enumerate(ids) if t in self.token_ids and i >= self.drop), None)
             if first is None:
                 return self.lm(inputs_embeds=self._embed(ids), use_cache=False).last_hidden_state[0, self.drop:]
             with torch.no_grad():

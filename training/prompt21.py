@@ -55,11 +55,12 @@ class PromptEncoder21:
     Same interface as ``prompt.PromptEncoder``: :meth:`encode` gives right-padded (batch, seq, 4096)
     embeddings and a host (batch, seq) mask; :meth:`encode_one` one caption's (seq, 4096)."""
 
-    def __init__(self, pipe, token_id: int | None = None, prefix_cache: bool = True, cuda_graphs: bool = True,
-                 compile: bool = False):
+    def __init__(self, pipe, token_ids: int | list[int] | None = None, prefix_cache: bool = True,
+                 cuda_graphs: bool = True, compile: bool = False):
         self.pipe = pipe
         self.family = get_family(QWEN_IMAGE_21)
-        self.token_id = token_id
+        # the placeholder ids (one or several): the prefix cache ends at the first occurrence of any of them
+        self.token_ids = frozenset([token_ids] if isinstance(token_ids, int) else (token_ids or ()))
         self.prefix_cache = prefix_cache
         self.template = pipe.prompt_template_t2i
         self.drop = drop_count(pipe)
@@ -103,13 +104,13 @@ class PromptEncoder21:
 
     def encode_one(self, caption: str) -> torch.Tensor:
         """(seq, dim) conditioning for one caption; differentiable w.r.t. the placeholder vector."""
-        caching = self.token_id is not None and self.prefix_cache and self.suffix is not None
+        caching = bool(self.token_ids) and self.prefix_cache and self.suffix is not None
         entry = self._prefix.get(caption) if caching else None
         if entry is None:
             ids = self.ids(caption)
             first = None
             if caching:
-                first = next((i for i, t in enumerate(ids) if t == self.token_id and i >= self.drop), None)
+                first = next((i for i, t in enumerate(ids) if t in self.token_ids and i >= self.drop), None)
             if first is None:
                 if not caching:
                     return self.full(ids)

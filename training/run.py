@@ -56,7 +56,7 @@ def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx,
         try:
             root = resolve_dataset(dataset, work)
             t = cfg.train
-            examples = scan_dataset(root, t.placeholder_token, t.default_caption,
+            examples = scan_dataset(root, t.placeholder_tokens, t.default_caption,
                                     t.prepend_token and t.train_placeholder_token)
             logger.info("dataset: %d images from %s", len(examples), dataset)
             if resume:  # a corrupt or mismatched checkpoint is refused now, not after the model has loaded

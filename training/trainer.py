@@ -53,11 +53,12 @@ class TrainResult:
     archive: Path
     steps: int
     losses: list[float]
-    token_id: int | None
+    token_id: int | None  # the first token's
     loss_plot: Path | None
     samples: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step this run (loss read back)
+    token_ids: dict[str, int] = field(default_factory=dict)  # every token's id, in training order
 
 
 class Trainer:
@@ -87,7 +88,7 @@ class Trainer:
                               f"{get_family(model.model_family).title}, got {self.t.resolution}")
         self.examples = assign_buckets(examples, self.t.resolution, step)
         self.plan = BatchPlan(self.examples, self.t.batch_size, self.t.seed, self.rank, self.world)
-        self.token: RegisteredToken | None = None
+        self.tokens: list[RegisteredToken] = []
         self.step = 0
         self.losses: list[float] = []
         self._latents: dict[int, torch.Tensor] = {}
@@ -108,6 +109,11 @@ class Trainer:
     def dtype(self) -> torch.dtype:
         return self.backend.dtype
 
+    @property
+    def token(self) -> RegisteredToken | None:
+        """The first trained token (None without token training); every one: :attr:`tokens`."""
+        return self.tokens[0] if self.tokens else None
+
     def setup(self) -> None:
         """Latents first (a backend may then free the VAE: ``before_training``), then LoRA, token and optimizer.
         Idempotent."""
@@ -118,17 +124,27 @@ class Trainer:
         backend.before_training()
         backend.prepare(t)
         if t.train_placeholder_token:
-            self.token = backend.add_token(t.placeholder_token, t.placeholder_init_std,
-                                           torch.Generator().manual_seed(t.seed))
-        elif any(t.placeholder_token in ex.caption for ex in self.examples):
-            backend.check_trigger(t.placeholder_token)
+            self.tokens = list(backend.add_tokens(list(t.placeholder_tokens), t.placeholder_init_std,
+                                                  torch.Generator().manual_seed(t.seed)))
+            unused = [tok for tok in t.placeholder_tokens if not any(tok in ex.caption for ex in self.examples)]
+            if unused:
+                logger.warning("placeholder token(s) %s appear in no caption of the dataset: their vectors get no "
+                               "gradient and stay at their init (name them in captions, or use folders named after "
+                               "them)", ", ".join(map(repr, unused)))
+        else:
+            for trigger in t.placeholder_tokens:
+                if any(trigger in ex.caption for ex in self.examples):
+                    backend.check_trigger(trigger)
         named = backend.named_lora_parameters()
         self.lora_params = [p for _, p in named]
         self.param_names = [n for n, _ in named]
         groups = [{"params": self.lora_params, "lr": t.learning_rate, "weight_decay": t.weight_decay}]
-        if self.token is not None:
-            groups.append({"params": [self.token.vector], "lr": t.token_learning_rate, "weight_decay": 0.0})
-            self.param_names.append("placeholder_vector")
+        if self.tokens:  # every token's vector in one group: the token learning rate, never weight decay
+            groups.append({"params": [tok.vector for tok in self.tokens], "lr": t.token_learning_rate,
+                           "weight_decay": 0.0})
+            # the first keeps the one-token name: a one-token checkpoint's optimizer state stays readable
+            self.param_names += ["placeholder_vector" if i == 0 else f"placeholder_vector.{i}"
+                                 for i in range(len(self.tokens))]
         # fused AdamW: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
         self.optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda")
         self._prepared = True
@@ -243,7 +259,7 @@ class Trainer:
         return value
 
     def trainable(self) -> list[torch.nn.Parameter]:
-        return self.lora_params + ([self.token.vector] if self.token is not None else [])
+        return self.lora_params + [tok.vector for tok in self.tokens]
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     @property
@@ -259,11 +275,11 @@ class Trainer:
             return None
         path = ckpt.save_checkpoint(
             self.checkpoint_root, self.step, lora=self.lora_state(),
-            token=self.token.token if self.token else None,
-            vector=self.token.vector if self.token else None,
+            vectors={tok.token: tok.vector for tok in self.tokens},
             optimizer=self.optimizer, param_names=self.param_names,
             state={"losses": self.losses, "config": self.cfg.to_dict(), "trainer": self.backend.name,
                    "token_id": self.token.token_id if self.token else None,
+                   "token_ids": {tok.token: tok.token_id for tok in self.tokens},
                    "dataset": dataset_fingerprint(self.examples)},
             keep=self.t.keep_checkpoints,
         )
@@ -295,11 +311,14 @@ class Trainer:
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(state["lora"][k])
-            if self.token is not None:
-                vec = state["token_tensors"].get(self.token.token)
+            for tok in self.tokens:
+                vec = state["token_tensors"].get(tok.token)
                 if vec is None:
-                    raise ckpt.CheckpointError(f"checkpoint {where} has no vector for {self.token.token!r}")
-                self.token.vector.copy_(vec)
+                    raise ckpt.CheckpointError(f"checkpoint {where} has no vector for {tok.token!r}")
+                if tuple(vec.shape) != tuple(tok.vector.shape):
+                    raise ckpt.CheckpointError(f"checkpoint {where}: the vector for {tok.token!r} has shape "
+                                               f"{list(vec.shape)}, this model's {list(tok.vector.shape)}")
+                tok.vector.copy_(vec)
         ckpt.restore_optimizer(self.optimizer, self.param_names, state)
         self.step = int(state["step"])
         self.losses = list(state.get("losses", []))[: self.step]
@@ -329,8 +348,9 @@ class Trainer:
         t = self.t
         meta = ArchiveMeta(
             base_model=self.backend.base_model(),
-            placeholder_token=t.placeholder_token if self.token else None,
+            placeholder_token=self.token.token if self.token else None,
             placeholder_token_id=self.token.token_id if self.token else None,
+            placeholder_token_ids=[tok.token_id for tok in self.tokens] or None,
             rank=t.rank,
             created=ArchiveMeta.now(),
             alpha=float(t.alpha),
@@ -343,7 +363,8 @@ class Trainer:
                    "token_learning_rate": t.token_learning_rate,
                    "final_loss": self.losses[-1] if self.losses else None, **self.backend.archive_extra()},
         )
-        return write_archive(archive_path, meta, self.backend.export_lora(), self.token.vector if self.token else None)
+        return write_archive(archive_path, meta, self.backend.export_lora(),
+                             vectors={tok.token: tok.vector for tok in self.tokens} or None)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _log_summary(self, step_seconds: list[float]) -> None:
@@ -408,7 +429,8 @@ class Trainer:
         plot = save_loss_plot(self.losses, archive_path.with_name(archive_path.stem + "_loss.png")) if self.dist.is_main else None
         barrier(self.dist)  # the other ranks return once the archive is complete
         return TrainResult(archive, self.step, list(self.losses), self.token.token_id if self.token else None,
-                           plot, samples, time.time() - t0, step_seconds)
+                           plot, samples, time.time() - t0, step_seconds,
+                           {tok.token: tok.token_id for tok in self.tokens})
 
 
 def _median(values: list[float]) -> float:

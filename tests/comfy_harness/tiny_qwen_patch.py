@@ -298,7 +298,8 @@ def _pack_module(name: str):
 
 class ZPTestTrainingConditioning:
     """The conditioning the training node trains against (the pack's own decoder over ComfyUI's modules) for a
-    prompt with the archive's token and vector, and the vector's gradient of its sum (autograd must work)."""
+    prompt with the archive's tokens and vectors, and each vector's gradient of its sum (autograd must work):
+    ``grad`` for the first token, ``grad_1``, ``grad_2``, ... for further ones."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -321,14 +322,20 @@ class ZPTestTrainingConditioning:
             backend._ordinary_tensors(comfy_text.qwen_decoder(clip))
             tok = copy.deepcopy(clip.tokenizer)
             sd_tok = getattr(tok, tok.clip)
-            token_id = token_mod.ensure_token(sd_tok.tokenizer, archive.token)
             device = clip.patcher.load_device
-            vector = torch.nn.Parameter(archive.vector.detach().clone().to(device))
-            enc = comfy_text.ComfyPromptEncoder(clip, tok, device, token_id=token_id, vector=vector)
+            vectors = {token_mod.ensure_token(sd_tok.tokenizer, t): torch.nn.Parameter(v.detach().clone().to(device))
+                       for t, v in archive.vectors.items()}
+            if len(vectors) == 1:  # the one-token form of the encoder's arguments
+                (token_id, vector), = vectors.items()
+                enc = comfy_text.ComfyPromptEncoder(clip, tok, device, token_id=token_id, vector=vector)
+            else:
+                enc = comfy_text.ComfyPromptEncoder(clip, tok, device, vectors=vectors)
             cond, mask = enc.encode([text], torch.float32, torch.device("cpu"))
             cond.sum().backward()
-        save_file({"cond": cond.detach().float().cpu().contiguous(), "grad": vector.grad.detach().float().cpu()},
-                  os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)))
+        out = {"cond": cond.detach().float().cpu().contiguous()}
+        for i, v in enumerate(vectors.values()):
+            out["grad" if i == 0 else f"grad_{i}"] = v.grad.detach().float().cpu()
+        save_file(out, os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)))
         return {}
 
 

@@ -89,10 +89,15 @@ def random_lora(pipe, seed: int = 0, rank: int = 4, alpha: float = 8.0) -> dict[
 
 
 def make_archive(path: Path, pipe=None, *, vector: torch.Tensor | None = None, lora: dict | None = None,
-                 token: str = "<zwx>", family: str = "qwen-image") -> Path:
-    token_id = 151669 if family == "qwen-image-2.1" else 151665
-    meta = ArchiveMeta(base_model="tiny", placeholder_token=token if vector is not None else None,
-                       placeholder_token_id=token_id if vector is not None else None,
+                 token: str = "<zwx>", family: str = "qwen-image", vectors: dict | None = None) -> Path:
+    """An archive written by the core: one token (``token``, ``vector``) or several (``vectors``: token -> vector,
+    ids at training time 151665, 151666, ... or from 151669 for Qwen-Image 2.1)."""
+    first_id = 151669 if family == "qwen-image-2.1" else 151665
+    if vector is not None:
+        vectors = {token: vector}
+    meta = ArchiveMeta(base_model="tiny", placeholder_token=next(iter(vectors)) if vectors else None,
+                       placeholder_token_id=first_id if vectors else None,
+                       placeholder_token_ids=list(range(first_id, first_id + len(vectors))) if vectors else None,
                        rank=4 if lora else None, created=ArchiveMeta.now(), alpha=8.0, lora_targets=TARGETS, steps=1,
                        model_family=family)
-    return write_archive(path, meta, lora, vector)
+    return write_archive(path, meta, lora, vectors=vectors)
