@@ -18,6 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..training.prompt import pad_batch
 from ..training.suffix import DecoderParts, LayerOps, SuffixDecoder
 
 logger = logging.getLogger(__name__)
@@ -200,11 +201,7 @@ class ComfyPromptEncoder:
         """(batch, seq, dim) on ``device`` in ``dtype`` and the host (batch, seq) long mask, zero-padded."""
         self.suffix.new_batch()
         hs = [self.encode_one(c) for c in captions]
-        length = max(h.shape[0] for h in hs)
-        embeds = torch.stack([torch.cat([h, h.new_zeros(length - h.shape[0], h.shape[1])]) for h in hs])
-        mask = torch.zeros(len(hs), length, dtype=torch.long)
-        for row, h in zip(mask, hs):
-            row[: h.shape[0]] = 1
+        embeds, mask = pad_batch(hs)
         return embeds.to(device=device, dtype=dtype), mask
 
 

@@ -22,7 +22,7 @@ from .config import Config, TrainConfig
 from .data import Example, load_pixels
 from .families import QWEN_IMAGE_21, detect_pipeline
 from .lora import ADAPTER_NAME, add_lora, export_lora
-from .prompt import PromptEncoder
+from .prompt import PromptEncoder, pad_batch
 from .token import RegisteredToken, check_single_id, encode_ids, install_placeholders
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class DiffusersBackend(TrainBackend):
         self.tokens: list[RegisteredToken] = []
         self.prompts: PromptEncoder | None = None
         self.offload_summary: dict | None = None
-        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prompt_cache: dict[str, torch.Tensor] = {}  # caption -> conditioning (token training off)
         vae_cfg = pipe.vae.config
         self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
         self.latents_std = torch.tensor(vae_cfg.latents_std).view(1, vae_cfg.z_dim, 1, 1, 1)
@@ -160,13 +160,9 @@ class DiffusersBackend(TrainBackend):
         missing = [c for c in dict.fromkeys(captions) if c not in self._prompt_cache]
         if missing:
             with torch.no_grad():
-                for c in missing:
-                    e, m = self.prompts.encode([c], self.dtype, self.device)
-                    self._prompt_cache[c] = (e[0].cpu(), m[0].cpu())
-        parts = [self._prompt_cache[c] for c in captions]
-        length = max(e.shape[0] for e, _ in parts)
-        embeds = torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e, _ in parts])
-        mask = torch.stack([torch.cat([m, m.new_zeros(length - m.shape[0])]) for _, m in parts])
+                for c in missing:  # one caption alone: no padding
+                    self._prompt_cache[c] = self.prompts.encode([c], self.dtype, self.device)[0][0].cpu()
+        embeds, mask = pad_batch([self._prompt_cache[c] for c in captions])
         return embeds.to(self.device, non_blocking=True), mask
 
     def predict(self, noisy, sigmas, embeds, mask):

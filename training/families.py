@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .archive import ArchiveError
+from .config import ATTENTION_TARGETS, FAMILY_CHOICES, MLP_TARGETS
 
 AUTO = "auto"
 QWEN_IMAGE = "qwen-image"
@@ -110,8 +111,9 @@ class ModelFamily:
         return targets
 
 
-_QI_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-_QI_MLP = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+_QI_ATTENTION, _QI_MLP = ATTENTION_TARGETS, MLP_TARGETS  # Qwen-Image's module names (training/config.py)
+# the image-stream projections of a QwenImageTransformerBlock (names relative to transformer_blocks.<i>.)
+QWEN_IMAGE_FP8 = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.0.proj", "img_mlp.net.2")
 # 2.1 is single-stream: one attention and one SwiGLU MLP per block see text and image tokens alike
 # (module names as diffusers' QwenImage21Transformer2DModel has them; its _tp_plan lists the same seven).
 _Q21_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
@@ -133,7 +135,7 @@ FAMILIES: dict[str, ModelFamily] = {
         default_steps=30,
         default_guidance=4.0,
         # the image stream only: the text stream sees ~100 tokens, too few rows for fp8 to gain (fp8.py)
-        fp8_modules=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.0.proj", "img_mlp.net.2"),
+        fp8_modules=QWEN_IMAGE_FP8,  # the image stream's projections; the text stream has ~100 rows
     ),
     QWEN_IMAGE_21: ModelFamily(
         name=QWEN_IMAGE_21,
@@ -153,7 +155,7 @@ FAMILIES: dict[str, ModelFamily] = {
         fp8_modules=_Q21_ATTENTION + _Q21_MLP,  # single-stream: every token goes through all seven
     ),
 }
-FAMILY_CHOICES = (AUTO, QWEN_IMAGE, QWEN_IMAGE_21)
+# FAMILY_CHOICES (auto + the families' names) is defined in training/config.py, which the model.family field reads
 _BY_PIPELINE = {f.pipeline_class: f for f in FAMILIES.values()}
 
 

@@ -24,14 +24,14 @@ import re
 import torch
 from torch import nn
 
+from .families import QWEN_IMAGE_FP8
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
-# image-stream projections of QwenImageTransformerBlock (names relative to transformer_blocks.<i>.); Qwen-Image
-# 2.1's are in families.py
-IMAGE_STREAM = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.0.proj", "img_mlp.net.2")
+IMAGE_STREAM = QWEN_IMAGE_FP8  # Qwen-Image's image-stream projections (families.py names each family's)
 _BLOCK = re.compile(r"^transformer_blocks\.\d+\.(.+?)(\.base_layer)?$")
 
 

@@ -19,6 +19,18 @@ import torch
 from . import suffix as suffix_mod
 
 
+def pad_batch(hs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-caption ``(seq_i, dim)`` conditionings -> ``(batch, seq, dim)`` right-padded with zeros, and the host
+    ``(batch, seq)`` long mask of the real positions (the pipelines pad and mask the same way; on the host, testing
+    whether it is all ones does not wait for the GPU)."""
+    length = max(h.shape[0] for h in hs)
+    embeds = torch.stack([torch.cat([h, h.new_zeros(length - h.shape[0], h.shape[1])]) for h in hs])
+    mask = torch.zeros(len(hs), length, dtype=torch.long)
+    for row, h in zip(mask, hs):
+        row[: h.shape[0]] = 1
+    return embeds, mask
+
+
 class PromptEncoder:
     def __init__(self, pipe, token_ids: int | list[int] | None = None, prefix_cache: bool = True,
                  cuda_graphs: bool = True, compile: bool = False):
@@ -70,9 +82,5 @@ class PromptEncoder:
         if self.suffix is not None:
             self.suffix.new_batch()
         hs = [self.encode_one(c) for c in captions]
-        length = max(h.shape[0] for h in hs)
-        embeds = torch.stack([torch.cat([h, h.new_zeros(length - h.shape[0], h.shape[1])]) for h in hs])
-        mask = torch.zeros(len(hs), length, dtype=torch.long)
-        for row, h in zip(mask, hs):
-            row[: h.shape[0]] = 1
+        embeds, mask = pad_batch(hs)
         return embeds.to(device=device, dtype=dtype), mask

@@ -27,7 +27,8 @@ import contextlib
 import torch
 
 from . import suffix as suffix_mod
-from .families import get_family, QWEN_IMAGE_21
+from .families import QWEN_IMAGE_21, get_family
+from .prompt import pad_batch
 
 
 def drop_count(pipe) -> int:
@@ -137,9 +138,5 @@ class PromptEncoder21:
         if self.suffix is not None:
             self.suffix.new_batch()
         hs = [self.encode_one(c) for c in captions]
-        length = max(h.shape[0] for h in hs)
-        embeds = torch.stack([torch.cat([h, h.new_zeros(length - h.shape[0], h.shape[1])]) for h in hs])
-        mask = torch.zeros(len(hs), length, dtype=torch.long)
-        for row, h in zip(mask, hs):
-            row[: h.shape[0]] = 1
+        embeds, mask = pad_batch(hs)
         return embeds.to(device=device, dtype=dtype), mask
