@@ -59,16 +59,17 @@ def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx,
             examples = scan_dataset(root, t.placeholder_tokens, t.default_caption,
                                     t.prepend_token and t.train_placeholder_token)
             logger.info("dataset: %d images from %s", len(examples), dataset)
+            state = None
             if resume:  # a corrupt or mismatched checkpoint is refused now, not after the model has loaded
                 where = ckpt.find_checkpoint(resume)
-                ckpt.check_compatible(ckpt.load_checkpoint(where), where, t, dataset=dataset_fingerprint(examples),
-                                      force=force_resume)
+                state = ckpt.load_checkpoint(where)
+                ckpt.check_compatible(state, where, t, dataset=dataset_fingerprint(examples), force=force_resume)
             if pipe is None:
                 pipe, cfg = _load_for_training(cfg, ctx)
             trainer = Trainer(cfg, pipe, examples, output_dir, dist=ctx)
             try:
                 if resume:
-                    trainer.resume(resume, force=force_resume)
+                    trainer.resume(where, force=force_resume, state=state)
                 return trainer.fit(archive_path, callbacks)
             finally:
                 trainer.backend.close()

@@ -286,12 +286,13 @@ class Trainer:
         logger.info("checkpoint saved: %s", path)
         return path
 
-    def resume(self, path: str | Path, force: bool = False) -> Path:
+    def resume(self, path: str | Path, force: bool = False, state: dict | None = None) -> Path:
         """Continue from a checkpoint. A different seed or dataset is refused unless ``force``; a different LoRA
-        layout or token, or another backend's checkpoint, always (its tensors cannot fit)."""
+        layout or token, or another backend's checkpoint, always (its tensors cannot fit). ``state``: the
+        checkpoint at ``path`` already loaded (``checkpoint.load_checkpoint``), not read again."""
         self.setup()
         where = ckpt.find_checkpoint(path)
-        state = ckpt.load_checkpoint(where)
+        state = ckpt.load_checkpoint(where) if state is None else state
         written_by = state.get("trainer", "diffusers")
         if written_by != self.backend.name:
             raise ckpt.CheckpointError(
@@ -326,20 +327,19 @@ class Trainer:
         return where
 
     # ---- samples & export -----------------------------------------------------------------------------
-    def render_samples(self, prompts: list[str] | None = None) -> tuple[list[Path], list]:
-        """Render ``sample.prompts`` (or ``prompts``) with the current LoRA and token; (saved paths, PIL images)."""
-        prompts = list(self.cfg.sample.prompts) if prompts is None else prompts
+    def render_samples(self) -> tuple[list[Path], list]:
+        """Render ``sample.prompts`` with the current LoRA and token on the main process; (saved paths, images)."""
+        prompts = list(self.cfg.sample.prompts)
         if not prompts or not self.dist.is_main:
             return [], []
         with torch.no_grad():
             images = self.backend.sample(prompts, self.step)
         out = []
-        if self.rank == 0 and self.cfg.sample.prompts:
-            for i, img in enumerate(images):
-                path = self.output_dir / "samples" / f"step-{self.step:06d}-{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                img.save(path)
-                out.append(path)
+        for i, img in enumerate(images):
+            path = self.output_dir / "samples" / f"step-{self.step:06d}-{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path)
+            out.append(path)
         if out:
             logger.info("step %d: %d sample image(s) written to %s", self.step, len(out), out[0].parent)
         return out, images
