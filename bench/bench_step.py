@@ -347,9 +347,10 @@ def apply_memory_cap(cap_gib: float, device: torch.device) -> float | None:
     allocates on the GPU. Returns the fraction set."""
     if not cap_gib or device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()  # a bare "cuda" is refused
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = min(1.0, cap_gib * 2**30 / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 

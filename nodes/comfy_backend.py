@@ -19,13 +19,20 @@ the way ComfyUI's own trainer (``comfy_extras/nodes_train.py``) sets them up, fe
   loaded modules (``nodes/comfy_text.py``), not ComfyUI's inference forward.
 
 The compute dtype is the model's manual-cast dtype (bf16 for an fp8-stored DiT on a GPU), never the storage dtype.
+ComfyUI's ``Linear`` casts its stored weight for each use (fp8 files, weights left in CPU memory); autograd would keep
+every cast until the backward (40 GB in bf16 for the 20B DiT). :class:`CastLinear` casts again in the backward
+instead, so the DiT's blocks need recomputation only where their activations do not fit
+(``training/memory.py`` ``blocks_to_checkpoint``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
 import logging
+import statistics
 
 import numpy as np
 import torch
@@ -34,6 +41,7 @@ from torch import nn
 
 import comfy.model_management as mm
 
+from ..training import memory as mem
 from ..training.backend import TrainBackend
 from ..training.config import Config, TrainConfig
 from ..training.data import Example, load_pixels
@@ -65,6 +73,50 @@ class LoRABranch(nn.Module):
         return output + self(args[0]).to(output.dtype)
 
 
+class CastLinear(torch.autograd.Function):
+    """``F.linear`` with the weight and bias ComfyUI's ``cast_bias_weight`` gives for ``module`` (its storage dtype
+    and device cast to the input's, its weight patches applied), without keeping the cast weight for the backward:
+    the backward casts it again. The module's weights are frozen, so only the input's gradient is computed, and a
+    cast (memory-bound, ~1 ms for a 3072x12288 fp8 weight) costs far less than recomputing a block's forward."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        weight, bias = _cast(module, x)
+        ctx.module = module
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, _ = _cast(ctx.module, dy)
+        return dy.matmul(weight), None
+
+
+def _cast(module, like: torch.Tensor):
+    import comfy.ops
+
+    # the legacy (non-offloadable) call: (weight, bias) in every version from 0.3.64 on
+    out = comfy.ops.cast_bias_weight(module, like)
+    return out[0], out[1]
+
+
+def _plain_cast_linear(module) -> bool:
+    """A ComfyUI ``Linear`` whose per-use cast is ComfyUI's plain one (``manual_cast`` and friends; not the scaled or
+    quantized formats, whose forwards differ per version and are left as they are)."""
+    import comfy.ops
+
+    base = getattr(getattr(comfy.ops, "disable_weight_init", None), "Linear", None)
+    return (base is not None and isinstance(module, base)
+            and type(module).forward_comfy_cast_weights is base.forward_comfy_cast_weights)
+
+
+def _recast_forward(module, input, *args, **kwargs):
+    if args or kwargs or module.weight.device != input.device:
+        # a call this replacement does not know, or a weight ComfyUI streams from CPU memory (its own forward
+        # overlaps the copy on a side stream; the blocks are then recomputed, which bounds what autograd keeps)
+        return type(module).forward_comfy_cast_weights(module, input, *args, **kwargs)
+    return CastLinear.apply(input, module)
+
+
 def _ordinary_tensors(module: nn.Module) -> int:
     """Replace inference tensors held by ``module`` with ordinary clones (call under inference_mode(False)).
 
@@ -84,14 +136,30 @@ def _ordinary_tensors(module: nn.Module) -> int:
     return swapped
 
 
-def _trainable_clone(model):
-    """A clone of the MODEL to train, following ComfyUI's own trainer: ``force_deepcopy`` where it exists."""
-    if "force_deepcopy" in inspect.signature(model.clone).parameters:
+def _trainable_clone(model, fits: bool):
+    """A clone of the MODEL to train, following ComfyUI's own trainer: ``force_deepcopy`` where it exists (an
+    independent copy of the weights, reloaded from its file). Where the DiT fits the GPU (``fits``), also
+    ``disable_dynamic``: ComfyUI's dynamic VRAM (>= 0.33) would otherwise keep the weights in CPU memory and stream
+    each one to the GPU per use, three times a step when training (forward, recomputation, backward)."""
+    params = inspect.signature(model.clone).parameters
+    if "force_deepcopy" in params:
+        kwargs = {"force_deepcopy": True}
+        if fits and "disable_dynamic" in params and getattr(model, "is_dynamic", lambda: False)():
+            kwargs["disable_dynamic"] = True
         try:
-            return model.clone(force_deepcopy=True), True
+            return model.clone(**kwargs), True
         except RuntimeError as e:  # a custom loader without cached_patcher_init: fall back to swapping tensors
             logger.info("MODEL cannot be deep-copied (%s); training on a clone with ordinary tensors", e)
     return model.clone(), False
+
+
+def _available_bytes(device: torch.device) -> float:
+    """What this process may still allocate on ``device``: ComfyUI's free memory, less under a per-process cap."""
+    free = mm.get_free_memory(device)
+    if device.type != "cuda":
+        return free
+    capacity, _ = mem.per_process_capacity(device)
+    return min(free, capacity - torch.cuda.memory_reserved(device))
 
 
 class ComfyBackend(TrainBackend):
@@ -126,6 +194,8 @@ class ComfyBackend(TrainBackend):
         self._was_in_training = False
         self._handles: list = []  # forward hooks of the LoRA branches (removed in close())
         self._checkpointed: list = []
+        self._recast: list = []  # Linears whose per-use cast CastLinear repeats in the backward
+        self._phases = _PhaseTimer()
 
     def _base_tokenizer(self):
         tok = self.clip.tokenizer
@@ -145,7 +215,9 @@ class ComfyBackend(TrainBackend):
         return lat.clone()
 
     def prepare(self, t: TrainConfig) -> None:
-        self.mp, deep = _trainable_clone(self.model)
+        fits = self.device.type != "cuda" or _available_bytes(self.device) >= (
+            self.model.model_size() + self.clip.patcher.model_size() + self._reserve())
+        self.mp, deep = _trainable_clone(self.model, fits)
         dm = self.mp.model.diffusion_model
         gen = torch.Generator().manual_seed(t.seed)  # the LoRA's init, without touching the global RNGs
         matched: set[str] = set()
@@ -163,34 +235,65 @@ class ComfyBackend(TrainBackend):
                              "to_q, add_q_proj, to_add_out, img_mlp.net.2")
         if not self.adapters:
             raise ValueError(f"train.lora_targets {list(t.lora_targets)} match no Linear of this MODEL")
-        logger.info("LoRA rank %d on %d modules of ComfyUI's Qwen-Image (%s)", t.rank, len(self.adapters),
-                    "deep copy" if deep else "shared weights")
-        storage = self.mp.model.get_dtype()
-        if self.cfg.model.gradient_checkpointing or storage != self.dtype:
-            # a DiT stored in another dtype than it computes in (fp8 files) casts each weight per use, and autograd
-            # would keep every cast (40 GB in bf16 for the 20B DiT) until the backward: recompute per block instead
-            logger.info("gradient checkpointing per transformer block (DiT stored in %s, computed in %s)",
-                        storage, self.dtype)
-            # as ComfyUI's trainer does (its patch()/unpatch()): each block's forward wrapped, restored in close()
-            for block in dm.transformer_blocks:
-                self._checkpointed.append((block, block.__dict__.get("forward")))
-                block.forward = _checkpointed(block.forward)
+        logger.info("LoRA rank %d on %d modules of ComfyUI's Qwen-Image (%s, %s)", t.rank, len(self.adapters),
+                    "deep copy" if deep else "shared weights", type(self.mp).__name__)
+        for m in dm.modules():
+            if _plain_cast_linear(m):
+                m.forward_comfy_cast_weights = functools.partial(_recast_forward, m)
+                self._recast.append(m)
         if self._in_training_flag:
             self._was_in_training = mm.in_training
             mm.in_training = True
         self._load()
+        self._checkpoint_blocks(dm)
         for a in self.adapters.values():
             a.to(self.device)
         self._make_prompts()
+
+    def _checkpoint_blocks(self, dm) -> None:
+        """Recompute the activations of as many transformer blocks as memory needs (all of them with
+        ``model.gradient_checkpointing``, or where some Linear's per-use cast is not one :class:`CastLinear`
+        repeats: autograd would keep those casts), the first blocks first."""
+        blocks = dm.transformer_blocks
+        t = self.cfg.train
+        recast = {id(m) for m in self._recast}
+        device = torch.device(self.device.type, self.device.index if self.device.index is not None
+                              else (torch.cuda.current_device() if self.device.type == "cuda" else None))
+        uncovered = [n for n, m in blocks.named_modules()
+                     if isinstance(m, nn.Linear) and getattr(m, "comfy_cast_weights", False)
+                     and (id(m) not in recast or m.weight.device != device)]
+        if self.cfg.model.gradient_checkpointing:
+            k, why = len(blocks), "model.gradient_checkpointing"
+        elif uncovered:
+            k, why = len(blocks), (f"{len(uncovered)} Linears cast their weights per use in a way this node does not "
+                                   "repeat in the backward (weights streamed from CPU memory, or a scaled format), e.g. "
+                                   f"{uncovered[0]} ({type(blocks.get_submodule(uncovered[0])).__qualname__})")
+        elif self.device.type != "cuda":
+            k, why = 0, f"{self.device.type}: no GPU memory to plan for"
+        else:
+            capacity, free = mem.per_process_capacity(self.device)
+            available = min(capacity - torch.cuda.memory_reserved(self.device), free) - mem.MARGIN_GIB * mem.GIB
+            k = mem.blocks_to_checkpoint(len(blocks), available, t.resolution, t.batch_size)
+            why = (f"~{mem.activation_gib(mem.ACT_EAGER_GIB, t.resolution, t.batch_size):.0f} GiB of activations "
+                   f"without recomputation, {max(available, 0) / mem.GIB:.1f} GiB available")
+        logger.info("gradient checkpointing on %d of %d transformer blocks (%s)", k, len(blocks), why)
+        # as ComfyUI's trainer does (its patch()/unpatch()): each block's forward wrapped, restored in close()
+        for block in list(blocks)[:k]:
+            self._checkpointed.append((block, block.__dict__.get("forward")))
+            block.forward = _checkpointed(block.forward)
+
+    def _reserve(self) -> int:
+        """What the backward needs at least (every block recomputed), as the core's memory plan counts it."""
+        t = self.cfg.train
+        return int((mem.activation_gib(mem.ACT_CHECKPOINT_GIB, t.resolution, t.batch_size) + mem.MARGIN_GIB) * mem.GIB)
 
     def _load(self) -> None:
         """Load DiT and text encoder for training, leaving room for backward activations: fully where they fit,
         else partially (ComfyUI then streams the rest per use; the per-block checkpointing bounds what backward
         keeps). Then make every weight an ordinary tensor (a no-op for a deep copy made outside inference mode)."""
-        t = self.cfg.train
-        reserve = int(max(2.0, 6.0 * (t.resolution / 1024) ** 2 * t.batch_size) * 2**30)
+        reserve = self._reserve()
         size = self.mp.model_size() + self.clip.patcher.model_size()
-        full = self.device.type != "cuda" or mm.get_free_memory(self.device) >= size + reserve
+        full = self.device.type != "cuda" or _available_bytes(self.device) >= size + reserve
         if not full:
             logger.info("DiT + text encoder (%.1f GiB) do not fit with %.1f GiB for activations in %.1f GiB free: "
                         "loading partially, ComfyUI streams the rest", size / 2**30, reserve / 2**30,
@@ -256,15 +359,21 @@ class ComfyBackend(TrainBackend):
         return self.prompts.ids(caption) if self.prompts is not None else []
 
     def encode(self, captions: list[str]):
-        return self.prompts.encode(captions, self.dtype, self.device)
+        with self._phases("text encoder forward"):
+            return self.prompts.encode(captions, self.dtype, self.device)
 
     def predict(self, noisy, sigmas, embeds, mask):
         dm = self.mp.model.diffusion_model
         # the MODEL's own transformer options (patches other nodes added apply as when sampling), in a fresh dict:
         # the forward writes into it, and its default argument is shared
         options = dict(self.mp.model_options.get("transformer_options", {}))
-        return dm(noisy.to(self.dtype), sigmas.to(self.dtype), embeds.to(self.dtype), attention_mask=mask,
-                  transformer_options=options)
+        with self._phases("DiT forward"):
+            return dm(noisy.to(self.dtype), sigmas.to(self.dtype), embeds.to(self.dtype), attention_mask=mask,
+                      transformer_options=options)
+
+    def step_begin(self) -> None:
+        super().step_begin()
+        self._phases.step()
 
     # ---- the rest -------------------------------------------------------------------------------------
     def sample(self, prompts: list[str], step: int) -> list:
@@ -312,8 +421,12 @@ class ComfyBackend(TrainBackend):
     def close(self) -> None:
         """Leave ComfyUI's modules as they were: hooks removed, block forwards restored, training flag reset (the
         graph continues with the archive applied through ComfyUI's own LoRA patching)."""
+        self._phases.report()
         if self._in_training_flag:
             mm.in_training = self._was_in_training
+        for m in self._recast:
+            m.__dict__.pop("forward_comfy_cast_weights", None)
+        self._recast.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -327,6 +440,49 @@ class ComfyBackend(TrainBackend):
         # the graph goes on with the archive applied through ComfyUI's own LoRA patching
         self.mp, self.prompts = None, None
         self.adapters.clear()
+
+
+class _PhaseTimer:
+    """Median GPU time of the forward phases and of whole steps (the rest is backward + optimizer), from CUDA events
+    read once when training ends (no sync inside a step); logged by ``close()``. Nothing on a CPU."""
+
+    def __init__(self):
+        self.events: dict[str, list] = {}
+        self.steps: list = []
+
+    @functools.cached_property
+    def enabled(self) -> bool:
+        return torch.cuda.is_available()
+
+    def step(self) -> None:
+        if self.enabled:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.steps.append(e)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            self.events.setdefault(name, []).append((start, end))
+
+    def report(self) -> None:
+        if not self.enabled or len(self.steps) < 3:
+            return
+        torch.cuda.synchronize()
+        # step i spans steps[i]..steps[i+1]; the first (warm-up, caches) and the last (no end mark) are left out
+        whole = statistics.median(a.elapsed_time(b) for a, b in zip(self.steps[1:-1], self.steps[2:]))
+        parts = {name: statistics.median(a.elapsed_time(b) for a, b in pairs[1:] or pairs)
+                 for name, pairs in self.events.items()}
+        logger.info("phase times (median GPU ms): step %.1f, %s, backward + optimizer + rest %.1f", whole,
+                    ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), whole - sum(parts.values()))
 
 
 def _checkpointed(forward):

@@ -746,6 +746,7 @@ def test_training_fp8_stored_dit(comfy, train_ds, unet_key, weight_dtype):
     from qwen_zero_prior.training.archive import load_archive
 
     name = f"zero_prior/fp8dit_{unet_key}.zip"
+    log_start = len(comfy.server.log_text())
     entry = comfy.server.run(_train_graph(comfy, steps=4, unet_key=unet_key, weight_dtype=weight_dtype,
                                           output_name=name), timeout=600)
     losses = entry["outputs"]["40"]["loss"]
@@ -758,6 +759,23 @@ def test_training_fp8_stored_dit(comfy, train_ds, unet_key, weight_dtype):
     # (an fp8 *file* with weight_dtype default: ComfyUI may upcast it on a CPU; on a GPU it stays fp8)
     assert compute in ("float32", "bfloat16", "float16"), arc.meta.extra
     assert any(float(v.abs().sum()) > 0 for k, v in arc.lora_state_dict.items() if "lora_B" in k)
+    # the per-use fp8 -> compute casts are repeated in the backward, not kept, so no block needs recomputing
+    log = comfy.server.log_text()[log_start:]
+    assert "gradient checkpointing on 0 of 2 transformer blocks" in log, log[-3000:]
+
+
+def test_cast_linear_matches_comfyui_linear_without_keeping_the_cast(comfy):
+    """The training node's CastLinear on ComfyUI's fp8-stored DiT Linears: the same outputs and input gradients as
+    ComfyUI's own forward under autograd, while autograd keeps no weight-sized tensor (ComfyUI's forward keeps the
+    cast weight: 40 GB in bf16 for the full DiT)."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": comfy.names["unet"], "weight_dtype": "fp8_e4m3fn"}},
+         "2": {"class_type": "ZPTestCastLinear", "inputs": {"model": ["1", 0], "filename": "cast_linear.json"}}}
+    comfy.server.run(g)
+    r = json.loads(comfy.output("cast_linear.json").read_text())
+    print(f"ComfyUI {comfy.version}: CastLinear on {r['layers']} {r['storage']} Linears: {r}")
+    assert r["layers"] > 10 and r["storage"] == "torch.float8_e4m3fn"
+    assert r["max_abs_out"] == 0.0 and r["max_abs_grad"] <= 1e-6
+    assert r["saved_comfy"] >= r["weight_bytes"] > r["saved_cast"]
 
 
 def test_training_bad_datasets_fail_before_training(comfy, train_ds):

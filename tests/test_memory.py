@@ -1,5 +1,7 @@
 """``model.memory``: the plan is chosen from the memory this process may use, and no allowed setting crashes."""
 
+import math
+
 import pytest
 import torch
 
@@ -85,3 +87,21 @@ def test_plan_respects_fp8_storage_and_the_device():
     for mode in ("checkpoint", "offload"):
         with pytest.raises(ConfigError, match=f"model.memory: {mode} plans GPU memory, but this run is on cpu"):
             memory.resolve(Config.from_dict({"model": {"memory": mode}}), FULL_WEIGHTS, torch.device("cpu"))
+
+
+def test_blocks_to_checkpoint_recomputes_only_what_does_not_fit():
+    """The ComfyUI node's per-block plan: none when every block's eager activations fit, all when not even the
+    recomputed ones leave room, and in between just enough blocks to fit (scaled by image tokens and batch)."""
+    from qwen_zero_prior.training.memory import ACT_CHECKPOINT_GIB, ACT_EAGER_GIB, GIB, blocks_to_checkpoint
+
+    assert blocks_to_checkpoint(60, ACT_EAGER_GIB * GIB, 1024, 1) == 0
+    assert blocks_to_checkpoint(60, 0, 1024, 1) == 60
+    per_saved = (ACT_EAGER_GIB - ACT_CHECKPOINT_GIB) / 60
+    k = blocks_to_checkpoint(60, (ACT_EAGER_GIB - 10) * GIB, 1024, 1)
+    assert k == math.ceil(10 / per_saved)
+    # what k blocks keep fits, k - 1 would not
+    keep = lambda k: (ACT_EAGER_GIB - k * per_saved)  # noqa: E731
+    assert keep(k) <= ACT_EAGER_GIB - 10 < keep(k - 1)
+    # half the image tokens (724² ~ 1024²/2) need half the activations: 38 GiB available fits two samples at 724²
+    assert blocks_to_checkpoint(60, ACT_EAGER_GIB * GIB, 724, 2) == 0
+    assert blocks_to_checkpoint(60, ACT_EAGER_GIB * GIB, 1024, 2) > 0

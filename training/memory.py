@@ -38,6 +38,9 @@ GIB = 2**30
 # activations); the eager one did not fit 78 GiB (75.7 GiB allocated at its OOM), so eager needs more
 ACT_RESIDENT_GIB = 24.0
 ACT_CHECKPOINT_GIB = 1.5  # per sample at 1024² with per-block recomputation
+# per sample at 1024², eager (uncompiled) and without recomputation: the diffusers + peft step peaked at 91.7 GiB
+# with ~54 GiB of weights; the ComfyUI training node plans its per-block recomputation from it
+ACT_EAGER_GIB = 38.0
 MARGIN_GIB = 4.0  # allocator fragmentation, CUDA-graph pools, the optimizer's state and the LoRA
 REDUCE_OVERHEAD_POOL_GIB = 3.5  # torch.compile's reduce-overhead graphs keep their own memory pools
 
@@ -116,6 +119,18 @@ def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, d
                       need)
 
 
+def blocks_to_checkpoint(n_blocks: int, available_bytes: float, resolution: int, batch_size: int) -> int:
+    """How many of a transformer's ``n_blocks`` must recompute their activations in the backward for the rest to fit
+    ``available_bytes``: each block keeps 1/n of :data:`ACT_EAGER_GIB` (scaled by image tokens) without recomputation
+    and 1/n of :data:`ACT_CHECKPOINT_GIB` with it. (The ComfyUI training node's plan; ComfyUI's blocks run eager.)"""
+    import math
+
+    per_block = activation_gib(ACT_EAGER_GIB, resolution, batch_size) * GIB / n_blocks
+    saved = per_block - activation_gib(ACT_CHECKPOINT_GIB, resolution, batch_size) * GIB / n_blocks
+    over = per_block * n_blocks - available_bytes
+    return 0 if over <= 0 else min(n_blocks, math.ceil(over / saved))
+
+
 def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float | None = None):
     """(cfg with ``model.memory`` resolved to a plan and its settings applied, the plan) — or ``(cfg, None)`` for
     ``manual``. Explicit ``offload: true`` / ``gradient_checkpointing: true`` are floors for ``auto``."""
@@ -153,4 +168,4 @@ def module_bytes(*modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
 
 
-__all__ = ["MemoryPlan", "PLANS", "choose", "module_bytes", "per_process_capacity", "resolve"]
+__all__ = ["MemoryPlan", "PLANS", "blocks_to_checkpoint", "choose", "module_bytes", "per_process_capacity", "resolve"]

@@ -241,9 +241,13 @@ def main(argv=None) -> int:
             proc.kill()
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         result["log_tail"] = log[-6000:]
+        # what the node decided and measured (its per-block recomputation, the median GPU time of its phases)
+        result["node_log"] = [line.strip() for line in log.splitlines()
+                              if any(k in line for k in ("gradient checkpointing on", "phase times", "loading partially",
+                                                         "memory plan", "Traceback", "Error"))][-12:]
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: v for k, v in result.items() if k not in ("log_tail", "loss", "step_seconds")}, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("log_tail", "loss")}, indent=1))
     return 0 if "error" not in result else 1
 
 

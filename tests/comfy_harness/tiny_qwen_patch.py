@@ -339,6 +339,62 @@ class ZPTestTrainingConditioning:
         return {}
 
 
-NODE_CLASS_MAPPINGS = {"ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestTokens": ZPTestTokens, "ZPTestModelForward": ZPTestModelForward,
+class ZPTestCastLinear:
+    """Every per-use-casting Linear of the MODEL's DiT (an fp8-stored one) through the training node's
+    :class:`CastLinear` vs ComfyUI's own forward under autograd: outputs and input gradients, and the bytes autograd
+    saves for the backward (ComfyUI's keeps the cast weight, CastLinear nothing weight-sized)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "filename": ("STRING", {"default": "cast_linear.json"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def run(self, model, filename):
+        import json
+
+        backend = _pack_module("nodes.comfy_backend")
+        report = {"layers": 0, "max_abs_out": 0.0, "max_abs_grad": 0.0, "saved_comfy": 0, "saved_cast": 0,
+                  "weight_bytes": 0, "storage": None}
+        with torch.inference_mode(False), torch.enable_grad():
+            comfy.model_management.load_models_gpu([model], force_full_load=True)
+            dm = model.model.diffusion_model
+            backend._ordinary_tensors(dm)
+            g = torch.Generator().manual_seed(0)
+            for name, m in dm.transformer_blocks.named_modules():
+                if not (backend._plain_cast_linear(m) and m.comfy_cast_weights):
+                    continue
+                report["layers"] += 1
+                report["storage"] = str(m.weight.dtype)
+                dtype = model.model.manual_cast_dtype or torch.float32
+                x = torch.randn(3, 5, m.in_features, generator=g).to(m.weight.device, dtype)
+                dy = torch.randn(3, 5, m.out_features, generator=g).to(m.weight.device, dtype)
+                results = []
+                for key, fn in (("saved_comfy", lambda t: m.forward_comfy_cast_weights(t)),
+                                ("saved_cast", lambda t: backend.CastLinear.apply(t, m))):
+                    saved = []
+
+                    def pack(t):
+                        saved.append(t.numel() * t.element_size())
+                        return t
+
+                    xi = x.clone().requires_grad_(True)
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                        y = fn(xi)
+                    y.backward(dy)
+                    report[key] = max(report[key], max(saved, default=0))
+                    results.append((y.detach().float(), xi.grad.float()))
+                report["weight_bytes"] = max(report["weight_bytes"], m.out_features * m.in_features * dtype.itemsize)
+                report["max_abs_out"] = max(report["max_abs_out"], float((results[0][0] - results[1][0]).abs().max()))
+                report["max_abs_grad"] = max(report["max_abs_grad"], float((results[0][1] - results[1][1]).abs().max()))
+        with open(os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)), "w") as f:
+            json.dump(report, f)
+        return {}
+
+
+NODE_CLASS_MAPPINGS = {"ZPTestCastLinear": ZPTestCastLinear, "ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestTokens": ZPTestTokens, "ZPTestModelForward": ZPTestModelForward,
                        "ZPTestNonQwenClip": ZPTestNonQwenClip,
                        "ZPTestKeepVisionTokenizer": ZPTestKeepVisionTokenizer, "ZPTestTrainingConditioning": ZPTestTrainingConditioning}
