@@ -13,6 +13,12 @@ against a bf16 matmul peak measured in the same run, and peak memory.
   python -m bench.bench_step --size full --out bench/results-h200.json           # on a GPU
   python -m bench.bench_step --size full --mode capped --capped-gib 24           # 24 GiB memory-capped mode
   python -m bench.bench_step --size tiny --device cpu                            # smoke test (CI)
+  python -m bench.bench_step --size full --mode variants --isolate --variant "baseline=1" \
+      --variant "compile=1 compile_mode=reduce-overhead fp8_matmul=1 memory_cap_gib=78"  # one process each
+
+Rows of the fp8 step and of ``--mode variants`` carry ``weights_gib`` (the frozen weights as stored: fp8 where
+converted) and what ``model.memory: auto`` would plan at the run's capacity (``plan_auto``,
+``plan_resident_need_gib``), to set beside the measured ``peak_mem_gib``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ TEMPLATE_PROMPT = ("a photo of <zwx> standing on a wooden table next to a cerami
                    "vignette, muted green tones in the background, crisp edges on the foreground objects, and a faint "
                    "morning haze drifting through the room while dust motes float in the light beam, captured with a "
                    "vintage medium format camera")  # 128 tokens after the template's dropped prefix
+TEXT_TOKENS = 128
 
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -243,6 +250,34 @@ def _mem_peak(device) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
+def frozen_bytes(pipe) -> int:
+    """The frozen models' bytes as they are stored now (bf16, or fp8 where converted: ``Fp8Linear`` keeps its fp8
+    weight and row scales as buffers): parameters that train (LoRA, token) not counted, buffers counted."""
+    return sum(t.numel() * t.element_size() for m in (pipe.transformer, pipe.text_encoder, pipe.vae)
+               for t in [*(p for p in m.parameters() if not p.requires_grad), *m.buffers()])
+
+
+def memory_fields(pipe, cfg_model, args, device) -> dict:
+    """``weights_gib`` (frozen weights as stored, :func:`frozen_bytes`) and what ``model.memory: auto`` would plan for
+    this variant's settings at the capacity the run has (``--memory-cap-gib``, else the device's): the plan and
+    its resident estimate, to set beside the measured peak."""
+    from qwen_zero_prior.training import memory
+
+    w = frozen_bytes(pipe)
+    out = {"weights_bytes": w, "weights_gib": round(w / 2**30, 2)}
+    capacity = args.memory_cap_gib * 2**30 if args.memory_cap_gib else None
+    if capacity is None and device.type == "cuda":
+        capacity = memory.per_process_capacity(device)[0]
+    if capacity is not None:
+        plan = memory.choose("auto", weights_bytes=w, resolution=args.res, batch_size=1, device=device,
+                             reduce_overhead=bool(cfg_model and cfg_model.compile
+                                                  and cfg_model.compile_mode == "reduce-overhead"),
+                             capacity_bytes=capacity)
+        out.update(plan_auto=plan.mode, plan_resident_need_gib=plan.need_gib["resident"],
+                   plan_capacity_gib=plan.capacity_gib)
+    return out
+
+
 # ---- the variants ---------------------------------------------------------------------------------------
 def dit_inputs(pipe, res: int, text_len: int, device, dtype, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -377,8 +412,9 @@ def run_isolated(args, argv: list[str]) -> dict:
         tail = (proc.stdout + proc.stderr)[-3000:]
         kind = ("CUDA out of memory" if "OutOfMemoryError" in tail or "CUDA out of memory" in tail else
                 f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}")
+        cap = _parse_variant(spec).get("memory_cap_gib")
         row = {"name": f"b-variant {spec or 'defaults'}", "error": kind, "ms_median": float("nan"),
-               "log_tail": tail[-1200:]}
+               "memory_cap_gib": float(cap) if cap else args.memory_cap_gib or None, "log_tail": tail[-1200:]}
         res["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
     return res
@@ -391,6 +427,13 @@ def run(args) -> dict:
     res: dict = {"size": args.size, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "resolution": args.res, "rank": args.rank, "rows": [],
                  "memory_cap_gib": args.memory_cap_gib or None}
+    if args.mode == "variants":  # a variant's own cap ("memory_cap_gib=78"): one variant a process (--isolate)
+        caps = [_parse_variant(v).get("memory_cap_gib") for v in args.variant]
+        if any(caps):
+            if len(caps) > 1:
+                raise SystemExit("a --variant with memory_cap_gib needs --isolate (a cap applies to a whole process)")
+            args.memory_cap_gib = float(caps[0])
+            res["memory_cap_gib"] = args.memory_cap_gib
     fraction = apply_memory_cap(args.memory_cap_gib, device)
     if fraction is not None:
         res["memory_fraction"] = round(fraction, 4)
@@ -545,6 +588,7 @@ def project_step_fp8(pipe, args, work: Path, row, tflop):
     r = row(f"b-project step: token+LoRA, fp8 matmuls (compile={args.compile} {args.compile_mode}, "
         f"attn={args.attention_backend or 'default'})", ms, tflop, _mem_peak(device),
         note="TFLOP/MFU: bf16-equivalent (the bf16 step's FLOPs against the bf16 peak)", steady=steady)
+    r.update(memory_fields(pipe, trainer.cfg.model, args, device))
     if args.trace:
         r["idle"] = trace_steps(trainer, device, Path(args.trace) / "b-fp8.json.gz")
 
@@ -618,11 +662,18 @@ def run_variants(args, device, dtype, res) -> dict:
     tr = pipe.transformer
     for i, spec in enumerate(args.variant):
         overrides = _parse_variant(spec)
+        overrides.pop("memory_cap_gib", None)  # applied by run() before anything was built
         for name in list(getattr(tr, "peft_config", None) or {}):
             tr.delete_adapters(name)
         for blk in tr.transformer_blocks:
             blk._compiled_call_impl = None
+        tr.disable_gradient_checkpointing()  # a baseline variant's checkpointing does not leak into the next
         torch._dynamo.reset()
+        if overrides.pop("baseline", False):
+            res["rows"].append({**baseline_variant(pipe, args, spec, overrides, device, dtype),
+                                "memory_cap_gib": args.memory_cap_gib or None})
+            print(json.dumps(res["rows"][-1]), flush=True)
+            continue
         pipe.tokenizer = tiny.load_tokenizer()[0]
         trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
         trainer.cache_all_latents()
@@ -640,13 +691,38 @@ def run_variants(args, device, dtype, res) -> dict:
              "ms_max": round(max(ms), 2), "n": len(ms), "ms_steady_median": round(statistics.median(steady), 2),
              "gpu_busy_ms": round(busy, 1),
              "peak_mem_gib": round(_mem_peak(device), 1) if device.type == "cuda" else None,
-             "warmup_s": round(warm_s, 1), **phases}
+             "warmup_s": round(warm_s, 1), **phases, **memory_fields(pipe, trainer.cfg.model, args, device),
+             "memory_cap_gib": args.memory_cap_gib or None}
         if args.trace and device.type == "cuda":
             r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
         res["rows"].append(r)
         print(json.dumps(r), flush=True)
         del trainer
     return res
+
+
+def baseline_variant(pipe, args, spec: str, overrides: dict, device, dtype) -> dict:
+    """``--variant "baseline=1"`` (optionally ``gradient_checkpointing=1``): (a), the plain diffusers + peft LoRA step,
+    eager, on the same pipeline and timed like the other variants; the text encoder is not run, the DiT sees
+    ``TEXT_TOKENS`` random text states (the project step's caption length, ``text_len_of``)."""
+    ckpt = bool(overrides.pop("gradient_checkpointing", False))
+    if overrides:
+        raise SystemExit(f"--variant {spec!r}: a baseline takes only gradient_checkpointing, not {sorted(overrides)}")
+    if args.attention_backend:  # as in --mode main, where (b) set it on the transformer (a) then runs
+        pipe.transformer.set_attention_backend(args.attention_backend)
+    inputs, target = dit_inputs(pipe, args.res, TEXT_TOKENS, device, dtype)
+    step = baseline_step_fn(pipe, args.rank, inputs, target, ckpt)
+    _mem_reset(device)
+    ms = time_fn(step, device, args.warmup, args.iters)
+    steady = time_steady(step, device, args.iters)
+    med = statistics.median(ms)
+    return {"name": f"a-variant diffusers+peft step, eager, checkpointing={ckpt}, "
+                    f"attn={args.attention_backend or 'default'}", "ms_median": round(med, 2),
+            "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2), "n": len(ms),
+            "ms_steady_median": round(statistics.median(steady), 2),
+            "gpu_busy_ms": round(device_busy_ms(step, device), 1),
+            "peak_mem_gib": round(_mem_peak(device), 1) if device.type == "cuda" else None,
+            **memory_fields(pipe, None, args, device)}
 
 
 def run_profile(args, device, dtype, res) -> dict:
@@ -715,7 +791,10 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=["full", "tiny"], default="full")
     p.add_argument("--mode", choices=["main", "capped", "profile", "variants"], default="main")
     p.add_argument("--variant", action="append", default=[],
-                   help='--mode variants: model settings of one (b) run, e.g. "fp8_matmul=1 compile_mode=reduce-overhead"')
+                   help='--mode variants: model settings of one (b) run, e.g. '
+                   '"fp8_matmul=1 compile_mode=reduce-overhead"; "baseline=1" (+ "gradient_checkpointing=1"): '
+                   'the diffusers + peft step (a) instead; "memory_cap_gib=78" (with --isolate): that variant\'s '
+                   'process capped')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--res", type=int, default=1024)
@@ -740,14 +819,17 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
-    print(f"\n{'variant':78s} {'ms':>9s} {'steady':>7s} {'TFLOP':>7s} {'MFU':>6s} {'GiB':>6s} {'busy':>6s}")
+    print(f"\n{'variant':78s} {'ms':>9s} {'steady':>7s} {'TFLOP':>7s} {'MFU':>6s} {'GiB':>6s} {'busy':>6s} "
+          f"{'W GiB':>6s} {'plan':>10s}")
     for r in res["rows"]:
         if r.get("error"):
             print(f"{r['name'][:78]:78s} {r['error']}")
             continue
+        plan = f"{r['plan_auto']} {r['plan_resident_need_gib']}" if r.get("plan_auto") else ""
         print(f"{r['name'][:78]:78s} {r['ms_median']:9.1f} {str(r.get('ms_steady_median', '')):>7s} "
               f"{str(r.get('tflop')):>7s} {str(r.get('mfu')):>6s} "
-              f"{str(r.get('peak_mem_gib')):>6s} {str(r.get('gpu_busy_ms', '')):>6s}")
+              f"{str(r.get('peak_mem_gib')):>6s} {str(r.get('gpu_busy_ms', '')):>6s} "
+              f"{str(r.get('weights_gib', '')):>6s} {plan:>10s}")
     print(f"matmul peak {res.get('matmul_peak_tflops')} TFLOP/s (bf16), {res.get('fp8_matmul_peak_tflops')} (fp8 "
           f"row-scaled) on {res.get('device')}; memory cap {res.get('memory_cap_gib')} GiB")
     return 0

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 def test_bench_main_and_capped_paths(tmp_path):
     from bench.bench_step import main
@@ -18,6 +20,7 @@ def test_bench_main_and_capped_paths(tmp_path):
     assert len(te) == 3 and all(r["tflop"] is not None for r in te)
     fp8 = [r for r in all_rows if "fp8 matmuls" in r["name"]]
     assert len(fp8) == 1 and fp8[0]["tflop"] == rows["b-project"]["tflop"]  # bf16-equivalent FLOPs
+    assert fp8[0]["weights_bytes"] > 0 and "weights_gib" in fp8[0]  # the frozen weights as stored (fp8 converted)
     assert rows["b-project"]["ms_steady_median"] > 0 and fp8[0]["ms_steady_median"] > 0
     assert (tmp_path / "b-fp8.json.gz").stat().st_size > 0 and "idle_ms" in fp8[0]["idle"]
     out2 = tmp_path / "c.json"
@@ -75,10 +78,49 @@ def test_isolated_variants_record_failures_as_rows(tmp_path, monkeypatch):
     out = tmp_path / "v.json"
     assert main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
                  "--warmup", "1", "--iters", "1", "--mode", "variants", "--isolate", "--memory-cap-gib", "78",
-                 "--variant", "text_prefix_cache=1", "--variant", "compile_mode=reduce-overhead",
+                 "--variant", "text_prefix_cache=1 memory_cap_gib=40", "--variant", "compile_mode=reduce-overhead",
                  "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["memory_cap_gib"] == 78 and len(res["rows"]) == 2
     ok, failed = res["rows"]
     assert ok["ms_median"] > 0 and "error" not in ok
+    # a variant's own cap replaces --memory-cap-gib in its process (and in what auto would plan there)
+    assert ok["memory_cap_gib"] == 40 and ok["plan_capacity_gib"] == 40 and failed["memory_cap_gib"] == 78
     assert failed["error"].startswith("exit ") and "compile_mode is set but model.compile is false" in failed["log_tail"]
+
+
+def test_variants_report_weights_and_plan_for_fp8_and_the_baseline(tmp_path):
+    """``--mode variants``: each row has the frozen weights as stored and what ``memory: auto`` would plan under the
+    cap; fp8_matmul's image stream is stored in one fp8 copy (fewer bytes than the same pipeline's float32/bf16
+    ones); ``baseline=1`` runs the diffusers + peft step (a) in the same run."""
+    from bench.bench_step import main
+
+    out = tmp_path / "v.json"
+    assert main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+                 "--warmup", "1", "--iters", "1", "--mode", "variants", "--memory-cap-gib", "78",
+                 "--variant", "text_prefix_cache=1", "--variant", "baseline=1", "--variant", "fp8_matmul=1",
+                 "--out", str(out)]) == 0
+    plain, baseline, fp8 = json.loads(out.read_text())["rows"]
+    assert baseline["name"] == "a-variant diffusers+peft step, eager, checkpointing=False, attn=default"
+    assert fp8["name"] == "b-variant fp8_matmul=1" and fp8["ms_median"] > 0
+    for r in (plain, baseline, fp8):
+        assert r["weights_bytes"] > 0 and r["plan_auto"] == "resident" and r["plan_capacity_gib"] == 78.0
+        assert r["plan_resident_need_gib"] > 0 and r["ms_median"] > 0
+    assert baseline["weights_bytes"] == plain["weights_bytes"]  # same frozen models, LoRA not counted
+    from qwen_zero_prior.training import tiny
+    from qwen_zero_prior.training.fp8 import IMAGE_STREAM
+
+    tr = tiny.tiny_transformer()
+    blocks = len(tr.transformer_blocks)
+    shapes = [tr.transformer_blocks[0].get_submodule(n).weight.shape for n in IMAGE_STREAM]
+    # float32 weights (4 bytes) become one fp8 byte + a float32 scale a row
+    freed = blocks * sum(o * i * 4 - (o * i + 4 * o) for o, i in shapes)
+    assert plain["weights_bytes"] - fp8["weights_bytes"] == freed
+
+
+def test_a_variant_cap_needs_its_own_process():
+    from bench.bench_step import main
+
+    with pytest.raises(SystemExit, match="memory_cap_gib needs --isolate"):
+        main(["--size", "tiny", "--device", "cpu", "--mode", "variants", "--variant", "fp8_matmul=1 memory_cap_gib=78",
+              "--variant", "baseline=1"])

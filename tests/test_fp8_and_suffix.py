@@ -24,7 +24,8 @@ def test_fp8_linear_close_to_linear_forward_and_backward(dtype, device):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48).to(device, dtype)
     f = Fp8Linear(lin)
-    assert f.w_q.dtype == torch.float8_e4m3fn and f.wt_q.shape == (64, 48)
+    assert f.w_q.dtype == torch.float8_e4m3fn and f.w_q.shape == (48, 64)
+    assert {n for n, _ in f.named_buffers()} == {"w_q", "w_scale"}  # one fp8 copy, no transposed second one
     x = torch.randn(2, 37, 64, dtype=dtype, device=device, requires_grad=True)  # 74 rows: padded to 80 inside
     y = f(x)
     y.square().sum().backward()
@@ -37,6 +38,131 @@ def test_fp8_linear_close_to_linear_forward_and_backward(dtype, device):
     assert 5e-3 < _rel(y, ref) < 0.06
     assert 5e-3 < _rel(g, x.grad) < 0.08
     assert all(not p.requires_grad for p in f.parameters())
+
+
+U_E4M3 = 2.0**-4  # e4m3 rounds to 3 mantissa bits: within 2^-4 of the value, relative (normal range)
+D_E4M3 = 2.0**-10  # near zero (subnormals, spacing 2^-9): within 2^-10 in units of the row's scale
+
+
+def _e4m3_product_bound(a, a_err_abs, b, b_err_abs):
+    """Elementwise bound on ``|â @ b̂ - a @ b|`` from per-element bounds on the operands' errors
+    (``|â - a| <= a_err_abs``, ``|b̂ - b| <= b_err_abs``): ``|a| B + A |b| + A B`` summed over k."""
+    a, b = a.abs(), b.abs()
+    return a @ b_err_abs + a_err_abs @ b + a_err_abs @ b_err_abs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear_within_the_e4m3_bound_forward_and_input_gradient(dtype):
+    """The error bound, derived: row quantization with scale σ = amax/448 gives ``|q σ - v| <= u |v| + δ σ``
+    (u = 2^-4, δ = 2^-10). Forward ``y = x Wᵀ`` with both operands so quantized is within
+    ``Σ_k |x| F + E |W| + E F`` (E, F: the operands' error bounds). Backward ``dx = dy W`` is computed as
+    ``Q(dy diag(s)) Wq`` with W's row scales s moved onto dy's columns: ``Q(dy_j s_j) / s_j`` is within
+    ``u |dy_j| + δ σ_a / s_j`` of ``dy_j`` and ``s_j Wq_j`` within F of ``W_j``, the same form. Plus the float32
+    arithmetic of the CPU emulation and the rounding of the output to ``dtype``. Checked element by element
+    against a float64 reference of the unquantized layer."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 80, bias=False).to(dtype)
+    lin.weight.data *= torch.logspace(-2, 1, 80)[:, None].to(dtype)  # rows of very different magnitude
+    f = Fp8Linear(lin)
+    x = (torch.randn(3, 21, 96) * torch.logspace(-3, 2, 21)[:, None]).to(dtype).requires_grad_()  # 63 rows: padded
+    dy = (torch.randn(3, 21, 80) * torch.logspace(1, -2, 80)).to(dtype)  # columns of very different magnitude
+    y = f(x)
+    y.backward(dy)
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    w = lin.weight.detach().double()
+    xd, dyd = x.detach().double().reshape(-1, 96), dy.double().reshape(-1, 80)
+    s = f.w_scale.double()  # W's row scales (amax / 448)
+    assert torch.equal(f.w_scale.float(), (lin.weight.detach().float().abs().amax(1) / 448))
+    w_err = U_E4M3 * w.abs() + D_E4M3 * s[:, None]
+    out_eps = torch.finfo(dtype).eps  # rounding of the result to dtype (half an ulp is eps/2; eps for margin)
+    arith = 1e-6  # float32 products and sums of the emulation, relative to Σ|a||b| (K·2^-24 ≈ 6e-6 worst, 1e-6 ok)
+
+    sx = xd.abs().amax(1, keepdim=True) / 448
+    bound_y = _e4m3_product_bound(xd, U_E4M3 * xd.abs() + D_E4M3 * sx, w.t(), w_err.t())
+    ref_y = xd @ w.t()
+    err_y = (y.detach().double().reshape(-1, 80) - ref_y).abs()
+    assert (err_y <= bound_y + arith * (xd.abs() @ w.abs().t()) + out_eps * ref_y.abs()).all()
+
+    a = dyd * s  # dy's columns scaled by W's row scales, then quantized per row
+    sa = a.abs().amax(1, keepdim=True) / 448
+    bound_dx = _e4m3_product_bound(dyd, U_E4M3 * dyd.abs() + D_E4M3 * sa / s, w, w_err)
+    ref_dx = dyd @ w
+    err_dx = (x.grad.double().reshape(-1, 96) - ref_dx).abs()
+    assert (err_dx <= bound_dx + arith * (dyd.abs() @ w.abs()) + out_eps * ref_dx.abs()).all()
+    # really quantized both ways (a bf16/fp32 pass-through would be ~100x closer)
+    assert _rel(y.detach().reshape(-1, 80), ref_y) > 5e-3 and _rel(x.grad.reshape(-1, 96), ref_dx) > 5e-3
+    # the bound is not vacuous: it stays a few e4m3 steps wide
+    assert (bound_dx / (dyd.abs() @ w.abs())).max() < 0.2 and (bound_y / (xd.abs() @ w.abs().t())).max() < 0.2
+
+
+def test_fp8_linear_keeps_one_fp8_copy_half_the_bf16_bytes():
+    """One e4m3 byte a weight (exactly half the bf16 weight's bytes) + a float32 scale a row; no gradient for
+    the weights; nothing of it in a state_dict (so no checkpoint ever held the earlier two-copy layout)."""
+    from qwen_zero_prior.training.fp8 import stored_bytes
+
+    lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    f = Fp8Linear(lin)
+    held = sum(t.numel() * t.element_size() for t in [*f.parameters(), *f.buffers()])
+    bf16 = lin.weight.numel() * lin.weight.element_size()
+    assert f.w_q.numel() * f.w_q.element_size() == bf16 // 2
+    assert held == bf16 // 2 + 48 * 4 == stored_bytes(48, 64)
+    x = torch.randn(20, 64, dtype=torch.bfloat16, requires_grad=True)
+    f(x).sum().backward()
+    assert x.grad is not None and all(t.grad is None and not t.requires_grad for t in f.buffers())
+    assert f.state_dict() == {}
+    f.load_state_dict({})  # what any saved state of a converted layer holds: loads, the fp8 copy unchanged
+    with_bias = Fp8Linear(torch.nn.Linear(64, 48).to(torch.bfloat16))
+    assert list(with_bias.state_dict()) == ["bias"] and not with_bias.bias.requires_grad
+
+
+def test_fp8_backward_hands_scaled_mm_what_cuda_accepts(monkeypatch):
+    """No GPU here: a stand-in for ``torch._scaled_mm`` checks the operands against CUDA's row-wise recipe (fp8
+    e4m3 both, the first row-major and the second column-major, float32 scales [M, 1] and [1, N], M/K/N multiples
+    of 16, bf16 out) and computes the product; forward and backward then match the CPU emulation."""
+    from qwen_zero_prior.training import fp8
+
+    calls = []
+
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        (m, k), (k2, n) = a.shape, b.shape
+        assert a.dtype == b.dtype == torch.float8_e4m3fn and k == k2
+        assert a.stride() == (k, 1) and b.stride() == (1, k), (a.stride(), b.stride())  # row- / column-major
+        assert scale_a.dtype == scale_b.dtype == torch.float32
+        assert scale_a.shape == (m, 1) and scale_b.shape == (1, n) and scale_b.is_contiguous()
+        assert m % 16 == 0 and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16
+        calls.append((m, k, n))
+        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    f = Fp8Linear(lin)
+    x = torch.randn(2, 19, 64, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(2, 19, 48, dtype=torch.bfloat16)
+    f(x).backward(dy)
+    emulated_y, emulated_dx = f(x).detach(), x.grad.clone()
+    x.grad = None
+    monkeypatch.setattr(fp8, "_use_scaled_mm", lambda t: True)
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    y = f(x)
+    y.backward(dy)
+    assert calls == [(48, 64, 48), (48, 48, 64)]  # 38 rows padded to 48; forward K=in, backward K=out
+    assert torch.equal(y.detach(), emulated_y) and torch.allclose(x.grad, emulated_dx, rtol=1e-2, atol=1e-3)
+
+
+def test_fp8_bytes_saved_is_what_the_conversion_frees(tiny_pipe):
+    """The memory plan counts fp8_matmul's storage before converting: exactly the bytes the conversion frees."""
+    from qwen_zero_prior.training.fp8 import bytes_saved
+
+    tr = tiny_pipe.transformer
+
+    def held():
+        return sum(t.numel() * t.element_size() for t in [*tr.parameters(), *tr.buffers()])
+
+    before, saved = held(), bytes_saved(tr)
+    assert saved > 0
+    apply_fp8_matmul(tr)
+    assert held() == before - saved
+    assert bytes_saved(tr) == 0  # nothing left to convert
 
 
 def test_apply_fp8_converts_image_stream_bases_inside_lora(tiny_pipe):

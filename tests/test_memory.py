@@ -12,6 +12,17 @@ GIB = 2**30
 FULL_WEIGHTS = int(54.0 * GIB)  # Qwen-Image bf16: 20.4B DiT + Qwen2.5-VL-7B (with its vision tower) + VAE
 CUDA = torch.device("cuda", 0)
 
+# Qwen-Image's real sizes (parameter counts of diffusers' QwenImageTransformer2DModel() defaults, the 7B
+# Qwen2.5-VL text encoder with its vision tower, and AutoencoderKLQwenImage())
+DIT_PARAMS, TE_PARAMS, VAE_PARAMS = 20_430_401_088, 8_292_166_656, 126_892_531
+BLOCKS, DIM, MLP = 60, 3072, 12288
+# the image stream fp8_matmul converts: to_q/k/v/out (DIM x DIM) and the MLP's two (DIM <-> MLP) in each block
+IMAGE_STREAM_VALUES = BLOCKS * (4 * DIM * DIM + 2 * DIM * MLP)  # 6.8B
+IMAGE_STREAM_ROWS = BLOCKS * (4 * DIM + MLP + DIM)  # one float32 scale per output row
+BF16_WEIGHTS = 2 * (DIT_PARAMS + TE_PARAMS + VAE_PARAMS)  # 53.7 GiB
+# one e4m3 copy (+ row scales) of the image stream instead of its bf16 weights; the rest stays bf16
+FP8_MATMUL_WEIGHTS = BF16_WEIGHTS - 2 * IMAGE_STREAM_VALUES + IMAGE_STREAM_VALUES + 4 * IMAGE_STREAM_ROWS
+
 
 @pytest.mark.parametrize("cap_gib, res, expected", [
     (139.8, 1024, "resident"),   # an H200: everything resident
@@ -34,7 +45,60 @@ def test_auto_counts_batch_and_graph_pools():
     assert memory.choose("auto", batch_size=2, **kw).mode == "checkpoint"  # twice the activations
     tight = dict(kw, capacity_bytes=83 * GIB)
     assert memory.choose("auto", batch_size=1, **tight).mode == "resident"
-    assert memory.choose("auto", batch_size=1, reduce_overhead=True, **tight).mode == "checkpoint"
+    # reduce-overhead: the compiled step's measured activations, plus the graphs' own pools
+    ro = memory.choose("auto", batch_size=1, reduce_overhead=True, **tight)
+    eager = memory.choose("auto", batch_size=1, **tight)
+    assert ro.need_gib["resident"] == round(54.0 + 19.5 + 4.0 + 3.5, 1) == 81.0
+    assert eager.need_gib["resident"] == round(54.0 + 24.0 + 4.0, 1) == 82.0
+    assert memory.choose("auto", batch_size=1, reduce_overhead=True, **dict(kw, capacity_bytes=80 * GIB)).mode \
+        == "checkpoint"
+
+
+def test_fp8_matmul_reduce_overhead_plans_resident_on_an_80gb_card():
+    """The fastest setting (fp8_matmul, compile reduce-overhead, 1024², batch 1) on an 80 GB card (78 GiB for the
+    process): with one fp8 copy of the image stream the weights are 47.4 GiB and the plan (~74.4 GiB) fits; with
+    bf16-sized weights (as before, or without fp8_matmul) it does not (~80.7 GiB: that step OOMed under 78 GiB)."""
+    assert round(BF16_WEIGHTS / GIB, 1) == 53.7 and round(FP8_MATMUL_WEIGHTS / GIB, 1) == 47.4
+    assert round((BF16_WEIGHTS - FP8_MATMUL_WEIGHTS) / GIB, 2) == 6.32  # what the one-copy storage frees
+    kw = dict(resolution=1024, batch_size=1, device=CUDA, reduce_overhead=True, capacity_bytes=78 * GIB)
+    plan = memory.choose("auto", weights_bytes=FP8_MATMUL_WEIGHTS, **kw)
+    assert plan.mode == "resident" and plan.need_gib["resident"] == 74.4 and plan.weights_gib == 47.4, plan
+    assert "resident: needs ~74.4 GiB (47.4 GiB weights" in plan.reason
+    plan = memory.choose("auto", weights_bytes=BF16_WEIGHTS, **kw)
+    assert plan.mode == "checkpoint" and plan.need_gib["resident"] == 80.7, plan
+
+    model = {"memory": "auto", "compile": True, "compile_mode": "reduce-overhead", "fp8_matmul": True}
+    cfg = Config.from_dict({"model": model, "train": {"resolution": 1024, "batch_size": 1}})
+    out, plan = memory.resolve(cfg, FP8_MATMUL_WEIGHTS, CUDA, capacity_bytes=78 * GIB)
+    assert plan.mode == "resident" and out.model.memory == "resident"
+    assert not out.model.gradient_checkpointing and out.model.compile_mode == "reduce-overhead"
+    assert out.model.fp8_matmul and out.model.compile
+    # auto never turns fp8_matmul on by itself: without it the same card checkpoints in the default compile mode
+    cfg = cfg.replace(model={"fp8_matmul": False})
+    out, plan = memory.resolve(cfg, BF16_WEIGHTS, CUDA, capacity_bytes=78 * GIB)
+    assert plan.mode == "checkpoint" and not out.model.fp8_matmul and out.model.compile_mode is None
+
+
+@pytest.mark.parametrize("model, fp8_bytes", [({}, False), ({"fp8_matmul": True}, True), ({"quantize": True}, None)])
+def test_weights_bytes_counts_fp8_storage_as_placed(tiny_pipe, model, fp8_bytes):
+    """What the plan counts for the loaded models: bf16/fp32 as loaded, fp8_matmul's image stream as one fp8 copy
+    + row scales (exactly what the conversion leaves), quantize's transformer one byte a value."""
+    from qwen_zero_prior.training.fp8 import Fp8Linear, apply_fp8_matmul
+
+    m = Config.from_dict({"model": model}).model
+    parts = (tiny_pipe.transformer, tiny_pipe.text_encoder, tiny_pipe.vae)
+    loaded = memory.module_bytes(*parts)
+    counted = memory.weights_bytes(tiny_pipe, m)
+    if fp8_bytes is None:
+        tr = tiny_pipe.transformer
+        assert counted == loaded - memory.module_bytes(tr) + memory.module_bytes(tr) // tr.dtype.itemsize
+        return
+    if fp8_bytes:
+        assert apply_fp8_matmul(tiny_pipe.transformer) > 0
+    fp8_layers = [mod for mod in tiny_pipe.transformer.modules() if isinstance(mod, Fp8Linear)]
+    placed = memory.module_bytes(*parts) + sum(b.numel() * b.element_size() for mod in fp8_layers
+                                               for b in mod.buffers())  # the fp8 copies are buffers
+    assert counted == placed and (counted < loaded) == fp8_bytes
 
 
 def test_fixed_plans_and_cpu():

@@ -2,18 +2,30 @@
 
 Training a LoRA leaves the transformer's base weights frozen, so each base ``Linear`` does two matmuls per
 step: ``y = x Wᵀ`` forward and ``dx = dy W`` backward (no weight gradient). On Hopper/Ada GPUs fp8 tensor cores
-run these at up to twice the bf16 rate. :class:`Fp8Linear` stores ``W`` as float8_e4m3fn twice, once scaled
-per output row (forward operand) and once transposed and scaled per input column (backward operand; ``_scaled_mm``
-needs its second operand column-major), together the bytes of the one bf16 copy they replace. Activations and
-incoming gradients are quantized per row on the fly (``torch._scaled_mm`` with row-wise scales, the "rowwise"
-recipe of torchao's float8 training). The LoRA branch, biases, norms and attention stay in bf16/fp32.
+run these at up to twice the bf16 rate. :class:`Fp8Linear` stores ``W`` [out, in] once, as float8_e4m3fn scaled
+per output row (``W ≈ diag(s) Wq``, float32 scales ``s``): half the bytes of the bf16 copy it replaces (+ 4 bytes
+a row), ~6.3 GiB less than bf16 for Qwen-Image's 6.8B image-stream weights. Activations and incoming gradients
+are quantized per row on the fly (``torch._scaled_mm`` with row-wise scales, the "rowwise" recipe of torchao's
+float8 training):
+
+- forward ``y = x Wᵀ = (sx ⊙ xq) Wqᵀ diag(s)``: ``x`` quantized per row, ``Wqᵀ`` (a column-major view of
+  the row-major ``Wq``, as ``_scaled_mm`` wants its second operand) with ``s`` as the column scales;
+- backward ``dx = dy W = (dy diag(s)) Wq``: ``dy``'s columns scaled by ``s``, then quantized per row; ``Wq``
+  is the second operand as it is, [out, in], which ``_scaled_mm`` (Hopper's fp8 kernels take K-major operands
+  only) needs column-major: a transposed copy made in the backward and freed after the product (out*in bytes,
+  one layer at a time: 36 MiB at most for Qwen-Image), with ones as its column scales. An earlier version kept a
+  second, transposed fp8 copy for this, which cost as much memory as the bf16 weight it replaced.
+
+The LoRA branch, biases, norms and attention stay in bf16/fp32.
 
 Only the image stream's large layers are converted (attention projections and MLP of ``transformer_blocks``;
 4096 rows at 1024²): the text stream has ~100 rows, where fp8 gains nothing, and the modulation layers see one.
 Qwen-Image 2.1 is single-stream: text and image tokens go through the same seven projections of each block,
 all of them converted (``families.ModelFamily.fp8_modules`` names each family's).
-Numerics: e4m3 keeps ~3 significant bits; the per-row scaling bounds the error of each product to a few 1e-2
-relative, which LoRA training on a frozen base tolerates (the bench and tests report the difference).
+Numerics: e4m3 keeps 3 mantissa bits, so each quantized value is within 2⁻⁴ of itself relative (plus 2⁻¹⁰ of
+its row's scale near zero, e4m3's subnormals); a product of two such values is within ~2⁻³ relative, and each
+output element within ~2⁻³ of ``Σ|x||w|`` (tests/test_fp8_and_suffix.py checks that bound element by element).
+LoRA training on a frozen base tolerates it (the bench and tests report the difference).
 """
 
 from __future__ import annotations
@@ -50,35 +62,50 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """``x @ Wᵀ`` with both operands in fp8; backward ``dy @ W`` likewise. No gradient for the weights."""
+    """``x @ Wᵀ`` with both operands in fp8; backward ``dy @ W`` likewise, from the same fp8 copy of ``W``. No
+    gradient for the weights."""
 
     @staticmethod
-    def forward(ctx, x, w_q, w_scale, wt_q, wt_scale):
+    def forward(ctx, x, w_q, w_scale):
         lead, k = x.shape[:-1], x.shape[-1]
-        y = _scaled_rows(x.reshape(-1, k), w_q, w_scale)
-        ctx.save_for_backward(wt_q, wt_scale)
+        y = _scaled_rows(x.reshape(-1, k), w_q.t(), w_scale.view(1, -1))
+        ctx.save_for_backward(w_q, w_scale)  # the module's buffers: nothing new kept for the backward
         return y.view(*lead, w_q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        wt_q, wt_scale = ctx.saved_tensors
+        w_q, w_scale = ctx.saved_tensors
         lead, n = dy.shape[:-1], dy.shape[-1]
-        dx = _scaled_rows(dy.reshape(-1, n), wt_q, wt_scale)
-        return dx.view(*lead, wt_q.shape[0]), None, None, None, None
+        # dy @ (diag(s) Wq) = (dy diag(s)) @ Wq: the weight's row scales move onto dy's columns (in float32, before
+        # dy is quantized per row); Wq column-major for _scaled_mm: a transient transposed copy of this layer only
+        a = dy.reshape(-1, n).float() * w_scale.view(1, -1)
+        w_cm = w_q.t().contiguous().t()
+        ones = torch.ones(1, w_q.shape[1], device=w_q.device, dtype=torch.float32)
+        dx = _scaled_rows(a, w_cm, ones, out_dtype=dy.dtype)
+        del w_cm
+        return dx.view(*lead, w_q.shape[1]), None, None
 
 
-def _scaled_rows(a: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
-    """``a @ dequant(b_q)ᵀ`` with ``a`` quantized per row; rows padded to a multiple of 16 (``_scaled_mm`` asks)."""
+def _use_scaled_mm(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _scaled_rows(a: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``a @ (b_q * b_scale)`` for ``b_q`` [K, N] fp8 column-major and ``b_scale`` [1, N] float32, with ``a``
+    [M, K] quantized per row; rows padded to a multiple of 16 (``_scaled_mm`` asks). Returns ``out_dtype`` (default
+    ``a``'s dtype)."""
+    out_dtype = out_dtype or a.dtype
     m = a.shape[0]
     pad = (-m) % 16
     if pad:
         a = torch.nn.functional.pad(a, (0, 0, 0, pad))
     aq, a_scale = quantize_rows(a.contiguous())
-    if a.is_cuda:  # CUDA's row-scaled kernels write bf16 only
-        out = torch._scaled_mm(aq, b_q.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=torch.bfloat16)
+    if _use_scaled_mm(a):  # CUDA's row-scaled kernels write bf16 only
+        out = torch._scaled_mm(aq, b_q, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16)
     else:  # not every CPU build has row-scaled _scaled_mm: the same quantized operands, multiplied in float32
-        out = (aq.float() * a_scale) @ (b_q.float() * b_scale.view(-1, 1)).t()
-    out = out.to(a.dtype)
+        out = (aq.float() * a_scale) @ (b_q.float() * b_scale)
+    out = out.to(out_dtype)
     return out[:m] if pad else out
 
 
@@ -91,11 +118,9 @@ class Fp8Linear(nn.Module):
         w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w_q, w_s = quantize_rows(w)
-        wt_q, wt_s = quantize_rows(w.t().contiguous())
+        # not persistent: never in a state_dict or checkpoint (the LoRA and token are what training saves)
         self.register_buffer("w_q", w_q, persistent=False)
         self.register_buffer("w_scale", w_s.view(-1), persistent=False)
-        self.register_buffer("wt_q", wt_q, persistent=False)
-        self.register_buffer("wt_scale", wt_s.view(-1), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.compute_dtype = w.dtype
         self.original = [linear] if keep_original else None  # a list: not registered as a submodule
@@ -107,7 +132,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
-        y = _Fp8Matmul.apply(x, self.w_q, self.w_scale, self.wt_q, self.wt_scale)
+        y = _Fp8Matmul.apply(x, self.w_q, self.w_scale)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -129,22 +154,42 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
 
+def _targets(transformer: nn.Module, modules: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    out = []
+    for name, mod in transformer.named_modules():
+        m = _BLOCK.match(name)
+        if m and m.group(1) in modules and type(mod) is nn.Linear:
+            out.append((name, mod))
+    return out
+
+
+def stored_bytes(out_features: int, in_features: int) -> int:
+    """Bytes :class:`Fp8Linear` keeps for an [out, in] weight: one e4m3 byte a value + a float32 scale a row."""
+    return out_features * in_features + 4 * out_features
+
+
+def bytes_saved(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM) -> int:
+    """How many bytes :func:`apply_fp8_matmul` will free on ``transformer`` (its weights as they are now, e.g. bf16,
+    less what the fp8 copies keep; biases stay): for the memory plan, before anything is converted."""
+    return sum(mod.weight.numel() * mod.weight.element_size() - stored_bytes(*mod.weight.shape)
+               for _, mod in _targets(transformer, modules))
+
+
 def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
                      modules: tuple[str, ...] = IMAGE_STREAM) -> int:
     """Replace the base ``Linear`` layers named ``modules`` (relative to ``transformer_blocks.<i>.``; default:
     Qwen-Image's image stream) of ``transformer_blocks`` (inside peft LoRA wrappers too) with :class:`Fp8Linear`.
     Call after the LoRA is added. Returns the number of layers converted."""
     check_supported(next(transformer.parameters()).device)
-    targets = []
-    for name, mod in transformer.named_modules():
-        m = _BLOCK.match(name)
-        if m and m.group(1) in modules and type(mod) is nn.Linear:
-            targets.append((name, mod))
-    for name, mod in targets:
+    targets = _targets(transformer, modules)
+    count = len(targets)
+    while targets:  # each bf16 layer released as soon as it is replaced: the peak is one layer over the weights
+        name, mod = targets.pop(0)
         parent, attr = _parent(transformer, name)
         setattr(parent, attr, Fp8Linear(mod, keep_original=keep_original))
-    logger.info("fp8 matmuls on %d block layers of the transformer", len(targets))
-    return len(targets)
+        del mod
+    logger.info("fp8 matmuls on %d block layers of the transformer", count)
+    return count
 
 
 def restore(transformer: nn.Module) -> int:

@@ -14,9 +14,15 @@ one), minus what other processes hold. It logs the plan and why. ``manual`` keep
 ``offload`` exactly as set (the settings before this option existed). On a CPU every plan is ``resident``.
 
 The activation figures are per-sample at 1024² (4096 image tokens), from full-scale H200 runs
-(``docs/benchmarks.md``): ~54 GiB of bf16 weights; the step peaked at 75.8 GiB resident (compiled), the eager
-resident step did not fit 78 GiB, and with checkpointing it peaked at 57.3-57.4 GiB; they scale with the number of
-image tokens. A safety margin covers the allocator's fragmentation and the text encoder's CUDA-graph pools.
+(``docs/benchmarks.md``), and scale with the number of image tokens. The frozen weights of Qwen-Image in bf16 are
+53.7 GiB (DiT 38.1, Qwen2.5-VL-7B text encoder with its vision tower 15.4, VAE 0.24); ``model.fp8_matmul`` keeps the
+DiT's image-stream projections (6.8B values, 12.7 GiB in bf16) as one fp8 copy with float32 row scales (6.3 GiB),
+47.4 GiB in all (:func:`weights_bytes` counts them from the loaded models). Measured: the compiled reduce-overhead
+step peaked at 75.8 GiB with bf16-sized weights (so did the fp8_matmul step while it kept two fp8 copies, the
+bytes of bf16: issue #15), and that fp8 step ran out of memory under a 78 GiB cap; the eager resident step did not
+fit 78 GiB either (75.7 GiB allocated at its OOM); with checkpointing the step peaked at 57.3-57.4 GiB. A safety
+margin covers the allocator's fragmentation, the LoRA with its optimizer state and the text encoder's CUDA-graph
+pools.
 
 :func:`resolve` applies the plan to a :class:`~qwen_zero_prior.training.config.Config` and adjusts what the plan
 makes impossible (reduce-overhead CUDA graphs crash with checkpointing: "graph recording observed an input tensor
@@ -34,12 +40,19 @@ logger = logging.getLogger(__name__)
 
 PLANS = ("auto", "manual", "resident", "checkpoint", "offload")
 GIB = 2**30
-# per sample at 1024², activations kept for the backward: the compiled step peaked at 75.8 GiB (~19 GiB of
-# activations); the eager one did not fit 78 GiB (75.7 GiB allocated at its OOM), so eager needs more
+# per sample at 1024², activations kept for the backward, in GiB:
+# - compiled with reduce-overhead (measured): the step peaked at 75.8 GiB over 53.7 GiB of weights, 22.1 GiB of
+#   which ~1.4 are the LoRA with its gradients and AdamW moments (~94M float32 values x 4) and ~1.1 the text
+#   encoder's graphs (its own step peaked at 54.8 GiB): ~19.5 GiB of activations. With MARGIN_GIB and the pools
+#   the plan asks w + 27 GiB: 80.7 GiB for bf16 weights, more than the 78 GiB under which the 75.8 GiB step ran out
+#   of memory (the private graph pools fragment: ~2 GiB of slack was not enough), 74.4 GiB for fp8_matmul's.
+ACT_RESIDENT_COMPILED_GIB = 19.5
+# - eager, or compiled without CUDA graphs (not measured alone): a lower bound from the eager step that did not fit
+#   78 GiB (75.7 GiB allocated at its OOM), i.e. it needs more than ~22 GiB over its weights
 ACT_RESIDENT_GIB = 24.0
-ACT_CHECKPOINT_GIB = 1.5  # per sample at 1024² with per-block recomputation
-# per sample at 1024², eager (uncompiled) and without recomputation: the diffusers + peft step peaked at 91.7 GiB
-# with ~54 GiB of weights; the ComfyUI training node plans its per-block recomputation from it
+ACT_CHECKPOINT_GIB = 1.5  # per sample at 1024² with per-block recomputation (57.4 GiB peak over 53.7 GiB)
+# - eager and without recomputation: the diffusers + peft step peaked at 91.7 GiB over ~54 GiB of weights; the
+#   ComfyUI training node plans its per-block recomputation from it
 ACT_EAGER_GIB = 38.0
 MARGIN_GIB = 4.0  # allocator fragmentation, CUDA-graph pools, the optimizer's state and the LoRA
 REDUCE_OVERHEAD_POOL_GIB = 3.5  # torch.compile's reduce-overhead graphs keep their own memory pools
@@ -94,7 +107,9 @@ def activation_gib(per_sample_1024: float, resolution: int, batch_size: int) -> 
 def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, device: torch.device,
            reduce_overhead: bool = False, capacity_bytes: float | None = None) -> MemoryPlan:
     """The plan for ``mode`` (see the module docstring). ``weights_bytes``: the frozen models' bytes once placed
-    (transformer + text encoder + VAE). ``capacity_bytes`` overrides what the device reports (tests)."""
+    (transformer + text encoder + VAE, :func:`weights_bytes`). ``reduce_overhead``: ``model.compile`` with
+    ``compile_mode: reduce-overhead`` (its measured activation figure and graph pools). ``capacity_bytes``
+    overrides what the device reports (tests)."""
     if mode in ("resident", "checkpoint", "offload"):
         return MemoryPlan(mode, f"model.memory: {mode}")
     if device.type != "cuda" and capacity_bytes is None:
@@ -103,8 +118,9 @@ def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, d
         capacity_bytes, _ = per_process_capacity(device)
     cap, w = capacity_bytes / GIB, weights_bytes / GIB
     pools = REDUCE_OVERHEAD_POOL_GIB if reduce_overhead else 0.0
+    act = ACT_RESIDENT_COMPILED_GIB if reduce_overhead else ACT_RESIDENT_GIB  # the measured figure where measured
     need = {
-        "resident": round(w + activation_gib(ACT_RESIDENT_GIB, resolution, batch_size) + MARGIN_GIB + pools, 1),
+        "resident": round(w + activation_gib(act, resolution, batch_size) + MARGIN_GIB + pools, 1),
         "checkpoint": round(w + activation_gib(ACT_CHECKPOINT_GIB, resolution, batch_size) + MARGIN_GIB, 1),
     }
     for plan in ("resident", "checkpoint"):
@@ -168,4 +184,20 @@ def module_bytes(*modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
 
 
-__all__ = ["MemoryPlan", "PLANS", "blocks_to_checkpoint", "choose", "module_bytes", "per_process_capacity", "resolve"]
+def weights_bytes(pipe, m) -> int:
+    """The frozen models' bytes once placed as the model settings ``m`` say, counted on the loaded (not yet
+    placed) pipeline: ``quantize`` / ``quantize_te`` store those weights in fp8 (one byte a value);
+    ``fp8_matmul`` stores the family's fp8 layers as one fp8 copy with float32 row scales (``fp8.bytes_saved``)."""
+    total = sum(module_bytes(module) // (module.dtype.itemsize if quantized else 1)
+                for module, quantized in ((pipe.transformer, m.quantize), (pipe.text_encoder, m.quantize_te),
+                                          (pipe.vae, False)))
+    if m.fp8_matmul:
+        from .families import detect_pipeline
+        from .fp8 import bytes_saved
+
+        total -= bytes_saved(pipe.transformer, detect_pipeline(pipe).fp8_modules)
+    return total
+
+
+__all__ = ["MemoryPlan", "PLANS", "blocks_to_checkpoint", "choose", "module_bytes", "per_process_capacity", "resolve",
+           "weights_bytes"]

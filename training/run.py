@@ -87,11 +87,8 @@ def _load_for_training(cfg: Config, ctx):
 
     device = ctx.device() if ctx.enabled and cfg.model.device == "auto" else resolve_device(cfg.model.device)
     pipe = load_pipeline(cfg.model, device=device, place=False)
-    # as they will be placed: model.quantize / quantize_te store those weights in fp8 (one byte a value)
-    weights = sum(memory.module_bytes(module) // (module.dtype.itemsize if quantized else 1)
-                  for module, quantized in ((pipe.transformer, cfg.model.quantize),
-                                            (pipe.text_encoder, cfg.model.quantize_te), (pipe.vae, False)))
-    cfg, _ = memory.resolve(cfg, weights, device)
+    # as they will be placed (fp8 storage of model.quantize / quantize_te / fp8_matmul counted)
+    cfg, _ = memory.resolve(cfg, memory.weights_bytes(pipe, cfg.model), device)
     place_pipeline(pipe, cfg.model, device)
     return pipe, cfg
 
