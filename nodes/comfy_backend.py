@@ -153,6 +153,23 @@ def _trainable_clone(model, fits: bool):
     return model.clone(), False
 
 
+def _trainable_clip(clip, fits: bool):
+    """The CLIP whose text encoder the token's gradient runs through: on ComfyUI's dynamic VRAM (>= 0.33), where it
+    fits, a non-dynamic copy reloaded from its file (resident on the GPU, as the DiT's copy), instead of the graph's
+    dynamic one, which streams every weight from CPU memory at each use; else the graph's CLIP itself."""
+    patcher = clip.patcher
+    if not (fits and getattr(patcher, "is_dynamic", lambda: False)()
+            and "disable_dynamic" in inspect.signature(clip.clone).parameters):
+        return clip
+    try:
+        copy_ = clip.clone(disable_dynamic=True)
+    except RuntimeError as e:  # a loader without cached_patcher_init
+        logger.info("text encoder cannot be reloaded as a non-dynamic copy (%s); training through the graph's", e)
+        return clip
+    copy_.cond_stage_model = copy_.patcher.model  # CLIP.clone keeps the graph's module otherwise
+    return copy_
+
+
 def _available_bytes(device: torch.device) -> float:
     """What this process may still allocate on ``device``: ComfyUI's free memory, less under a per-process cap."""
     free = mm.get_free_memory(device)
@@ -182,6 +199,7 @@ class ComfyBackend(TrainBackend):
                             f"CLIP is {get_family(family).title}'s text encoder. Load Qwen-Image's with CLIPLoader, "
                             "type 'qwen_image'")
         self.model, self.clip, self.vae = model, clip, vae
+        self._graph_clip = clip
         self.device = mm.get_torch_device()
         base = model.model
         self.dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
@@ -218,6 +236,7 @@ class ComfyBackend(TrainBackend):
         fits = self.device.type != "cuda" or _available_bytes(self.device) >= (
             self.model.model_size() + self.clip.patcher.model_size() + self._reserve())
         self.mp, deep = _trainable_clone(self.model, fits)
+        self.clip = _trainable_clip(self.clip, fits)
         dm = self.mp.model.diffusion_model
         gen = torch.Generator().manual_seed(t.seed)  # the LoRA's init, without touching the global RNGs
         matched: set[str] = set()
@@ -235,8 +254,9 @@ class ComfyBackend(TrainBackend):
                              "to_q, add_q_proj, to_add_out, img_mlp.net.2")
         if not self.adapters:
             raise ValueError(f"train.lora_targets {list(t.lora_targets)} match no Linear of this MODEL")
-        logger.info("LoRA rank %d on %d modules of ComfyUI's Qwen-Image (%s, %s)", t.rank, len(self.adapters),
-                    "deep copy" if deep else "shared weights", type(self.mp).__name__)
+        logger.info("LoRA rank %d on %d modules of ComfyUI's Qwen-Image (%s, %s; text encoder %s)", t.rank,
+                    len(self.adapters), "deep copy" if deep else "shared weights", type(self.mp).__name__,
+                    type(self.clip.patcher).__name__)
         for m in dm.modules():
             if _plain_cast_linear(m):
                 m.forward_comfy_cast_weights = functools.partial(_recast_forward, m)
@@ -438,7 +458,7 @@ class ComfyBackend(TrainBackend):
         self._checkpointed.clear()
         # the trainable clone (a deep copy of the DiT on ComfyUI >= 0.25) and the branches are not needed any more:
         # the graph goes on with the archive applied through ComfyUI's own LoRA patching
-        self.mp, self.prompts = None, None
+        self.mp, self.prompts, self.clip = None, None, self._graph_clip
         self.adapters.clear()
 
 
