@@ -464,6 +464,9 @@ def run_isolated(args, argv: list[str]) -> dict:
     base = [a for i, a in enumerate(base) if a != "--variant" and (i == 0 or base[i - 1] != "--variant")]
     base = [a for i, a in enumerate(base) if a != "--out" and (i == 0 or base[i - 1] != "--out")]
     for spec in args.variant:
+        if args.out:  # the rows so far: a run stopped by a time limit keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1))
         out = Path(tempfile.mkdtemp(prefix="qzp-variant-")) / "row.json"
         cmd = [sys.executable, "-m", "bench.bench_step", *base, "--variant", spec, "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -472,6 +475,8 @@ def run_isolated(args, argv: list[str]) -> dict:
             for key in ("device", "torch", "diffusers", "peft", "transformers"):
                 res.setdefault(key, child.get(key))
             res["rows"] += child["rows"]
+            for r in child["rows"]:
+                print(json.dumps(r), flush=True)
             continue
         tail = (proc.stdout + proc.stderr)[-3000:]
         kind = ("CUDA out of memory" if "OutOfMemoryError" in tail or "CUDA out of memory" in tail else

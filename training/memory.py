@@ -6,7 +6,9 @@ Plans, fastest first:
 - ``checkpoint``: every weight on the GPU, the transformer's activations recomputed per block in the backward
   (``gradient_checkpointing``): ~20 GiB less at 1024² for ~30% more compute;
 - ``offload``: fp8 transformer weights, what does not fit streamed from CPU memory, the text encoder's layers
-  streamed, checkpointing (``training/offload.py``): trains on 24 GB cards.
+  streamed, checkpointing (``training/offload.py``): trains on 24 GB cards. Qwen-Image 2.1 (:func:`choose_21`,
+  given the weights by part): every weight stays on the GPU where fp8 storage makes it fit (its text decoder in
+  bf16 where that fits, else fp8); nothing is streamed on a 24 GB card.
 
 ``auto`` (the default) picks the first that fits the memory this process may use: the device's total, or less
 under a per-process cap (``torch.cuda.set_per_process_memory_fraction``, how an 80 GB card is emulated on a bigger

@@ -11,6 +11,11 @@ needs both every step, so on a 24 GB card:
   table, norms and the placeholder row stay on the GPU;
 - gradient checkpointing on the transformer bounds activations.
 
+Qwen-Image 2.1 (7.1B DiT, Qwen3-VL-8B) needs none of the streaming on a 24 GB card: with ``text_encoder="auto"``
+(its backend's choice) every block stays resident in fp8 and the text decoder's layers stay on the GPU, as loaded
+where they fit beside the blocks, else in fp8 (which changes the conditioning the token learns against a little:
+docs/qwen-image-2.1.md), and only where even that does not fit are they streamed (``memory.text_encoder_storage``).
+
 Why not diffusers' layerwise casting / group offloading: both swap a module's parameter storage in hooks around
 its forward. Backward then finds the weights it saved already cast back to fp8 or moved to the CPU (seen here:
 "Expected all tensors to be on the same device ... cpu" in backward). :class:`OffloadedLinear` fetches its
