@@ -458,8 +458,8 @@ def run_isolated(args, argv: list[str]) -> dict:
     starts with clean memory); a variant that fails is a row saying how, not a dead benchmark."""
     import subprocess
 
-    res: dict = {"family": args.family, "size": args.size, "mode": "variants (isolated)", "memory_cap_gib": args.memory_cap_gib or None,
-                 "resolution": args.res, "rank": args.rank, "rows": []}
+    res: dict = {"family": args.family, "size": args.size, "mode": "variants (isolated)",
+                 "memory_cap_gib": args.memory_cap_gib or None, "resolution": args.res, "rank": args.rank, "rows": []}
     base = [a for a in argv if a != "--isolate"]
     base = [a for i, a in enumerate(base) if a != "--variant" and (i == 0 or base[i - 1] != "--variant")]
     base = [a for i, a in enumerate(base) if a != "--out" and (i == 0 or base[i - 1] != "--out")]
@@ -835,7 +835,8 @@ def run_capped(args, device, dtype, res) -> dict:
     res["build_s"] = round(time.time() - t0, 1)
     work = Path(tempfile.mkdtemp(prefix="qzp-bench-"))
     on_cuda = device.type == "cuda"
-    settings = dict(compile=False, offload=on_cuda, offload_budget_gib=args.capped_gib, gradient_checkpointing=True)
+    settings = {"compile": False, "offload": on_cuda, "offload_budget_gib": args.capped_gib,
+                "gradient_checkpointing": True}
     if args.family == "qwen-image-2.1":
         from qwen_zero_prior.training import memory
 

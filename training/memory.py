@@ -95,7 +95,7 @@ def activation_gib(per_sample_1024: float, resolution: int, batch_size: int) -> 
 
 def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, device: torch.device,
            reduce_overhead: bool = False, capacity_bytes: float | None = None,
-           parts: "WeightBytes | None" = None) -> MemoryPlan:
+           parts: WeightBytes | None = None) -> MemoryPlan:
     """The plan for ``mode`` (see the module docstring). ``weights_bytes``: the frozen models' bytes once placed
     (transformer + text encoder + VAE). ``capacity_bytes`` overrides what the device reports (tests). ``parts``:
     the weights by part (:func:`weight_bytes`), given for Qwen-Image 2.1, whose plans :func:`choose_21` makes."""
@@ -128,7 +128,7 @@ def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, d
 
 
 def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float | None = None,
-            parts: "WeightBytes | None" = None):
+            parts: WeightBytes | None = None):
     """(cfg with ``model.memory`` resolved to a plan and its settings applied, the plan) — or ``(cfg, None)`` for
     ``manual``. Explicit ``offload: true`` / ``gradient_checkpointing: true`` are floors for ``auto``. ``parts``: as
     for :func:`choose`."""
