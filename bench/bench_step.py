@@ -19,6 +19,15 @@ against a bf16 matmul peak measured in the same run, and peak memory.
 Rows of the fp8 step and of ``--mode variants`` carry ``weights_gib`` (the frozen weights as stored: fp8 where
 converted) and what ``model.memory: auto`` would plan at the run's capacity (``plan_auto``,
 ``plan_resident_need_gib``), to set beside the measured ``peak_mem_gib``.
+
+Qwen-Image 2.1 (``--family qwen-image-2.1``: the 7.1B single-stream DiT, the Qwen3-VL-8B text encoder, LoRA on
+its default attention + MLP targets) runs in ``--mode variants`` (each ``--variant`` one row: the project's step
+with those model settings, or ``baseline=1`` for the diffusers + peft step) and ``--mode capped`` (the memory plan
+for ``--capped-gib``: every weight on the GPU, fp8 storage where needed, nothing streamed)::
+
+  python -m bench.bench_step --family qwen-image-2.1 --mode variants --isolate \
+      --variant "baseline=1 gradient_checkpointing=0" --variant "" --variant "compile=1"
+  python -m bench.bench_step --family qwen-image-2.1 --mode capped --capped-gib 24
 """
 
 from __future__ import annotations
@@ -67,6 +76,76 @@ def _te_config(size: str, vocab: int):
     )
 
 
+def _te_config_21(size: str, vocab: int):
+    """Qwen3-VL-8B-Instruct's configuration (text decoder + vision tower; the vision tower is never run here).
+
+    Sources (no download): Qwen/Qwen3-VL-8B-Instruct's config.json as public copies quote it (text_config:
+    hidden_size 4096, intermediate_size 12288, 36 layers, 32 heads, 8 kv heads, head_dim 128, rms_norm_eps 1e-6,
+    rope_theta 5e6, interleaved m-RoPE [24, 20, 20], vocab 151936, untied LM head; vision_config: depth 27,
+    hidden 1152, intermediate 4304, 16 heads, patch 16, merge 2, out_hidden_size 4096, deepstack [8, 16, 24]) —
+    e.g. mlx-vlm's Qwen3-VL text-config test and a Qwen3-VL architecture write-up in the search tool's stores,
+    with Qwen3-8B's config.json for the decoder. Check: these build 8,767,123,696 parameters, the model card's
+    "8.77B". transformers' Qwen3VLConfig() defaults are not the 8B model (intermediate_size 22016, 32 layers)."""
+    from transformers import Qwen3VLConfig
+
+    from qwen_zero_prior.training.tiny import tiny_text_encoder_21
+
+    if size == "tiny":
+        return tiny_text_encoder_21(vocab).config
+    return Qwen3VLConfig(
+        text_config={"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6,
+                     "vocab_size": vocab, "max_position_embeddings": 262144,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                         "mrope_section": [24, 20, 20], "mrope_interleaved": True}},
+        vision_config={"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                       "out_hidden_size": 4096, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]},
+        tie_word_embeddings=False,
+    )
+
+
+def build_pipeline_21(size: str, device: torch.device, dtype: torch.dtype):
+    """A QwenImage21Pipeline of random weights, created directly on ``device`` in ``dtype``.
+
+    Full size: ``QwenImage21Transformer2DModel()`` is diffusers 0.42's defaults (src/diffusers/models/transformers/
+    transformer_qwenimage21.py: 32 blocks, 32 heads x 128, mlp_ratio 3, context_in_dim 4096, in/out 64 channels,
+    patch 1: 7.12B parameters); the text encoder :func:`_te_config_21`; ``AutoencoderKLQwenImage21()`` defaults
+    (only encodes the two benchmark images). The processor is the test one around the real tokenizer (text only)."""
+    from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
+                           QwenImage21Transformer2DModel)
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from qwen_zero_prior.training import tiny
+
+    tokenizer, real = tiny.load_tokenizer_21()
+    vocab = tiny.REAL_VOCAB_ROWS_21 if real else len(tokenizer) + 64
+    torch.manual_seed(0)
+    with _default(dtype, device):
+        if size == "full":
+            transformer, vae = QwenImage21Transformer2DModel(), AutoencoderKLQwenImage21()
+        else:
+            transformer, vae = tiny.tiny_transformer_21(), tiny.tiny_vae_21()
+        text_encoder = Qwen3VLForConditionalGeneration(_te_config_21(size, vocab)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15, shift=1.0, use_dynamic_shifting=True)
+    pipe = QwenImage21Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                               processor=tiny.tiny_processor_21(tokenizer), transformer=transformer)
+    pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, real
+
+
+def _fresh_tokenizer(pipe) -> None:
+    """A tokenizer without an earlier trainer's ``<zwx>``."""
+    from qwen_zero_prior.training import tiny
+    from qwen_zero_prior.training.families import QWEN_IMAGE_21, detect_pipeline
+
+    family = detect_pipeline(pipe)
+    load = tiny.load_tokenizer_21 if family.name == QWEN_IMAGE_21 else tiny.load_tokenizer
+    family.set_tokenizer(pipe, load()[0])
+
+
 @contextlib.contextmanager
 def _default(dtype: torch.dtype, device: torch.device):
     old = torch.get_default_dtype()
@@ -78,8 +157,11 @@ def _default(dtype: torch.dtype, device: torch.device):
         torch.set_default_dtype(old)
 
 
-def build_pipeline(size: str, device: torch.device, dtype: torch.dtype):
-    """A QwenImagePipeline of random weights, created directly on ``device`` in ``dtype``."""
+def build_pipeline(size: str, device: torch.device, dtype: torch.dtype, family: str = "qwen-image"):
+    """A QwenImagePipeline (or ``family``'s pipeline) of random weights, created directly on ``device`` in
+    ``dtype``."""
+    if family == "qwen-image-2.1":
+        return build_pipeline_21(size, device, dtype)
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -289,8 +371,25 @@ def dit_inputs(pipe, res: int, text_len: int, device, dtype, seed: int = 0):
     return dict(hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_shapes=[[(1, h // 2, w // 2)]]), target
 
 
-def baseline_step_fn(pipe, rank: int, inputs, target, checkpointing: bool):
-    """diffusers + peft as its training scripts do it: LoRA (fp32 params) on the attention, AdamW, eager."""
+def dit_inputs_21(pipe, res: int, text_len: int, device, dtype, seed: int = 0):
+    """The 2.1 transformer's call as the pipeline (and ``flow21.forward``) makes it: latents unpatched, one
+    block-causal sequence of ``text_len`` text tokens and the image's 2x2 slots."""
+    from qwen_zero_prior.training import flow21
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = w = res // pipe.vae_scale_factor
+    c = pipe.transformer.config.in_channels
+    x = torch.randn(1, h * w, c, generator=g).to(device, dtype)
+    ctx = torch.randn(1, text_len, pipe.transformer.config.context_in_dim, generator=g).to(device, dtype)
+    target = torch.randn(x.shape, generator=g).to(device, dtype)
+    t = torch.full((1,), 0.5, device=device, dtype=dtype)
+    return dict(hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_shapes=[[(1, h, w)]],
+                img_mask=flow21.image_slot_mask(text_len, h, w, 1, device)), target
+
+
+def baseline_step_fn(pipe, rank: int, inputs, target, checkpointing: bool, targets=ATTENTION_TARGETS):
+    """diffusers + peft as its training scripts do it: LoRA (fp32 params) on ``targets`` (the family's default,
+    as this project's step), AdamW, eager. The loss is over the image tokens (2.1 returns the text's too)."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
@@ -298,7 +397,7 @@ def baseline_step_fn(pipe, rank: int, inputs, target, checkpointing: bool):
     tr.requires_grad_(False)
     if "bench" not in (getattr(tr, "peft_config", None) or {}):
         tr.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                  target_modules=list(ATTENTION_TARGETS)), adapter_name="bench")
+                                  target_modules=list(targets)), adapter_name="bench")
         cast_training_params(tr, dtype=torch.float32)
     tr.set_adapter("bench")
     if checkpointing:
@@ -310,7 +409,7 @@ def baseline_step_fn(pipe, rank: int, inputs, target, checkpointing: bool):
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        out = tr(**inputs, return_dict=False)[0]
+        out = tr(**inputs, return_dict=False)[0][:, -target.shape[1]:]
         loss = torch.nn.functional.mse_loss(out.float(), target.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -332,6 +431,7 @@ def make_dataset(folder: Path, res: int, n: int = 2) -> list[Example]:
 
 
 def project_trainer(pipe, args, workdir: Path, **model_overrides):
+    from qwen_zero_prior.training.families import get_family
     from qwen_zero_prior.training.trainer import Trainer
 
     model = {"base_model": "random-weights", "dtype": args.dtype, "device": str(args.device_obj),
@@ -342,7 +442,7 @@ def project_trainer(pipe, args, workdir: Path, **model_overrides):
         "model": model,
         "train": {"train_placeholder_token": True, "placeholder_token": "<zwx>", "rank": args.rank,
                   "alpha": args.rank, "steps": 10**6, "resolution": args.res, "checkpoint_every": 0,
-                  "lora_targets": "attention", "batch_size": 1, "seed": 0},
+                  "lora_targets": get_family(args.family).default_lora_preset, "batch_size": 1, "seed": 0},
     })
     return Trainer(cfg, pipe, make_dataset(workdir / "data", args.res), workdir)
 
@@ -394,12 +494,15 @@ def run_isolated(args, argv: list[str]) -> dict:
     starts with clean memory); a variant that fails is a row saying how, not a dead benchmark."""
     import subprocess
 
-    res: dict = {"size": args.size, "mode": "variants (isolated)", "memory_cap_gib": args.memory_cap_gib or None,
-                 "resolution": args.res, "rank": args.rank, "rows": []}
+    res: dict = {"family": args.family, "size": args.size, "mode": "variants (isolated)",
+                 "memory_cap_gib": args.memory_cap_gib or None, "resolution": args.res, "rank": args.rank, "rows": []}
     base = [a for a in argv if a != "--isolate"]
     base = [a for i, a in enumerate(base) if a != "--variant" and (i == 0 or base[i - 1] != "--variant")]
     base = [a for i, a in enumerate(base) if a != "--out" and (i == 0 or base[i - 1] != "--out")]
     for spec in args.variant:
+        if args.out:  # the rows so far: a run stopped by a time limit keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1))
         out = Path(tempfile.mkdtemp(prefix="qzp-variant-")) / "row.json"
         cmd = [sys.executable, "-m", "bench.bench_step", *base, "--variant", spec, "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -408,12 +511,16 @@ def run_isolated(args, argv: list[str]) -> dict:
             for key in ("device", "torch", "diffusers", "peft", "transformers"):
                 res.setdefault(key, child.get(key))
             res["rows"] += child["rows"]
+            for r in child["rows"]:
+                print(json.dumps(r), flush=True)
             continue
         tail = (proc.stdout + proc.stderr)[-3000:]
         kind = ("CUDA out of memory" if "OutOfMemoryError" in tail or "CUDA out of memory" in tail else
                 f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}")
-        cap = _parse_variant(spec).get("memory_cap_gib")
-        row = {"name": f"b-variant {spec or 'defaults'}", "error": kind, "ms_median": float("nan"),
+        overrides = _parse_variant(spec)
+        cap = overrides.get("memory_cap_gib")
+        which = "a-variant" if overrides.get("baseline") else "b-variant"
+        row = {"name": f"{which} {spec or 'defaults'}", "error": kind, "ms_median": float("nan"),
                "memory_cap_gib": float(cap) if cap else args.memory_cap_gib or None, "log_tail": tail[-1200:]}
         res["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
@@ -424,7 +531,11 @@ def run(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device_obj = device
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    res: dict = {"size": args.size, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    if args.family == "qwen-image-2.1" and args.mode in ("main", "profile"):
+        raise SystemExit(f"--family qwen-image-2.1 runs in --mode variants (its (a) and (b) rows) and --mode capped; "
+                         f"--mode {args.mode} is Qwen-Image's only")
+    res: dict = {"family": args.family, "size": args.size,
+                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "resolution": args.res, "rank": args.rank, "rows": [],
                  "memory_cap_gib": args.memory_cap_gib or None}
     if args.mode == "variants":  # a variant's own cap ("memory_cap_gib=78"): one variant a process (--isolate)
@@ -655,10 +766,12 @@ def phase_times(trainer, device, n: int = 3) -> dict:
 
 def run_variants(args, device, dtype, res) -> dict:
     """(b) under several model settings (``--variant "fp8_matmul=1 compile_mode=reduce-overhead"``), in the order
-    given (fp8 converts weights in place: list those last). Reports wall ms and the GPU's busy ms per step."""
-    from qwen_zero_prior.training import tiny
+    given (fp8 converts weights in place: list those last). Reports wall ms and the GPU's busy ms per step.
 
-    pipe, _ = build_pipeline(args.size, device, dtype)
+    ``--variant "baseline=1 gradient_checkpointing=0"``: (a), the diffusers + peft step on the family's default
+    LoRA targets, eager, with or without checkpointing, on (b)'s text length (a project trainer is built first
+    only to measure it)."""
+    pipe, _ = build_pipeline(args.size, device, dtype, args.family)
     tr = pipe.transformer
     for i, spec in enumerate(args.variant):
         overrides = _parse_variant(spec)
@@ -667,14 +780,14 @@ def run_variants(args, device, dtype, res) -> dict:
             tr.delete_adapters(name)
         for blk in tr.transformer_blocks:
             blk._compiled_call_impl = None
-        tr.disable_gradient_checkpointing()  # a baseline variant's checkpointing does not leak into the next
+        tr.disable_gradient_checkpointing()  # an earlier variant's; the trainer turns it on where configured
         torch._dynamo.reset()
+        _fresh_tokenizer(pipe)
         if overrides.pop("baseline", False):
-            res["rows"].append({**baseline_variant(pipe, args, spec, overrides, device, dtype),
+            res["rows"].append({**baseline_variant(pipe, args, spec, overrides),
                                 "memory_cap_gib": args.memory_cap_gib or None})
             print(json.dumps(res["rows"][-1]), flush=True)
             continue
-        pipe.tokenizer = tiny.load_tokenizer()[0]
         trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
         trainer.cache_all_latents()
         _mem_reset(device)
@@ -691,8 +804,8 @@ def run_variants(args, device, dtype, res) -> dict:
              "ms_max": round(max(ms), 2), "n": len(ms), "ms_steady_median": round(statistics.median(steady), 2),
              "gpu_busy_ms": round(busy, 1),
              "peak_mem_gib": round(_mem_peak(device), 1) if device.type == "cuda" else None,
-             "warmup_s": round(warm_s, 1), **phases, **memory_fields(pipe, trainer.cfg.model, args, device),
-             "memory_cap_gib": args.memory_cap_gib or None}
+             "warmup_s": round(warm_s, 1), "text_tokens": text_len_of(trainer), **phases,
+             **memory_fields(pipe, trainer.cfg.model, args, device), "memory_cap_gib": args.memory_cap_gib or None}
         if args.trace and device.type == "cuda":
             r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
         res["rows"].append(r)
@@ -701,28 +814,42 @@ def run_variants(args, device, dtype, res) -> dict:
     return res
 
 
-def baseline_variant(pipe, args, spec: str, overrides: dict, device, dtype) -> dict:
-    """``--variant "baseline=1"`` (optionally ``gradient_checkpointing=1``): (a), the plain diffusers + peft LoRA step,
-    eager, on the same pipeline and timed like the other variants; the text encoder is not run, the DiT sees
-    ``TEXT_TOKENS`` random text states (the project step's caption length, ``text_len_of``)."""
-    ckpt = bool(overrides.pop("gradient_checkpointing", False))
+def baseline_variant(pipe, args, spec: str, overrides: dict) -> dict:
+    """``--variant "baseline=1"`` (optionally ``gradient_checkpointing=1``): one (a) row, the plain diffusers + peft
+    LoRA step (eager) on the same pipeline, timed like the other variants, on inputs of (b)'s shapes (the text
+    encoder is not run: the DiT sees random text states of (b)'s caption length) and the family's LoRA targets."""
+    from qwen_zero_prior.training.families import detect_pipeline
+
+    checkpointing = bool(overrides.pop("gradient_checkpointing", False))
     if overrides:
         raise SystemExit(f"--variant {spec!r}: a baseline takes only gradient_checkpointing, not {sorted(overrides)}")
+    device, dtype = args.device_obj, pipe.transformer.dtype
+    family = detect_pipeline(pipe)
+    trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), compile=False)
+    text_len = text_len_of(trainer)
+    del trainer
+    tr = pipe.transformer
+    for name in list(getattr(tr, "peft_config", None) or {}):
+        tr.delete_adapters(name)
+    _fresh_tokenizer(pipe)
     if args.attention_backend:  # as in --mode main, where (b) set it on the transformer (a) then runs
-        pipe.transformer.set_attention_backend(args.attention_backend)
-    inputs, target = dit_inputs(pipe, args.res, TEXT_TOKENS, device, dtype)
-    step = baseline_step_fn(pipe, args.rank, inputs, target, ckpt)
+        tr.set_attention_backend(args.attention_backend)
+    make_inputs = dit_inputs_21 if family.name == "qwen-image-2.1" else dit_inputs
+    inputs, target = make_inputs(pipe, args.res, text_len, device, dtype)
+    step = baseline_step_fn(pipe, args.rank, inputs, target, checkpointing, targets=family.default_lora_targets)
     _mem_reset(device)
     ms = time_fn(step, device, args.warmup, args.iters)
     steady = time_steady(step, device, args.iters)
+    peak = _mem_peak(device)
+    tflop = count_tflop(step)
     med = statistics.median(ms)
-    return {"name": f"a-variant diffusers+peft step, eager, checkpointing={ckpt}, "
-                    f"attn={args.attention_backend or 'default'}", "ms_median": round(med, 2),
-            "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2), "n": len(ms),
-            "ms_steady_median": round(statistics.median(steady), 2),
+    return {"name": f"a-variant diffusers+peft step, eager, checkpointing={checkpointing}, "
+                    f"attn={args.attention_backend or 'default'} ({spec})",
+            "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2), "n": len(ms),
+            "ms_steady_median": round(statistics.median(steady), 2), "tflop": round(tflop, 2),
             "gpu_busy_ms": round(device_busy_ms(step, device), 1),
-            "peak_mem_gib": round(_mem_peak(device), 1) if device.type == "cuda" else None,
-            **memory_fields(pipe, None, args, device)}
+            "peak_mem_gib": round(peak, 1) if device.type == "cuda" else None, "text_tokens": text_len,
+            "lora_targets": list(family.default_lora_targets), **memory_fields(pipe, None, args, device)}
 
 
 def run_profile(args, device, dtype, res) -> dict:
@@ -751,20 +878,33 @@ def run_profile(args, device, dtype, res) -> dict:
 
 
 def run_capped(args, device, dtype, res) -> dict:
-    """24 GiB-card mode (``model.offload``): fp8 transformer weights, the blocks beyond the budget and the text
-    encoder's layers streamed from pinned CPU memory, gradient checkpointing, under
-    ``torch.cuda.set_per_process_memory_fraction`` = ``--capped-gib``.
+    """24 GiB-card mode (``model.offload``), under ``torch.cuda.set_per_process_memory_fraction`` =
+    ``--capped-gib``. Qwen-Image: fp8 transformer weights, the blocks beyond the budget and the text encoder's
+    layers streamed from pinned CPU memory, gradient checkpointing. Qwen-Image 2.1: the plan ``model.memory: auto``
+    makes for that capacity (``memory.choose_21``, in the JSON): every weight on the GPU, the transformer blocks'
+    Linears in fp8 and the text decoder's in bf16 or fp8 (whichever fits), gradient checkpointing.
 
-    The random models are built on the GPU first (initializing 28B parameters on the CPU is slow); the trainer's
-    offload setup then moves what it streams to CPU memory, and the cap applies from then on.
+    The random models are built on the GPU first (initializing them on the CPU is slow); the trainer's offload
+    setup then converts them (and moves what it streams, and the unused vision tower and LM head, to CPU memory),
+    and the cap applies from then on: ``resident_gib_at_cap`` is what stays allocated.
     """
     t0 = time.time()
-    pipe, _ = build_pipeline(args.size, device, dtype)
+    pipe, _ = build_pipeline(args.size, device, dtype, args.family)
     res["build_s"] = round(time.time() - t0, 1)
     work = Path(tempfile.mkdtemp(prefix="qzp-bench-"))
     on_cuda = device.type == "cuda"
-    trainer = project_trainer(pipe, args, work, compile=False, offload=on_cuda, offload_budget_gib=args.capped_gib,
-                              gradient_checkpointing=True)
+    settings = {"compile": False, "offload": on_cuda, "offload_budget_gib": args.capped_gib,
+                "gradient_checkpointing": True}
+    if args.family == "qwen-image-2.1":
+        from qwen_zero_prior.training import memory
+
+        parts = memory.weight_bytes(pipe)
+        plan = memory.choose("auto", weights_bytes=parts.total, resolution=args.res, batch_size=1, device=device,
+                             capacity_bytes=args.capped_gib * 2**30, parts=parts)
+        res["plan"] = {"mode": plan.mode, "reason": plan.reason, "layout": plan.layout, "need_gib": plan.need_gib}
+        print(f"memory plan: {plan.reason}", flush=True)
+        settings.update(offload=on_cuda and plan.offload, gradient_checkpointing=plan.gradient_checkpointing)
+    trainer = project_trainer(pipe, args, work, **settings)
     res["offload"] = trainer.backend.offload_summary
     trainer.cache_all_latents()
     pipe.vae.to("cpu")
@@ -778,9 +918,16 @@ def run_capped(args, device, dtype, res) -> dict:
     _mem_reset(device)
     ms = time_fn(trainer.train_step, device, args.warmup, args.iters)
     med = statistics.median(ms)
-    r = {"name": f"capped {args.capped_gib:g} GiB: fp8 DiT, streamed blocks + text encoder, checkpointing",
-         "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2), "n": len(ms),
-         "peak_mem_gib": round(_mem_peak(device), 1) if on_cuda else None, "offload": trainer.backend.offload_summary}
+    if args.family == "qwen-image-2.1":
+        summary = trainer.backend.offload_summary
+        name = (f"capped {args.capped_gib:g} GiB: plan {res['plan']['mode']}, " + (
+            f"fp8 DiT blocks ({summary['streamed_blocks']} streamed), text decoder {summary['text_encoder_storage']}"
+            if summary else "offload not applied (no GPU)") + ", checkpointing")
+    else:
+        name = f"capped {args.capped_gib:g} GiB: fp8 DiT, streamed blocks + text encoder, checkpointing"
+    r = {"name": name, "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
+         "n": len(ms), "peak_mem_gib": round(_mem_peak(device), 1) if on_cuda else None,
+         "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None}
     res["rows"].append(r)
     print(json.dumps(r), flush=True)
     return res
@@ -789,6 +936,8 @@ def run_capped(args, device, dtype, res) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--family", choices=["qwen-image", "qwen-image-2.1"], default="qwen-image",
+                   help="model family: Qwen-Image (20B) or Qwen-Image 2.1 (7B DiT + Qwen3-VL-8B; variants/capped modes)")
     p.add_argument("--mode", choices=["main", "capped", "profile", "variants"], default="main")
     p.add_argument("--variant", action="append", default=[],
                    help='--mode variants: model settings of one (b) run, e.g. '

@@ -101,7 +101,7 @@ def test_variants_report_weights_and_plan_for_fp8_and_the_baseline(tmp_path):
                  "--variant", "text_prefix_cache=1", "--variant", "baseline=1", "--variant", "fp8_matmul=1",
                  "--out", str(out)]) == 0
     plain, baseline, fp8 = json.loads(out.read_text())["rows"]
-    assert baseline["name"] == "a-variant diffusers+peft step, eager, checkpointing=False, attn=default"
+    assert baseline["name"].startswith("a-variant diffusers+peft step, eager, checkpointing=False, attn=default")
     assert fp8["name"] == "b-variant fp8_matmul=1" and fp8["ms_median"] > 0
     for r in (plain, baseline, fp8):
         assert r["weights_bytes"] > 0 and r["plan_auto"] == "resident" and r["plan_capacity_gib"] == 78.0
@@ -124,3 +124,47 @@ def test_a_variant_cap_needs_its_own_process():
     with pytest.raises(SystemExit, match="memory_cap_gib needs --isolate"):
         main(["--size", "tiny", "--device", "cpu", "--mode", "variants", "--variant", "fp8_matmul=1 memory_cap_gib=78",
               "--variant", "baseline=1"])
+
+
+def test_bench_qwen_image_21_variants_and_capped(tmp_path, monkeypatch):
+    """``--family qwen-image-2.1`` on tiny 2.1 models: (a) diffusers + peft rows with and without checkpointing and
+    (b) rows (defaults, fp8 matmuls), each in its own process, on the same text length and LoRA targets; the
+    family is in the JSON; the capped mode records the memory plan for its capacity."""
+    import os
+
+    from bench.bench_step import main
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    common = ["--family", "qwen-image-2.1", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64",
+              "--rank", "4", "--warmup", "1", "--iters", "1"]
+    out = tmp_path / "v.json"
+    assert main([*common, "--mode", "variants", "--isolate", "--variant", "baseline=1 gradient_checkpointing=0",
+                 "--variant", "baseline=1 gradient_checkpointing=1", "--variant", "", "--variant", "fp8_matmul=1",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["family"] == "qwen-image-2.1" and len(res["rows"]) == 4
+    a0, a1, b, fp8 = res["rows"]
+    assert not any("error" in r for r in res["rows"]), res["rows"]
+    assert a0["name"].startswith("a-variant diffusers+peft step, eager, checkpointing=False")
+    assert a1["name"].startswith("a-variant diffusers+peft step, eager, checkpointing=True")
+    assert b["name"] == "b-variant defaults" and fp8["name"] == "b-variant fp8_matmul=1"
+    assert all(r["ms_median"] > 0 for r in res["rows"]) and a0["tflop"] is not None and a1["tflop"] is not None
+    assert a0["text_tokens"] == b["text_tokens"] > 0  # (a) runs on (b)'s text length
+    assert a0["lora_targets"] == ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.proj",
+                                  "img_mlp.gate_layer", "img_mlp.out"]  # 2.1's default, as (b)'s
+    capped = tmp_path / "c.json"
+    assert main([*common, "--mode", "capped", "--capped-gib", "0.0001", "--out", str(capped)]) == 0
+    res = json.loads(capped.read_text())
+    assert res["family"] == "qwen-image-2.1" and res["plan"]["mode"] == "offload"
+    assert res["plan"]["layout"]["text_encoder_layers"] == "stream"  # 0.1 MiB holds nothing
+    row = res["rows"][0]
+    assert row["ms_median"] > 0 and row["last_loss"] > 0 and "offload not applied (no GPU)" in row["name"]
+
+
+def test_bench_refuses_qwen_image_21_main_mode():
+    import pytest
+
+    from bench.bench_step import main
+
+    with pytest.raises(SystemExit, match="--family qwen-image-2.1 runs in --mode variants"):
+        main(["--family", "qwen-image-2.1", "--size", "tiny", "--device", "cpu"])

@@ -169,3 +169,79 @@ def test_blocks_to_checkpoint_recomputes_only_what_does_not_fit():
     # half the image tokens (724² ~ 1024²/2) need half the activations: 38 GiB available fits two samples at 724²
     assert blocks_to_checkpoint(60, ACT_EAGER_GIB * GIB, 724, 2) == 0
     assert blocks_to_checkpoint(60, ACT_EAGER_GIB * GIB, 1024, 2) > 0
+
+
+# ---- Qwen-Image 2.1: the plan counts what fp8 storage keeps on the GPU ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parts_21():
+    """The full-size 2.1 pipeline's weights by part, built on the meta device (no memory, no init time)."""
+    from bench.bench_step import build_pipeline_21
+
+    pipe, _ = build_pipeline_21("full", torch.device("meta"), torch.bfloat16)
+    return memory.weight_bytes(pipe)
+
+
+def test_2_1_full_size_bytes(parts_21):
+    """diffusers 0.42's QwenImage21Transformer2DModel defaults and Qwen3-VL-8B (8.77B parameters)."""
+    p = parts_21
+    assert p.family == "qwen-image-2.1"
+    assert p.dit_blocks == 2 * 32 * (4 * 4096 * 4096 + 3 * 4096 * 12288)  # 7 bias-free Linears per block
+    assert p.te_layers == 2 * 36 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 12288)  # GQA: 8 kv heads
+    assert p.dit_blocks_fp8 == p.dit_blocks // 2 + 4 * 32 * (4 * 4096 + 2 * 12288 + 4096)  # + a scale per row
+    assert (p.te_rest + p.te_unused + p.te_layers) // 2 == 8_767_123_696
+    assert 30.0 < p.total / GIB < 30.5
+
+
+@pytest.mark.parametrize("cap_gib, expected, te", [
+    (139.8, "resident", None),   # an H200
+    (40.0, "checkpoint", None),  # 30.2 GiB of bf16 weights + checkpointed activations
+    (32.0, "offload", "bf16"),   # fp8 transformer blocks; the text decoder fits as loaded beside them
+    (24.0, "offload", "fp8"),    # a 24 GB card: both in fp8, everything on the GPU
+    (16.0, "offload", "stream"),  # even fp8 does not fit: the text decoder's layers are streamed
+])
+def test_2_1_plan_keeps_weights_on_the_gpu_where_fp8_fits(parts_21, cap_gib, expected, te):
+    plan = memory.choose("auto", weights_bytes=parts_21.total, resolution=1024, batch_size=1, device=CUDA,
+                         capacity_bytes=cap_gib * GIB, parts=parts_21)
+    assert plan.mode == expected, plan
+    assert "Qwen-Image 2.1" in plan.reason and f"{cap_gib:.1f} GiB" in plan.reason
+    if te is None:
+        assert plan.layout is None
+        return
+    assert plan.layout["text_encoder_layers"] == te and plan.layout["streamed"] == (te == "stream")
+    if te == "stream":
+        assert "streamed from CPU memory" in plan.reason
+    else:
+        assert plan.reason.endswith("all on the GPU: nothing streamed from CPU memory")
+        gpu = memory.offload_gpu_bytes(parts_21, te) / GIB
+        assert plan.layout["gpu_weights_gib"] == round(gpu, 1)
+        assert gpu + memory.OFFLOAD_RESERVE_GIB <= cap_gib  # weights + the reserve for activations/LoRA fit
+    if te == "fp8":  # ~15 GiB of weights: DiT blocks 6.5 + text decoder 6.5 + embeddings, norms, VAE
+        assert 14.5 < plan.layout["gpu_weights_gib"] < 15.5
+        assert "bf16 (12.9 GiB) does not fit" in plan.reason
+
+
+def test_2_1_resolve_logs_the_plan_and_budgets_offload_by_the_capacity(parts_21, caplog):
+    import logging
+
+    cfg = Config.from_dict({"model": {"memory": "auto"}, "train": {"resolution": 1024}})
+    caplog.set_level(logging.INFO, logger="qwen_zero_prior")
+    out, plan = memory.resolve(cfg, parts_21.total, CUDA, capacity_bytes=24 * GIB, parts=parts_21)
+    assert plan.mode == "offload" and out.model.offload and out.model.gradient_checkpointing
+    # offload places weights by its budget: the capacity planned for, not the card's total memory
+    assert out.model.offload_budget_gib == 24.0
+    assert "text decoder's layers in fp8" in caplog.text and "nothing streamed" in caplog.text
+    # Qwen-Image's plans are unchanged without parts
+    qi, _ = memory.resolve(cfg, FULL_WEIGHTS, CUDA, capacity_bytes=24 * GIB)
+    assert qi.model.offload and qi.model.offload_budget_gib == 24.0
+    fixed = Config.from_dict({"model": {"memory": "auto", "offload_budget_gib": 20}})
+    assert memory.resolve(fixed, parts_21.total, CUDA, capacity_bytes=24 * GIB, parts=parts_21)[0] \
+        .model.offload_budget_gib == 20
+
+
+def test_apply_offload_refuses_an_unknown_text_encoder_storage():
+    from qwen_zero_prior.training.offload import apply_offload
+
+    with pytest.raises(ValueError, match=r"^apply_offload: text_encoder must be stream, bf16, fp8 or auto, got 'gpu'$"):
+        apply_offload(None, torch.device("cpu"), 24.0, text_encoder="gpu")

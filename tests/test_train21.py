@@ -274,3 +274,59 @@ def test_fp8_storage_on_2_1(tiny_model_dir_21, dataset_dir, make_config, tmp_pat
     assert te_pipe.text_encoder.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
     plain = load_archive(train(te_cfg, dataset_dir, tmp_path / "plain.zip", pipe=te_pipe).archive)
     assert plain.has_lora and not plain.has_token and plain.meta.model_family == "qwen-image-2.1"
+
+
+# ---- the 24 GiB plan (model.offload) on 2.1: every weight on the device, fp8 storage where needed ------------
+
+
+@pytest.mark.parametrize("storage", ["fp8", "bf16", "stream"])
+def test_offload_plan_for_2_1_trains_only_the_token_row(tiny_pipe_21, dataset_dir, make_config, tmp_path, storage):
+    """The plan ``memory.choose_21`` makes for a capacity is what ``apply_offload(text_encoder="auto")`` applies
+    for the same budget: every transformer block resident in fp8, the text decoder's layers as loaded, in fp8 or
+    streamed, as much as fits. Training under it: the loss is finite, the token's row and the LoRA move, and every
+    stored base weight (fp8 or not) and every other embedding row stay bit-identical."""
+    from qwen_zero_prior.training import memory
+    from qwen_zero_prior.training.fp8 import FP8
+    from qwen_zero_prior.training.offload import OffloadedLinear, apply_offload
+
+    pipe = tiny_pipe_21
+    trainer = Trainer(make_config(steps=3, token_learning_rate=5e-2), pipe, _examples(dataset_dir), tmp_path)
+    parts = memory.weight_bytes(pipe)  # after the LoRA, as apply_offload counts them
+    gpu = memory.offload_gpu_bytes(parts, "fp8" if storage == "stream" else storage)
+    capacity = gpu + (1 if storage != "stream" else -1)  # just enough (or one byte short of fp8: streamed)
+    plan = memory.choose_21("auto", parts=parts, weights_bytes=parts.total, resolution=32, batch_size=1,
+                            device=torch.device("cuda", 0), capacity_bytes=capacity, reserve_gib=0)
+    assert plan.mode == "offload" and plan.layout["text_encoder_layers"] == storage
+    summary = apply_offload(pipe, torch.device("cpu"), capacity / 2**30, reserve_gib=0, text_encoder="auto")
+    assert summary["text_encoder_storage"] == storage and summary["streamed_blocks"] == 0
+    lm = pipe.text_encoder.model.language_model
+    q = lm.layers[0].self_attn.q_proj
+    if storage == "bf16":  # as loaded (float32 here): plain Linears, nothing converted
+        assert type(q) is torch.nn.Linear and summary["text_encoder"] == 0
+    else:
+        assert isinstance(q, OffloadedLinear) and q.stored.dtype == (FP8 if storage == "fp8" else torch.float32)
+    block = pipe.transformer.transformer_blocks[0]
+    assert isinstance(block.img_mlp.gate_layer.base_layer, OffloadedLinear)
+    assert block.img_mlp.gate_layer.base_layer.stored.dtype == FP8
+
+    def offloaded():
+        return {f"{k}.{n}": m for k, root in (("dit", pipe.transformer), ("te", pipe.text_encoder))
+                for n, m in root.named_modules() if isinstance(m, OffloadedLinear)}
+
+    stored = {n: m.stored.clone() for n, m in offloaded().items()}
+    assert len(stored) == 2 * 7 + (0 if storage == "bf16" else 2 * 7)  # 7 Linears a block and a decoder layer
+    plain = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters() if "embed_tokens" not in n}
+    table = trainer.token.module.base.weight.detach().clone()
+    vec, lora = trainer.token.vector.detach().clone(), [p.detach().clone() for p in trainer.lora_params]
+    losses = [trainer.train_step() for _ in range(3)]
+    assert all(np.isfinite(losses)), losses
+    assert not torch.equal(trainer.token.vector.detach(), vec)
+    assert any(not torch.equal(p.detach(), s) for p, s in zip(trainer.lora_params, lora))
+    for n, m in offloaded().items():
+        assert torch.equal(m.stored, stored[n]), n
+    for n, p in pipe.text_encoder.named_parameters():
+        if n in plain:
+            assert torch.equal(p.detach(), plain[n]), n
+    materialize(pipe.text_encoder)
+    after = pipe.text_encoder.get_input_embeddings().weight
+    assert (after != table).any(dim=1).nonzero().flatten().tolist() == [trainer.token.token_id]

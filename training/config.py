@@ -99,10 +99,12 @@ class ModelConfig:
     )
     offload: bool = _f(
         False, "For 24 GB cards: transformer weights in fp8, blocks beyond offload_budget_gib and the text encoder's "
-        "layers streamed from CPU memory each use; turns gradient checkpointing on. Slower; CUDA only."
+        "layers streamed from CPU memory each use (Qwen-Image 2.1: nothing streamed where fp8 storage fits); turns "
+        "gradient checkpointing on. Slower; CUDA only."
     )
     offload_budget_gib: float = _f(
-        0.0, "GPU memory to plan for with offload (GiB); 0: the card's total memory.", min=0.0, max=1024.0
+        0.0, "GPU memory to plan for with offload (GiB); 0: the card's total memory (memory: auto sets the capacity "
+        "it planned for).", min=0.0, max=1024.0
     )
     memory: str = _f(
         "auto", "Memory plan: auto picks the fastest that fits this GPU (resident, checkpoint = gradient "

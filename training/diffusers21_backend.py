@@ -26,6 +26,9 @@ from .prompt21 import PromptEncoder21
 
 class Diffusers21Backend(DiffusersBackend):
     name = "diffusers-qwen-image-2.1"
+    # the 7B transformer and the 8B text encoder both fit a 24 GB card with their Linears in fp8: nothing
+    # streamed (memory.text_encoder_storage decides bf16 / fp8 / streamed by the budget)
+    offload_text_encoder = "auto"
 
     @torch.no_grad()
     def latent(self, example: Example) -> torch.Tensor:

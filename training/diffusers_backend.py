@@ -39,6 +39,9 @@ def make_backend(cfg: Config, pipe) -> TrainBackend:
 
 class DiffusersBackend(TrainBackend):
     name = "diffusers"
+    # model.offload: where the text decoder's layers go (offload.apply_offload). Qwen-Image's 20B transformer
+    # fills a 24 GB card in fp8 by itself, so they are streamed; 2.1 decides by the budget (auto)
+    offload_text_encoder = "stream"
 
     def __init__(self, cfg: Config, pipe):
         super().__init__(cfg)
@@ -93,7 +96,7 @@ class DiffusersBackend(TrainBackend):
             if device.type != "cuda":
                 raise RuntimeError(f"model.offload needs a CUDA device, got {device}; set model.offload: false")
             budget = m.offload_budget_gib or torch.cuda.get_device_properties(device).total_memory / 2**30
-            self.offload_summary = apply_offload(pipe, device, budget)
+            self.offload_summary = apply_offload(pipe, device, budget, text_encoder=self.offload_text_encoder)
             self.device = pipe.transformer.device
         if m.attention_backend:
             pipe.transformer.set_attention_backend(m.attention_backend)

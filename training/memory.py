@@ -6,7 +6,9 @@ Plans, fastest first:
 - ``checkpoint``: every weight on the GPU, the transformer's activations recomputed per block in the backward
   (``gradient_checkpointing``): ~20 GiB less at 1024² for ~30% more compute;
 - ``offload``: fp8 transformer weights, what does not fit streamed from CPU memory, the text encoder's layers
-  streamed, checkpointing (``training/offload.py``): trains on 24 GB cards.
+  streamed, checkpointing (``training/offload.py``): trains on 24 GB cards. Qwen-Image 2.1 (:func:`choose_21`,
+  given the weights by part): every weight stays on the GPU where fp8 storage makes it fit (its text decoder in
+  bf16 where that fits, else fp8); nothing is streamed on a 24 GB card.
 
 ``auto`` (the default) picks the first that fits the memory this process may use: the device's total, or less
 under a per-process cap (``torch.cuda.set_per_process_memory_fraction``, how an 80 GB card is emulated on a bigger
@@ -35,6 +37,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
+from .families import QWEN_IMAGE_21
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ class MemoryPlan:
     capacity_gib: float | None = None
     weights_gib: float | None = None
     need_gib: dict | None = None
+    layout: dict | None = None  # where the offload plan keeps each part (Qwen-Image 2.1: see choose_21)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -105,11 +110,17 @@ def activation_gib(per_sample_1024: float, resolution: int, batch_size: int) -> 
 
 
 def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, device: torch.device,
-           reduce_overhead: bool = False, capacity_bytes: float | None = None) -> MemoryPlan:
+           reduce_overhead: bool = False, capacity_bytes: float | None = None,
+           parts: WeightBytes | None = None) -> MemoryPlan:
     """The plan for ``mode`` (see the module docstring). ``weights_bytes``: the frozen models' bytes once placed
     (transformer + text encoder + VAE, :func:`weights_bytes`). ``reduce_overhead``: ``model.compile`` with
     ``compile_mode: reduce-overhead`` (its measured activation figure and graph pools). ``capacity_bytes``
-    overrides what the device reports (tests)."""
+    overrides what the device reports (tests). ``parts``: the weights by part (:func:`weight_bytes`), given for
+    Qwen-Image 2.1, whose plans :func:`choose_21` makes."""
+    if parts is not None and parts.family == QWEN_IMAGE_21:
+        return choose_21(mode, parts=parts, weights_bytes=weights_bytes, resolution=resolution,
+                         batch_size=batch_size, device=device, reduce_overhead=reduce_overhead,
+                         capacity_bytes=capacity_bytes)
     if mode in ("resident", "checkpoint", "offload"):
         return MemoryPlan(mode, f"model.memory: {mode}")
     if device.type != "cuda" and capacity_bytes is None:
@@ -147,9 +158,11 @@ def blocks_to_checkpoint(n_blocks: int, available_bytes: float, resolution: int,
     return 0 if over <= 0 else min(n_blocks, math.ceil(over / saved))
 
 
-def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float | None = None):
+def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float | None = None,
+            parts: WeightBytes | None = None):
     """(cfg with ``model.memory`` resolved to a plan and its settings applied, the plan) — or ``(cfg, None)`` for
-    ``manual``. Explicit ``offload: true`` / ``gradient_checkpointing: true`` are floors for ``auto``."""
+    ``manual``. Explicit ``offload: true`` / ``gradient_checkpointing: true`` are floors for ``auto``. ``parts``: as
+    for :func:`choose`."""
     m, t = cfg.model, cfg.train
     if m.memory == "manual":
         return cfg, None
@@ -163,11 +176,15 @@ def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float
         mode = "offload"
     plan = choose(mode, weights_bytes=weights_bytes, resolution=t.resolution, batch_size=t.batch_size,
                   device=device, reduce_overhead=m.compile and m.compile_mode == "reduce-overhead",
-                  capacity_bytes=capacity_bytes)
+                  capacity_bytes=capacity_bytes, parts=parts)
     if plan.mode == "resident" and m.gradient_checkpointing:
         plan = MemoryPlan("checkpoint", plan.reason + "; model.gradient_checkpointing: true keeps checkpointing",
                           plan.capacity_gib, plan.weights_gib, plan.need_gib)
     model = {"memory": plan.mode, "gradient_checkpointing": plan.gradient_checkpointing, "offload": plan.offload}
+    if plan.offload and not m.offload_budget_gib and plan.capacity_gib:
+        # offload places weights by its budget, by default the card's total: under a per-process cap (or
+        # QZP_GPU_MEMORY_GIB) that is more than this process may use, so the budget is the capacity planned for
+        model["offload_budget_gib"] = plan.capacity_gib
     if plan.gradient_checkpointing and m.compile and m.compile_mode == "reduce-overhead":
         logger.warning("memory plan %s: compile_mode reduce-overhead (CUDA graphs) crashes with gradient "
                        "checkpointing; using the default compile mode", plan.mode)
@@ -199,5 +216,135 @@ def weights_bytes(pipe, m) -> int:
     return total
 
 
-__all__ = ["MemoryPlan", "PLANS", "blocks_to_checkpoint", "choose", "module_bytes", "per_process_capacity", "resolve",
+# ---- Qwen-Image 2.1 (family-aware; kept apart from Qwen-Image's measured figures above) --------------------
+#
+# Full-size bytes (diffusers 0.42 QwenImage21Transformer2DModel defaults, Qwen3-VL-8B; bench/bench_step.py builds
+# both): the DiT is 7.12B parameters, 6.98B of them the Linears of its 32 blocks (13.0 GiB bf16, 6.5 GiB fp8);
+# the text encoder 8.77B: the decoder layers' Linears 6.95B (12.9 GiB bf16, 6.5 GiB fp8), the embedding table
+# 0.62B (1.2 GiB), the vision tower 0.58B and the LM head 0.62B, neither run for text conditioning; the VAE
+# (diffusers defaults) 0.34B. 30.2 GiB in bf16 altogether: no 24 GiB card holds it, but with the blocks' and the
+# decoder layers' Linears stored in fp8 (cast per use, training/offload.py) and the unused parts left in CPU
+# memory the weights are ~14.6 GiB, and every weight stays on the GPU: nothing is streamed from CPU memory.
+#
+# Activations are estimates, not measurements (no 2.1 GPU run yet): Qwen-Image's measured 24 GiB / 1.5 GiB at
+# 1024² scaled to 2.1's 32 blocks of width 4096 (SwiGLU 12288) over the same 4096 image tokens.
+ACT_RESIDENT_GIB_21 = 20.0
+ACT_CHECKPOINT_GIB_21 = 2.0
+OFFLOAD_RESERVE_GIB = 6.0  # offload.apply_offload's reserve: activations, the LoRA and its AdamW state
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """A pipeline's frozen weights by where ``model.offload`` can keep them (bytes; ``*_fp8``: the same Linears
+    stored as float8 with a float32 scale per row)."""
+
+    family: str
+    dit_blocks: int  # the Linears of the transformer's blocks
+    dit_blocks_fp8: int
+    dit_rest: int  # the rest of the transformer (embedders, modulation, output layers)
+    te_layers: int  # the Linears of the text decoder's layers
+    te_layers_fp8: int
+    te_rest: int  # the decoder's embedding table and norms: on the GPU in every plan
+    te_unused: int  # vision tower and LM head: text conditioning never runs them (offload leaves them on the CPU)
+    vae: int
+
+    @property
+    def total(self) -> int:
+        return self.dit_blocks + self.dit_rest + self.te_layers + self.te_rest + self.te_unused + self.vae
+
+
+def _linear_bytes(root) -> tuple[int, int]:
+    """(bytes as stored, bytes in fp8 + a float32 scale per row) of the frozen ``nn.Linear`` weights under
+    ``root`` (LoRA layers excluded). Works on the meta device."""
+    from torch import nn
+
+    as_is = fp8 = 0
+    for name, mod in root.named_modules():
+        if type(mod) is nn.Linear and ".lora_" not in name:
+            w = mod.weight
+            as_is += w.numel() * w.element_size()
+            fp8 += w.numel() + w.shape[0] * 4
+    return as_is, fp8
+
+
+def weight_bytes(pipe) -> WeightBytes:
+    """:class:`WeightBytes` of a diffusers pipeline (either family; models on any device, meta included)."""
+    from .families import detect_pipeline
+
+    family = detect_pipeline(pipe)
+    tr, te = pipe.transformer, pipe.text_encoder
+    lm = family.decoder(te)
+    blocks, blocks_fp8 = _linear_bytes(tr.transformer_blocks)
+    layers, layers_fp8 = _linear_bytes(lm.layers)
+    return WeightBytes(family.name, blocks, blocks_fp8, module_bytes(tr) - blocks, layers, layers_fp8,
+                       module_bytes(lm) - layers, module_bytes(te) - module_bytes(lm), module_bytes(pipe.vae))
+
+
+def text_encoder_storage(parts: WeightBytes, budget_bytes: float, reserve_bytes: float) -> str:
+    """How ``model.offload`` keeps the text decoder's layers for Qwen-Image 2.1 within ``budget_bytes``:
+    ``"bf16"`` (as loaded, on the GPU) where every transformer block fits in fp8 beside them, else ``"fp8"`` on
+    the GPU where that fits (the conditioning then carries e4m3 rounding: docs/qwen-image-2.1.md), else
+    ``"stream"`` (as loaded, in pinned CPU memory, copied per use: Qwen-Image's way)."""
+    room = budget_bytes - reserve_bytes - (parts.dit_blocks_fp8 + parts.dit_rest + parts.te_rest + parts.vae)
+    if room >= parts.te_layers:
+        return "bf16"
+    if room >= parts.te_layers_fp8:
+        return "fp8"
+    return "stream"
+
+
+def offload_gpu_bytes(parts: WeightBytes, storage: str) -> int:
+    """The weights ``model.offload`` keeps on the GPU with every transformer block resident in fp8."""
+    te = {"bf16": parts.te_layers, "fp8": parts.te_layers_fp8, "stream": 0}[storage]
+    return parts.dit_blocks_fp8 + parts.dit_rest + parts.te_rest + parts.vae + te
+
+
+def choose_21(mode: str, *, parts: WeightBytes, weights_bytes: int, resolution: int, batch_size: int,
+              device: torch.device, reduce_overhead: bool = False, capacity_bytes: float | None = None,
+              reserve_gib: float = OFFLOAD_RESERVE_GIB) -> MemoryPlan:
+    """:func:`choose` for Qwen-Image 2.1: resident and checkpoint as for Qwen-Image (2.1's activation estimates);
+    below those, ``offload`` with every weight on the GPU where fp8 storage makes it fit (the plan's ``layout``
+    and reason say which parts are fp8 and whether anything is streamed)."""
+    if mode in ("resident", "checkpoint", "offload"):
+        return MemoryPlan(mode, f"model.memory: {mode}")
+    if device.type != "cuda" and capacity_bytes is None:
+        return MemoryPlan("resident", f"{device.type}: no GPU memory to plan for")
+    if capacity_bytes is None:
+        capacity_bytes, _ = per_process_capacity(device)
+    cap, w = capacity_bytes / GIB, weights_bytes / GIB
+    pools = REDUCE_OVERHEAD_POOL_GIB if reduce_overhead else 0.0
+    act_ckpt = activation_gib(ACT_CHECKPOINT_GIB_21, resolution, batch_size)
+    need = {
+        "resident": round(w + activation_gib(ACT_RESIDENT_GIB_21, resolution, batch_size) + MARGIN_GIB + pools, 1),
+        "checkpoint": round(w + act_ckpt + MARGIN_GIB, 1),
+    }
+    for plan in ("resident", "checkpoint"):
+        if need[plan] <= cap:
+            why = (f"{plan}: Qwen-Image 2.1 needs ~{need[plan]} GiB ({w:.1f} GiB weights + activations at "
+                   f"{resolution}² x {batch_size}, estimated) of {cap:.1f} GiB available")
+            if plan == "checkpoint":
+                why += f"; resident would need ~{need['resident']} GiB"
+            return MemoryPlan(plan, why, round(cap, 1), round(w, 1), need)
+    storage = text_encoder_storage(parts, capacity_bytes, reserve_gib * GIB)
+    gpu = offload_gpu_bytes(parts, storage) / GIB
+    need["offload"] = round(gpu + max(reserve_gib, act_ckpt + MARGIN_GIB), 1)
+    te_gib = {"bf16": parts.te_layers, "fp8": parts.te_layers_fp8}.get(storage, parts.te_layers) / GIB
+    layout = {"transformer_blocks": "fp8", "text_encoder_layers": storage, "gpu_weights_gib": round(gpu, 1),
+              "streamed": storage == "stream"}
+    why = (f"offload: resident needs ~{need['resident']} GiB and checkpointing ~{need['checkpoint']} GiB, more "
+           f"than the {cap:.1f} GiB available; Qwen-Image 2.1: the transformer blocks' Linears in fp8 "
+           f"({parts.dit_blocks_fp8 / GIB:.1f} GiB), ")
+    if storage == "stream":
+        why += (f"the text decoder's layers ({te_gib:.1f} GiB) streamed from CPU memory: even in fp8 "
+                f"({parts.te_layers_fp8 / GIB:.1f} GiB) they do not fit beside the rest")
+    else:
+        why += f"the text decoder's layers in {storage} ({te_gib:.1f} GiB), "
+        if storage == "fp8":
+            why += f"because bf16 ({parts.te_layers / GIB:.1f} GiB) does not fit, "
+        why += f"~{gpu:.1f} GiB of weights, all on the GPU: nothing streamed from CPU memory"
+    return MemoryPlan("offload", why, round(cap, 1), round(w, 1), need, layout)
+
+
+__all__ = ["MemoryPlan", "PLANS", "WeightBytes", "blocks_to_checkpoint", "choose", "choose_21", "module_bytes",
+           "offload_gpu_bytes", "per_process_capacity", "resolve", "text_encoder_storage", "weight_bytes",
            "weights_bytes"]

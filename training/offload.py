@@ -11,6 +11,11 @@ needs both every step, so on a 24 GB card:
   table, norms and the placeholder row stay on the GPU;
 - gradient checkpointing on the transformer bounds activations.
 
+Qwen-Image 2.1 (7.1B DiT, Qwen3-VL-8B) needs none of the streaming on a 24 GB card: with ``text_encoder="auto"``
+(its backend's choice) every block stays resident in fp8 and the text decoder's layers stay on the GPU, as loaded
+where they fit beside the blocks, else in fp8 (which changes the conditioning the token learns against a little:
+docs/qwen-image-2.1.md), and only where even that does not fit are they streamed (``memory.text_encoder_storage``).
+
 Why not diffusers' layerwise casting / group offloading: both swap a module's parameter storage in hooks around
 its forward. Backward then finds the weights it saved already cast back to fp8 or moved to the CPU (seen here:
 "Expected all tensors to be on the same device ... cpu" in backward). :class:`OffloadedLinear` fetches its
@@ -103,21 +108,34 @@ def block_bytes_fp8(transformer: nn.Module) -> int:
     return sum(m.weight.numel() for m in blk.modules() if type(m) is nn.Linear)
 
 
-def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: float = 6.0) -> dict:
+def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: float = 6.0,
+                  text_encoder: str = "stream") -> dict:
     """Convert ``pipe``'s transformer and text encoder as the module docstring says and put them on ``device``.
 
     ``budget_gib``: GPU memory to plan for; ``reserve_gib`` of it is kept for activations, the LoRA and its
-    optimizer state; the transformer blocks that fit in the rest stay resident (in fp8). Call after the LoRA is
-    added. Returns a summary (resident/streamed block counts, bytes).
+    optimizer state; the transformer blocks that fit in the rest stay resident (in fp8). ``text_encoder``: where
+    the text decoder's layers go: ``"stream"`` (as loaded, pinned CPU memory, copied per use), ``"bf16"`` (as
+    loaded, on the GPU), ``"fp8"`` (fp8 on the GPU) or ``"auto"``: :func:`memory.text_encoder_storage` for this
+    budget (on the GPU, as loaded where that fits beside every transformer block in fp8, else fp8, else
+    streamed; Qwen-Image 2.1's backend asks for it). Call after the LoRA is added. Returns a summary
+    (resident/streamed block counts, the text decoder's storage, bytes).
     """
+    from . import memory
+
+    if text_encoder not in ("stream", "bf16", "fp8", "auto"):
+        raise ValueError(f"apply_offload: text_encoder must be stream, bf16, fp8 or auto, got {text_encoder!r}")
     device = torch.device(device)
     tr, te = pipe.transformer, pipe.text_encoder
     n_blocks = len(tr.transformer_blocks)
     per_block = block_bytes_fp8(tr)
+    if text_encoder == "auto":
+        text_encoder = memory.text_encoder_storage(memory.weight_bytes(pipe), budget_gib * 2**30,
+                                                   reserve_gib * 2**30)
     emb = te.get_input_embeddings()
     fixed = emb.weight.numel() * emb.weight.element_size()
     free = budget_gib * 2**30 - reserve_gib * 2**30 - fixed
-    resident = max(0, min(n_blocks, int(free // per_block)))
+    # the text decoder kept on the GPU was planned to fit beside every block (text_encoder_storage)
+    resident = n_blocks if text_encoder != "stream" else max(0, min(n_blocks, int(free // per_block)))
     streamed_ids = set(range(resident, n_blocks))
 
     converted = {"resident": 0, "streamed": 0, "text_encoder": 0}
@@ -127,18 +145,25 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
         _set(tr, name, OffloadedLinear(lin, device, fp8=True, on_gpu=on_gpu))
         converted["resident" if on_gpu else "streamed"] += 1
     lm = te.model.language_model
-    for name, lin in _replace(lm, lambda n: n.startswith("layers.")):
-        _set(lm, name, OffloadedLinear(lin, device, fp8=False, on_gpu=False))
-        converted["text_encoder"] += 1
+    if text_encoder != "bf16":  # bf16 on the GPU: the layers stay plain Linears
+        for name, lin in _replace(lm, lambda n: n.startswith("layers.")):
+            _set(lm, name, OffloadedLinear(lin, device, fp8=text_encoder == "fp8", on_gpu=text_encoder == "fp8"))
+            converted["text_encoder"] += 1
+    if text_encoder == "fp8":
+        logger.warning("offload: the text decoder's layers are stored in fp8 (row-scaled e4m3, cast per use) to "
+                       "keep every weight on the GPU: the conditioning the token learns against carries that "
+                       "rounding (docs/qwen-image-2.1.md); a larger model.offload_budget_gib keeps them in bf16")
     # what is left (norms, embeddings, the transformer's input/output layers, LoRA) goes to the GPU; the vision
-    # tower and LM head are not used for Qwen-Image conditioning and stay in CPU memory
+    # tower and LM head are not used for text conditioning and stay in CPU memory
     te.model.visual.to("cpu")
     if getattr(te, "lm_head", None) is not None:
         te.lm_head.to("cpu")
     for mod in (tr, lm):
         mod.to(device)
     summary = {"blocks": n_blocks, "resident_blocks": resident, "streamed_blocks": n_blocks - resident,
-               "block_fp8_gib": round(per_block / 2**30, 3), **converted}
-    logger.info("offload: %d of %d transformer blocks resident in fp8, %d streamed from CPU; text encoder's %d "
-                "linear layers streamed", resident, n_blocks, n_blocks - resident, converted["text_encoder"])
+               "block_fp8_gib": round(per_block / 2**30, 3), "text_encoder_storage": text_encoder, **converted}
+    logger.info("offload: %d of %d transformer blocks resident in fp8, %d streamed from CPU; text decoder's layers: "
+                "%s", resident, n_blocks, n_blocks - resident,
+                {"stream": f"{converted['text_encoder']} linear layers streamed from CPU",
+                 "bf16": "on the GPU as loaded", "fp8": "on the GPU in fp8"}[text_encoder])
     return summary

@@ -84,11 +84,15 @@ def _load_for_training(cfg: Config, ctx):
     """The pipeline, loaded on the CPU, placed by the memory plan (``model.memory``, see training/memory.py); the
     config with that plan applied."""
     from . import memory
+    from .families import QWEN_IMAGE_21, detect_pipeline
 
     device = ctx.device() if ctx.enabled and cfg.model.device == "auto" else resolve_device(cfg.model.device)
     pipe = load_pipeline(cfg.model, device=device, place=False)
     # as they will be placed (fp8 storage of model.quantize / quantize_te / fp8_matmul counted)
-    cfg, _ = memory.resolve(cfg, memory.weights_bytes(pipe, cfg.model), device)
+    weights = memory.weights_bytes(pipe, cfg.model)
+    # Qwen-Image 2.1's plans need the weights by part (memory.choose_21: what fp8 storage keeps on the GPU)
+    parts = memory.weight_bytes(pipe) if detect_pipeline(pipe).name == QWEN_IMAGE_21 else None
+    cfg, _ = memory.resolve(cfg, weights, device, parts=parts)
     place_pipeline(pipe, cfg.model, device)
     return pipe, cfg
 
