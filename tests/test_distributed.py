@@ -318,3 +318,38 @@ def test_overlap_is_refused_when_a_gradient_arrives_twice(tmp_path):
     assert rc0 == rc1 == 4, out0[-2000:] + out1[-2000:]
     assert ("train.dp_allreduce: overlap: a gradient (shape [3]) was accumulated again after its bucket was sent "
             "(the backward visits it twice); set train.dp_allreduce: flat") in out0
+
+
+@pytest.mark.parametrize("raw, needle", [("lots", "QZP_DP_BUCKET_MB='lots' is not a number of MB"),
+                                         ("0", "QZP_DP_BUCKET_MB='0' must be a positive number of MB"),
+                                         ("-3", "QZP_DP_BUCKET_MB='-3' must be a positive number of MB")])
+def test_bad_bucket_size_is_refused(monkeypatch, raw, needle):
+    from qwen_zero_prior.training.config import ConfigError
+    from qwen_zero_prior.training.distributed import bucket_bytes
+
+    monkeypatch.setenv("QZP_DP_BUCKET_MB", raw)
+    with pytest.raises(ConfigError) as e:
+        bucket_bytes()
+    assert needle in str(e.value)
+    monkeypatch.setenv("QZP_DP_BUCKET_MB", "0.5")
+    assert bucket_bytes() == 2**19
+
+
+def test_buckets_follow_reverse_order_and_size(monkeypatch):
+    """DDP's layout: the last parameters first, a bucket closes once it holds the cap (float32 bytes)."""
+    from qwen_zero_prior.training.distributed import DistContext, OverlappedAverage
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 20, 30, 40)]
+    ov = OverlappedAverage(DistContext(0, 2, 0), params, cap_bytes=200)  # 50 float32 values
+    assert [[p.numel() for p in b] for b in ov.buckets] == [[40, 30], [20, 10]]
+    ov.close()
+    assert all(not p._post_accumulate_grad_hooks for p in params)
+
+
+def test_launchers_keep_nvlink_multicast_off(monkeypatch):
+    from qwen_zero_prior.training.distributed import multicast_off_env
+
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    env = multicast_off_env()
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+    assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["PATH"] == os.environ["PATH"]
