@@ -163,8 +163,14 @@ def run_training(cfg: Config, dataset: Path, archive: Path) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(Path(__file__).resolve()), "train", "--config", str(cfg_path), "--dataset", str(dataset),
            "--output", str(archive)]
-    # relay the workers' output through this process so Cog records it in the training's logs
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        from qwen_zero_prior.training.distributed import multicast_off_env
+    except ImportError:
+        from training.distributed import multicast_off_env  # type: ignore[no-redef]
+    # relay the workers' output through this process so Cog records it in the training's logs; NVLink multicast
+    # stays off in the workers (NCCL_NVLS_ENABLE=0 and friends)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=multicast_off_env())
     for line in proc.stdout:
         print(line, end="", flush=True)
     proc.wait()

@@ -49,6 +49,7 @@ def test_yaml_and_overrides(tmp_path):
         ({"train": {"weighting_scheme": "bogus"}}, "'bogus'"),
         ({"train": {"train_placeholder_token": "maybe"}}, "'maybe'"),
         ({"train": {"learning_rate": float("nan")}}, "finite"),
+        ({"train": {"dp_allreduce": "ddp"}}, "train.dp_allreduce must be one of ['flat', 'overlap'], got 'ddp'"),
     ],
 )
 def test_bad_config_refused(data, needle):

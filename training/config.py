@@ -37,6 +37,7 @@ FAMILY_CHOICES = ("auto", "qwen-image", "qwen-image-2.1")  # training.families (
 _DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 DEFAULT_TOKEN = "<zwx>"
+DP_ALLREDUCE = ("flat", "overlap")  # training.distributed: average / OverlappedAverage
 
 
 class ConfigError(ValueError):
@@ -193,6 +194,12 @@ class TrainConfig:
         "none", "Timestep sampling, as diffusers' training scripts.", choices=WEIGHTING_SCHEMES
     )
     cache_latents: bool = _f(True, "Encode every image with the VAE once before training.")
+    dp_allreduce: str = _f(
+        "flat", "Data parallel (torchrun, several processes) only: how the LoRA + token gradients are averaged. flat: "
+        "one all-reduce after the backward; overlap: ~25 MB buckets all-reduced from gradient hooks while the "
+        "backward runs (as DDP). Same result; the run's summary logs how long each step waited for it.",
+        choices=DP_ALLREDUCE,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):

@@ -42,15 +42,20 @@ def train(cfg: Config, dataset: str | Path, archive_path: str | Path, *, output_
 def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx, force_resume=False) -> TrainResult:
     archive_path = Path(archive_path)
     output_dir = Path(output_dir) if output_dir is not None else archive_path.parent
-    lock = None
+    lock, failure = None, None
     if ctx.is_main:  # only rank 0 writes; the other ranks of this job share its lock
-        outputs.probe_writable(output_dir, "output folder")
-        if archive_path.parent.resolve() != output_dir.resolve():
-            outputs.probe_writable(archive_path.parent, "archive folder")
-        lock = outputs.RunLock([output_dir, archive_path.parent], archive_path).acquire()
-    try:
-        if ctx.is_main:
+        try:
+            outputs.probe_writable(output_dir, "output folder")
+            if archive_path.parent.resolve() != output_dir.resolve():
+                outputs.probe_writable(archive_path.parent, "archive folder")
+            lock = outputs.RunLock([output_dir, archive_path.parent], archive_path).acquire()
             outputs.clean_leftovers(output_dir, archive_path)
+        except Exception as e:  # noqa: BLE001 - raised again below, after the other ranks were told
+            failure = e
+    try:
+        # the other ranks learn rank 0's outcome now and stop with its message, instead of meeting a rank 0
+        # that is gone at their first collective (after the model load, or the process group's timeout)
+        distributed.share_setup_result(ctx, failure)
         output_dir.mkdir(parents=True, exist_ok=True)
         work = outputs.make_data_dir(output_dir)
         try:

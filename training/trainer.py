@@ -23,7 +23,7 @@ from .archive import ArchiveMeta, atomic_write_bytes, write_archive
 from .config import Config, ConfigError
 from .data import BatchPlan, Example, assign_buckets, dataset_fingerprint
 from .backend import TrainBackend
-from .distributed import DistContext, average, barrier
+from .distributed import DistContext, OverlappedAverage, WaitTimer, average, barrier
 from .token import RegisteredToken
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ class TrainResult:
     seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step this run (loss read back)
     token_ids: dict[str, int] = field(default_factory=dict)  # every token's id, in training order
+    # data parallel: how long each step waited for its gradient all-reduce (train.dp_allreduce), else empty
+    allreduce_wait_seconds: list[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -95,6 +97,8 @@ class Trainer:
         self._logged_prompts: set[str] = set()
         self._next_inputs: tuple[int, StepInputs] | None = None
         self._prepared = False
+        self._overlap: OverlappedAverage | None = None
+        self.allreduce_timer: WaitTimer | None = None
         self.sigmas = model.training_sigmas()
         self.setup()
         # prepare step n+1's inputs at the end of step n (on a GPU the host is then ahead of the device)
@@ -147,6 +151,10 @@ class Trainer:
                                  for i in range(len(self.tokens))]
         # fused AdamW: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
         self.optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda")
+        if self.dist.enabled:
+            self.allreduce_timer = WaitTimer(self.device)
+            if t.dp_allreduce == "overlap":  # forward order: the token rows feed the text encoder, first
+                self._overlap = OverlappedAverage(self.dist, [tok.vector for tok in self.tokens] + self.lora_params)
         self._prepared = True
 
     # ---- conditioning ---------------------------------------------------------------------------------
@@ -237,14 +245,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if not self.dist.enabled:
             reading = _LossReadback(loss)  # copied as soon as the forward is done, read at the end
+        elif self._overlap is not None:  # the loss's all-reduce starts now, the gradients' from backward hooks
+            self._overlap.begin(loss, self.step)
         loss.backward()
         params = self.trainable()
-        if self.dist.enabled:  # mean of the ranks' gradients (and losses), one flat all-reduce
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            loss = loss.detach().reshape(1).clone()
-            average(self.dist, [p.grad for p in params] + [loss], self.step)
+        if self.dist.enabled:  # mean of the ranks' gradients (and losses)
+            self.allreduce_timer.start()
+            if self._overlap is not None:
+                loss = self._overlap.finish()
+            else:  # one flat all-reduce
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                loss = loss.detach().reshape(1).clone()
+                average(self.dist, [p.grad for p in params] + [loss], self.step)
+            self.allreduce_timer.stop()
             reading = _LossReadback(loss)
         if self.t.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm)
@@ -367,8 +382,9 @@ class Trainer:
                              vectors={tok.token: tok.vector for tok in self.tokens} or None)
 
     # ---- the loop -------------------------------------------------------------------------------------
-    def _log_summary(self, step_seconds: list[float]) -> None:
-        """One line per process: median s/step after the first, samples/s of the whole job, peak GPU memory."""
+    def _log_summary(self, step_seconds: list[float], waits: list[float]) -> None:
+        """One line per process: median s/step after the first, samples/s of the whole job, peak GPU memory; data
+        parallel: the median time a step waited for its gradient all-reduce (after the first)."""
         if not step_seconds:
             return
         per_step = _median(step_seconds[1:] or step_seconds)
@@ -377,10 +393,14 @@ class Trainer:
         if self.device.type == "cuda":
             peak = (f"; peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB allocated, "
                     f"{torch.cuda.max_memory_reserved(self.device) / 2**30:.1f} GiB reserved")
+        comm = ""
+        if waits:  # on CUDA: the compute stream's wait (events around it); the overlapped part is not in it
+            comm = (f"; gradient all-reduce ({self.t.dp_allreduce}) wait: median "
+                    f"{_median(waits[1:] or waits) * 1000:.2f} ms/step")
         logger.info("%d steps: median %.3f s/step after the first (first %.1f s), %.2f samples/s with %d "
-                    "process(es) x batch %d%s", len(step_seconds), per_step, step_seconds[0],
+                    "process(es) x batch %d%s%s", len(step_seconds), per_step, step_seconds[0],
                     global_batch / per_step if per_step == per_step and per_step > 0 else float("nan"),
-                    self.world, self.t.batch_size, peak)
+                    self.world, self.t.batch_size, comm, peak)
 
     def fit(self, archive_path: Path, callbacks: Callbacks | None = None) -> TrainResult:
         from tqdm.auto import tqdm
@@ -424,13 +444,14 @@ class Trainer:
             bar.close()
         if self.t.checkpoint_every:
             self.save_checkpoint()
-        self._log_summary(step_seconds)
+        waits = self.allreduce_timer.results() if self.allreduce_timer is not None else []
+        self._log_summary(step_seconds, waits)
         archive = self.export(archive_path) if self.dist.is_main else archive_path
         plot = save_loss_plot(self.losses, archive_path.with_name(archive_path.stem + "_loss.png")) if self.dist.is_main else None
         barrier(self.dist)  # the other ranks return once the archive is complete
         return TrainResult(archive, self.step, list(self.losses), self.token.token_id if self.token else None,
                            plot, samples, time.time() - t0, step_seconds,
-                           {tok.token: tok.token_id for tok in self.tokens})
+                           {tok.token: tok.token_id for tok in self.tokens}, waits)
 
 
 def _median(values: list[float]) -> float:
