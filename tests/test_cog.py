@@ -314,3 +314,44 @@ def test_cog_qwen_image_21_train_predict_and_family_mismatch(tiny_model_dir_21, 
         assert np.array_equal(again, with_w)
     finally:
         p21.stop()
+
+
+def test_cog_train_takes_the_fast_path_on_an_fp8_gpu_and_the_plan_keeps_it_safe(monkeypatch):
+    """``cog train`` on one Ada/Hopper GPU (an H100) compiles with CUDA graphs and fp8 matmuls with no input set;
+    not on older GPUs, CPUs, data-parallel runs or with QZP_COG_FAST=0. The memory plan then keeps what fits: resident
+    under 80 GB, checkpointing without CUDA graphs at 40 GB, offload without compile/fp8 at 24 GB."""
+    import torch
+
+    import cog_support
+    from qwen_zero_prior.training import memory
+
+    monkeypatch.setenv("QWEN_IMAGE_MODEL", "tiny")
+    monkeypatch.delenv(cog_support.ENV_DEVICE, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability["value"])
+    base = dict(rank=32, steps=2, learning_rate=1e-4, token_learning_rate=5e-3, train_placeholder_token=True,
+                placeholder_token="<zwx>", placeholder_init_std=1e-5, resolution=1024, batch_size=1, seed=0)
+
+    m = cog_support.config_for_training(processes=1, **base).model
+    assert (m.compile, m.compile_mode, m.fp8_matmul, m.memory) == (True, "reduce-overhead", True, "auto")
+    for why, kwargs, env in (("two processes", {"processes": 2}, None), ("QZP_COG_FAST=0", {"processes": 1}, "0")):
+        if env:
+            monkeypatch.setenv(cog_support.ENV_FAST, env)
+        m2 = cog_support.config_for_training(**kwargs, **base).model
+        assert (m2.compile, m2.fp8_matmul) == (False, False), why
+        monkeypatch.delenv(cog_support.ENV_FAST, raising=False)
+    capability["value"] = (8, 6)  # an A100/3090: no fp8 tensor cores
+    m3 = cog_support.config_for_training(processes=1, **base).model
+    assert (m3.compile, m3.fp8_matmul) == (False, False)
+
+    capability["value"] = (9, 0)
+    cfg = cog_support.config_for_training(processes=1, **base)
+    weights = int(47.4 * memory.GIB)  # full-size Qwen-Image with fp8_matmul's one fp8 copy (docs/benchmarks.md)
+    cuda = torch.device("cuda", 0)
+    h100, plan = memory.resolve(cfg, weights, cuda, capacity_bytes=78 * memory.GIB)
+    assert plan.mode == "resident" and h100.model.compile_mode == "reduce-overhead" and h100.model.fp8_matmul
+    a40, plan = memory.resolve(cfg, weights, cuda, capacity_bytes=60 * memory.GIB)
+    assert plan.mode == "checkpoint" and a40.model.compile and a40.model.compile_mode is None
+    small, plan = memory.resolve(cfg, weights, cuda, capacity_bytes=24 * memory.GIB)
+    assert plan.mode == "offload" and not small.model.compile and not small.model.fp8_matmul
