@@ -898,7 +898,7 @@ def run_capped(args, device, dtype, res) -> dict:
     if args.family == "qwen-image-2.1":
         from qwen_zero_prior.training import memory
 
-        parts = memory.weight_bytes(pipe)
+        parts = memory.weight_parts(pipe)
         plan = memory.choose("auto", weights_bytes=parts.total, resolution=args.res, batch_size=1, device=device,
                              capacity_bytes=args.capped_gib * 2**30, parts=parts)
         res["plan"] = {"mode": plan.mode, "reason": plan.reason, "layout": plan.layout, "need_gib": plan.need_gib}

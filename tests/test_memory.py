@@ -180,7 +180,7 @@ def parts_21():
     from bench.bench_step import build_pipeline_21
 
     pipe, _ = build_pipeline_21("full", torch.device("meta"), torch.bfloat16)
-    return memory.weight_bytes(pipe)
+    return memory.weight_parts(pipe)
 
 
 def test_2_1_full_size_bytes(parts_21):

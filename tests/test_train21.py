@@ -291,7 +291,7 @@ def test_offload_plan_for_2_1_trains_only_the_token_row(tiny_pipe_21, dataset_di
 
     pipe = tiny_pipe_21
     trainer = Trainer(make_config(steps=3, token_learning_rate=5e-2), pipe, _examples(dataset_dir), tmp_path)
-    parts = memory.weight_bytes(pipe)  # after the LoRA, as apply_offload counts them
+    parts = memory.weight_parts(pipe)  # after the LoRA, as apply_offload counts them
     gpu = memory.offload_gpu_bytes(parts, "fp8" if storage == "stream" else storage)
     capacity = gpu + (1 if storage != "stream" else -1)  # just enough (or one byte short of fp8: streamed)
     plan = memory.choose_21("auto", parts=parts, weights_bytes=parts.total, resolution=32, batch_size=1,

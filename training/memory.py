@@ -115,7 +115,7 @@ def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, d
     """The plan for ``mode`` (see the module docstring). ``weights_bytes``: the frozen models' bytes once placed
     (transformer + text encoder + VAE, :func:`weights_bytes`). ``reduce_overhead``: ``model.compile`` with
     ``compile_mode: reduce-overhead`` (its measured activation figure and graph pools). ``capacity_bytes``
-    overrides what the device reports (tests). ``parts``: the weights by part (:func:`weight_bytes`), given for
+    overrides what the device reports (tests). ``parts``: the weights by part (:func:`weight_parts`), given for
     Qwen-Image 2.1, whose plans :func:`choose_21` makes."""
     if parts is not None and parts.family == QWEN_IMAGE_21:
         return choose_21(mode, parts=parts, weights_bytes=weights_bytes, resolution=resolution,
@@ -267,7 +267,7 @@ def _linear_bytes(root) -> tuple[int, int]:
     return as_is, fp8
 
 
-def weight_bytes(pipe) -> WeightBytes:
+def weight_parts(pipe) -> WeightBytes:
     """:class:`WeightBytes` of a diffusers pipeline (either family; models on any device, meta included)."""
     from .families import detect_pipeline
 
@@ -346,5 +346,5 @@ def choose_21(mode: str, *, parts: WeightBytes, weights_bytes: int, resolution: 
 
 
 __all__ = ["MemoryPlan", "PLANS", "WeightBytes", "blocks_to_checkpoint", "choose", "choose_21", "module_bytes",
-           "offload_gpu_bytes", "per_process_capacity", "resolve", "text_encoder_storage", "weight_bytes",
+           "offload_gpu_bytes", "per_process_capacity", "resolve", "text_encoder_storage", "weight_parts",
            "weights_bytes"]

@@ -129,7 +129,7 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     n_blocks = len(tr.transformer_blocks)
     per_block = block_bytes_fp8(tr)
     if text_encoder == "auto":
-        text_encoder = memory.text_encoder_storage(memory.weight_bytes(pipe), budget_gib * 2**30,
+        text_encoder = memory.text_encoder_storage(memory.weight_parts(pipe), budget_gib * 2**30,
                                                    reserve_gib * 2**30)
     emb = te.get_input_embeddings()
     fixed = emb.weight.numel() * emb.weight.element_size()

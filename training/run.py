@@ -96,7 +96,7 @@ def _load_for_training(cfg: Config, ctx):
     # as they will be placed (fp8 storage of model.quantize / quantize_te / fp8_matmul counted)
     weights = memory.weights_bytes(pipe, cfg.model)
     # Qwen-Image 2.1's plans need the weights by part (memory.choose_21: what fp8 storage keeps on the GPU)
-    parts = memory.weight_bytes(pipe) if detect_pipeline(pipe).name == QWEN_IMAGE_21 else None
+    parts = memory.weight_parts(pipe) if detect_pipeline(pipe).name == QWEN_IMAGE_21 else None
     cfg, _ = memory.resolve(cfg, weights, device, parts=parts)
     place_pipeline(pipe, cfg.model, device)
     return pipe, cfg
