@@ -117,7 +117,9 @@ def write_schema(path: Path = SCHEMA_PATH) -> Path:
     return path
 
 
-def config_for_training(**inputs) -> Config:
+def config_for_training(*, processes: int | None = None, **inputs) -> Config:
+    """The training config for the Cog trainer's inputs; ``processes``: how many data-parallel processes will run it
+    (default :func:`train_processes`)."""
     train = {key: inputs[name] for name, (section, key) in TRAIN_FIELDS.items() if section == "train"}
     tokens = split_token_list(train["placeholder_token"])  # "<alice>,<bob>": several tokens in one run
     if len(tokens) > 1:
@@ -128,7 +130,7 @@ def config_for_training(**inputs) -> Config:
     train["checkpoint_every"] = 0
     mc = model_config()
     model = {"base_model": mc.base_model, "dtype": mc.dtype, "device": mc.device,
-             **fast_model_settings(inputs.get("processes") or train_processes())}
+             **fast_model_settings(processes or train_processes())}
     return Config.from_dict({"model": model, "train": train})
 
 
@@ -144,9 +146,11 @@ def fast_model_settings(processes: int) -> dict:
         return {}
     import torch
 
-    if model_config().device == "cpu" or not torch.cuda.is_available():
+    device = model_config().device
+    if device == "cpu" or not torch.cuda.is_available():
         return {}
-    if torch.cuda.get_device_capability() < (8, 9):  # fp8 tensor cores: Ada and newer (fp8_matmul refuses below)
+    index = torch.device(device).index if device.startswith("cuda") else None  # QWEN_IMAGE_DEVICE=cuda:1
+    if torch.cuda.get_device_capability(index) < (8, 9):  # fp8 tensor cores: Ada and newer (fp8_matmul refuses below)
         return {}
     return {"compile": True, "compile_mode": "reduce-overhead", "fp8_matmul": True}
 

@@ -351,10 +351,14 @@ def memory_fields(pipe, cfg_model, args, device) -> dict:
     if capacity is None and device.type == "cuda":
         capacity = memory.per_process_capacity(device)[0]
     if capacity is not None:
+        from qwen_zero_prior.training.families import QWEN_IMAGE_21, detect_pipeline
+
+        # 2.1's plans take the weights by part (memory.choose_21), counted as this variant stores them
+        parts = memory.weight_parts(pipe) if detect_pipeline(pipe).name == QWEN_IMAGE_21 else None
         plan = memory.choose("auto", weights_bytes=w, resolution=args.res, batch_size=1, device=device,
                              reduce_overhead=bool(cfg_model and cfg_model.compile
                                                   and cfg_model.compile_mode == "reduce-overhead"),
-                             capacity_bytes=capacity)
+                             capacity_bytes=capacity, parts=parts)
         out.update(plan_auto=plan.mode, plan_resident_need_gib=plan.need_gib["resident"],
                    plan_capacity_gib=plan.capacity_gib)
     return out

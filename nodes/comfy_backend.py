@@ -171,12 +171,14 @@ def _trainable_clip(clip, fits: bool):
 
 
 def _available_bytes(device: torch.device) -> float:
-    """What this process may still allocate on ``device``: ComfyUI's free memory, less under a per-process cap."""
+    """What this process may still allocate on ``device``: ComfyUI's free memory (the device's free memory plus what
+    PyTorch's allocator holds cached), less under a per-process cap (``memory.per_process_capacity``), where only
+    the memory PyTorch has handed out counts as used."""
     free = mm.get_free_memory(device)
     if device.type != "cuda":
         return free
     capacity, _ = mem.per_process_capacity(device)
-    return min(free, capacity - torch.cuda.memory_reserved(device))
+    return min(free, capacity - torch.cuda.memory_allocated(device))
 
 
 class ComfyBackend(TrainBackend):
@@ -213,7 +215,7 @@ class ComfyBackend(TrainBackend):
         self._handles: list = []  # forward hooks of the LoRA branches (removed in close())
         self._checkpointed: list = []
         self._recast: list = []  # Linears whose per-use cast CastLinear repeats in the backward
-        self._phases = _PhaseTimer()
+        self._phases = _PhaseTimer(self.device)
 
     def _base_tokenizer(self):
         tok = self.clip.tokenizer
@@ -291,8 +293,7 @@ class ComfyBackend(TrainBackend):
         elif self.device.type != "cuda":
             k, why = 0, f"{self.device.type}: no GPU memory to plan for"
         else:
-            capacity, free = mem.per_process_capacity(self.device)
-            available = min(capacity - torch.cuda.memory_reserved(self.device), free) - mem.MARGIN_GIB * mem.GIB
+            available = _available_bytes(self.device) - mem.MARGIN_GIB * mem.GIB
             k = mem.blocks_to_checkpoint(len(blocks), available, t.resolution, t.batch_size)
             why = (f"~{mem.activation_gib(mem.ACT_EAGER_GIB, t.resolution, t.batch_size):.0f} GiB of activations "
                    f"without recomputation, {max(available, 0) / mem.GIB:.1f} GiB available")
@@ -440,8 +441,8 @@ class ComfyBackend(TrainBackend):
 
     def close(self) -> None:
         """Leave ComfyUI's modules as they were: hooks removed, block forwards restored, training flag reset (the
-        graph continues with the archive applied through ComfyUI's own LoRA patching)."""
-        self._phases.report()
+        graph continues with the archive applied through ComfyUI's own LoRA patching). The phase times are logged
+        last: reading them synchronizes the GPU, which re-raises an earlier CUDA error."""
         if self._in_training_flag:
             mm.in_training = self._was_in_training
         for m in self._recast:
@@ -460,19 +461,20 @@ class ComfyBackend(TrainBackend):
         # the graph goes on with the archive applied through ComfyUI's own LoRA patching
         self.mp, self.prompts, self.clip = None, None, self._graph_clip
         self.adapters.clear()
+        try:
+            self._phases.report()
+        except RuntimeError as e:  # a failed run's CUDA error: the run's own exception is the one to see
+            logger.warning("phase times not available: %s", e)
 
 
 class _PhaseTimer:
     """Median GPU time of the forward phases and of whole steps (the rest is backward + optimizer), from CUDA events
     read once when training ends (no sync inside a step); logged by ``close()``. Nothing on a CPU."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.events: dict[str, list] = {}
         self.steps: list = []
-
-    @functools.cached_property
-    def enabled(self) -> bool:
-        return torch.cuda.is_available()
+        self.enabled = device.type == "cuda"
 
     def step(self) -> None:
         if self.enabled:

@@ -342,6 +342,10 @@ def choose_21(mode: str, *, parts: WeightBytes, weights_bytes: int, resolution: 
         if storage == "fp8":
             why += f"because bf16 ({parts.te_layers / GIB:.1f} GiB) does not fit, "
         why += f"~{gpu:.1f} GiB of weights, all on the GPU: nothing streamed from CPU memory"
+    if need["offload"] > cap:
+        why += f"; even this needs ~{need['offload']} GiB, more than the {cap:.1f} GiB available: expect out-of-memory"
+        logger.warning("memory plan for Qwen-Image 2.1: offload needs ~%s GiB of %.1f GiB available; lower "
+                       "train.resolution or train.batch_size", need["offload"], cap)
     return MemoryPlan("offload", why, round(cap, 1), round(w, 1), need, layout)
 
 

@@ -77,7 +77,7 @@ def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx,
                     trainer.resume(where, force=force_resume, state=state)
                 return trainer.fit(archive_path, callbacks)
             finally:
-                trainer.backend.close()
+                trainer.close()
         finally:
             shutil.rmtree(work, ignore_errors=True)
     finally:

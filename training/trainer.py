@@ -247,7 +247,13 @@ class Trainer:
             reading = _LossReadback(loss)  # copied as soon as the forward is done, read at the end
         elif self._overlap is not None:  # the loss's all-reduce starts now, the gradients' from backward hooks
             self._overlap.begin(loss, self.step)
-        loss.backward()
+        try:
+            loss.backward()
+        except BaseException:  # an interrupt or error mid-backward: no later backward may fire this step's hooks
+            if self._overlap is not None:
+                self._overlap.close()
+                self._overlap = None
+            raise
         params = self.trainable()
         if self.dist.enabled:  # mean of the ranks' gradients (and losses)
             self.allreduce_timer.start()
@@ -272,6 +278,14 @@ class Trainer:
         value = reading.value()
         self.losses.append(value)
         return value
+
+    def close(self) -> None:
+        """Remove the overlapped all-reduce's gradient hooks, then release the backend (what run.train's finally
+        calls)."""
+        if self._overlap is not None:
+            self._overlap.close()
+            self._overlap = None
+        self.backend.close()
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return self.lora_params + [tok.vector for tok in self.tokens]
