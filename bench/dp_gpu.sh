@@ -75,7 +75,7 @@ for line in open(log, encoding="utf-8", errors="replace"):
     m = re.search(r"median ([\d.]+) s/step after the first .*?, ([\d.]+|nan) samples/s", line)
     if m:
         steps.append(float(m[1])); sps.append(float(m[2]))
-        w = re.search(r"gradient all-reduce \((\w+)\) wait: median ([\d.]+) ms/step", line)
+        w = re.search(r"gradient all-reduce \((\w+)\) wait(?: incl. packing)?: median ([\d.]+) ms/step", line)
         if w:
             waits.append(float(w[2]))
 print(json.dumps({"processes": n, "dp_allreduce": mode, "exit": rc, "median_s_per_step": steps,

@@ -330,3 +330,22 @@ def test_offload_plan_for_2_1_trains_only_the_token_row(tiny_pipe_21, dataset_di
     materialize(pipe.text_encoder)
     after = pipe.text_encoder.get_input_embeddings().weight
     assert (after != table).any(dim=1).nonzero().flatten().tolist() == [trainer.token.token_id]
+
+
+@pytest.mark.parametrize("storage", ["fp8", "bf16"])
+def test_offload_explicit_text_storage_streams_blocks_that_do_not_fit_beside_it(tiny_pipe_21, storage):
+    """An explicit text-decoder storage on the GPU (not ``auto``) takes its bytes out of the budget first: the
+    transformer blocks that no longer fit are streamed from CPU memory instead of overfilling the GPU."""
+    from qwen_zero_prior.training import memory
+    from qwen_zero_prior.training.offload import apply_offload, block_bytes_fp8
+
+    pipe = tiny_pipe_21
+    parts = memory.weight_parts(pipe)
+    te = parts.te_layers if storage == "bf16" else parts.te_layers_fp8
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    per_block = block_bytes_fp8(pipe.transformer)
+    budget = emb.numel() * emb.element_size() + te + per_block + per_block // 2  # room for one block beside it
+    summary = apply_offload(pipe, torch.device("cpu"), budget / 2**30, reserve_gib=0, text_encoder=storage)
+    n = len(pipe.transformer.transformer_blocks)
+    assert summary["text_encoder_storage"] == storage
+    assert (summary["resident_blocks"], summary["streamed_blocks"]) == (1, n - 1), summary

@@ -134,8 +134,11 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     emb = te.get_input_embeddings()
     fixed = emb.weight.numel() * emb.weight.element_size()
     free = budget_gib * 2**30 - reserve_gib * 2**30 - fixed
-    # the text decoder kept on the GPU was planned to fit beside every block (text_encoder_storage)
-    resident = n_blocks if text_encoder != "stream" else max(0, min(n_blocks, int(free // per_block)))
+    if text_encoder != "stream":  # the text decoder's layers stay on the GPU: the blocks get what is left
+        parts = memory.weight_parts(pipe)
+        free -= parts.te_layers if text_encoder == "bf16" else parts.te_layers_fp8
+    # ("auto" picks a storage that fits beside every block, memory.text_encoder_storage: then all are resident)
+    resident = max(0, min(n_blocks, int(free // per_block)))
     streamed_ids = set(range(resident, n_blocks))
 
     converted = {"resident": 0, "streamed": 0, "text_encoder": 0}

@@ -409,7 +409,9 @@ class Trainer:
                     f"{torch.cuda.max_memory_reserved(self.device) / 2**30:.1f} GiB reserved")
         comm = ""
         if waits:  # on CUDA: the compute stream's wait (events around it); the overlapped part is not in it
-            comm = (f"; gradient all-reduce ({self.t.dp_allreduce}) wait: median "
+            # flat: the timed span also packs and unpacks the gradients into one buffer; overlap: only the wait
+            what = "wait incl. packing" if self.t.dp_allreduce == "flat" else "wait"
+            comm = (f"; gradient all-reduce ({self.t.dp_allreduce}) {what}: median "
                     f"{_median(waits[1:] or waits) * 1000:.2f} ms/step")
         logger.info("%d steps: median %.3f s/step after the first (first %.1f s), %.2f samples/s with %d "
                     "process(es) x batch %d%s%s", len(step_seconds), per_step, step_seconds[0],
