@@ -121,29 +121,48 @@ def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, d
         return choose_21(mode, parts=parts, weights_bytes=weights_bytes, resolution=resolution,
                          batch_size=batch_size, device=device, reduce_overhead=reduce_overhead,
                          capacity_bytes=capacity_bytes)
+    preset = _preset(mode, device, capacity_bytes)
+    if preset is not None:
+        return preset
+    if capacity_bytes is None:
+        capacity_bytes, _ = per_process_capacity(device)
+    cap, w = capacity_bytes / GIB, weights_bytes / GIB
+    act = ACT_RESIDENT_COMPILED_GIB if reduce_overhead else ACT_RESIDENT_GIB  # the measured figure where measured
+    need, plan = _resident_or_checkpoint(cap, w, resolution, batch_size, act, ACT_CHECKPOINT_GIB, reduce_overhead)
+    if plan is not None:
+        return plan
+    return MemoryPlan("offload", f"offload: resident needs ~{need['resident']} GiB and checkpointing ~"
+                      f"{need['checkpoint']} GiB, more than the {cap:.1f} GiB available", round(cap, 1), round(w, 1),
+                      need)
+
+
+def _preset(mode: str, device: torch.device, capacity_bytes: float | None) -> MemoryPlan | None:
+    """The plan when there is nothing to choose: one named in the config, or no GPU memory to plan for."""
     if mode in ("resident", "checkpoint", "offload"):
         return MemoryPlan(mode, f"model.memory: {mode}")
     if device.type != "cuda" and capacity_bytes is None:
         return MemoryPlan("resident", f"{device.type}: no GPU memory to plan for")
-    if capacity_bytes is None:
-        capacity_bytes, _ = per_process_capacity(device)
-    cap, w = capacity_bytes / GIB, weights_bytes / GIB
+    return None
+
+
+def _resident_or_checkpoint(cap: float, w: float, resolution: int, batch_size: int, act_resident: float,
+                            act_checkpoint: float, reduce_overhead: bool, who: str = "",
+                            note: str = "") -> tuple[dict, MemoryPlan | None]:
+    """(what each needs in GiB, the first of ``resident`` / ``checkpoint`` that fits ``cap`` GiB or None) for
+    ``w`` GiB of weights and the per-sample activation figures at 1024²."""
     pools = REDUCE_OVERHEAD_POOL_GIB if reduce_overhead else 0.0
-    act = ACT_RESIDENT_COMPILED_GIB if reduce_overhead else ACT_RESIDENT_GIB  # the measured figure where measured
     need = {
-        "resident": round(w + activation_gib(act, resolution, batch_size) + MARGIN_GIB + pools, 1),
-        "checkpoint": round(w + activation_gib(ACT_CHECKPOINT_GIB, resolution, batch_size) + MARGIN_GIB, 1),
+        "resident": round(w + activation_gib(act_resident, resolution, batch_size) + MARGIN_GIB + pools, 1),
+        "checkpoint": round(w + activation_gib(act_checkpoint, resolution, batch_size) + MARGIN_GIB, 1),
     }
     for plan in ("resident", "checkpoint"):
         if need[plan] <= cap:
-            why = (f"{plan}: needs ~{need[plan]} GiB ({w:.1f} GiB weights + activations at {resolution}² x "
-                   f"{batch_size}) of {cap:.1f} GiB available")
+            why = (f"{plan}: {who}needs ~{need[plan]} GiB ({w:.1f} GiB weights + activations at {resolution}² x "
+                   f"{batch_size}{note}) of {cap:.1f} GiB available")
             if plan == "checkpoint":
                 why += f"; resident would need ~{need['resident']} GiB"
-            return MemoryPlan(plan, why, round(cap, 1), round(w, 1), need)
-    return MemoryPlan("offload", f"offload: resident needs ~{need['resident']} GiB and checkpointing ~"
-                      f"{need['checkpoint']} GiB, more than the {cap:.1f} GiB available", round(cap, 1), round(w, 1),
-                      need)
+            return need, MemoryPlan(plan, why, round(cap, 1), round(w, 1), need)
+    return need, None
 
 
 def blocks_to_checkpoint(n_blocks: int, available_bytes: float, resolution: int, batch_size: int) -> int:
@@ -305,26 +324,17 @@ def choose_21(mode: str, *, parts: WeightBytes, weights_bytes: int, resolution: 
     """:func:`choose` for Qwen-Image 2.1: resident and checkpoint as for Qwen-Image (2.1's activation estimates);
     below those, ``offload`` with every weight on the GPU where fp8 storage makes it fit (the plan's ``layout``
     and reason say which parts are fp8 and whether anything is streamed)."""
-    if mode in ("resident", "checkpoint", "offload"):
-        return MemoryPlan(mode, f"model.memory: {mode}")
-    if device.type != "cuda" and capacity_bytes is None:
-        return MemoryPlan("resident", f"{device.type}: no GPU memory to plan for")
+    preset = _preset(mode, device, capacity_bytes)
+    if preset is not None:
+        return preset
     if capacity_bytes is None:
         capacity_bytes, _ = per_process_capacity(device)
     cap, w = capacity_bytes / GIB, weights_bytes / GIB
-    pools = REDUCE_OVERHEAD_POOL_GIB if reduce_overhead else 0.0
+    need, plan = _resident_or_checkpoint(cap, w, resolution, batch_size, ACT_RESIDENT_GIB_21, ACT_CHECKPOINT_GIB_21,
+                                         reduce_overhead, who="Qwen-Image 2.1 ", note=", estimated")
+    if plan is not None:
+        return plan
     act_ckpt = activation_gib(ACT_CHECKPOINT_GIB_21, resolution, batch_size)
-    need = {
-        "resident": round(w + activation_gib(ACT_RESIDENT_GIB_21, resolution, batch_size) + MARGIN_GIB + pools, 1),
-        "checkpoint": round(w + act_ckpt + MARGIN_GIB, 1),
-    }
-    for plan in ("resident", "checkpoint"):
-        if need[plan] <= cap:
-            why = (f"{plan}: Qwen-Image 2.1 needs ~{need[plan]} GiB ({w:.1f} GiB weights + activations at "
-                   f"{resolution}² x {batch_size}, estimated) of {cap:.1f} GiB available")
-            if plan == "checkpoint":
-                why += f"; resident would need ~{need['resident']} GiB"
-            return MemoryPlan(plan, why, round(cap, 1), round(w, 1), need)
     storage = text_encoder_storage(parts, capacity_bytes, reserve_gib * GIB)
     gpu = offload_gpu_bytes(parts, storage) / GIB
     need["offload"] = round(gpu + max(reserve_gib, act_ckpt + MARGIN_GIB), 1)
