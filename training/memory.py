@@ -121,11 +121,9 @@ def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, d
         return choose_21(mode, parts=parts, weights_bytes=weights_bytes, resolution=resolution,
                          batch_size=batch_size, device=device, reduce_overhead=reduce_overhead,
                          capacity_bytes=capacity_bytes)
-    preset = _preset(mode, device, capacity_bytes)
+    preset, capacity_bytes = _preset(mode, device, capacity_bytes)
     if preset is not None:
         return preset
-    if capacity_bytes is None:
-        capacity_bytes, _ = per_process_capacity(device)
     cap, w = capacity_bytes / GIB, weights_bytes / GIB
     act = ACT_RESIDENT_COMPILED_GIB if reduce_overhead else ACT_RESIDENT_GIB  # the measured figure where measured
     need, plan = _resident_or_checkpoint(cap, w, resolution, batch_size, act, ACT_CHECKPOINT_GIB, reduce_overhead)
@@ -136,13 +134,14 @@ def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, d
                       need)
 
 
-def _preset(mode: str, device: torch.device, capacity_bytes: float | None) -> MemoryPlan | None:
-    """The plan when there is nothing to choose: one named in the config, or no GPU memory to plan for."""
+def _preset(mode: str, device: torch.device, capacity_bytes: float | None) -> tuple[MemoryPlan | None, float]:
+    """(the plan when there is nothing to choose — one named in the config, or no GPU memory to plan for — else
+    None; the capacity to plan for: ``capacity_bytes``, else what this process may use on ``device``)."""
     if mode in ("resident", "checkpoint", "offload"):
-        return MemoryPlan(mode, f"model.memory: {mode}")
+        return MemoryPlan(mode, f"model.memory: {mode}"), 0.0
     if device.type != "cuda" and capacity_bytes is None:
-        return MemoryPlan("resident", f"{device.type}: no GPU memory to plan for")
-    return None
+        return MemoryPlan("resident", f"{device.type}: no GPU memory to plan for"), 0.0
+    return None, capacity_bytes if capacity_bytes is not None else per_process_capacity(device)[0]
 
 
 def _resident_or_checkpoint(cap: float, w: float, resolution: int, batch_size: int, act_resident: float,
@@ -324,11 +323,9 @@ def choose_21(mode: str, *, parts: WeightBytes, weights_bytes: int, resolution: 
     """:func:`choose` for Qwen-Image 2.1: resident and checkpoint as for Qwen-Image (2.1's activation estimates);
     below those, ``offload`` with every weight on the GPU where fp8 storage makes it fit (the plan's ``layout``
     and reason say which parts are fp8 and whether anything is streamed)."""
-    preset = _preset(mode, device, capacity_bytes)
+    preset, capacity_bytes = _preset(mode, device, capacity_bytes)
     if preset is not None:
         return preset
-    if capacity_bytes is None:
-        capacity_bytes, _ = per_process_capacity(device)
     cap, w = capacity_bytes / GIB, weights_bytes / GIB
     need, plan = _resident_or_checkpoint(cap, w, resolution, batch_size, ACT_RESIDENT_GIB_21, ACT_CHECKPOINT_GIB_21,
                                          reduce_overhead, who="Qwen-Image 2.1 ", note=", estimated")
