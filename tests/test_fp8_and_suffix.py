@@ -426,6 +426,34 @@ def test_real_rope_matches_diffusers_bitwise_in_the_transformer(tiny_pipe):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
 
 
+def test_real_rope_matches_diffusers_in_the_2_1_transformer(tiny_pipe_21):
+    """Qwen-Image 2.1's module has its own copy of the complex RoPE: install() routes it too, same numbers."""
+    from diffusers.models.transformers import transformer_qwenimage21 as mod
+
+    from qwen_zero_prior.training import flow21, rope
+
+    original = mod.apply_rotary_emb_qwen
+    tr = tiny_pipe_21.transformer
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(1, tiny_pipe_21.vae.config.z_dim, 1, 4, 4, generator=g)
+    embeds = torch.randn(1, 5, tr.config.context_in_dim, generator=g, requires_grad=True)
+    outs = []
+    try:
+        for patched in (False, True):
+            if patched:
+                assert rope.install() and not rope.install()
+                assert mod.apply_rotary_emb_qwen is rope.apply_rotary_emb_qwen_real
+            embeds.grad = None
+            out = flow21.forward(tr, noisy, torch.tensor([0.5]), embeds, None)
+            out.square().sum().backward()
+            outs.append((out.detach(), embeds.grad.clone()))
+    finally:
+        rope.uninstall()
+    assert mod.apply_rotary_emb_qwen is original
+    assert not torch.equal(outs[0][1], torch.zeros_like(outs[0][1]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
+
+
 def test_suffix_graph_not_replayed_twice_before_backward(tiny_pipe, monkeypatch):
     """Two captions of one batch in the same bucket: the second must not overwrite the first's graph
     activations (it runs eagerly); after the backward the graph is free again. CUDA graphs are stood in for

@@ -103,8 +103,7 @@ class DiffusersBackend(TrainBackend):
         if m.compile:
             from . import gelu, rope
 
-            if self.family.name != QWEN_IMAGE_21:  # rewrites Qwen-Image's module only; 2.1 has its own RoPE
-                rope.install()  # same numbers in real arithmetic, which inductor can fuse (see rope.py)
+            rope.install()  # same numbers in real arithmetic, which inductor can fuse (see rope.py; both families)
             gelu.install(pipe.transformer)  # the same activation with cheaper arithmetic (see gelu.py)
             mode = m.compile_mode
             pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))

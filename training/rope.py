@@ -1,4 +1,4 @@
-"""Qwen-Image's rotary embedding in real arithmetic, for the compiled transformer blocks.
+"""Qwen-Image's (and Qwen-Image 2.1's) rotary embedding in real arithmetic, for the compiled transformer blocks.
 
 diffusers applies Qwen-Image's RoPE (``apply_rotary_emb_qwen(..., use_real=False)``) by viewing q/k as complex
 numbers and multiplying by complex frequencies. TorchInductor has no code generation for complex tensors, so
@@ -8,15 +8,35 @@ an H200 training step at 1024², plus the copies), instead of being fused with t
 :func:`apply_rotary_emb_qwen_real` computes the same products, ``(a + ib)(c + is) = (ac - bs) + i(as + bc)``
 on the interleaved pairs, in float32 like the original, with real tensors only. :func:`install` points
 diffusers' module-level function at it (the attention processor looks it up at call time); every other call
-form is passed through to the original unchanged. The tests check it against the original, values and
-gradients.
+form is passed through to the original unchanged. Qwen-Image 2.1's transformer module carries a copy of the same
+function (its RoPE tables are complex too) and is routed the same way. The tests check it against the original,
+values and gradients, for both families.
 """
 
 from __future__ import annotations
 
 import torch
 
-_original = None
+# diffusers modules whose module-level ``apply_rotary_emb_qwen`` the attention processors call: Qwen-Image's and
+# Qwen-Image 2.1's (a "Copied from" of the same function, same call forms)
+_MODULES = ("diffusers.models.transformers.transformer_qwenimage",
+            "diffusers.models.transformers.transformer_qwenimage21")
+_originals: dict[str, object] = {}
+
+
+def _loaded_modules():
+    import importlib
+
+    for name in _MODULES:
+        try:
+            yield name, importlib.import_module(name)
+        except ImportError:  # a diffusers without Qwen-Image 2.1 (< 0.41): only Qwen-Image's is there
+            continue
+
+
+def _original(x, freqs_cis, use_real, use_real_unbind_dim):
+    # every module's original is the same function (2.1's is a copy of Qwen-Image's): any one of them serves
+    return next(iter(_originals.values()))(x, freqs_cis, use_real, use_real_unbind_dim)
 
 
 def apply_rotary_emb_qwen_real(x, freqs_cis, use_real: bool = True, use_real_unbind_dim: int = -1):
@@ -30,19 +50,20 @@ def apply_rotary_emb_qwen_real(x, freqs_cis, use_real: bool = True, use_real_unb
 
 
 def install() -> bool:
-    """Route diffusers' Qwen-Image RoPE through :func:`apply_rotary_emb_qwen_real` (idempotent)."""
-    global _original
-    from diffusers.models.transformers import transformer_qwenimage as mod
-
-    if mod.apply_rotary_emb_qwen is apply_rotary_emb_qwen_real:
-        return False
-    _original = mod.apply_rotary_emb_qwen
-    mod.apply_rotary_emb_qwen = apply_rotary_emb_qwen_real
-    return True
+    """Route diffusers' Qwen-Image (and Qwen-Image 2.1) RoPE through :func:`apply_rotary_emb_qwen_real`
+    (idempotent). Returns whether any module was changed."""
+    changed = False
+    for name, mod in _loaded_modules():
+        if mod.apply_rotary_emb_qwen is apply_rotary_emb_qwen_real:
+            continue
+        _originals[name] = mod.apply_rotary_emb_qwen
+        mod.apply_rotary_emb_qwen = apply_rotary_emb_qwen_real
+        changed = True
+    return changed
 
 
 def uninstall() -> None:
-    from diffusers.models.transformers import transformer_qwenimage as mod
-
-    if _original is not None and mod.apply_rotary_emb_qwen is apply_rotary_emb_qwen_real:
-        mod.apply_rotary_emb_qwen = _original
+    for name, mod in _loaded_modules():
+        original = _originals.get(name)
+        if original is not None and mod.apply_rotary_emb_qwen is apply_rotary_emb_qwen_real:
+            mod.apply_rotary_emb_qwen = original
