@@ -18,4 +18,7 @@ for t in "$carry"/comfyui-*.tgz; do
   [[ -f $dest/main.py ]] || { mkdir -p "$dest" && tar xzf "$t" -C "$dest"; }
   echo "ComfyUI $(sed -n 's/__version__ = "\(.*\)"/\1/p' "$dest/comfyui_version.py") at $dest"
 done
+if [[ -f $carry/tok.tgz ]]; then  # the real tokenizer (pack.sh) for the core's bench: QWEN_IMAGE_TOKENIZER
+  mkdir -p /tmp/zp-tok && tar xzf "$carry/tok.tgz" -C /tmp/zp-tok
+fi
 echo "site: $(ls "$site" | wc -l) entries in $site"

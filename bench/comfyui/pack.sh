@@ -27,4 +27,7 @@ for tree in "$@"; do
   tar czf "$out/comfyui-$v.tgz" -C "$tree" --exclude=.zp-overlay --exclude='./tests*' --exclude=./.github \
     --exclude=./blueprints --exclude=./.ci --exclude=__pycache__ --exclude=.git .
 done
+# the real Qwen-Image tokenizer for the core's bench in the same call (node_vs_core.sh; ~1.4 MB compressed)
+tok=${TOKENIZER_DIR:-$(dirname "$0")/../../../shared/tokenizers/qwen-image}
+[[ -d $tok ]] && tar czf "$out/tok.tgz" -C "$tok" .
 du -sh "$out"/* | sort -h
