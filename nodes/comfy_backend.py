@@ -117,36 +117,6 @@ def _recast_forward(module, input, *args, **kwargs):
     return CastLinear.apply(input, module)
 
 
-def _fp8_forward(module, ones: torch.Tensor, input, *args, **kwargs):
-    """ComfyUI's Linear over an e4m3fn-stored weight (the ``qwen_image_fp8_e4m3fn`` file: plain storage, no scale)
-    computed as the core's fp8 matmul (``training/fp8.py``: ``input`` quantized per row, the stored weight used as
-    it is, with ones as its row scales; backward from the same bytes): no bf16 cast of the weight at all, fp8
-    tensor cores for both products. Anything else (a call form this does not know, a weight not on the input's
-    device, weight patches another node added, which ComfyUI's cast would apply) goes the :class:`CastLinear` way."""
-    from ..training.fp8 import _Fp8Matmul
-
-    w = module.weight
-    if (args or kwargs or w.device != input.device or getattr(module, "weight_function", None)
-            or getattr(module, "bias_function", None)):
-        return _recast_forward(module, input, *args, **kwargs)
-    y = _Fp8Matmul.apply(input, w, ones)
-    return y if module.bias is None else y + module.bias.to(device=y.device, dtype=y.dtype)
-
-
-def _fp8_targets(dm, modules: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
-    """The Linears of ``dm``'s blocks named ``modules`` (the family's image-stream projections, as ``training/fp8.py``
-    converts them in the core) that ComfyUI stores in e4m3fn and casts the plain way."""
-    from ..training.fp8 import _BLOCK, FP8
-
-    out = []
-    for name, m in dm.named_modules():
-        match = _BLOCK.match(name)
-        if (match and match.group(1) in modules and _plain_cast_linear(m)
-                and getattr(m, "weight", None) is not None and m.weight.dtype == FP8):
-            out.append((name, m))
-    return out
-
-
 def _ordinary_tensors(module: nn.Module) -> int:
     """Replace inference tensors held by ``module`` with ordinary clones (call under inference_mode(False)).
 
@@ -245,7 +215,6 @@ class ComfyBackend(TrainBackend):
         self._handles: list = []  # forward hooks of the LoRA branches (removed in close())
         self._checkpointed: list = []
         self._recast: list = []  # Linears whose per-use cast CastLinear repeats in the backward
-        self.fp8_layers = 0  # Linears computed with fp8 matmuls (model.fp8_matmul)
         self._phases = _PhaseTimer(self.device)
 
     def _base_tokenizer(self):
@@ -294,8 +263,6 @@ class ComfyBackend(TrainBackend):
             if _plain_cast_linear(m):
                 m.forward_comfy_cast_weights = functools.partial(_recast_forward, m)
                 self._recast.append(m)
-        if self.cfg.model.fp8_matmul:
-            self._fp8_matmuls(dm)
         if self._in_training_flag:
             self._was_in_training = mm.in_training
             mm.in_training = True
@@ -304,28 +271,6 @@ class ComfyBackend(TrainBackend):
         for a in self.adapters.values():
             a.to(self.device)
         self._make_prompts()
-
-    def _fp8_matmuls(self, dm) -> None:
-        """``model.fp8_matmul``: the image stream's e4m3fn-stored Linears through :func:`_fp8_forward` (the core's
-        fp8 matmul on ComfyUI's own fp8 bytes). Only an fp8-stored DiT has them; for a bf16 one the node keeps
-        ComfyUI's bf16 matmuls (converting would need a second, quantized copy of the weights)."""
-        from ..training.fp8 import check_supported
-
-        check_supported(self.device)  # a clear Fp8Error on GPUs without fp8 tensor cores
-        targets = _fp8_targets(dm, get_family(QWEN_IMAGE).fp8_modules)
-        if not targets:
-            logger.warning("model.fp8_matmul: this MODEL's image-stream Linears are not stored in float8_e4m3fn "
-                           "(DiT stored as %s): training with ComfyUI's own matmuls. Load the fp8 DiT "
-                           "(qwen_image_fp8_e4m3fn, or UNETLoader weight_dtype fp8_e4m3fn) for fp8 matmuls",
-                           str(self.model.model.get_dtype()).removeprefix("torch."))
-            return
-        for _, m in targets:
-            # on the training device (weights not there yet: loaded after this; elsewhere the call falls back)
-            ones = torch.ones(m.out_features, dtype=torch.float32, device=self.device)
-            m.forward_comfy_cast_weights = functools.partial(_fp8_forward, m, ones)
-        self.fp8_layers = len(targets)
-        logger.info("fp8 matmuls on %d image-stream Linears of the DiT (ComfyUI's e4m3fn weights used as stored)",
-                    len(targets))
 
     def _checkpoint_blocks(self, dm) -> None:
         """Recompute the activations of as many transformer blocks as memory needs (all of them with
@@ -492,7 +437,7 @@ class ComfyBackend(TrainBackend):
             version = None
         return {"trained_with": "ComfyUI", "comfyui_version": version,
                 "dit_storage_dtype": str(self.model.model.get_dtype()).removeprefix("torch."),
-                "compute_dtype": str(self.dtype).removeprefix("torch."), "fp8_matmul_layers": self.fp8_layers}
+                "compute_dtype": str(self.dtype).removeprefix("torch.")}
 
     def close(self) -> None:
         """Leave ComfyUI's modules as they were: hooks removed, block forwards restored, training flag reset (the

@@ -116,13 +116,6 @@ class TrainZeroPriorToken(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Training images from the graph (instead of 'dataset')."),
                 io.String.Input("captions", default="", multiline=True, optional=True,
                                 tooltip="Captions for 'images': one line per image, or one line for all."),
-                # last: UI workflows list widget values by position, so a new widget goes after the existing ones
-                _spec_input(io.Boolean, "model", "fp8_matmul", optional=True,
-                            tooltip="fp8 matmuls for the DiT's image-stream Linears where ComfyUI stores them in fp8 "
-                            "(the qwen_image_fp8_e4m3fn file, or UNETLoader weight_dtype fp8_e4m3fn): its fp8 "
-                            "weights are used as stored instead of cast to bf16 per use, activations quantized per "
-                            "row (~3% relative error per product; the LoRA and token train in bf16/fp32). Faster on "
-                            "GPUs with fp8 tensor cores (RTX 40xx/50xx, H100); refused on older GPUs."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The MODEL with the trained LoRA."),
@@ -136,7 +129,7 @@ class TrainZeroPriorToken(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, output_name, train_placeholder_token, placeholder_token,
                 placeholder_init_std, rank, steps, learning_rate, token_learning_rate, batch_size, resolution, seed,
-                checkpoint_every, default_caption="", resume="", preview_every=0, fp8_matmul=False, images=None,
+                checkpoint_every, default_caption="", resume="", preview_every=0, images=None,
                 captions="") -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
@@ -149,7 +142,7 @@ class TrainZeroPriorToken(io.ComfyNode):
         tokens = split_token_list(placeholder_token)  # "<alice>, <bob>": several tokens in one run
         token_keys = ({"placeholder_tokens": tokens} if len(tokens) > 1 else
                       {"placeholder_token": tokens[0] if tokens else placeholder_token})
-        cfg = Config.from_dict({"model": {"fp8_matmul": bool(fp8_matmul)}, "train": {
+        cfg = Config.from_dict({"train": {
             "train_placeholder_token": train_placeholder_token, **token_keys,
             "placeholder_init_std": placeholder_init_std, "rank": rank, "steps": steps,
             "learning_rate": learning_rate, "token_learning_rate": token_learning_rate, "batch_size": batch_size,

@@ -107,25 +107,6 @@ class GpuMemoryPoller:
                 "device_baseline_used_gib": round(self.baseline_mib / 1024, 1)}
 
 
-def node_inputs(spec: str) -> dict:
-    """``fp8_matmul=1,rank=16`` -> {"fp8_matmul": True, "rank": 16} (1/0 and true/false are booleans)."""
-    out = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        name, _, value = item.partition("=")
-        low = value.lower()
-        if low in ("1", "true", "0", "false"):
-            out[name] = low in ("1", "true")
-        else:
-            try:
-                out[name] = int(value)
-            except ValueError:
-                try:
-                    out[name] = float(value)
-                except ValueError:
-                    out[name] = value
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfyui", type=Path, required=True, help="ComfyUI work tree")
@@ -146,8 +127,6 @@ def main(argv=None) -> int:
     p.add_argument("--extra-args", default="", help="more ComfyUI arguments, space separated (e.g. --cpu)")
     p.add_argument("--extra-node", type=Path, action="append", default=[],
                    help="a .py file copied into custom_nodes/ too (the CPU smoke test's tiny-model patch)")
-    p.add_argument("--node-inputs", default="",
-                   help="more inputs of the Train node, e.g. fp8_matmul=1 (comma separated name=value; 1/0 for booleans)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
 
@@ -186,7 +165,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     proc = subprocess.Popen(cmd, cwd=a.comfyui, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{a.port}"
-    result: dict = {"node_inputs": node_inputs(a.node_inputs), "cap_gib": a.cap_gib or None, "gpu_total_gib": round(total_gib, 1), "dit": a.dit, "te": a.te,
+    result: dict = {"cap_gib": a.cap_gib or None, "gpu_total_gib": round(total_gib, 1), "dit": a.dit, "te": a.te,
                     "weight_dtype": a.weight_dtype, "steps": a.steps, "res": a.res, "rank": a.rank,
                     "images": a.images, "command": " ".join(cmd)}
     try:
@@ -210,7 +189,7 @@ def main(argv=None) -> int:
         graph["2"]["inputs"]["clip_name"] = a.te
         graph["3"]["inputs"]["vae_name"] = a.vae
         graph["4"]["inputs"].update(dataset="zp_gpu_ds", steps=a.steps, resolution=a.res, rank=a.rank,
-                                    checkpoint_every=0, output_name="zero_prior/gpu.zip", **node_inputs(a.node_inputs))
+                                    checkpoint_every=0, output_name="zero_prior/gpu.zip")
         for node in graph.values():
             if node["class_type"] == "KSampler":
                 node["inputs"]["steps"] = a.sample_steps

@@ -358,12 +358,11 @@ class ZPTestCastLinear:
 
         backend = _pack_module("nodes.comfy_backend")
         report = {"layers": 0, "max_abs_out": 0.0, "max_abs_grad": 0.0, "saved_comfy": 0, "saved_cast": 0,
-                  "weight_bytes": 0, "storage": None, "fp8_layers": 0, "fp8_max_rel_out": 0.0, "fp8_max_rel_grad": 0.0}
+                  "weight_bytes": 0, "storage": None}
         with torch.inference_mode(False), torch.enable_grad():
             comfy.model_management.load_models_gpu([model], force_full_load=True)
             dm = model.model.diffusion_model
             backend._ordinary_tensors(dm)
-            fp8_names = {n for n, _ in backend._fp8_targets(dm, backend.get_family(backend.QWEN_IMAGE).fp8_modules)}
             g = torch.Generator().manual_seed(0)
             for name, m in dm.transformer_blocks.named_modules():
                 if not (backend._plain_cast_linear(m) and m.comfy_cast_weights):
@@ -388,19 +387,6 @@ class ZPTestCastLinear:
                     y.backward(dy)
                     report[key] = max(report[key], max(saved, default=0))
                     results.append((y.detach().float(), xi.grad.float()))
-                if f"transformer_blocks.{name}" in fp8_names:
-                    # the fp8-matmul path (model.fp8_matmul) on the same layer: within e4m3's bound of the exact product
-                    xi = x.clone().requires_grad_(True)
-                    y8 = backend._fp8_forward(m, torch.ones(m.out_features, device=m.weight.device), xi)
-                    y8.backward(dy)
-                    w = m.weight.float().abs()
-                    bound_y = (x.float().abs() @ w.t()).clamp(min=1e-6)
-                    bound_g = (dy.float().abs() @ w).clamp(min=1e-6)
-                    report["fp8_layers"] += 1
-                    report["fp8_max_rel_out"] = max(report["fp8_max_rel_out"],
-                                                    float(((y8.detach().float() - results[0][0]).abs() / bound_y).max()))
-                    report["fp8_max_rel_grad"] = max(report["fp8_max_rel_grad"],
-                                                     float(((xi.grad.float() - results[0][1]).abs() / bound_g).max()))
                 report["weight_bytes"] = max(report["weight_bytes"], m.out_features * m.in_features * dtype.itemsize)
                 report["max_abs_out"] = max(report["max_abs_out"], float((results[0][0] - results[1][0]).abs().max()))
                 report["max_abs_grad"] = max(report["max_abs_grad"], float((results[0][1] - results[1][1]).abs().max()))
