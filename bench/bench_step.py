@@ -549,6 +549,10 @@ def run(args) -> dict:
                 raise SystemExit("a --variant with memory_cap_gib needs --isolate (a cap applies to a whole process)")
             args.memory_cap_gib = float(caps[0])
             res["memory_cap_gib"] = args.memory_cap_gib
+    if args.mode == "capped" and args.memory_cap_gib:
+        raise SystemExit(f"--mode capped builds the full-size model on the GPU first and then applies its own cap "
+                         f"(--capped-gib {args.capped_gib:g}); --memory-cap-gib {args.memory_cap_gib:g} would cap the "
+                         "build itself (out of memory): drop --memory-cap-gib")
     fraction = apply_memory_cap(args.memory_cap_gib, device)
     if fraction is not None:
         res["memory_fraction"] = round(fraction, 4)

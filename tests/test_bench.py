@@ -118,6 +118,15 @@ def test_variants_report_weights_and_plan_for_fp8_and_the_baseline(tmp_path):
     assert plain["weights_bytes"] - fp8["weights_bytes"] == freed
 
 
+def test_capped_mode_refuses_a_cap_from_the_start():
+    """--mode capped sets its cap after building the model on the GPU: a --memory-cap-gib would run the build out of
+    memory (seen on an H200: exit 1 after 14 s), so the combination is refused up front."""
+    from bench.bench_step import main
+
+    with pytest.raises(SystemExit, match="drop --memory-cap-gib"):
+        main(["--size", "tiny", "--device", "cpu", "--mode", "capped", "--capped-gib", "24", "--memory-cap-gib", "24"])
+
+
 def test_a_variant_cap_needs_its_own_process():
     from bench.bench_step import main
 

@@ -14,10 +14,12 @@ bash "$here/gpu_node_bench.sh"
 mkdir -p /tmp/pkgs && ln -sfn "$repo" /tmp/pkgs/qwen_zero_prior   # the repository root is the package
 [[ -f /tmp/zp-tok/vocab.json ]] && export QWEN_IMAGE_TOKENIZER=${QWEN_IMAGE_TOKENIZER:-/tmp/zp-tok}
 echo "core bench tokenizer: ${QWEN_IMAGE_TOKENIZER:-none (a byte-level stand-in: longer captions)}"
+# --mode capped builds the full-size model first and sets its own cap (--capped-gib) afterwards: no cap from the start
+cap_arg="--memory-cap-gib ${CORE_CAP_GIB:-78}"; [[ ${CORE_ARGS:-} == *"--mode capped"* ]] && cap_arg=""
 eval "core_args=(${CORE_ARGS:---mode variants --compile --variant gradient_checkpointing=1})"  # keeps quoted variants
 t0=$(date +%s)
 PYTHONPATH=/tmp/site:/tmp/pkgs${PYTHONPATH:+:$PYTHONPATH} timeout "${CORE_TIMEOUT:-400}" python3 -m bench.bench_step \
-  --size full --memory-cap-gib "${CORE_CAP_GIB:-78}" --warmup 2 --iters "${CORE_ITERS:-5}" \
+  --size full $cap_arg --warmup 2 --iters "${CORE_ITERS:-5}" \
   "${core_args[@]}" --out "$out/core-cap${CORE_CAP_GIB:-78}.json" \
   2>&1 | grep -E '^\{|Error|error' | tail -8
 echo "== core bench exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
