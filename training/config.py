@@ -195,9 +195,9 @@ class TrainConfig:
     )
     cache_latents: bool = _f(True, "Encode every image with the VAE once before training.")
     dp_allreduce: str = _f(
-        "flat", "Data parallel (torchrun, several processes) only: how the LoRA + token gradients are averaged. flat: "
-        "one all-reduce after the backward; overlap: ~25 MB buckets all-reduced from gradient hooks while the "
-        "backward runs (as DDP). Same result; the run's summary logs how long each step waited for it.",
+        "overlap", "Data parallel (torchrun, several processes) only: how the LoRA + token gradients are averaged. "
+        "overlap: ~25 MB buckets all-reduced from gradient hooks while the backward runs (as DDP); flat: one "
+        "all-reduce after the backward. Same result; the run's summary logs how long each step waited for it.",
         choices=DP_ALLREDUCE,
     )
 
