@@ -87,11 +87,6 @@ def test_two_ranks_of_batch_1_equal_one_rank_of_batch_2(tiny_model_dir, tmp_path
         assert a.lora_state_dict.keys() == other.lora_state_dict.keys()
         assert all(torch.equal(a.lora_state_dict[k], other.lora_state_dict[k]) for k in a.lora_state_dict)
         assert a.meta.extra["final_loss"] == other.meta.extra["final_loss"]
-    c = load_archive(tmp_path / "ov" / "weights.zip")
-    assert torch.equal(a.vector, c.vector)
-    assert a.lora_state_dict.keys() == c.lora_state_dict.keys()
-    assert all(torch.equal(a.lora_state_dict[k], c.lora_state_dict[k]) for k in a.lora_state_dict)
-    assert a.meta.extra["final_loss"] == c.meta.extra["final_loss"]
 
     # a checkpoint from 2 processes resumes in 1 process, to the new step count
     more = subprocess.run(_train_cmd(1, _config(tmp_path, tiny_model_dir, 2, 6), data, tmp_path / "dp" / "weights.zip",
