@@ -117,6 +117,46 @@ def _recast_forward(module, input, *args, **kwargs):
     return CastLinear.apply(input, module)
 
 
+@functools.cache
+def _cast_linear_op():
+    """``CastLinear`` as a ``torch.library`` custom op, for compiled blocks: autograd.Functions that take a module do
+    not trace, and inside a compiled graph AOTAutograd would keep every per-use weight cast for the backward (as eager
+    autograd does); the op saves only the stored weight and casts it again in its backward, and is opaque to inductor
+    (the norms, modulation, RoPE and activations around it fuse). Registered on first use; a second copy of this pack
+    (another folder name) reuses the registered op, whose semantics are the same."""
+    namespace, name = "qwen_zero_prior", "cast_linear"
+    existing = getattr(getattr(torch.ops, namespace), name, None) if hasattr(torch.ops, namespace) else None
+    if existing is not None:
+        return existing
+
+    @torch.library.custom_op(f"{namespace}::{name}", mutates_args=())
+    def cast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @cast_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])  # the stored (e.g. fp8) weight: a parameter, nothing new kept
+
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        return dy.matmul(weight.to(dy.dtype)), None, None
+
+    cast_linear.register_autograd(backward, setup_context=setup_context)
+    return cast_linear
+
+
+def _compiled_forward(module, input, *args, **kwargs):
+    """The per-use cast Linear of a compiled block: :func:`_cast_linear_op` where the weight is on the input's device
+    and carries no patches (the cast is then ComfyUI's plain ``.to``), else the eager :class:`CastLinear` path."""
+    if (args or kwargs or module.weight.device != input.device or getattr(module, "weight_function", None)
+            or getattr(module, "bias_function", None)):
+        return _recast_forward(module, input, *args, **kwargs)
+    return _cast_linear_op()(input, module.weight, module.bias)
+
+
 def _ordinary_tensors(module: nn.Module) -> int:
     """Replace inference tensors held by ``module`` with ordinary clones (call under inference_mode(False)).
 
@@ -215,6 +255,7 @@ class ComfyBackend(TrainBackend):
         self._handles: list = []  # forward hooks of the LoRA branches (removed in close())
         self._checkpointed: list = []
         self._recast: list = []  # Linears whose per-use cast CastLinear repeats in the backward
+        self._compiled: list = []  # transformer blocks compiled (model.compile), restored in close()
         self._phases = _PhaseTimer(self.device)
 
     def _base_tokenizer(self):
@@ -268,6 +309,8 @@ class ComfyBackend(TrainBackend):
             mm.in_training = True
         self._load()
         self._checkpoint_blocks(dm)
+        if self.cfg.model.compile:
+            self._compile_blocks(dm)
         for a in self.adapters.values():
             a.to(self.device)
         self._make_prompts()
@@ -302,6 +345,23 @@ class ComfyBackend(TrainBackend):
         for block in list(blocks)[:k]:
             self._checkpointed.append((block, block.__dict__.get("forward")))
             block.forward = _checkpointed(block.forward)
+
+    def _compile_blocks(self, dm) -> None:
+        """``model.compile``: each transformer block ``torch.compile``d (regional compilation, as diffusers'
+        ``compile_repeated_blocks``: the 60 blocks share one compiled graph), its Linears' casts through
+        :func:`_cast_linear_op`. Only where no block is recomputed (checkpointing around compiled blocks, and weights
+        ComfyUI streams per use, are left eager); undone in ``close()``."""
+        blocks = list(dm.transformer_blocks)
+        if self._checkpointed:
+            logger.info("model.compile: not compiling (%d of %d transformer blocks are recomputed: memory is short "
+                        "or weights are streamed); training eagerly", len(self._checkpointed), len(blocks))
+            return
+        for m in self._recast:
+            m.forward_comfy_cast_weights = functools.partial(_compiled_forward, m)
+        for block in blocks:
+            block.compile()
+            self._compiled.append(block)
+        logger.info("model.compile: compiled %d transformer blocks (the first steps compile)", len(blocks))
 
     def _reserve(self) -> int:
         """What the backward needs at least (every block recomputed), as the core's memory plan counts it."""
@@ -448,6 +508,9 @@ class ComfyBackend(TrainBackend):
         for m in self._recast:
             m.__dict__.pop("forward_comfy_cast_weights", None)
         self._recast.clear()
+        for block in self._compiled:  # nn.Module.compile() set it; None is eager again
+            block._compiled_call_impl = None
+        self._compiled.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -116,6 +116,11 @@ class TrainZeroPriorToken(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Training images from the graph (instead of 'dataset')."),
                 io.String.Input("captions", default="", multiline=True, optional=True,
                                 tooltip="Captions for 'images': one line per image, or one line for all."),
+                # last: UI workflows list widget values by position, so a new widget goes after the existing ones
+                _spec_input(io.Boolean, "model", "compile", optional=True,
+                            tooltip="torch.compile each transformer block of the DiT (needs triton on a GPU; the "
+                            "first steps compile). Used only where the DiT trains resident without recomputation "
+                            "(else the log says why not). Experimental: not yet measured on a GPU."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The MODEL with the trained LoRA."),
@@ -130,7 +135,7 @@ class TrainZeroPriorToken(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, output_name, train_placeholder_token, placeholder_token,
                 placeholder_init_std, rank, steps, learning_rate, token_learning_rate, batch_size, resolution, seed,
                 checkpoint_every, default_caption="", resume="", preview_every=0, images=None,
-                captions="") -> io.NodeOutput:
+                captions="", compile=False) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -142,7 +147,7 @@ class TrainZeroPriorToken(io.ComfyNode):
         tokens = split_token_list(placeholder_token)  # "<alice>, <bob>": several tokens in one run
         token_keys = ({"placeholder_tokens": tokens} if len(tokens) > 1 else
                       {"placeholder_token": tokens[0] if tokens else placeholder_token})
-        cfg = Config.from_dict({"train": {
+        cfg = Config.from_dict({"model": {"compile": bool(compile)}, "train": {
             "train_placeholder_token": train_placeholder_token, **token_keys,
             "placeholder_init_std": placeholder_init_std, "rank": rank, "steps": steps,
             "learning_rate": learning_rate, "token_learning_rate": token_learning_rate, "batch_size": batch_size,
