@@ -148,6 +148,14 @@ def _cast_linear_op():
     return cast_linear
 
 
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # a torch without the helper: let torch.compile report what it lacks
+        return True
+    return has_triton()
+
+
 def _compiled_forward(module, input, *args, **kwargs):
     """The per-use cast Linear of a compiled block: :func:`_cast_linear_op` where the weight is on the input's device
     and carries no patches (the cast is then ComfyUI's plain ``.to``), else the eager :class:`CastLinear` path."""
@@ -352,6 +360,10 @@ class ComfyBackend(TrainBackend):
         :func:`_cast_linear_op`. Only where no block is recomputed (checkpointing around compiled blocks, and weights
         ComfyUI streams per use, are left eager); undone in ``close()``."""
         blocks = list(dm.transformer_blocks)
+        if self.device.type == "cuda" and not _has_triton():
+            logger.warning("model.compile: triton is not installed, which torch.compile needs on a GPU (pip install "
+                           "triton; on Windows triton-windows): training eagerly")
+            return
         if self._checkpointed:
             logger.info("model.compile: not compiling (%d of %d transformer blocks are recomputed: memory is short "
                         "or weights are streamed); training eagerly", len(self._checkpointed), len(blocks))
