@@ -165,8 +165,24 @@ def _compiled_forward(module, input, *args, **kwargs):
     return _cast_linear_op()(input, module.weight, module.bias)
 
 
+def _untracked(t: torch.Tensor) -> bool:
+    """An inference tensor, or a tensor autograd cannot save for the same reason: one whose ``TensorImpl`` was made
+    in inference mode and later given ordinary data (``param.data = ...``, which ``module.to(device)`` does outside
+    inference mode, as when ComfyUI moves weights it loaded to the GPU for training). That tensor reports
+    ``is_inference() == False`` but has no version counter: saving it for the backward raises "Inference tensors do
+    not track version counter"."""
+    if t.is_inference():
+        return True
+    try:
+        t._version
+    except RuntimeError:
+        return True
+    return False
+
+
 def _ordinary_tensors(module: nn.Module) -> int:
-    """Replace inference tensors held by ``module`` with ordinary clones (call under inference_mode(False)).
+    """Replace inference tensors held by ``module`` (see :func:`_untracked`) with ordinary clones (call under
+    inference_mode(False)).
 
     Autograd cannot save an inference tensor for backward, and ComfyUI loads weights under inference mode. The
     values are bit-identical, so other nodes sharing the module see no difference, and the originals are not
@@ -174,11 +190,11 @@ def _ordinary_tensors(module: nn.Module) -> int:
     swapped = 0
     for m in module.modules():
         for name, p in list(m._parameters.items()):
-            if p is not None and p.is_inference():
+            if p is not None and _untracked(p):
                 m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
                 swapped += 1
         for name, b in list(m._buffers.items()):
-            if b is not None and b.is_inference():
+            if b is not None and _untracked(b):
                 m._buffers[name] = b.clone()
                 swapped += 1
     return swapped

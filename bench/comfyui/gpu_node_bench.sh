@@ -22,10 +22,11 @@ wait
 echo "weights ready in $(( $(date +%s) - t0 )) s: $(du -sh "$M" | cut -f1)"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for run in ${RUNS:-$(basename "$first_tree"):78}; do
-  IFS=: read -r v cap extra <<<"$run"   # comfyui-<version>:<cap>[:<one extra ComfyUI flag>]
+  # comfyui-<version>:<cap>[:<one extra ComfyUI flag>[:<Train node inputs, e.g. fp8_matmul=1>]]
+  IFS=: read -r v cap extra inputs <<<"$run"
   timeout "${RUN_TIMEOUT:-420}" python3 "$here/run_node.py" --comfyui "/tmp/$v" --models "$M" --dit "$DIT" --te "$TE" \
     --vae "$VAE" --cap-gib "$cap" --steps "${STEPS:-10}" --sample-steps "${SAMPLE_STEPS:-4}" \
-    --timeout "${PROMPT_TIMEOUT:-360}" ${extra:+--extra-args=$extra} \
-    --out "${OUT:-/tmp/out}/node-$v-cap$cap${extra:+$extra}.json"
-  echo "== $v cap $cap $extra: exit $? after $(( $(date +%s) - t0 )) s"
+    --timeout "${PROMPT_TIMEOUT:-360}" ${extra:+--extra-args=$extra} ${inputs:+--node-inputs=$inputs} \
+    --out "${OUT:-/tmp/out}/node-$v-cap$cap${extra:+$extra}${inputs:+-${inputs//[=,]/-}}.json"
+  echo "== $v cap $cap $extra $inputs: exit $? after $(( $(date +%s) - t0 )) s"
 done

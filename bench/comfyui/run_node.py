@@ -107,6 +107,25 @@ class GpuMemoryPoller:
                 "device_baseline_used_gib": round(self.baseline_mib / 1024, 1)}
 
 
+def node_inputs(spec: str) -> dict:
+    """``fp8_matmul=1,rank=16`` -> {"fp8_matmul": True, "rank": 16} (1/0 and true/false are booleans)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, value = item.partition("=")
+        low = value.lower()
+        if low in ("1", "true", "0", "false"):
+            out[name] = low in ("1", "true")
+        else:
+            try:
+                out[name] = int(value)
+            except ValueError:
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    out[name] = value
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfyui", type=Path, required=True, help="ComfyUI work tree")
@@ -127,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra-args", default="", help="more ComfyUI arguments, space separated (e.g. --cpu)")
     p.add_argument("--extra-node", type=Path, action="append", default=[],
                    help="a .py file copied into custom_nodes/ too (the CPU smoke test's tiny-model patch)")
+    p.add_argument("--node-inputs", default="",
+                   help="more inputs of the Train node, e.g. fp8_matmul=1 (comma separated name=value; 1/0 for booleans)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
 
@@ -165,7 +186,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     proc = subprocess.Popen(cmd, cwd=a.comfyui, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{a.port}"
-    result: dict = {"cap_gib": a.cap_gib or None, "gpu_total_gib": round(total_gib, 1), "dit": a.dit, "te": a.te,
+    result: dict = {"node_inputs": node_inputs(a.node_inputs), "cap_gib": a.cap_gib or None, "gpu_total_gib": round(total_gib, 1), "dit": a.dit, "te": a.te,
                     "weight_dtype": a.weight_dtype, "steps": a.steps, "res": a.res, "rank": a.rank,
                     "images": a.images, "command": " ".join(cmd)}
     try:
@@ -189,7 +210,7 @@ def main(argv=None) -> int:
         graph["2"]["inputs"]["clip_name"] = a.te
         graph["3"]["inputs"]["vae_name"] = a.vae
         graph["4"]["inputs"].update(dataset="zp_gpu_ds", steps=a.steps, resolution=a.res, rank=a.rank,
-                                    checkpoint_every=0, output_name="zero_prior/gpu.zip")
+                                    checkpoint_every=0, output_name="zero_prior/gpu.zip", **node_inputs(a.node_inputs))
         for node in graph.values():
             if node["class_type"] == "KSampler":
                 node["inputs"]["steps"] = a.sample_steps
@@ -244,9 +265,11 @@ def main(argv=None) -> int:
         # what the node decided and measured (its per-block recomputation, the median GPU time of its phases)
         result["node_log"] = [line.strip() for line in log.splitlines()
                               if any(k in line for k in ("gradient checkpointing on", "phase times", "loading partially",
-                                                         "memory plan", "Traceback", "Error"))][-12:]
+                                                         "memory plan", "Traceback", "Error", "model.compile",
+                                                         "inference tensors"))][-12:]
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=1))
+        a.out.with_suffix(".log").write_text(log[-2_000_000:])  # the whole ComfyUI log beside the row (last 2 MB)
         print(json.dumps({k: v for k, v in result.items() if k not in ("log_tail", "loss")}, indent=1))
     return 0 if "error" not in result else 1
 

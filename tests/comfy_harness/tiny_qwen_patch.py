@@ -395,6 +395,31 @@ class ZPTestCastLinear:
         return {}
 
 
-NODE_CLASS_MAPPINGS = {"ZPTestCastLinear": ZPTestCastLinear, "ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestTokens": ZPTestTokens, "ZPTestModelForward": ZPTestModelForward,
+class ZPTestUntrackWeights:
+    """What ComfyUI does to weights it loaded (under inference mode) when it moves them to a GPU for training
+    (``module.to(device)`` outside inference mode sets ``param.data``): every DiT and text-encoder parameter keeps
+    its inference-made ``TensorImpl`` with ordinary data, so it reports ``is_inference() == False`` yet has no version
+    counter. Same values; on CPU nothing else would produce this state."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",)}}
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, model, clip):
+        n = 0
+        with torch.inference_mode(False):
+            for p in [*model.model.diffusion_model.parameters(), *clip.cond_stage_model.parameters()]:
+                if p.is_inference():
+                    p.data = p.data.clone()
+                    n += 1
+        logging.info("ZPTestUntrackWeights: %d parameters now without a version counter", n)
+        return (model, clip)
+
+
+NODE_CLASS_MAPPINGS = {"ZPTestUntrackWeights": ZPTestUntrackWeights, "ZPTestCastLinear": ZPTestCastLinear, "ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestTokens": ZPTestTokens, "ZPTestModelForward": ZPTestModelForward,
                        "ZPTestNonQwenClip": ZPTestNonQwenClip,
                        "ZPTestKeepVisionTokenizer": ZPTestKeepVisionTokenizer, "ZPTestTrainingConditioning": ZPTestTrainingConditioning}
