@@ -519,6 +519,9 @@ def run_isolated(args, argv: list[str]) -> dict:
                 print(json.dumps(r), flush=True)
             continue
         tail = (proc.stdout + proc.stderr)[-3000:]
+        if args.out:  # the whole output of a failed variant, beside the JSON
+            Path(args.out).with_name(f"{Path(args.out).stem}-variant-{len(res['rows'])}.log").write_text(
+                proc.stdout + proc.stderr)
         kind = ("CUDA out of memory" if "OutOfMemoryError" in tail or "CUDA out of memory" in tail else
                 f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}")
         overrides = _parse_variant(spec)
@@ -796,7 +799,14 @@ def run_variants(args, device, dtype, res) -> dict:
                                 "memory_cap_gib": args.memory_cap_gib or None})
             print(json.dumps(res["rows"][-1]), flush=True)
             continue
+        # bench-only: real_rope=0 keeps diffusers' complex RoPE under compile (the trainer routes it through
+        # training/rope.py's real-arithmetic form), to compare the two or to isolate a compiler failure
+        real_rope = overrides.pop("real_rope", True)
         trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
+        if not real_rope:
+            from qwen_zero_prior.training import rope
+
+            rope.uninstall()  # before the first step: dynamo looks the function up when it traces
         trainer.cache_all_latents()
         _mem_reset(device)
         t0 = time.time()

@@ -427,7 +427,8 @@ def test_real_rope_matches_diffusers_bitwise_in_the_transformer(tiny_pipe):
 
 
 def test_real_rope_matches_diffusers_in_the_2_1_transformer(tiny_pipe_21):
-    """Qwen-Image 2.1's module has its own copy of the complex RoPE: install() routes it too, same numbers."""
+    """Qwen-Image 2.1's module has its own copy of the complex RoPE: install() routes it when named, same numbers
+    (training leaves it complex: see rope.py)."""
     from diffusers.models.transformers import transformer_qwenimage21 as mod
 
     from qwen_zero_prior.training import flow21, rope
@@ -441,7 +442,9 @@ def test_real_rope_matches_diffusers_in_the_2_1_transformer(tiny_pipe_21):
     try:
         for patched in (False, True):
             if patched:
-                assert rope.install() and not rope.install()
+                rope.install()  # Qwen-Image's only, by default
+                assert mod.apply_rotary_emb_qwen is original
+                assert rope.install(rope.QWEN_IMAGE_21_MODULE) and not rope.install(rope.QWEN_IMAGE_21_MODULE)
                 assert mod.apply_rotary_emb_qwen is rope.apply_rotary_emb_qwen_real
             embeds.grad = None
             out = flow21.forward(tr, noisy, torch.tensor([0.5]), embeds, None)

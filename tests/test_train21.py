@@ -45,6 +45,28 @@ def test_backend_is_picked_by_family(tiny_pipe, tiny_pipe_21, dataset_dir, make_
     assert torch.equal(t21.sigmas, sched.sigmas[:1000].float()) and len(t21.sigmas) == 1000
 
 
+def test_compile_routes_the_real_rope_for_qwen_image_only(tiny_pipe, tiny_pipe_21, dataset_dir, make_config, tmp_path):
+    """model.compile: Qwen-Image's RoPE runs in real arithmetic (training/rope.py); 2.1's stays diffusers' complex
+    form (the real one broke torch 2.11's inductor in the CUDA backward of 2.1's joint sequence)."""
+    from diffusers.models.transformers import transformer_qwenimage as qi
+    from diffusers.models.transformers import transformer_qwenimage21 as q21
+
+    from qwen_zero_prior.training import rope
+
+    original_21 = q21.apply_rotary_emb_qwen
+    cfg = make_config(steps=1)
+    cfg.model.compile = True
+    try:
+        Trainer(cfg, tiny_pipe_21, _examples(dataset_dir), tmp_path / "a")
+        assert q21.apply_rotary_emb_qwen is original_21
+        assert qi.apply_rotary_emb_qwen is not rope.apply_rotary_emb_qwen_real
+        Trainer(cfg, tiny_pipe, _examples(dataset_dir), tmp_path / "b")
+        assert qi.apply_rotary_emb_qwen is rope.apply_rotary_emb_qwen_real
+        assert q21.apply_rotary_emb_qwen is original_21
+    finally:
+        rope.uninstall()
+
+
 def test_resolution_must_fit_the_family(tiny_pipe_21, dataset_dir, make_config, tmp_path):
     with pytest.raises(ConfigError, match=r"^train.resolution must be a multiple of 32 for Qwen-Image 2.1, got 48$"):
         Trainer(make_config(resolution=48), tiny_pipe_21, _examples(dataset_dir), tmp_path)

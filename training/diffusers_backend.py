@@ -103,7 +103,10 @@ class DiffusersBackend(TrainBackend):
         if m.compile:
             from . import gelu, rope
 
-            rope.install()  # same numbers in real arithmetic, which inductor can fuse (see rope.py; both families)
+            # same numbers in real arithmetic, which inductor can fuse (see rope.py); 2.1 keeps its complex form,
+            # whose real rewrite broke inductor's CUDA backward there
+            if self.family.name != QWEN_IMAGE_21:
+                rope.install()
             gelu.install(pipe.transformer)  # the same activation with cheaper arithmetic (see gelu.py)
             mode = m.compile_mode
             pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))

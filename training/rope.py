@@ -9,8 +9,10 @@ an H200 training step at 1024², plus the copies), instead of being fused with t
 on the interleaved pairs, in float32 like the original, with real tensors only. :func:`install` points
 diffusers' module-level function at it (the attention processor looks it up at call time); every other call
 form is passed through to the original unchanged. Qwen-Image 2.1's transformer module carries a copy of the same
-function (its RoPE tables are complex too) and is routed the same way. The tests check it against the original,
-values and gradients, for both families.
+function (its RoPE tables are complex too) and can be routed the same way (``install(QWEN_IMAGE_21_MODULE)``); the
+tests check it against the original, values and gradients, for both families. Training routes Qwen-Image's only:
+on CUDA, torch 2.11's inductor failed compiling the backward of this form over 2.1's joint text+image sequence
+(``InductorError: CantSplit``, an H200 in session 5), while 2.1's complex form compiles and trains.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ import torch
 
 # diffusers modules whose module-level ``apply_rotary_emb_qwen`` the attention processors call: Qwen-Image's and
 # Qwen-Image 2.1's (a "Copied from" of the same function, same call forms)
-_MODULES = ("diffusers.models.transformers.transformer_qwenimage",
-            "diffusers.models.transformers.transformer_qwenimage21")
+QWEN_IMAGE_MODULE = "diffusers.models.transformers.transformer_qwenimage"
+QWEN_IMAGE_21_MODULE = "diffusers.models.transformers.transformer_qwenimage21"
+_MODULES = (QWEN_IMAGE_MODULE, QWEN_IMAGE_21_MODULE)
 _originals: dict[str, object] = {}
 
 
-def _loaded_modules():
+def _loaded_modules(names=_MODULES):
     import importlib
 
-    for name in _MODULES:
+    for name in names:
         try:
             yield name, importlib.import_module(name)
         except ImportError:  # a diffusers without Qwen-Image 2.1 (< 0.41): only Qwen-Image's is there
@@ -49,11 +52,11 @@ def apply_rotary_emb_qwen_real(x, freqs_cis, use_real: bool = True, use_real_unb
     return out.type_as(x)
 
 
-def install() -> bool:
-    """Route diffusers' Qwen-Image (and Qwen-Image 2.1) RoPE through :func:`apply_rotary_emb_qwen_real`
+def install(*modules: str) -> bool:
+    """Route the RoPE of diffusers' ``modules`` (default: Qwen-Image's) through :func:`apply_rotary_emb_qwen_real`
     (idempotent). Returns whether any module was changed."""
     changed = False
-    for name, mod in _loaded_modules():
+    for name, mod in _loaded_modules(modules or (QWEN_IMAGE_MODULE,)):
         if mod.apply_rotary_emb_qwen is apply_rotary_emb_qwen_real:
             continue
         _originals[name] = mod.apply_rotary_emb_qwen
