@@ -677,6 +677,17 @@ def run(args) -> dict:
     return res
 
 
+def _rope_form(transformer) -> str:
+    """"real" where the compiled blocks will trace training/rope.py's real-arithmetic RoPE, else "complex"
+    (diffusers' own), as the transformer's module looks it up now."""
+    import sys
+
+    from qwen_zero_prior.training import rope
+
+    fn = getattr(sys.modules.get(type(transformer).__module__), "apply_rotary_emb_qwen", None)
+    return "real" if fn is rope.apply_rotary_emb_qwen_real else "complex"
+
+
 def _undo_compile_rewrites(transformer) -> None:
     """Plain diffusers RoPE and GELU again (the trainer installs their fusable forms with ``model.compile``): the
     baseline runs diffusers' own code, and eagerly the rewrites would only cost memory."""
@@ -807,6 +818,7 @@ def run_variants(args, device, dtype, res) -> dict:
             from qwen_zero_prior.training import rope
 
             rope.uninstall()  # before the first step: dynamo looks the function up when it traces
+        rope_form = _rope_form(pipe.transformer) if trainer.cfg.model.compile else None
         trainer.cache_all_latents()
         _mem_reset(device)
         t0 = time.time()
@@ -823,7 +835,8 @@ def run_variants(args, device, dtype, res) -> dict:
              "gpu_busy_ms": round(busy, 1),
              "peak_mem_gib": round(_mem_peak(device), 1) if device.type == "cuda" else None,
              "warmup_s": round(warm_s, 1), "text_tokens": text_len_of(trainer), **phases,
-             **memory_fields(pipe, trainer.cfg.model, args, device), "memory_cap_gib": args.memory_cap_gib or None}
+             **memory_fields(pipe, trainer.cfg.model, args, device), "memory_cap_gib": args.memory_cap_gib or None,
+             **({"rope": rope_form} if rope_form else {})}
         if args.trace and device.type == "cuda":
             r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
         res["rows"].append(r)
@@ -961,7 +974,8 @@ def main(argv=None) -> int:
                    help='--mode variants: model settings of one (b) run, e.g. '
                    '"fp8_matmul=1 compile_mode=reduce-overhead"; "baseline=1" (+ "gradient_checkpointing=1"): '
                    'the diffusers + peft step (a) instead; "memory_cap_gib=78" (with --isolate): that variant\'s '
-                   'process capped')
+                   'process capped; "real_rope=0": diffusers\' complex RoPE under compile (Qwen-Image\'s is rewritten '
+                   'in real arithmetic by default)')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--res", type=int, default=1024)

@@ -87,6 +87,9 @@ def test_isolated_variants_record_failures_as_rows(tmp_path, monkeypatch):
     # a variant's own cap replaces --memory-cap-gib in its process (and in what auto would plan there)
     assert ok["memory_cap_gib"] == 40 and ok["plan_capacity_gib"] == 40 and failed["memory_cap_gib"] == 78
     assert failed["error"].startswith("exit ") and "compile_mode is set but model.compile is false" in failed["log_tail"]
+    # the failed variant's whole output beside the JSON (the row keeps only a tail)
+    assert "compile_mode is set but model.compile is false" in (tmp_path / "v-variant-1.log").read_text()
+    assert not (tmp_path / "v-variant-0.log").exists()
 
 
 def test_variants_report_weights_and_plan_for_fp8_and_the_baseline(tmp_path):
@@ -168,6 +171,29 @@ def test_bench_qwen_image_21_variants_and_capped(tmp_path, monkeypatch):
     assert res["plan"]["layout"]["text_encoder_layers"] == "stream"  # 0.1 MiB holds nothing
     row = res["rows"][0]
     assert row["ms_median"] > 0 and row["last_loss"] > 0 and "offload not applied (no GPU)" in row["name"]
+
+
+def test_variants_record_the_rope_form_and_real_rope_0(tmp_path, monkeypatch):
+    """With compile, a (b) row says which RoPE its compiled blocks trace: Qwen-Image's real-arithmetic rewrite by
+    default, diffusers' complex form with the bench-only ``real_rope=0``, and 2.1's complex form always."""
+    import os
+
+    from bench.bench_step import main
+
+    from qwen_zero_prior.training import rope
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    common = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
+              "--iters", "1", "--mode", "variants"]
+    try:
+        out = tmp_path / "q.json"
+        assert main([*common, "--variant", "compile=1", "--variant", "compile=1 real_rope=0", "--out", str(out)]) == 0
+        assert [r["rope"] for r in json.loads(out.read_text())["rows"]] == ["real", "complex"]
+        out = tmp_path / "q21.json"
+        assert main([*common, "--family", "qwen-image-2.1", "--variant", "compile=1", "--out", str(out)]) == 0
+        assert [r["rope"] for r in json.loads(out.read_text())["rows"]] == ["complex"]
+    finally:
+        rope.uninstall()  # this process's later tests see diffusers' own function
 
 
 def test_bench_refuses_qwen_image_21_main_mode():
