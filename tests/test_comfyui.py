@@ -164,6 +164,19 @@ def test_training_conditioning_equals_clip_text_encode(comfy, clip_key):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_full_scale_conditioning_bench_runs(comfy, tmp_path):
+    """bench/comfyui/cond_equality.py (the full-scale check that ComfyUI's conditioning with the token equals what
+    the training node trains against) runs its own ComfyUI and passes, here on the tiny text encoder file."""
+    from bench.comfyui import cond_equality
+
+    out = tmp_path / "cond.json"
+    te = comfy.models / "text_encoders" / comfy.names["clip"]
+    assert cond_equality.main(["--comfyui", str(comfy.root), "--te", str(te), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["pass"] and r["max_rel_diff"] < 1e-5 and r["grad_norm"] > 0 and r["vector_in_archive"], r
+    assert r["comfy_shape"] == r["train_shape"] and r["width"] == 32
+
+
 def test_registered_id_is_comfy_tokenizers(comfy):
     a = make_archive(comfy.models / "zero_prior" / "ids.zip", vector=_vec(3))
     g = _cond_graph(comfy.names["clip"], a.name, "<zwx> and <zwx>", "ids.safetensors")
