@@ -503,7 +503,7 @@ def run_isolated(args, argv: list[str]) -> dict:
     base = [a for a in argv if a != "--isolate"]
     base = [a for i, a in enumerate(base) if a != "--variant" and (i == 0 or base[i - 1] != "--variant")]
     base = [a for i, a in enumerate(base) if a != "--out" and (i == 0 or base[i - 1] != "--out")]
-    for spec in args.variant:
+    for index, spec in enumerate(args.variant):
         if args.out:  # the rows so far: a run stopped by a time limit keeps what it measured
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1))
@@ -520,7 +520,7 @@ def run_isolated(args, argv: list[str]) -> dict:
             continue
         tail = (proc.stdout + proc.stderr)[-3000:]
         if args.out:  # the whole output of a failed variant, beside the JSON
-            Path(args.out).with_name(f"{Path(args.out).stem}-variant-{len(res['rows'])}.log").write_text(
+            Path(args.out).with_name(f"{Path(args.out).stem}-variant-{index}.log").write_text(
                 proc.stdout + proc.stderr)
         kind = ("CUDA out of memory" if "OutOfMemoryError" in tail or "CUDA out of memory" in tail else
                 f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}")

@@ -120,7 +120,7 @@ class TrainZeroPriorToken(io.ComfyNode):
                 _spec_input(io.Boolean, "model", "compile", optional=True,
                             tooltip="torch.compile each transformer block of the DiT (needs triton on a GPU; the "
                             "first steps compile). Used only where the DiT trains resident without recomputation "
-                            "(else the log says why not). Experimental; on an H200 at 1024² ~20-30% faster a "
+                            "(else the log says why not). Experimental; on an H200 at 1024² ~15-30% faster a "
                             "step once compiled."),
             ],
             outputs=[

@@ -178,10 +178,13 @@ def test_variants_record_the_rope_form_and_real_rope_0(tmp_path, monkeypatch):
     default, diffusers' complex form with the bench-only ``real_rope=0``, and 2.1's complex form always."""
     import os
 
+    import pytest
+
     from bench.bench_step import main
 
     from qwen_zero_prior.training import rope
 
+    pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench variants SKIPPED")
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     common = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
               "--iters", "1", "--mode", "variants"]
@@ -194,6 +197,23 @@ def test_variants_record_the_rope_form_and_real_rope_0(tmp_path, monkeypatch):
         assert [r["rope"] for r in json.loads(out.read_text())["rows"]] == ["complex"]
     finally:
         rope.uninstall()  # this process's later tests see diffusers' own function
+
+
+def test_node_bench_inputs_are_typed_as_the_train_nodes_own():
+    """bench/comfyui's per-run Train node inputs (RUNS="...:<cap>::compile=1,rank=1"): each value typed as the example
+    workflow's (a 1 is True for a boolean input, 1 for an int one); malformed items are refused, naming them."""
+    import pytest
+
+    from bench.comfyui.run_node import REPO, node_inputs
+
+    defaults = json.loads((REPO / "example_workflows" / "qwen_zero_prior_train_api.json").read_text())["4"]["inputs"]
+    got = node_inputs("compile=1,rank=1,seed=0,learning_rate=1e-4,default_caption=1", defaults)
+    assert got == {"compile": True, "rank": 1, "seed": 0, "learning_rate": 1e-4, "default_caption": "1"}
+    assert type(got["rank"]) is int and type(got["compile"]) is bool
+    with pytest.raises(SystemExit, match="compile is a boolean"):
+        node_inputs("compile=yes", defaults)
+    with pytest.raises(SystemExit, match="'rank' is not name=value"):
+        node_inputs("rank", defaults)
 
 
 def test_bench_refuses_qwen_image_21_main_mode():

@@ -53,6 +53,7 @@ def test_compile_routes_the_real_rope_for_qwen_image_only(tiny_pipe, tiny_pipe_2
 
     from qwen_zero_prior.training import rope
 
+    rope.uninstall()  # diffusers' own functions, whatever an earlier test left
     original_21 = q21.apply_rotary_emb_qwen
     cfg = make_config(steps=1)
     cfg.model.compile = True

@@ -6,7 +6,7 @@ over the same loaded modules, ``nodes/comfy_text.py``); the CPU tests check it o
 script on a full-size one (ComfyUI's file layouts: ``qwen_2.5_vl_7b_fp8_scaled`` or bf16, as
 ``make_weights.py te`` writes them with random weights). It runs a real ComfyUI with the pack installed and the
 test harness's output nodes (``tests/comfy_harness/tiny_qwen_patch.py``; at full size its patches pass
-through), on the CPU (the harness starts ComfyUI with ``--cpu``; ~20 GB of memory for the 7B encoder), and
+through), on the CPU (the harness starts ComfyUI with ``--cpu``; 16 GB of memory for the 7B fp8-scaled encoder), and
 writes JSON: the maximum relative difference, the shapes, and that the vector's gradient is finite and non-zero.
 
     python bench/comfyui/make_weights.py te --dtype fp8_scaled /tmp/zp-full/qwen_2.5_vl_7b_fp8_scaled.safetensors
@@ -42,26 +42,32 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.te.is_file():
         raise SystemExit(f"--te {a.te}: no such file (write one with bench/comfyui/make_weights.py te)")
-    sys.path.insert(0, str(REPO / "tests"))  # the integration tests' ComfyUI harness
+    harness = str(REPO / "tests")  # the integration tests' ComfyUI harness
+    if harness not in sys.path:
+        sys.path.insert(0, harness)
     from comfy_harness.server import ComfyServer, install_pack
     from comfy_harness.weights import make_archive
     from safetensors.torch import load_file
 
     from qwen_zero_prior.training.archive import load_archive
 
-    base = Path(tempfile.mkdtemp(prefix="zp-cond-"))
-    for d in ("custom_nodes", "input", "output", "user", "models/text_encoders", "models/zero_prior"):
-        (base / d).mkdir(parents=True)
-    install_pack(base / "custom_nodes")
-    shutil.copy(REPO / "tests" / "comfy_harness" / "tiny_qwen_patch.py", base / "custom_nodes" / "zz_zp_harness.py")
-    (base / "models" / "text_encoders" / a.te.name).symlink_to(a.te.resolve())
     width = _embed_width(a.te)
     vector = torch.randn(width, generator=torch.Generator().manual_seed(0)) * a.vector_std
-    make_archive(base / "models" / "zero_prior" / "full.zip", vector=vector)
-    server = ComfyServer(base, root=a.comfyui).start(timeout=600)
     result: dict = {"te": a.te.name, "text": a.text, "width": width, "vector_std": a.vector_std}
+    base = Path(tempfile.mkdtemp(prefix="zp-cond-"))
+    server = None
     try:
-        clip = {"class_type": "CLIPLoader", "inputs": {"clip_name": a.te.name, "type": "qwen_image", "device": "default"}}
+        for d in ("custom_nodes", "input", "output", "user", "models/text_encoders", "models/zero_prior"):
+            (base / d).mkdir(parents=True)
+        install_pack(base / "custom_nodes")
+        shutil.copy(REPO / "tests" / "comfy_harness" / "tiny_qwen_patch.py",
+                    base / "custom_nodes" / "zz_zp_harness.py")
+        (base / "models" / "text_encoders" / a.te.name).symlink_to(a.te.resolve())
+        make_archive(base / "models" / "zero_prior" / "full.zip", vector=vector)
+        server = ComfyServer(base, root=a.comfyui)
+        server.start(timeout=600)
+        clip = {"class_type": "CLIPLoader",
+                "inputs": {"clip_name": a.te.name, "type": "qwen_image", "device": "default"}}
         arc = {"class_type": "ZeroPriorLoadArchive", "inputs": {"archive": "full.zip", "path": ""}}
         t0 = time.time()
         server.run({"2": clip, "4": arc,
@@ -90,8 +96,9 @@ def main(argv=None) -> int:
     except (RuntimeError, TimeoutError, KeyError, OSError) as e:  # a failed prompt or file: the report says which
         result.update({"pass": False, "error": f"{type(e).__name__}: {e}"[-3000:]})
     finally:
-        server.stop()
-        result["log_tail"] = server.log_text()[-4000:]
+        if server is not None:
+            server.stop()  # also after a start that timed out (the process may still run)
+            result["log_tail"] = server.log_text()[-4000:]
         shutil.rmtree(base, ignore_errors=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))

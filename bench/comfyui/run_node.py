@@ -107,14 +107,22 @@ class GpuMemoryPoller:
                 "device_baseline_used_gib": round(self.baseline_mib / 1024, 1)}
 
 
-def node_inputs(spec: str) -> dict:
-    """``fp8_matmul=1,rank=16`` -> {"fp8_matmul": True, "rank": 16} (1/0 and true/false are booleans)."""
+def node_inputs(spec: str, defaults: dict | None = None) -> dict:
+    """``compile=1,rank=16`` -> {"compile": True, "rank": 16}: each value typed as the input's value in
+    ``defaults`` (the example workflow's Train node: 1/0 and true/false for a boolean, int, float, string); an input
+    not there is a boolean for true/false, else a number where it parses, else a string."""
     out = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
-        name, _, value = item.partition("=")
-        low = value.lower()
-        if low in ("1", "true", "0", "false"):
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"--node-inputs: {item!r} is not name=value")
+        low, like = value.lower(), (defaults or {}).get(name)
+        if isinstance(like, bool) or (like is None and low in ("true", "false")):
+            if low not in ("1", "true", "0", "false"):
+                raise SystemExit(f"--node-inputs: {name} is a boolean (1/0, true/false), got {value!r}")
             out[name] = low in ("1", "true")
+        elif isinstance(like, str):
+            out[name] = value
         else:
             try:
                 out[name] = int(value)
@@ -147,7 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra-node", type=Path, action="append", default=[],
                    help="a .py file copied into custom_nodes/ too (the CPU smoke test's tiny-model patch)")
     p.add_argument("--node-inputs", default="",
-                   help="more inputs of the Train node, e.g. fp8_matmul=1 (comma separated name=value; 1/0 for booleans)")
+                   help="more inputs of the Train node, e.g. compile=1,rank=16 (comma separated name=value, typed "
+                   "as the example workflow's values; 1/0 for booleans)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
 
@@ -186,7 +195,10 @@ def main(argv=None) -> int:
     t_start = time.time()
     proc = subprocess.Popen(cmd, cwd=a.comfyui, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{a.port}"
-    result: dict = {"node_inputs": node_inputs(a.node_inputs), "cap_gib": a.cap_gib or None, "gpu_total_gib": round(total_gib, 1), "dit": a.dit, "te": a.te,
+    workflow = json.loads((REPO / "example_workflows" / "qwen_zero_prior_train_api.json").read_text())
+    extra_inputs = node_inputs(a.node_inputs, workflow["4"]["inputs"])  # typed as the Train node's own inputs
+    result: dict = {"node_inputs": extra_inputs, "cap_gib": a.cap_gib or None, "gpu_total_gib": round(total_gib, 1),
+                    "dit": a.dit, "te": a.te,
                     "weight_dtype": a.weight_dtype, "steps": a.steps, "res": a.res, "rank": a.rank,
                     "images": a.images, "command": " ".join(cmd)}
     try:
@@ -205,12 +217,13 @@ def main(argv=None) -> int:
         info = requests.get(url + "/object_info/ZeroPriorTrain", timeout=30).json()
         if "ZeroPriorTrain" not in info:
             raise RuntimeError("the pack's nodes are not registered")
-        graph = json.loads((REPO / "example_workflows" / "qwen_zero_prior_train_api.json").read_text())
+        graph = workflow
         graph["1"]["inputs"].update(unet_name=a.dit, weight_dtype=a.weight_dtype)
         graph["2"]["inputs"]["clip_name"] = a.te
         graph["3"]["inputs"]["vae_name"] = a.vae
         graph["4"]["inputs"].update(dataset="zp_gpu_ds", steps=a.steps, resolution=a.res, rank=a.rank,
-                                    checkpoint_every=0, output_name="zero_prior/gpu.zip", **node_inputs(a.node_inputs))
+                                    checkpoint_every=0, output_name="zero_prior/gpu.zip")
+        graph["4"]["inputs"].update(extra_inputs)
         for node in graph.values():
             if node["class_type"] == "KSampler":
                 node["inputs"]["steps"] = a.sample_steps
@@ -264,12 +277,13 @@ def main(argv=None) -> int:
         result["log_tail"] = log[-6000:]
         # what the node decided and measured (its per-block recomputation, the median GPU time of its phases)
         result["node_log"] = [line.strip() for line in log.splitlines()
-                              if any(k in line for k in ("gradient checkpointing on", "phase times", "loading partially",
-                                                         "memory plan", "Traceback", "Error", "model.compile",
-                                                         "inference tensors"))][-12:]
+                              if any(k in line for k in ("gradient checkpointing on", "phase times",
+                                                         "loading partially", "memory plan", "Traceback", "Error",
+                                                         "model.compile", "nference tensors"))][-12:]
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=1))
-        a.out.with_suffix(".log").write_text(log[-2_000_000:])  # the whole ComfyUI log beside the row (last 2 MB)
+        # the whole ComfyUI log beside the row (its last 2 M characters)
+        a.out.with_name(a.out.name.removesuffix(".json") + ".log").write_text(log[-2_000_000:])
         print(json.dumps({k: v for k, v in result.items() if k not in ("log_tail", "loss")}, indent=1))
     return 0 if "error" not in result else 1
 

@@ -129,6 +129,11 @@ class ComfyServer(LoggedProcess):
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} not finished in {timeout} s:\n{self.log_text()[-3000:]}")
 
+    def free_memory(self) -> None:
+        """ComfyUI's /free: unload models and drop cached node outputs before the next prompt runs."""
+        r = requests.post(self.url + "/free", json={"unload_models": True, "free_memory": True}, timeout=10)
+        r.raise_for_status()
+
     def interrupt(self) -> None:
         requests.post(self.url + "/interrupt", timeout=10)
 

@@ -420,6 +420,6 @@ class ZPTestUntrackWeights:
         return (model, clip)
 
 
-NODE_CLASS_MAPPINGS = {"ZPTestUntrackWeights": ZPTestUntrackWeights, "ZPTestCastLinear": ZPTestCastLinear, "ZPTestSaveConditioning": ZPTestSaveConditioning, "ZPTestTokens": ZPTestTokens, "ZPTestModelForward": ZPTestModelForward,
-                       "ZPTestNonQwenClip": ZPTestNonQwenClip,
-                       "ZPTestKeepVisionTokenizer": ZPTestKeepVisionTokenizer, "ZPTestTrainingConditioning": ZPTestTrainingConditioning}
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
+    ZPTestUntrackWeights, ZPTestCastLinear, ZPTestSaveConditioning, ZPTestTokens, ZPTestModelForward, ZPTestNonQwenClip,
+    ZPTestKeepVisionTokenizer, ZPTestTrainingConditioning)}
