@@ -216,6 +216,17 @@ def test_node_bench_inputs_are_typed_as_the_train_nodes_own():
         node_inputs("rank", defaults)
 
 
+def test_cond_equality_refuses_a_missing_text_encoder_file(tmp_path):
+    import pytest
+
+    from bench.comfyui import cond_equality
+
+    with pytest.raises(SystemExit, match="no such file .*make_weights.py te"):
+        cond_equality.main(["--comfyui", str(tmp_path), "--te", str(tmp_path / "absent.safetensors"),
+                            "--out", str(tmp_path / "c.json")])
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_bench_refuses_qwen_image_21_main_mode():
     import pytest
 
