@@ -267,6 +267,7 @@ def trace_steps(trainer, device, path: Path, steps: int = 2) -> dict:
             trainer.train_step()
         _sync(device)
     raw = path.with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)  # the profiler does not make the folder (it only logs)
     prof.export_chrome_trace(str(raw))
     import gzip
     import shutil
@@ -508,8 +509,14 @@ def run_isolated(args, argv: list[str]) -> dict:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1))
         out = Path(tempfile.mkdtemp(prefix="qzp-variant-")) / "row.json"
-        cmd = [sys.executable, "-m", "bench.bench_step", *base, "--variant", spec, "--out", str(out)]
+        argv_i = list(base)
+        if args.trace:  # each variant's traces in their own folder (a child numbers its only variant 0)
+            argv_i[argv_i.index("--trace") + 1] = str(Path(args.trace) / f"variant-{index}")
+        cmd = [sys.executable, "-m", "bench.bench_step", *argv_i, "--variant", spec, "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        if args.out:  # each variant's whole output beside the JSON (kernel tables, gap reports, a failure's cause)
+            Path(args.out).with_name(f"{Path(args.out).stem}-variant-{index}.log").write_text(
+                proc.stdout + proc.stderr)
         if proc.returncode == 0 and out.is_file():
             child = json.loads(out.read_text())
             for key in ("device", "torch", "diffusers", "peft", "transformers"):
@@ -519,9 +526,6 @@ def run_isolated(args, argv: list[str]) -> dict:
                 print(json.dumps(r), flush=True)
             continue
         tail = (proc.stdout + proc.stderr)[-3000:]
-        if args.out:  # the whole output of a failed variant, beside the JSON
-            Path(args.out).with_name(f"{Path(args.out).stem}-variant-{index}.log").write_text(
-                proc.stdout + proc.stderr)
         kind = ("CUDA out of memory" if "OutOfMemoryError" in tail or "CUDA out of memory" in tail else
                 f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}")
         overrides = _parse_variant(spec)
@@ -688,13 +692,19 @@ def _rope_form(transformer) -> str:
     return "real" if fn is rope.apply_rotary_emb_qwen_real else "complex"
 
 
+def _has_fp8_backward_copies(transformer) -> bool:
+    return any(getattr(m, "wt_q", None) is not None for m in transformer.modules())
+
+
 def _undo_compile_rewrites(transformer) -> None:
-    """Plain diffusers RoPE and GELU again (the trainer installs their fusable forms with ``model.compile``): the
-    baseline runs diffusers' own code, and eagerly the rewrites would only cost memory."""
-    from qwen_zero_prior.training import gelu, rope
+    """Plain diffusers RoPE and GELU again (the trainer installs their fusable forms with ``model.compile``), and
+    diffusers' own 2.1 attention processor (the trainer's sends the image's queries to ``model.attention_backend``):
+    the baseline runs diffusers' own code, and eagerly the rewrites would only cost memory."""
+    from qwen_zero_prior.training import attention21, gelu, rope
 
     rope.uninstall()
     gelu.uninstall(transformer)
+    attention21.uninstall(transformer)
 
 
 def project_step_fp8(pipe, args, work: Path, row, tflop):
@@ -813,7 +823,23 @@ def run_variants(args, device, dtype, res) -> dict:
         # bench-only: real_rope=0 keeps diffusers' complex RoPE under compile (the trainer routes it through
         # training/rope.py's real-arithmetic form), to compare the two or to isolate a compiler failure
         real_rope = overrides.pop("real_rope", True)
+        # bench-only: layout_cache=0 calls diffusers' 2.1 forward each step (the trainer calls flow21.forward_t2i)
+        layout_cache = overrides.pop("layout_cache", True)
+        if not overrides.pop("fp8_backward_copy", True):  # bench-only: never keep fp8 backward copies
+            from qwen_zero_prior.training.diffusers_backend import DiffusersBackend
+
+            DiffusersBackend._fp8_backward_copy_fits = lambda self, t: False
         trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
+        if not layout_cache:
+            from qwen_zero_prior.training import flow21
+
+            flow21_forward = flow21.forward
+
+            def predict(noisy, sigmas, embeds, mask, backend=trainer.backend):
+                with backend._autocast():
+                    return flow21_forward(backend.pipe.transformer, noisy, sigmas.to(embeds.dtype), embeds, mask)
+
+            trainer.backend.predict = predict
         if not real_rope:
             from qwen_zero_prior.training import rope
 
@@ -836,7 +862,9 @@ def run_variants(args, device, dtype, res) -> dict:
              "peak_mem_gib": round(_mem_peak(device), 1) if device.type == "cuda" else None,
              "warmup_s": round(warm_s, 1), "text_tokens": text_len_of(trainer), **phases,
              **memory_fields(pipe, trainer.cfg.model, args, device), "memory_cap_gib": args.memory_cap_gib or None,
-             **({"rope": rope_form} if rope_form else {})}
+             **({"rope": rope_form} if rope_form else {}),
+             **({"fp8_backward_copy": _has_fp8_backward_copies(pipe.transformer)}
+                if trainer.cfg.model.fp8_matmul else {})}
         if args.trace and device.type == "cuda":
             r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
         res["rows"].append(r)
@@ -862,6 +890,7 @@ def baseline_variant(pipe, args, spec: str, overrides: dict) -> dict:
     tr = pipe.transformer
     for name in list(getattr(tr, "peft_config", None) or {}):
         tr.delete_adapters(name)
+    _undo_compile_rewrites(tr)  # what building that trainer installed (e.g. 2.1's processor with --attention-backend)
     _fresh_tokenizer(pipe)
     if args.attention_backend:  # as in --mode main, where (b) set it on the transformer (a) then runs
         tr.set_attention_backend(args.attention_backend)
@@ -974,8 +1003,10 @@ def main(argv=None) -> int:
                    help='--mode variants: model settings of one (b) run, e.g. '
                    '"fp8_matmul=1 compile_mode=reduce-overhead"; "baseline=1" (+ "gradient_checkpointing=1"): '
                    'the diffusers + peft step (a) instead; "memory_cap_gib=78" (with --isolate): that variant\'s '
-                   'process capped; "real_rope=0": diffusers\' complex RoPE under compile (Qwen-Image\'s is rewritten '
-                   'in real arithmetic by default)')
+                   'process capped; "real_rope=0": diffusers\' complex RoPE under compile (rewritten in real '
+                   'arithmetic by default); "layout_cache=0": Qwen-Image 2.1 through diffusers\' forward each step '
+                   '(flow21.forward_t2i by default); "fp8_backward_copy=0": no fp8 backward copies (kept by default '
+                   'where the memory plan fits them)')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--res", type=int, default=1024)

@@ -384,6 +384,9 @@ class ComfyBackend(TrainBackend):
             logger.info("model.compile: not compiling (%d of %d transformer blocks are recomputed: memory is short "
                         "or weights are streamed); training eagerly", len(self._checkpointed), len(blocks))
             return
+        from ..training import compile_fixes
+
+        compile_fixes.install()  # a torch 2.11 inductor bug (see compile_fixes.py)
         for m in self._recast:
             m.forward_comfy_cast_weights = functools.partial(_compiled_forward, m)
         for block in blocks:

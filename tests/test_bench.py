@@ -87,9 +87,9 @@ def test_isolated_variants_record_failures_as_rows(tmp_path, monkeypatch):
     # a variant's own cap replaces --memory-cap-gib in its process (and in what auto would plan there)
     assert ok["memory_cap_gib"] == 40 and ok["plan_capacity_gib"] == 40 and failed["memory_cap_gib"] == 78
     assert failed["error"].startswith("exit ") and "compile_mode is set but model.compile is false" in failed["log_tail"]
-    # the failed variant's whole output beside the JSON (the row keeps only a tail)
+    # each variant's whole output beside the JSON (a failed row keeps only a tail)
     assert "compile_mode is set but model.compile is false" in (tmp_path / "v-variant-1.log").read_text()
-    assert not (tmp_path / "v-variant-0.log").exists()
+    assert json.loads((tmp_path / "v-variant-0.log").read_text().splitlines()[0])["ms_median"] == ok["ms_median"]
 
 
 def test_variants_report_weights_and_plan_for_fp8_and_the_baseline(tmp_path):
@@ -175,7 +175,7 @@ def test_bench_qwen_image_21_variants_and_capped(tmp_path, monkeypatch):
 
 def test_variants_record_the_rope_form_and_real_rope_0(tmp_path, monkeypatch):
     """With compile, a (b) row says which RoPE its compiled blocks trace: Qwen-Image's real-arithmetic rewrite by
-    default, diffusers' complex form with the bench-only ``real_rope=0``, and 2.1's complex form always."""
+    default, diffusers' complex form with the bench-only ``real_rope=0``, for both families."""
     import os
 
     import pytest
@@ -193,8 +193,9 @@ def test_variants_record_the_rope_form_and_real_rope_0(tmp_path, monkeypatch):
         assert main([*common, "--variant", "compile=1", "--variant", "compile=1 real_rope=0", "--out", str(out)]) == 0
         assert [r["rope"] for r in json.loads(out.read_text())["rows"]] == ["real", "complex"]
         out = tmp_path / "q21.json"
-        assert main([*common, "--family", "qwen-image-2.1", "--variant", "compile=1", "--out", str(out)]) == 0
-        assert [r["rope"] for r in json.loads(out.read_text())["rows"]] == ["complex"]
+        assert main([*common, "--family", "qwen-image-2.1", "--variant", "compile=1", "--variant",
+                     "compile=1 real_rope=0 layout_cache=0", "--out", str(out)]) == 0
+        assert [r["rope"] for r in json.loads(out.read_text())["rows"]] == ["real", "complex"]
     finally:
         rope.uninstall()  # this process's later tests see diffusers' own function
 
@@ -234,3 +235,28 @@ def test_bench_refuses_qwen_image_21_main_mode():
 
     with pytest.raises(SystemExit, match="--family qwen-image-2.1 runs in --mode variants"):
         main(["--family", "qwen-image-2.1", "--size", "tiny", "--device", "cpu"])
+
+
+def test_2_1_baseline_runs_diffusers_processor_with_an_attention_backend(tmp_path, monkeypatch):
+    """(a) is diffusers + peft as they are: building the project trainer that measures (b)'s text length installs
+    the 2.1 training processor when an attention backend is given; the baseline step must not run it."""
+    import os
+
+    from bench import bench_step
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    seen = []
+    original = bench_step.baseline_step_fn
+
+    def spy(pipe, *args, **kwargs):
+        seen.append({type(b.attn.processor).__name__ for b in pipe.transformer.transformer_blocks})
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(bench_step, "baseline_step_fn", spy)
+    out = tmp_path / "a.json"
+    assert bench_step.main(["--family", "qwen-image-2.1", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
+                            "--res", "64", "--rank", "4", "--warmup", "0", "--iters", "1", "--mode", "variants",
+                            "--attention-backend", "_native_math", "--variant", "baseline=1", "--variant",
+                            "compile=0", "--out", str(out)]) == 0
+    assert seen == [{"QwenImage21AttnProcessor"}]
+    assert [r["ms_median"] > 0 for r in json.loads(out.read_text())["rows"]] == [True, True]

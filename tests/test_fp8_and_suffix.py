@@ -51,19 +51,22 @@ def _e4m3_product_bound(a, a_err_abs, b, b_err_abs):
     return a @ b_err_abs + a_err_abs @ b + a_err_abs @ b_err_abs
 
 
+@pytest.mark.parametrize("backward_copy", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fp8_linear_within_the_e4m3_bound_forward_and_input_gradient(dtype):
+def test_fp8_linear_within_the_e4m3_bound_forward_and_input_gradient(dtype, backward_copy):
     """The error bound, derived: row quantization with scale σ = amax/448 gives ``|q σ - v| <= u |v| + δ σ``
     (u = 2^-4, δ = 2^-10). Forward ``y = x Wᵀ`` with both operands so quantized is within
     ``Σ_k |x| F + E |W| + E F`` (E, F: the operands' error bounds). Backward ``dx = dy W`` is computed as
     ``Q(dy diag(s)) Wq`` with W's row scales s moved onto dy's columns: ``Q(dy_j s_j) / s_j`` is within
     ``u |dy_j| + δ σ_a / s_j`` of ``dy_j`` and ``s_j Wq_j`` within F of ``W_j``, the same form. Plus the float32
-    arithmetic of the CPU emulation and the rounding of the output to ``dtype``. Checked element by element
-    against a float64 reference of the unquantized layer."""
+    arithmetic of the CPU emulation and the rounding of the output to ``dtype``. With the backward copy (``Wᵀ``
+    quantized per row, scales ``t`` per input feature) it is ``Q(dy) (Wtq diag(t))``: dy within ``u |dy| + δ σ_dy``,
+    W within ``u |W| + δ t`` column-wise: the same form again. Checked element by element against a float64
+    reference of the unquantized layer."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 80, bias=False).to(dtype)
     lin.weight.data *= torch.logspace(-2, 1, 80)[:, None].to(dtype)  # rows of very different magnitude
-    f = Fp8Linear(lin)
+    f = Fp8Linear(lin, backward_copy=backward_copy)
     x = (torch.randn(3, 21, 96) * torch.logspace(-3, 2, 21)[:, None]).to(dtype).requires_grad_()  # 63 rows: padded
     dy = (torch.randn(3, 21, 80) * torch.logspace(1, -2, 80)).to(dtype)  # columns of very different magnitude
     y = f(x)
@@ -83,9 +86,16 @@ def test_fp8_linear_within_the_e4m3_bound_forward_and_input_gradient(dtype):
     err_y = (y.detach().double().reshape(-1, 80) - ref_y).abs()
     assert (err_y <= bound_y + arith * (xd.abs() @ w.abs().t()) + out_eps * ref_y.abs()).all()
 
-    a = dyd * s  # dy's columns scaled by W's row scales, then quantized per row
-    sa = a.abs().amax(1, keepdim=True) / 448
-    bound_dx = _e4m3_product_bound(dyd, U_E4M3 * dyd.abs() + D_E4M3 * sa / s, w, w_err)
+    if backward_copy:
+        t = f.wt_scale.double()  # Wᵀ's row scales: W's column amax / 448
+        assert torch.equal(f.wt_scale.float(), lin.weight.detach().float().abs().amax(0) / 448)
+        sdy = dyd.abs().amax(1, keepdim=True) / 448
+        bound_dx = _e4m3_product_bound(dyd, U_E4M3 * dyd.abs() + D_E4M3 * sdy, w,
+                                       U_E4M3 * w.abs() + D_E4M3 * t[None, :])
+    else:
+        a = dyd * s  # dy's columns scaled by W's row scales, then quantized per row
+        sa = a.abs().amax(1, keepdim=True) / 448
+        bound_dx = _e4m3_product_bound(dyd, U_E4M3 * dyd.abs() + D_E4M3 * sa / s, w, w_err)
     ref_dx = dyd @ w
     err_dx = (x.grad.double().reshape(-1, 96) - ref_dx).abs()
     assert (err_dx <= bound_dx + arith * (dyd.abs() @ w.abs()) + out_eps * ref_dx.abs()).all()
@@ -115,7 +125,8 @@ def test_fp8_linear_keeps_one_fp8_copy_half_the_bf16_bytes():
     assert list(with_bias.state_dict()) == ["bias"] and not with_bias.bias.requires_grad
 
 
-def test_fp8_backward_hands_scaled_mm_what_cuda_accepts(monkeypatch):
+@pytest.mark.parametrize("backward_copy", [False, True])
+def test_fp8_backward_hands_scaled_mm_what_cuda_accepts(monkeypatch, backward_copy):
     """No GPU here: a stand-in for ``torch._scaled_mm`` checks the operands against CUDA's row-wise recipe (fp8
     e4m3 both, the first row-major and the second column-major, float32 scales [M, 1] and [1, N], M/K/N multiples
     of 16, bf16 out) and computes the product; forward and backward then match the CPU emulation."""
@@ -135,7 +146,7 @@ def test_fp8_backward_hands_scaled_mm_what_cuda_accepts(monkeypatch):
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
-    f = Fp8Linear(lin)
+    f = Fp8Linear(lin, backward_copy=backward_copy)
     x = torch.randn(2, 19, 64, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(2, 19, 48, dtype=torch.bfloat16)
     f(x).backward(dy)
@@ -147,6 +158,45 @@ def test_fp8_backward_hands_scaled_mm_what_cuda_accepts(monkeypatch):
     y.backward(dy)
     assert calls == [(48, 64, 48), (48, 48, 64)]  # 38 rows padded to 48; forward K=in, backward K=out
     assert torch.equal(y.detach(), emulated_y) and torch.allclose(x.grad, emulated_dx, rtol=1e-2, atol=1e-3)
+
+
+def test_fp8_backward_copy_bytes_and_the_plan_deciding_them(tiny_pipe, make_config, monkeypatch):
+    """``backward_copy_bytes`` is what the copies add; the backend keeps them only where the memory plan still
+    trains resident with them (asked with the capacity a card reports), never on the CPU or with offload."""
+    from qwen_zero_prior.training import memory
+    from qwen_zero_prior.training.diffusers_backend import DiffusersBackend
+    from qwen_zero_prior.training.fp8 import backward_copy_bytes
+
+    lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    one, two = Fp8Linear(lin), Fp8Linear(lin, backward_copy=True)
+
+    def held(f):
+        return sum(t.numel() * t.element_size() for t in f.buffers())
+
+    assert held(two) - held(one) == 64 * 48 + 64 * 4
+    assert "backward copy" in repr(two) and "backward copy" not in repr(one)
+    tr = tiny_pipe.transformer
+    layers = [mod for name, mod in tr.named_modules() if type(mod) is torch.nn.Linear
+              and name.split(".")[0] == "transformer_blocks" and name.split(".", 2)[-1] in IMAGE_STREAM]
+    assert layers and backward_copy_bytes(tr) == sum(m.weight.numel() + 4 * m.in_features for m in layers)
+    cfg = make_config(steps=1)
+    cfg.model.fp8_matmul = True
+    backend = DiffusersBackend(cfg, tiny_pipe)
+    assert not backend._fp8_backward_copy_fits(cfg.train)  # CPU
+    backend.device = torch.device("cuda")
+    # a capacity the weights fit resident without the copies but not with them (copies of a full-size model's
+    # order, 2 GiB: the tiny model's few KB would vanish in the plan's 0.1 GiB rounding)
+    from qwen_zero_prior.training import fp8
+
+    gib = 2**30
+    monkeypatch.setattr(fp8, "backward_copy_bytes", lambda transformer, modules: 2 * gib)
+    act = memory.activation_gib(memory.ACT_RESIDENT_GIB, cfg.train.resolution, cfg.train.batch_size)
+    tight = memory.weights_bytes(tiny_pipe, cfg.model) / gib + 1 + act + memory.MARGIN_GIB
+    for cap_gib, fits in ((100.0, True), (tight, False)):
+        monkeypatch.setattr(memory, "per_process_capacity", lambda device, c=cap_gib: (c * gib, c * gib))
+        assert backend._fp8_backward_copy_fits(cfg.train) is fits
+    cfg.model.offload = True
+    assert not backend._fp8_backward_copy_fits(cfg.train)
 
 
 def test_fp8_bytes_saved_is_what_the_conversion_frees(tiny_pipe):
@@ -428,7 +478,7 @@ def test_real_rope_matches_diffusers_bitwise_in_the_transformer(tiny_pipe):
 
 def test_real_rope_matches_diffusers_in_the_2_1_transformer(tiny_pipe_21):
     """Qwen-Image 2.1's module has its own copy of the complex RoPE: install() routes it when named, same numbers
-    (training leaves it complex: see rope.py)."""
+    (training names both modules under compile)."""
     from diffusers.models.transformers import transformer_qwenimage21 as mod
 
     from qwen_zero_prior.training import flow21, rope
@@ -455,6 +505,29 @@ def test_real_rope_matches_diffusers_in_the_2_1_transformer(tiny_pipe_21):
     assert mod.apply_rotary_emb_qwen is original
     assert not torch.equal(outs[0][1], torch.zeros_like(outs[0][1]))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
+
+
+def test_cantsplit_fix_makes_the_bare_raise_a_rejected_tiling():
+    """torch 2.11's inductor raised ``CantSplit`` bare while its __init__ required two arguments (a TypeError that
+    killed the compile); after compile_fixes.install() the bare form constructs, is caught as CantSplit, and the
+    argument form keeps its message."""
+    from torch._inductor.codegen.simd import CantSplit
+
+    from qwen_zero_prior.training import compile_fixes
+
+    compile_fixes.install()
+    assert not compile_fixes.install()  # idempotent
+    with pytest.raises(CantSplit):
+        raise CantSplit
+    assert str(CantSplit(6, 4)) == "6 not divisible by 4"
+
+    class Other(Exception):  # a signature the fix does not know is left alone
+        def __init__(self, a, b):
+            super().__init__()
+
+    assert not compile_fixes._defaults_for_cantsplit(Other)
+    with pytest.raises(TypeError):
+        Other()
 
 
 def test_suffix_graph_not_replayed_twice_before_backward(tiny_pipe, monkeypatch):

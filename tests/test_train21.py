@@ -45,27 +45,82 @@ def test_backend_is_picked_by_family(tiny_pipe, tiny_pipe_21, dataset_dir, make_
     assert torch.equal(t21.sigmas, sched.sigmas[:1000].float()) and len(t21.sigmas) == 1000
 
 
-def test_compile_routes_the_real_rope_for_qwen_image_only(tiny_pipe, tiny_pipe_21, dataset_dir, make_config, tmp_path):
-    """model.compile: Qwen-Image's RoPE runs in real arithmetic (training/rope.py); 2.1's stays diffusers' complex
-    form (the real one broke torch 2.11's inductor in the CUDA backward of 2.1's joint sequence)."""
+def test_compile_routes_the_real_rope_of_both_families(tiny_pipe_21, dataset_dir, make_config, tmp_path):
+    """model.compile: both families' RoPE runs in real arithmetic (training/rope.py), with torch 2.11's inductor
+    CantSplit bug worked around (compile_fixes.py), which 2.1's joint sequence met in the CUDA backward."""
     from diffusers.models.transformers import transformer_qwenimage as qi
     from diffusers.models.transformers import transformer_qwenimage21 as q21
+    from torch._inductor.codegen.simd import CantSplit
 
     from qwen_zero_prior.training import rope
 
     rope.uninstall()  # diffusers' own functions, whatever an earlier test left
-    original_21 = q21.apply_rotary_emb_qwen
+    original_21, original_qi = q21.apply_rotary_emb_qwen, qi.apply_rotary_emb_qwen
     cfg = make_config(steps=1)
+    Trainer(cfg, copy.deepcopy(tiny_pipe_21), _examples(dataset_dir), tmp_path / "eager")
+    assert (q21.apply_rotary_emb_qwen, qi.apply_rotary_emb_qwen) == (original_21, original_qi)  # eager: untouched
     cfg.model.compile = True
     try:
         Trainer(cfg, tiny_pipe_21, _examples(dataset_dir), tmp_path / "a")
-        assert q21.apply_rotary_emb_qwen is original_21
-        assert qi.apply_rotary_emb_qwen is not rope.apply_rotary_emb_qwen_real
-        Trainer(cfg, tiny_pipe, _examples(dataset_dir), tmp_path / "b")
+        assert q21.apply_rotary_emb_qwen is rope.apply_rotary_emb_qwen_real
         assert qi.apply_rotary_emb_qwen is rope.apply_rotary_emb_qwen_real
-        assert q21.apply_rotary_emb_qwen is original_21
+        with pytest.raises(CantSplit):  # the bare raise of torch 2.11 is a CantSplit again, not a TypeError
+            raise CantSplit
     finally:
         rope.uninstall()
+
+
+def test_attention_backend_reaches_the_image_queries(tiny_pipe_21, monkeypatch):
+    """diffusers' 2.1 processor sends no prefill call to ``set_attention_backend``'s backend; attention21's sends the
+    image's (unmasked) call there and keeps the caption's masked calls on diffusers' default, with the same numbers
+    and gradients; with a padding mask the image call stays on the default too."""
+    from diffusers.models.transformers import transformer_qwenimage21 as q21
+
+    from qwen_zero_prior.training import attention21
+
+    tr = tiny_pipe_21.transformer
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, tiny_pipe_21.vae.config.z_dim, 1, 4, 4, generator=g)
+    embeds = torch.randn(2, 5, tr.config.context_in_dim, generator=g, requires_grad=True)
+    calls = []
+    dispatch = q21.dispatch_attention_fn
+
+    def spy(query, key, value, attn_mask=None, backend=None, **kw):
+        calls.append((query.shape[1], None if backend is None else str(getattr(backend, "value", backend)),
+                      attn_mask is not None))
+        return dispatch(query, key, value, attn_mask=attn_mask, backend=backend, **kw)
+
+    monkeypatch.setattr(q21, "dispatch_attention_fn", spy)
+    outs = []
+    for patched in (False, True):
+        if patched:
+            assert attention21.install(tr, "_native_math") == len(tr.transformer_blocks)
+        embeds.grad = None
+        calls.clear()
+        out = flow21.forward(tr, noisy, torch.tensor([0.5, 0.7]), embeds, None)
+        out.square().sum().backward()
+        outs.append((out.detach(), embeds.grad.clone(), list(calls)))
+    (ref, ref_grad, ref_calls), (got, got_grad, got_calls) = outs
+    n = len(tr.transformer_blocks)
+    assert ref_calls == [(5, None, True), (16, None, False)] * n  # diffusers: caption (masked), image, both default
+    assert got_calls == [(5, None, True), (16, "_native_math", False)] * n
+    assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(got_grad, ref_grad, atol=1e-5)
+    calls.clear()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    flow21.forward(tr, noisy, torch.tensor([0.5, 0.7]), embeds, mask)
+    assert {c[1] for c in calls} == {None}  # padded keys: the image call keeps its mask on the default
+
+
+def test_trainer_puts_the_2_1_processor_on_with_an_attention_backend(tiny_pipe_21, dataset_dir, make_config,
+                                                                    tmp_path):
+    cfg = make_config(steps=1)
+    cfg.model.attention_backend = "_native_math"
+    t = Trainer(cfg, tiny_pipe_21, _examples(dataset_dir), tmp_path)
+    procs = {type(b.attn.processor).__name__ for b in tiny_pipe_21.transformer.transformer_blocks}
+    assert procs == {"Segments21AttnProcessor"}
+    assert {str(b.attn.processor._attention_backend.value) for b in tiny_pipe_21.transformer.transformer_blocks} == {
+        "_native_math"}
+    assert np.isfinite(t.train_step())
 
 
 def test_resolution_must_fit_the_family(tiny_pipe_21, dataset_dir, make_config, tmp_path):
@@ -372,3 +427,55 @@ def test_offload_explicit_text_storage_streams_blocks_that_do_not_fit_beside_it(
     n = len(pipe.transformer.transformer_blocks)
     assert summary["text_encoder_storage"] == storage
     assert (summary["resident_blocks"], summary["streamed_blocks"]) == (1, n - 1), summary
+
+
+def test_forward_t2i_is_the_transformer_call_with_the_layout_cached(tiny_pipe_21, monkeypatch):
+    """flow21.forward_t2i (the training step's 2.1 transformer call) gives diffusers' forward's outputs and
+    gradients exactly, with and without padding, with checkpointing, and builds the layout once per (text length,
+    h, w): the second call runs neither the RoPE builder nor any other host-side layout code."""
+    from qwen_zero_prior.training import attention21
+
+    tr = tiny_pipe_21.transformer
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, tiny_pipe_21.vae.config.z_dim, 1, 4, 6, generator=g)
+    embeds = torch.randn(2, 5, tr.config.context_in_dim, generator=g)
+    sigma = torch.tensor([0.3, 0.8])
+    cache = flow21.LayoutCache(size=2)
+
+    def run(fn, mask):
+        e = embeds.clone().requires_grad_(True)
+        tr.zero_grad(set_to_none=True)
+        out = fn(e, mask)
+        out.square().sum().backward()
+        return out.detach(), e.grad, tr.img_in.weight.grad
+
+    tr.img_in.weight.requires_grad_(True)
+    for mask in (None, torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])):
+        for checkpointing in (False, True):
+            if checkpointing:
+                tr.enable_gradient_checkpointing()
+            ref = run(lambda e, m: flow21.forward(tr, noisy, sigma, e, m), mask)
+            got = run(lambda e, m: flow21.forward_t2i(tr, noisy, sigma, e, m, cache), mask)
+            tr.disable_gradient_checkpointing()
+            for a, b in zip(ref, got):
+                assert torch.equal(a, b)
+    assert cache.misses == 1  # one layout: built once
+    calls = []
+    monkeypatch.setattr(type(tr.pos_embed), "forward", lambda *a, **k: calls.append(a))
+    with torch.no_grad():
+        flow21.forward_t2i(tr, noisy, sigma, embeds, None, cache)
+    assert calls == [] and cache.misses == 1
+    # another layout is built, and the oldest goes beyond the cache's size
+    monkeypatch.undo()
+    with torch.no_grad():
+        flow21.forward_t2i(tr, noisy, sigma, embeds[:, :3], None, cache)
+        flow21.forward_t2i(tr, noisy[..., :4], sigma, embeds[:, :3], None, cache)
+    assert cache.misses == 3 and len(cache._entries) == 2
+    # diffusers' flex processor: its block mask depends on the padding, so the call goes through forward()
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21FlexAttnProcessor
+
+    tr.transformer_blocks[0].attn.set_processor(QwenImage21FlexAttnProcessor())
+    assert not flow21._plain_segments_path(tr)
+    attention21.install(tr, "_native_math")
+    assert flow21._plain_segments_path(tr)
+

@@ -7,8 +7,8 @@ through the family (``families.py``: 2.1's LoRA targets, tokenizer, fp8 layers, 
 - latents: ``flow21.encode_latents`` (RGBA, 16x, 64 channels, unpatched), ``(64, 1, h, w)`` as the loop expects;
 - conditioning: :class:`~qwen_zero_prior.training.prompt21.PromptEncoder21` (``QwenImage21Pipeline.encode_prompt``'s
   numbers: system turn cached once, the per-step suffix with the token's gradient, CUDA graphs on a GPU);
-- prediction: ``flow21.forward``, the transformer call of the pipeline (one block-causal sequence of text and
-  image slots, ``timestep = sigma``).
+- prediction: ``flow21.forward_t2i``, the transformer call of the pipeline (one block-causal sequence of text and
+  image slots, ``timestep = sigma``) with the layout's RoPE table and masks cached (no host round-trip a step).
 
 The noise levels are the scheduler's unshifted training grid, as diffusers' 2.1 script samples them: the
 loop's ``sigmas[(u * 1000).long()]`` equals the script's ``timesteps[(u * 1000).long()] / 1000``.
@@ -30,10 +30,20 @@ class Diffusers21Backend(DiffusersBackend):
     # streamed (memory.text_encoder_storage decides bf16 / fp8 / streamed by the budget)
     offload_text_encoder = "auto"
 
+    def __init__(self, cfg, pipe):
+        super().__init__(cfg, pipe)
+        self.layouts = flow21.LayoutCache()
+
     @torch.no_grad()
     def latent(self, example: Example) -> torch.Tensor:
         px = load_pixels(example.image, example.bucket)[None]
         return flow21.encode_latents(self.pipe.vae, px)[0].cpu()
+
+    def _set_attention_backend(self, backend: str) -> None:
+        # diffusers' 2.1 processor sends no prefill call to the backend; ours sends it the image's (attention21.py)
+        from . import attention21
+
+        attention21.install(self.pipe.transformer, backend)
 
     def _make_prompts(self) -> None:
         m = self.cfg.model
@@ -44,7 +54,8 @@ class Diffusers21Backend(DiffusersBackend):
     def predict(self, noisy, sigmas, embeds, mask):
         # the loop hands the mask over as None (nothing padded) or already on the device, as flow21.forward wants
         with self._autocast():
-            return flow21.forward(self.pipe.transformer, noisy, sigmas.to(embeds.dtype), embeds, mask)
+            return flow21.forward_t2i(self.pipe.transformer, noisy, sigmas.to(embeds.dtype), embeds, mask,
+                                      self.layouts)
 
 
 __all__ = ["Diffusers21Backend"]

@@ -87,7 +87,8 @@ class DiffusersBackend(TrainBackend):
         if m.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
             from .fp8 import apply_fp8_matmul
 
-            apply_fp8_matmul(pipe.transformer, modules=self.family.fp8_modules)
+            apply_fp8_matmul(pipe.transformer, modules=self.family.fp8_modules,
+                             backward_copy=self._fp8_backward_copy_fits(t))
         if m.offload:  # after add_lora, like fp8: the LoRA's base layers become offloaded ones
             from .models import resolve_device
             from .offload import apply_offload
@@ -99,18 +100,41 @@ class DiffusersBackend(TrainBackend):
             self.offload_summary = apply_offload(pipe, device, budget, text_encoder=self.offload_text_encoder)
             self.device = pipe.transformer.device
         if m.attention_backend:
-            pipe.transformer.set_attention_backend(m.attention_backend)
+            self._set_attention_backend(m.attention_backend)
         if m.compile:
-            from . import gelu, rope
+            from . import compile_fixes, gelu, rope
 
-            # same numbers in real arithmetic, which inductor can fuse (see rope.py); 2.1 keeps its complex form,
-            # whose real rewrite broke inductor's CUDA backward there
-            if self.family.name != QWEN_IMAGE_21:
-                rope.install()
+            compile_fixes.install()  # torch 2.11's inductor bug that 2.1's real RoPE met (see compile_fixes.py)
+            # same numbers in real arithmetic, which inductor can fuse (see rope.py)
+            rope.install(rope.QWEN_IMAGE_MODULE, rope.QWEN_IMAGE_21_MODULE)
             gelu.install(pipe.transformer)  # the same activation with cheaper arithmetic (see gelu.py)
             mode = m.compile_mode
             pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
         self._make_prompts()
+
+    def _fp8_backward_copy_fits(self, t: TrainConfig) -> bool:
+        """Whether the fp8 layers' backward copies (``fp8.Fp8Linear``; faster backward) fit: the memory plan, asked
+        with the weights as they will be (fp8, plus the copies), still trains resident. On a GPU only (a CPU run
+        has no memory to plan and gains nothing from them)."""
+        from . import memory
+        from .fp8 import backward_copy_bytes
+
+        pipe, m = self.pipe, self.cfg.model
+        if self.device.type != "cuda" or m.offload:
+            return False
+        extra = backward_copy_bytes(pipe.transformer, self.family.fp8_modules)
+        weights = memory.weights_bytes(pipe, m) + extra  # as the plan counted them (fp8 storage), plus the copies
+        parts = memory.weight_parts(pipe) if self.family.name == QWEN_IMAGE_21 else None
+        plan = memory.choose("auto", weights_bytes=weights, resolution=t.resolution, batch_size=t.batch_size,
+                             device=self.device, reduce_overhead=m.compile and m.compile_mode == "reduce-overhead",
+                             parts=parts)
+        fits = plan.mode == "resident" and not m.gradient_checkpointing
+        logger.info("fp8 backward copies (%.1f GiB): %s (%s)", extra / 2**30, "kept" if fits else "not kept",
+                    plan.reason)
+        return fits
+
+    def _set_attention_backend(self, backend: str) -> None:
+        self.pipe.transformer.set_attention_backend(backend)
 
     def _make_prompts(self) -> None:
         m = self.cfg.model

@@ -21,6 +21,8 @@ cached latents are deterministic, as this project does for Qwen-Image; ``sample=
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from .families import get_family, QWEN_IMAGE_21
@@ -140,6 +142,90 @@ def forward(transformer, noisy: torch.Tensor, timestep: torch.Tensor, embeds: to
         attention_kwargs=attention_kwargs,
         return_dict=False,
     )[0]
+    return unpack(out[:, -h * w:], h, w)
+
+
+class LayoutCache:
+    """What the 2.1 transformer derives from the sequence layout alone, kept per (text length, h, w, device) for
+    :func:`forward_t2i`: the RoPE table, the target-token mask and the attention's prefix segments.
+
+    diffusers' ``QwenImage21Transformer2DModel.forward`` rebuilds them on every call, from host lists of every
+    position and with device round-trips (``tolist()``, a tensor-valued ``repeat_interleave``, ``nonzero``,
+    ``int(sum)``), each of which drains the GPU's queue while Python catches up: in a training step that is GPU
+    time lost. Computed here once by the model's own functions, they are the same tensors. Least recently used
+    entries go first beyond ``size`` (a caption length and bucket per entry; the RoPE table is ~2 MB at 1024²)."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+        self.misses = 0
+
+    def get(self, transformer, text_len: int, h: int, w: int, device: torch.device) -> tuple:
+        from diffusers.models.transformers.transformer_qwenimage21 import _qwenimage21_prefix_segments
+
+        key = (text_len, h, w, str(device))
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        self.misses += 1
+        image_pad_mask = torch.cat([torch.zeros(text_len, dtype=torch.bool, device=device),
+                                    torch.ones(h * w, dtype=torch.bool, device=device)])
+        rotary_emb = transformer.pos_embed([(1, h, w)], image_pad_mask, device=device)
+        image_ids, target_token_mask = transformer.build_token_metadata(image_pad_mask, [(1, h, w)])
+        entry = (rotary_emb, target_token_mask, _qwenimage21_prefix_segments(image_ids, text_len))
+        self._entries[key] = entry
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return entry
+
+
+def _plain_segments_path(transformer) -> bool:
+    """Whether :func:`forward_t2i` reproduces ``transformer``'s forward: every block on a segment-prefill processor
+    (not diffusers' flex one, whose block mask depends on the padding) and no hook around the model's forward."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21FlexAttnProcessor
+
+    if getattr(transformer, "_hf_hook", None) is not None or getattr(transformer, "_diffusers_hook", None) is not None:
+        return False
+    return not any(isinstance(b.attn.processor, QwenImage21FlexAttnProcessor) for b in transformer.transformer_blocks)
+
+
+def forward_t2i(transformer, noisy: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                mask: torch.Tensor | None, cache: LayoutCache) -> torch.Tensor:
+    """:func:`forward` for the text-to-image layout training uses ([text, target image], no KV cache), with the
+    layout's tensors from ``cache``: no host round-trip in the step. It is diffusers' forward written out for that
+    layout (``QwenImage21Transformer2DModel.forward``, diffusers 0.42): the joint sequence is ``[txt_in(text),
+    img_in(image)]`` (what the forward's slot expansion and masked assignment build for it), and the modules are
+    the transformer's own, called in the same order with the same arguments, so the numbers are the same (the tests
+    compare outputs and gradients exactly). Anything else (flex attention, hooks) goes through :func:`forward`."""
+    if not _plain_segments_path(transformer):
+        return forward(transformer, noisy, timestep, embeds, mask)
+    b, _, _, h, w = noisy.shape
+    text_len = embeds.shape[1]
+    rotary_emb, target_token_mask, segments = cache.get(transformer, text_len, h, w, embeds.device)
+    hidden = transformer.img_in(pack(noisy).to(embeds.dtype))
+    text = transformer.txt_in(embeds)
+    joint = torch.cat([text, hidden.to(text.dtype)], dim=1)
+    timestep = timestep.to(hidden.dtype)
+    modulation_mask = None
+    if transformer.config.causal_condition:
+        timestep = torch.cat([timestep, timestep.new_zeros(1)], dim=0)
+        modulation_mask = target_token_mask
+    temb = transformer.time_text_embed(timestep, hidden)
+    modulation = transformer.modulation(temb)
+    key_valid = None
+    if mask is not None:
+        key_valid = torch.ones(b, joint.shape[1], dtype=torch.bool, device=joint.device)
+        key_valid[:, :text_len] = mask.bool()
+    for block in transformer.transformer_blocks:
+        if torch.is_grad_enabled() and transformer.gradient_checkpointing:
+            joint = transformer._gradient_checkpointing_func(block, joint, modulation, rotary_emb, None,
+                                                             modulation_mask, None, None, None, segments, key_valid)
+        else:
+            joint = block(hidden_states=joint, modulation=modulation, rotary_emb=rotary_emb, attention_mask=None,
+                          target_token_mask=modulation_mask, segments=segments, key_valid=key_valid)
+    joint = transformer.norm_out(joint, temb, modulation_mask)
+    out = transformer.proj_out(joint)
     return unpack(out[:, -h * w:], h, w)
 
 

@@ -13,8 +13,10 @@ float8 training):
 - backward ``dx = dy W = (dy diag(s)) Wq``: ``dy``'s columns scaled by ``s``, then quantized per row; ``Wq``
   is the second operand as it is, [out, in], which ``_scaled_mm`` (Hopper's fp8 kernels take K-major operands
   only) needs column-major: a transposed copy made in the backward and freed after the product (out*in bytes,
-  one layer at a time: 36 MiB at most for Qwen-Image), with ones as its column scales. An earlier version kept a
-  second, transposed fp8 copy for this, which cost as much memory as the bf16 weight it replaced.
+  one layer at a time: 36 MiB at most for Qwen-Image), with ones as its column scales. Where memory allows (the
+  backend asks the memory plan), a layer keeps a second fp8 copy for the backward instead, ``Wᵀ`` quantized per
+  row: ``dx = Q(dy) Wtq diag(st)`` then takes ``dy`` as it is (no float32 rescaling, no transposed copy a step).
+  (An earlier version always kept it; Qwen-Image's step then peaked as high as with bf16 weights, 75.8 GiB.)
 
 The LoRA branch, biases, norms and attention stay in bf16/fp32.
 
@@ -62,20 +64,23 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """``x @ Wᵀ`` with both operands in fp8; backward ``dy @ W`` likewise, from the same fp8 copy of ``W``. No
-    gradient for the weights."""
+    """``x @ Wᵀ`` with both operands in fp8; backward ``dy @ W`` likewise, from the same fp8 copy of ``W`` or, where
+    the layer keeps one, from its backward copy. No gradient for the weights."""
 
     @staticmethod
-    def forward(ctx, x, w_q, w_scale):
+    def forward(ctx, x, w_q, w_scale, wt_q=None, wt_scale=None):
         lead, k = x.shape[:-1], x.shape[-1]
         y = _scaled_rows(x.reshape(-1, k), w_q.t(), w_scale.view(1, -1))
-        ctx.save_for_backward(w_q, w_scale)  # the module's buffers: nothing new kept for the backward
+        ctx.save_for_backward(w_q, w_scale, wt_q, wt_scale)  # the module's buffers: nothing new kept
         return y.view(*lead, w_q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        w_q, w_scale = ctx.saved_tensors
+        w_q, w_scale, wt_q, wt_scale = ctx.saved_tensors
         lead, n = dy.shape[:-1], dy.shape[-1]
+        if wt_q is not None:  # Wᵀ quantized per row (W's columns): dx = Q(dy) (Wtq diag(st)), nothing to rescale
+            dx = _scaled_rows(dy.reshape(-1, n), wt_q.t(), wt_scale.view(1, -1))
+            return dx.view(*lead, w_q.shape[1]), None, None, None, None
         # dy @ (diag(s) Wq) = (dy diag(s)) @ Wq: the weight's row scales move onto dy's columns (in float32, before
         # dy is quantized per row); Wq column-major for _scaled_mm: a transient transposed copy of this layer only
         a = dy.reshape(-1, n).float() * w_scale.view(1, -1)
@@ -83,7 +88,7 @@ class _Fp8Matmul(torch.autograd.Function):
         ones = torch.ones(1, w_q.shape[1], device=w_q.device, dtype=torch.float32)
         dx = _scaled_rows(a, w_cm, ones, out_dtype=dy.dtype)
         del w_cm
-        return dx.view(*lead, w_q.shape[1]), None, None
+        return dx.view(*lead, w_q.shape[1]), None, None, None, None
 
 
 def _use_scaled_mm(t: torch.Tensor) -> bool:
@@ -111,9 +116,12 @@ def _scaled_rows(a: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
 
 class Fp8Linear(nn.Module):
     """A frozen ``nn.Linear`` computed with fp8 matmuls (see the module docstring). ``original`` keeps the source
-    layer (for :func:`restore`) only when asked; training drops it to free its memory."""
+    layer (for :func:`restore`) only when asked; training drops it to free its memory. ``backward_copy``: also keep
+    ``Wᵀ`` quantized per row (``wt_q`` [in, out], scales ``wt_scale`` per input feature), which the backward's
+    ``_scaled_mm`` takes as it is: no transposed copy and no rescaling of ``dy`` in each step, for one more fp8 copy
+    of the weight (the memory plan decides: :func:`backward_copy_bytes`)."""
 
-    def __init__(self, linear: nn.Linear, keep_original: bool = False):
+    def __init__(self, linear: nn.Linear, keep_original: bool = False, backward_copy: bool = False):
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -121,6 +129,12 @@ class Fp8Linear(nn.Module):
         # not persistent: never in a state_dict or checkpoint (the LoRA and token are what training saves)
         self.register_buffer("w_q", w_q, persistent=False)
         self.register_buffer("w_scale", w_s.view(-1), persistent=False)
+        wt_q = wt_s = None
+        if backward_copy:
+            wt_q, wt_s = quantize_rows(w.t().contiguous())  # row-major [in, out]: its .t() is column-major
+            wt_s = wt_s.view(-1)
+        self.register_buffer("wt_q", wt_q, persistent=False)  # None (no buffer) without the backward copy
+        self.register_buffer("wt_scale", wt_s, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.compute_dtype = w.dtype
         self.original = [linear] if keep_original else None  # a list: not registered as a submodule
@@ -132,11 +146,12 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
-        y = _Fp8Matmul.apply(x, self.w_q, self.w_scale)
+        y = _Fp8Matmul.apply(x, self.w_q, self.w_scale, self.wt_q, self.wt_scale)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 rowwise"
+        copy = ", backward copy" if self.wt_q is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 rowwise{copy}"
 
 
 def check_supported(device: torch.device) -> None:
@@ -175,20 +190,27 @@ def bytes_saved(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM)
                for _, mod in _targets(transformer, modules))
 
 
+def backward_copy_bytes(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM) -> int:
+    """Bytes the backward copies (``Fp8Linear(backward_copy=True)``) add on top of :func:`stored_bytes`: one e4m3
+    byte a weight + a float32 scale an input feature."""
+    return sum(stored_bytes(*reversed(mod.weight.shape)) for _, mod in _targets(transformer, modules))
+
+
 def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
-                     modules: tuple[str, ...] = IMAGE_STREAM) -> int:
+                     modules: tuple[str, ...] = IMAGE_STREAM, backward_copy: bool = False) -> int:
     """Replace the base ``Linear`` layers named ``modules`` (relative to ``transformer_blocks.<i>.``; default:
-    Qwen-Image's image stream) of ``transformer_blocks`` (inside peft LoRA wrappers too) with :class:`Fp8Linear`.
-    Call after the LoRA is added. Returns the number of layers converted."""
+    Qwen-Image's image stream) of ``transformer_blocks`` (inside peft LoRA wrappers too) with :class:`Fp8Linear`
+    (``backward_copy``: see there). Call after the LoRA is added. Returns the number of layers converted."""
     check_supported(next(transformer.parameters()).device)
     targets = _targets(transformer, modules)
     count = len(targets)
     while targets:  # each bf16 layer released as soon as it is replaced: the peak is one layer over the weights
         name, mod = targets.pop(0)
         parent, attr = _parent(transformer, name)
-        setattr(parent, attr, Fp8Linear(mod, keep_original=keep_original))
+        setattr(parent, attr, Fp8Linear(mod, keep_original=keep_original, backward_copy=backward_copy))
         del mod
-    logger.info("fp8 matmuls on %d block layers of the transformer", count)
+    logger.info("fp8 matmuls on %d block layers of the transformer%s", count,
+                " (with backward copies)" if backward_copy else "")
     return count
 
 
