@@ -10,9 +10,10 @@ on the interleaved pairs, in float32 like the original, with real tensors only. 
 diffusers' module-level function at it (the attention processor looks it up at call time); every other call
 form is passed through to the original unchanged. Qwen-Image 2.1's transformer module carries a copy of the same
 function (its RoPE tables are complex too) and can be routed the same way (``install(QWEN_IMAGE_21_MODULE)``); the
-tests check it against the original, values and gradients, for both families. Training routes Qwen-Image's only:
-on CUDA, torch 2.11's inductor failed compiling the backward of this form over 2.1's joint text+image sequence
-(``InductorError: CantSplit``, an H200 in session 5), while 2.1's complex form compiles and trains.
+tests check it against the original, values and gradients, for both families. Training routes both under
+``model.compile``: torch 2.11's inductor failed compiling this form's backward over 2.1's joint text+image sequence
+(``InductorError: CantSplit``, an H200 in session 5) through a bug of its own that ``compile_fixes.py`` works around
+(with it, the same step compiled and trained on the H200 in session 6).
 """
 
 from __future__ import annotations
