@@ -825,11 +825,15 @@ def run_variants(args, device, dtype, res) -> dict:
         real_rope = overrides.pop("real_rope", True)
         # bench-only: layout_cache=0 calls diffusers' 2.1 forward each step (the trainer calls flow21.forward_t2i)
         layout_cache = overrides.pop("layout_cache", True)
-        if not overrides.pop("fp8_backward_copy", True):  # bench-only: never keep fp8 backward copies
-            from qwen_zero_prior.training.diffusers_backend import DiffusersBackend
+        from unittest import mock
 
-            DiffusersBackend._fp8_backward_copy_fits = lambda self, t: False
-        trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
+        from qwen_zero_prior.training.diffusers_backend import DiffusersBackend
+
+        # bench-only: fp8_backward_copy=0 never keeps fp8 backward copies (for this variant's trainer only)
+        no_copies = not overrides.pop("fp8_backward_copy", True)
+        with mock.patch.object(DiffusersBackend, "_fp8_backward_copy_fits", lambda self, t: False) if no_copies \
+                else contextlib.nullcontext():
+            trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
         if not layout_cache:
             from qwen_zero_prior.training import flow21
 
