@@ -813,6 +813,9 @@ def run_variants(args, device, dtype, res) -> dict:
         for blk in tr.transformer_blocks:
             blk._compiled_call_impl = None
         tr.disable_gradient_checkpointing()  # an earlier variant's; the trainer turns it on where configured
+        from qwen_zero_prior.training import attention21
+
+        attention21.uninstall(tr)  # an earlier variant's 2.1 processor (its attention_backend)
         torch._dynamo.reset()
         _fresh_tokenizer(pipe)
         if overrides.pop("baseline", False):
@@ -825,6 +828,8 @@ def run_variants(args, device, dtype, res) -> dict:
         real_rope = overrides.pop("real_rope", True)
         # bench-only: layout_cache=0 calls diffusers' 2.1 forward each step (the trainer calls flow21.forward_t2i)
         layout_cache = overrides.pop("layout_cache", True)
+        if not layout_cache and args.family != "qwen-image-2.1":
+            raise SystemExit(f"--variant {spec!r}: layout_cache is Qwen-Image 2.1's (flow21.forward_t2i)")
         from unittest import mock
 
         from qwen_zero_prior.training.diffusers_backend import DiffusersBackend

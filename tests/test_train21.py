@@ -432,7 +432,8 @@ def test_offload_explicit_text_storage_streams_blocks_that_do_not_fit_beside_it(
 def test_forward_t2i_is_the_transformer_call_with_the_layout_cached(tiny_pipe_21, monkeypatch):
     """flow21.forward_t2i (the training step's 2.1 transformer call) gives diffusers' forward's outputs and
     gradients exactly, with and without padding, with checkpointing, and builds the layout once per (text length,
-    h, w): the second call runs neither the RoPE builder nor any other host-side layout code."""
+    h, w): a second call does not run the RoPE builder (the host-side position lists) again; a hook on the model's
+    forward sends the call through diffusers' forward."""
     from qwen_zero_prior.training import attention21
 
     tr = tiny_pipe_21.transformer
@@ -477,5 +478,9 @@ def test_forward_t2i_is_the_transformer_call_with_the_layout_cached(tiny_pipe_21
     tr.transformer_blocks[0].attn.set_processor(QwenImage21FlexAttnProcessor())
     assert not flow21._plain_segments_path(tr)
     attention21.install(tr, "_native_math")
+    assert flow21._plain_segments_path(tr)
+    handle = tr.register_forward_pre_hook(lambda *a: None)
+    assert not flow21._plain_segments_path(tr)
+    handle.remove()
     assert flow21._plain_segments_path(tr)
 

@@ -6,8 +6,10 @@ call: ``set_attention_backend`` reaches only the cached decode steps of inferenc
 nearly all of the attention (4096 queries over 4227 keys at 1024², against 131 x 131 for the caption), so
 :class:`Segments21AttnProcessor` sends that call, when it has no mask, to the processor's configured backend (e.g.
 ``_native_cudnn``: cuDNN's fused attention kernels on Hopper) and keeps diffusers' choices for the masked caption
-segments, whose boolean masks not every backend takes. The numbers are diffusers' processor's (same calls in the
-same order, only the kernel differs); :func:`install` puts it on every block of a ``QwenImage21Transformer2DModel``.
+segments, whose boolean masks not every backend takes. It computes what diffusers' processor computes (the same
+calls in the same order; only the image call's kernel differs, so the results agree to that kernel's rounding);
+:func:`install` puts it on every block of a ``QwenImage21Transformer2DModel``, or, on a diffusers without 0.42's
+processor internals, only sets the backend (where diffusers' processor then uses it).
 The code follows diffusers 0.42's ``QwenImage21AttnProcessor.__call__``; it diverges only in the image call's
 ``backend``. With a KV cache (inference) diffusers' own code runs.
 """
@@ -68,11 +70,14 @@ def _processor_class():
 def install(transformer, backend: str) -> int:
     """Give each attention module of a ``QwenImage21Transformer2DModel`` a ``Segments21AttnProcessor`` on
     ``backend`` (a diffusers attention backend name, e.g. ``_native_cudnn``). Returns how many were set."""
-    cls = _processor_class()
+    from diffusers.models.transformers import transformer_qwenimage21 as q21
+
     n = 0
-    for block in transformer.transformer_blocks:
-        block.attn.set_processor(cls())
-        n += 1
+    if hasattr(q21, "_qwenimage21_prepare_qkv"):  # the diffusers this module follows (0.42)
+        cls = _processor_class()
+        for block in transformer.transformer_blocks:
+            block.attn.set_processor(cls())
+            n += 1
     transformer.set_attention_backend(backend)  # diffusers validates the name and sets it on every processor
     return n
 
@@ -84,7 +89,7 @@ def uninstall(transformer) -> int:
 
     n = 0
     for block in getattr(transformer, "transformer_blocks", ()):
-        if isinstance(block.attn.processor, _processor_class()):
+        if type(block.attn.processor).__name__ == "Segments21AttnProcessor":
             block.attn.set_processor(QwenImage21AttnProcessor())
             n += 1
     return n

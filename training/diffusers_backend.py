@@ -117,11 +117,12 @@ class DiffusersBackend(TrainBackend):
         with the weights as they will be (fp8, plus the copies), still trains resident. On a GPU only (a CPU run
         has no memory to plan and gains nothing from them)."""
         from . import memory
-        from .fp8 import backward_copy_bytes
+        from .fp8 import backward_copy_bytes, check_supported
 
         pipe, m = self.pipe, self.cfg.model
         if self.device.type != "cuda" or m.offload:
             return False
+        check_supported(self.device)  # an fp8-less GPU is refused before anything is planned or logged
         extra = backward_copy_bytes(pipe.transformer, self.family.fp8_modules)
         weights = memory.weights_bytes(pipe, m) + extra  # as the plan counted them (fp8 storage), plus the copies
         parts = memory.weight_parts(pipe) if self.family.name == QWEN_IMAGE_21 else None

@@ -153,9 +153,10 @@ class LayoutCache:
     position and with device round-trips (``tolist()``, a tensor-valued ``repeat_interleave``, ``nonzero``,
     ``int(sum)``), each of which drains the GPU's queue while Python catches up: in a training step that is GPU
     time lost. Computed here once by the model's own functions, they are the same tensors. Least recently used
-    entries go first beyond ``size`` (a caption length and bucket per entry; the RoPE table is ~2 MB at 1024²)."""
+    entries go first beyond ``size`` (a caption length and bucket per entry; the RoPE table is ~2 MB at 1024²: 64
+    entries, as many layouts as a dataset of varied captions and a few buckets has, hold ~130 MB at most)."""
 
-    def __init__(self, size: int = 16):
+    def __init__(self, size: int = 64):
         self.size = size
         self._entries: OrderedDict = OrderedDict()
         self.misses = 0
@@ -181,13 +182,20 @@ class LayoutCache:
 
 
 def _plain_segments_path(transformer) -> bool:
-    """Whether :func:`forward_t2i` reproduces ``transformer``'s forward: every block on a segment-prefill processor
-    (not diffusers' flex one, whose block mask depends on the padding) and no hook around the model's forward."""
-    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21FlexAttnProcessor
+    """Whether :func:`forward_t2i` reproduces ``transformer``'s forward: the diffusers functions it builds on exist
+    (0.42's), every block on a segment-prefill processor (not diffusers' flex one, whose block mask depends on the
+    padding), and nothing around the model's own forward (accelerate or diffusers hooks, torch hooks, a whole-model
+    compile)."""
+    from diffusers.models.transformers import transformer_qwenimage21 as q21
 
+    if not (hasattr(q21, "_qwenimage21_prefix_segments") and hasattr(transformer, "build_token_metadata")):
+        return False
     if getattr(transformer, "_hf_hook", None) is not None or getattr(transformer, "_diffusers_hook", None) is not None:
         return False
-    return not any(isinstance(b.attn.processor, QwenImage21FlexAttnProcessor) for b in transformer.transformer_blocks)
+    if transformer._forward_hooks or transformer._forward_pre_hooks or transformer._compiled_call_impl is not None:
+        return False
+    flex = q21.QwenImage21FlexAttnProcessor
+    return not any(isinstance(b.attn.processor, flex) for b in transformer.transformer_blocks)
 
 
 def forward_t2i(transformer, noisy: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
