@@ -120,7 +120,8 @@ def test_trainer_puts_the_2_1_processor_on_with_an_attention_backend(tiny_pipe_2
     assert procs == {"Segments21AttnProcessor"}
     assert {str(b.attn.processor._attention_backend.value) for b in tiny_pipe_21.transformer.transformer_blocks} == {
         "_native_math"}
-    assert np.isfinite(t.train_step())
+    assert np.isfinite(t.train_step()) and np.isfinite(t.train_step())
+    assert t.backend.layouts.misses == 1  # the step's transformer call is forward_t2i's, its layout built once
 
 
 def test_resolution_must_fit_the_family(tiny_pipe_21, dataset_dir, make_config, tmp_path):
