@@ -262,3 +262,16 @@ def test_2_1_baseline_runs_diffusers_processor_with_an_attention_backend(tmp_pat
                             "compile=0", "--out", str(out)]) == 0
     assert seen == [{"QwenImage21AttnProcessor"}]
     assert [r["ms_median"] > 0 for r in json.loads(out.read_text())["rows"]] == [True, True]
+
+
+def test_layout_cache_key_is_refused_outside_2_1(monkeypatch):
+    import os
+
+    import pytest
+
+    from bench.bench_step import main
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with pytest.raises(SystemExit, match=r"^--variant 'layout_cache=0': layout_cache is Qwen-Image 2.1's"):
+        main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
+              "--iters", "1", "--mode", "variants", "--variant", "layout_cache=0"])
