@@ -700,11 +700,12 @@ def _undo_compile_rewrites(transformer) -> None:
     """Plain diffusers RoPE and GELU again (the trainer installs their fusable forms with ``model.compile``), and
     diffusers' own 2.1 attention processor (the trainer's sends the image's queries to ``model.attention_backend``):
     the baseline runs diffusers' own code, and eagerly the rewrites would only cost memory."""
-    from qwen_zero_prior.training import attention21, gelu, rope
+    from qwen_zero_prior.training import attention21, gelu, lora_shared, rope
 
     rope.uninstall()
     gelu.uninstall(transformer)
     attention21.uninstall(transformer)
+    lora_shared.uninstall_swiglu(transformer)
 
 
 def project_step_fp8(pipe, args, work: Path, row, tflop):
@@ -813,9 +814,10 @@ def run_variants(args, device, dtype, res) -> dict:
         for blk in tr.transformer_blocks:
             blk._compiled_call_impl = None
         tr.disable_gradient_checkpointing()  # an earlier variant's; the trainer turns it on where configured
-        from qwen_zero_prior.training import attention21
+        from qwen_zero_prior.training import attention21, lora_shared
 
-        attention21.uninstall(tr)  # an earlier variant's 2.1 processor (its attention_backend)
+        attention21.uninstall(tr)  # an earlier variant's 2.1 processor (compile or its attention_backend)
+        lora_shared.uninstall_swiglu(tr)
         torch._dynamo.reset()
         _fresh_tokenizer(pipe)
         if overrides.pop("baseline", False):
@@ -834,6 +836,12 @@ def run_variants(args, device, dtype, res) -> dict:
 
         from qwen_zero_prior.training.diffusers_backend import DiffusersBackend
 
+        # bench-only: fused_lora=0 runs each LoRA on its own, as peft does (lora_shared.py fuses the A products of
+        # layers sharing an input), for this variant's steps
+        stack = contextlib.ExitStack()
+        fused_lora = overrides.pop("fused_lora", True)
+        if not fused_lora:
+            stack.enter_context(mock.patch.object(lora_shared, "_adapter", lambda layers: None))
         # bench-only: fp8_backward_copy=0 never keeps fp8 backward copies (for this variant's trainer only)
         no_copies = not overrides.pop("fp8_backward_copy", True)
         with mock.patch.object(DiffusersBackend, "_fp8_backward_copy_fits", lambda self, t: False) if no_copies \
@@ -872,12 +880,14 @@ def run_variants(args, device, dtype, res) -> dict:
              "warmup_s": round(warm_s, 1), "text_tokens": text_len_of(trainer), **phases,
              **memory_fields(pipe, trainer.cfg.model, args, device), "memory_cap_gib": args.memory_cap_gib or None,
              **({"rope": rope_form} if rope_form else {}),
+             **({"fused_lora": bool(fused_lora)} if rope_form and args.family == "qwen-image-2.1" else {}),
              **({"fp8_backward_copy": _has_fp8_backward_copies(pipe.transformer)}
                 if trainer.cfg.model.fp8_matmul else {})}
         if args.trace and device.type == "cuda":
             r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
         res["rows"].append(r)
         print(json.dumps(r), flush=True)
+        stack.close()
         del trainer
     return res
 
@@ -1015,7 +1025,8 @@ def main(argv=None) -> int:
                    'process capped; "real_rope=0": diffusers\' complex RoPE under compile (rewritten in real '
                    'arithmetic by default); "layout_cache=0": Qwen-Image 2.1 through diffusers\' forward each step '
                    '(flow21.forward_t2i by default); "fp8_backward_copy=0": no fp8 backward copies (kept by default '
-                   'where the memory plan fits them)')
+                   'where the memory plan fits them); "fused_lora=0": each LoRA\'s A product on its own, as peft (2.1 fuses '
+                   'those of layers sharing an input under compile)')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--res", type=int, default=1024)

@@ -124,6 +124,98 @@ def test_trainer_puts_the_2_1_processor_on_with_an_attention_backend(tiny_pipe_2
     assert t.backend.layouts.misses == 1  # the step's transformer call is forward_t2i's, its layout built once
 
 
+def test_shared_input_lora_equals_peft_and_fuses_the_a_products(tiny_pipe_21):
+    """lora_shared: q/k/v (in attention21's processor) and gate/proj (the SwiGLU) run their LoRA A products as one
+    matmul each, with peft's numbers: the same output, the same gradients for the input and every lora_A/lora_B,
+    and no lora_A module called on its own for the five fused layers of each block."""
+    from qwen_zero_prior.training import attention21, lora_shared
+    from qwen_zero_prior.training.lora import add_lora
+
+    tr = tiny_pipe_21.transformer
+    add_lora(tr, rank=4, alpha=4, targets=TARGETS_21, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for name, p in tr.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: give every adapter a visible contribution
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    noisy = torch.randn(2, tiny_pipe_21.vae.config.z_dim, 1, 4, 4, generator=g)
+    embeds = torch.randn(2, 5, tr.config.context_in_dim, generator=g, requires_grad=True)
+    lora = {n: p for n, p in tr.named_parameters() if "lora_" in n}
+    called = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: called.append(n.split(".lora_A")[0]))
+             for n, m in tr.named_modules() if ".lora_A." in n]
+    runs = []
+    for fused in (False, True):
+        if fused:
+            assert attention21.install(tr, None) == len(tr.transformer_blocks)
+            assert lora_shared.install_swiglu(tr) == len(tr.transformer_blocks)
+        embeds.grad = None
+        for p in lora.values():
+            p.grad = None
+        called.clear()
+        out = flow21.forward(tr, noisy, torch.tensor([0.5, 0.7]), embeds, None)
+        out.square().sum().backward()
+        runs.append((out.detach(), embeds.grad.clone(), {n: p.grad.clone() for n, p in lora.items()},
+                     sorted(set(called))))
+    for h in hooks:
+        h.remove()
+    (ref, ref_dx, ref_grads, ref_called), (got, got_dx, got_grads, got_called) = runs
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6) and torch.allclose(got_dx, ref_dx, rtol=1e-5, atol=1e-6)
+    assert ref_grads.keys() == got_grads.keys() and len(ref_grads) == 2 * 7 * len(tr.transformer_blocks)
+    for n in ref_grads:
+        # fp32 rounding of other summation orders only: ~5e-7 of each gradient's largest entry here
+        assert (got_grads[n] - ref_grads[n]).abs().max() <= 1e-5 * ref_grads[n].abs().max(), n
+        assert got_grads[n].abs().sum() > 0, n
+    n_blocks = len(tr.transformer_blocks)
+    assert len(ref_called) == 7 * n_blocks  # peft: every adapter's A on its own
+    assert sorted(c.split(".", 2)[2] for c in got_called) == ["attn.to_out.0"] * n_blocks + ["img_mlp.out"] * n_blocks
+    # uninstalled: diffusers' own forward again
+    assert lora_shared.uninstall_swiglu(tr) == n_blocks and attention21.uninstall(tr) == n_blocks
+    assert all("forward" not in b.img_mlp.__dict__ for b in tr.transformer_blocks)
+
+
+def test_shared_input_lora_falls_back_to_peft_where_it_cannot_fuse(tiny_pipe_21):
+    """Dropout, a disabled adapter, or a layer without LoRA: each layer is called as it is (peft's own forward)."""
+    from peft import LoraConfig
+
+    from qwen_zero_prior.training import lora_shared
+
+    tr = tiny_pipe_21.transformer
+    attn = tr.transformer_blocks[0].attn
+    x = torch.randn(1, 3, attn.to_q.in_features)
+    assert lora_shared._adapter((attn.to_q, attn.to_k)) is None  # plain Linears: no LoRA yet
+    assert [torch.equal(a, b) for a, b in zip(lora_shared.project(x, (attn.to_q, attn.to_k)),
+                                              (attn.to_q(x), attn.to_k(x)))] == [True, True]
+    tr.add_adapter(LoraConfig(r=2, lora_alpha=2, lora_dropout=0.1, target_modules=["to_q", "to_k"]))
+    assert lora_shared._adapter((attn.to_q, attn.to_k)) is None  # dropout: peft's forward
+    tr.delete_adapters("default")
+    tr.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k"]))
+    assert lora_shared._adapter((attn.to_q, attn.to_k)) == "default"
+    assert lora_shared._adapter((attn.to_q, attn.to_v)) is None  # to_v has no adapter
+    tr.disable_adapters()
+    assert lora_shared._adapter((attn.to_q, attn.to_k)) is None
+
+
+def test_compile_installs_the_shared_input_lora(tiny_pipe_21, dataset_dir, make_config, tmp_path):
+    """With model.compile the 2.1 trainer's blocks run q/k/v through attention21's processor and the SwiGLU through
+    lora_shared (no attention_backend needed); eager training keeps diffusers' modules."""
+    from qwen_zero_prior.training import lora_shared, rope
+
+    eager = copy.deepcopy(tiny_pipe_21)
+    Trainer(make_config(steps=1), eager, _examples(dataset_dir), tmp_path / "eager")
+    assert {type(b.attn.processor).__name__ for b in eager.transformer.transformer_blocks} == {
+        "QwenImage21AttnProcessor"}
+    assert all("forward" not in b.img_mlp.__dict__ for b in eager.transformer.transformer_blocks)
+    cfg = make_config(steps=1)
+    cfg.model.compile = True
+    try:
+        Trainer(cfg, tiny_pipe_21, _examples(dataset_dir), tmp_path / "compiled")
+        blocks = tiny_pipe_21.transformer.transformer_blocks
+        assert {type(b.attn.processor).__name__ for b in blocks} == {"Segments21AttnProcessor"}
+        assert lora_shared.uninstall_swiglu(tiny_pipe_21.transformer) == len(blocks)
+    finally:
+        rope.uninstall()
+
+
 def test_resolution_must_fit_the_family(tiny_pipe_21, dataset_dir, make_config, tmp_path):
     with pytest.raises(ConfigError, match=r"^train.resolution must be a multiple of 32 for Qwen-Image 2.1, got 48$"):
         Trainer(make_config(resolution=48), tiny_pipe_21, _examples(dataset_dir), tmp_path)

@@ -10,8 +10,10 @@ segments, whose boolean masks not every backend takes. It computes what diffuser
 calls in the same order; only the image call's kernel differs, so the results agree to that kernel's rounding);
 :func:`install` puts it on every block of a ``QwenImage21Transformer2DModel``, or, on a diffusers without 0.42's
 processor internals, only sets the backend (where diffusers' processor then uses it).
-The code follows diffusers 0.42's ``QwenImage21AttnProcessor.__call__``; it diverges only in the image call's
-``backend``. With a KV cache (inference) diffusers' own code runs.
+The code follows diffusers 0.42's ``QwenImage21AttnProcessor.__call__``; it diverges in the image call's
+``backend`` and in the q/k/v projections, whose LoRA ``A`` products run as one matmul (``lora_shared.py``; peft's
+numbers). With a KV cache (inference) diffusers' own code runs. The trainer installs it with ``model.compile`` or
+``model.attention_backend``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,26 @@ from __future__ import annotations
 import functools
 
 import torch
+
+
+def _prepare_qkv(attn, hidden_states, rotary_emb):
+    """diffusers 0.42's ``_qwenimage21_prepare_qkv`` without a KV cache (training's prefill), with the q/k/v
+    projections through ``lora_shared.project`` (their LoRA ``A`` products as one matmul; peft's numbers)."""
+    from diffusers.models.transformers import transformer_qwenimage21 as q21
+
+    from .lora_shared import project
+
+    query, key, value = project(hidden_states, (attn.to_q, attn.to_k, attn.to_v))
+    head_dim = attn.inner_dim // attn.heads
+    query = query.unflatten(-1, (-1, head_dim))
+    key = key.unflatten(-1, (-1, head_dim))
+    value = value.unflatten(-1, (-1, head_dim))
+    query = attn.norm_q(query).to(value.dtype)
+    key = attn.norm_k(key).to(value.dtype)
+    if rotary_emb is not None:  # looked up at call time: rope.install may have routed it
+        query = q21.apply_rotary_emb_qwen(query, rotary_emb, use_real=False)
+        key = q21.apply_rotary_emb_qwen(key, rotary_emb, use_real=False)
+    return query, key, value, query.shape[1]
 
 
 @functools.cache  # one class: dynamo and isinstance checks see the same type on every block
@@ -35,8 +57,7 @@ def _processor_class():
                 return super().__call__(attn, hidden_states, attention_mask=attention_mask, rotary_emb=rotary_emb,
                                         layer_cache=layer_cache, kv_cache_mode=kv_cache_mode,
                                         cache_write_slice=cache_write_slice, segments=segments, key_valid=key_valid)
-            query, key, value, seq_len_q = q21._qwenimage21_prepare_qkv(
-                attn, hidden_states, rotary_emb, layer_cache, kv_cache_mode, cache_write_slice)
+            query, key, value, seq_len_q = _prepare_qkv(attn, hidden_states, rotary_emb)
             prefix_len = segments[-1][1] if segments else 0
             outputs = []
             for start, end, is_text in segments:
@@ -67,9 +88,10 @@ def _processor_class():
     return Segments21AttnProcessor
 
 
-def install(transformer, backend: str) -> int:
+def install(transformer, backend: str | None) -> int:
     """Give each attention module of a ``QwenImage21Transformer2DModel`` a ``Segments21AttnProcessor`` on
-    ``backend`` (a diffusers attention backend name, e.g. ``_native_cudnn``). Returns how many were set."""
+    ``backend`` (a diffusers attention backend name, e.g. ``_native_cudnn``; None: torch's default choice, as
+    diffusers' processor). Returns how many were set."""
     from diffusers.models.transformers import transformer_qwenimage21 as q21
 
     n = 0
@@ -78,7 +100,8 @@ def install(transformer, backend: str) -> int:
         for block in transformer.transformer_blocks:
             block.attn.set_processor(cls())
             n += 1
-    transformer.set_attention_backend(backend)  # diffusers validates the name and sets it on every processor
+    if backend:
+        transformer.set_attention_backend(backend)  # diffusers validates the name and sets it on every processor
     return n
 
 

@@ -45,6 +45,14 @@ class Diffusers21Backend(DiffusersBackend):
 
         attention21.install(self.pipe.transformer, backend)
 
+    def _compile_rewrites(self) -> None:
+        # q/k/v and gate/proj: their LoRA A products as one matmul each (lora_shared.py; peft's numbers)
+        from . import attention21, lora_shared
+
+        if not self.cfg.model.attention_backend:  # else _set_attention_backend installed it, with the backend
+            attention21.install(self.pipe.transformer, None)
+        lora_shared.install_swiglu(self.pipe.transformer)
+
     def _make_prompts(self) -> None:
         m = self.cfg.model
         self.prompts = PromptEncoder21(self.pipe, [tok.token_id for tok in self.tokens] or None,

@@ -108,6 +108,7 @@ class DiffusersBackend(TrainBackend):
             # same numbers in real arithmetic, which inductor can fuse (see rope.py)
             rope.install(rope.QWEN_IMAGE_MODULE, rope.QWEN_IMAGE_21_MODULE)
             gelu.install(pipe.transformer)  # the same activation with cheaper arithmetic (see gelu.py)
+            self._compile_rewrites()
             mode = m.compile_mode
             pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
         self._make_prompts()
@@ -136,6 +137,9 @@ class DiffusersBackend(TrainBackend):
 
     def _set_attention_backend(self, backend: str) -> None:
         self.pipe.transformer.set_attention_backend(backend)
+
+    def _compile_rewrites(self) -> None:
+        """The family's own forms of its modules for ``model.compile`` (none for Qwen-Image)."""
 
     def _make_prompts(self) -> None:
         m = self.cfg.model
