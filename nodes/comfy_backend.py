@@ -17,6 +17,9 @@ the way ComfyUI's own trainer (``comfy_extras/nodes_train.py``) sets them up, fe
   next unpatches that model, while hooks are removed deterministically in ``finally``;
 - the token's gradient path through the frozen text encoder runs this project's decoder code over ComfyUI's
   loaded modules (``nodes/comfy_text.py``), not ComfyUI's inference forward.
+- the DiT's attention in the training forward through ComfyUI's ``optimized_attention_override`` hook with cuDNN
+  first in SDPA's priority (``nodes/comfy_attention.py``; ComfyUI 0.33 prefers flash attention, whose backward is
+  the slower one); sampling keeps ComfyUI's choice.
 
 The compute dtype is the model's manual-cast dtype (bf16 for an fp8-stored DiT on a GPU), never the storage dtype.
 ComfyUI's ``Linear`` casts its stored weight for each use (fp8 files, weights left in CPU memory); autograd would keep
@@ -45,7 +48,10 @@ from ..training import memory as mem
 from ..training.backend import TrainBackend
 from ..training.config import Config, TrainConfig
 from ..training.data import Example, load_pixels
+from ..training.profiling import ENV as PROFILE_ENV
+from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
+from .comfy_attention import training_attention
 from .comfy_text import ComfyPromptEncoder, qwen_decoder
 from ..training.families import QWEN_IMAGE, get_family
 from .token_node import ZeroPriorTokenizer, text_encoder_parts
@@ -479,6 +485,8 @@ class ComfyBackend(TrainBackend):
         # the MODEL's own transformer options (patches other nodes added apply as when sampling), in a fresh dict:
         # the forward writes into it, and its default argument is shared
         options = dict(self.mp.model_options.get("transformer_options", {}))
+        # cuDNN first for the training forward's attention, unless the graph set its own override (comfy_attention)
+        options.setdefault("optimized_attention_override", training_attention)
         with self._phases("DiT forward"):
             return dm(noisy.to(self.dtype), sigmas.to(self.dtype), embeds.to(self.dtype), attention_mask=mask,
                       transformer_options=options)
@@ -563,18 +571,21 @@ class ComfyBackend(TrainBackend):
 
 class _PhaseTimer:
     """Median GPU time of the forward phases and of whole steps (the rest is backward + optimizer), from CUDA events
-    read once when training ends (no sync inside a step); logged by ``close()``. Nothing on a CPU."""
+    read once when training ends (no sync inside a step); logged by ``close()``. Nothing on a CPU. With
+    ``QWEN_ZERO_PRIOR_PROFILE_STEPS=N`` also the kernel table of N steps (``training/profiling.py``)."""
 
     def __init__(self, device: torch.device):
         self.events: dict[str, list] = {}
         self.steps: list = []
         self.enabled = device.type == "cuda"
+        self.profiler = StepProfiler(device)
 
     def step(self) -> None:
         if self.enabled:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             self.steps.append(e)
+            self.profiler.step(len(self.steps))
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -590,6 +601,9 @@ class _PhaseTimer:
             self.events.setdefault(name, []).append((start, end))
 
     def report(self) -> None:
+        if self.profiler.finish():  # also where training ended inside the profiled steps
+            logger.info("kernels of %d profiled steps (%s):\n%s", self.profiler.steps, PROFILE_ENV,
+                        self.profiler.table)
         if not self.enabled or len(self.steps) < 3:
             return
         torch.cuda.synchronize()

@@ -1,6 +1,7 @@
 """CPU smoke test of the GPU benchmark's code paths (tiny models; the numbers mean nothing here)."""
 
 import json
+import re
 
 import pytest
 
@@ -275,3 +276,31 @@ def test_layout_cache_key_is_refused_outside_2_1(monkeypatch):
     with pytest.raises(SystemExit, match=r"^--variant 'layout_cache=0': layout_cache is Qwen-Image 2.1's"):
         main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
               "--iters", "1", "--mode", "variants", "--variant", "layout_cache=0"])
+
+
+def test_node_kernel_profile_knob_and_its_table_in_the_bench_json(monkeypatch):
+    """QWEN_ZERO_PRIOR_PROFILE_STEPS (the node's kernel profile, run_node.py --profile-steps): a number or unset,
+    garbage refused naming the variable; run_node.py keeps the node's logged table, header to total line."""
+    import pytest
+
+    from bench.comfyui.run_node import kernel_table
+    from qwen_zero_prior.training import profiling
+
+    monkeypatch.delenv(profiling.ENV, raising=False)
+    assert profiling.steps_from_env() == 0
+    monkeypatch.setenv(profiling.ENV, "2")
+    assert profiling.steps_from_env() == 2
+    import torch
+
+    assert profiling.StepProfiler(torch.device("cpu")).steps == 0  # nothing to profile on a CPU
+    for bad in ("two", "-1", "1.5"):
+        monkeypatch.setenv(profiling.ENV, bad)
+        with pytest.raises(ValueError, match=rf"^QWEN_ZERO_PRIOR_PROFILE_STEPS='{re.escape(bad)}': expected a number"):
+            profiling.steps_from_env()
+    log = "\n".join(["[INFO] phase times ...", "[INFO] kernels of 2 profiled steps (QWEN_ZERO_PRIOR_PROFILE_STEPS):",
+                     "-----", "Name  Self CUDA", "nvjet_sm90_kernel  10.0ms", "-----",
+                     "Self CPU time total: 1.0ms", "Self CUDA time total: 20.0ms", "[INFO] Prompt executed"])
+    table = kernel_table(log)
+    assert table[0].endswith("kernels of 2 profiled steps (QWEN_ZERO_PRIOR_PROFILE_STEPS):")
+    assert table[-1] == "Self CUDA time total: 20.0ms" and "nvjet_sm90_kernel  10.0ms" in table
+    assert kernel_table("[INFO] no profile here") == []

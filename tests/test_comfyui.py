@@ -840,6 +840,24 @@ def test_cast_linear_matches_comfyui_linear_without_keeping_the_cast(comfy):
     assert r["saved_comfy"] >= r["weight_bytes"] > r["saved_cast"]
 
 
+def test_training_attention_override_equals_comfyui_attention(comfy):
+    """The training forward's attention (nodes/comfy_attention.py, handed to ComfyUI as its
+    optimized_attention_override): every block's call takes the override's own SDPA path (cuDNN first on a GPU), and
+    the DiT's output and input gradient equal those with ComfyUI's own attention."""
+    g = torch.Generator().manual_seed(3)
+    save_file({"x": torch.randn(1, 16, 8, 8, generator=g), "t": torch.tensor([0.6]),
+               "context": torch.randn(1, 7, 32, generator=g)}, comfy.base / "input" / "attn_in.safetensors")
+    comfy.server.run({"1": {"class_type": "UNETLoader",
+                            "inputs": {"unet_name": comfy.names["unet"], "weight_dtype": "default"}},
+                      "2": {"class_type": "ZPTestTrainingAttention",
+                            "inputs": {"model": ["1", 0], "inputs": "attn_in.safetensors",
+                                       "filename": "training_attention.json"}}})
+    r = json.loads(comfy.output("training_attention.json").read_text())
+    print(f"ComfyUI {comfy.version}: training attention override: {r}")
+    assert r["calls"] == r["blocks"] > 0 and r["fallback"] == 0
+    assert r["max_abs_out"] <= 1e-5 * r["out_scale"] and r["max_abs_grad"] <= 1e-5 * r["grad_scale"]
+
+
 def test_training_bad_datasets_fail_before_training(comfy, train_ds):
     import shutil as sh
 

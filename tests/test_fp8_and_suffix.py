@@ -612,3 +612,4 @@ def test_suffix_function_traces_as_one_graph(tiny_pipe):
     assert torch.allclose(out, ref, atol=1e-5)
     out.sum().backward()
     assert reg.vector.grad is not None and float(reg.vector.grad.abs().sum()) > 0
+

@@ -3,7 +3,7 @@
 # write full-size random-weight files in ComfyUI's layouts (once per machine), then run the training node through
 # /prompt for each "comfyui-<version>:<cap GiB>[:<one extra ComfyUI flag>[:<Train node inputs>]]" in $RUNS (cap 0 =
 # uncapped), e.g. RUNS="comfyui-0.33.0:78 comfyui-0.33.0:0 comfyui-0.3.64:78::compile=1 comfyui-0.33.0:24".
-# JSON rows and each run's ComfyUI log in $OUT.
+# JSON rows and each run's ComfyUI log in $OUT. PROFILE_STEPS=2: the node's kernel table of 2 steps in each JSON.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 here=$(cd "$(dirname "$0")" && pwd)
@@ -28,6 +28,7 @@ for run in ${RUNS:-$(basename "$first_tree"):78}; do
   timeout "${RUN_TIMEOUT:-420}" python3 "$here/run_node.py" --comfyui "/tmp/$v" --models "$M" --dit "$DIT" --te "$TE" \
     --vae "$VAE" --cap-gib "$cap" --steps "${STEPS:-10}" --sample-steps "${SAMPLE_STEPS:-4}" \
     --timeout "${PROMPT_TIMEOUT:-360}" ${extra:+--extra-args=$extra} ${inputs:+"--node-inputs=$inputs"} \
+    ${PROFILE_STEPS:+--profile-steps "$PROFILE_STEPS"} \
     --out "${OUT:-/tmp/out}/node-$v-cap$cap${extra:+$extra}${inputs:+-${inputs//[=,]/-}}.json"
   echo "== $v cap $cap $extra $inputs: exit $? after $(( $(date +%s) - t0 )) s"
 done

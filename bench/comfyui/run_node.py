@@ -134,6 +134,16 @@ def node_inputs(spec: str, defaults: dict | None = None) -> dict:
     return out
 
 
+def kernel_table(log: str) -> list[str]:
+    """The node's logged kernel table (``kernels of N profiled steps ...`` and the table's lines under it)."""
+    lines = log.splitlines()
+    start = next((i for i, line in enumerate(lines) if "kernels of " in line and "profiled steps" in line), None)
+    if start is None:
+        return []
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("Self CUDA time total")), None)
+    return lines[start:(end + 1) if end is not None else start + 40]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfyui", type=Path, required=True, help="ComfyUI work tree")
@@ -157,6 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--node-inputs", default="",
                    help="more inputs of the Train node, e.g. compile=1,rank=16 (comma separated name=value, typed "
                    "as the example workflow's values; 1/0 for booleans)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile N steps after the third (torch.profiler, CUDA kernels) and keep the node's kernel "
+                   "table in the JSON (the node's QWEN_ZERO_PRIOR_PROFILE_STEPS)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
 
@@ -186,6 +199,7 @@ def main(argv=None) -> int:
     cmd += a.extra_args.split()
     overlay = a.comfyui / ".zp-overlay"  # a version's own pins where the environment differs (tests' overlay.py)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ZP_CAP_GIB": str(a.cap_gib or ""),
+           "QWEN_ZERO_PRIOR_PROFILE_STEPS": str(a.profile_steps or ""),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(base / "site"), str(overlay) if overlay.is_dir() else "",
                                                        os.environ.get("PYTHONPATH", "")]))}
     log_path = base / "comfyui.log"
@@ -280,6 +294,8 @@ def main(argv=None) -> int:
                               if any(k in line for k in ("gradient checkpointing on", "phase times",
                                                          "loading partially", "memory plan", "Traceback", "Error",
                                                          "model.compile", "nference tensors"))][-12:]
+        if a.profile_steps:
+            result["kernels"] = kernel_table(log)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=1))
         # the whole ComfyUI log beside the row (its last 2 M characters)

@@ -420,6 +420,79 @@ class ZPTestUntrackWeights:
         return (model, clip)
 
 
+class ZPTestTrainingAttention:
+    """The DiT's forward (and its input gradient) with the training node's attention override
+    (``nodes/comfy_attention.py`` as ``transformer_options["optimized_attention_override"]``) vs ComfyUI's own
+    attention: the largest differences, and how many calls took the override's own SDPA path."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "inputs": ("STRING", {"default": "forward_in.safetensors"}),
+                             "filename": ("STRING", {"default": "training_attention.json"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def run(self, model, inputs, filename):
+        import json
+
+        import torch.nn.functional as F
+
+        attention = _pack_module("nodes.comfy_attention")
+        data = load_file(os.path.join(folder_paths.get_input_directory(), os.path.basename(inputs)))
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        dm = model.model.diffusion_model
+        dev = comfy.model_management.get_torch_device()
+        dtype = model.model.get_dtype()
+        own = {"n": 0, "fallback": 0}
+        sdpa = F.scaled_dot_product_attention
+
+        def counted_sdpa(*args, **kwargs):  # the override's own call (ComfyUI's goes through comfy.ops)
+            own["n"] += 1
+            return sdpa(*args, **kwargs)
+
+        def override(func, *args, **kwargs):
+            before = own["n"]
+            out = attention.training_attention(func, *args, **kwargs)
+            own["fallback"] += own["n"] == before
+            return out
+
+        results = []
+        was_training = getattr(comfy.model_management, "in_training", None)
+        if was_training is not None:  # as the training node sets it: ComfyUI's differentiable RoPE
+            comfy.model_management.in_training = True
+        try:
+            self._compare(dm, dev, dtype, data, override, counted_sdpa, sdpa, attention, results)
+        finally:
+            if was_training is not None:
+                comfy.model_management.in_training = was_training
+        (ref, ref_grad), (got, got_grad) = results
+        report = {"calls": own["n"], "fallback": own["fallback"], "blocks": len(dm.transformer_blocks),
+                  "max_abs_out": float((got - ref).abs().max()), "max_abs_grad": float((got_grad - ref_grad).abs().max()),
+                  "out_scale": float(ref.abs().max()), "grad_scale": float(ref_grad.abs().max())}
+        with open(os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)), "w") as f:
+            json.dump(report, f)
+        return {}
+
+    @staticmethod
+    def _compare(dm, dev, dtype, data, override, counted_sdpa, sdpa, attention, results):
+        with torch.inference_mode(False), torch.enable_grad():
+            _pack_module("nodes.comfy_backend")._ordinary_tensors(dm)  # as the training node does
+            for options in ({}, {"optimized_attention_override": override}):
+                x = data["x"].to(dev, dtype).clone()
+                x = (x[:, :, None] if x.ndim == 4 else x).requires_grad_(True)
+                attention.F.scaled_dot_product_attention = counted_sdpa if options else sdpa
+                try:
+                    out = dm(x, data["t"].to(dev, dtype).clone(), data["context"].to(dev, dtype).clone(),
+                             transformer_options=options)
+                finally:
+                    attention.F.scaled_dot_product_attention = sdpa
+                out.square().sum().backward()
+                results.append((out.detach().float(), x.grad.detach().float()))
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     ZPTestUntrackWeights, ZPTestCastLinear, ZPTestSaveConditioning, ZPTestTokens, ZPTestModelForward, ZPTestNonQwenClip,
-    ZPTestKeepVisionTokenizer, ZPTestTrainingConditioning)}
+    ZPTestKeepVisionTokenizer, ZPTestTrainingConditioning, ZPTestTrainingAttention)}

@@ -1,0 +1,54 @@
+"""Kernel profile of a few training steps, asked for through the environment (a benchmark's knob, as ``TORCH_LOGS``
+is torch's): ``QWEN_ZERO_PRIOR_PROFILE_STEPS=N`` runs N steps after the third under ``torch.profiler`` (CUDA
+kernels only: little host overhead) and gives the top kernels by GPU time as a table. The ComfyUI training node
+logs it with its phase times (``bench/comfyui/run_node.py --profile-steps``); ``bench/bench_step.py --kernels`` is
+the core's own."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV = "QWEN_ZERO_PRIOR_PROFILE_STEPS"
+FIRST_STEP = 3  # the first steps compile and fill caches
+
+
+def steps_from_env() -> int:
+    """N from ``QWEN_ZERO_PRIOR_PROFILE_STEPS`` (unset or empty: 0)."""
+    raw = os.environ.get(ENV, "").strip()
+    if raw and not raw.isdigit():
+        raise ValueError(f"{ENV}={raw!r}: expected a number of steps to profile (e.g. 2), or leave it unset")
+    return int(raw or 0)
+
+
+class StepProfiler:
+    """Call :meth:`step` with each step's number (1, 2, ...) as it begins and :meth:`finish` when training ends;
+    ``table`` is then the kernel table ("" when nothing was profiled). Only on a CUDA device."""
+
+    def __init__(self, device: torch.device):
+        self.steps = steps_from_env() if device.type == "cuda" else 0
+        self._prof = None
+        self.table = ""
+
+    def step(self, n: int) -> None:
+        if not self.steps:
+            return
+        if n == FIRST_STEP:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CUDA])
+            self._prof.start()
+        elif n == FIRST_STEP + self.steps:
+            self.finish()
+
+    def finish(self) -> str:
+        prof, self._prof = self._prof, None
+        if prof is not None:
+            prof.stop()
+            self.table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
+                                                   max_name_column_width=90)
+        return self.table
+
+
+__all__ = ["ENV", "StepProfiler", "steps_from_env"]
