@@ -4,9 +4,9 @@ ComfyUI chooses SDPA's kernel through a priority list that it set for inference 
 0.3.64 puts cuDNN first, 0.33 flash attention. In training the backward dominates, and on an H200 at 1024² the
 node's step spent 102 ms in flash attention's backward (60 calls, 1.7 ms each; a kernel profile of the step on
 ComfyUI 0.33, ``docs/benchmarks.md``); the core trains with cuDNN's (``attention_backend: _native_cudnn``).
-The node hands :func:`training_attention` to ComfyUI as ``transformer_options["optimized_attention_override"]`` (ComfyUI's hook for
-replacing attention, ``comfy.ldm.modules.attention.wrap_attn``; nothing patched) for its training forward only;
-sampling keeps ComfyUI's choice.
+The node hands :func:`training_attention` to ComfyUI as ``transformer_options["optimized_attention_override"]``
+(ComfyUI's hook for replacing attention, ``comfy.ldm.modules.attention.wrap_attn``; nothing patched) for its
+training forward only; sampling keeps ComfyUI's choice.
 
 It computes what ComfyUI's ``attention_pytorch`` computes for the calls Qwen-Image's blocks make (no mask, no GQA,
 no precision override; q/k/v as ``[b, seq, heads*dim]`` or, with ``skip_reshape``, ``[b, heads, seq, dim]``): one
@@ -16,7 +16,6 @@ as ComfyUI's there). Any other call goes to ComfyUI's own function.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 

@@ -22,13 +22,13 @@ import functools
 
 import torch
 
+from .lora_shared import project
+
 
 def _prepare_qkv(attn, hidden_states, rotary_emb):
     """diffusers 0.42's ``_qwenimage21_prepare_qkv`` without a KV cache (training's prefill), with the q/k/v
     projections through ``lora_shared.project`` (their LoRA ``A`` products as one matmul; peft's numbers)."""
     from diffusers.models.transformers import transformer_qwenimage21 as q21
-
-    from .lora_shared import project
 
     query, key, value = project(hidden_states, (attn.to_q, attn.to_k, attn.to_v))
     head_dim = attn.inner_dim // attn.heads

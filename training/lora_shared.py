@@ -6,9 +6,10 @@ each adapter on its own: ``lora_B(lora_A(x)) * scaling`` per layer, so at rank r
 products read ``x`` three times in the forward, and the backward runs three ``dA`` products over ``x`` and adds
 three rank-r ``dx`` contributions. :func:`project` concatenates the layers' ``A`` matrices (``[3r, K]``) and runs
 one product each way, then each layer's own ``B`` and scaling; the base layers (bf16 or
-:class:`~qwen_zero_prior.training.fp8.Fp8Linear`) run as they are. The numbers are peft's: the same products, the
-same casts (peft's ``_cast_input_dtype`` included), summed in the same order; the gradients reach each layer's
-own ``lora_A`` (a slice of the concatenation's), so the adapter, its export and checkpoints are unchanged.
+:class:`~qwen_zero_prior.training.fp8.Fp8Linear`) run as they are. The numbers are peft's: the same products and
+casts (peft's ``_cast_input_dtype`` included), other kernels (float rounding apart: ~5e-7 of a gradient's scale in
+float32, tested); the gradients reach each layer's own ``lora_A`` (a slice of the concatenation's), so the adapter,
+its export and checkpoints are unchanged.
 
 Only plain LoRA fuses: every layer a peft ``LoraLayer`` with one active adapter, not merged or disabled, no
 dropout, no variant (DoRA, ...), ``A`` without bias. Anything else calls the layers one by one, as peft would.
