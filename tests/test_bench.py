@@ -304,3 +304,39 @@ def test_node_kernel_profile_knob_and_its_table_in_the_bench_json(monkeypatch):
     assert table[0].endswith("kernels of 2 profiled steps (QWEN_ZERO_PRIOR_PROFILE_STEPS):")
     assert table[-1] == "Self CUDA time total: 20.0ms" and "nvjet_sm90_kernel  10.0ms" in table
     assert kernel_table("[INFO] no profile here") == []
+
+
+def test_2_1_fused_lora_key_runs_peft_alone_and_is_recorded(tmp_path, monkeypatch):
+    """--variant "... fused_lora=0": the compiled 2.1 step with each LoRA's A product on its own (as peft), recorded
+    in the row; the default row records the shared-input LoRA (lora_shared.py) on."""
+    import os
+
+    import torch
+
+    from bench import bench_step
+    from qwen_zero_prior.training import lora_shared
+
+    pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench test SKIPPED")
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    counts = torch.zeros(2)  # shared-input calls, fused ones: mutated inside the compiled graph (no list guards)
+    original = lora_shared.project
+
+    def spy(x, layers):
+        counts[0] += 1
+        if lora_shared._adapter(layers) is not None:
+            counts[1] += 1
+        return original(x, layers)
+
+    monkeypatch.setattr(lora_shared, "project", spy)
+    out = tmp_path / "f.json"
+    assert bench_step.main(["--family", "qwen-image-2.1", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
+                            "--res", "64", "--rank", "4", "--warmup", "0", "--iters", "1", "--mode", "variants",
+                            "--variant", "compile=1 fused_lora=0", "--out", str(out)]) == 0
+    assert counts[0] > 0 and counts[1] == 0  # every shared-input call ran peft's way
+    counts.zero_()
+    assert bench_step.main(["--family", "qwen-image-2.1", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
+                            "--res", "64", "--rank", "4", "--warmup", "0", "--iters", "1", "--mode", "variants",
+                            "--variant", "compile=1", "--out", str(tmp_path / "g.json")]) == 0
+    assert counts[0] > 0 and counts[1] == counts[0]
+    rows = [json.loads(p.read_text())["rows"][0] for p in (out, tmp_path / "g.json")]
+    assert [r["fused_lora"] for r in rows] == [False, True]
