@@ -314,7 +314,7 @@ def test_2_1_fused_lora_key_runs_peft_alone_and_is_recorded(tmp_path, monkeypatc
     import torch
 
     from bench import bench_step
-    from qwen_zero_prior.training import lora_shared
+    from qwen_zero_prior.training import lora_shared, rope
 
     pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench test SKIPPED")
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -329,6 +329,15 @@ def test_2_1_fused_lora_key_runs_peft_alone_and_is_recorded(tmp_path, monkeypatc
 
     monkeypatch.setattr(lora_shared, "project", spy)
     out = tmp_path / "f.json"
+    try:
+        _run_fused_lora_variants(bench_step, counts, out, tmp_path)
+    finally:
+        rope.uninstall()  # the compiled variants routed diffusers' RoPE (training/rope.py): leave it as found
+    rows = [json.loads(p.read_text())["rows"][0] for p in (out, tmp_path / "g.json")]
+    assert [r["fused_lora"] for r in rows] == [False, True]
+
+
+def _run_fused_lora_variants(bench_step, counts, out, tmp_path):
     assert bench_step.main(["--family", "qwen-image-2.1", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
                             "--res", "64", "--rank", "4", "--warmup", "0", "--iters", "1", "--mode", "variants",
                             "--variant", "compile=1 fused_lora=0", "--out", str(out)]) == 0
@@ -338,5 +347,3 @@ def test_2_1_fused_lora_key_runs_peft_alone_and_is_recorded(tmp_path, monkeypatc
                             "--res", "64", "--rank", "4", "--warmup", "0", "--iters", "1", "--mode", "variants",
                             "--variant", "compile=1", "--out", str(tmp_path / "g.json")]) == 0
     assert counts[0] > 0 and counts[1] == counts[0]
-    rows = [json.loads(p.read_text())["rows"][0] for p in (out, tmp_path / "g.json")]
-    assert [r["fused_lora"] for r in rows] == [False, True]
