@@ -17,6 +17,9 @@ the way ComfyUI's own trainer (``comfy_extras/nodes_train.py``) sets them up, fe
   next unpatches that model, while hooks are removed deterministically in ``finally``;
 - the token's gradient path through the frozen text encoder runs this project's decoder code over ComfyUI's
   loaded modules (``nodes/comfy_text.py``), not ComfyUI's inference forward.
+- on a GPU, by default (``dit_engine: auto``), the DiT trains through diffusers' transformer built over the weights
+  ComfyUI loaded and the core's speed path (``comfy_engine.py``), where that computes what ComfyUI's forward computes;
+  the rest of this list is ComfyUI's-forward training (``dit_engine: comfyui``, and every fallback);
 - the DiT's attention in the training forward through ComfyUI's ``optimized_attention_override`` hook with cuDNN
   first in SDPA's priority (``nodes/comfy_attention.py``; ComfyUI 0.33 prefers flash attention, whose backward is
   the slower one); sampling keeps ComfyUI's choice.
@@ -46,12 +49,14 @@ import comfy.model_management as mm
 
 from ..training import memory as mem
 from ..training.backend import TrainBackend
+from ..training.cast_linear import cast_linear_op
 from ..training.config import Config, TrainConfig
 from ..training.data import Example, load_pixels
 from ..training.profiling import ENV as PROFILE_ENV
 from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_attention import training_attention
+from .comfy_engine import ENGINES, DiffusersEngine, EngineUnavailable, blockers, engine_model_config
 from .comfy_text import ComfyPromptEncoder, qwen_decoder
 from ..training.families import QWEN_IMAGE, get_family
 from .token_node import ZeroPriorTokenizer, text_encoder_parts
@@ -123,35 +128,11 @@ def _recast_forward(module, input, *args, **kwargs):
     return CastLinear.apply(input, module)
 
 
-@functools.cache
 def _cast_linear_op():
-    """``CastLinear`` as a ``torch.library`` custom op, for compiled blocks: autograd.Functions that take a module do
-    not trace, and inside a compiled graph AOTAutograd would keep every per-use weight cast for the backward (as eager
-    autograd does); the op saves only the stored weight and casts it again in its backward, and is opaque to inductor
-    (the norms, modulation, RoPE and activations around it fuse). Registered on first use; a second copy of this pack
-    (another folder name) reuses the registered op, whose semantics are the same."""
-    namespace, name = "qwen_zero_prior", "cast_linear"
-    existing = getattr(getattr(torch.ops, namespace), name, None) if hasattr(torch.ops, namespace) else None
-    if existing is not None:
-        return existing
-
-    @torch.library.custom_op(f"{namespace}::{name}", mutates_args=())
-    def cast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-    @cast_linear.register_fake
-    def _(x, weight, bias):
-        return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])  # the stored (e.g. fp8) weight: a parameter, nothing new kept
-
-    def backward(ctx, dy):
-        (weight,) = ctx.saved_tensors
-        return dy.matmul(weight.to(dy.dtype)), None, None
-
-    cast_linear.register_autograd(backward, setup_context=setup_context)
-    return cast_linear
+    """``CastLinear`` for compiled blocks: ``training/cast_linear.py``'s custom op (autograd.Functions that take a
+    module do not trace, and inside a compiled graph AOTAutograd would keep every per-use weight cast for the
+    backward; the op saves only the stored weight and casts it again in its backward)."""
+    return cast_linear_op()
 
 
 def _has_triton() -> bool:
@@ -254,9 +235,14 @@ def _available_bytes(device: torch.device) -> float:
 class ComfyBackend(TrainBackend):
     name = "comfyui"
 
-    def __init__(self, cfg: Config, model, clip, vae):
+    def __init__(self, cfg: Config, model, clip, vae, dit_engine: str = "auto"):
         super().__init__(cfg)
         from comfy.model_base import QwenImage
+
+        if dit_engine not in ENGINES:
+            raise ValueError(f"dit_engine must be one of {list(ENGINES)}, got {dit_engine!r}")
+        self.dit_engine = dit_engine
+        self.engine: DiffusersEngine | None = None
 
         kind = type(model.model).__name__
         if not isinstance(model.model, QwenImage):
@@ -320,7 +306,6 @@ class ComfyBackend(TrainBackend):
                 continue
             matched.add(target)
             self.adapters[name] = LoRABranch(w.shape[1], w.shape[0], t.rank, t.alpha, gen)
-            self._handles.append(m.register_forward_hook(self.adapters[name].hook))
         unmatched = [tgt for tgt in t.lora_targets if tgt not in matched]
         if unmatched and self.adapters:  # as the core refuses them (training/lora.py add_lora)
             raise ValueError(f"train.lora_targets {unmatched} match no Linear of this MODEL; use names such as "
@@ -330,20 +315,66 @@ class ComfyBackend(TrainBackend):
         logger.info("LoRA rank %d on %d modules of ComfyUI's Qwen-Image (%s, %s; text encoder %s)", t.rank,
                     len(self.adapters), "deep copy" if deep else "shared weights", type(self.mp).__name__,
                     type(self.clip.patcher).__name__)
-        for m in dm.modules():
-            if _plain_cast_linear(m):
-                m.forward_comfy_cast_weights = functools.partial(_recast_forward, m)
-                self._recast.append(m)
         if self._in_training_flag:
             self._was_in_training = mm.in_training
             mm.in_training = True
         self._load()
-        self._checkpoint_blocks(dm)
-        if self.cfg.model.compile:
-            self._compile_blocks(dm)
-        for a in self.adapters.values():
-            a.to(self.device)
+        if not self._start_engine(dm, t):
+            for name, a in self.adapters.items():
+                self._handles.append(dm.get_submodule(name).register_forward_hook(a.hook))
+            for m in dm.modules():
+                if _plain_cast_linear(m):
+                    m.forward_comfy_cast_weights = functools.partial(_recast_forward, m)
+                    self._recast.append(m)
+            self._checkpoint_blocks(dm)
+            if self.cfg.model.compile:
+                self._compile_blocks(dm)
+            for a in self.adapters.values():
+                a.to(self.device)
         self._make_prompts()
+
+    def _start_engine(self, dm, t: TrainConfig) -> bool:
+        """``dit_engine``: train through diffusers' transformer over ComfyUI's weights (``comfy_engine.py``) where it
+        can (``auto``: on a GPU, without recomputing blocks) or where asked; else ComfyUI's forward. Logs which and
+        why."""
+        started = self._engine_or_why(dm, t)
+        if not started and self.cfg.model.fp8_matmul:
+            logger.warning("fp8_matmul is used by the diffusers DiT engine only; ComfyUI's forward computes in %s",
+                           str(self.dtype).removeprefix("torch."))
+        return started
+
+    def _engine_or_why(self, dm, t: TrainConfig) -> bool:
+        if self.dit_engine == "comfyui":
+            logger.info("DiT engine: ComfyUI's forward (dit_engine: comfyui)")
+            return False
+        if self.dit_engine == "auto" and self.device.type != "cuda":
+            logger.info("DiT engine: ComfyUI's forward (dit_engine: auto uses diffusers' on a GPU; this is %s)",
+                        self.device.type)
+            return False
+        reasons = blockers(self.mp, dm, self.device)
+        recompute = self.cfg.model.gradient_checkpointing
+        if not reasons and not recompute and self.device.type == "cuda":
+            available = _available_bytes(self.device) - mem.MARGIN_GIB * mem.GIB
+            k = mem.blocks_to_checkpoint(len(dm.transformer_blocks), available, t.resolution, t.batch_size)
+            if k and self.dit_engine == "auto":
+                reasons.append(f"memory: {k} of {len(dm.transformer_blocks)} blocks would be recomputed "
+                               f"({max(available, 0) / mem.GIB:.1f} GiB available)")
+            recompute = bool(k)
+        if reasons:
+            if self.dit_engine == "diffusers":
+                raise EngineUnavailable("dit_engine diffusers cannot train this MODEL: " + "; ".join(reasons)
+                                        + ". Use dit_engine auto or comfyui")
+            logger.info("DiT engine: ComfyUI's forward (diffusers' cannot: %s)", "; ".join(reasons))
+            return False
+        m = engine_model_config(self.cfg.model, self.device, recompute)
+        init = {name: a.lora_A.detach() for name, a in self.adapters.items()}
+        self.engine = DiffusersEngine(dm, m, list(t.lora_targets), t.rank, t.alpha, init, self.device, self.dtype,
+                                      recompute)
+        self.adapters.clear()
+        logger.info("DiT engine: diffusers' transformer over ComfyUI's weights (%s%s%s)", self.engine.describe(),
+                    f", attention {m.attention_backend}" if m.attention_backend else "",
+                    ", gradient checkpointing" if recompute else "")
+        return True
 
     def _checkpoint_blocks(self, dm) -> None:
         """Recompute the activations of as many transformer blocks as memory needs (all of them with
@@ -434,11 +465,15 @@ class ComfyBackend(TrainBackend):
         )
 
     def named_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        if self.engine is not None:
+            return self.engine.named_lora_parameters()
         return [p for name, a in self.adapters.items()
                 for p in ((f"{name}.lora_A.weight", a.lora_A), (f"{name}.lora_B.weight", a.lora_B))]
 
     def export_lora(self) -> dict[str, torch.Tensor]:
         """Diffusers keys (ComfyUI's Qwen-Image DiT has diffusers' module names), alpha/rank folded into B."""
+        if self.engine is not None:
+            return self.engine.export_lora()
         out = {}
         for name, a in self.adapters.items():
             out[f"transformer.{name}.lora_A.weight"] = a.lora_A.detach().float().cpu().clone()
@@ -487,12 +522,17 @@ class ComfyBackend(TrainBackend):
         options = dict(self.mp.model_options.get("transformer_options", {}))
         # cuDNN first for the training forward's attention, unless the graph set its own override (comfy_attention)
         options.setdefault("optimized_attention_override", training_attention)
+        if self.engine is not None:
+            with self._phases("DiT forward"):
+                return self.engine.predict(noisy, sigmas, embeds, mask)
         with self._phases("DiT forward"):
             return dm(noisy.to(self.dtype), sigmas.to(self.dtype), embeds.to(self.dtype), attention_mask=mask,
                       transformer_options=options)
 
     def step_begin(self) -> None:
         super().step_begin()
+        if self.engine is not None:
+            self.engine.step_begin()
         self._phases.step()
 
     # ---- the rest -------------------------------------------------------------------------------------
@@ -502,9 +542,12 @@ class ComfyBackend(TrainBackend):
         for i, prompt in enumerate(prompts):
             cond, mask = self.prompts.encode([prompt], torch.float32, torch.device("cpu"))
             extra = {} if bool(mask.all()) else {"attention_mask": mask}
-            images.append(self._render(cond.detach(), extra, self.cfg.sample.seed + i))
+            with self.engine.on_comfy_modules() if self.engine is not None else contextlib.nullcontext():
+                images.append(self._render(cond.detach(), extra, self.cfg.sample.seed + i))
         # sampling and decoding may have reloaded models under ComfyUI's management: make them trainable again
         self._load()
+        if self.engine is not None:
+            self.engine.rebind()
         return images
 
     @torch.inference_mode()
@@ -535,6 +578,7 @@ class ComfyBackend(TrainBackend):
         except ImportError:
             version = None
         return {"trained_with": "ComfyUI", "comfyui_version": version,
+                "dit_engine": "diffusers" if self.engine is not None else "comfyui",
                 "dit_storage_dtype": str(self.model.model.get_dtype()).removeprefix("torch."),
                 "compute_dtype": str(self.dtype).removeprefix("torch.")}
 
@@ -544,6 +588,10 @@ class ComfyBackend(TrainBackend):
         last: reading them synchronizes the GPU, which re-raises an earlier CUDA error."""
         if self._in_training_flag:
             mm.in_training = self._was_in_training
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+            mm.soft_empty_cache()  # what the engine held (its CUDA graphs' pools) back to the device for sampling
         for m in self._recast:
             m.__dict__.pop("forward_comfy_cast_weights", None)
         self._recast.clear()

@@ -24,6 +24,7 @@ from ..training import outputs
 from ..training.config import Config, field_spec
 from ..training.data import DatasetError, resolve_dataset, scan_dataset
 from ..training.token import split_token_list
+from .comfy_engine import ENGINES
 from .paths import resolve_dataset_path, resolve_output_path
 from .sockets import CATEGORY, ZeroPriorArchive
 from .token_node import register_token
@@ -122,6 +123,16 @@ class TrainZeroPriorToken(io.ComfyNode):
                             "first steps compile). Used only where the DiT trains resident without recomputation "
                             "(else the log says why not). Experimental; on an H200 at 1024² ~15-30% faster a "
                             "step once compiled."),
+                io.Combo.Input("dit_engine", options=list(ENGINES), default="auto", optional=True,
+                               tooltip="How the DiT trains. auto: on a GPU, diffusers' transformer over the weights "
+                               "ComfyUI loaded (no copy) with the CLI's speed path (with compile: CUDA graphs, cuDNN "
+                               "attention), where it computes what ComfyUI computes (no other patches on the MODEL, "
+                               "plain or fp8 weights, all on the GPU); else ComfyUI's own forward. The log says "
+                               "which and why."),
+                _spec_input(io.Boolean, "model", "fp8_matmul", optional=True,
+                            tooltip="fp8 matmuls for the DiT's frozen image-stream weights (diffusers engine only; "
+                            "fp8 GPUs: Ada, Hopper, Blackwell): faster, ~3% relative error per product, as the "
+                            "CLI's model.fp8_matmul. With an fp8 DiT file its stored weights are used as they are."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The MODEL with the trained LoRA."),
@@ -136,7 +147,7 @@ class TrainZeroPriorToken(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, output_name, train_placeholder_token, placeholder_token,
                 placeholder_init_std, rank, steps, learning_rate, token_learning_rate, batch_size, resolution, seed,
                 checkpoint_every, default_caption="", resume="", preview_every=0, images=None,
-                captions="", compile=False) -> io.NodeOutput:
+                captions="", compile=False, dit_engine="auto", fp8_matmul=False) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -148,7 +159,7 @@ class TrainZeroPriorToken(io.ComfyNode):
         tokens = split_token_list(placeholder_token)  # "<alice>, <bob>": several tokens in one run
         token_keys = ({"placeholder_tokens": tokens} if len(tokens) > 1 else
                       {"placeholder_token": tokens[0] if tokens else placeholder_token})
-        cfg = Config.from_dict({"model": {"compile": bool(compile)}, "train": {
+        cfg = Config.from_dict({"model": {"compile": bool(compile), "fp8_matmul": bool(fp8_matmul)}, "train": {
             "train_placeholder_token": train_placeholder_token, **token_keys,
             "placeholder_init_std": placeholder_init_std, "rank": rank, "steps": steps,
             "learning_rate": learning_rate, "token_learning_rate": token_learning_rate, "batch_size": batch_size,
@@ -222,7 +233,7 @@ class TrainZeroPriorToken(io.ComfyNode):
             outputs.clean_leftovers(run_dir, archive_path)
             # ComfyUI runs prompts under inference_mode; training needs autograd
             with torch.inference_mode(False), torch.enable_grad():
-                backend = ComfyBackend(cfg, model, clip, vae)
+                backend = ComfyBackend(cfg, model, clip, vae, dit_engine=dit_engine)
                 try:
                     trainer = Trainer(cfg, backend, examples, run_dir)
                     if resume_dir is not None:

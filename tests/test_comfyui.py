@@ -959,3 +959,71 @@ def test_training_preview_and_non_qwen_clip_refused(comfy, train_ds):
     g["2"] = {"class_type": "ZPTestNonQwenClip", "inputs": {}}
     msg = _error(comfy, g)
     assert "needs Qwen-Image's text encoder" in msg and "this CLIP is Linear" in msg
+
+
+@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])
+def test_diffusers_engine_equals_comfyui_forward(comfy, weight_dtype):
+    """The training node's diffusers engine (diffusers' transformer built over the weights ComfyUI loaded) predicts
+    what ComfyUI's own DiT forward predicts, input gradient included, on an even and an odd patch grid (the RoPE
+    positions' conventions differ there), sharing every ComfyUI weight instead of copying it (fp8 storage too)."""
+    comfy.server.run({"1": {"class_type": "UNETLoader",
+                            "inputs": {"unet_name": comfy.names["unet"], "weight_dtype": weight_dtype}},
+                      "2": {"class_type": "ZPTestDiffusersEngine",
+                            "inputs": {"model": ["1", 0], "filename": f"engine_{weight_dtype}.json",
+                                       "fp8_matmul": False}}})
+    r = json.loads(comfy.output(f"engine_{weight_dtype}.json").read_text())
+    print(f"ComfyUI {comfy.version} ({weight_dtype}): diffusers engine vs ComfyUI forward: {r}")
+    assert r["blockers"] == []
+    assert r["linears_shared"] == r["linears"] > 20  # every Linear's weight is ComfyUI's own tensor, fp8 too
+    if weight_dtype == "fp8_e4m3fn":
+        assert r["storage"] == "torch.float8_e4m3fn"
+    else:  # the norms' weights as well (fp8-stored ones are cast to the compute dtype: a few KB)
+        assert r["shared"] == r["frozen"]
+    assert [s["hw"] for s in r["sizes"]] == [[8, 8], [6, 10]]
+    for s in r["sizes"]:
+        assert s["max_abs_out"] <= 1e-5 * s["out_scale"] and s["max_abs_grad"] <= 1e-5 * s["grad_scale"], s
+
+
+@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])
+def test_training_diffusers_engine_matches_comfyui_engine(comfy, train_ds, weight_dtype):
+    """dit_engine diffusers trains the same LoRA and vector as ComfyUI's forward (same draws, 2 steps), says so in the
+    log and in meta.json; dit_engine auto on a CPU keeps ComfyUI's forward."""
+    from qwen_zero_prior.training.archive import load_archive
+
+    log_start = len(comfy.server.log_text())
+    for engine in ("comfyui", "diffusers", "auto"):
+        comfy.server.run(_train_graph(comfy, steps=2, output_name=f"zero_prior/engine_{weight_dtype}_{engine}.zip",
+                                      weight_dtype=weight_dtype, dit_engine=engine), timeout=900)
+    log = comfy.server.log_text()[log_start:]
+    assert "DiT engine: diffusers' transformer over ComfyUI's weights (bf16 matmuls, eager" in log, log[-3000:]
+    assert "DiT engine: ComfyUI's forward (dit_engine: auto uses diffusers' on a GPU; this is cpu)" in log
+    ref, got, auto = (load_archive(comfy.output(f"zero_prior/engine_{weight_dtype}_{e}.zip"))
+                      for e in ("comfyui", "diffusers", "auto"))
+    assert got.meta.extra["dit_engine"] == "diffusers" and ref.meta.extra["dit_engine"] == "comfyui"
+    assert auto.meta.extra["dit_engine"] == "comfyui"
+    assert sorted(got.lora_state_dict) == sorted(ref.lora_state_dict)
+    assert any(float(v.abs().sum()) > 0 for k, v in got.lora_state_dict.items() if "lora_B" in k)
+    diff = max(float((got.lora_state_dict[k] - ref.lora_state_dict[k]).abs().max()) for k in ref.lora_state_dict)
+    vdiff = float((got.vector - ref.vector).abs().max())
+    print(f"ComfyUI {comfy.version} ({weight_dtype}): diffusers vs ComfyUI engine after 2 steps: LoRA {diff:.2e}, "
+          f"vector {vdiff:.2e}")
+    assert diff < 1e-4 and vdiff < 1e-5
+
+
+def test_training_diffusers_engine_fp8_matmul_and_compile(comfy, train_ds):
+    """The engine with the core's speed options: fp8 matmuls straight on ComfyUI's fp8-stored weights and the blocks
+    compiled; the LoRA and the token train, and the log names both."""
+    from qwen_zero_prior.training.archive import load_archive
+
+    pytest.importorskip("torch._inductor", reason="torch without inductor: compiled engine test SKIPPED")
+    log_start = len(comfy.server.log_text())
+    entry = comfy.server.run(_train_graph(comfy, steps=3, output_name="zero_prior/engine_fast.zip",
+                                          weight_dtype="fp8_e4m3fn", dit_engine="diffusers", fp8_matmul=True,
+                                          compile=True), timeout=900)
+    assert all(np.isfinite(entry["outputs"]["40"]["loss"]))
+    log = comfy.server.log_text()[log_start:]
+    assert "DiT engine: diffusers' transformer over ComfyUI's weights (fp8 matmuls on 12 layers, compiled" in log, \
+        log[-3000:]
+    arc = load_archive(comfy.output("zero_prior/engine_fast.zip"))
+    assert any(float(v.abs().sum()) > 0 for k, v in arc.lora_state_dict.items() if "lora_B" in k)
+    assert float(arc.vector.abs().max()) > 1e-4

@@ -10,7 +10,9 @@ the models:
   offload, regional compile);
 - :class:`~qwen_zero_prior.training.diffusers21_backend.Diffusers21Backend`: the same for a
   ``QwenImage21Pipeline`` (Qwen-Image 2.1);
-- ``nodes.comfy_backend.ComfyBackend``: the MODEL, CLIP and VAE a ComfyUI graph loaded (the training node).
+- ``nodes.comfy_backend.ComfyBackend``: the MODEL, CLIP and VAE a ComfyUI graph loaded (the training node); on a
+  GPU its DiT trains through diffusers' transformer over ComfyUI's tensors (``shared_dit.py``) and the diffusers
+  backends' ``accelerate_transformer``.
 
 Shapes and conventions every backend follows:
 

@@ -37,6 +37,33 @@ def make_backend(cfg: Config, pipe) -> TrainBackend:
     return DiffusersBackend(cfg, pipe)
 
 
+def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_copy: bool = False,
+                           compute_dtype: torch.dtype | None = None, set_attention_backend=None, rewrites=None) -> None:
+    """The core's speed options of ``model:`` (``m``) on a transformer that already carries its LoRA: fp8 matmuls for
+    ``fp8_modules`` (``fp8.apply_fp8_matmul``), the attention backend, regional ``torch.compile`` with the rewrites
+    that make it fuse (real-arithmetic RoPE, the cheaper GELU, a family's own ``rewrites()``). Shared by the diffusers
+    backends and the ComfyUI training node's diffusers engine (``nodes/comfy_engine.py``), so a speed feature lands
+    once for both."""
+    if m.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
+        from .fp8 import apply_fp8_matmul
+
+        apply_fp8_matmul(transformer, modules=fp8_modules, backward_copy=fp8_backward_copy,
+                         compute_dtype=compute_dtype)
+    if m.attention_backend:
+        (set_attention_backend or transformer.set_attention_backend)(m.attention_backend)
+    if m.compile:
+        from . import compile_fixes, gelu, rope
+
+        compile_fixes.install()  # torch 2.11's inductor bug that 2.1's real RoPE met (see compile_fixes.py)
+        # same numbers in real arithmetic, which inductor can fuse (see rope.py)
+        rope.install(rope.QWEN_IMAGE_MODULE, rope.QWEN_IMAGE_21_MODULE)
+        gelu.install(transformer)  # the same activation with cheaper arithmetic (see gelu.py)
+        if rewrites is not None:
+            rewrites()
+        mode = m.compile_mode
+        transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
+
+
 class DiffusersBackend(TrainBackend):
     name = "diffusers"
     # model.offload: where the text decoder's layers go (offload.apply_offload). Qwen-Image's 20B transformer
@@ -84,12 +111,7 @@ class DiffusersBackend(TrainBackend):
         logger.info("LoRA rank %d on %d transformer modules (%s)", t.rank, len(adapted), ", ".join(self._targets))
         cast_training_params(pipe.transformer, dtype=torch.float32)
         pipe.transformer.train()
-        if m.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
-            from .fp8 import apply_fp8_matmul
-
-            apply_fp8_matmul(pipe.transformer, modules=self.family.fp8_modules,
-                             backward_copy=self._fp8_backward_copy_fits(t))
-        if m.offload:  # after add_lora, like fp8: the LoRA's base layers become offloaded ones
+        if m.offload:  # after add_lora: the LoRA's base layers become offloaded ones (offload excludes fp8_matmul)
             from .models import resolve_device
             from .offload import apply_offload
 
@@ -99,18 +121,9 @@ class DiffusersBackend(TrainBackend):
             budget = m.offload_budget_gib or torch.cuda.get_device_properties(device).total_memory / 2**30
             self.offload_summary = apply_offload(pipe, device, budget, text_encoder=self.offload_text_encoder)
             self.device = pipe.transformer.device
-        if m.attention_backend:
-            self._set_attention_backend(m.attention_backend)
-        if m.compile:
-            from . import compile_fixes, gelu, rope
-
-            compile_fixes.install()  # torch 2.11's inductor bug that 2.1's real RoPE met (see compile_fixes.py)
-            # same numbers in real arithmetic, which inductor can fuse (see rope.py)
-            rope.install(rope.QWEN_IMAGE_MODULE, rope.QWEN_IMAGE_21_MODULE)
-            gelu.install(pipe.transformer)  # the same activation with cheaper arithmetic (see gelu.py)
-            self._compile_rewrites()
-            mode = m.compile_mode
-            pipe.transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
+        accelerate_transformer(pipe.transformer, m, self.family.fp8_modules,
+                               fp8_backward_copy=m.fp8_matmul and self._fp8_backward_copy_fits(t),
+                               set_attention_backend=self._set_attention_backend, rewrites=self._compile_rewrites)
         self._make_prompts()
 
     def _fp8_backward_copy_fits(self, t: TrainConfig) -> bool:
@@ -246,4 +259,4 @@ class DiffusersBackend(TrainBackend):
         return images
 
 
-__all__ = ["DiffusersBackend"]
+__all__ = ["DiffusersBackend", "accelerate_transformer", "make_backend"]

@@ -121,22 +121,31 @@ class Fp8Linear(nn.Module):
     ``_scaled_mm`` takes as it is: no transposed copy and no rescaling of ``dy`` in each step, for one more fp8 copy
     of the weight (the memory plan decides: :func:`backward_copy_bytes`)."""
 
-    def __init__(self, linear: nn.Linear, keep_original: bool = False, backward_copy: bool = False):
+    def __init__(self, linear: nn.Linear, keep_original: bool = False, backward_copy: bool = False,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w_q, w_s = quantize_rows(w)
+        if w.dtype == FP8:  # already e4m3 (ComfyUI's fp8 files, computed as weight.to(bf16)): taken as it is, scale
+            # 1 a row, sharing its storage; quantizing it again per row would round a second time
+            w_q, w_s = w, torch.ones(w.shape[0], 1, device=w.device, dtype=torch.float32)
+        else:
+            w_q, w_s = quantize_rows(w)
         # not persistent: never in a state_dict or checkpoint (the LoRA and token are what training saves)
         self.register_buffer("w_q", w_q, persistent=False)
         self.register_buffer("w_scale", w_s.view(-1), persistent=False)
         wt_q = wt_s = None
         if backward_copy:
-            wt_q, wt_s = quantize_rows(w.t().contiguous())  # row-major [in, out]: its .t() is column-major
+            # row-major [in, out]: its .t() is column-major
+            wt_q, wt_s = quantize_rows((w.float() if w.dtype == FP8 else w).t().contiguous())
             wt_s = wt_s.view(-1)
         self.register_buffer("wt_q", wt_q, persistent=False)  # None (no buffer) without the backward copy
         self.register_buffer("wt_scale", wt_s, persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.compute_dtype = w.dtype
+        self.compute_dtype = compute_dtype or getattr(linear, "compute_dtype", None) or w.dtype
+        if self.compute_dtype == FP8:
+            raise Fp8Error("Fp8Linear: an fp8-stored weight needs a compute_dtype (bf16, fp16 or float32)")
+        self.bias = None if linear.bias is None else nn.Parameter(
+            linear.bias.detach().to(self.compute_dtype, copy=True), requires_grad=False)
         self.original = [linear] if keep_original else None  # a list: not registered as a submodule
 
     @property
@@ -173,7 +182,9 @@ def _targets(transformer: nn.Module, modules: tuple[str, ...]) -> list[tuple[str
     out = []
     for name, mod in transformer.named_modules():
         m = _BLOCK.match(name)
-        if m and m.group(1) in modules and type(mod) is nn.Linear:
+        # nn.Linear itself or a subclass that is a plain frozen Linear (cast_linear.StoredLinear); peft's wrappers
+        # are not nn.Linear, their base_layer is
+        if m and m.group(1) in modules and isinstance(mod, nn.Linear):
             out.append((name, mod))
     return out
 
@@ -197,17 +208,20 @@ def backward_copy_bytes(transformer: nn.Module, modules: tuple[str, ...] = IMAGE
 
 
 def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
-                     modules: tuple[str, ...] = IMAGE_STREAM, backward_copy: bool = False) -> int:
+                     modules: tuple[str, ...] = IMAGE_STREAM, backward_copy: bool = False,
+                     compute_dtype: torch.dtype | None = None) -> int:
     """Replace the base ``Linear`` layers named ``modules`` (relative to ``transformer_blocks.<i>.``; default:
     Qwen-Image's image stream) of ``transformer_blocks`` (inside peft LoRA wrappers too) with :class:`Fp8Linear`
-    (``backward_copy``: see there). Call after the LoRA is added. Returns the number of layers converted."""
+    (``backward_copy``, ``compute_dtype``: see there). Call after the LoRA is added. Returns the number of layers
+    converted."""
     check_supported(next(transformer.parameters()).device)
     targets = _targets(transformer, modules)
     count = len(targets)
     while targets:  # each bf16 layer released as soon as it is replaced: the peak is one layer over the weights
         name, mod = targets.pop(0)
         parent, attr = _parent(transformer, name)
-        setattr(parent, attr, Fp8Linear(mod, keep_original=keep_original, backward_copy=backward_copy))
+        setattr(parent, attr, Fp8Linear(mod, keep_original=keep_original, backward_copy=backward_copy,
+                                        compute_dtype=compute_dtype))
         del mod
     logger.info("fp8 matmuls on %d block layers of the transformer%s", count,
                 " (with backward copies)" if backward_copy else "")

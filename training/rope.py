@@ -66,6 +66,11 @@ def install(*modules: str) -> bool:
     return changed
 
 
+def installed() -> bool:
+    """Whether any loaded diffusers module's RoPE is routed through :func:`apply_rotary_emb_qwen_real`."""
+    return any(mod.apply_rotary_emb_qwen is apply_rotary_emb_qwen_real for _, mod in _loaded_modules())
+
+
 def uninstall() -> None:
     for name, mod in _loaded_modules():
         original = _originals.get(name)

@@ -278,8 +278,14 @@ class ZPTestNonQwenClip:
     CATEGORY = "testing"
 
     def run(self):
+        import comfy.model_patcher
+
         clip = comfy.sd.CLIP(no_init=True)
         clip.cond_stage_model = torch.nn.Linear(4, 4)
+        # a patcher as every real CLIP has: ComfyUI 0.33's cache scan after the prompt asks it (without one, the
+        # prompt worker thread died and every later prompt of the server hung)
+        cpu = torch.device("cpu")
+        clip.patcher = comfy.model_patcher.ModelPatcher(clip.cond_stage_model, load_device=cpu, offload_device=cpu)
         return (clip,)
 
 
@@ -493,6 +499,85 @@ class ZPTestTrainingAttention:
                 results.append((out.detach().float(), x.grad.detach().float()))
 
 
+class ZPTestDiffusersEngine:
+    """The training node's diffusers engine (``nodes/comfy_engine.py``) built over a loaded MODEL vs ComfyUI's own DiT
+    forward, at latent sizes with even and odd patch grids: largest differences of the prediction and of the
+    input's gradient, and how many of the engine's weights are ComfyUI's own tensors (shared, not copied)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "filename": ("STRING", {"default": "engine.json"}),
+                             "fp8_matmul": ("BOOLEAN", {"default": False})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def run(self, model, filename, fp8_matmul):
+        import json
+
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        dm = model.model.diffusion_model
+        dev = comfy.model_management.get_torch_device()
+        dtype = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
+        report = {"blockers": None, "sizes": []}
+        was_training = getattr(comfy.model_management, "in_training", None)
+        if was_training is not None:  # as the training node sets it: ComfyUI's differentiable RoPE
+            comfy.model_management.in_training = True
+        try:
+            self._compare(model, dm, dev, dtype, fp8_matmul, report)
+        finally:
+            if was_training is not None:
+                comfy.model_management.in_training = was_training
+        with open(os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)), "w") as f:
+            json.dump(report, f)
+        return {}
+
+    @staticmethod
+    def _compare(model, dm, dev, dtype, fp8_matmul, report):
+        engine_mod = _pack_module("nodes.comfy_engine")
+        config = _pack_module("training.config")
+        with torch.inference_mode(False), torch.enable_grad():
+            _pack_module("nodes.comfy_backend")._ordinary_tensors(dm)
+            dm.requires_grad_(False)
+            report["blockers"] = engine_mod.blockers(model, dm, dev)
+            gen = torch.Generator().manual_seed(5)
+            names = [n for n, m in dm.named_modules() if n.endswith("attn.to_q")]
+            init = {n: torch.randn(2, dm.get_submodule(n).weight.shape[1], generator=gen) / 2 for n in names}
+            m = config.ModelConfig(fp8_matmul=bool(fp8_matmul))
+            engine = engine_mod.DiffusersEngine(dm, m, ["to_q"], 2, 2.0, init, dev, dtype, recompute=False)
+            comfy_ptrs = {p.data_ptr() for p in dm.parameters()}
+            stored = [p for p in engine.transformer.parameters() if not p.requires_grad]
+            linears = [m.weight for m in engine.transformer.modules()
+                       if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+            report["shared"] = sum(p.data_ptr() in comfy_ptrs for p in stored)
+            report["frozen"] = len(stored)
+            report["linears_shared"] = sum(p.data_ptr() in comfy_ptrs for p in linears)
+            report["linears"] = len(linears)
+            report["storage"] = str(dm.transformer_blocks[0].attn.to_q.weight.dtype)
+            report["fp8_layers"] = engine.fp8_layers
+            for h, w in ((8, 8), (6, 10)):  # patch grids 4x4 and 3x5
+                x = torch.randn(1, 16, 1, h, w, generator=gen)
+                t = torch.tensor([0.55])
+                ctx = torch.randn(1, 5, dm.txt_in.weight.shape[1], generator=gen)
+                outs = []
+                for which in ("comfy", "engine"):
+                    xi = x.to(dev, dtype).clone().requires_grad_(True)
+                    if which == "comfy":
+                        out = dm(xi, t.to(dev, dtype), ctx.to(dev, dtype), transformer_options={})
+                    else:
+                        out = engine.predict(xi, t.to(dev), ctx.to(dev, dtype), None)
+                    out.float().square().sum().backward()
+                    outs.append((out.detach().float().cpu(), xi.grad.detach().float().cpu()))
+                (ref, ref_g), (got, got_g) = outs
+                report["sizes"].append({"hw": [h, w], "max_abs_out": float((got - ref).abs().max()),
+                                        "out_scale": float(ref.abs().max()),
+                                        "max_abs_grad": float((got_g - ref_g).abs().max()),
+                                        "grad_scale": float(ref_g.abs().max())})
+            engine.close()
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     ZPTestUntrackWeights, ZPTestCastLinear, ZPTestSaveConditioning, ZPTestTokens, ZPTestModelForward, ZPTestNonQwenClip,
-    ZPTestKeepVisionTokenizer, ZPTestTrainingConditioning, ZPTestTrainingAttention)}
+    ZPTestKeepVisionTokenizer, ZPTestTrainingConditioning, ZPTestTrainingAttention, ZPTestDiffusersEngine)}

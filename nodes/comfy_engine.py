@@ -1,0 +1,237 @@
+"""The training node's ``diffusers`` engine: the DiT ComfyUI loaded, trained through diffusers' transformer class and
+the core's speed path.
+
+ComfyUI's Qwen-Image forward is written for sampling: 60 blocks called from Python, each weight cast per use, no CUDA
+graphs. The core's step (``training/diffusers_backend.py``) is 2x faster on the same GPU: regional compile with CUDA
+graphs (``reduce-overhead``), cuDNN attention, optionally fp8 matmuls. This engine builds diffusers'
+``QwenImageTransformer2DModel`` over the very tensors ComfyUI loaded (``training/shared_dit.py``: no copy; fp8
+storage stays fp8, cast per use as ComfyUI casts it) and trains it with ``accelerate_transformer``, the function the
+CLI and Cog use. The conditioning still comes from ComfyUI's text encoder (``comfy_text.py``), the latents from its
+VAE, and the LoRA is exported in the same keys; preview samples go through ComfyUI's sampler with the LoRA hooked on.
+
+It is used (``dit_engine: auto``) where it computes what ComfyUI's forward computes: the MODEL carries no patches of
+other nodes that diffusers' forward would skip (``transformer_options``, per-use weight functions), plain or fp8 weights
+(not ComfyUI's scaled or quantized formats), resident on the device, the text-to-image variant. Otherwise the node
+trains through ComfyUI's own forward (``comfy_backend.py``), and the log says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from ..training.cast_linear import StoredLinear
+from ..training.lora import ADAPTER_NAME, add_lora, export_lora
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "diffusers", "comfyui")
+
+
+class EngineUnavailable(RuntimeError):
+    """``dit_engine: diffusers`` was asked for where it cannot compute what ComfyUI's forward computes."""
+
+
+def blockers(mp, dm: nn.Module, device: torch.device) -> list[str]:
+    """Why the diffusers engine cannot train this MODEL (empty: it can)."""
+    out = []
+    try:
+        import diffusers  # noqa: F401  (a requirement of the pack; missing in a broken install)
+    except ImportError as e:
+        return [f"diffusers is not importable ({e})"]
+    options = mp.model_options.get("transformer_options", {}) or {}
+    extra = sorted(k for k, v in options.items() if v)
+    if extra:
+        out.append(f"the MODEL carries patches of other nodes ({', '.join(extra)}) that diffusers' forward would skip")
+    for key in ("model_function_wrapper",):
+        if mp.model_options.get(key) is not None:
+            out.append(f"the MODEL has a {key}")
+    if getattr(dm, "__index_timestep_zero__", None) is not None or getattr(
+            getattr(dm, "time_text_embed", None), "use_additional_t_cond", False):
+        out.append("this Qwen-Image variant (edit / additional timestep conditioning) is not text-to-image")
+    dev = torch.device(device.type, device.index if device.index is not None else
+                       (torch.cuda.current_device() if device.type == "cuda" else None))
+    for name, m in dm.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        if getattr(m, "weight_function", None) or getattr(m, "bias_function", None):
+            out.append(f"{name} applies weight patches per use (ComfyUI's low-VRAM patching)")
+        elif type(w.detach()) is not torch.Tensor:  # a tensor subclass (0.33's QuantizedTensor layouts)
+            out.append(f"{name} stores a {type(w).__name__} (a quantized format)")
+        elif any(hasattr(m, a) for a in ("scale_weight", "weight_scale", "scale_input", "input_scale")):
+            out.append(f"{name} is in a scaled fp8 format")
+        elif w.device != dev:
+            out.append(f"{name} is on {w.device}, not {dev} (weights streamed from CPU memory)")
+        else:
+            continue
+        break  # one module named is enough
+    return out
+
+
+def transformer_config(dm: nn.Module) -> dict:
+    """diffusers ``QwenImageTransformer2DModel`` arguments for ComfyUI's DiT, read from its modules and weights."""
+    attn = dm.transformer_blocks[0].attn
+    return {
+        "patch_size": int(dm.patch_size),
+        "in_channels": int(dm.img_in.weight.shape[1]),
+        "out_channels": int(dm.out_channels),
+        "num_layers": len(dm.transformer_blocks),
+        "attention_head_dim": int(attn.dim_head),
+        "num_attention_heads": int(attn.heads),
+        "joint_attention_dim": int(dm.txt_in.weight.shape[1]),
+        "axes_dims_rope": tuple(int(a) for a in dm.pe_embedder.axes_dim),
+    }
+
+
+def _lora_layers(transformer: nn.Module):
+    for name, mod in transformer.named_modules():
+        la = getattr(mod, "lora_A", None)
+        if isinstance(la, nn.ModuleDict) and ADAPTER_NAME in la:
+            yield name, mod
+
+
+class DiffusersEngine:
+    """diffusers' transformer over ComfyUI's DiT ``dm`` with a peft LoRA whose ``A`` are ``init_A`` (the node's draws,
+    so both engines start from the same LoRA) and the ``model:`` speed options ``m`` (see the module docstring)."""
+
+    def __init__(self, dm: nn.Module, m, targets: list[str], rank: int, alpha: float,
+                 init_A: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, recompute: bool):
+        from diffusers.training_utils import cast_training_params
+
+        from ..training import rope
+        from ..training.diffusers_backend import accelerate_transformer
+        from ..training.families import QWEN_IMAGE_FP8
+        from ..training.shared_dit import build_over
+
+        self.dm, self.rank, self.alpha, self.device, self.dtype = dm, rank, alpha, device, dtype
+        self._rope_was_installed = rope.installed()
+        self.transformer = build_over(dm, transformer_config(dm), dtype)
+        if recompute:
+            self.transformer.enable_gradient_checkpointing()
+        add_lora(self.transformer, rank, alpha, targets)
+        layers = dict(_lora_layers(self.transformer))
+        if set(layers) != set(init_A):
+            raise EngineUnavailable(f"the LoRA targets matched other modules in diffusers' transformer "
+                                    f"({sorted(set(layers) ^ set(init_A))[:3]})")
+        with torch.no_grad():  # peft may have rounded its draws to the base weight's dtype (fp8): set them here
+            for name, mod in layers.items():
+                mod.lora_A[ADAPTER_NAME].weight.data = init_A[name].to(device, torch.float32)
+                mod.lora_B[ADAPTER_NAME].weight.data = torch.zeros_like(mod.lora_B[ADAPTER_NAME].weight,
+                                                                        dtype=torch.float32, device=device)
+        cast_training_params(self.transformer, dtype=torch.float32)
+        self.transformer.train()
+        self.compiled = bool(m.compile)
+        self.reduce_overhead = m.compile and m.compile_mode == "reduce-overhead"
+        accelerate_transformer(self.transformer, m, QWEN_IMAGE_FP8, compute_dtype=dtype)
+        self.fp8_layers = sum(1 for mod in self.transformer.modules() if type(mod).__name__ == "Fp8Linear")
+
+    def describe(self) -> str:
+        return (f"fp8 matmuls on {self.fp8_layers} layers, " if self.fp8_layers else "bf16 matmuls, ") + (
+            "compiled with CUDA graphs" if self.reduce_overhead else "compiled" if self.compiled else "eager")
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def predict(self, noisy, sigmas, embeds, mask):
+        bsz, c, _, h, w = noisy.shape
+        # diffusers' QwenImagePipeline._pack_latents: 2x2 patches, channels first within a patch (as ComfyUI's)
+        packed = (noisy[:, :, 0].reshape(bsz, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+                  .reshape(bsz, (h // 2) * (w // 2), c * 4).to(self.dtype))
+        with self._autocast():
+            pred = self.transformer(hidden_states=packed, timestep=sigmas.to(self.dtype),
+                                    encoder_hidden_states=embeds.to(self.dtype), encoder_hidden_states_mask=mask,
+                                    img_shapes=[[(1, h // 2, w // 2)]] * bsz, return_dict=False)[0]
+        return pred.reshape(bsz, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(bsz, c, 1, h, w)
+
+    def _autocast(self):
+        # as the core: the float32 LoRA weights multiply in the compute dtype (the ComfyUI engine's LoRA branch
+        # computes in the activations' dtype too)
+        if self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def step_begin(self) -> None:
+        if self.reduce_overhead:  # last step's graph outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
+
+    # ---- LoRA state -----------------------------------------------------------------------------------
+    def named_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        marker = f".{ADAPTER_NAME}."  # the ComfyUI engine's names: <module>.lora_A.weight (checkpoints interchange)
+        return [(n.replace(marker, "."), p) for n, p in self.transformer.named_parameters()
+                if "lora_" in n and p.requires_grad]
+
+    def export_lora(self) -> dict[str, torch.Tensor]:
+        return export_lora(self.transformer, self.rank, self.alpha)
+
+    @contextlib.contextmanager
+    def on_comfy_modules(self):
+        """The current LoRA added to ComfyUI's own modules (forward hooks), for sampling through ComfyUI."""
+        handles = []
+        try:
+            for name, mod in _lora_layers(self.transformer):
+                a, b = mod.lora_A[ADAPTER_NAME].weight, mod.lora_B[ADAPTER_NAME].weight
+                hook = functools.partial(_lora_hook, a, b, float(mod.scaling[ADAPTER_NAME]))
+                handles.append(self.dm.get_submodule(name).register_forward_hook(hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def rebind(self) -> int:
+        """Point the shared layers at ComfyUI's current tensors again (after ComfyUI reloaded the DiT for sampling,
+        its parameters may be other objects). Returns how many layers changed."""
+        changed = 0
+        for name, mod in self.transformer.named_modules():
+            if not isinstance(mod, StoredLinear) and type(mod).__name__ != "Fp8Linear":
+                continue
+            src = self.dm.get_submodule(name.removesuffix(".base_layer"))
+            if isinstance(mod, StoredLinear):
+                if mod.weight is not src.weight or mod.bias is not src.bias:
+                    mod.weight, mod.bias = src.weight, src.bias
+                    changed += 1
+            elif src.weight.dtype == mod.w_q.dtype and src.weight.data_ptr() != mod.w_q.data_ptr():
+                mod.w_q = src.weight.detach()
+                changed += 1
+        return changed
+
+    def close(self) -> None:
+        from ..training import rope
+
+        if self.compiled and not self._rope_was_installed:
+            rope.uninstall()  # diffusers' module-level RoPE as this process had it
+        self.transformer = None
+        self.dm = None
+        if self.reduce_overhead:
+            # the CUDA graphs' memory pools outlive the model until their trees are reset: without this, ~19 GB stayed
+            # reserved while the graph went on to sample (an H200, 1024²). Only torch.compile's reduce-overhead
+            # graphs are affected (ComfyUI's own compile node uses the default mode)
+            from torch._inductor import cudagraph_trees
+
+            cudagraph_trees.reset_cudagraph_trees()
+
+
+def _lora_hook(a, b, scale, module, args, output):
+    x = args[0]
+    return output + (nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scale).to(
+        output.dtype)
+
+
+def engine_model_config(m, device: torch.device, recompute: bool):
+    """``model:`` as the engine runs it: cuDNN attention on a GPU unless set, and with ``compile`` the core's
+    CUDA-graph mode where no block is recomputed (graphs and recomputation do not mix: config.py)."""
+    changes = {}
+    if device.type == "cuda" and not m.attention_backend:
+        changes["attention_backend"] = "_native_cudnn"
+    if m.compile and m.compile_mode is None and device.type == "cuda" and not recompute:
+        changes["compile_mode"] = "reduce-overhead"
+    if recompute and m.compile_mode == "reduce-overhead":
+        changes["compile_mode"] = None
+    return dataclasses.replace(m, **changes) if changes else m
+
+
+__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "blockers", "engine_model_config",
+           "transformer_config"]
