@@ -56,7 +56,8 @@ from ..training.profiling import ENV as PROFILE_ENV
 from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_attention import training_attention
-from .comfy_engine import ENGINES, DiffusersEngine, EngineUnavailable, blockers, engine_model_config
+from .comfy_engine import (ENGINES, DiffusersEngine, EngineUnavailable, blockers, engine_model_config,
+                           fp8_copy_bytes)
 from .comfy_text import ComfyPromptEncoder, qwen_decoder
 from ..training.families import QWEN_IMAGE, get_family
 from .token_node import ZeroPriorTokenizer, text_encoder_parts
@@ -354,7 +355,10 @@ class ComfyBackend(TrainBackend):
         reasons = blockers(self.mp, dm, self.device)
         recompute = self.cfg.model.gradient_checkpointing
         if not reasons and not recompute and self.device.type == "cuda":
-            available = _available_bytes(self.device) - mem.MARGIN_GIB * mem.GIB
+            # fp8 matmuls on weights not stored in fp8 (a bf16 file) quantize copies of them, while ComfyUI's
+            # module keeps its own: ~1 byte a weight more
+            extra = fp8_copy_bytes(dm) if self.cfg.model.fp8_matmul else 0
+            available = _available_bytes(self.device) - mem.MARGIN_GIB * mem.GIB - extra
             k = mem.blocks_to_checkpoint(len(dm.transformer_blocks), available, t.resolution, t.batch_size)
             if k and self.dit_engine == "auto":
                 reasons.append(f"memory: {k} of {len(dm.transformer_blocks)} blocks would be recomputed "

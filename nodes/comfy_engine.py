@@ -89,6 +89,20 @@ def transformer_config(dm: nn.Module) -> dict:
     }
 
 
+def fp8_copy_bytes(dm: nn.Module) -> int:
+    """Bytes the engine's fp8 matmuls add on ``dm``: an e4m3 copy (+ a float32 scale a row) of each image-stream block
+    weight not already stored in e4m3 (those are used as they are, shared with ComfyUI's module)."""
+    from ..training.fp8 import FP8, IMAGE_STREAM
+
+    total = 0
+    for block in dm.transformer_blocks:
+        for name in IMAGE_STREAM:
+            w = getattr(block.get_submodule(name), "weight", None)
+            if isinstance(w, torch.Tensor) and w.dtype != FP8:
+                total += w.numel() + 4 * w.shape[0]
+    return total
+
+
 def _lora_layers(transformer: nn.Module):
     for name, mod in transformer.named_modules():
         la = getattr(mod, "lora_A", None)
@@ -233,5 +247,5 @@ def engine_model_config(m, device: torch.device, recompute: bool):
     return dataclasses.replace(m, **changes) if changes else m
 
 
-__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "blockers", "engine_model_config",
+__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "blockers", "engine_model_config", "fp8_copy_bytes",
            "transformer_config"]

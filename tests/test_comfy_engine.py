@@ -27,7 +27,7 @@ _spec = importlib.util.spec_from_file_location("qwen_zero_prior.nodes.comfy_engi
                                                Path(__file__).parents[1] / "nodes" / "comfy_engine.py")
 _engine = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_engine)
-blockers, engine_model_config = _engine.blockers, _engine.engine_model_config
+blockers, engine_model_config, fp8_copy_bytes = _engine.blockers, _engine.engine_model_config, _engine.fp8_copy_bytes
 
 CONFIG_KEYS = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
                "joint_attention_dim", "axes_dims_rope")
@@ -176,3 +176,17 @@ def test_engine_model_config():
     assert (m.attention_backend, m.compile_mode) == ("_native_cudnn", None)
     m = engine_model_config(ModelConfig(compile=True, attention_backend="flash"), cpu, recompute=False)
     assert (m.attention_backend, m.compile_mode) == ("flash", None)
+
+
+def test_fp8_copy_bytes_counts_only_weights_not_already_in_e4m3():
+    """What the engine's memory check adds for fp8_matmul: a bf16/fp32-stored DiT gets e4m3 copies of its image-stream
+    block weights (1 byte a weight + 4 a row); an fp8-stored one's are used as they are (0)."""
+    dm = tiny_transformer()
+    per_block = [dm.transformer_blocks[0].get_submodule(n).weight for n in
+                 ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.0.proj", "img_mlp.net.2")]
+    want = len(dm.transformer_blocks) * sum(w.numel() + 4 * w.shape[0] for w in per_block)
+    assert fp8_copy_bytes(dm) == want > 0
+    for m in dm.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+    assert fp8_copy_bytes(dm) == 0

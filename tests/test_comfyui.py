@@ -982,6 +982,26 @@ def test_diffusers_engine_equals_comfyui_forward(comfy, weight_dtype):
     assert [s["hw"] for s in r["sizes"]] == [[8, 8], [6, 10]]
     for s in r["sizes"]:
         assert s["max_abs_out"] <= 1e-5 * s["out_scale"] and s["max_abs_grad"] <= 1e-5 * s["grad_scale"], s
+    # previews sample through ComfyUI's forward with the engine's LoRA hooked on: the same prediction, hooks removed
+    assert r["lora_effect"] > 1e-3 * r["lora_scale"]
+    assert r["lora_hooked_vs_engine"] <= 1e-5 * r["lora_scale"] and r["after_hooks_vs_plain"] == 0.0, r
+
+
+def test_training_diffusers_engine_with_previews(comfy, train_ds):
+    """Previews during training with the diffusers engine (ComfyUI's sampler, the LoRA hooked onto ComfyUI's modules,
+    the shared weights rebound after ComfyUI reloaded them) leave training as it is: the same LoRA as without."""
+    from qwen_zero_prior.training.archive import load_archive
+
+    log_start = len(comfy.server.log_text())
+    for every in (0, 1):
+        comfy.server.run(_train_graph(comfy, steps=2, preview_every=every, dit_engine="diffusers",
+                                      output_name=f"zero_prior/engine_preview_{every}.zip"), timeout=900)
+    log = comfy.server.log_text()[log_start:]
+    assert "sample preview at step 2" in log, log[-3000:]
+    plain, previewed = (load_archive(comfy.output(f"zero_prior/engine_preview_{e}.zip")) for e in (0, 1))
+    diff = max(float((plain.lora_state_dict[k] - previewed.lora_state_dict[k]).abs().max())
+               for k in plain.lora_state_dict)
+    assert diff < 1e-6 and torch.allclose(plain.vector, previewed.vector, atol=1e-7), diff
 
 
 @pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])

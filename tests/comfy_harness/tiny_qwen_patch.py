@@ -575,6 +575,24 @@ class ZPTestDiffusersEngine:
                                         "out_scale": float(ref.abs().max()),
                                         "max_abs_grad": float((got_g - ref_g).abs().max()),
                                         "grad_scale": float(ref_g.abs().max())})
+            # a LoRA that is not zero: ComfyUI's own forward with the engine's LoRA hooked on (what previews sample
+            # through) predicts what the engine predicts, and the hooks are gone afterwards
+            with torch.no_grad():
+                for _, mod in engine_mod._lora_layers(engine.transformer):
+                    w = mod.lora_B["zero_prior"].weight
+                    w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
+                x = torch.randn(1, 16, 1, 8, 8, generator=gen).to(dev, dtype)
+                ctx = torch.randn(1, 5, dm.txt_in.weight.shape[1], generator=gen).to(dev, dtype)
+                t = torch.tensor([0.7]).to(dev)
+                plain = dm(x, t.to(dtype), ctx, transformer_options={}).float()
+                want = engine.predict(x, t, ctx, None).float()
+                with engine.on_comfy_modules():
+                    hooked = dm(x, t.to(dtype), ctx, transformer_options={}).float()
+                after = dm(x, t.to(dtype), ctx, transformer_options={}).float()
+            report["lora_hooked_vs_engine"] = float((hooked - want).abs().max())
+            report["lora_effect"] = float((want - plain).abs().max())
+            report["after_hooks_vs_plain"] = float((after - plain).abs().max())
+            report["lora_scale"] = float(want.abs().max())
             engine.close()
 
 
