@@ -370,10 +370,24 @@ class ComfyBackend(TrainBackend):
                                         + ". Use dit_engine auto or comfyui")
             logger.info("DiT engine: ComfyUI's forward (diffusers' cannot: %s)", "; ".join(reasons))
             return False
+        from ..training.fp8 import Fp8Error
+        from ..training.shared_dit import SharedDiTError
+
         m = engine_model_config(self.cfg.model, self.device, recompute)
         init = {name: a.lora_A.detach() for name, a in self.adapters.items()}
-        self.engine = DiffusersEngine(dm, m, list(t.lora_targets), t.rank, t.alpha, init, self.device, self.dtype,
-                                      recompute)
+        try:
+            self.engine = DiffusersEngine(dm, m, list(t.lora_targets), t.rank, t.alpha, init, self.device,
+                                          self.dtype, recompute)
+        except Fp8Error as e:
+            raise Fp8Error(f"{e} (in the node: turn its fp8_matmul input off)") from e
+        except (SharedDiTError, EngineUnavailable, AttributeError, TypeError) as e:
+            # a ComfyUI whose DiT no longer matches diffusers' layout: ComfyUI's forward still trains it
+            if self.dit_engine == "diffusers":
+                raise EngineUnavailable(f"dit_engine diffusers could not be built over this MODEL: {e}. Use "
+                                        "dit_engine auto or comfyui") from e
+            logger.warning("DiT engine: ComfyUI's forward (diffusers' could not be built: %s: %s)",
+                           type(e).__name__, e)
+            return False
         self.adapters.clear()
         logger.info("DiT engine: diffusers' transformer over ComfyUI's weights (%s%s%s)", self.engine.describe(),
                     f", attention {m.attention_backend}" if m.attention_backend else "",
@@ -551,6 +565,11 @@ class ComfyBackend(TrainBackend):
         # sampling and decoding may have reloaded models under ComfyUI's management: make them trainable again
         self._load()
         if self.engine is not None:
+            dm = self.mp.model.diffusion_model
+            moved = blockers(self.mp, dm, self.device)
+            if moved:  # ComfyUI reloaded the DiT partially for the preview (memory ran short)
+                raise EngineUnavailable("after the sample preview the DiT is no longer where the diffusers engine "
+                                        f"trains it ({moved[0]}); set preview_every to 0, or dit_engine to comfyui")
             self.engine.rebind()
         return images
 
@@ -593,9 +612,12 @@ class ComfyBackend(TrainBackend):
         if self._in_training_flag:
             mm.in_training = self._was_in_training
         if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-            mm.soft_empty_cache()  # what the engine held (its CUDA graphs' pools) back to the device for sampling
+            engine, self.engine = self.engine, None
+            try:
+                engine.close()
+                mm.soft_empty_cache()  # what the engine held (its CUDA graphs' pools) back to the device for sampling
+            except RuntimeError as e:  # a failed run's CUDA error: the run's own exception is the one to see
+                logger.warning("releasing the diffusers engine's memory failed: %s", e)
         for m in self._recast:
             m.__dict__.pop("forward_comfy_cast_weights", None)
         self._recast.clear()

@@ -20,12 +20,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 
 import torch
 from torch import nn
 
-from ..training.cast_linear import StoredLinear
 from ..training.lora import ADAPTER_NAME, add_lora, export_lora
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ def blockers(mp, dm: nn.Module, device: torch.device) -> list[str]:
     for key in ("model_function_wrapper",):
         if mp.model_options.get(key) is not None:
             out.append(f"the MODEL has a {key}")
+    objects = sorted(k for k in (getattr(mp, "object_patches", None) or {}) if k.startswith("diffusion_model"))
+    if objects:
+        out.append(f"the MODEL has object patches on its DiT ({', '.join(objects[:3])})")
     if getattr(dm, "__index_timestep_zero__", None) is not None or getattr(
             getattr(dm, "time_text_embed", None), "use_additional_t_cond", False):
         out.append("this Qwen-Image variant (edit / additional timestep conditioning) is not text-to-image")
@@ -116,15 +119,24 @@ class DiffusersEngine:
 
     def __init__(self, dm: nn.Module, m, targets: list[str], rank: int, alpha: float,
                  init_A: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, recompute: bool):
+        from ..training import rope
+
+        self.dm, self.rank, self.alpha, self.device, self.dtype = dm, rank, alpha, device, dtype
+        self._rope_was_installed = rope.installed()
+        try:
+            self._build(dm, m, targets, rank, alpha, init_A, device, dtype, recompute)
+        except BaseException:
+            if not self._rope_was_installed:
+                rope.uninstall()  # accelerate_transformer may have routed it before failing
+            raise
+
+    def _build(self, dm, m, targets, rank, alpha, init_A, device, dtype, recompute) -> None:
         from diffusers.training_utils import cast_training_params
 
-        from ..training import rope
         from ..training.diffusers_backend import accelerate_transformer
         from ..training.families import QWEN_IMAGE_FP8
         from ..training.shared_dit import build_over
 
-        self.dm, self.rank, self.alpha, self.device, self.dtype = dm, rank, alpha, device, dtype
-        self._rope_was_installed = rope.installed()
         self.transformer = build_over(dm, transformer_config(dm), dtype)
         if recompute:
             self.transformer.enable_gradient_checkpointing()
@@ -146,7 +158,8 @@ class DiffusersEngine:
         self.fp8_layers = sum(1 for mod in self.transformer.modules() if type(mod).__name__ == "Fp8Linear")
 
     def describe(self) -> str:
-        return (f"fp8 matmuls on {self.fp8_layers} layers, " if self.fp8_layers else "bf16 matmuls, ") + (
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"fp8 matmuls on {self.fp8_layers} layers, " if self.fp8_layers else f"{dtype} matmuls, ") + (
             "compiled with CUDA graphs" if self.reduce_overhead else "compiled" if self.compiled else "eager")
 
     # ---- the step -----------------------------------------------------------------------------------
@@ -196,18 +209,17 @@ class DiffusersEngine:
                 h.remove()
 
     def rebind(self) -> int:
-        """Point the shared layers at ComfyUI's current tensors again (after ComfyUI reloaded the DiT for sampling,
-        its parameters may be other objects). Returns how many layers changed."""
-        changed = 0
+        """Point the shared tensors at ComfyUI's current ones again (after ComfyUI reloaded the DiT for a preview, its
+        parameters may be other objects): every shared Linear and norm, and the fp8 matmul layers over fp8-stored
+        weights. Returns how many modules changed."""
+        from ..training.shared_dit import rebind
+
+        changed = rebind(self.transformer, self.dm)
         for name, mod in self.transformer.named_modules():
-            if not isinstance(mod, StoredLinear) and type(mod).__name__ != "Fp8Linear":
+            if type(mod).__name__ != "Fp8Linear":
                 continue
             src = self.dm.get_submodule(name.removesuffix(".base_layer"))
-            if isinstance(mod, StoredLinear):
-                if mod.weight is not src.weight or mod.bias is not src.bias:
-                    mod.weight, mod.bias = src.weight, src.bias
-                    changed += 1
-            elif src.weight.dtype == mod.w_q.dtype and src.weight.data_ptr() != mod.w_q.data_ptr():
+            if src.weight.dtype == mod.w_q.dtype and src.weight.data_ptr() != mod.w_q.data_ptr():
                 mod.w_q = src.weight.detach()
                 changed += 1
         return changed
@@ -219,6 +231,7 @@ class DiffusersEngine:
             rope.uninstall()  # diffusers' module-level RoPE as this process had it
         self.transformer = None
         self.dm = None
+        gc.collect()  # compiled blocks hold bound methods of themselves: a cycle that keeps the model until collected
         if self.reduce_overhead:
             # the CUDA graphs' memory pools outlive the model until their trees are reset: without this, ~19 GB stayed
             # reserved while the graph went on to sample (an H200, 1024²). Only torch.compile's reduce-overhead
@@ -234,10 +247,23 @@ def _lora_hook(a, b, scale, module, args, output):
         output.dtype)
 
 
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # a torch without the helper: let torch.compile report what it lacks
+        return True
+    return has_triton()
+
+
 def engine_model_config(m, device: torch.device, recompute: bool):
     """``model:`` as the engine runs it: cuDNN attention on a GPU unless set, and with ``compile`` the core's
     CUDA-graph mode where no block is recomputed (graphs and recomputation do not mix: config.py)."""
     changes = {}
+    if m.compile and device.type == "cuda" and not _has_triton():
+        logger.warning("model.compile: triton is not installed, which torch.compile needs on a GPU (pip install "
+                       "triton; on Windows triton-windows): training eagerly")
+        changes.update(compile=False, compile_mode=None)
+        m = dataclasses.replace(m, **changes)
     if device.type == "cuda" and not m.attention_backend:
         changes["attention_backend"] = "_native_cudnn"
     if m.compile and m.compile_mode is None and device.type == "cuda" and not recompute:

@@ -163,12 +163,59 @@ def test_engine_blockers_name_what_diffusers_would_not_compute():
     (why,) = blockers(*_fake_model(scale_weight=nn.Parameter(torch.ones(()))), cpu)
     assert "lin is in a scaled fp8 format" in why
     mp, dm = _fake_model()
+    mp.model_options["model_function_wrapper"] = print
+    (why,) = blockers(mp, dm, cpu)
+    assert "model_function_wrapper" in why
+    mp, dm = _fake_model()
+    mp.object_patches = {"diffusion_model.transformer_blocks.0": nn.Identity(), "other": 1}
+    (why,) = blockers(mp, dm, cpu)
+    assert "object patches on its DiT (diffusion_model.transformer_blocks.0)" in why
+    mp, dm = _fake_model()
+    dm.register_buffer("__index_timestep_zero__", torch.tensor([]))
+    (why,) = blockers(mp, dm, cpu)
+    assert "not text-to-image" in why
+    mp, dm = _fake_model()
     dm.lin.weight = nn.Parameter(torch.empty(4, 4, device="meta"))
     (why,) = blockers(mp, dm, cpu)
     assert "lin is on meta" in why
 
 
-def test_engine_model_config():
+def test_rebind_points_at_the_sources_new_tensors():
+    """After the source's parameter objects were replaced (ComfyUI reloading its DiT), every shared Linear and norm
+    uses the new ones."""
+    from qwen_zero_prior.training.shared_dit import rebind
+
+    src, cfg = _source()
+    model = build_over(src, cfg, torch.float32)
+    assert rebind(model, src) == 0
+    for mod in src.modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[pname] = nn.Parameter(p.detach().clone() * 2, requires_grad=False)
+    assert rebind(model, src) == sum(1 for m in src.modules() if m._parameters and any(
+        p is not None for p in m._parameters.values()))
+    ptrs = {p.data_ptr() for p in src.parameters()}
+    assert all(p.data_ptr() in ptrs for p in model.parameters())
+    x, ctx = torch.randn(1, 16, 64), torch.randn(1, 5, cfg["joint_attention_dim"])
+    assert torch.equal(_call(src, x, ctx, 4, 4), _call(model, x, ctx, 4, 4))
+
+
+def test_fp8_matmul_from_e5m2_weights():
+    """UNETLoader's fp8_e5m2 storage: quantized to e4m3 per row through float32 (e5m2 has no abs/amax kernels)."""
+    w = (torch.randn(8, 16) * 0.1).to(torch.float8_e5m2)
+    fp8 = Fp8Linear(StoredLinear(w, None, torch.float32))
+    assert fp8.w_q.dtype == torch.float8_e4m3fn
+    assert float((fp8.weight - w.float()).abs().max()) <= 0.07 * float(w.float().abs().max())
+
+
+def test_engine_model_config_without_triton(monkeypatch):
+    monkeypatch.setattr(_engine, "_has_triton", lambda: False)
+    m = engine_model_config(ModelConfig(compile=True), torch.device("cuda"), recompute=False)
+    assert (m.compile, m.compile_mode, m.attention_backend) == (False, None, "_native_cudnn")
+
+
+def test_engine_model_config(monkeypatch):
+    monkeypatch.setattr(_engine, "_has_triton", lambda: True)  # as on a GPU machine
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
     assert (m.attention_backend, m.compile_mode) == ("_native_cudnn", "reduce-overhead")

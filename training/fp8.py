@@ -129,15 +129,15 @@ class Fp8Linear(nn.Module):
         if w.dtype == FP8:  # already e4m3 (ComfyUI's fp8 files, computed as weight.to(bf16)): taken as it is, scale
             # 1 a row, sharing its storage; quantizing it again per row would round a second time
             w_q, w_s = w, torch.ones(w.shape[0], 1, device=w.device, dtype=torch.float32)
-        else:
-            w_q, w_s = quantize_rows(w)
+        else:  # (an e5m2 weight, which has no abs/amax kernels, through float32)
+            w_q, w_s = quantize_rows(w.float() if w.dtype.itemsize == 1 else w)
         # not persistent: never in a state_dict or checkpoint (the LoRA and token are what training saves)
         self.register_buffer("w_q", w_q, persistent=False)
         self.register_buffer("w_scale", w_s.view(-1), persistent=False)
         wt_q = wt_s = None
         if backward_copy:
             # row-major [in, out]: its .t() is column-major
-            wt_q, wt_s = quantize_rows((w.float() if w.dtype == FP8 else w).t().contiguous())
+            wt_q, wt_s = quantize_rows((w.float() if w.dtype.itemsize == 1 else w).t().contiguous())
             wt_s = wt_s.view(-1)
         self.register_buffer("wt_q", wt_q, persistent=False)  # None (no buffer) without the backward copy
         self.register_buffer("wt_scale", wt_s, persistent=False)

@@ -119,4 +119,30 @@ def build_over(source: nn.Module, config: dict, compute_dtype: torch.dtype) -> n
     return model
 
 
-__all__ = ["SharedDiTError", "build_over", "centered_rope"]
+def rebind(model: nn.Module, source: nn.Module) -> int:
+    """Point ``model``'s shared tensors (from :func:`build_over`) at ``source``'s current ones again: after the program
+    that owns ``source`` replaced parameter objects (e.g. ComfyUI reloading a model in inference mode, and the
+    training node swapping those for ordinary tensors). Returns how many modules changed. Tensors the model holds
+    copies of (fp8-stored norms cast to the compute dtype, fp8 matmul copies of non-fp8 weights) are left as they are:
+    their values do not change."""
+    changed = 0
+    for name, mod in model.named_modules():
+        if "lora_" in name:  # peft's trainable adapters: not the source's
+            continue
+        src = _module(source, name.removesuffix(".base_layer")) if name else source
+        if isinstance(mod, StoredLinear):
+            if src is not None and (mod.weight is not src.weight or mod.bias is not src.bias):
+                mod.weight, mod.bias = src.weight, src.bias
+                changed += 1
+            continue
+        if isinstance(mod, nn.Linear) or src is None:
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            sp = getattr(src, pname, None)
+            if isinstance(sp, nn.Parameter) and sp is not p and sp.dtype.itemsize >= 2:
+                mod._parameters[pname] = sp
+                changed += 1
+    return changed
+
+
+__all__ = ["SharedDiTError", "build_over", "centered_rope", "rebind"]

@@ -593,6 +593,18 @@ class ZPTestDiffusersEngine:
             report["lora_effect"] = float((want - plain).abs().max())
             report["after_hooks_vs_plain"] = float((after - plain).abs().max())
             report["lora_scale"] = float(want.abs().max())
+            for mod in dm.modules():  # new parameter objects, as ComfyUI reloading the DiT leaves them
+                for pname, p in list(mod._parameters.items()):
+                    if p is not None:
+                        mod._parameters[pname] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            report["rebound"] = engine.rebind()
+            new_ptrs = {p.data_ptr() for p in dm.parameters()}
+            report["rebound_shared"] = sum(m.weight.data_ptr() in new_ptrs for m in engine.transformer.modules()
+                                           if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+            with torch.no_grad(), engine.on_comfy_modules():
+                again = dm(x, t.to(dtype), ctx, transformer_options={}).float()
+            with torch.no_grad():
+                report["after_rebind_max_abs"] = float((engine.predict(x, t, ctx, None).float() - again).abs().max())
             engine.close()
 
 

@@ -1,0 +1,104 @@
+"""float32 products with a frozen weight that is exactly a bf16 tensor, on bf16 tensor cores (experimental).
+
+ComfyUI computes Qwen-Image's text encoder in float32 over weights it stores in fp8 (``fp8_scaled`` files) or bf16,
+casting each weight to float32 for every use: on an H200 the training node's step spent ~180 ms of ~600 in those
+casts, the float32 GEMMs and a per-layer recompute (autograd would otherwise keep every cast). Those weights are
+exact in bf16 (e4m3's 4 significant bits, and a bf16 file, fit bf16's 8), and a float32 activation is exactly the
+sum of three bf16 tensors (24 significant bits = 3 x 8; :func:`split_bf16`). So ``x @ Wᵀ`` is the sum of three
+bf16 x bf16 products, each exact in float32, accumulated in float32: one bf16 GEMM over the three parts stacked as
+rows (``torch.mm(..., out_dtype=torch.float32)`` on CUDA), reading the bf16 weight once. The result equals the
+float32 GEMM up to the order of the float32 additions. On a CPU (and where ``mm`` has no ``out_dtype``) the same
+products are formed in float32.
+
+:class:`ExactLinear` keeps that bf16 weight (and an optional float32 scale applied to the input, as ComfyUI 0.3.64's
+scaled-fp8 layers do) and computes the input's gradient the same way; it saves nothing but the weight for the
+backward, so the decoder needs no recomputation, and it is a plain tensor program that CUDA graphs can capture.
+Not yet measured on a GPU: ``nodes/comfy_text.py`` uses it only when asked (``QWEN_ZERO_PRIOR_EXACT_TEXT=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def split_bf16(a: torch.Tensor) -> torch.Tensor:
+    """float32 ``a`` [M, K] as three bf16 parts stacked as rows [3M, K] whose sum is ``a`` (exactly, for normal
+    numbers)."""
+    a1 = a.to(torch.bfloat16)
+    r = a - a1.float()
+    a2 = r.to(torch.bfloat16)
+    a3 = (r - a2.float()).to(torch.bfloat16)
+    return torch.cat([a1, a2, a3], dim=0)
+
+
+@functools.cache
+def _mm_out_dtype(device: torch.device) -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` runs on ``device``."""
+    try:
+        a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError) as e:
+        logger.info("torch.mm has no float32 out_dtype for bf16 on %s (%s): the exact text products cast the bf16 "
+                    "weights to float32 instead", device, str(e).splitlines()[0][:120])
+        return False
+    return True
+
+
+def exact_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ wᵀ`` in float32 for float32 ``a`` [M, K] and bf16 ``w`` [N, K] (any strides)."""
+    m = a.shape[0]
+    parts = split_bf16(a.float())
+    if parts.is_cuda and _mm_out_dtype(parts.device):
+        out = torch.mm(parts, w.t(), out_dtype=torch.float32)
+    else:  # the same bf16 x bf16 products, exact in float32
+        out = torch.mm(parts.float(), w.t().float())
+    out = out.view(3, m, -1)
+    return out[0] + out[1] + out[2]
+
+
+class _ExactLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias):
+        lead = x.shape[:-1]
+        a = x.reshape(-1, x.shape[-1]).float()
+        if scale is not None:
+            a = a * scale
+        y = exact_mm(a, weight)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(weight, scale)
+        ctx.lead = lead
+        return y.view(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, scale = ctx.saved_tensors
+        dx = exact_mm(dy.reshape(-1, dy.shape[-1]).float(), weight.t())  # dy @ W
+        if scale is not None:
+            dx = dx * scale
+        return dx.view(*ctx.lead, weight.shape[1]), None, None, None
+
+
+class ExactLinear(nn.Module):
+    """A frozen ``Linear`` computing ``(x * scale) @ weightᵀ + bias`` in float32 from a bf16 ``weight`` (see the
+    module docstring); ``scale`` a float32 scalar or None."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dtype != torch.bfloat16:
+            raise TypeError(f"ExactLinear takes a bf16 weight, got {weight.dtype}")
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        self.register_buffer("scale", None if scale is None else scale.float().reshape(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ExactLinearFn.apply(x, self.weight, self.scale, self.bias)
+
+
+__all__ = ["ExactLinear", "exact_mm", "split_bf16"]
