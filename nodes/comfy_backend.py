@@ -38,6 +38,7 @@ import copy
 import functools
 import inspect
 import logging
+import os
 import statistics
 
 import numpy as np
@@ -58,11 +59,19 @@ from ..training.token import RegisteredToken, add_placeholder_tokens, check_sing
 from .comfy_attention import training_attention
 from .comfy_engine import (ENGINES, DiffusersEngine, EngineUnavailable, blockers, engine_model_config,
                            fp8_copy_bytes)
-from .comfy_text import ComfyPromptEncoder, qwen_decoder
+from .comfy_text import PROJECTIONS, ComfyPromptEncoder, exact_projections, qwen_decoder
 from ..training.families import QWEN_IMAGE, get_family
 from .token_node import ZeroPriorTokenizer, text_encoder_parts
 
 logger = logging.getLogger(__name__)
+EXACT_TEXT_ENV = "QWEN_ZERO_PRIOR_EXACT_TEXT"
+
+
+def _submodule(root, name: str):
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 class LoRABranch(nn.Module):
@@ -274,6 +283,7 @@ class ComfyBackend(TrainBackend):
         self._recast: list = []  # Linears whose per-use cast CastLinear repeats in the backward
         self._compiled: list = []  # transformer blocks compiled (model.compile), restored in close()
         self._phases = _PhaseTimer(self.device)
+        self._exact: dict | None = None  # the text encoder's ExactLinear stand-ins (QWEN_ZERO_PRIOR_EXACT_TEXT)
 
     def _base_tokenizer(self):
         tok = self.clip.tokenizer
@@ -476,11 +486,39 @@ class ComfyBackend(TrainBackend):
 
     def _make_prompts(self) -> None:
         m = self.cfg.model
+        device = self.clip.patcher.load_device
+        exact = self._exact_text(device)
         self.prompts = ComfyPromptEncoder(
-            self.clip, self.tokenizer, self.clip.patcher.load_device,
+            self.clip, self.tokenizer, device,
             vectors={tok.token_id: tok.vector for tok in self.tokens},
-            prefix_cache=m.text_prefix_cache, cuda_graphs=False, compile=False,
+            prefix_cache=m.text_prefix_cache, cuda_graphs=bool(exact) and m.text_cuda_graphs
+            and torch.device(device).type == "cuda", compile=False, exact=exact,
         )
+
+    def _exact_text(self, device) -> dict:
+        """``QWEN_ZERO_PRIOR_EXACT_TEXT=1`` (experimental, not yet measured on a GPU): the text encoder's projections
+        as ``ExactLinear`` (``comfy_text.exact_projections``; bf16 copies of its weights, ~15 GB for the 7B encoder),
+        made once, where they fit beside what the step needs; {} otherwise (the log says why)."""
+        if self._exact is not None:
+            return self._exact
+        self._exact = {}
+        if os.environ.get(EXACT_TEXT_ENV, "") not in ("1", "true", "yes"):
+            return self._exact
+        model = qwen_decoder(self.clip)
+        need = sum(m.weight.numel() * 2 for layer in model.layers for name in PROJECTIONS
+                   if (m := _submodule(layer, name)) is not None)
+        device = torch.device(device)
+        if device.type == "cuda":
+            available = _available_bytes(device) - self._reserve()
+            if available < need:
+                logger.info("text encoder: ComfyUI's projections (%s: the bf16 copies need %.1f GiB, %.1f GiB "
+                            "available beside the step)", EXACT_TEXT_ENV, need / mem.GIB, max(available, 0) / mem.GIB)
+                return self._exact
+        self._exact, why = exact_projections(model, device)
+        logger.info("text encoder: %s", f"exact bf16-split projections ({len(self._exact)} Linears, "
+                    f"{need / mem.GIB:.1f} GiB), no per-layer recompute" if self._exact
+                    else f"ComfyUI's projections (no exact form: {why})")
+        return self._exact
 
     def named_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
         if self.engine is not None:

@@ -39,13 +39,19 @@ def _rms(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
 
 
 class ComfyLayerOps(LayerOps):
-    """One layer of ComfyUI's ``comfy.text_encoders.llama`` decoder: projections called as ComfyUI modules,
-    norms and the SwiGLU written here (ComfyUI's own MLP may fuse them into inference-only kernels)."""
+    """One layer of ComfyUI's ``comfy.text_encoders.llama`` decoder: projections called as ComfyUI modules (or, where
+    given, as their :class:`~qwen_zero_prior.training.exact_linear.ExactLinear` stand-ins in ``exact``), norms and the
+    SwiGLU written here (ComfyUI's own MLP may fuse them into inference-only kernels)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, exact: dict | None = None):
         self.layer = layer
         self.attn = layer.self_attn
         self.has_head_norm = getattr(self.attn, "q_norm", None) is not None
+        self.exact = exact or {}
+
+    def _proj(self, module, x):
+        fast = self.exact.get(id(module))
+        return fast(x) if fast is not None else module(x)
 
     def ln1(self, h):
         return _rms(h, self.layer.input_layernorm)
@@ -53,8 +59,8 @@ class ComfyLayerOps(LayerOps):
     def qkv(self, x):
         a = self.attn
         if getattr(a, "qkv_proj", None) is not None:  # merged projection (quantized checkpoints, newer ComfyUI)
-            return a.qkv_proj(x).split((a.inner_size, a.kv_size, a.kv_size), dim=-1)
-        return a.q_proj(x), a.k_proj(x), a.v_proj(x)
+            return self._proj(a.qkv_proj, x).split((a.inner_size, a.kv_size, a.kv_size), dim=-1)
+        return self._proj(a.q_proj, x), self._proj(a.k_proj, x), self._proj(a.v_proj, x)
 
     def head_norm(self, q, k):
         if not self.has_head_norm:
@@ -62,7 +68,7 @@ class ComfyLayerOps(LayerOps):
         return _rms(q, self.attn.q_norm), _rms(k, self.attn.k_norm)
 
     def o(self, x):
-        return self.attn.o_proj(x)
+        return self._proj(self.attn.o_proj, x)
 
     def ln2(self, h):
         return _rms(h, self.layer.post_attention_layernorm)
@@ -70,10 +76,78 @@ class ComfyLayerOps(LayerOps):
     def mlp(self, x):
         m = self.layer.mlp
         if getattr(m, "gate_up_proj", None) is not None:
-            gate, up = m.gate_up_proj(x).chunk(2, dim=-1)
+            gate, up = self._proj(m.gate_up_proj, x).chunk(2, dim=-1)
         else:
-            gate, up = m.gate_proj(x), m.up_proj(x)
-        return m.down_proj(F.silu(gate) * up)
+            gate, up = self._proj(m.gate_proj, x), self._proj(m.up_proj, x)
+        return self._proj(m.down_proj, F.silu(gate) * up)
+
+
+PROJECTIONS = ("self_attn.qkv_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_up_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _exact_projection(module, device: torch.device):
+    """An :class:`ExactLinear` computing what ``module`` (a ComfyUI ``Linear`` of the text encoder, any storage)
+    computes in float32, or the reason there is none. The weight ComfyUI multiplies with is taken from its own cast
+    (``comfy.ops.cast_bias_weight``; 0.3.64's scaled-fp8 layers scale the input by ``scale_weight`` instead), kept
+    in bf16 when that is exact, and the result is checked against ``module`` on a probe input."""
+    import comfy.ops
+
+    from ..training.exact_linear import ExactLinear
+
+    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+        return None, "weight patches applied per use"
+    k = module.weight.shape[1]
+    probe = torch.randn(4, k, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        with torch.no_grad():
+            out = comfy.ops.cast_bias_weight(module, probe)
+            weight, bias = out[0], out[1]
+            scale = getattr(module, "scale_weight", None)
+            plain = _per_tensor_fp8(module.weight)
+            if plain is not None:  # ComfyUI >= 0.33's QuantizedTensor (e4m3 data x one float32 scale): the scale
+                weight, scale = plain  # moves onto the input, the e4m3 data is exact in bf16
+            w16 = weight.to(torch.bfloat16)
+            if not torch.equal(w16.float(), weight.float()):
+                return None, f"its {weight.dtype} weight is not exactly bf16"
+            fast = ExactLinear(w16, None if bias is None else bias.detach().float(),
+                               None if scale is None else scale.detach().float())
+            ref, got = module(probe).float(), fast(probe)
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    err, size = float((got - ref).abs().max()), float(ref.abs().max())
+    if not err <= 1e-5 * max(size, 1e-12):
+        return None, f"its output differs from ComfyUI's by {err:.2e} (of {size:.2e})"
+    return fast, None
+
+
+def _per_tensor_fp8(weight):
+    """``(e4m3 data, float32 scalar scale)`` of a comfy_kitchen ``QuantizedTensor`` in a per-tensor fp8 layout (what
+    ComfyUI >= 0.33 loads ``*_fp8_scaled`` files as), else None."""
+    data, params = getattr(weight, "_qdata", None), getattr(weight, "_params", None)
+    scale = getattr(params, "scale", None)
+    if (isinstance(data, torch.Tensor) and data.dtype == torch.float8_e4m3fn and tuple(data.shape) == tuple(weight.shape)
+            and isinstance(scale, torch.Tensor) and scale.numel() == 1):
+        return data, scale.float()
+    return None
+
+
+def exact_projections(model, device: torch.device) -> tuple[dict, str | None]:
+    """``{id(ComfyUI module): ExactLinear}`` for every projection of ``model``'s decoder layers, or ``({}, why)``
+    where any one has none (all or nothing: one projection left to ComfyUI's per-use cast would keep its casts for
+    the backward, and the layers would need recomputing again)."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for name in PROJECTIONS:
+            try:
+                module = layer.get_submodule(name)
+            except AttributeError:
+                continue
+            fast, why = _exact_projection(module, device)
+            if fast is None:
+                return {}, f"layer {i} {name}: {why}"
+            out[id(module)] = fast
+    return out, None
 
 
 def qwen_decoder(clip):
@@ -89,7 +163,7 @@ def qwen_decoder(clip):
     return model
 
 
-def comfy_parts(model) -> DecoderParts:
+def comfy_parts(model, exact: dict | None = None) -> DecoderParts:
     """:class:`DecoderParts` over ComfyUI's ``Llama2_`` (Qwen2.5-VL's language model as ComfyUI builds it)."""
     cfg = model.config
     problems = []
@@ -110,7 +184,7 @@ def comfy_parts(model) -> DecoderParts:
     scale = getattr(cfg, "rope_scale", None)
     if scale is not None:
         inv_freq = inv_freq / float(scale[0] if isinstance(scale, (list, tuple)) else scale)
-    return DecoderParts([ComfyLayerOps(layer) for layer in model.layers], lambda h: _rms(h, model.norm),
+    return DecoderParts([ComfyLayerOps(layer, exact) for layer in model.layers], lambda h: _rms(h, model.norm),
                         n_heads=cfg.num_attention_heads, n_kv=cfg.num_key_value_heads, head_dim=head_dim,
                         inv_freq=inv_freq)
 
@@ -132,14 +206,17 @@ class ComfyPromptEncoder:
 
     ``tokenizer``: ComfyUI's Qwen-Image tokenizer with the placeholders registered; ``vectors``: each
     placeholder's id in it -> its trainable float32 vector (or, for one token, ``token_id`` and ``vector``). Text
-    before the first placeholder is encoded once per caption (causal prefix cache). ``cuda_graphs`` is off by
-    default here: ComfyUI's layers may stream and cast weights with host-side logic that graph capture cannot
-    replay (dynamic VRAM).
+    before the first placeholder is encoded once per caption (causal prefix cache). ``exact`` (True, or a map from
+    :func:`exact_projections` made once and reused) computes the projections as ``ExactLinear`` (no per-layer
+    recompute); ``cuda_graphs`` then replays the per-step suffix as CUDA graphs. Without ``exact`` there are no
+    graphs: ComfyUI's layers may stream and cast weights with host-side logic that graph capture cannot replay
+    (dynamic VRAM).
     """
 
     def __init__(self, clip, tokenizer, device: torch.device, token_id: int | None = None,
                  vector: torch.nn.Parameter | None = None, *, vectors: dict[int, torch.nn.Parameter] | None = None,
-                 prefix_cache: bool = True, cuda_graphs: bool = False, compile: bool = False):
+                 prefix_cache: bool = True, cuda_graphs: bool = False, compile: bool = False,
+                 exact: bool | dict = False):
         self.tokenizer = tokenizer
         self.model = qwen_decoder(clip)
         self.embed_tokens = self.model.embed_tokens
@@ -148,10 +225,19 @@ class ComfyPromptEncoder:
         if vector is not None:
             self.vectors[int(token_id)] = vector
         self.prefix_cache = prefix_cache
+        # exact (experimental, not yet measured on a GPU): the projections as ExactLinear (training/exact_linear.py):
+        # ComfyUI's float32 numbers from bf16 copies of its weights, nothing kept for the backward, graph-capturable
+        if isinstance(exact, dict):
+            self.exact, why = exact, "none given"
+        else:
+            self.exact, why = exact_projections(self.model, self.device) if exact else ({}, None)
+        if exact is True:
+            logger.info("text encoder: %s", f"exact bf16-split projections on {len(self.exact)} layers' Linears"
+                        if self.exact else f"ComfyUI's projections (no exact form: {why})")
         # recompute: ComfyUI's layers cast their weights to float32 for each use, and autograd would keep every
         # cast until the backward (28 GB for the 7B encoder); per-layer recompute keeps one layer's at a time
-        self.suffix = SuffixDecoder(comfy_parts(self.model), cuda_graphs=cuda_graphs, compile=compile,
-                                    recompute=True)
+        self.suffix = SuffixDecoder(comfy_parts(self.model, self.exact), compile=compile,
+                                    cuda_graphs=cuda_graphs and bool(self.exact), recompute=not self.exact)
         self._prefix: dict[str, tuple] = {}
         self._fixed: dict[str, torch.Tensor] = {}
 

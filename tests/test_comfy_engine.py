@@ -237,3 +237,30 @@ def test_fp8_copy_bytes_counts_only_weights_not_already_in_e4m3():
         if isinstance(m, nn.Linear):
             m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
     assert fp8_copy_bytes(dm) == 0
+
+
+def test_exact_linear_is_float32_arithmetic_from_bf16_parts():
+    """training/exact_linear.py: a float32 activation is exactly the sum of its three bf16 parts, and the products
+    with an exactly-bf16 weight (and an input scale, as ComfyUI's scaled fp8) equal float32 arithmetic to rounding,
+    forward and input gradient; a weight not in bf16 is refused."""
+    from qwen_zero_prior.training.exact_linear import ExactLinear, split_bf16
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 64, generator=g) * torch.logspace(-3, 3, 64)
+    parts = split_bf16(a)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (15, 64)
+    assert torch.equal(parts.float().view(3, 5, 64).sum(0), a)  # exact
+    w = (torch.randn(32, 64, generator=g) * 0.05).to(torch.float8_e4m3fn).to(torch.bfloat16)
+    bias, scale = torch.randn(32, generator=g), torch.tensor(0.37)
+    lin = ExactLinear(w, bias, scale)
+    x = torch.randn(2, 3, 64, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    y = lin(x)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = (x64 * scale.double()) @ w.double().t() + bias.double()
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 32)
+    assert float((y.detach().double() - ref.detach()).abs().max()) <= 1e-6 * float(ref.detach().abs().max())
+    y.square().sum().backward()
+    ref.square().sum().backward()
+    assert float((x.grad.double() - x64.grad).abs().max()) <= 1e-5 * float(x64.grad.abs().max())
+    with pytest.raises(TypeError, match="bf16 weight"):
+        ExactLinear(w.float())

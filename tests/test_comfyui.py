@@ -162,6 +162,20 @@ def test_training_conditioning_equals_clip_text_encode(comfy, clip_key):
     assert rel < 1e-5, rel  # same weights, same float32 arithmetic: only kernel rounding differs
     grad = got["grad"]
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert int(got["exact_linears"]) == 0 and int(got["recompute"]) == 1  # the default: ComfyUI's projections
+
+    # the experimental exact text path (QWEN_ZERO_PRIOR_EXACT_TEXT): ComfyUI's float32 numbers from bf16 copies of
+    # weights that are exactly bf16 (bf16 and fp8-scaled files), no per-layer recompute; float32/fp16 weights are not
+    # exactly bf16 and keep ComfyUI's projections
+    g["9"]["inputs"].update(exact=True, filename=f"tc_exact_{clip_key}.safetensors")
+    comfy.server.run(g)
+    ex = load_file(comfy.output(f"tc_exact_{clip_key}.safetensors"))
+    rel_ex, grad_rel = _rel(ex["cond"][0], ref), _rel(ex["grad"], grad)
+    print(f"ComfyUI {comfy.version} {clip_key}: exact text path: {int(ex['exact_linears'])} Linears, vs "
+          f"CLIPTextEncode {rel_ex:.2e}, gradient vs ComfyUI's projections {grad_rel:.2e}")
+    engaged = clip_key in ("clip_bf16", "clip_fp8")
+    assert (int(ex["exact_linears"]) > 0) == engaged and int(ex["recompute"]) == (0 if engaged else 1)
+    assert rel_ex < 1e-5 and grad_rel < 1e-5, (rel_ex, grad_rel)
 
 
 def test_full_scale_conditioning_bench_runs(comfy, tmp_path):
@@ -1051,3 +1065,31 @@ def test_training_diffusers_engine_fp8_matmul_and_compile(comfy, train_ds):
     arc = load_archive(comfy.output("zero_prior/engine_fast.zip"))
     assert any(float(v.abs().sum()) > 0 for k, v in arc.lora_state_dict.items() if "lora_B" in k)
     assert float(arc.vector.abs().max()) > 1e-4
+
+
+def test_training_exact_text_switch(comfy, train_ds):
+    """QWEN_ZERO_PRIOR_EXACT_TEXT=1 (experimental): the node's text encoder runs its projections as ExactLinear on an
+    fp8-scaled file (no per-layer recompute) and trains the same LoRA and vector as ComfyUI's projections."""
+    from qwen_zero_prior.training.archive import load_archive
+
+    def set_env(value):
+        comfy.server.run({"1": {"class_type": "ZPTestSetEnv",
+                                "inputs": {"name": "QWEN_ZERO_PRIOR_EXACT_TEXT", "value": value}}})
+
+    log_start = len(comfy.server.log_text())
+    comfy.server.run(_train_graph(comfy, steps=2, clip_key="clip_fp8", output_name="zero_prior/text_plain.zip"),
+                     timeout=900)
+    set_env("1")
+    try:
+        comfy.server.run(_train_graph(comfy, steps=2, clip_key="clip_fp8", output_name="zero_prior/text_exact.zip"),
+                         timeout=900)
+    finally:
+        set_env("")
+    log = comfy.server.log_text()[log_start:]
+    assert "text encoder: exact bf16-split projections (14 Linears" in log, log[-3000:]
+    plain, exact = (load_archive(comfy.output(f"zero_prior/text_{k}.zip")) for k in ("plain", "exact"))
+    diff = max(float((plain.lora_state_dict[k] - exact.lora_state_dict[k]).abs().max()) for k in plain.lora_state_dict)
+    vdiff = float((plain.vector - exact.vector).abs().max())
+    print(f"ComfyUI {comfy.version}: exact text path vs ComfyUI's projections after 2 steps: LoRA {diff:.2e}, "
+          f"vector {vdiff:.2e}")
+    assert diff < 1e-5 and vdiff < 1e-6 and float(exact.vector.abs().max()) > 0

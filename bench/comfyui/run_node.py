@@ -293,7 +293,7 @@ def main(argv=None) -> int:
         result["node_log"] = [line.strip() for line in log.splitlines()
                               if any(k in line for k in ("gradient checkpointing on", "phase times",
                                                          "loading partially", "memory plan", "Traceback", "Error",
-                                                         "model.compile", "nference tensors", "DiT engine",
+                                                         "model.compile", "nference tensors", "DiT engine", "text encoder:",
                                                          "fp8_matmul"))][-12:]
         if a.profile_steps:
             result["kernels"] = kernel_table(log)

@@ -310,14 +310,15 @@ class ZPTestTrainingConditioning:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"clip": ("CLIP",), "archive": ("ZERO_PRIOR_ARCHIVE",), "text": ("STRING", {"default": ""}),
-                             "filename": ("STRING", {"default": "train_cond.safetensors"})}}
+                             "filename": ("STRING", {"default": "train_cond.safetensors"})},
+                "optional": {"exact": ("BOOLEAN", {"default": False})}}
 
     RETURN_TYPES = ()
     FUNCTION = "run"
     OUTPUT_NODE = True
     CATEGORY = "testing"
 
-    def run(self, clip, archive, text, filename):
+    def run(self, clip, archive, text, filename, exact=False):
         import copy
 
         comfy_text = _pack_module("nodes.comfy_text")
@@ -333,12 +334,13 @@ class ZPTestTrainingConditioning:
                        for t, v in archive.vectors.items()}
             if len(vectors) == 1:  # the one-token form of the encoder's arguments
                 (token_id, vector), = vectors.items()
-                enc = comfy_text.ComfyPromptEncoder(clip, tok, device, token_id=token_id, vector=vector)
+                enc = comfy_text.ComfyPromptEncoder(clip, tok, device, token_id=token_id, vector=vector, exact=exact)
             else:
-                enc = comfy_text.ComfyPromptEncoder(clip, tok, device, vectors=vectors)
+                enc = comfy_text.ComfyPromptEncoder(clip, tok, device, vectors=vectors, exact=exact)
             cond, mask = enc.encode([text], torch.float32, torch.device("cpu"))
             cond.sum().backward()
-        out = {"cond": cond.detach().float().cpu().contiguous()}
+        out = {"cond": cond.detach().float().cpu().contiguous(), "exact_linears": torch.tensor([len(enc.exact)]),
+               "recompute": torch.tensor([int(enc.suffix.recompute)])}
         for i, v in enumerate(vectors.values()):
             out["grad" if i == 0 else f"grad_{i}"] = v.grad.detach().float().cpu()
         save_file(out, os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)))
@@ -608,6 +610,31 @@ class ZPTestDiffusersEngine:
             engine.close()
 
 
+class ZPTestSetEnv:
+    """Sets (or with an empty value, removes) an environment variable of the server process, for switches the pack
+    reads when a node runs (e.g. QWEN_ZERO_PRIOR_EXACT_TEXT)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"name": ("STRING", {"default": ""}), "value": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def IS_CHANGED(cls, name, value):
+        return float("nan")  # always runs
+
+    def run(self, name, value):
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
+        return {}
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     ZPTestUntrackWeights, ZPTestCastLinear, ZPTestSaveConditioning, ZPTestTokens, ZPTestModelForward, ZPTestNonQwenClip,
-    ZPTestKeepVisionTokenizer, ZPTestTrainingConditioning, ZPTestTrainingAttention, ZPTestDiffusersEngine)}
+    ZPTestKeepVisionTokenizer, ZPTestTrainingConditioning, ZPTestTrainingAttention, ZPTestDiffusersEngine, ZPTestSetEnv)}
