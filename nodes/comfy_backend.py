@@ -50,28 +50,23 @@ import comfy.model_management as mm
 
 from ..training import memory as mem
 from ..training.backend import TrainBackend
-from ..training.cast_linear import cast_linear_op
+from ..training.cast_linear import cast_linear, cast_linear_op
 from ..training.config import Config, TrainConfig
 from ..training.data import Example, load_pixels
+from ..training.fp8 import added_bytes
 from ..training.profiling import ENV as PROFILE_ENV
 from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_attention import training_attention
-from .comfy_engine import (ENGINES, DiffusersEngine, EngineUnavailable, blockers, engine_model_config,
-                           fp8_copy_bytes)
-from .comfy_text import PROJECTIONS, ComfyPromptEncoder, exact_projections, qwen_decoder
+from .comfy_engine import (ENGINES, DiffusersEngine, EngineUnavailable, _has_triton, blockers, engine_model_config,
+                           resolved_device)
+from .comfy_text import ComfyPromptEncoder, exact_projections, projection_modules, qwen_decoder
 from ..training.families import QWEN_IMAGE, get_family
+from ..training.lora import lora_delta
 from .token_node import ZeroPriorTokenizer, text_encoder_parts
 
 logger = logging.getLogger(__name__)
 EXACT_TEXT_ENV = "QWEN_ZERO_PRIOR_EXACT_TEXT"
-
-
-def _submodule(root, name: str):
-    try:
-        return root.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 class LoRABranch(nn.Module):
@@ -87,7 +82,7 @@ class LoRABranch(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+        return lora_delta(x, self.lora_A, self.lora_B, self.scale)
 
     def hook(self, module, args, output):
         """``register_forward_hook`` callback: the Linear's output plus the branch of its input."""
@@ -138,28 +133,15 @@ def _recast_forward(module, input, *args, **kwargs):
     return CastLinear.apply(input, module)
 
 
-def _cast_linear_op():
-    """``CastLinear`` for compiled blocks: ``training/cast_linear.py``'s custom op (autograd.Functions that take a
-    module do not trace, and inside a compiled graph AOTAutograd would keep every per-use weight cast for the
-    backward; the op saves only the stored weight and casts it again in its backward)."""
-    return cast_linear_op()
-
-
-def _has_triton() -> bool:
-    try:
-        from torch.utils._triton import has_triton
-    except ImportError:  # a torch without the helper: let torch.compile report what it lacks
-        return True
-    return has_triton()
-
-
 def _compiled_forward(module, input, *args, **kwargs):
-    """The per-use cast Linear of a compiled block: :func:`_cast_linear_op` where the weight is on the input's device
-    and carries no patches (the cast is then ComfyUI's plain ``.to``), else the eager :class:`CastLinear` path."""
+    """The per-use cast Linear of a compiled block: ``training/cast_linear.py``'s custom op where the weight is on the
+    input's device and carries no patches (the cast is then ComfyUI's plain ``.to``), else the eager
+    :class:`CastLinear` path. (autograd.Functions that take a module do not trace, and inside a compiled graph
+    AOTAutograd would keep every per-use weight cast for the backward; the op saves only the stored weight.)"""
     if (args or kwargs or module.weight.device != input.device or getattr(module, "weight_function", None)
             or getattr(module, "bias_function", None)):
         return _recast_forward(module, input, *args, **kwargs)
-    return _cast_linear_op()(input, module.weight, module.bias)
+    return cast_linear(input, module.weight, module.bias)
 
 
 def _untracked(t: torch.Tensor) -> bool:
@@ -367,7 +349,7 @@ class ComfyBackend(TrainBackend):
         if not reasons and not recompute and self.device.type == "cuda":
             # fp8 matmuls on weights not stored in fp8 (a bf16 file) quantize copies of them, while ComfyUI's
             # module keeps its own: ~1 byte a weight more
-            extra = fp8_copy_bytes(dm) if self.cfg.model.fp8_matmul else 0
+            extra = added_bytes(dm) if self.cfg.model.fp8_matmul else 0
             available = _available_bytes(self.device) - mem.MARGIN_GIB * mem.GIB - extra
             k = mem.blocks_to_checkpoint(len(dm.transformer_blocks), available, t.resolution, t.batch_size)
             if k and self.dit_engine == "auto":
@@ -411,8 +393,7 @@ class ComfyBackend(TrainBackend):
         blocks = dm.transformer_blocks
         t = self.cfg.train
         recast = {id(m) for m in self._recast}
-        device = torch.device(self.device.type, self.device.index if self.device.index is not None
-                              else (torch.cuda.current_device() if self.device.type == "cuda" else None))
+        device = resolved_device(self.device)
         uncovered = [n for n, m in blocks.named_modules()
                      if isinstance(m, nn.Linear) and getattr(m, "comfy_cast_weights", False)
                      and (id(m) not in recast or m.weight.device != device)]
@@ -438,7 +419,7 @@ class ComfyBackend(TrainBackend):
     def _compile_blocks(self, dm) -> None:
         """``model.compile``: each transformer block ``torch.compile``d (regional compilation, as diffusers'
         ``compile_repeated_blocks``: the 60 blocks share one compiled graph), its Linears' casts through
-        :func:`_cast_linear_op`. Only where no block is recomputed (checkpointing around compiled blocks, and weights
+        ``training/cast_linear.py``'s op. Only where no block is recomputed (checkpointing around compiled blocks, and weights
         ComfyUI streams per use, are left eager); undone in ``close()``."""
         blocks = list(dm.transformer_blocks)
         if self.device.type == "cuda" and not _has_triton():
@@ -451,6 +432,7 @@ class ComfyBackend(TrainBackend):
             return
         from ..training import compile_fixes
 
+        cast_linear_op()  # registered before any compiled call (dynamo cannot trace the registration)
         compile_fixes.install()  # a torch 2.11 inductor bug (see compile_fixes.py)
         for m in self._recast:
             m.forward_comfy_cast_weights = functools.partial(_compiled_forward, m)
@@ -505,8 +487,7 @@ class ComfyBackend(TrainBackend):
         if os.environ.get(EXACT_TEXT_ENV, "") not in ("1", "true", "yes"):
             return self._exact
         model = qwen_decoder(self.clip)
-        need = sum(m.weight.numel() * 2 for layer in model.layers for name in PROJECTIONS
-                   if (m := _submodule(layer, name)) is not None)
+        need = sum(m.weight.numel() * 2 for _, _, m in projection_modules(model))
         device = torch.device(device)
         if device.type == "cuda":
             available = _available_bytes(device) - self._reserve()
@@ -572,15 +553,15 @@ class ComfyBackend(TrainBackend):
             return self.prompts.encode(captions, self.dtype, self.device)
 
     def predict(self, noisy, sigmas, embeds, mask):
+        if self.engine is not None:
+            with self._phases("DiT forward"):
+                return self.engine.predict(noisy, sigmas, embeds, mask)
         dm = self.mp.model.diffusion_model
         # the MODEL's own transformer options (patches other nodes added apply as when sampling), in a fresh dict:
         # the forward writes into it, and its default argument is shared
         options = dict(self.mp.model_options.get("transformer_options", {}))
         # cuDNN first for the training forward's attention, unless the graph set its own override (comfy_attention)
         options.setdefault("optimized_attention_override", training_attention)
-        if self.engine is not None:
-            with self._phases("DiT forward"):
-                return self.engine.predict(noisy, sigmas, embeds, mask)
         with self._phases("DiT forward"):
             return dm(noisy.to(self.dtype), sigmas.to(self.dtype), embeds.to(self.dtype), attention_mask=mask,
                       transformer_options=options)

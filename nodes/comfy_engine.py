@@ -26,7 +26,9 @@ import logging
 import torch
 from torch import nn
 
-from ..training.lora import ADAPTER_NAME, add_lora, export_lora
+from ..training.diffusers_backend import accelerate_transformer, compute_autocast
+from ..training.fp8 import Fp8Linear
+from ..training.lora import ADAPTER_NAME, add_lora, export_lora, lora_delta
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,13 @@ ENGINES = ("auto", "diffusers", "comfyui")
 
 class EngineUnavailable(RuntimeError):
     """``dit_engine: diffusers`` was asked for where it cannot compute what ComfyUI's forward computes."""
+
+
+def resolved_device(device: torch.device) -> torch.device:
+    """``device`` with its index (``cuda`` -> ``cuda:<current>``), as weights report theirs."""
+    if device.index is not None or device.type != "cuda":
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def blockers(mp, dm: nn.Module, device: torch.device) -> list[str]:
@@ -57,8 +66,7 @@ def blockers(mp, dm: nn.Module, device: torch.device) -> list[str]:
     if getattr(dm, "__index_timestep_zero__", None) is not None or getattr(
             getattr(dm, "time_text_embed", None), "use_additional_t_cond", False):
         out.append("this Qwen-Image variant (edit / additional timestep conditioning) is not text-to-image")
-    dev = torch.device(device.type, device.index if device.index is not None else
-                       (torch.cuda.current_device() if device.type == "cuda" else None))
+    dev = resolved_device(device)
     for name, m in dm.named_modules():
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor):
@@ -92,20 +100,6 @@ def transformer_config(dm: nn.Module) -> dict:
     }
 
 
-def fp8_copy_bytes(dm: nn.Module) -> int:
-    """Bytes the engine's fp8 matmuls add on ``dm``: an e4m3 copy (+ a float32 scale a row) of each image-stream block
-    weight not already stored in e4m3 (those are used as they are, shared with ComfyUI's module)."""
-    from ..training.fp8 import FP8, IMAGE_STREAM
-
-    total = 0
-    for block in dm.transformer_blocks:
-        for name in IMAGE_STREAM:
-            w = getattr(block.get_submodule(name), "weight", None)
-            if isinstance(w, torch.Tensor) and w.dtype != FP8:
-                total += w.numel() + 4 * w.shape[0]
-    return total
-
-
 def _lora_layers(transformer: nn.Module):
     for name, mod in transformer.named_modules():
         la = getattr(mod, "lora_A", None)
@@ -133,7 +127,6 @@ class DiffusersEngine:
     def _build(self, dm, m, targets, rank, alpha, init_A, device, dtype, recompute) -> None:
         from diffusers.training_utils import cast_training_params
 
-        from ..training.diffusers_backend import accelerate_transformer
         from ..training.families import QWEN_IMAGE_FP8
         from ..training.shared_dit import build_over
 
@@ -155,7 +148,7 @@ class DiffusersEngine:
         self.compiled = bool(m.compile)
         self.reduce_overhead = m.compile and m.compile_mode == "reduce-overhead"
         accelerate_transformer(self.transformer, m, QWEN_IMAGE_FP8, compute_dtype=dtype)
-        self.fp8_layers = sum(1 for mod in self.transformer.modules() if type(mod).__name__ == "Fp8Linear")
+        self.fp8_layers = sum(isinstance(mod, Fp8Linear) for mod in self.transformer.modules())
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
@@ -168,18 +161,11 @@ class DiffusersEngine:
         # diffusers' QwenImagePipeline._pack_latents: 2x2 patches, channels first within a patch (as ComfyUI's)
         packed = (noisy[:, :, 0].reshape(bsz, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
                   .reshape(bsz, (h // 2) * (w // 2), c * 4).to(self.dtype))
-        with self._autocast():
+        with compute_autocast(self.dtype, self.device):
             pred = self.transformer(hidden_states=packed, timestep=sigmas.to(self.dtype),
                                     encoder_hidden_states=embeds.to(self.dtype), encoder_hidden_states_mask=mask,
                                     img_shapes=[[(1, h // 2, w // 2)]] * bsz, return_dict=False)[0]
         return pred.reshape(bsz, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(bsz, c, 1, h, w)
-
-    def _autocast(self):
-        # as the core: the float32 LoRA weights multiply in the compute dtype (the ComfyUI engine's LoRA branch
-        # computes in the activations' dtype too)
-        if self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
 
     def step_begin(self) -> None:
         if self.reduce_overhead:  # last step's graph outputs may be overwritten now
@@ -210,19 +196,10 @@ class DiffusersEngine:
 
     def rebind(self) -> int:
         """Point the shared tensors at ComfyUI's current ones again (after ComfyUI reloaded the DiT for a preview, its
-        parameters may be other objects): every shared Linear and norm, and the fp8 matmul layers over fp8-stored
-        weights. Returns how many modules changed."""
+        parameters may be other objects; ``shared_dit.rebind``). Returns how many modules changed."""
         from ..training.shared_dit import rebind
 
-        changed = rebind(self.transformer, self.dm)
-        for name, mod in self.transformer.named_modules():
-            if type(mod).__name__ != "Fp8Linear":
-                continue
-            src = self.dm.get_submodule(name.removesuffix(".base_layer"))
-            if src.weight.dtype == mod.w_q.dtype and src.weight.data_ptr() != mod.w_q.data_ptr():
-                mod.w_q = src.weight.detach()
-                changed += 1
-        return changed
+        return rebind(self.transformer, self.dm)
 
     def close(self) -> None:
         from ..training import rope
@@ -242,9 +219,7 @@ class DiffusersEngine:
 
 
 def _lora_hook(a, b, scale, module, args, output):
-    x = args[0]
-    return output + (nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scale).to(
-        output.dtype)
+    return output + lora_delta(args[0], a, b, scale).to(output.dtype)
 
 
 def _has_triton() -> bool:
@@ -262,8 +237,8 @@ def engine_model_config(m, device: torch.device, recompute: bool):
     if m.compile and device.type == "cuda" and not _has_triton():
         logger.warning("model.compile: triton is not installed, which torch.compile needs on a GPU (pip install "
                        "triton; on Windows triton-windows): training eagerly")
+        m = dataclasses.replace(m, compile=False, compile_mode=None)
         changes.update(compile=False, compile_mode=None)
-        m = dataclasses.replace(m, **changes)
     if device.type == "cuda" and not m.attention_backend:
         changes["attention_backend"] = "_native_cudnn"
     if m.compile and m.compile_mode is None and device.type == "cuda" and not recompute:
@@ -273,5 +248,5 @@ def engine_model_config(m, device: torch.device, recompute: bool):
     return dataclasses.replace(m, **changes) if changes else m
 
 
-__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "blockers", "engine_model_config", "fp8_copy_bytes",
+__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "blockers", "engine_model_config", "resolved_device",
            "transformer_config"]

@@ -132,21 +132,26 @@ def _per_tensor_fp8(weight):
     return None
 
 
+def projection_modules(model):
+    """``(layer index, name, module)`` of every projection ``Linear`` of ``model``'s decoder layers."""
+    for i, layer in enumerate(model.layers):
+        for name in PROJECTIONS:
+            try:
+                yield i, name, layer.get_submodule(name)
+            except AttributeError:  # the merged or the separate form: one of them is there
+                continue
+
+
 def exact_projections(model, device: torch.device) -> tuple[dict, str | None]:
     """``{id(ComfyUI module): ExactLinear}`` for every projection of ``model``'s decoder layers, or ``({}, why)``
     where any one has none (all or nothing: one projection left to ComfyUI's per-use cast would keep its casts for
     the backward, and the layers would need recomputing again)."""
     out = {}
-    for i, layer in enumerate(model.layers):
-        for name in PROJECTIONS:
-            try:
-                module = layer.get_submodule(name)
-            except AttributeError:
-                continue
-            fast, why = _exact_projection(module, device)
-            if fast is None:
-                return {}, f"layer {i} {name}: {why}"
-            out[id(module)] = fast
+    for i, name, module in projection_modules(model):
+        fast, why = _exact_projection(module, device)
+        if fast is None:
+            return {}, f"layer {i} {name}: {why}"
+        out[id(module)] = fast
     return out, None
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from qwen_zero_prior.training.cast_linear import StoredLinear
 from qwen_zero_prior.training.config import ModelConfig
 from qwen_zero_prior.training.fp8 import Fp8Linear
+from qwen_zero_prior.training.fp8 import added_bytes as fp8_copy_bytes
 from qwen_zero_prior.training.shared_dit import SharedDiTError, build_over, centered_rope
 from qwen_zero_prior.training.tiny import tiny_transformer
 
@@ -27,7 +28,7 @@ _spec = importlib.util.spec_from_file_location("qwen_zero_prior.nodes.comfy_engi
                                                Path(__file__).parents[1] / "nodes" / "comfy_engine.py")
 _engine = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_engine)
-blockers, engine_model_config, fp8_copy_bytes = _engine.blockers, _engine.engine_model_config, _engine.fp8_copy_bytes
+blockers, engine_model_config = _engine.blockers, _engine.engine_model_config
 
 CONFIG_KEYS = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
                "joint_attention_dim", "axes_dims_rope")

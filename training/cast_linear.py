@@ -49,6 +49,12 @@ def cast_linear_op():
     return cast_linear
 
 
+def cast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op's call, through ``torch.ops`` (what dynamo traces as an op; the Python function that registers it cannot
+    be traced): register it first with :func:`cast_linear_op`, outside any compiled region."""
+    return getattr(torch.ops, _NAMESPACE).cast_linear(x, weight, bias)
+
+
 class StoredLinear(nn.Linear):
     """A frozen ``nn.Linear`` sharing ``weight`` (any float dtype, fp8 included) and ``bias``, computed in
     ``compute_dtype``: the input is cast to it (under autocast a preceding norm may hand over float32), the weight
@@ -67,8 +73,7 @@ class StoredLinear(nn.Linear):
         x = x.to(self.compute_dtype)
         if self.weight.dtype == x.dtype and (self.bias is None or self.bias.dtype == x.dtype):
             return F.linear(x, self.weight, self.bias)
-        # through torch.ops (what dynamo traces as an op), not the Python function that registers it
-        return getattr(torch.ops, _NAMESPACE).cast_linear(x, self.weight, self.bias)
+        return cast_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -76,4 +81,4 @@ class StoredLinear(nn.Linear):
                 f"compute={str(self.compute_dtype).removeprefix('torch.')}")
 
 
-__all__ = ["StoredLinear", "cast_linear_op"]
+__all__ = ["StoredLinear", "cast_linear", "cast_linear_op"]

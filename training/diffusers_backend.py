@@ -37,6 +37,14 @@ def make_backend(cfg: Config, pipe) -> TrainBackend:
     return DiffusersBackend(cfg, pipe)
 
 
+def compute_autocast(dtype: torch.dtype, device: torch.device):
+    """bf16/fp16 autocast around a transformer's forward on a GPU, as diffusers' scripts get from accelerate's mixed
+    precision: the float32 LoRA (master) weights then multiply in the model's dtype instead of in float32."""
+    if dtype in (torch.bfloat16, torch.float16) and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
 def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_copy: bool = False,
                            compute_dtype: torch.dtype | None = None, set_attention_backend=None, rewrites=None) -> None:
     """The core's speed options of ``model:`` (``m``) on a transformer that already carries its LoRA: fp8 matmuls for
@@ -229,11 +237,7 @@ class DiffusersBackend(TrainBackend):
         return pipe._unpack_latents(pred, h * vsf, w * vsf, vsf)
 
     def _autocast(self):
-        """bf16/fp16 autocast around the forward, as diffusers' scripts get from accelerate's mixed precision:
-        the float32 LoRA (master) weights then multiply in the model's dtype instead of in float32."""
-        if self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
+        return compute_autocast(self.dtype, self.device)
 
     def step_begin(self) -> None:
         if self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead":
@@ -259,4 +263,4 @@ class DiffusersBackend(TrainBackend):
         return images
 
 
-__all__ = ["DiffusersBackend", "accelerate_transformer", "make_backend"]
+__all__ = ["DiffusersBackend", "accelerate_transformer", "compute_autocast", "make_backend"]

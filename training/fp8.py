@@ -207,6 +207,13 @@ def backward_copy_bytes(transformer: nn.Module, modules: tuple[str, ...] = IMAGE
     return sum(stored_bytes(*reversed(mod.weight.shape)) for _, mod in _targets(transformer, modules))
 
 
+def added_bytes(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM) -> int:
+    """Bytes :func:`apply_fp8_matmul` allocates where the source layers keep their own weights (the ComfyUI node's
+    engine shares ComfyUI's modules): the e4m3 copies (:func:`stored_bytes`) of the weights not already stored in
+    e4m3 (those are used as they are)."""
+    return sum(stored_bytes(*mod.weight.shape) for _, mod in _targets(transformer, modules) if mod.weight.dtype != FP8)
+
+
 def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
                      modules: tuple[str, ...] = IMAGE_STREAM, backward_copy: bool = False,
                      compute_dtype: torch.dtype | None = None) -> int:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ def add_lora(transformer, rank: int, alpha: float, targets: list[str], seed: int
     transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
     transformer.set_adapter(ADAPTER_NAME)
     return matched
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """A LoRA branch's output ``scale * B(A(x))``, computed in ``x``'s dtype (float32 ``A``/``B`` cast per use)."""
+    return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scale
 
 
 def lora_parameters(transformer) -> list[torch.nn.Parameter]:

@@ -120,16 +120,24 @@ def build_over(source: nn.Module, config: dict, compute_dtype: torch.dtype) -> n
 
 
 def rebind(model: nn.Module, source: nn.Module) -> int:
-    """Point ``model``'s shared tensors (from :func:`build_over`) at ``source``'s current ones again: after the program
-    that owns ``source`` replaced parameter objects (e.g. ComfyUI reloading a model in inference mode, and the
-    training node swapping those for ordinary tensors). Returns how many modules changed. Tensors the model holds
-    copies of (fp8-stored norms cast to the compute dtype, fp8 matmul copies of non-fp8 weights) are left as they are:
-    their values do not change."""
+    """Point ``model``'s shared tensors (from :func:`build_over`, and ``fp8.Fp8Linear`` layers over e4m3-stored
+    weights) at ``source``'s current ones again: after the program that owns ``source`` replaced parameter objects
+    (e.g. ComfyUI reloading a model in inference mode, and the training node swapping those for ordinary tensors).
+    Returns how many modules changed. Tensors the model holds copies of (fp8-stored norms cast to the compute dtype,
+    fp8 matmul copies of non-fp8 weights) are left as they are: their values do not change."""
+    from .fp8 import Fp8Linear
+
     changed = 0
     for name, mod in model.named_modules():
         if "lora_" in name:  # peft's trainable adapters: not the source's
             continue
         src = _module(source, name.removesuffix(".base_layer")) if name else source
+        if isinstance(mod, Fp8Linear):
+            w = getattr(src, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dtype == mod.w_q.dtype and w.data_ptr() != mod.w_q.data_ptr():
+                mod.w_q = w.detach()
+                changed += 1
+            continue
         if isinstance(mod, StoredLinear):
             if src is not None and (mod.weight is not src.weight or mod.bias is not src.bias):
                 mod.weight, mod.bias = src.weight, src.bias

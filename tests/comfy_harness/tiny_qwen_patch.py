@@ -6,6 +6,7 @@ the tiny test models from the weights' shapes instead, and adds output nodes tha
 checks. Shapes do not reveal attention head size, so the tiny models' fixed HEAD_DIM is assumed.
 """
 
+import contextlib
 import logging
 import os
 
@@ -289,6 +290,20 @@ class ZPTestNonQwenClip:
         return (clip,)
 
 
+@contextlib.contextmanager
+def _comfy_in_training():
+    """``comfy.model_management.in_training`` set as the training node sets it (ComfyUI's differentiable RoPE), where
+    the version has the flag; restored afterwards."""
+    was = getattr(comfy.model_management, "in_training", None)
+    if was is not None:
+        comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        if was is not None:
+            comfy.model_management.in_training = was
+
+
 def _pack_module(name: str):
     """A submodule of the zero-prior pack as ComfyUI loaded it from custom_nodes/ (whatever the folder name)."""
     import importlib
@@ -468,14 +483,8 @@ class ZPTestTrainingAttention:
             return out
 
         results = []
-        was_training = getattr(comfy.model_management, "in_training", None)
-        if was_training is not None:  # as the training node sets it: ComfyUI's differentiable RoPE
-            comfy.model_management.in_training = True
-        try:
+        with _comfy_in_training():
             self._compare(dm, dev, dtype, data, override, counted_sdpa, sdpa, attention, results)
-        finally:
-            if was_training is not None:
-                comfy.model_management.in_training = was_training
         (ref, ref_grad), (got, got_grad) = results
         report = {"calls": own["n"], "fallback": own["fallback"], "blocks": len(dm.transformer_blocks),
                   "max_abs_out": float((got - ref).abs().max()), "max_abs_grad": float((got_grad - ref_grad).abs().max()),
@@ -524,14 +533,8 @@ class ZPTestDiffusersEngine:
         dev = comfy.model_management.get_torch_device()
         dtype = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
         report = {"blockers": None, "sizes": []}
-        was_training = getattr(comfy.model_management, "in_training", None)
-        if was_training is not None:  # as the training node sets it: ComfyUI's differentiable RoPE
-            comfy.model_management.in_training = True
-        try:
+        with _comfy_in_training():
             self._compare(model, dm, dev, dtype, fp8_matmul, report)
-        finally:
-            if was_training is not None:
-                comfy.model_management.in_training = was_training
         with open(os.path.join(folder_paths.get_output_directory(), os.path.basename(filename)), "w") as f:
             json.dump(report, f)
         return {}
