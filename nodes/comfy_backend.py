@@ -484,7 +484,11 @@ class ComfyBackend(TrainBackend):
         if self._exact is not None:
             return self._exact
         self._exact = {}
-        if os.environ.get(EXACT_TEXT_ENV, "") not in ("1", "true", "yes"):
+        value = os.environ.get(EXACT_TEXT_ENV, "").strip().lower()
+        if value not in ("1", "true", "yes"):
+            if value not in ("", "0", "false", "no"):
+                logger.warning("%s=%r is not 1/true/yes or 0/false/no: the text encoder keeps ComfyUI's projections",
+                               EXACT_TEXT_ENV, os.environ[EXACT_TEXT_ENV])
             return self._exact
         model = qwen_decoder(self.clip)
         need = sum(m.weight.numel() * 2 for _, _, m in projection_modules(model))

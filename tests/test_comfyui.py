@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from comfy_harness.overlay import comfyui_version
-from comfy_harness.server import REPO, ComfyServer, PromptFailed, comfyui_trees, install_pack
+from comfy_harness.server import REPO, ComfyServer, PromptFailed, PromptRejected, comfyui_trees, install_pack
 from comfy_harness.weights import make_archive, random_lora, write_models, write_qwen3vl_text_encoder
 
 pytestmark = pytest.mark.comfyui
@@ -1085,11 +1085,36 @@ def test_training_exact_text_switch(comfy, train_ds):
                          timeout=900)
     finally:
         set_env("")
+    set_env("maybe")  # not a switch value: said so, and ComfyUI's projections kept
+    try:
+        comfy.server.run(_train_graph(comfy, steps=1, clip_key="clip_fp8", output_name="zero_prior/text_maybe.zip"),
+                         timeout=900)
+    finally:
+        set_env("")
     log = comfy.server.log_text()[log_start:]
     assert "text encoder: exact bf16-split projections (14 Linears" in log, log[-3000:]
+    assert "QWEN_ZERO_PRIOR_EXACT_TEXT='maybe' is not 1/true/yes or 0/false/no" in log, log[-3000:]
     plain, exact = (load_archive(comfy.output(f"zero_prior/text_{k}.zip")) for k in ("plain", "exact"))
     diff = max(float((plain.lora_state_dict[k] - exact.lora_state_dict[k]).abs().max()) for k in plain.lora_state_dict)
     vdiff = float((plain.vector - exact.vector).abs().max())
     print(f"ComfyUI {comfy.version}: exact text path vs ComfyUI's projections after 2 steps: LoRA {diff:.2e}, "
           f"vector {vdiff:.2e}")
     assert diff < 1e-5 and vdiff < 1e-6 and float(exact.vector.abs().max()) > 0
+
+
+def test_training_engine_inputs_refused_clearly(comfy, train_ds):
+    """dit_engine diffusers on a MODEL another node patched (a forward patch in its transformer options, which
+    diffusers' forward would skip) fails with one message naming the patch and the way out; an unknown dit_engine
+    value is refused by ComfyUI's validation before anything runs."""
+    g = _train_graph(comfy, steps=1, output_name="zero_prior/refused_engine.zip", dit_engine="diffusers")
+    g["41"] = {"class_type": "ZPTestPatchModel", "inputs": {"model": ["1", 0]}}
+    g["40"]["inputs"]["model"] = ["41", 0]
+    msg = _error(comfy, g)
+    assert "dit_engine diffusers cannot train this MODEL" in msg and "patches of other nodes" in msg, msg
+    assert "Use dit_engine auto or comfyui" in msg
+    # ComfyUI 0.33 validates the combo at /prompt (400); 0.3.64 runs the node, whose backend refuses the value
+    with pytest.raises((PromptFailed, PromptRejected)) as e:
+        comfy.server.run(_train_graph(comfy, steps=1, output_name="zero_prior/bad_engine.zip", dit_engine="fast"))
+    said = json.dumps(getattr(e.value, "error", None) or getattr(e.value, "body", None) or {}) + str(e.value)
+    assert "dit_engine" in said and "fast" in said and "comfyui" in said, said[:2000]
+    assert not comfy.output("zero_prior/bad_engine.zip").exists()

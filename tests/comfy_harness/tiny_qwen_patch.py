@@ -638,6 +638,24 @@ class ZPTestSetEnv:
         return {}
 
 
+class ZPTestPatchModel:
+    """A clone of the MODEL with a ``post_input`` patch (``ModelPatcher.set_model_patch``): what a node changing
+    Qwen-Image's forward adds; here it leaves the values as they are."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, model):
+        m = model.clone()
+        m.set_model_patch(lambda args: {k: args[k] for k in ("img", "txt", "img_ids", "txt_ids")}, "post_input")
+        return (m,)
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     ZPTestUntrackWeights, ZPTestCastLinear, ZPTestSaveConditioning, ZPTestTokens, ZPTestModelForward, ZPTestNonQwenClip,
-    ZPTestKeepVisionTokenizer, ZPTestTrainingConditioning, ZPTestTrainingAttention, ZPTestDiffusersEngine, ZPTestSetEnv)}
+    ZPTestKeepVisionTokenizer, ZPTestTrainingConditioning, ZPTestTrainingAttention, ZPTestDiffusersEngine, ZPTestSetEnv, ZPTestPatchModel)}
