@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -59,14 +60,14 @@ from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_attention import training_attention
 from .comfy_engine import (ENGINES, DiffusersEngine, EngineUnavailable, _has_triton, blockers, engine_model_config,
-                           resolved_device)
-from .comfy_text import ComfyPromptEncoder, exact_projections, projection_modules, qwen_decoder
+                           graphs_blocked, resolved_device)
+from .comfy_text import (EXACT_TEXT_ENV, ComfyPromptEncoder, exact_bytes, exact_projections, exact_text_choice,
+                         projection_modules, qwen_decoder)
 from ..training.families import QWEN_IMAGE, get_family
 from ..training.lora import lora_delta
 from .token_node import ZeroPriorTokenizer, text_encoder_parts
 
 logger = logging.getLogger(__name__)
-EXACT_TEXT_ENV = "QWEN_ZERO_PRIOR_EXACT_TEXT"
 
 
 class LoRABranch(nn.Module):
@@ -266,6 +267,7 @@ class ComfyBackend(TrainBackend):
         self._compiled: list = []  # transformer blocks compiled (model.compile), restored in close()
         self._phases = _PhaseTimer(self.device)
         self._exact: dict | None = None  # the text encoder's ExactLinear stand-ins (QWEN_ZERO_PRIOR_EXACT_TEXT)
+        self._said_no_graphs = False
 
     def _base_tokenizer(self):
         tok = self.clip.tokenizer
@@ -470,39 +472,58 @@ class ComfyBackend(TrainBackend):
         m = self.cfg.model
         device = self.clip.patcher.load_device
         exact = self._exact_text(device)
+        graphs = bool(exact) and m.text_cuda_graphs and torch.device(device).type == "cuda"
+        blocked = graphs_blocked(device) if graphs else None
+        if blocked and not self._said_no_graphs:
+            logger.info("text encoder: no CUDA graphs (%s)", blocked)
+            self._said_no_graphs = True
         self.prompts = ComfyPromptEncoder(
             self.clip, self.tokenizer, device,
             vectors={tok.token_id: tok.vector for tok in self.tokens},
-            prefix_cache=m.text_prefix_cache, cuda_graphs=bool(exact) and m.text_cuda_graphs
-            and torch.device(device).type == "cuda", compile=False, exact=exact,
+            prefix_cache=m.text_prefix_cache, cuda_graphs=graphs and not blocked, compile=False, exact=exact,
         )
 
+    def _engine_reserve(self) -> int | None:
+        """What the diffusers engine's step needs beside the weights, as its admission counts it: activations without
+        recomputation (the core's measured figure with CUDA graphs, else the eager one the engine was admitted
+        with), the graphs' pools, the margin; or None where the DiT does not train through the engine or recomputes
+        blocks (its plan then fills the card)."""
+        e, t = self.engine, self.cfg.train
+        if e is None or e.recompute:
+            return None
+        act = mem.ACT_RESIDENT_COMPILED_GIB if e.reduce_overhead else mem.ACT_EAGER_GIB
+        pools = mem.REDUCE_OVERHEAD_POOL_GIB if e.reduce_overhead else 0.0
+        return int((mem.activation_gib(act, t.resolution, t.batch_size) + pools + mem.MARGIN_GIB) * mem.GIB)
+
     def _exact_text(self, device) -> dict:
-        """``QWEN_ZERO_PRIOR_EXACT_TEXT=1`` (experimental, not yet measured on a GPU): the text encoder's projections
-        as ``ExactLinear`` (``comfy_text.exact_projections``; bf16 copies of its weights, ~15 GB for the 7B encoder),
-        made once, where they fit beside what the step needs; {} otherwise (the log says why)."""
+        """The text encoder's projections as ``ExactLinear`` (``comfy_text.exact_projections``): ComfyUI's float32
+        numbers from copies of its weights, bf16 (~12 GiB for the 7B encoder) or, for an fp8-scaled file, its e4m3
+        data (~6 GiB, cast for each use: 38 ms a step slower at 1024² on an H200), no per-layer recompute; where
+        ``comfy_text.exact_text_choice`` picks them (``QWEN_ZERO_PRIOR_EXACT_TEXT``, default auto: with the
+        diffusers engine on a GPU, where they fit). Made once; {} otherwise (the log says why)."""
         if self._exact is not None:
             return self._exact
         self._exact = {}
-        value = os.environ.get(EXACT_TEXT_ENV, "").strip().lower()
-        if value not in ("1", "true", "yes"):
-            if value not in ("", "0", "false", "no"):
-                logger.warning("%s=%r is not 1/true/yes or 0/false/no: the text encoder keeps ComfyUI's projections",
-                               EXACT_TEXT_ENV, os.environ[EXACT_TEXT_ENV])
-            return self._exact
-        model = qwen_decoder(self.clip)
-        need = sum(m.weight.numel() * 2 for _, _, m in projection_modules(model))
         device = torch.device(device)
-        if device.type == "cuda":
-            available = _available_bytes(device) - self._reserve()
-            if available < need:
-                logger.info("text encoder: ComfyUI's projections (%s: the bf16 copies need %.1f GiB, %.1f GiB "
-                            "available beside the step)", EXACT_TEXT_ENV, need / mem.GIB, max(available, 0) / mem.GIB)
-                return self._exact
-        self._exact, why = exact_projections(model, device)
+        model = qwen_decoder(self.clip)
+        modules = [m for _, _, m in projection_modules(model)]
+        needs = {"bf16": sum(exact_bytes(m, True) for m in modules), "e4m3": sum(exact_bytes(m) for m in modules)}
+        reserve = self._engine_reserve()
+        available = _available_bytes(device) - reserve if device.type == "cuda" and reserve is not None else None
+        try:
+            choice, why = exact_text_choice(os.environ.get(EXACT_TEXT_ENV, ""), device_type=device.type,
+                                            engine_reserve=reserve, available=available, needs=needs)
+        except ValueError as e:
+            logger.warning("%s: the text encoder keeps ComfyUI's projections", e)
+            return self._exact
+        if choice is None:
+            logger.info("text encoder: ComfyUI's projections (%s)", why)
+            return self._exact
+        self._exact, why = exact_projections(model, device, choice == "bf16")
+        kinds = sorted({str(e.weight.dtype).removeprefix("torch.") for e in self._exact.values()})
         logger.info("text encoder: %s", f"exact bf16-split projections ({len(self._exact)} Linears, "
-                    f"{need / mem.GIB:.1f} GiB), no per-layer recompute" if self._exact
-                    else f"ComfyUI's projections (no exact form: {why})")
+                    f"{needs[choice] / mem.GIB:.1f} GiB of {'/'.join(kinds)} copies), no per-layer recompute"
+                    if self._exact else f"ComfyUI's projections (no exact form: {why})")
         return self._exact
 
     def named_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -638,7 +659,6 @@ class ComfyBackend(TrainBackend):
             engine, self.engine = self.engine, None
             try:
                 engine.close()
-                mm.soft_empty_cache()  # what the engine held (its CUDA graphs' pools) back to the device for sampling
             except RuntimeError as e:  # a failed run's CUDA error: the run's own exception is the one to see
                 logger.warning("releasing the diffusers engine's memory failed: %s", e)
         for m in self._recast:
@@ -659,7 +679,14 @@ class ComfyBackend(TrainBackend):
         # the trainable clone (a deep copy of the DiT on ComfyUI >= 0.25) and the branches are not needed any more:
         # the graph goes on with the archive applied through ComfyUI's own LoRA patching
         self.mp, self.prompts, self.clip = None, None, self._graph_clip
+        self._exact = None  # the text encoder's weight copies (6-12 GiB on a GPU)
         self.adapters.clear()
+        if self.device.type == "cuda":
+            try:  # the copies, the text encoder's and the engine's CUDA-graph pools back to the device for sampling
+                gc.collect()
+                mm.soft_empty_cache()
+            except RuntimeError as e:  # a failed run's CUDA error: the run's own exception is the one to see
+                logger.warning("releasing the training memory failed: %s", e)
         try:
             self._phases.report()
         except RuntimeError as e:  # a failed run's CUDA error: the run's own exception is the one to see

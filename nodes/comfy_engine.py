@@ -146,6 +146,7 @@ class DiffusersEngine:
         cast_training_params(self.transformer, dtype=torch.float32)
         self.transformer.train()
         self.compiled = bool(m.compile)
+        self.recompute = bool(recompute)
         self.reduce_overhead = m.compile and m.compile_mode == "reduce-overhead"
         accelerate_transformer(self.transformer, m, QWEN_IMAGE_FP8, compute_dtype=dtype)
         self.fp8_layers = sum(isinstance(mod, Fp8Linear) for mod in self.transformer.modules())
@@ -230,10 +231,30 @@ def _has_triton() -> bool:
     return has_triton()
 
 
+def graphs_blocked(device) -> str | None:
+    """Why CUDA graphs cannot be captured on ``device`` in this process, or None. ComfyUI switches PyTorch to its
+    ``cudaMallocAsync`` allocator by default (``cuda_malloc.py``), and under it capture fails once a freed block was
+    used on another stream (the backward's): "capturing stream has unjoined work", after which the process aborted
+    in the allocator's free (an H200, ComfyUI 0.33). Training then runs without graphs."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        backend = torch.cuda.get_allocator_backend()
+    except (AttributeError, RuntimeError):  # an old torch: only the native allocator
+        return None
+    if backend == "cudaMallocAsync":
+        return ("PyTorch runs the cudaMallocAsync allocator (ComfyUI's default), under which CUDA-graph capture "
+                "fails; start ComfyUI with --disable-cuda-malloc for the CUDA-graph path")
+    return None
+
+
 def engine_model_config(m, device: torch.device, recompute: bool):
     """``model:`` as the engine runs it: cuDNN attention on a GPU unless set, and with ``compile`` the core's
-    CUDA-graph mode where no block is recomputed (graphs and recomputation do not mix: config.py)."""
+    CUDA-graph mode where no block is recomputed (graphs and recomputation do not mix: config.py) and the allocator
+    allows graphs (:func:`graphs_blocked`)."""
     changes = {}
+    blocked = None
     if m.compile and device.type == "cuda" and not _has_triton():
         logger.warning("model.compile: triton is not installed, which torch.compile needs on a GPU (pip install "
                        "triton; on Windows triton-windows): training eagerly")
@@ -241,12 +262,18 @@ def engine_model_config(m, device: torch.device, recompute: bool):
         changes.update(compile=False, compile_mode=None)
     if device.type == "cuda" and not m.attention_backend:
         changes["attention_backend"] = "_native_cudnn"
-    if m.compile and m.compile_mode is None and device.type == "cuda" and not recompute:
+    if m.compile and device.type == "cuda" and not recompute and m.compile_mode in (None, "reduce-overhead"):
+        blocked = graphs_blocked(device)  # asked only where graphs would be used
+        if blocked:
+            logger.warning("model.compile: no CUDA graphs for the DiT (%s)", blocked)
+            if m.compile_mode == "reduce-overhead":
+                changes["compile_mode"] = None
+    if m.compile and m.compile_mode is None and device.type == "cuda" and not recompute and not blocked:
         changes["compile_mode"] = "reduce-overhead"
     if recompute and m.compile_mode == "reduce-overhead":
         changes["compile_mode"] = None
     return dataclasses.replace(m, **changes) if changes else m
 
 
-__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "blockers", "engine_model_config", "resolved_device",
-           "transformer_config"]
+__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "blockers", "engine_model_config", "graphs_blocked",
+           "resolved_device", "transformer_config"]

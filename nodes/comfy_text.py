@@ -86,11 +86,29 @@ PROJECTIONS = ("self_attn.qkv_proj", "self_attn.q_proj", "self_attn.k_proj", "se
                "mlp.gate_up_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def _exact_projection(module, device: torch.device):
+def _e4m3_data(module):
+    """The e4m3 values ``module`` (a ComfyUI ``Linear``) multiplies with before its per-tensor scale, or None: the
+    stored weight of 0.3.64's scaled-fp8 layers (``scale_weight``), the data of 0.33's ``QuantizedTensor``."""
+    plain = _per_tensor_fp8(module.weight)
+    if plain is not None:
+        return plain[0]
+    w = module.weight
+    if w.dtype == torch.float8_e4m3fn and getattr(module, "scale_weight", None) is not None:
+        return w
+    return None
+
+
+def exact_bytes(module, bf16: bool = False) -> int:
+    """Bytes of the weight copy :func:`_exact_projection` keeps for ``module``."""
+    return module.weight.numel() * (1 if not bf16 and _e4m3_data(module) is not None else 2)
+
+
+def _exact_projection(module, device: torch.device, bf16: bool = False):
     """An :class:`ExactLinear` computing what ``module`` (a ComfyUI ``Linear`` of the text encoder, any storage)
     computes in float32, or the reason there is none. The weight ComfyUI multiplies with is taken from its own cast
     (``comfy.ops.cast_bias_weight``; 0.3.64's scaled-fp8 layers scale the input by ``scale_weight`` instead), kept
-    in bf16 when that is exact, and the result is checked against ``module`` on a probe input."""
+    in bf16 when that is exact, or as its e4m3 data (a copy: ComfyUI may move or free its own) unless ``bf16``, and
+    the result is checked against ``module`` on a probe input."""
     import comfy.ops
 
     from ..training.exact_linear import ExactLinear
@@ -110,6 +128,9 @@ def _exact_projection(module, device: torch.device):
             w16 = weight.to(torch.bfloat16)
             if not torch.equal(w16.float(), weight.float()):
                 return None, f"its {weight.dtype} weight is not exactly bf16"
+            data = None if bf16 else _e4m3_data(module)
+            if data is not None and torch.equal(data.to(device=w16.device, dtype=torch.bfloat16), w16):
+                w16 = data.detach().to(w16.device).clone()  # kept in e4m3 (half the memory), cast for each use
             fast = ExactLinear(w16, None if bias is None else bias.detach().float(),
                                None if scale is None else scale.detach().float())
             ref, got = module(probe).float(), fast(probe)
@@ -132,6 +153,40 @@ def _per_tensor_fp8(weight):
     return None
 
 
+EXACT_TEXT_ENV = "QWEN_ZERO_PRIOR_EXACT_TEXT"
+_OFF, _ON = ("0", "false", "no"), ("", "auto", "1", "true", "yes", "bf16", "e4m3")
+
+
+def exact_text_choice(value: str, *, device_type: str, engine_reserve: int | None, available: float | None,
+                      needs: dict[str, int]) -> tuple[str | None, str | None]:
+    """``("bf16" | "e4m3", None)``: the weight copies the text encoder's exact projections keep, or ``(None, why)``
+    for ComfyUI's projections, for ``QWEN_ZERO_PRIOR_EXACT_TEXT=value``. ``engine_reserve``: what the diffusers
+    engine's step needs beside the weights (None: no engine, or blocks recomputed, whose plan fills the card: no
+    copies on a GPU then); ``available``: bytes free beside the weights on a GPU (None on a CPU); ``needs``: the
+    copies' bytes per storage. Unset/``auto``: on a GPU only (a CPU computes float32 faster than three bf16 parts),
+    bf16 where it fits, else e4m3; ``1``: also on a CPU; ``bf16``/``e4m3``: that storage; ``0``: never. Raises
+    ValueError for any other value."""
+    v = value.strip().lower()
+    if v in _OFF:
+        return None, f"{EXACT_TEXT_ENV}={value}"
+    if v not in _ON:
+        raise ValueError(f"{EXACT_TEXT_ENV}={value!r} is not auto, 1/true/yes, bf16, e4m3 or 0/false/no")
+    if device_type == "cuda":
+        if engine_reserve is None:
+            return None, "the copies are used with the diffusers DiT engine only (without it the step's memory plan " \
+                         "fills the card)"
+    elif v in ("", "auto"):
+        return None, f"auto uses them on a GPU only (this is {device_type})"
+    choices = [v] if v in ("bf16", "e4m3") else ["bf16", "e4m3"]
+    if available is not None:
+        fitting = [c for c in choices if needs[c] <= available]
+        if not fitting:
+            return None, (f"the copies need {min(needs[c] for c in choices) / 2**30:.1f} GiB, "
+                          f"{max(available, 0) / 2**30:.1f} GiB available beside the step")
+        choices = fitting
+    return choices[0], None
+
+
 def projection_modules(model):
     """``(layer index, name, module)`` of every projection ``Linear`` of ``model``'s decoder layers."""
     for i, layer in enumerate(model.layers):
@@ -142,13 +197,13 @@ def projection_modules(model):
                 continue
 
 
-def exact_projections(model, device: torch.device) -> tuple[dict, str | None]:
+def exact_projections(model, device: torch.device, bf16: bool = False) -> tuple[dict, str | None]:
     """``{id(ComfyUI module): ExactLinear}`` for every projection of ``model``'s decoder layers, or ``({}, why)``
     where any one has none (all or nothing: one projection left to ComfyUI's per-use cast would keep its casts for
-    the backward, and the layers would need recomputing again)."""
+    the backward, and the layers would need recomputing again). ``bf16``: bf16 copies even of e4m3 data."""
     out = {}
     for i, name, module in projection_modules(model):
-        fast, why = _exact_projection(module, device)
+        fast, why = _exact_projection(module, device, bf16)
         if fast is None:
             return {}, f"layer {i} {name}: {why}"
         out[id(module)] = fast
@@ -230,8 +285,8 @@ class ComfyPromptEncoder:
         if vector is not None:
             self.vectors[int(token_id)] = vector
         self.prefix_cache = prefix_cache
-        # exact (experimental, not yet measured on a GPU): the projections as ExactLinear (training/exact_linear.py):
-        # ComfyUI's float32 numbers from bf16 copies of its weights, nothing kept for the backward, graph-capturable
+        # exact: the projections as ExactLinear (training/exact_linear.py): ComfyUI's float32 numbers from bf16 or
+        # e4m3 copies of its weights, nothing kept for the backward, graph-capturable
         if isinstance(exact, dict):
             self.exact, why = exact, "none given"
         else:
@@ -296,5 +351,6 @@ class ComfyPromptEncoder:
         return embeds.to(device=device, dtype=dtype), mask
 
 
-__all__ = ["ComfyLayerOps", "ComfyPromptEncoder", "UnsupportedTextEncoder", "comfy_parts", "qwen_decoder",
+__all__ = ["EXACT_TEXT_ENV", "ComfyLayerOps", "ComfyPromptEncoder", "UnsupportedTextEncoder", "comfy_parts",
+           "exact_bytes", "exact_projections", "exact_text_choice", "projection_modules", "qwen_decoder",
            "template_end"]

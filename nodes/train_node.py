@@ -121,8 +121,10 @@ class TrainZeroPriorToken(io.ComfyNode):
                 _spec_input(io.Boolean, "model", "compile", optional=True,
                             tooltip="torch.compile each transformer block of the DiT (needs triton on a GPU; the "
                             "first steps compile, ~30 s each at 1024² on an H200). With the diffusers engine the "
-                            "blocks are then replayed as CUDA graphs (the CLI's fastest mode). Used only where the "
-                            "DiT trains resident without recomputation (else the log says why not)."),
+                            "blocks are then replayed as CUDA graphs (the CLI's fastest mode), which needs ComfyUI "
+                            "started with --disable-cuda-malloc (its default allocator cannot capture graphs: 0.35 "
+                            "vs 0.61 s/step on an H200). Used only where the DiT trains resident without "
+                            "recomputation (else the log says why not)."),
                 io.Combo.Input("dit_engine", options=list(ENGINES), default="auto", optional=True,
                                tooltip="How the DiT trains. auto: on a GPU, diffusers' transformer over the weights "
                                "ComfyUI loaded (no copy) with the CLI's speed path (with compile: CUDA graphs, cuDNN "

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -347,3 +348,51 @@ def _run_fused_lora_variants(bench_step, counts, out, tmp_path):
                             "--res", "64", "--rank", "4", "--warmup", "0", "--iters", "1", "--mode", "variants",
                             "--variant", "compile=1", "--out", str(tmp_path / "g.json")]) == 0
     assert counts[0] > 0 and counts[1] == counts[0]
+
+
+def test_node_bench_run_stops_comfyui_on_its_timeout(tmp_path):
+    """bench/comfyui/run_node.py under `timeout` (SIGTERM): the row is written with the stop as its error and the
+    ComfyUI it started is stopped too (an orphaned server once kept the port and the GPU for the next run); --env
+    reaches ComfyUI's environment and the row."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fake = tmp_path / "comfyui"  # a "ComfyUI" that records its pid and environment, then never answers HTTP
+    fake.mkdir()
+    (fake / "main.py").write_text(
+        "import json, os, time\n"
+        f"open({str(tmp_path / 'child.json')!r}, 'w').write(json.dumps({{'pid': os.getpid(), "
+        "'exact': os.environ.get('QWEN_ZERO_PRIOR_EXACT_TEXT')}))\n"
+        "time.sleep(300)\n")
+    out = tmp_path / "row.json"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(repo / "bench" / "comfyui" / "run_node.py"), "--comfyui", str(fake), "--models",
+         str(tmp_path), "--dit", "d.safetensors", "--te", "t.safetensors", "--vae", "v.safetensors", "--work",
+         str(tmp_path / "work"), "--images", "1", "--res", "64", "--port", "8787", "--timeout", "300",
+         "--env", "QWEN_ZERO_PRIOR_EXACT_TEXT=e4m3", "--out", str(out)],
+        cwd=repo, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    child = tmp_path / "child.json"
+    deadline = time.monotonic() + 120
+    while not child.exists() or not child.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "run_node.py never started its ComfyUI"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 1
+    started = json.loads(child.read_text())
+    assert started["exact"] == "e4m3"
+    row = json.loads(out.read_text())
+    assert row["error"]["exception_type"] == "Stopped" and "signal 15" in row["error"]["exception_message"]
+    assert row["env"] == {"QWEN_ZERO_PRIOR_EXACT_TEXT": "e4m3"}
+    deadline = time.monotonic() + 30
+    while True:  # the fake ComfyUI is gone (terminated, then reaped by run_node.py)
+        try:
+            os.kill(started["pid"], 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the ComfyUI process outlived run_node.py"
+        time.sleep(0.2)

@@ -6,6 +6,7 @@ tests/test_comfyui.py's *diffusers_engine* tests."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,10 @@ _spec = importlib.util.spec_from_file_location("qwen_zero_prior.nodes.comfy_engi
 _engine = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_engine)
 blockers, engine_model_config = _engine.blockers, _engine.engine_model_config
+_spec = importlib.util.spec_from_file_location("qwen_zero_prior.nodes.comfy_text",
+                                               Path(__file__).parents[1] / "nodes" / "comfy_text.py")
+_text = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_text)
 
 CONFIG_KEYS = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
                "joint_attention_dim", "axes_dims_rope")
@@ -226,6 +231,56 @@ def test_engine_model_config(monkeypatch):
     assert (m.attention_backend, m.compile_mode) == ("flash", None)
 
 
+def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog):
+    """ComfyUI's default cudaMallocAsync allocator: no CUDA graphs (capture failed and the process aborted on an
+    H200), said once with the way out; the native allocator keeps them."""
+    monkeypatch.setattr(_engine, "_has_triton", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    assert _engine.graphs_blocked(cuda) is None
+    assert engine_model_config(ModelConfig(compile=True), cuda, recompute=False).compile_mode == "reduce-overhead"
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    assert "--disable-cuda-malloc" in _engine.graphs_blocked(cuda)
+    assert _engine.graphs_blocked(torch.device("cpu")) is None
+    with caplog.at_level(logging.WARNING):
+        m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
+        m2 = engine_model_config(ModelConfig(compile=True, compile_mode="reduce-overhead"), cuda, recompute=False)
+    assert (m.compile, m.compile_mode, m2.compile_mode) == (True, None, None)
+    assert "no CUDA graphs for the DiT" in caplog.text and "--disable-cuda-malloc" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # recomputed blocks never take graphs: nothing to say about the allocator
+        assert engine_model_config(ModelConfig(compile=True), cuda, recompute=True).compile_mode is None
+    assert "no CUDA graphs" not in caplog.text
+
+
+def test_exact_text_choice():
+    """QWEN_ZERO_PRIOR_EXACT_TEXT: auto takes bf16 copies where they fit beside the engine's need, else e4m3, else
+    none; only with the engine on a GPU; on a CPU only when asked; a bad value is an error naming the values."""
+    gib = 2**30
+    needs = {"bf16": 12 * gib, "e4m3": 6 * gib}
+
+    def choose(value, device="cuda", reserve=42 * gib, available=20 * gib):
+        return _text.exact_text_choice(value, device_type=device, engine_reserve=reserve,
+                                       available=available if device == "cuda" else None, needs=needs)
+
+    assert choose("") == ("bf16", None) and choose("auto") == ("bf16", None) and choose("1") == ("bf16", None)
+    assert choose("", available=8 * gib) == ("e4m3", None)  # bf16 does not fit, e4m3 does
+    choice, why = choose("", available=5 * gib)
+    assert choice is None and "need 6.0 GiB, 5.0 GiB available" in why
+    assert choose("bf16", available=8 * gib)[0] is None  # a named storage is not swapped for another
+    assert choose("e4m3") == ("e4m3", None)
+    choice, why = choose("", reserve=None)  # ComfyUI's forward (streamed, recomputed): its plan fills the card
+    assert choice is None and "diffusers DiT engine only" in why
+    assert choose("1", reserve=None)[0] is None
+    choice, why = choose("", device="cpu")
+    assert choice is None and "GPU only" in why
+    assert choose("1", device="cpu") == ("bf16", None) and choose("e4m3", device="cpu") == ("e4m3", None)
+    assert choose("0")[0] is None and choose(" No ")[0] is None
+    with pytest.raises(ValueError, match=r"QWEN_ZERO_PRIOR_EXACT_TEXT='maybe' is not auto, 1/true/yes, bf16, e4m3"):
+        choose("maybe")
+
+
 def test_fp8_copy_bytes_counts_only_weights_not_already_in_e4m3():
     """What the engine's memory check adds for fp8_matmul: a bf16/fp32-stored DiT gets e4m3 copies of its image-stream
     block weights (1 byte a weight + 4 a row); an fp8-stored one's are used as they are (0)."""
@@ -263,5 +318,13 @@ def test_exact_linear_is_float32_arithmetic_from_bf16_parts():
     y.square().sum().backward()
     ref.square().sum().backward()
     assert float((x.grad.double() - x64.grad).abs().max()) <= 1e-5 * float(x64.grad.abs().max())
-    with pytest.raises(TypeError, match="bf16 weight"):
+    # kept as its e4m3 data (half the memory) and cast for each use: the same numbers, forward and backward
+    lin8 = ExactLinear(w.to(torch.float8_e4m3fn), bias, scale)
+    assert lin8.weight.dtype == torch.float8_e4m3fn
+    x8 = x.detach().clone().requires_grad_(True)
+    y8 = lin8(x8)
+    assert torch.equal(y8.detach(), y.detach())
+    y8.square().sum().backward()
+    assert torch.equal(x8.grad, x.grad)
+    with pytest.raises(TypeError, match="bf16 or float8_e4m3fn weight, got torch.float32"):
         ExactLinear(w.float())

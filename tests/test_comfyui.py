@@ -164,7 +164,7 @@ def test_training_conditioning_equals_clip_text_encode(comfy, clip_key):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert int(got["exact_linears"]) == 0 and int(got["recompute"]) == 1  # the default: ComfyUI's projections
 
-    # the experimental exact text path (QWEN_ZERO_PRIOR_EXACT_TEXT): ComfyUI's float32 numbers from bf16 copies of
+    # the exact text path (QWEN_ZERO_PRIOR_EXACT_TEXT; auto on a GPU): ComfyUI's float32 numbers from copies of
     # weights that are exactly bf16 (bf16 and fp8-scaled files), no per-layer recompute; float32/fp16 weights are not
     # exactly bf16 and keep ComfyUI's projections
     g["9"]["inputs"].update(exact=True, filename=f"tc_exact_{clip_key}.safetensors")
@@ -1068,8 +1068,9 @@ def test_training_diffusers_engine_fp8_matmul_and_compile(comfy, train_ds):
 
 
 def test_training_exact_text_switch(comfy, train_ds):
-    """QWEN_ZERO_PRIOR_EXACT_TEXT=1 (experimental): the node's text encoder runs its projections as ExactLinear on an
-    fp8-scaled file (no per-layer recompute) and trains the same LoRA and vector as ComfyUI's projections."""
+    """QWEN_ZERO_PRIOR_EXACT_TEXT=e4m3/bf16: the node's text encoder runs its projections as ExactLinear on an
+    fp8-scaled file (no per-layer recompute) and trains the same LoRA and vector as ComfyUI's projections; unset
+    (auto) on a CPU it keeps ComfyUI's."""
     from qwen_zero_prior.training.archive import load_archive
 
     def set_env(value):
@@ -1079,9 +1080,15 @@ def test_training_exact_text_switch(comfy, train_ds):
     log_start = len(comfy.server.log_text())
     comfy.server.run(_train_graph(comfy, steps=2, clip_key="clip_fp8", output_name="zero_prior/text_plain.zip"),
                      timeout=900)
-    set_env("1")
+    set_env("e4m3")
     try:
         comfy.server.run(_train_graph(comfy, steps=2, clip_key="clip_fp8", output_name="zero_prior/text_exact.zip"),
+                         timeout=900)
+    finally:
+        set_env("")
+    set_env("bf16")  # bf16 copies instead of the e4m3 data: the same numbers
+    try:
+        comfy.server.run(_train_graph(comfy, steps=2, clip_key="clip_fp8", output_name="zero_prior/text_exact16.zip"),
                          timeout=900)
     finally:
         set_env("")
@@ -1092,9 +1099,15 @@ def test_training_exact_text_switch(comfy, train_ds):
     finally:
         set_env("")
     log = comfy.server.log_text()[log_start:]
-    assert "text encoder: exact bf16-split projections (14 Linears" in log, log[-3000:]
-    assert "QWEN_ZERO_PRIOR_EXACT_TEXT='maybe' is not 1/true/yes or 0/false/no" in log, log[-3000:]
-    plain, exact = (load_archive(comfy.output(f"zero_prior/text_{k}.zip")) for k in ("plain", "exact"))
+    assert log.count("text encoder: exact bf16-split projections (14 Linears") == 2, log[-3000:]  # not on auto (CPU)
+    assert "float8_e4m3fn copies), no per-layer recompute" in log, log[-3000:]  # fp8-scaled: its e4m3 data kept
+    assert "bfloat16 copies), no per-layer recompute" in log, log[-3000:]
+    assert "QWEN_ZERO_PRIOR_EXACT_TEXT='maybe' is not auto, 1/true/yes, bf16, e4m3 or 0/false/no" in log, log[-3000:]
+    plain, exact, exact16 = (load_archive(comfy.output(f"zero_prior/text_{k}.zip"))
+                             for k in ("plain", "exact", "exact16"))
+    for k in exact.lora_state_dict:  # e4m3 -> bf16 is exact: the two storages train the same numbers
+        assert torch.allclose(exact.lora_state_dict[k], exact16.lora_state_dict[k], rtol=0, atol=1e-7), k
+    assert torch.allclose(exact.vector, exact16.vector, rtol=0, atol=1e-8)
     diff = max(float((plain.lora_state_dict[k] - exact.lora_state_dict[k]).abs().max()) for k in plain.lora_state_dict)
     vdiff = float((plain.vector - exact.vector).abs().max())
     print(f"ComfyUI {comfy.version}: exact text path vs ComfyUI's projections after 2 steps: LoRA {diff:.2e}, "

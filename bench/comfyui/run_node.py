@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,14 @@ if _cap:
     _total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, _cap * 2**30 / _total), 0)
 '''
+
+
+class Stopped(BaseException):
+    """SIGTERM (``timeout``'s) while ComfyUI runs: reported as the row's error, then ComfyUI is stopped."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by signal {signum} (the run's timeout)")
 
 
 def install_pack(custom_nodes: Path) -> Path:
@@ -170,8 +179,16 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=0,
                    help="profile N steps after the third (torch.profiler, CUDA kernels) and keep the node's kernel "
                    "table in the JSON (the node's QWEN_ZERO_PRIOR_PROFILE_STEPS)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for ComfyUI (e.g. QWEN_ZERO_PRIOR_EXACT_TEXT=1); repeatable")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    run_env = {}
+    for item in a.env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"--env: {item!r} is not NAME=VALUE")
+        run_env[name] = value
 
     import requests
 
@@ -197,24 +214,32 @@ def main(argv=None) -> int:
     if a.cap_gib:
         cmd += ["--reserve-vram", f"{max(0.0, total_gib - a.cap_gib):.1f}"]
     cmd += a.extra_args.split()
+    if a.cap_gib and not {"--disable-cuda-malloc", "--fast"} & set(cmd) and "PYTORCH_CUDA_ALLOC_CONF" not in run_env:
+        # the cap's sitecustomize touches CUDA before ComfyUI's cuda_malloc.py picks PyTorch's allocator, which would
+        # leave the native one: pick what ComfyUI picks by default (cudaMallocAsync on the device's CUDA 13 torch;
+        # not with --fast autotune), as users get it
+        run_env["PYTORCH_CUDA_ALLOC_CONF"] = "backend:cudaMallocAsync"
     overlay = a.comfyui / ".zp-overlay"  # a version's own pins where the environment differs (tests' overlay.py)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ZP_CAP_GIB": str(a.cap_gib or ""),
            "QWEN_ZERO_PRIOR_PROFILE_STEPS": str(a.profile_steps or ""),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(base / "site"), str(overlay) if overlay.is_dir() else "",
-                                                       os.environ.get("PYTHONPATH", "")]))}
+                                                       os.environ.get("PYTHONPATH", "")])), **run_env}
     log_path = base / "comfyui.log"
-    poller = GpuMemoryPoller() if total_gib else None
-    if poller:
-        poller.__enter__()
-    t_start = time.time()
-    proc = subprocess.Popen(cmd, cwd=a.comfyui, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{a.port}"
     workflow = json.loads((REPO / "example_workflows" / "qwen_zero_prior_train_api.json").read_text())
     extra_inputs = node_inputs(a.node_inputs, workflow["4"]["inputs"])  # typed as the Train node's own inputs
-    result: dict = {"node_inputs": extra_inputs, "cap_gib": a.cap_gib or None, "gpu_total_gib": round(total_gib, 1),
-                    "dit": a.dit, "te": a.te,
+    result: dict = {"node_inputs": extra_inputs, "env": run_env, "cap_gib": a.cap_gib or None,
+                    "gpu_total_gib": round(total_gib, 1), "dit": a.dit, "te": a.te,
                     "weight_dtype": a.weight_dtype, "steps": a.steps, "res": a.res, "rank": a.rank,
                     "images": a.images, "command": " ".join(cmd)}
+    t_start = time.time()
+    # `timeout` stops this script with SIGTERM: end it through the finally below, which stops ComfyUI too (an
+    # orphaned server kept the port and the GPU for the next run)
+    signal.signal(signal.SIGTERM, _stop)
+    poller = GpuMemoryPoller() if total_gib else None
+    if poller:
+        poller.__enter__()
+    proc = subprocess.Popen(cmd, cwd=a.comfyui, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     try:
         while True:
             if proc.poll() is not None:
@@ -276,9 +301,10 @@ def main(argv=None) -> int:
         result["peak_vram_gib"] = train.get("peak_vram_gib")
         result["loss"] = train.get("loss")
         result["sampled_images"] = sum(len(v.get("images", [])) for v in out.values())
-    except Exception as e:  # the run is reported as a row, whatever broke
+    except (Exception, Stopped) as e:  # the run is reported as a row, whatever broke
         result["error"] = result.get("error") or {"exception_type": type(e).__name__, "exception_message": str(e)}
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the cleanup short
         if poller:
             poller.__exit__(None, None, None)
             result.update(poller.report())
