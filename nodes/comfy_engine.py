@@ -233,9 +233,12 @@ def _has_triton() -> bool:
 
 def graphs_blocked(device) -> str | None:
     """Why CUDA graphs cannot be captured on ``device`` in this process, or None. ComfyUI switches PyTorch to its
-    ``cudaMallocAsync`` allocator by default (``cuda_malloc.py``), and under it capture fails once a freed block was
-    used on another stream (the backward's): "capturing stream has unjoined work", after which the process aborted
-    in the allocator's free (an H200, ComfyUI 0.33). Training then runs without graphs."""
+    ``cudaMallocAsync`` allocator by default (``cuda_malloc.py``), and under it the text encoder's capture failed
+    once a freed block was used on another stream (the backward's): "capturing stream has unjoined work", after which
+    the process aborted in the allocator's free (an H200, ComfyUI 0.33); torch.compile's reduce-overhead graphs need
+    allocator features it lacks ("cudaMallocAsync does not yet support checkPoolLiveAllocations", as others have
+    met it). Training then runs without graphs. A pack that switched ComfyUI's allocator at start-up (a prestartup
+    script) would change it for every workflow: the flag is the user's to set."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
