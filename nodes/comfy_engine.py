@@ -29,6 +29,7 @@ from torch import nn
 from ..training.diffusers_backend import accelerate_transformer, compute_autocast
 from ..training.fp8 import Fp8Linear
 from ..training.lora import ADAPTER_NAME, add_lora, export_lora, lora_delta
+from ..training.memory import cuda_graphs_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -232,24 +233,10 @@ def _has_triton() -> bool:
 
 
 def graphs_blocked(device) -> str | None:
-    """Why CUDA graphs cannot be captured on ``device`` in this process, or None. ComfyUI switches PyTorch to its
-    ``cudaMallocAsync`` allocator by default (``cuda_malloc.py``), and under it the text encoder's capture failed
-    once a freed block was used on another stream (the backward's): "capturing stream has unjoined work", after which
-    the process aborted in the allocator's free (an H200, ComfyUI 0.33); torch.compile's reduce-overhead graphs need
-    allocator features it lacks ("cudaMallocAsync does not yet support checkPoolLiveAllocations", as others have
-    met it). Training then runs without graphs. A pack that switched ComfyUI's allocator at start-up (a prestartup
+    """Why CUDA graphs cannot be captured on ``device`` in this ComfyUI, or None (``memory.cuda_graphs_blocked``:
+    ComfyUI's default cudaMallocAsync allocator). A pack that switched ComfyUI's allocator at start-up (a prestartup
     script) would change it for every workflow: the flag is the user's to set."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    try:
-        backend = torch.cuda.get_allocator_backend()
-    except (AttributeError, RuntimeError):  # an old torch: only the native allocator
-        return None
-    if backend == "cudaMallocAsync":
-        return ("PyTorch runs the cudaMallocAsync allocator (ComfyUI's default), under which CUDA-graph capture "
-                "fails; start ComfyUI with --disable-cuda-malloc for the CUDA-graph path")
-    return None
+    return cuda_graphs_blocked(device, "start ComfyUI with --disable-cuda-malloc for the CUDA-graph path")
 
 
 def engine_model_config(m, device: torch.device, recompute: bool):

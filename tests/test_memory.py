@@ -128,6 +128,27 @@ def test_resolve_applies_the_plan_to_the_config():
     assert out is cfg and plan is None
 
 
+def test_cuda_graphs_are_dropped_under_the_cudamallocasync_allocator(monkeypatch, caplog):
+    """PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (ComfyUI's default): capture failed and the process aborted on
+    an H200, so the CLI/Cog drop reduce-overhead and the text encoder's graphs, saying so and how to get them back;
+    the native allocator, a CPU, and a config without graphs are left alone."""
+    import logging
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = Config.from_dict({"model": {"compile": True, "compile_mode": "reduce-overhead", "text_cuda_graphs": True}})
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    assert memory.without_blocked_graphs(cfg, CUDA) is cfg
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    assert memory.without_blocked_graphs(cfg, torch.device("cpu")) is cfg
+    with caplog.at_level(logging.WARNING, logger="qwen_zero_prior.training.memory"):
+        out = memory.without_blocked_graphs(cfg, CUDA)
+    assert out.model.compile and out.model.compile_mode is None and out.model.text_cuda_graphs is False
+    assert "cudaMallocAsync" in caplog.text and "PYTORCH_CUDA_ALLOC_CONF" in caplog.text
+    assert "model.text_cuda_graphs -> false" in caplog.text
+    plain = Config.from_dict({"model": {"text_cuda_graphs": False}})
+    assert memory.without_blocked_graphs(plain, CUDA) is plain
+
+
 @pytest.mark.parametrize("model, message", [
     ({"compile_mode": "reduce-overhead"}, "model.compile_mode is set but model.compile is false"),
     ({"compile": True, "compile_mode": "reduce-overhead", "gradient_checkpointing": True, "memory": "manual"},

@@ -215,6 +215,45 @@ def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float
     return cfg.replace(model=model), plan
 
 
+def cuda_graphs_blocked(device, hint: str = "drop backend:cudaMallocAsync from PYTORCH_CUDA_ALLOC_CONF for them"
+                        ) -> str | None:
+    """Why CUDA graphs cannot be captured on ``device`` in this process, or None. Under PyTorch's ``cudaMallocAsync``
+    allocator (``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync``; ComfyUI sets it by default) the text encoder's
+    capture failed once a freed block had been used on another stream (the backward's): "capturing stream has
+    unjoined work", after which the process aborted in the allocator's free (an H200, ComfyUI 0.33); torch.compile's
+    reduce-overhead graphs need allocator features it lacks ("cudaMallocAsync does not yet support
+    checkPoolLiveAllocations", as others have met it). ``hint``: how to get them, for the message."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        backend = torch.cuda.get_allocator_backend()
+    except (AttributeError, RuntimeError):  # an old torch: only the native allocator
+        return None
+    if backend == "cudaMallocAsync":
+        return f"PyTorch runs the cudaMallocAsync allocator, under which CUDA-graph capture fails; {hint}"
+    return None
+
+
+def without_blocked_graphs(cfg, device):
+    """``cfg`` without the CUDA graphs it asks for (``compile_mode: reduce-overhead``, ``text_cuda_graphs``) where
+    :func:`cuda_graphs_blocked` says they cannot be captured, with a warning saying so; else ``cfg``. Called before the
+    memory plan, which counts reduce-overhead's activations and pools."""
+    m = cfg.model
+    changes = {}
+    if m.compile and m.compile_mode == "reduce-overhead":
+        changes["compile_mode"] = None
+    if m.text_cuda_graphs and not m.offload:
+        changes["text_cuda_graphs"] = False
+    why = cuda_graphs_blocked(device) if changes else None
+    if not why:
+        return cfg
+    logger.warning("no CUDA graphs (%s): %s", why, ", ".join(
+        {"compile_mode": "model.compile_mode reduce-overhead -> default",
+         "text_cuda_graphs": "model.text_cuda_graphs -> false"}[k] for k in changes))
+    return cfg.replace(model=changes)
+
+
 def module_bytes(*modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
 

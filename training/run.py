@@ -97,6 +97,7 @@ def _load_for_training(cfg: Config, ctx):
     weights = memory.weights_bytes(pipe, cfg.model)
     # Qwen-Image 2.1's plans need the weights by part (memory.choose_21: what fp8 storage keeps on the GPU)
     parts = memory.weight_parts(pipe) if detect_pipeline(pipe).name == QWEN_IMAGE_21 else None
+    cfg = memory.without_blocked_graphs(cfg, device)
     cfg, _ = memory.resolve(cfg, weights, device, parts=parts)
     place_pipeline(pipe, cfg.model, device)
     return pipe, cfg
