@@ -350,6 +350,18 @@ def _run_fused_lora_variants(bench_step, counts, out, tmp_path):
     assert counts[0] > 0 and counts[1] == counts[0]
 
 
+def test_node_bench_refuses_a_malformed_env_item(tmp_path):
+    """run_node.py --env takes NAME=VALUE: anything else is refused, naming the item, before ComfyUI starts."""
+    from bench.comfyui.run_node import main
+
+    args = ["--comfyui", str(tmp_path), "--models", str(tmp_path), "--dit", "d", "--te", "t", "--vae", "v",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "row.json")]
+    for bad in ("QWEN_ZERO_PRIOR_EXACT_TEXT", "=1"):
+        with pytest.raises(SystemExit, match=f"--env: {re.escape(repr(bad))} is not NAME=VALUE"):
+            main([*args, "--env", bad])
+    assert not (tmp_path / "work").exists() and not (tmp_path / "row.json").exists()
+
+
 def test_node_bench_run_stops_comfyui_on_its_timeout(tmp_path):
     """bench/comfyui/run_node.py under `timeout` (SIGTERM): the row is written with the stop as its error and the
     ComfyUI it started is stopped too (an orphaned server once kept the port and the GPU for the next run); --env
