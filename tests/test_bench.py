@@ -305,6 +305,13 @@ def test_node_kernel_profile_knob_and_its_table_in_the_bench_json(monkeypatch):
     assert table[0].endswith("kernels of 2 profiled steps (QWEN_ZERO_PRIOR_PROFILE_STEPS):")
     assert table[-1] == "Self CUDA time total: 20.0ms" and "nvjet_sm90_kernel  10.0ms" in table
     assert kernel_table("[INFO] no profile here") == []
+    # since session 10 the host-side table follows; both are kept, the log after them is not
+    two = log.replace("[INFO] Prompt executed", "\n".join([
+        "host side, by own CPU time:", "-----", "aten::mm  5.0ms", "Self CPU time total: 1.0ms",
+        "Self CUDA time total: 20.0ms", "[INFO] Prompt executed"]))
+    table = kernel_table(two)
+    assert "aten::mm  5.0ms" in table and "nvjet_sm90_kernel  10.0ms" in table
+    assert table[-1] == "Self CUDA time total: 20.0ms" and not any("Prompt executed" in line for line in table)
 
 
 def test_2_1_fused_lora_key_runs_peft_alone_and_is_recorded(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Kernel profile of a few training steps, asked for through the environment (a benchmark's knob, as ``TORCH_LOGS``
-is torch's): ``QWEN_ZERO_PRIOR_PROFILE_STEPS=N`` runs N steps after the third under ``torch.profiler`` (CUDA
-kernels only: little host overhead) and gives the top kernels by GPU time as a table. The ComfyUI training node
+is torch's): ``QWEN_ZERO_PRIOR_PROFILE_STEPS=N`` runs N steps after the third under ``torch.profiler`` and gives
+two tables: the top kernels by GPU time, and the top host-side operators by their own CPU time (where a step whose
+GPU waits on the host spends it; the profiled steps run slower for being recorded). The ComfyUI training node
 logs it with its phase times (``bench/comfyui/run_node.py --profile-steps``); ``bench/bench_step.py --kernels`` is
 the core's own."""
 
@@ -37,7 +38,7 @@ class StepProfiler:
         if n == FIRST_STEP:
             from torch.profiler import ProfilerActivity, profile
 
-            self._prof = profile(activities=[ProfilerActivity.CUDA])
+            self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             self._prof.start()
         elif n == FIRST_STEP + self.steps:
             self.finish()
@@ -46,8 +47,10 @@ class StepProfiler:
         prof, self._prof = self._prof, None
         if prof is not None:
             prof.stop()
-            self.table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
-                                                   max_name_column_width=90)
+            averages = prof.key_averages()
+            self.table = (averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
+                          + "\nhost side, by own CPU time:\n"
+                          + averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
         return self.table
 
 

@@ -149,8 +149,14 @@ def kernel_table(log: str) -> list[str]:
     start = next((i for i, line in enumerate(lines) if "kernels of " in line and "profiled steps" in line), None)
     if start is None:
         return []
-    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("Self CUDA time total")), None)
-    return lines[start:(end + 1) if end is not None else start + 40]
+    ends = [j for j in range(start + 1, len(lines)) if lines[j].startswith("Self CUDA time total")]
+    if not ends:
+        return lines[start:start + 40]
+    end = ends[0]
+    # the host-side table follows the kernel table (training/profiling.py) and ends at the next totals
+    if len(ends) > 1 and any("host side, by own CPU time" in line for line in lines[ends[0]:ends[1]]):
+        end = ends[1]
+    return lines[start:end + 1]
 
 
 def main(argv=None) -> int:
