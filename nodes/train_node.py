@@ -24,7 +24,7 @@ from ..training import outputs
 from ..training.config import Config, field_spec
 from ..training.data import DatasetError, resolve_dataset, scan_dataset
 from ..training.token import split_token_list
-from .comfy_engine import ENGINES
+from .comfy_engine import ENGINES, NATIVE_ALLOCATOR_HOW, speed_tip
 from .paths import resolve_dataset_path, resolve_output_path
 from .sockets import CATEGORY, ZeroPriorArchive
 from .token_node import register_token
@@ -121,10 +121,10 @@ class TrainZeroPriorToken(io.ComfyNode):
                 _spec_input(io.Boolean, "model", "compile", optional=True,
                             tooltip="torch.compile each transformer block of the DiT (needs triton on a GPU; the "
                             "first steps compile, ~30 s each at 1024² on an H200). With the diffusers engine the "
-                            "blocks are then replayed as CUDA graphs (the CLI's fastest mode), which needs ComfyUI "
-                            "started with --disable-cuda-malloc (its default allocator cannot capture graphs: 0.35 "
-                            "vs 0.61 s/step on an H200). Used only where the DiT trains resident without "
-                            "recomputation (else the log says why not)."),
+                            "blocks are then replayed as CUDA graphs (the CLI's fastest mode), which needs PyTorch's "
+                            f"native allocator: {NATIVE_ALLOCATOR_HOW} (ComfyUI's default allocator cannot capture "
+                            "graphs: 0.35 vs 0.61 s/step on an H200). Used only where the DiT trains resident "
+                            "without recomputation (else the log says why not)."),
                 io.Combo.Input("dit_engine", options=list(ENGINES), default="auto", optional=True,
                                tooltip="How the DiT trains. auto: on a GPU, diffusers' transformer over the weights "
                                "ComfyUI loaded (no copy) with the CLI's speed path (with compile: CUDA graphs, cuDNN "
@@ -263,7 +263,8 @@ class TrainZeroPriorToken(io.ComfyNode):
         ids = (f"token id {result.token_id}" if len(result.token_ids) <= 1 else
                "token ids " + ", ".join(f"{t} {i}" for t, i in result.token_ids.items()))
         info = f"{result.steps} steps; loss {first:.4f} -> {last:.4f}; {ids}; {per_step:.2f} s/step; {result.archive.name}"
-        ui = {"text": [info], "loss": [float(x) for x in result.losses], "archive": [str(result.archive)],
+        tip = speed_tip(bool(compile), mm.get_torch_device())
+        ui = {"text": [info] + ([tip] if tip else []), "loss": [float(x) for x in result.losses], "archive": [str(result.archive)],
               "step_seconds": [float(x) for x in result.step_seconds],
               "first_step_seconds": first_step_at[:1]}
         if torch.cuda.is_available():  # the server process's peaks so far (loading included)

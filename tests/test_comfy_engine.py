@@ -252,6 +252,12 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     with caplog.at_level(logging.WARNING):  # recomputed blocks never take graphs: nothing to say about the allocator
         assert engine_model_config(ModelConfig(compile=True), cuda, recompute=True).compile_mode is None
     assert "no CUDA graphs" not in caplog.text
+    # the training node's result names the way out where compile was asked for and graphs were kept out
+    tip = _engine.speed_tip(True, cuda)
+    assert "--disable-cuda-malloc" in tip and "Native CUDA allocator" in tip
+    assert _engine.speed_tip(False, cuda) is None and _engine.speed_tip(True, torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    assert _engine.speed_tip(True, cuda) is None
 
 
 def test_exact_text_choice():

@@ -116,6 +116,68 @@ def test_pack_listed_with_tooltips(comfy):
     assert "torch" not in [line.split(">")[0].split("=")[0].strip() for line in (pack / "requirements.txt").read_text().splitlines()]
     js = comfy.server.get("/extensions").json()
     assert any(p.endswith("zero_prior.js") for p in js), js
+    assert "Failed to execute startup-script" not in log, log[-3000:]  # prestartup_script.py ran, and did nothing
+
+
+_ALLOC_PROBE = """
+import os
+from aiohttp import web
+from comfy.cli_args import args
+from server import PromptServer
+
+# as torch saw it: custom nodes are imported after torch, and nothing between changes these
+SEEN = {"conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "cuda_malloc": bool(args.cuda_malloc),
+        "disable_cuda_malloc": bool(args.disable_cuda_malloc)}
+
+
+@PromptServer.instance.routes.get("/zz_alloc_probe")
+async def zz_alloc_probe(request):
+    return web.json_response(SEEN)
+
+
+NODE_CLASS_MAPPINGS = {}
+"""
+
+
+def test_native_allocator_setting(comfy, tmp_path):
+    """Settings > Qwen Zero-Prior > Native CUDA allocator (prestartup_script.py): off by default; on, the next start
+    has PyTorch's native allocator, as --disable-cuda-malloc gives. ``--cuda-malloc`` stands in for a CUDA torch (where
+    ComfyUI picks cudaMallocAsync by default; on this CPU torch it would not); 0.3.64 chooses after the prestartup
+    scripts (args), 0.33 before them (the environment), and both are covered by running on each version."""
+    import requests
+
+    def start(base):
+        return ComfyServer(base, root=comfy.root).start(
+            extra_args=("--cuda-malloc",), env={"PYTORCH_CUDA_ALLOC_CONF": "garbage_collection_threshold:0.9"})
+
+    seen, logs = {}, {}
+    for on in (None, False, True):  # no settings file, the setting off, the setting on
+        base = tmp_path / f"base-{on}"
+        for d in ("custom_nodes", "input", "output", "user/default"):
+            (base / d).mkdir(parents=True)
+        install_pack(base / "custom_nodes")
+        (base / "custom_nodes" / "zz_alloc_probe.py").write_text(_ALLOC_PROBE)
+        if on is not None:  # set as the frontend sets it, through the server's settings API; applies at the next start
+            server = start(base)
+            try:
+                requests.post(f"{server.url}/settings/QwenZeroPrior.NativeAllocator", json=on, timeout=10).raise_for_status()
+                before = server.get("/zz_alloc_probe").json()
+            finally:
+                server.stop()
+            assert before["conf"] == "garbage_collection_threshold:0.9,backend:cudaMallocAsync", before
+        server = start(base)
+        try:
+            seen[on] = server.get("/zz_alloc_probe").json()
+        finally:
+            server.stop()
+            logs[on] = server.log_text()
+    for off in (None, False):  # ComfyUI's choice, untouched
+        assert seen[off]["conf"] == "garbage_collection_threshold:0.9,backend:cudaMallocAsync", seen[off]
+        assert "native CUDA allocator" not in logs[off]
+    assert seen[True]["conf"] == "garbage_collection_threshold:0.9", seen[True]  # the user's other options kept
+    assert seen[True]["disable_cuda_malloc"] is True and seen[True]["cuda_malloc"] is False, seen[True]
+    assert "PyTorch's native CUDA allocator for this ComfyUI (setting QwenZeroPrior.NativeAllocator)" in logs[True]
+    assert all("Failed to execute startup-script" not in log for log in logs.values())
 
 
 # ---- equivalence with the core ------------------------------------------------------------------------
@@ -932,6 +994,9 @@ def test_web_loss_chart_in_headless_chromium(comfy, train_ds):
             page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=60000)
             page.wait_for_function("() => window.LiteGraph && LiteGraph.registered_node_types['ZeroPriorTrain']",
                                    timeout=60000)
+            # the pack's setting (read by prestartup_script.py at the next start) is registered, off by default
+            assert page.evaluate("() => app.extensionManager.setting.get('QwenZeroPrior.NativeAllocator')") is False
+            assert page.evaluate("() => app.extensionManager.setting.get('QwenZeroPrior.NoSuchSetting')") is None
             page.evaluate("wf => app.loadGraphData(wf)", ui)
             chart = "() => app.graph.getNodeById(4)?.widgets?.find(w => w.name === 'zero_prior_loss_chart')"
             page.wait_for_function(f"() => !!({chart})()", timeout=30000)

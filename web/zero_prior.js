@@ -96,6 +96,20 @@ function chartOf(node) {
 
 app.registerExtension({
   name: "qwen.zero_prior",
+  // read at start-up by prestartup_script.py (the allocator is chosen before torch is imported): off by default
+  settings: [
+    {
+      id: "QwenZeroPrior.NativeAllocator",
+      category: ["Qwen Zero-Prior", "Training", "Native CUDA allocator"],
+      name: "Native CUDA allocator for training speed (restart ComfyUI to apply)",
+      tooltip:
+        "Starts ComfyUI with PyTorch's native CUDA allocator, as --disable-cuda-malloc does. ComfyUI's default " +
+        "(cudaMallocAsync) cannot capture CUDA graphs, so the training node's compiled steps run without them: " +
+        "0.61 instead of 0.35 s/step on an H200 at 1024². Applies to every workflow in this ComfyUI.",
+      type: "boolean",
+      defaultValue: false,
+    },
+  ],
   async setup() {
     api.addEventListener("zero_prior.loss", ({ detail }) => {
       const node = app.graph?.getNodeById?.(Number(detail?.node)) ?? app.graph?.getNodeById?.(detail?.node);

@@ -78,10 +78,12 @@ class ComfyServer(LoggedProcess):
         self.client_id = uuid.uuid4().hex
 
     # -- lifecycle --
-    def start(self, timeout: float = 180) -> ComfyServer:
+    def start(self, timeout: float = 180, extra_args: tuple[str, ...] = (), env: dict | None = None) -> ComfyServer:
+        """Start ComfyUI (``--cpu``, sandboxed base directory) with ``extra_args`` on its command line and ``env``
+        over this process's environment."""
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+               "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none", *extra_args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
         overlay = self.root / OVERLAY  # this version's own pins where the shared test venv differs (overlay.py)
         if overlay.is_dir():
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(overlay), env.get("PYTHONPATH", "")]))
