@@ -1,7 +1,8 @@
 """Run by ComfyUI at start-up, before it imports torch (ComfyUI runs every custom node's ``prestartup_script.py``).
 
 One opt-in, off by default: the setting *Qwen Zero-Prior › Training › Native CUDA allocator* (id
-``QwenZeroPrior.NativeAllocator``, in the default user's ``comfy.settings.json``) starts this ComfyUI with PyTorch's
+``QwenZeroPrior.NativeAllocator``, in the default user's ``comfy.settings.json``: with ``--multi-user`` only that
+user's choice counts, as the allocator is the one process's) starts this ComfyUI with PyTorch's
 native CUDA allocator, as ``--disable-cuda-malloc`` does. ComfyUI's default, ``cudaMallocAsync``, cannot capture CUDA
 graphs, so the training node then trains without them: 0.61 s/step instead of 0.35 on an H200 (1024², rank 32,
 ``docs/benchmarks.md``). The allocator is the whole process's, every workflow's, which is why this is a setting the
@@ -38,7 +39,8 @@ def wanted(path: str) -> bool:
     except FileNotFoundError:
         return False
     except (OSError, ValueError) as e:
-        logger.warning("Qwen Zero-Prior: could not read %s (%s); ComfyUI's CUDA allocator is left as it is", path, e)
+        logger.warning("Qwen Zero-Prior: could not read %s (%s); ComfyUI's CUDA allocator is left as it is (fix or "
+                       "delete the file: ComfyUI writes it again when a setting changes)", path, e)
         return False
     return isinstance(settings, dict) and settings.get(SETTING) is True
 

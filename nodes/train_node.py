@@ -242,6 +242,7 @@ class TrainZeroPriorToken(io.ComfyNode):
                         trainer.resume(resume_dir)
                     _send_loss(node_id, trainer.step, steps, float("nan"))
                     result = trainer.fit(archive_path, callbacks)
+                    tip = speed_tip(backend.engine, backend.device)
                 except TrainingInterrupted as e:
                     logger.info("training interrupted at step %d; checkpoint %s", e.step, e.checkpoint)
                     raise mm.InterruptProcessingException() from e
@@ -263,8 +264,8 @@ class TrainZeroPriorToken(io.ComfyNode):
         ids = (f"token id {result.token_id}" if len(result.token_ids) <= 1 else
                "token ids " + ", ".join(f"{t} {i}" for t, i in result.token_ids.items()))
         info = f"{result.steps} steps; loss {first:.4f} -> {last:.4f}; {ids}; {per_step:.2f} s/step; {result.archive.name}"
-        tip = speed_tip(bool(compile), mm.get_torch_device())
-        ui = {"text": [info] + ([tip] if tip else []), "loss": [float(x) for x in result.losses], "archive": [str(result.archive)],
+        ui = {"text": [info] + ([tip] if tip else []), "loss": [float(x) for x in result.losses],
+              "archive": [str(result.archive)],
               "step_seconds": [float(x) for x in result.step_seconds],
               "first_step_seconds": first_step_at[:1]}
         if torch.cuda.is_available():  # the server process's peaks so far (loading included)

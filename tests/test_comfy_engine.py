@@ -252,12 +252,16 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     with caplog.at_level(logging.WARNING):  # recomputed blocks never take graphs: nothing to say about the allocator
         assert engine_model_config(ModelConfig(compile=True), cuda, recompute=True).compile_mode is None
     assert "no CUDA graphs" not in caplog.text
-    # the training node's result names the way out where compile was asked for and graphs were kept out
-    tip = _engine.speed_tip(True, cuda)
+    # the training node's result names the way out only where the allocator kept graphs out of the engine's run:
+    # not without compile, not where blocks are recomputed (24 GiB: ComfyUI's forward, no engine), not on a CPU
+    built = types.SimpleNamespace(compiled=True, recompute=False, reduce_overhead=False)
+    tip = _engine.speed_tip(built, cuda)
     assert "--disable-cuda-malloc" in tip and "Native CUDA allocator" in tip
-    assert _engine.speed_tip(False, cuda) is None and _engine.speed_tip(True, torch.device("cpu")) is None
+    assert _engine.speed_tip(None, cuda) is None and _engine.speed_tip(built, torch.device("cpu")) is None
+    for other in ({"compiled": False}, {"recompute": True}, {"reduce_overhead": True}):
+        assert _engine.speed_tip(types.SimpleNamespace(**{**vars(built), **other}), cuda) is None, other
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
-    assert _engine.speed_tip(True, cuda) is None
+    assert _engine.speed_tip(built, cuda) is None
 
 
 def test_exact_text_choice():

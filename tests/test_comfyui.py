@@ -116,7 +116,10 @@ def test_pack_listed_with_tooltips(comfy):
     assert "torch" not in [line.split(">")[0].split("=")[0].strip() for line in (pack / "requirements.txt").read_text().splitlines()]
     js = comfy.server.get("/extensions").json()
     assert any(p.endswith("zero_prior.js") for p in js), js
-    assert "Failed to execute startup-script" not in log, log[-3000:]  # prestartup_script.py ran, and did nothing
+    # prestartup_script.py ran (ComfyUI times each pack's script), did not fail, and changed nothing (setting off)
+    prestartup = [line for line in log.splitlines() if "seconds:" in line and line.rstrip().endswith(pack.name)]
+    assert prestartup and "Failed to execute startup-script" not in log, log[-3000:]
+    assert "native CUDA allocator" not in log
 
 
 _ALLOC_PROBE = """
@@ -151,13 +154,13 @@ def test_native_allocator_setting(comfy, tmp_path):
             extra_args=("--cuda-malloc",), env={"PYTORCH_CUDA_ALLOC_CONF": "garbage_collection_threshold:0.9"})
 
     seen, logs = {}, {}
-    for on in (None, False, True):  # no settings file, the setting off, the setting on
+    for on in (False, True):  # the setting off (no settings file: tests/test_prestartup.py), then on
         base = tmp_path / f"base-{on}"
         for d in ("custom_nodes", "input", "output", "user/default"):
             (base / d).mkdir(parents=True)
         install_pack(base / "custom_nodes")
         (base / "custom_nodes" / "zz_alloc_probe.py").write_text(_ALLOC_PROBE)
-        if on is not None:  # set as the frontend sets it, through the server's settings API; applies at the next start
+        if on:  # set as the frontend sets it, through the server's settings API; applies at the next start
             server = start(base)
             try:
                 requests.post(f"{server.url}/settings/QwenZeroPrior.NativeAllocator", json=on, timeout=10).raise_for_status()
@@ -165,15 +168,17 @@ def test_native_allocator_setting(comfy, tmp_path):
             finally:
                 server.stop()
             assert before["conf"] == "garbage_collection_threshold:0.9,backend:cudaMallocAsync", before
+        else:
+            (base / "user" / "default" / "comfy.settings.json").write_text(
+                json.dumps({"Comfy.TutorialCompleted": True, "QwenZeroPrior.NativeAllocator": False}))
         server = start(base)
         try:
             seen[on] = server.get("/zz_alloc_probe").json()
         finally:
             server.stop()
             logs[on] = server.log_text()
-    for off in (None, False):  # ComfyUI's choice, untouched
-        assert seen[off]["conf"] == "garbage_collection_threshold:0.9,backend:cudaMallocAsync", seen[off]
-        assert "native CUDA allocator" not in logs[off]
+    assert seen[False]["conf"] == "garbage_collection_threshold:0.9,backend:cudaMallocAsync", seen[False]  # ComfyUI's
+    assert "native CUDA allocator" not in logs[False]
     assert seen[True]["conf"] == "garbage_collection_threshold:0.9", seen[True]  # the user's other options kept
     assert seen[True]["disable_cuda_malloc"] is True and seen[True]["cuda_malloc"] is False, seen[True]
     assert "PyTorch's native CUDA allocator for this ComfyUI (setting QwenZeroPrior.NativeAllocator)" in logs[True]

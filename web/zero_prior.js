@@ -105,7 +105,8 @@ app.registerExtension({
       tooltip:
         "Starts ComfyUI with PyTorch's native CUDA allocator, as --disable-cuda-malloc does. ComfyUI's default " +
         "(cudaMallocAsync) cannot capture CUDA graphs, so the training node's compiled steps run without them: " +
-        "0.61 instead of 0.35 s/step on an H200 at 1024². Applies to every workflow in this ComfyUI.",
+        "0.61 instead of 0.35 s/step on an H200 at 1024². Applies to every workflow in this ComfyUI (with " +
+        "--multi-user, the default user's setting counts).",
       type: "boolean",
       defaultValue: false,
     },
