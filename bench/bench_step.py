@@ -435,7 +435,10 @@ def make_dataset(folder: Path, res: int, n: int = 2) -> list[Example]:
     return out
 
 
-def project_trainer(pipe, args, workdir: Path, **model_overrides):
+def project_trainer(pipe, args, workdir: Path, text_encoder_storage: str | None = None, **model_overrides):
+    """The project's Trainer on ``pipe`` with the bench's settings; ``text_encoder_storage``: where offload keeps
+    the text decoder's layers (the backend's ``offload_text_encoder``; None: the backend's own choice)."""
+    from qwen_zero_prior.training.diffusers_backend import make_backend
     from qwen_zero_prior.training.families import get_family
     from qwen_zero_prior.training.trainer import Trainer
 
@@ -449,7 +452,10 @@ def project_trainer(pipe, args, workdir: Path, **model_overrides):
                   "alpha": args.rank, "steps": 10**6, "resolution": args.res, "checkpoint_every": 0,
                   "lora_targets": get_family(args.family).default_lora_preset, "batch_size": 1, "seed": 0},
     })
-    return Trainer(cfg, pipe, make_dataset(workdir / "data", args.res), workdir)
+    backend = make_backend(cfg, pipe)
+    if text_encoder_storage:
+        backend.offload_text_encoder = text_encoder_storage
+    return Trainer(cfg, backend, make_dataset(workdir / "data", args.res), workdir)
 
 
 def count_tflop_text_encoder(te_fn, trainer) -> float:
@@ -972,8 +978,10 @@ def run_capped(args, device, dtype, res) -> dict:
     res["build_s"] = round(time.time() - t0, 1)
     work = Path(tempfile.mkdtemp(prefix="qzp-bench-"))
     on_cuda = device.type == "cuda"
-    settings = {"compile": False, "offload": on_cuda, "offload_budget_gib": args.capped_gib,
-                "gradient_checkpointing": True}
+    settings = {"compile": bool(args.compile) and on_cuda, "offload": on_cuda,
+                "offload_budget_gib": args.offload_budget_gib or args.capped_gib, "gradient_checkpointing": True}
+    if args.prefetch_gib is not None:
+        settings["offload_prefetch_gib"] = args.prefetch_gib
     if args.family == "qwen-image-2.1":
         from qwen_zero_prior.training import memory
 
@@ -983,7 +991,7 @@ def run_capped(args, device, dtype, res) -> dict:
         res["plan"] = {"mode": plan.mode, "reason": plan.reason, "layout": plan.layout, "need_gib": plan.need_gib}
         print(f"memory plan: {plan.reason}", flush=True)
         settings.update(offload=on_cuda and plan.offload, gradient_checkpointing=plan.gradient_checkpointing)
-    trainer = project_trainer(pipe, args, work, **settings)
+    trainer = project_trainer(pipe, args, work, text_encoder_storage=args.offload_te, **settings)
     res["offload"] = trainer.backend.offload_summary
     trainer.cache_all_latents()
     pipe.vae.to("cpu")
@@ -997,16 +1005,32 @@ def run_capped(args, device, dtype, res) -> dict:
     _mem_reset(device)
     ms = time_fn(trainer.train_step, device, args.warmup, args.iters)
     med = statistics.median(ms)
+    extra = {}
+    if args.kernels and on_cuda:  # where the step goes: GPU vs host time per phase, then the top kernels
+        extra["phases"] = phase_times(trainer, device, n=2)
+        extra["gpu_busy_ms"] = round(device_busy_ms(trainer.train_step, device, steps=1, table=True), 1)
     if args.family == "qwen-image-2.1":
         summary = trainer.backend.offload_summary
         name = (f"capped {args.capped_gib:g} GiB: plan {res['plan']['mode']}, " + (
             f"fp8 DiT blocks ({summary['streamed_blocks']} streamed), text decoder {summary['text_encoder_storage']}"
             if summary else "offload not applied (no GPU)") + ", checkpointing")
     else:
-        name = f"capped {args.capped_gib:g} GiB: fp8 DiT, streamed blocks + text encoder, checkpointing"
-    r = {"name": name, "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
+        summary = trainer.backend.offload_summary or {}
+        te = {"stream": "streamed text decoder", "bf16": "text decoder on the GPU (bf16)",
+              "fp8": "text decoder on the GPU (fp8)"}.get(summary.get("text_encoder_storage"), "text decoder as planned")
+        name = (f"capped {args.capped_gib:g} GiB: fp8 DiT ({summary.get('streamed_blocks', '?')} blocks streamed), "
+                f"{te}, prefetch {summary.get('prefetch_gib', 0):g} GiB, checkpointing"
+                + (", resident blocks compiled" if settings["compile"] else "")
+                + (f", attention {args.attention_backend}" if args.attention_backend else ""))
+    pf = trainer.backend._prefetcher
+    stats = torch.cuda.memory_stats(device) if on_cuda else {}
+    r = {"name": name, "prefetch": pf.stats() if pf is not None else None,
+         # allocations that failed at the cap and were retried after freeing the allocator's cache (each a sync)
+         "alloc_retries": stats.get("num_alloc_retries"),
+         "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 1) if on_cuda else None, "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
          "n": len(ms), "peak_mem_gib": round(_mem_peak(device), 1) if on_cuda else None,
-         "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None}
+         "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None,
+         **extra}
     res["rows"].append(r)
     print(json.dumps(r), flush=True)
     return res
@@ -1037,9 +1061,16 @@ def main(argv=None) -> int:
     p.add_argument("--attention-backend", default="")
     p.add_argument("--compile-mode", default="")
     p.add_argument("--only-b", action="store_true", help="time only the project's step (tuning runs)")
-    p.add_argument("--kernels", action="store_true", help="--mode variants: print each variant's top kernels")
+    p.add_argument("--kernels", action="store_true", help="--mode variants: print each variant's top kernels; "
+                   "--mode capped: also its phase times and GPU-busy time per step")
     p.add_argument("--fp8", action="store_true", help="also time (b) with model.fp8_matmul (run last, in place)")
     p.add_argument("--capped-gib", type=float, default=24.0)
+    p.add_argument("--offload-te", choices=["stream", "bf16", "fp8", "auto"], default=None,
+                   help="--mode capped: where offload keeps the text decoder's layers (default: the backend's choice)")
+    p.add_argument("--offload-budget-gib", type=float, default=0.0,
+                   help="--mode capped: model.offload_budget_gib (default: --capped-gib); less leaves more headroom")
+    p.add_argument("--prefetch-gib", type=float, default=None,
+                   help="--mode capped: model.offload_prefetch_gib (default: the config's; 0: copy at use)")
     p.add_argument("--memory-cap-gib", type=float, default=0.0,
                    help="hard per-process GPU memory cap set before anything is built (80 GB card: 78); 0: none")
     p.add_argument("--isolate", action="store_true",

@@ -27,8 +27,12 @@ def test_bench_main_and_capped_paths(tmp_path):
     assert (tmp_path / "b-fp8.json.gz").stat().st_size > 0 and "idle_ms" in fp8[0]["idle"]
     out2 = tmp_path / "c.json"
     assert main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
-                 "--warmup", "1", "--iters", "1", "--mode", "capped", "--out", str(out2)]) == 0
-    assert json.loads(out2.read_text())["rows"][0]["ms_median"] > 0
+                 "--warmup", "1", "--iters", "1", "--mode", "capped", "--prefetch-gib", "0.5", "--offload-te", "fp8",
+                 "--offload-budget-gib", "20", "--out", str(out2)]) == 0
+    row = json.loads(out2.read_text())["rows"][0]
+    assert row["ms_median"] > 0
+    # on a CPU nothing is offloaded: no prefetcher, no allocator stats, and the name says what was asked
+    assert row["prefetch"] is None and row["alloc_retries"] is None and "prefetch 0 GiB" in row["name"]
 
 
 def test_trace_gaps_charges_idle_time_to_the_launching_range():

@@ -117,7 +117,8 @@ def test_resolve_applies_the_plan_to_the_config():
     assert out.model.compile and out.model.compile_mode is None
     assert out.model.memory == "checkpoint"
     out, plan = memory.resolve(cfg, FULL_WEIGHTS, CUDA, capacity_bytes=24 * GIB)
-    assert plan.mode == "offload" and out.model.offload and not out.model.compile  # offload cannot be compiled
+    # offload compiles the blocks that stream nothing, in the default mode (it recomputes blocks)
+    assert plan.mode == "offload" and out.model.offload and out.model.compile and out.model.compile_mode is None
     # explicit settings are a floor: gradient_checkpointing: true never becomes resident
     cfg = Config.from_dict({"model": {"memory": "auto", "gradient_checkpointing": True}})
     out, plan = memory.resolve(cfg, FULL_WEIGHTS, CUDA, capacity_bytes=139 * GIB)
@@ -155,7 +156,7 @@ def test_cuda_graphs_are_dropped_under_the_cudamallocasync_allocator(monkeypatch
      "reduce-overhead"),
     ({"compile": True, "compile_mode": "reduce-overhead", "memory": "checkpoint"}, "reduce-overhead"),
     ({"memory": "offload", "fp8_matmul": True}, "offload"),
-    ({"memory": "offload", "compile": True}, "offload"),
+    ({"memory": "offload", "compile": True, "compile_mode": "reduce-overhead"}, "reduce-overhead"),
     ({"quantize": True, "fp8_matmul": True}, "model.quantize"),
     ({"quantize": True, "offload": True}, "model.quantize"),
     ({"memory": "lots"}, "model.memory must be one of"),
@@ -213,6 +214,14 @@ def test_2_1_full_size_bytes(parts_21):
     assert p.dit_blocks_fp8 == p.dit_blocks // 2 + 4 * 32 * (4 * 4096 + 2 * 12288 + 4096)  # + a scale per row
     assert (p.te_rest + p.te_unused + p.te_layers) // 2 == 8_767_123_696
     assert 30.0 < p.total / GIB < 30.5
+
+
+def test_2_1_offload_plan_turns_compile_off(parts_21):
+    """Qwen-Image 2.1's offloaded step was measured eager only: its offload plan turns compile off (Qwen-Image's
+    keeps it, test_resolve_applies_the_plan_to_the_config)."""
+    cfg = Config.from_dict({"model": {"memory": "auto", "compile": True}, "train": {"resolution": 1024}})
+    out, plan = memory.resolve(cfg, parts_21.total, CUDA, capacity_bytes=24 * GIB, parts=parts_21)
+    assert plan.mode == "offload" and out.model.offload and not out.model.compile
 
 
 @pytest.mark.parametrize("cap_gib, expected, te", [

@@ -101,11 +101,16 @@ class ModelConfig:
     offload: bool = _f(
         False, "For 24 GB cards: transformer weights in fp8, blocks beyond offload_budget_gib and the text encoder's "
         "layers streamed from CPU memory each use (Qwen-Image 2.1: nothing streamed where fp8 storage fits); turns "
-        "gradient checkpointing on. Slower; CUDA only."
+        "gradient checkpointing on. Slower; CUDA only. With compile, the blocks that stream nothing are compiled."
     )
     offload_budget_gib: float = _f(
         0.0, "GPU memory to plan for with offload (GiB); 0: the card's total memory (memory: auto sets the capacity "
         "it planned for).", min=0.0, max=1024.0
+    )
+    offload_prefetch_gib: float = _f(
+        1.0, "With offload: GPU memory (GiB) for a ring buffer into which the streamed weights are copied ahead of "
+        "use on a side stream, so the copies overlap compute; 0 copies each weight when it is used.",
+        min=0.0, max=64.0
     )
     memory: str = _f(
         "auto", "Memory plan: auto picks the fastest that fits this GPU (resident, checkpoint = gradient "
@@ -127,9 +132,6 @@ class ModelConfig:
         if offload and self.fp8_matmul:
             raise ConfigError("model.offload (or memory: offload) and model.fp8_matmul both replace the "
                               "transformer's linear layers; set one of them to false")
-        if offload and self.compile:
-            raise ConfigError("model.offload (or memory: offload) streams weights from Python code that "
-                              "torch.compile cannot trace; set model.compile: false")
         if self.compile_mode is not None and not self.compile:
             raise ConfigError(f"model.compile_mode is set but model.compile is false (compile_mode "
                               f"{self.compile_mode!r} would be ignored); set model.compile: true or drop compile_mode")

@@ -68,8 +68,30 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
         gelu.install(transformer)  # the same activation with cheaper arithmetic (see gelu.py)
         if rewrites is not None:
             rewrites()
-        mode = m.compile_mode
-        transformer.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
+        compile_blocks(transformer, fullgraph=True, **({"mode": m.compile_mode} if m.compile_mode else {}))
+
+
+def compile_blocks(transformer, **kwargs) -> list:
+    """diffusers' ``compile_repeated_blocks(**kwargs)`` (regional compile), except for the blocks whose weights
+    ``model.offload`` streams from CPU memory: their fetches are Python code with side effects (the prefetcher's ring
+    buffer), so they stay eager. Returns the blocks compiled."""
+    from . import gelu
+    from .offload import streams
+
+    names = getattr(transformer, "_repeated_blocks", None) or ()
+    blocks = [mod for mod in transformer.modules() if mod.__class__.__name__ in names]
+    if not blocks:  # as diffusers' compile_repeated_blocks
+        raise ValueError(f"regional compile: no repeated blocks ({list(names)}) in {type(transformer).__name__}")
+    compiled = [b for b in blocks if not streams(b)]
+    for block in blocks:
+        if block in compiled:
+            block.compile(**kwargs)
+        else:  # eagerly the sigmoid GELU is several kernels and float32 temporaries, not one fused kernel
+            gelu.uninstall(block)
+    if len(compiled) < len(blocks):
+        logger.info("compile: %d of %d transformer blocks compiled; %d stream their weights and stay eager",
+                    len(compiled), len(blocks), len(blocks) - len(compiled))
+    return compiled
 
 
 class DiffusersBackend(TrainBackend):
@@ -90,6 +112,7 @@ class DiffusersBackend(TrainBackend):
         self.tokens: list[RegisteredToken] = []
         self.prompts: PromptEncoder | None = None
         self.offload_summary: dict | None = None
+        self._prefetcher = None  # model.offload's WeightPrefetcher, where it streams anything
         self._prompt_cache: dict[str, torch.Tensor] = {}  # caption -> conditioning (token training off)
         vae_cfg = pipe.vae.config
         self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
@@ -121,13 +144,19 @@ class DiffusersBackend(TrainBackend):
         pipe.transformer.train()
         if m.offload:  # after add_lora: the LoRA's base layers become offloaded ones (offload excludes fp8_matmul)
             from .models import resolve_device
-            from .offload import apply_offload
+            from .offload import apply_offload, prefetcher_of
 
             device = resolve_device(m.device)
             if device.type != "cuda":
                 raise RuntimeError(f"model.offload needs a CUDA device, got {device}; set model.offload: false")
             budget = m.offload_budget_gib or torch.cuda.get_device_properties(device).total_memory / 2**30
-            self.offload_summary = apply_offload(pipe, device, budget, text_encoder=self.offload_text_encoder)
+            from .memory import OFFLOAD_COMPILE_RESERVE_GIB, OFFLOAD_RESERVE_GIB
+
+            reserve = OFFLOAD_RESERVE_GIB + (OFFLOAD_COMPILE_RESERVE_GIB if m.compile else 0.0)
+            self.offload_summary = apply_offload(pipe, device, budget, reserve_gib=reserve,
+                                                 text_encoder=self.offload_text_encoder,
+                                                 prefetch_gib=m.offload_prefetch_gib)
+            self._prefetcher = prefetcher_of(pipe.transformer) or prefetcher_of(pipe.text_encoder)
             self.device = pipe.transformer.device
         accelerate_transformer(pipe.transformer, m, self.family.fp8_modules,
                                fp8_backward_copy=m.fp8_matmul and self._fp8_backward_copy_fits(t),
@@ -164,9 +193,13 @@ class DiffusersBackend(TrainBackend):
 
     def _make_prompts(self) -> None:
         m = self.cfg.model
+        from .offload import streams
+
+        # the text decoder's compiled suffix cannot trace streamed layers (model.offload's Python fetches)
+        streamed = m.offload and streams(self.pipe.text_encoder)
         self.prompts = PromptEncoder(self.pipe, [tok.token_id for tok in self.tokens] or None,
                                      prefix_cache=m.text_prefix_cache,
-                                     cuda_graphs=m.text_cuda_graphs and not m.offload, compile=m.compile)
+                                     cuda_graphs=m.text_cuda_graphs and not m.offload, compile=m.compile and not streamed)
 
     def lora_targets(self) -> list[str]:
         return list(self._targets)
@@ -240,6 +273,8 @@ class DiffusersBackend(TrainBackend):
         return compute_autocast(self.dtype, self.device)
 
     def step_begin(self) -> None:
+        if self._prefetcher is not None:  # this step streams its weights in the order the last one used them
+            self._prefetcher.begin_step()
         if self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead":
             # a new step for torch.compile's CUDA-graph trees: last step's graph outputs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
@@ -263,4 +298,4 @@ class DiffusersBackend(TrainBackend):
         return images
 
 
-__all__ = ["DiffusersBackend", "accelerate_transformer", "compute_autocast", "make_backend"]
+__all__ = ["DiffusersBackend", "accelerate_transformer", "compile_blocks", "compute_autocast", "make_backend"]

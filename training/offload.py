@@ -3,9 +3,10 @@
 The 20.4B transformer is 40.8 GB in bf16 and 20.4 GB in fp8; the 7B text encoder 15 GB in bf16. Token training
 needs both every step, so on a 24 GB card:
 
-- every ``Linear`` of the transformer's blocks keeps its weight in float8_e4m3fn (row-scaled), dequantized to
-  the compute dtype for each use; the blocks that do not fit the budget keep that fp8 weight in pinned CPU memory
-  and copy it over for each use;
+- every ``Linear`` of the transformer's blocks keeps its weight in float8_e4m3fn (row-scaled), cast to the
+  compute dtype for each use; the blocks that do not fit the budget keep that fp8 weight in pinned CPU memory
+  and copy it over for each use (ahead of use, on a side stream, where ``prefetch_gib`` gives a ring buffer:
+  ``prefetch.py``); with ``model.compile`` the blocks that stream nothing are compiled;
 - the text encoder's decoder ``Linear`` weights stay bf16 (fp8 would change the conditioning the token learns
   against: ``quantize_te`` is refused with token training) in pinned CPU memory, copied per use; its embedding
   table, norms and the placeholder row stay on the GPU;
@@ -26,10 +27,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .cast_linear import cast_linear, cast_linear_op
 from .fp8 import FP8, _parent, quantize_rows
 
 logger = logging.getLogger(__name__)
@@ -38,22 +41,36 @@ _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 
 class _FetchMatmul(torch.autograd.Function):
+    """``x @ Wᵀ`` with ``W`` materialized for the forward and again for the backward, never saved."""
+
     @staticmethod
     def forward(ctx, x, owner):
         ctx.owner = owner
-        return torch.nn.functional.linear(x, owner.fetch(x.dtype))
+        w, done = owner.materialize(x.dtype)
+        y = torch.nn.functional.linear(x, w)
+        done()
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        return dy @ ctx.owner.fetch(dy.dtype), None
+        w, done = ctx.owner.materialize(dy.dtype)
+        dx = dy @ w
+        done()
+        return dx, None
 
 
 class OffloadedLinear(nn.Module):
     """A frozen ``Linear`` whose weight is stored as fp8 (+ per-row scale) or as is, on the GPU or in pinned CPU
-    memory, and materialized in the compute dtype on the GPU for each forward and backward use."""
+    memory (``streamed``), and cast to the compute dtype on the GPU for each forward and backward use.
+
+    On the GPU it computes through ``cast_linear.cast_linear`` (the cast inside one custom op, never kept for the
+    backward) and applies the row scale to the output (``x @ (diag(s) Wq)ᵀ = (x @ Wqᵀ) diag(s)``), so a compiled block
+    fuses the scale into what follows and the per-use cast is one kernel. Streamed, it fetches the weight in an
+    autograd function (:class:`_FetchMatmul`), through the prefetcher where there is one; such blocks stay eager."""
 
     def __init__(self, linear: nn.Linear, device: torch.device, *, fp8: bool, on_gpu: bool):
         super().__init__()
+        cast_linear_op()  # registered now, outside any compiled region (dynamo cannot trace the registration)
         w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.device = torch.device(device)
@@ -62,34 +79,64 @@ class OffloadedLinear(nn.Module):
         if fp8:
             q, scale = quantize_rows(w.to(self.device))  # quantize where it is fast
             self.scale = scale.view(-1, 1).to(self.device)
+            self.out_scale = scale.view(-1).to(self.device, self.compute_dtype)  # the scale applied to outputs
             w = q
         else:
-            self.scale = None
+            self.scale = self.out_scale = None
+        self.streamed = not on_gpu
         w = w.to(store)
         if store.type == "cpu" and self.device.type == "cuda":
             w = w.pin_memory()  # lets the copy run asynchronously on the compute stream
         self.stored = w
+        self.prefetcher = None  # set by apply_offload for the layers it streams (prefetch.WeightPrefetcher)
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(self.device), requires_grad=False)
 
     @property
-    def weight(self) -> torch.Tensor:  # for code that probes .weight (dtype/device)
-        return self.fetch(self.compute_dtype)
+    def weight(self) -> torch.Tensor:  # for code that probes .weight (dtype/device); never through the prefetcher
+        return self._dequantize(self.stored.to(self.device, non_blocking=True), self.compute_dtype)
 
-    def fetch(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self.stored.to(self.device, non_blocking=True)
+    def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, Callable[[], None]]:
+        """The weight on the GPU in ``dtype``, and the callable to call once the kernels that read it are queued
+        (a prefetched weight lives in the prefetcher's ring buffer until then; the caller must not keep it)."""
+        if self.prefetcher is None:
+            return self._dequantize(self.stored.to(self.device, non_blocking=True), dtype), _nothing
+        raw, done = self.prefetcher.fetch(self)
+        if self.scale is None:
+            return raw.to(dtype), done
+        w = self._dequantize(raw, dtype)
+        done()  # the dequantized copy is the compute stream's own tensor
+        return w, _nothing
+
+    def _dequantize(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.scale is not None:
-            w = w.to(torch.float32).mul_(self.scale)
-        return w.to(dtype)
+            raw = raw.to(torch.float32).mul_(self.scale)
+        return raw.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _FetchMatmul.apply(x, self)
+        # what autocast does for a Linear, done here: the custom op is opaque to autocast, and in a compiled graph
+        # a float32 input (a norm's output under autocast) made every product a float32 GEMM (seen on an H200: 1.2 s
+        # of sm80 f32 GEMMs per step, compile slower than eager); a streamed weight is then fetched in that dtype
+        # directly rather than in float32 and cast again by autocast
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self.streamed:
+            y = _FetchMatmul.apply(x, self)
+        else:
+            y = cast_linear(x, self.stored, None)
+            if self.out_scale is not None:
+                y = y * self.out_scale
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         where = self.stored.device.type
         kind = "fp8" if self.stored.dtype == FP8 else str(self.stored.dtype).replace("torch.", "")
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind} on {where}"
+        ahead = ", prefetched" if self.prefetcher is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind} on {where}{ahead}"
+
+
+def _nothing() -> None:
+    return None
 
 
 def _replace(root: nn.Module, pick) -> list[tuple[str, nn.Linear]]:
@@ -109,7 +156,7 @@ def block_bytes_fp8(transformer: nn.Module) -> int:
 
 
 def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: float = 6.0,
-                  text_encoder: str = "stream") -> dict:
+                  text_encoder: str = "stream", prefetch_gib: float = 0.0) -> dict:
     """Convert ``pipe``'s transformer and text encoder as the module docstring says and put them on ``device``.
 
     ``budget_gib``: GPU memory to plan for; ``reserve_gib`` of it is kept for activations, the LoRA and its
@@ -117,8 +164,11 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     the text decoder's layers go: ``"stream"`` (as loaded, pinned CPU memory, copied per use), ``"bf16"`` (as
     loaded, on the GPU), ``"fp8"`` (fp8 on the GPU) or ``"auto"``: :func:`memory.text_encoder_storage` for this
     budget (on the GPU, as loaded where that fits beside every transformer block in fp8, else fp8, else
-    streamed; Qwen-Image 2.1's backend asks for it). Call after the LoRA is added. Returns a summary
-    (resident/streamed block counts, the text decoder's storage, bytes).
+    streamed; Qwen-Image 2.1's backend asks for it). ``prefetch_gib``: where anything is streamed, a ring buffer
+    of that size on the GPU into which a side stream copies the streamed weights ahead of use (:mod:`.prefetch`;
+    taken from the blocks' share of the budget); 0 copies each at use on the compute stream. Call after the LoRA
+    is added. Returns a summary (resident/streamed block counts, the text decoder's storage, bytes);
+    :func:`prefetcher_of` finds the prefetcher.
     """
     from . import memory
 
@@ -139,6 +189,13 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
         free -= parts.te_layers if text_encoder == "bf16" else parts.te_layers_fp8
     # ("auto" picks a storage that fits beside every block, memory.text_encoder_storage: then all are resident)
     resident = max(0, min(n_blocks, int(free // per_block)))
+    if prefetch_gib < 0:
+        raise ValueError(f"apply_offload: prefetch_gib must be >= 0, got {prefetch_gib!r}")
+    arena = int(prefetch_gib * 2**30)
+    if arena and (resident < n_blocks or text_encoder == "stream"):  # something streams: its ring buffer first
+        resident = max(0, min(n_blocks, int((free - arena) // per_block)))
+    else:
+        arena = 0
     streamed_ids = set(range(resident, n_blocks))
 
     converted = {"resident": 0, "streamed": 0, "text_encoder": 0}
@@ -163,10 +220,32 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
         te.lm_head.to("cpu")
     for mod in (tr, lm):
         mod.to(device)
+    if arena:
+        from .prefetch import WeightPrefetcher
+
+        prefetcher = WeightPrefetcher(device, arena)
+        for mod in (tr, lm):
+            for m in mod.modules():
+                if isinstance(m, OffloadedLinear) and m.streamed:
+                    m.prefetcher = prefetcher
     summary = {"blocks": n_blocks, "resident_blocks": resident, "streamed_blocks": n_blocks - resident,
-               "block_fp8_gib": round(per_block / 2**30, 3), "text_encoder_storage": text_encoder, **converted}
+               "block_fp8_gib": round(per_block / 2**30, 3), "text_encoder_storage": text_encoder,
+               "prefetch_gib": round(arena / 2**30, 3), **converted}
     logger.info("offload: %d of %d transformer blocks resident in fp8, %d streamed from CPU; text decoder's layers: "
-                "%s", resident, n_blocks, n_blocks - resident,
+                "%s; %s", resident, n_blocks, n_blocks - resident,
                 {"stream": f"{converted['text_encoder']} linear layers streamed from CPU",
-                 "bf16": "on the GPU as loaded", "fp8": "on the GPU in fp8"}[text_encoder])
+                 "bf16": "on the GPU as loaded", "fp8": "on the GPU in fp8"}[text_encoder],
+                f"streamed weights copied ahead of use into a {arena / 2**30:.2f} GiB ring buffer" if arena else
+                "nothing copied ahead (model.offload_prefetch_gib: 0 or nothing streamed)")
     return summary
+
+
+def streams(module: nn.Module) -> bool:
+    """Whether ``module`` holds a layer :func:`apply_offload` streams from CPU memory (such blocks stay eager)."""
+    return any(isinstance(m, OffloadedLinear) and m.streamed for m in module.modules())
+
+
+def prefetcher_of(root: nn.Module):
+    """The :class:`~.prefetch.WeightPrefetcher` :func:`apply_offload` gave ``root``'s streamed layers, or None."""
+    return next((m.prefetcher for m in root.modules()
+                 if isinstance(m, OffloadedLinear) and m.prefetcher is not None), None)

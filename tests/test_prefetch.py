@@ -1,0 +1,194 @@
+"""model.offload's prefetcher: streamed weights copied ahead of use into a ring buffer, in the last step's order.
+
+On a CPU the copies are immediate (no streams), so these tests check what the GPU path relies on and a CPU can
+show: which fetches are served ahead, that a weight handed out is never overwritten before its readers are done
+with it, that an order change falls back to copying at use, and that training is bit-for-bit the same with and
+without the prefetcher. The overlap itself is a GPU measurement (docs/benchmarks.md, bench_step --mode capped)."""
+
+import copy
+
+import pytest
+import torch
+
+from qwen_zero_prior.training.data import scan_dataset
+from qwen_zero_prior.training.offload import OffloadedLinear, apply_offload, prefetcher_of
+from qwen_zero_prior.training.prefetch import WeightPrefetcher
+from qwen_zero_prior.training.trainer import Trainer
+
+
+class _Layer:
+    def __init__(self, n: int, seed: int):
+        self.stored = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(pf, layers, order, hold=()):
+    """Fetch ``order`` (indices into layers), checking each tensor; the ones in ``hold`` stay unreleased until
+    the end (a reader not yet queued), and must still be intact then."""
+    held = []
+    for i in order:
+        t, done = pf.fetch(layers[i])
+        assert torch.equal(t, layers[i].stored), f"layer {i} arrived wrong"
+        if i in hold:
+            held.append((i, t.clone(), t, done))
+        else:
+            done()
+    for i, snapshot, t, done in held:
+        assert torch.equal(t, snapshot), f"layer {i}'s range was overwritten while in use"
+        done()
+
+
+def test_second_step_is_served_ahead_and_wraps_the_ring():
+    layers = [_Layer(100 + 37 * i, i) for i in range(8)]  # 400..1036 floats: 1.6..4.1 KB each
+    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=9 * 1024)  # ~3 layers at a time: the ring wraps
+    order = list(range(8)) + list(reversed(range(8)))  # a forward, then a backward
+    pf.begin_step()
+    _run(pf, layers, order)
+    assert (pf.hits, pf.misses) == (0, 16)  # the first step has no order to follow
+    for step in range(3):
+        pf.begin_step()
+        _run(pf, layers, order)
+        assert (pf.hits, pf.misses) == (16 * (step + 1), 16), pf.stats()
+    assert pf.stats()["layers_per_step"] == 16
+
+
+def test_a_weight_in_use_is_never_overwritten():
+    layers = [_Layer(256, i) for i in range(6)]  # 1 KB each
+    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=3 * 1024)
+    order = [0, 1, 2, 3, 4, 5]
+    pf.begin_step()
+    _run(pf, layers, order)
+    pf.begin_step()
+    # layer 1 stays in use to the end: the ring cannot reuse its range, so later copies wait (copied at use instead)
+    _run(pf, layers, order, hold={1})
+    assert pf.hits >= 3 and pf.hits + pf.misses == 12
+
+
+def test_order_change_falls_back_and_is_followed_next_step():
+    layers = [_Layer(128, i) for i in range(5)]
+    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=1 << 20)
+    pf.begin_step()
+    _run(pf, layers, [0, 1, 2, 3, 4])
+    pf.begin_step()
+    # 3 is found further on (2 is skipped), 2 is not in the rest of the order (copied at use), 4 follows 3
+    _run(pf, layers, [0, 1, 3, 2, 4])
+    assert (pf.hits, pf.misses) == (4, 5 + 1)
+    pf.begin_step()
+    _run(pf, layers, [0, 1, 3, 2, 4])  # the new order is the one followed now
+    assert (pf.hits, pf.misses) == (4 + 5, 6)
+
+
+def test_weight_larger_than_the_ring_is_copied_at_use():
+    layers = [_Layer(64, 0), _Layer(4096, 1), _Layer(64, 2)]  # the middle one (16 KB) never fits 4 KB
+    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=4096)
+    for _ in range(3):
+        pf.begin_step()
+        _run(pf, layers, [0, 1, 2])
+    assert (pf.hits, pf.misses) == (4, 5)  # steps 2 and 3: the small ones ahead, the big one at use
+
+
+def test_refuses_an_empty_ring():
+    with pytest.raises(ValueError, match="arena_bytes must be positive, got 0"):
+        WeightPrefetcher(torch.device("cpu"), 0)
+
+
+def test_offloaded_training_is_the_same_with_and_without_prefetch(tiny_pipe, dataset_dir, tmp_path, make_config):
+    """Three offloaded steps (every block and text-decoder layer streamed, the ring smaller than one step's
+    weights) give bit-identical LoRA and token rows with the prefetcher and without it; from the second step on,
+    the prefetcher serves every fetch ahead."""
+    examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+    cfg = make_config(steps=3, learning_rate=2e-3, token_learning_rate=2e-2)
+    runs, stats = {}, {}
+    for prefetch_gib in (0.0, 64 * 1024 / 2**30):
+        trainer = Trainer(cfg, copy.deepcopy(tiny_pipe), examples, tmp_path / str(prefetch_gib))
+        pipe = trainer.backend.pipe
+        summary = apply_offload(pipe, torch.device("cpu"), budget_gib=1e-3, reserve_gib=0, prefetch_gib=prefetch_gib)
+        pf = prefetcher_of(pipe.transformer)
+        if prefetch_gib:
+            assert pf is not None and prefetcher_of(pipe.text_encoder) is pf and pf.arena_bytes == 64 * 1024
+            streamed = [m for m in pipe.transformer.modules() if isinstance(m, OffloadedLinear)]
+            assert streamed and all(m.prefetcher is pf for m in streamed)
+            assert sum(m.stored.numel() * m.stored.element_size() for m in streamed) > pf.arena_bytes  # it wraps
+        else:
+            assert pf is None and summary["prefetch_gib"] == 0
+        trainer.backend._prefetcher = pf  # what prepare() sets when model.offload applies it (CUDA only)
+        hits = []
+        for _ in range(cfg.train.steps):
+            trainer.train_step()
+            hits.append(pf.stats()["hits"] if pf else 0)
+        runs[prefetch_gib] = [p.detach().clone() for p in trainer.trainable()]
+        stats[prefetch_gib] = (hits, pf.stats() if pf else None)
+    (off, on) = runs.values()
+    assert all(torch.equal(a, b) for a, b in zip(off, on))
+    hits, s = stats[64 * 1024 / 2**30]
+    per_step = s["layers_per_step"]
+    assert per_step > 0 and hits == [0, per_step, 2 * per_step], stats
+
+
+def test_offload_compiles_the_blocks_that_stream_nothing(tiny_pipe, dataset_dir, tmp_path, make_config):
+    """model.offload with model.compile: the resident blocks compile whole (fullgraph: the fp8 weights' per-use cast is
+    the cast_linear custom op, the row scale a multiply on the output), the streamed ones stay eager, and the loss
+    and gradients are those of the eager offloaded model."""
+    from qwen_zero_prior.training.diffusers_backend import compile_blocks
+
+    examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+    grads = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        trainer = Trainer(make_config(), copy.deepcopy(tiny_pipe), examples, tmp_path / str(compiled))
+        pipe = trainer.backend.pipe
+        tr = pipe.transformer
+        emb = pipe.text_encoder.get_input_embeddings().weight
+        from qwen_zero_prior.training.offload import block_bytes_fp8
+
+        budget = (emb.numel() * emb.element_size() + 1.5 * block_bytes_fp8(tr)) / 2**30  # one block resident
+        apply_offload(pipe, torch.device("cpu"), budget, reserve_gib=0)
+        if compiled:
+            from qwen_zero_prior.training import gelu
+            from diffusers.models.activations import GELU
+
+            assert gelu.install(tr) == len(tr.transformer_blocks) * 2  # as accelerate_transformer does first
+            done = compile_blocks(tr, fullgraph=True, backend="aot_eager")
+            assert done == [tr.transformer_blocks[0]]  # the resident one; the rest stream and stay eager
+            assert all(b._compiled_call_impl is None for b in tr.transformer_blocks[1:])
+            # the eager blocks keep ATen's GELU (one kernel), the compiled one the fused sigmoid form
+            has = [any("gelu" in m.__dict__ for m in b.modules() if isinstance(m, GELU)) for b in tr.transformer_blocks]
+            assert has == [True] + [False] * (len(tr.transformer_blocks) - 1)
+        loss = trainer.loss_for([0], torch.Generator().manual_seed(0))
+        loss.backward()
+        grads[compiled] = (float(loss), [p.grad.clone() for p in trainer.trainable() if p.grad is not None])
+    (l0, g0), (l1, g1) = grads[False], grads[True]
+    assert abs(l0 - l1) <= 1e-5 * abs(l0) and len(g0) == len(g1) > 0
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g0, g1))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_resident_offloaded_linear_follows_autocast(compiled):
+    """Under autocast a resident offloaded layer computes in the autocast dtype, eager and compiled: the cast_linear
+    custom op is opaque to autocast, and a compiled block once ran all of its products in float32 (a norm's output)."""
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    off = OffloadedLinear(lin, torch.device("cpu"), fp8=True, on_gpu=True)
+    fn = torch.compile(off, fullgraph=True, backend="aot_eager") if compiled else off
+    x = torch.randn(5, 64, requires_grad=True)  # float32, as a norm hands it over under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    ref = lin(x.detach().to(torch.bfloat16)).float()
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.06  # e4m3's row-scaled error
+
+
+def test_streamed_layer_under_autocast_fetches_in_the_autocast_dtype():
+    """A streamed layer under autocast computes in the autocast dtype and fetches its weight in it (not float32 first),
+    with the input's gradient back in the input's dtype."""
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    off = OffloadedLinear(lin, torch.device("cpu"), fp8=True, on_gpu=False)
+    asked = []
+    original = off.materialize
+    off.materialize = lambda dtype: (asked.append(dtype), original(dtype))[1]
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = off(x)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    assert asked == [torch.bfloat16, torch.bfloat16]  # forward and backward
