@@ -778,8 +778,7 @@ def phase_times(trainer, device, n: int = 3) -> dict:
     for _ in range(n):
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         idx, seeds = trainer.plan.batch(trainer.step), trainer.sample_seeds()
-        if trainer.cfg.model.compile and trainer.cfg.model.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
+        trainer.backend.step_begin()  # as train_step: CUDA-graph trees' step mark, offload's prefetch order
         torch.cuda.synchronize()
         h = [time.perf_counter()]
         ev[0].record()

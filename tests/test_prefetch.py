@@ -77,6 +77,38 @@ def test_order_change_falls_back_and_is_followed_next_step():
     assert (pf.hits, pf.misses) == (4 + 5, 6)
 
 
+def test_order_change_with_a_small_ring():
+    """The same order change with a ring of ~2 weights: copies made ahead for the skipped layer are dropped (their
+    range reused), never handed out for another layer."""
+    layers = [_Layer(128, i) for i in range(6)]  # 512 B each
+    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=2 * 512)
+    pf.begin_step()
+    _run(pf, layers, [0, 1, 2, 3, 4, 5])
+    for _ in range(2):
+        pf.begin_step()
+        _run(pf, layers, [0, 1, 3, 2, 4, 5])  # 2 is skipped at 3, then copied at use; 4 and 5 resume
+    assert pf.hits >= 5 + 5 and pf.hits + pf.misses == 18, pf.stats()
+
+
+def test_a_weight_never_released_does_not_block_later_steps():
+    """A step that failed between fetch and done (an error in the reading kernel) leaves its range handed out;
+    the next step releases it, and the steps after are served ahead again."""
+    layers = [_Layer(256, i) for i in range(3)]  # 1 KB each
+    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=3 * 1024)
+    order = [0, 1, 2, 0, 1, 2]
+    pf.begin_step()
+    _run(pf, layers, order)
+    pf.begin_step()
+    pf.fetch(layers[0])  # handed out, its done() never called
+    pf.begin_step()
+    _run(pf, layers, order)  # follows the failed step's one-fetch order: mostly copied at use
+    for _ in range(2):
+        hits = pf.hits
+        pf.begin_step()
+        _run(pf, layers, order)
+        assert pf.hits - hits == len(order), pf.stats()  # every fetch ahead: the stuck range was released
+
+
 def test_weight_larger_than_the_ring_is_copied_at_use():
     layers = [_Layer(64, 0), _Layer(4096, 1), _Layer(64, 2)]  # the middle one (16 KB) never fits 4 KB
     pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=4096)

@@ -18,7 +18,11 @@ memory cap, free its cache and synchronize.
 When a step uses the layers in another order than the last (the first step, which also builds the text encoder's
 prefix cache; a sampling pass between steps), a layer not found further on in the last step's order is copied at
 use on the compute stream, as without a prefetcher; a layer found further on resumes the order from there (what
-was skipped is dropped). The step's own order is what the next step follows. On a CPU device (the tests)
+was skipped is dropped). The step's own order is what the next step follows.
+
+What a CPU cannot show (the copies there are synchronous): that ``done`` comes only after the readers are queued,
+and the overlap itself; the ring's bookkeeping, the order tracking and the results are tested on the CPU
+(``tests/test_prefetch.py``), the overlap measured on a GPU (docs/benchmarks.md). On a CPU device (the tests)
 the streams are absent and every copy is immediate; the order tracking, the ring and the counters work the same.
 """
 
@@ -63,6 +67,7 @@ class WeightPrefetcher:
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         if self.cuda:  # freed with the prefetcher: the allocator then waits for copies still queued on this stream
             self.arena.record_stream(self.copy_stream)
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # after the arena's allocation
         self._order: list = []  # the layers in the order the last step fetched them
         self._seen: list = []  # this step's so far
         self._pos = 0  # index in _order of the next fetch expected
@@ -76,6 +81,9 @@ class WeightPrefetcher:
 
     # ---- the step ----------------------------------------------------------------------------------------------
     def begin_step(self) -> None:
+        for rng in self._live:  # handed out and never released (a step that failed mid-use): its readers, if
+            if rng.state == "out":  # any, were queued before now, so an event here releases it
+                self._release(rng)
         self._abandon()
         self._order, self._seen = self._seen, []
         self._where = {}
@@ -112,7 +120,9 @@ class WeightPrefetcher:
         else:  # not in the rest of the last step's order: copied at use; the order resumes where a layer matches
             self._abandon()
         self.misses += 1
-        return owner.stored.to(self.device, non_blocking=True), _nothing
+        tensor = owner.stored.to(self.device, non_blocking=True)
+        self._top_up()  # the next layers' copies start now (after a weight too large for the ring, say)
+        return tensor, _nothing
 
     def stats(self) -> dict:
         return {"arena_gib": round(self.arena_bytes / 2**30, 3), "hits": self.hits, "misses": self.misses,
