@@ -224,3 +224,21 @@ def test_streamed_layer_under_autocast_fetches_in_the_autocast_dtype():
     y.float().square().sum().backward()
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
     assert asked == [torch.bfloat16, torch.bfloat16]  # forward and backward
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, "model.offload_prefetch_gib must be >= 0.0, got -1.0"),
+    ("lots", "model.offload_prefetch_gib must be a number, got 'lots'"),
+    (100, "model.offload_prefetch_gib must be <= 64.0, got 100.0"),
+])
+def test_prefetch_setting_refuses_bad_values(value, message):
+    from qwen_zero_prior.training.config import Config, ConfigError
+
+    assert Config.from_dict({}).model.offload_prefetch_gib == 1.0
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Config.from_dict({"model": {"offload_prefetch_gib": value}})
+
+
+def test_apply_offload_refuses_a_negative_ring(tiny_pipe):
+    with pytest.raises(ValueError, match=r"prefetch_gib must be >= 0, got -0.5"):
+        apply_offload(tiny_pipe, torch.device("cpu"), 1.0, reserve_gib=0, prefetch_gib=-0.5)

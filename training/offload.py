@@ -34,6 +34,7 @@ from torch import nn
 
 from .cast_linear import cast_linear, cast_linear_op
 from .fp8 import FP8, _parent, quantize_rows
+from .prefetch import WeightPrefetcher, no_release
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +106,13 @@ class OffloadedLinear(nn.Module):
         """The weight on the GPU in ``dtype``, and the callable to call once the kernels that read it are queued
         (a prefetched weight lives in the prefetcher's ring buffer until then; the caller must not keep it)."""
         if self.prefetcher is None:
-            return self._dequantize(self.stored.to(self.device, non_blocking=True), dtype), _nothing
+            return self._dequantize(self.stored.to(self.device, non_blocking=True), dtype), no_release
         raw, done = self.prefetcher.fetch(self)
         if self.scale is None:
             return raw.to(dtype), done
         w = self._dequantize(raw, dtype)
         done()  # the dequantized copy is the compute stream's own tensor
-        return w, _nothing
+        return w, no_release
 
     def _dequantize(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.scale is not None:
@@ -140,10 +141,6 @@ class OffloadedLinear(nn.Module):
         kind = "fp8" if self.stored.dtype == FP8 else str(self.stored.dtype).replace("torch.", "")
         ahead = ", prefetched" if self.prefetcher is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind} on {where}{ahead}"
-
-
-def _nothing() -> None:
-    return None
 
 
 def _replace(root: nn.Module, pick) -> list[tuple[str, nn.Linear]]:
@@ -234,8 +231,6 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     for mod in (tr, lm):
         mod.to(device)
     if arena:
-        from .prefetch import WeightPrefetcher
-
         prefetcher = WeightPrefetcher(device, arena)
         for mod in (tr, lm):
             for m in mod.modules():

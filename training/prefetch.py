@@ -122,7 +122,7 @@ class WeightPrefetcher:
         self.misses += 1
         tensor = owner.stored.to(self.device, non_blocking=True)
         self._top_up()  # the next layers' copies start now (after a weight too large for the ring, say)
-        return tensor, _nothing
+        return tensor, no_release
 
     def stats(self) -> dict:
         return {"arena_gib": round(self.arena_bytes / 2**30, 3), "hits": self.hits, "misses": self.misses,
@@ -194,5 +194,5 @@ class WeightPrefetcher:
         return self.arena[rng.start:rng.start + nbytes].view(like.dtype).view(like.shape)
 
 
-def _nothing() -> None:
-    return None
+def no_release() -> None:
+    """The release callable of a weight that is not in the ring (copied at use): nothing to release."""
