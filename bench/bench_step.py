@@ -1026,7 +1026,8 @@ def run_capped(args, device, dtype, res) -> dict:
     r = {"name": name, "prefetch": pf.stats() if pf is not None else None,
          # allocations that failed at the cap and were retried after freeing the allocator's cache (each a sync)
          "alloc_retries": stats.get("num_alloc_retries"),
-         "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 1) if on_cuda else None, "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
+         "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 1) if on_cuda else None,
+         "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
          "n": len(ms), "peak_mem_gib": round(_mem_peak(device), 1) if on_cuda else None,
          "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None,
          **extra}

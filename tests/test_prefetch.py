@@ -37,6 +37,14 @@ def _run(pf, layers, order, hold=()):
         done()
 
 
+def _recorded(layers, arena_bytes, order):
+    """A prefetcher that has seen one step fetch ``order`` (what the next step follows)."""
+    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=arena_bytes)
+    pf.begin_step()
+    _run(pf, layers, order)
+    return pf
+
+
 def test_second_step_is_served_ahead_and_wraps_the_ring():
     layers = [_Layer(100 + 37 * i, i) for i in range(8)]  # 400..1036 floats: 1.6..4.1 KB each
     pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=9 * 1024)  # ~3 layers at a time: the ring wraps
@@ -53,10 +61,8 @@ def test_second_step_is_served_ahead_and_wraps_the_ring():
 
 def test_a_weight_in_use_is_never_overwritten():
     layers = [_Layer(256, i) for i in range(6)]  # 1 KB each
-    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=3 * 1024)
     order = [0, 1, 2, 3, 4, 5]
-    pf.begin_step()
-    _run(pf, layers, order)
+    pf = _recorded(layers, 3 * 1024, order)
     pf.begin_step()
     # layer 1 stays in use to the end: the ring cannot reuse its range, so later copies wait (copied at use instead)
     _run(pf, layers, order, hold={1})
@@ -65,9 +71,7 @@ def test_a_weight_in_use_is_never_overwritten():
 
 def test_order_change_falls_back_and_is_followed_next_step():
     layers = [_Layer(128, i) for i in range(5)]
-    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=1 << 20)
-    pf.begin_step()
-    _run(pf, layers, [0, 1, 2, 3, 4])
+    pf = _recorded(layers, 1 << 20, [0, 1, 2, 3, 4])
     pf.begin_step()
     # 3 is found further on (2 is skipped), 2 is not in the rest of the order (copied at use), 4 follows 3
     _run(pf, layers, [0, 1, 3, 2, 4])
@@ -81,9 +85,7 @@ def test_order_change_with_a_small_ring():
     """The same order change with a ring of ~2 weights: copies made ahead for the skipped layer are dropped (their
     range reused), never handed out for another layer."""
     layers = [_Layer(128, i) for i in range(6)]  # 512 B each
-    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=2 * 512)
-    pf.begin_step()
-    _run(pf, layers, [0, 1, 2, 3, 4, 5])
+    pf = _recorded(layers, 2 * 512, [0, 1, 2, 3, 4, 5])
     for _ in range(2):
         pf.begin_step()
         _run(pf, layers, [0, 1, 3, 2, 4, 5])  # 2 is skipped at 3, then copied at use; 4 and 5 resume
@@ -94,10 +96,8 @@ def test_a_weight_never_released_does_not_block_later_steps():
     """A step that failed between fetch and done (an error in the reading kernel) leaves its range handed out;
     the next step releases it, and the steps after are served ahead again."""
     layers = [_Layer(256, i) for i in range(3)]  # 1 KB each
-    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=3 * 1024)
     order = [0, 1, 2, 0, 1, 2]
-    pf.begin_step()
-    _run(pf, layers, order)
+    pf = _recorded(layers, 3 * 1024, order)
     pf.begin_step()
     pf.fetch(layers[0])  # handed out, its done() never called
     pf.begin_step()

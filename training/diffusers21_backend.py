@@ -54,14 +54,11 @@ class Diffusers21Backend(DiffusersBackend):
         lora_shared.install_swiglu(self.pipe.transformer)
 
     def _make_prompts(self) -> None:
-        from .offload import streams
-
         m = self.cfg.model
-        streamed = m.offload and streams(self.pipe.text_encoder)  # (a compiled suffix cannot trace streamed layers)
         self.prompts = PromptEncoder21(self.pipe, [tok.token_id for tok in self.tokens] or None,
                                        prefix_cache=m.text_prefix_cache,
                                        cuda_graphs=m.text_cuda_graphs and not m.offload,
-                                       compile=m.compile and not streamed)
+                                       compile=self._compile_text_suffix())
 
     def predict(self, noisy, sigmas, embeds, mask):
         # the loop hands the mask over as None (nothing padded) or already on the device, as flow21.forward wants

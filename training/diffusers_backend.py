@@ -193,13 +193,18 @@ class DiffusersBackend(TrainBackend):
 
     def _make_prompts(self) -> None:
         m = self.cfg.model
-        from .offload import streams
-
-        # the text decoder's compiled suffix cannot trace streamed layers (model.offload's Python fetches)
-        streamed = m.offload and streams(self.pipe.text_encoder)
         self.prompts = PromptEncoder(self.pipe, [tok.token_id for tok in self.tokens] or None,
                                      prefix_cache=m.text_prefix_cache,
-                                     cuda_graphs=m.text_cuda_graphs and not m.offload, compile=m.compile and not streamed)
+                                     cuda_graphs=m.text_cuda_graphs and not m.offload,
+                                     compile=self._compile_text_suffix())
+
+    def _compile_text_suffix(self) -> bool:
+        """model.compile for the text decoder's per-step suffix, unless offload streams its layers (Python fetches
+        with side effects, which a compiled suffix cannot trace)."""
+        from .offload import streams
+
+        m = self.cfg.model
+        return m.compile and not (m.offload and streams(self.pipe.text_encoder))
 
     def lora_targets(self) -> list[str]:
         return list(self._targets)
