@@ -435,7 +435,8 @@ def make_dataset(folder: Path, res: int, n: int = 2) -> list[Example]:
     return out
 
 
-def project_trainer(pipe, args, workdir: Path, text_encoder_storage: str | None = None, **model_overrides):
+def project_trainer(pipe, args, workdir: Path, text_encoder_storage: str | None = None, layout: str | None = None,
+                    **model_overrides):
     """The project's Trainer on ``pipe`` with the bench's settings; ``text_encoder_storage``: where offload keeps
     the text decoder's layers (the backend's ``offload_text_encoder``; None: the backend's own choice)."""
     from qwen_zero_prior.training.diffusers_backend import make_backend
@@ -455,6 +456,8 @@ def project_trainer(pipe, args, workdir: Path, text_encoder_storage: str | None 
     backend = make_backend(cfg, pipe)
     if text_encoder_storage:
         backend.offload_text_encoder = text_encoder_storage
+    if layout:
+        backend.offload_layout = layout
     return Trainer(cfg, backend, make_dataset(workdir / "data", args.res), workdir)
 
 
@@ -990,7 +993,8 @@ def run_capped(args, device, dtype, res) -> dict:
         res["plan"] = {"mode": plan.mode, "reason": plan.reason, "layout": plan.layout, "need_gib": plan.need_gib}
         print(f"memory plan: {plan.reason}", flush=True)
         settings.update(offload=on_cuda and plan.offload, gradient_checkpointing=plan.gradient_checkpointing)
-    trainer = project_trainer(pipe, args, work, text_encoder_storage=args.offload_te, **settings)
+    trainer = project_trainer(pipe, args, work, text_encoder_storage=args.offload_te, layout=args.offload_layout,
+                              **settings)
     res["offload"] = trainer.backend.offload_summary
     trainer.cache_all_latents()
     pipe.vae.to("cpu")
@@ -1008,6 +1012,8 @@ def run_capped(args, device, dtype, res) -> dict:
     if args.kernels and on_cuda:  # where the step goes: GPU vs host time per phase, then the top kernels
         extra["phases"] = phase_times(trainer, device, n=2)
         extra["gpu_busy_ms"] = round(device_busy_ms(trainer.train_step, device, steps=1, table=True), 1)
+    if args.trace and on_cuda:  # one step's trace: idle gaps by label, and how much the copies overlapped kernels
+        extra["idle"] = trace_steps(trainer, device, Path(args.trace) / "capped.json.gz", steps=1)
     if args.family == "qwen-image-2.1":
         summary = trainer.backend.offload_summary
         name = (f"capped {args.capped_gib:g} GiB: plan {res['plan']['mode']}, " + (
@@ -1067,6 +1073,8 @@ def main(argv=None) -> int:
     p.add_argument("--capped-gib", type=float, default=24.0)
     p.add_argument("--offload-te", choices=["stream", "bf16", "fp8", "auto"], default=None,
                    help="--mode capped: where offload keeps the text decoder's layers (default: the backend's choice)")
+    p.add_argument("--offload-layout", choices=["spread", "tail"], default=None,
+                   help="--mode capped: which blocks stream (offload.streamed_block_ids; default: the backend's, spread)")
     p.add_argument("--offload-budget-gib", type=float, default=0.0,
                    help="--mode capped: model.offload_budget_gib (default: --capped-gib); less leaves more headroom")
     p.add_argument("--prefetch-gib", type=float, default=None,

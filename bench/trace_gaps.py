@@ -80,14 +80,49 @@ def gap_report(events: list[dict], min_gap_us: float = 50.0, top: int = 15) -> d
     rows.sort(key=lambda r: -r["ms"])
     span = end - first
     return {"span_ms": round(span / 1000, 2), "busy_ms": round(busy / 1000, 2),
-            "idle_ms": round((span - busy) / 1000, 2), "gaps_over_min": len(gaps), "min_gap_us": min_gap_us,
+            "idle_ms": round((span - busy) / 1000, 2), "overlap": overlap_report(events),
+            "gaps_over_min": len(gaps), "min_gap_us": min_gap_us,
             "by_label_ms": {k: round(v, 2) for k, v in sorted(by_label.items(), key=lambda kv: -kv[1])},
             "gaps": rows[:top]}
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def overlap_report(events: list[dict]) -> dict:
+    """How much of the copies' time (``gpu_memcpy``, any stream) ran beside kernels: ms of kernels (and memsets),
+    of copies, of both at once, each as a union over streams. Copies that overlap little with kernels (``both_ms``
+    far below the smaller of the two) mean the step pays for them in sequence (offload's streamed weights)."""
+    spans: dict[str, list] = {"kernel": [], "copy": []}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS:
+            spans["copy" if e["cat"] == "gpu_memcpy" else "kernel"].append((e["ts"], e["ts"] + e.get("dur", 0)))
+    kern, copy = _merged(spans["kernel"]), _merged(spans["copy"])
+    both, i, j = 0.0, 0, 0
+    while i < len(kern) and j < len(copy):
+        lo, hi = max(kern[i][0], copy[j][0]), min(kern[i][1], copy[j][1])
+        both += max(0.0, hi - lo)
+        if kern[i][1] < copy[j][1]:
+            i += 1
+        else:
+            j += 1
+    k_ms, c_ms = sum(e - s for s, e in kern) / 1000, sum(e - s for s, e in copy) / 1000
+    return {"kernel_ms": round(k_ms, 2), "copy_ms": round(c_ms, 2), "both_ms": round(both / 1000, 2)}
 
 
 def format_report(rep: dict) -> str:
     lines = [f"device span {rep['span_ms']} ms, busy {rep['busy_ms']} ms, idle {rep['idle_ms']} ms "
              f"({rep.get('gaps_over_min', 0)} gaps >= {rep.get('min_gap_us', 0)} us)"]
+    if rep.get("overlap"):
+        o = rep["overlap"]
+        lines.append(f"  kernels {o['kernel_ms']} ms, copies {o['copy_ms']} ms, both at once {o['both_ms']} ms")
     for lab, ms in rep["by_label_ms"].items():
         lines.append(f"  idle before launches in {lab!r}: {ms} ms")
     for g in rep["gaps"]:

@@ -61,6 +61,22 @@ def test_trace_gaps_charges_idle_time_to_the_launching_range():
     assert rep["by_label_ms"] == {"encode": 2.0, "backward (autograd thread)": 1.0}
     assert rep["gaps"][0] == {"ms": 2.0, "at_ms": 0.9, "label": "encode", "next_kernel": "after_sync"}
     assert "encode" in format_report(rep)
+    assert rep["overlap"] == {"kernel_ms": 2.9, "copy_ms": 0.0, "both_ms": 0.0}
+
+
+def test_trace_overlap_counts_copies_beside_kernels():
+    """Copies on a side stream: 0.5 ms of a 1 ms copy runs beside a kernel, the second copy beside none; two
+    overlapping kernels on two streams count once."""
+    from bench.trace_gaps import format_report, gap_report
+
+    def ev(cat, ts, dur, tid):
+        return {"ph": "X", "cat": cat, "name": cat, "ts": ts, "dur": dur, "tid": tid, "args": {}}
+
+    events = [ev("kernel", 0, 1_000, 7), ev("kernel", 200, 300, 9), ev("gpu_memcpy", 500, 1_000, 8),
+              ev("gpu_memcpy", 2_000, 500, 8), ev("kernel", 3_000, 100, 7)]
+    rep = gap_report(events, min_gap_us=50)
+    assert rep["overlap"] == {"kernel_ms": 1.1, "copy_ms": 1.5, "both_ms": 0.5}
+    assert "copies 1.5 ms, both at once 0.5 ms" in format_report(rep)
 
 
 def test_bench_demo_reports_the_demo_time(tmp_path):
@@ -362,7 +378,8 @@ def _run_fused_lora_variants(bench_step, counts, out, tmp_path):
 
 
 def test_node_bench_refuses_a_malformed_env_item(tmp_path):
-    """run_node.py --env takes NAME=VALUE: anything else is refused, naming the item, before ComfyUI starts."""
+    """run_node.py --env takes NAME=VALUE: anything else is refused, naming the item, before ComfyUI starts; so is
+    an emulated card given both ways (a memory blocker and a per-process cap)."""
     from bench.comfyui.run_node import main
 
     args = ["--comfyui", str(tmp_path), "--models", str(tmp_path), "--dit", "d", "--te", "t", "--vae", "v",
@@ -370,6 +387,8 @@ def test_node_bench_refuses_a_malformed_env_item(tmp_path):
     for bad in ("QWEN_ZERO_PRIOR_EXACT_TEXT", "=1"):
         with pytest.raises(SystemExit, match=f"--env: {re.escape(repr(bad))} is not NAME=VALUE"):
             main([*args, "--env", bad])
+    with pytest.raises(SystemExit, match="--card-gib and --cap-gib are two ways"):
+        main([*args, "--card-gib", "23.5", "--cap-gib", "24"])
     assert not (tmp_path / "work").exists() and not (tmp_path / "row.json").exists()
 
 

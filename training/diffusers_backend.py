@@ -99,6 +99,7 @@ class DiffusersBackend(TrainBackend):
     # model.offload: where the text decoder's layers go (offload.apply_offload). Qwen-Image's 20B transformer
     # fills a 24 GB card in fp8 by itself, so they are streamed; 2.1 decides by the budget (auto)
     offload_text_encoder = "stream"
+    offload_layout = "spread"  # which blocks stream where not all fit (offload.streamed_block_ids); the bench sets it
 
     def __init__(self, cfg: Config, pipe):
         super().__init__(cfg)
@@ -155,7 +156,8 @@ class DiffusersBackend(TrainBackend):
             reserve = OFFLOAD_RESERVE_GIB + (OFFLOAD_COMPILE_RESERVE_GIB if m.compile else 0.0)
             self.offload_summary = apply_offload(pipe, device, budget, reserve_gib=reserve,
                                                  text_encoder=self.offload_text_encoder,
-                                                 prefetch_gib=m.offload_prefetch_gib)
+                                                 prefetch_gib=m.offload_prefetch_gib,
+                                                 layout=self.offload_layout)
             self._prefetcher = prefetcher_of(pipe.transformer) or prefetcher_of(pipe.text_encoder)
             self.device = pipe.transformer.device
         accelerate_transformer(pipe.transformer, m, self.family.fp8_modules,

@@ -42,20 +42,26 @@ _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 
 class _FetchMatmul(torch.autograd.Function):
-    """``x @ Wᵀ`` with ``W`` materialized for the forward and again for the backward, never saved."""
+    """``x @ Wᵀ`` with ``W`` materialized for the forward and again for the backward, never saved. An fp8 weight
+    arrives as its e4m3 values cast to the compute dtype; its row scale ``s`` is applied to the output, as the
+    resident path does (``x (diag(s) Wq)ᵀ = (x Wqᵀ) diag(s)``, and ``dx = (dy diag(s)) Wq``)."""
 
     @staticmethod
     def forward(ctx, x, owner):
         ctx.owner = owner
         w, done = owner.materialize(x.dtype)
         try:
-            return torch.nn.functional.linear(x, w)
+            y = torch.nn.functional.linear(x, w)
         finally:  # also after an error: a range never released would keep the prefetcher from reusing it
             done()
+        return y if owner.out_scale is None else y * owner.out_scale.to(y.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        w, done = ctx.owner.materialize(dy.dtype)
+        owner = ctx.owner
+        if owner.out_scale is not None:
+            dy = dy * owner.out_scale.to(dy.dtype)
+        w, done = owner.materialize(dy.dtype)
         try:
             return dy @ w, None
         finally:
@@ -95,6 +101,9 @@ class OffloadedLinear(nn.Module):
             w = w.pin_memory()  # lets the copy run asynchronously on the compute stream
         self.stored = w
         self.prefetcher = None  # set by apply_offload for the layers it streams (prefetch.WeightPrefetcher)
+        # set by apply_offload for the transformer's blocks, which offload always recomputes (gradient
+        # checkpointing): inside a compiled graph the per-use cast is then traced (see forward)
+        self.cast_in_graph = False
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(self.device), requires_grad=False)
 
@@ -103,15 +112,18 @@ class OffloadedLinear(nn.Module):
         return self._dequantize(self.stored.to(self.device, non_blocking=True), self.compute_dtype)
 
     def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, Callable[[], None]]:
-        """The weight on the GPU in ``dtype``, and the callable to call once the kernels that read it are queued
-        (a prefetched weight lives in the prefetcher's ring buffer until then; the caller must not keep it)."""
+        """The stored weight on the GPU in ``dtype`` *without* its row scale (the caller scales the output:
+        :class:`_FetchMatmul`), and the callable to call once the kernels that read it are queued (a prefetched
+        weight lives in the prefetcher's ring buffer until then; the caller must not keep it). One cast kernel per
+        use: dequantizing through float32 here took three passes over each weight (seen on an H200: ~0.4 s a step
+        of elementwise kernels with 34 blocks streamed)."""
         if self.prefetcher is None:
-            return self._dequantize(self.stored.to(self.device, non_blocking=True), dtype), no_release
+            return self.stored.to(self.device, non_blocking=True).to(dtype), no_release
         raw, done = self.prefetcher.fetch(self)
-        if self.scale is None:
-            return raw.to(dtype), done
-        w = self._dequantize(raw, dtype)
-        done()  # the dequantized copy is the compute stream's own tensor
+        if raw.dtype == dtype:
+            return raw, done
+        w = raw.to(dtype)
+        done()  # the cast copy is the compute stream's own tensor
         return w, no_release
 
     def _dequantize(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -126,12 +138,19 @@ class OffloadedLinear(nn.Module):
         # directly rather than in float32 and cast again by autocast
         if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        if self.streamed:
+        if self.streamed:  # (the row scale is applied inside, forward and backward)
             y = _FetchMatmul.apply(x, self)
-        elif self.stored.dtype == x.dtype:  # stored as computed: nothing to cast
+        elif self.stored.dtype == x.dtype:  # stored as computed: nothing to cast, no scale
             y = torch.nn.functional.linear(x, self.stored)
         else:
-            y = cast_linear(x, self.stored, None)
+            if self.cast_in_graph and torch.compiler.is_compiling():
+                # A traced cast: inductor fuses it into one kernel and the graph calls no Python op. The custom op
+                # cost ~145 us of host time per call (an H200 trace: 1,260 calls a step, the compiled blocks
+                # host-bound). The graph may keep the cast weight for the backward, which the custom op exists to
+                # avoid; in a recomputed block that is one block's weights at a time (~0.6 GiB for Qwen-Image).
+                y = torch.nn.functional.linear(x, self.stored.to(x.dtype))
+            else:
+                y = cast_linear(x, self.stored, None)
             if self.out_scale is not None:
                 y = y * self.out_scale
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -159,8 +178,26 @@ def block_bytes_fp8(transformer: nn.Module) -> int:
     return sum(m.weight.numel() for m in blk.modules() if type(m) is nn.Linear)
 
 
+def streamed_block_ids(n_blocks: int, n_streamed: int, layout: str = "spread") -> list[int]:
+    """Which of ``n_blocks`` blocks stream from CPU memory when ``n_streamed`` do not fit.
+
+    ``"spread"`` (the default): evenly among the resident ones, never the first or last where avoidable, so that
+    each streamed block's copy can run beside the resident blocks' compute before it, forward and backward.
+    ``"tail"``: the last ones (the layout before session 12). On an H200 under a 24 GiB cap (15 of 60 blocks
+    streamed) the two measured the same within the runs' spread (1614 vs 1692 ms/step in one call); the step's
+    later changes were measured with ``spread`` (docs/benchmarks.md, "24 GiB: session 12")."""
+    if layout not in ("spread", "tail"):
+        raise ValueError(f"streamed_block_ids: layout must be spread or tail, got {layout!r}")
+    n_streamed = max(0, min(n_blocks, n_streamed))
+    if layout == "tail":
+        return list(range(n_blocks - n_streamed, n_blocks))
+    # the k-th streamed block sits in the middle of the k-th of n_streamed equal stretches: distinct indices, since
+    # the stretches are at least one block long
+    return [int((k + 0.5) * n_blocks / n_streamed) for k in range(n_streamed)]
+
+
 def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: float = 6.0,
-                  text_encoder: str = "stream", prefetch_gib: float = 0.0) -> dict:
+                  text_encoder: str = "stream", prefetch_gib: float = 0.0, layout: str = "spread") -> dict:
     """Convert ``pipe``'s transformer and text encoder as the module docstring says and put them on ``device``.
 
     ``budget_gib``: GPU memory to plan for; ``reserve_gib`` of it is kept for activations, the LoRA and its
@@ -170,7 +207,8 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     budget (on the GPU, as loaded where that fits beside every transformer block in fp8, else fp8, else
     streamed; Qwen-Image 2.1's backend asks for it). ``prefetch_gib``: where anything is streamed, a ring buffer
     of that size on the GPU into which a side stream copies the streamed weights ahead of use (:mod:`.prefetch`;
-    taken from the blocks' share of the budget); 0 copies each at use on the compute stream. Call after the LoRA
+    taken from the blocks' share of the budget); 0 copies each at use on the compute stream. ``layout``: which
+    blocks stream (:func:`streamed_block_ids`). Call after the LoRA
     is added. Returns a summary (resident/streamed block counts, the text decoder's storage, bytes);
     :func:`prefetcher_of` finds the prefetcher.
     """
@@ -206,13 +244,18 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
                            budget_gib, reserve_gib)
     else:
         arena = 0
-    streamed_ids = set(range(resident, n_blocks))
+    streamed_ids = set(streamed_block_ids(n_blocks, n_blocks - resident, layout))
 
     converted = {"resident": 0, "streamed": 0, "text_encoder": 0}
+    # training with offload recomputes the blocks (the backend turns gradient checkpointing on first): a compiled
+    # block may then trace its layers' casts (OffloadedLinear.forward)
+    recomputed = bool(getattr(tr, "is_gradient_checkpointing", False))
     for name, lin in _replace(tr, lambda n: n.startswith("transformer_blocks.")):
         idx = int(_BLOCK.match(name).group(1))
         on_gpu = idx not in streamed_ids
-        _set(tr, name, OffloadedLinear(lin, device, fp8=True, on_gpu=on_gpu))
+        layer = OffloadedLinear(lin, device, fp8=True, on_gpu=on_gpu)
+        layer.cast_in_graph = recomputed
+        _set(tr, name, layer)
         converted["resident" if on_gpu else "streamed"] += 1
     lm = te.model.language_model
     if text_encoder != "bf16":  # bf16 on the GPU: the layers stay plain Linears
@@ -238,7 +281,7 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
                     m.prefetcher = prefetcher
     summary = {"blocks": n_blocks, "resident_blocks": resident, "streamed_blocks": n_blocks - resident,
                "block_fp8_gib": round(per_block / 2**30, 3), "text_encoder_storage": text_encoder,
-               "prefetch_gib": round(arena / 2**30, 3), **converted}
+               "streamed_block_ids": sorted(streamed_ids), "prefetch_gib": round(arena / 2**30, 3), **converted}
     logger.info("offload: %d of %d transformer blocks resident in fp8, %d streamed from CPU; text decoder's layers: "
                 "%s; %s", resident, n_blocks, n_blocks - resident,
                 {"stream": f"{converted['text_encoder']} linear layers streamed from CPU",

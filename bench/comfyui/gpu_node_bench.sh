@@ -2,7 +2,8 @@
 # One device call (the `device` tool; see docs/benchmarks.md "ComfyUI training node"): set up what pack.sh carried,
 # write full-size random-weight files in ComfyUI's layouts (once per machine), then run the training node through
 # /prompt for each "comfyui-<version>:<cap GiB>[:<one extra ComfyUI flag>[:<Train node inputs>[:<NAME=VALUE,...>]]]"
-# in $RUNS (cap 0 = uncapped), e.g. RUNS="comfyui-0.33.0:78 comfyui-0.33.0:0 comfyui-0.3.64:78::compile=1
+# in $RUNS (cap 0 = uncapped; card<N> = a card with N GiB free, emulated by a process holding the rest: run_node.py
+# --card-gib), e.g. RUNS="comfyui-0.33.0:78 comfyui-0.33.0:0 comfyui-0.3.64:78::compile=1
 # comfyui-0.33.0:78::fp8_matmul=1:QWEN_ZERO_PRIOR_EXACT_TEXT=1 comfyui-0.33.0:24".
 # JSON rows and each run's ComfyUI log in $OUT. PROFILE_STEPS=2: the node's kernel table of 2 steps in each JSON.
 set -uo pipefail
@@ -27,8 +28,9 @@ for run in ${RUNS:-$(basename "$first_tree"):78}; do
   # comfyui-<version>:<cap>[:<one extra ComfyUI flag>[:<Train node inputs, e.g. fp8_matmul=1>]]
   IFS=: read -r v cap extra inputs env <<<"$run"
   env_args=(); IFS=, read -ra envs <<<"$env"; for e in "${envs[@]}"; do env_args+=("--env=$e"); done
+  mem_args=(--cap-gib "$cap"); [[ $cap == card* ]] && mem_args=(--card-gib "${cap#card}")
   timeout "${RUN_TIMEOUT:-420}" python3 "$here/run_node.py" --comfyui "/tmp/$v" --models "$M" --dit "$DIT" --te "$TE" \
-    --vae "$VAE" --cap-gib "$cap" --steps "${STEPS:-10}" --sample-steps "${SAMPLE_STEPS:-4}" \
+    --vae "$VAE" "${mem_args[@]}" --steps "${STEPS:-10}" --sample-steps "${SAMPLE_STEPS:-4}" \
     --timeout "${PROMPT_TIMEOUT:-360}" ${extra:+--extra-args=$extra} ${inputs:+"--node-inputs=$inputs"} \
     ${PROFILE_STEPS:+--profile-steps "$PROFILE_STEPS"} "${env_args[@]}" \
     --out "${OUT:-/tmp/out}/node-$v-cap$cap${extra:+$extra}${inputs:+-${inputs//[=,]/-}}${env:+-${env//[=,_]/-}}.json"

@@ -40,6 +40,31 @@ if _cap:
 '''
 
 
+# a smaller card, emulated physically: a second process takes all but ``card`` GiB of the GPU's free memory and holds
+# it, so every allocator in ComfyUI's process (PyTorch's, comfy-aimdo's dynamic VRAM, cuBLAS/cuDNN workspaces) meets
+# the same wall a real card has; the per-process cap (--cap-gib) bounds PyTorch's allocator only
+BLOCKER = '''import signal, sys, torch
+free, _ = torch.cuda.mem_get_info(0)
+keep = int(float(sys.argv[1]) * 2**30)
+held = torch.empty(max(0, free - keep), dtype=torch.uint8, device="cuda")
+torch.cuda.synchronize()
+print(f"blocker: holds {held.numel() / 2**30:.2f} GiB, {torch.cuda.mem_get_info(0)[0] / 2**30:.2f} GiB left free",
+      flush=True)
+signal.pause()
+'''
+
+
+def start_blocker(card_gib: float):
+    """The BLOCKER process for a ``card_gib`` card, once it holds its memory; returns (process, its report line)."""
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKER, str(card_gib)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline().strip()
+    if not line.startswith("blocker:"):
+        proc.kill()
+        raise RuntimeError(f"the memory blocker for --card-gib {card_gib} failed: {line or proc.wait()}")
+    return proc, line
+
+
 class Stopped(BaseException):
     """SIGTERM (``timeout``'s) while ComfyUI runs: reported as the row's error, then ComfyUI is stopped."""
 
@@ -112,8 +137,10 @@ class GpuMemoryPoller:
     def report(self) -> dict:
         if self.samples == 0:
             return {}
+        # above the baseline: what ComfyUI's process added (with --card-gib, what it took of the emulated card)
         return {"device_peak_used_gib": round(self.peak_mib / 1024, 1),
-                "device_baseline_used_gib": round(self.baseline_mib / 1024, 1)}
+                "device_baseline_used_gib": round(self.baseline_mib / 1024, 1),
+                "device_peak_above_baseline_gib": round((self.peak_mib - self.baseline_mib) / 1024, 1)}
 
 
 def node_inputs(spec: str, defaults: dict | None = None) -> dict:
@@ -169,6 +196,9 @@ def main(argv=None) -> int:
     p.add_argument("--weight-dtype", default="default", help="UNETLoader weight_dtype")
     p.add_argument("--work", type=Path, default=Path("/tmp/zp-comfy-run"))
     p.add_argument("--cap-gib", type=float, default=0.0, help="hard per-process GPU memory cap; 0: none")
+    p.add_argument("--card-gib", type=float, default=0.0,
+                   help="emulate a card with this much free memory: another process holds the rest (BLOCKER); "
+                   "no --reserve-vram, no per-process cap; 0: off")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--res", type=int, default=1024)
     p.add_argument("--rank", type=int, default=32)
@@ -189,6 +219,8 @@ def main(argv=None) -> int:
                    help="an environment variable for ComfyUI (e.g. QWEN_ZERO_PRIOR_EXACT_TEXT=1); repeatable")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    if a.card_gib and a.cap_gib:
+        raise SystemExit("--card-gib and --cap-gib are two ways to emulate a smaller card: give one")
     run_env = {}
     for item in a.env:
         name, eq, value = item.partition("=")
@@ -198,7 +230,7 @@ def main(argv=None) -> int:
 
     import requests
 
-    base = a.work / f"base-{a.cap_gib:g}"
+    base = a.work / f"base-{a.cap_gib:g}-{a.card_gib:g}"
     shutil.rmtree(base, ignore_errors=True)
     for d in ("custom_nodes", "input", "output", "user", "models/diffusion_models", "models/text_encoders",
               "models/vae", "stub-frontend", "site"):
@@ -235,14 +267,18 @@ def main(argv=None) -> int:
     workflow = json.loads((REPO / "example_workflows" / "qwen_zero_prior_train_api.json").read_text())
     extra_inputs = node_inputs(a.node_inputs, workflow["4"]["inputs"])  # typed as the Train node's own inputs
     result: dict = {"node_inputs": extra_inputs, "env": run_env, "cap_gib": a.cap_gib or None,
-                    "gpu_total_gib": round(total_gib, 1), "dit": a.dit, "te": a.te,
+                    "card_gib": a.card_gib or None, "gpu_total_gib": round(total_gib, 1), "dit": a.dit, "te": a.te,
                     "weight_dtype": a.weight_dtype, "steps": a.steps, "res": a.res, "rank": a.rank,
                     "images": a.images, "command": " ".join(cmd)}
     t_start = time.time()
     # `timeout` stops this script with SIGTERM: end it through the finally below, which stops ComfyUI too (an
     # orphaned server kept the port and the GPU for the next run)
     signal.signal(signal.SIGTERM, _stop)
-    poller = GpuMemoryPoller() if total_gib else None
+    blocker = None
+    if a.card_gib:
+        blocker, result["blocker"] = start_blocker(a.card_gib)
+        print(result["blocker"], flush=True)
+    poller = GpuMemoryPoller() if total_gib else None  # its baseline includes the blocker's memory
     if poller:
         poller.__enter__()
     proc = subprocess.Popen(cmd, cwd=a.comfyui, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
@@ -319,6 +355,9 @@ def main(argv=None) -> int:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if blocker is not None:
+            blocker.kill()
+            blocker.wait(30)
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         result["log_tail"] = log[-6000:]
         # what the node decided and measured (its per-block recomputation, the median GPU time of its phases)
