@@ -392,6 +392,23 @@ def test_node_bench_refuses_a_malformed_env_item(tmp_path):
     assert not (tmp_path / "work").exists() and not (tmp_path / "row.json").exists()
 
 
+def test_node_bench_memory_blocker_starts_reports_and_stops(monkeypatch):
+    """run_node.py --card-gib's blocker process (a stand-in script here: the real one needs a GPU): its report line is
+    found after other output, it exits when its stdin is closed, and a failure raises with what it printed."""
+    from bench.comfyui import run_node
+
+    monkeypatch.setattr(run_node, "BLOCKER", "import sys\nprint('a warning first')\n"
+                        "print('blocker: holds 1.00 GiB, 23.50 GiB left free', flush=True)\nsys.stdin.read()\n")
+    proc, line = run_node.start_blocker(23.5)
+    assert line == "blocker: holds 1.00 GiB, 23.50 GiB left free" and proc.poll() is None
+    run_node.stop_blocker(proc)
+    assert proc.returncode == 0
+    monkeypatch.setattr(run_node, "BLOCKER", "import sys\nprint('blocker: FAILED: 10.00 GiB free, less than the "
+                        "23.50 GiB card asked for', flush=True)\nsys.exit(1)\n")
+    with pytest.raises(RuntimeError, match=r"--card-gib 23.5 failed .*10.00 GiB free, less than the 23.50 GiB"):
+        run_node.start_blocker(23.5)
+
+
 def test_node_bench_run_stops_comfyui_on_its_timeout(tmp_path):
     """bench/comfyui/run_node.py under `timeout` (SIGTERM): the row is written with the stop as its error and the
     ComfyUI it started is stopped too (an orphaned server once kept the port and the GPU for the next run); --env

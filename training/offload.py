@@ -122,9 +122,10 @@ class OffloadedLinear(nn.Module):
         raw, done = self.prefetcher.fetch(self)
         if raw.dtype == dtype:
             return raw, done
-        w = raw.to(dtype)
-        done()  # the cast copy is the compute stream's own tensor
-        return w, no_release
+        try:
+            return raw.to(dtype), no_release  # the cast copy is the compute stream's own tensor
+        finally:  # the cast is queued (or failed): the ring's range may be reused
+            done()
 
     def _dequantize(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.scale is not None:
@@ -181,8 +182,9 @@ def block_bytes_fp8(transformer: nn.Module) -> int:
 def streamed_block_ids(n_blocks: int, n_streamed: int, layout: str = "spread") -> list[int]:
     """Which of ``n_blocks`` blocks stream from CPU memory when ``n_streamed`` do not fit.
 
-    ``"spread"`` (the default): evenly among the resident ones, never the first or last where avoidable, so that
-    each streamed block's copy can run beside the resident blocks' compute before it, forward and backward.
+    ``"spread"`` (the default): evenly among the resident ones (the k-th in the middle of the k-th of ``n_streamed``
+    equal stretches; the first or last block may be one of them), so that each streamed block's copy can run beside
+    the resident blocks' compute before it, forward and backward.
     ``"tail"``: the last ones (the layout before session 12). On an H200 under a 24 GiB cap (15 of 60 blocks
     streamed) the two measured the same within the runs' spread (1614 vs 1692 ms/step in one call); the step's
     later changes were measured with ``spread`` (docs/benchmarks.md, "24 GiB: session 12")."""

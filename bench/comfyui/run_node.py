@@ -43,26 +43,45 @@ if _cap:
 # a smaller card, emulated physically: a second process takes all but ``card`` GiB of the GPU's free memory and holds
 # it, so every allocator in ComfyUI's process (PyTorch's, comfy-aimdo's dynamic VRAM, cuBLAS/cuDNN workspaces) meets
 # the same wall a real card has; the per-process cap (--cap-gib) bounds PyTorch's allocator only
-BLOCKER = '''import signal, sys, torch
+BLOCKER = '''import sys, torch
 free, _ = torch.cuda.mem_get_info(0)
 keep = int(float(sys.argv[1]) * 2**30)
-held = torch.empty(max(0, free - keep), dtype=torch.uint8, device="cuda")
+if free < keep:
+    print(f"blocker: FAILED: {free / 2**30:.2f} GiB free, less than the {keep / 2**30:.2f} GiB card asked for", flush=True)
+    sys.exit(1)
+held = torch.empty(free - keep, dtype=torch.uint8, device="cuda")
 torch.cuda.synchronize()
 print(f"blocker: holds {held.numel() / 2**30:.2f} GiB, {torch.cuda.mem_get_info(0)[0] / 2**30:.2f} GiB left free",
       flush=True)
-signal.pause()
+sys.stdin.read()  # until the parent closes the pipe: killed, or its process gone, the memory is given back
 '''
 
 
 def start_blocker(card_gib: float):
-    """The BLOCKER process for a ``card_gib`` card, once it holds its memory; returns (process, its report line)."""
-    proc = subprocess.Popen([sys.executable, "-c", BLOCKER, str(card_gib)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    line = proc.stdout.readline().strip()
-    if not line.startswith("blocker:"):
+    """The BLOCKER process for a ``card_gib`` card, once it holds its memory; returns (process, its report line).
+    It exits when this process closes its stdin (or dies); a failure raises with what it printed."""
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKER, str(card_gib)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # (warnings from imports may come first)
+        seen.append(line.rstrip())
+        if line.startswith("blocker: holds"):
+            return proc, line.strip()
+        if line.startswith("blocker: FAILED"):
+            break
+    proc.kill()
+    rest, _ = proc.communicate(timeout=30)
+    tail = "\n".join(seen + (rest or "").splitlines())[-2000:]
+    raise RuntimeError(f"the memory blocker for --card-gib {card_gib} failed (exit {proc.returncode}): {tail}")
+
+
+def stop_blocker(proc) -> None:
+    proc.stdin.close()  # its read returns: it exits and its memory is freed
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
         proc.kill()
-        raise RuntimeError(f"the memory blocker for --card-gib {card_gib} failed: {line or proc.wait()}")
-    return proc, line
+        proc.wait(30)
 
 
 class Stopped(BaseException):
@@ -274,15 +293,14 @@ def main(argv=None) -> int:
     # `timeout` stops this script with SIGTERM: end it through the finally below, which stops ComfyUI too (an
     # orphaned server kept the port and the GPU for the next run)
     signal.signal(signal.SIGTERM, _stop)
-    blocker = None
-    if a.card_gib:
-        blocker, result["blocker"] = start_blocker(a.card_gib)
-        print(result["blocker"], flush=True)
-    poller = GpuMemoryPoller() if total_gib else None  # its baseline includes the blocker's memory
-    if poller:
-        poller.__enter__()
-    proc = subprocess.Popen(cmd, cwd=a.comfyui, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    blocker = proc = poller = None
     try:
+        if a.card_gib:
+            blocker, result["blocker"] = start_blocker(a.card_gib)
+            print(result["blocker"], flush=True)
+        if total_gib:
+            poller = GpuMemoryPoller().__enter__()  # its baseline includes the blocker's memory, if any
+        proc = subprocess.Popen(cmd, cwd=a.comfyui, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with {proc.returncode}")
@@ -350,14 +368,14 @@ def main(argv=None) -> int:
         if poller:
             poller.__exit__(None, None, None)
             result.update(poller.report())
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         if blocker is not None:
-            blocker.kill()
-            blocker.wait(30)
+            stop_blocker(blocker)
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         result["log_tail"] = log[-6000:]
         # what the node decided and measured (its per-block recomputation, the median GPU time of its phases)
