@@ -438,7 +438,7 @@ def make_dataset(folder: Path, res: int, n: int = 2) -> list[Example]:
 def project_trainer(pipe, args, workdir: Path, text_encoder_storage: str | None = None, layout: str | None = None,
                     **model_overrides):
     """The project's Trainer on ``pipe`` with the bench's settings; ``text_encoder_storage``: where offload keeps
-    the text decoder's layers (the backend's ``offload_text_encoder``; None: the backend's own choice)."""
+    the text decoder's layers (``model.offload_text_encoder``; None: the model's own choice)."""
     from qwen_zero_prior.training.diffusers_backend import make_backend
     from qwen_zero_prior.training.families import get_family
     from qwen_zero_prior.training.trainer import Trainer
@@ -447,6 +447,8 @@ def project_trainer(pipe, args, workdir: Path, text_encoder_storage: str | None 
              "compile": args.compile, "attention_backend": args.attention_backend or None,
              "compile_mode": args.compile_mode or None}
     model.update(model_overrides)
+    if text_encoder_storage:
+        model["offload_text_encoder"] = text_encoder_storage
     cfg = Config.from_dict({
         "model": model,
         "train": {"train_placeholder_token": True, "placeholder_token": "<zwx>", "rank": args.rank,
@@ -454,8 +456,6 @@ def project_trainer(pipe, args, workdir: Path, text_encoder_storage: str | None 
                   "lora_targets": get_family(args.family).default_lora_preset, "batch_size": 1, "seed": 0},
     })
     backend = make_backend(cfg, pipe)
-    if text_encoder_storage:
-        backend.offload_text_encoder = text_encoder_storage
     if layout:
         backend.offload_layout = layout
     return Trainer(cfg, backend, make_dataset(workdir / "data", args.res), workdir)
@@ -1008,6 +1008,9 @@ def run_capped(args, device, dtype, res) -> dict:
     _mem_reset(device)
     ms = time_fn(trainer.train_step, device, args.warmup, args.iters)
     med = statistics.median(ms)
+    # the timed steps' memory figures, before --kernels / --trace run profiled steps of their own
+    stats = torch.cuda.memory_stats(device) if on_cuda else {}
+    peak_mem = round(_mem_peak(device), 1) if on_cuda else None
     extra = {}
     if args.kernels and on_cuda:  # where the step goes: GPU vs host time per phase, then the top kernels
         extra["phases"] = phase_times(trainer, device, n=2)
@@ -1021,20 +1024,20 @@ def run_capped(args, device, dtype, res) -> dict:
             if summary else "offload not applied (no GPU)") + ", checkpointing")
     else:
         summary = trainer.backend.offload_summary or {}
-        te = {"stream": "streamed text decoder", "bf16": "text decoder on the GPU (bf16)",
+        te = {"stream": "streamed text decoder", "stream_fp8": "text decoder streamed in fp8",
+              "bf16": "text decoder on the GPU (bf16)",
               "fp8": "text decoder on the GPU (fp8)"}.get(summary.get("text_encoder_storage"), "text decoder as planned")
         name = (f"capped {args.capped_gib:g} GiB: fp8 DiT ({summary.get('streamed_blocks', '?')} blocks streamed), "
                 f"{te}, prefetch {summary.get('prefetch_gib', 0):g} GiB, checkpointing"
                 + (", resident blocks compiled" if settings["compile"] else "")
                 + (f", attention {args.attention_backend}" if args.attention_backend else ""))
     pf = trainer.backend._prefetcher
-    stats = torch.cuda.memory_stats(device) if on_cuda else {}
     r = {"name": name, "prefetch": pf.stats() if pf is not None else None,
          # allocations that failed at the cap and were retried after freeing the allocator's cache (each a sync)
          "alloc_retries": stats.get("num_alloc_retries"),
          "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 1) if on_cuda else None,
          "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
-         "n": len(ms), "peak_mem_gib": round(_mem_peak(device), 1) if on_cuda else None,
+         "n": len(ms), "peak_mem_gib": peak_mem,
          "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None,
          **extra}
     res["rows"].append(r)
@@ -1071,7 +1074,7 @@ def main(argv=None) -> int:
                    "--mode capped: also its phase times and GPU-busy time per step")
     p.add_argument("--fp8", action="store_true", help="also time (b) with model.fp8_matmul (run last, in place)")
     p.add_argument("--capped-gib", type=float, default=24.0)
-    p.add_argument("--offload-te", choices=["stream", "bf16", "fp8", "auto"], default=None,
+    p.add_argument("--offload-te", choices=["stream", "stream_fp8", "bf16", "fp8", "auto"], default=None,
                    help="--mode capped: where offload keeps the text decoder's layers (default: the backend's choice)")
     p.add_argument("--offload-layout", choices=["spread", "tail"], default=None,
                    help="--mode capped: which blocks stream (offload.streamed_block_ids; default: the backend's, spread)")

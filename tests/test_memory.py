@@ -273,5 +273,5 @@ def test_2_1_resolve_logs_the_plan_and_budgets_offload_by_the_capacity(parts_21,
 def test_apply_offload_refuses_an_unknown_text_encoder_storage():
     from qwen_zero_prior.training.offload import apply_offload
 
-    with pytest.raises(ValueError, match=r"^apply_offload: text_encoder must be stream, bf16, fp8 or auto, got 'gpu'$"):
+    with pytest.raises(ValueError, match=r"^apply_offload: text_encoder must be stream, stream_fp8, bf16, fp8 or auto, got 'gpu'$"):
         apply_offload(None, torch.device("cpu"), 24.0, text_encoder="gpu")

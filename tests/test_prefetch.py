@@ -327,3 +327,26 @@ def test_streamed_fp8_weight_is_cast_once_and_scaled_on_the_output():
     x2 = x.detach().float().requires_grad_(True)
     (x2 @ w.t()).square().sum().backward()
     assert _rel(x.grad.float(), x2.grad) < 0.02
+
+
+def test_text_decoder_streamed_in_fp8_trains_and_halves_the_bytes(tiny_pipe, dataset_dir, tmp_path, make_config):
+    """model.offload_text_encoder: stream_fp8 keeps the text decoder's layers in fp8 in CPU memory (streamed, half the
+    bytes of bf16 per copy), and the token row still gets a gradient through them; the config's choice reaches
+    apply_offload through the backend (auto: the model's own)."""
+    from qwen_zero_prior.training.config import Config, ConfigError
+
+    examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+    trainer = Trainer(make_config(), tiny_pipe, examples, tmp_path)
+    backend = trainer.backend
+    assert backend.offload_text_encoder_storage() == "stream"  # auto: Qwen-Image streams the decoder as loaded
+    backend.cfg = backend.cfg.replace(model={"offload_text_encoder": "stream_fp8"})
+    assert backend.offload_text_encoder_storage() == "stream_fp8"
+    with pytest.raises(ConfigError, match=r"model.offload_text_encoder must be one of .*got 'fp4'"):
+        Config.from_dict({"model": {"offload_text_encoder": "fp4"}})
+    summary = apply_offload(tiny_pipe, torch.device("cpu"), 1.0, reserve_gib=0, text_encoder="stream_fp8")
+    assert summary["text_encoder_storage"] == "stream_fp8" and summary["text_encoder"] > 0
+    layers = [m for m in tiny_pipe.text_encoder.model.language_model.modules() if isinstance(m, OffloadedLinear)]
+    assert layers and all(m.streamed and m.stored.dtype == torch.float8_e4m3fn for m in layers)
+    loss = trainer.loss_for([0], torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and float(trainer.token.vector.grad.abs().sum()) > 0

@@ -101,6 +101,11 @@ class DiffusersBackend(TrainBackend):
     offload_text_encoder = "stream"
     offload_layout = "spread"  # which blocks stream where not all fit (offload.streamed_block_ids); the bench sets it
 
+    def offload_text_encoder_storage(self) -> str:
+        """model.offload_text_encoder, where set; with ``auto``, this model's own choice (``offload_text_encoder``)."""
+        chosen = self.cfg.model.offload_text_encoder
+        return self.offload_text_encoder if chosen == "auto" else chosen
+
     def __init__(self, cfg: Config, pipe):
         super().__init__(cfg)
         self.pipe = pipe
@@ -155,7 +160,7 @@ class DiffusersBackend(TrainBackend):
 
             reserve = OFFLOAD_RESERVE_GIB + (OFFLOAD_COMPILE_RESERVE_GIB if m.compile else 0.0)
             self.offload_summary = apply_offload(pipe, device, budget, reserve_gib=reserve,
-                                                 text_encoder=self.offload_text_encoder,
+                                                 text_encoder=self.offload_text_encoder_storage(),
                                                  prefetch_gib=m.offload_prefetch_gib,
                                                  layout=self.offload_layout)
             self._prefetcher = prefetcher_of(pipe.transformer) or prefetcher_of(pipe.text_encoder)

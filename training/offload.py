@@ -204,7 +204,8 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
 
     ``budget_gib``: GPU memory to plan for; ``reserve_gib`` of it is kept for activations, the LoRA and its
     optimizer state; the transformer blocks that fit in the rest stay resident (in fp8). ``text_encoder``: where
-    the text decoder's layers go: ``"stream"`` (as loaded, pinned CPU memory, copied per use), ``"bf16"`` (as
+    the text decoder's layers go: ``"stream"`` (as loaded, pinned CPU memory, copied per use), ``"stream_fp8"``
+    (the same in fp8: half the bytes per copy, the conditioning with fp8 rounding), ``"bf16"`` (as
     loaded, on the GPU), ``"fp8"`` (fp8 on the GPU) or ``"auto"``: :func:`memory.text_encoder_storage` for this
     budget (on the GPU, as loaded where that fits beside every transformer block in fp8, else fp8, else
     streamed; Qwen-Image 2.1's backend asks for it). ``prefetch_gib``: where anything is streamed, a ring buffer
@@ -216,8 +217,9 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     """
     from . import memory
 
-    if text_encoder not in ("stream", "bf16", "fp8", "auto"):
-        raise ValueError(f"apply_offload: text_encoder must be stream, bf16, fp8 or auto, got {text_encoder!r}")
+    if text_encoder not in ("stream", "stream_fp8", "bf16", "fp8", "auto"):
+        raise ValueError(f"apply_offload: text_encoder must be stream, stream_fp8, bf16, fp8 or auto, got "
+                         f"{text_encoder!r}")
     device = torch.device(device)
     tr, te = pipe.transformer, pipe.text_encoder
     n_blocks = len(tr.transformer_blocks)
@@ -228,7 +230,8 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     emb = te.get_input_embeddings()
     fixed = emb.weight.numel() * emb.weight.element_size()
     free = budget_gib * 2**30 - reserve_gib * 2**30 - fixed
-    if text_encoder != "stream":  # the text decoder's layers stay on the GPU: the blocks get what is left
+    streams_te = text_encoder in ("stream", "stream_fp8")
+    if not streams_te:  # the text decoder's layers stay on the GPU: the blocks get what is left
         parts = memory.weight_parts(pipe)
         free -= parts.te_layers if text_encoder == "bf16" else parts.te_layers_fp8
     # ("auto" picks a storage that fits beside every block, memory.text_encoder_storage: then all are resident)
@@ -236,7 +239,7 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     if prefetch_gib < 0:
         raise ValueError(f"apply_offload: prefetch_gib must be >= 0, got {prefetch_gib!r}")
     arena = int(prefetch_gib * 2**30)
-    if arena and (resident < n_blocks or text_encoder == "stream"):  # something streams: its ring buffer first
+    if arena and (resident < n_blocks or streams_te):  # something streams: its ring buffer first
         resident = max(0, min(n_blocks, int((free - arena) // per_block)))
         if arena > free:
             logger.warning("offload: the %.2f GiB ring buffer for prefetching (model.offload_prefetch_gib) is more "
@@ -262,12 +265,15 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     lm = te.model.language_model
     if text_encoder != "bf16":  # bf16 on the GPU: the layers stay plain Linears
         for name, lin in _replace(lm, lambda n: n.startswith("layers.")):
-            _set(lm, name, OffloadedLinear(lin, device, fp8=text_encoder == "fp8", on_gpu=text_encoder == "fp8"))
+            _set(lm, name, OffloadedLinear(lin, device, fp8=text_encoder in ("fp8", "stream_fp8"),
+                                           on_gpu=text_encoder == "fp8"))
             converted["text_encoder"] += 1
-    if text_encoder == "fp8":
-        logger.warning("offload: the text decoder's layers are stored in fp8 (row-scaled e4m3, cast per use) to "
-                       "keep every weight on the GPU: the conditioning the token learns against carries that "
-                       "rounding (docs/qwen-image-2.1.md); a larger model.offload_budget_gib keeps them in bf16")
+    if text_encoder in ("fp8", "stream_fp8"):
+        logger.warning("offload: the text decoder's layers are stored in fp8 (row-scaled e4m3, cast per use)%s: the "
+                       "conditioning the token learns against carries that rounding (docs/qwen-image-2.1.md); "
+                       "model.offload_text_encoder: stream keeps them as loaded",
+                       " to keep every weight on the GPU" if text_encoder == "fp8" else
+                       " in CPU memory, half the bytes to copy for each use")
     # what is left (norms, embeddings, the transformer's input/output layers, LoRA) goes to the GPU; the vision
     # tower and LM head are not used for text conditioning and stay in CPU memory
     te.model.visual.to("cpu")
@@ -287,6 +293,7 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     logger.info("offload: %d of %d transformer blocks resident in fp8, %d streamed from CPU; text decoder's layers: "
                 "%s; %s", resident, n_blocks, n_blocks - resident,
                 {"stream": f"{converted['text_encoder']} linear layers streamed from CPU",
+                 "stream_fp8": f"{converted['text_encoder']} linear layers streamed from CPU in fp8",
                  "bf16": "on the GPU as loaded", "fp8": "on the GPU in fp8"}[text_encoder],
                 f"streamed weights copied ahead of use into a {arena / 2**30:.2f} GiB ring buffer" if arena else
                 "nothing copied ahead (model.offload_prefetch_gib: 0 or nothing streamed)")
