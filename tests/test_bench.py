@@ -389,6 +389,8 @@ def test_node_bench_refuses_a_malformed_env_item(tmp_path):
             main([*args, "--env", bad])
     with pytest.raises(SystemExit, match="--card-gib and --cap-gib are two ways"):
         main([*args, "--card-gib", "23.5", "--cap-gib", "24"])
+    with pytest.raises(SystemExit, match=r"GiB of GPU memory \(0: off\), got -2 and 0"):
+        main([*args, "--card-gib", "-2"])
     assert not (tmp_path / "work").exists() and not (tmp_path / "row.json").exists()
 
 

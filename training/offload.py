@@ -7,9 +7,9 @@ needs both every step, so on a 24 GB card:
   compute dtype for each use; the blocks that do not fit the budget keep that fp8 weight in pinned CPU memory
   and copy it over for each use (ahead of use, on a side stream, where ``prefetch_gib`` gives a ring buffer:
   ``prefetch.py``); with ``model.compile`` the blocks that stream nothing are compiled;
-- the text encoder's decoder ``Linear`` weights stay bf16 (fp8 would change the conditioning the token learns
-  against: ``quantize_te`` is refused with token training) in pinned CPU memory, copied per use; its embedding
-  table, norms and the placeholder row stay on the GPU;
+- the text encoder's decoder ``Linear`` weights stay as loaded (bf16) in pinned CPU memory, copied per use
+  (``model.offload_text_encoder`` may put them in fp8, streamed or on the GPU, which changes the conditioning the
+  token learns against a little); its embedding table, norms and the placeholder row stay on the GPU;
 - gradient checkpointing on the transformer bounds activations.
 
 Qwen-Image 2.1 (7.1B DiT, Qwen3-VL-8B) needs none of the streaming on a 24 GB card: with ``text_encoder="auto"``

@@ -240,6 +240,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.card_gib and a.cap_gib:
         raise SystemExit("--card-gib and --cap-gib are two ways to emulate a smaller card: give one")
+    if a.card_gib < 0 or a.cap_gib < 0:
+        raise SystemExit(f"--card-gib and --cap-gib are GiB of GPU memory (0: off), got {a.card_gib:g} and {a.cap_gib:g}")
     run_env = {}
     for item in a.env:
         name, eq, value = item.partition("=")
