@@ -19,6 +19,8 @@ the way ComfyUI's own trainer (``comfy_extras/nodes_train.py``) sets them up, fe
   loaded modules (``nodes/comfy_text.py``), not ComfyUI's inference forward.
 - on a GPU, by default (``dit_engine: auto``), the DiT trains through diffusers' transformer built over the weights
   ComfyUI loaded and the core's speed path (``comfy_engine.py``), where that computes what ComfyUI's forward computes;
+  where the DiT does not fit beside the text encoder, ComfyUI loads the text encoder only and the engine offloads the
+  DiT's blocks as the core's ``model.offload`` does (``dit_engine: diffusers_offload``);
   the rest of this list is ComfyUI's-forward training (``dit_engine: comfyui``, and every fallback);
 - the DiT's attention in the training forward through ComfyUI's ``optimized_attention_override`` hook with cuDNN
   first in SDPA's priority (``nodes/comfy_attention.py``; ComfyUI 0.33 prefers flash attention, whose backward is
@@ -59,8 +61,8 @@ from ..training.profiling import ENV as PROFILE_ENV
 from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_attention import training_attention
-from .comfy_engine import (ENGINES, DiffusersEngine, EngineUnavailable, _has_triton, blockers, engine_model_config,
-                           graphs_blocked, resolved_device)
+from .comfy_engine import (ENGINES, RESIDENT_BLOCKS_ENV, DiffusersEngine, EngineUnavailable, OffloadPlan, _has_triton,
+                           blockers, engine_model_config, graphs_blocked, resolved_device)
 from .comfy_text import (EXACT_TEXT_ENV, ComfyPromptEncoder, exact_bytes, exact_projections, exact_text_choice,
                          projection_modules, qwen_decoder)
 from ..training.families import QWEN_IMAGE, get_family
@@ -268,6 +270,7 @@ class ComfyBackend(TrainBackend):
         self._phases = _PhaseTimer(self.device)
         self._exact: dict | None = None  # the text encoder's ExactLinear stand-ins (QWEN_ZERO_PRIOR_EXACT_TEXT)
         self._said_no_graphs = False
+        self._offload = False  # the diffusers engine with the DiT's blocks offloaded (prepare)
 
     def _base_tokenizer(self):
         tok = self.clip.tokenizer
@@ -289,8 +292,15 @@ class ComfyBackend(TrainBackend):
     def prepare(self, t: TrainConfig) -> None:
         fits = self.device.type != "cuda" or _available_bytes(self.device) >= (
             self.model.model_size() + self.clip.patcher.model_size() + self._reserve())
-        self.mp, deep = _trainable_clone(self.model, fits)
-        self.clip = _trainable_clip(self.clip, fits)
+        # the offloaded diffusers engine (a 24 GB card): ComfyUI loads the text encoder only, the engine copies the
+        # DiT's blocks where they go (fp8 on the GPU as far as they fit, the rest streamed from pinned CPU memory)
+        self._offload = self.dit_engine == "diffusers_offload" or (
+            self.dit_engine == "auto" and self.device.type == "cuda" and not fits)
+        te_fits = self.device.type != "cuda" or _available_bytes(self.device) >= (
+            self.clip.patcher.model_size() + self._offload_reserve(t))
+        # non-dynamic copies (resident where ComfyUI loads them, plain CPU tensors where the engine copies from)
+        self.mp, deep = _trainable_clone(self.model, fits or self._offload)
+        self.clip = _trainable_clip(self.clip, fits or (self._offload and te_fits))
         dm = self.mp.model.diffusion_model
         gen = torch.Generator().manual_seed(t.seed)  # the LoRA's init, without touching the global RNGs
         matched: set[str] = set()
@@ -313,8 +323,11 @@ class ComfyBackend(TrainBackend):
         if self._in_training_flag:
             self._was_in_training = mm.in_training
             mm.in_training = True
-        self._load()
+        self._load(dit=not self._offload)
         if not self._start_engine(dm, t):
+            if self._offload:  # the offloaded engine could not start: ComfyUI's forward trains, ComfyUI streams
+                self._offload = False
+                self._load()
             for name, a in self.adapters.items():
                 self._handles.append(dm.get_submodule(name).register_forward_hook(a.hook))
             for m in dm.modules():
@@ -346,8 +359,8 @@ class ComfyBackend(TrainBackend):
             logger.info("DiT engine: ComfyUI's forward (dit_engine: auto uses diffusers' on a GPU; this is %s)",
                         self.device.type)
             return False
-        reasons = blockers(self.mp, dm, self.device)
-        recompute = self.cfg.model.gradient_checkpointing
+        reasons = blockers(self.mp, dm, self.device, offload=self._offload)
+        recompute = self.cfg.model.gradient_checkpointing or self._offload
         if not reasons and not recompute and self.device.type == "cuda":
             # fp8 matmuls on weights not stored in fp8 (a bf16 file) quantize copies of them, while ComfyUI's
             # module keeps its own: ~1 byte a weight more
@@ -359,8 +372,8 @@ class ComfyBackend(TrainBackend):
                                f"({max(available, 0) / mem.GIB:.1f} GiB available)")
             recompute = bool(k)
         if reasons:
-            if self.dit_engine == "diffusers":
-                raise EngineUnavailable("dit_engine diffusers cannot train this MODEL: " + "; ".join(reasons)
+            if self.dit_engine in ("diffusers", "diffusers_offload"):
+                raise EngineUnavailable(f"dit_engine {self.dit_engine} cannot train this MODEL: " + "; ".join(reasons)
                                         + ". Use dit_engine auto or comfyui")
             logger.info("DiT engine: ComfyUI's forward (diffusers' cannot: %s)", "; ".join(reasons))
             return False
@@ -368,16 +381,20 @@ class ComfyBackend(TrainBackend):
         from ..training.shared_dit import SharedDiTError
 
         m = engine_model_config(self.cfg.model, self.device, recompute)
+        plan = None
+        if self._offload:
+            _ordinary_tensors(dm)  # the engine copies from them (on a CPU, shares them): no inference tensors
+            plan, m = self._offload_plan(t, m)
         init = {name: a.lora_A.detach() for name, a in self.adapters.items()}
         try:
             self.engine = DiffusersEngine(dm, m, list(t.lora_targets), t.rank, t.alpha, init, self.device,
-                                          self.dtype, recompute)
+                                          self.dtype, recompute, offload=plan)
         except Fp8Error as e:
             raise Fp8Error(f"{e} (in the node: turn its fp8_matmul input off)") from e
         except (SharedDiTError, EngineUnavailable, AttributeError, TypeError) as e:
             # a ComfyUI whose DiT no longer matches diffusers' layout: ComfyUI's forward still trains it
-            if self.dit_engine == "diffusers":
-                raise EngineUnavailable(f"dit_engine diffusers could not be built over this MODEL: {e}. Use "
+            if self.dit_engine in ("diffusers", "diffusers_offload"):
+                raise EngineUnavailable(f"dit_engine {self.dit_engine} could not be built over this MODEL: {e}. Use "
                                         "dit_engine auto or comfyui") from e
             logger.warning("DiT engine: ComfyUI's forward (diffusers' could not be built: %s: %s)",
                            type(e).__name__, e)
@@ -387,6 +404,39 @@ class ComfyBackend(TrainBackend):
                     f", attention {m.attention_backend}" if m.attention_backend else "",
                     ", gradient checkpointing" if recompute else "")
         return True
+
+    def _offload_reserve(self, t: TrainConfig) -> int:
+        """What the offloaded engine's step needs beside the blocks' weights: the core's offload reserve
+        (activations with every block recomputed, the LoRA and its AdamW state), more at larger images or batches,
+        and more with ``model.compile``."""
+        act = mem.activation_gib(mem.ACT_CHECKPOINT_GIB, t.resolution, t.batch_size) + mem.MARGIN_GIB
+        extra = mem.OFFLOAD_COMPILE_RESERVE_GIB if self.cfg.model.compile else 0.0
+        return int((max(mem.OFFLOAD_RESERVE_GIB, act) + extra) * mem.GIB)
+
+    def _offload_plan(self, t: TrainConfig, m):
+        """The offloaded engine's :class:`OffloadPlan` (what is left on the device after the text encoder, less
+        :meth:`_offload_reserve`; ``QWEN_ZERO_PRIOR_RESIDENT_BLOCKS`` fixes the resident blocks instead) and the
+        ``model:`` options it runs with (offload stores the blocks in fp8 itself: no ``fp8_matmul``)."""
+        raw = os.environ.get(RESIDENT_BLOCKS_ENV, "").strip()
+        resident = None
+        if raw:
+            try:
+                resident = int(raw)
+            except ValueError:
+                resident = -1
+            if resident < 0:
+                raise ValueError(f"{RESIDENT_BLOCKS_ENV}={raw!r}: expected a whole number of blocks >= 0, or unset "
+                                 "to keep as many as fit")
+        if self.device.type == "cuda":
+            available = _available_bytes(self.device) - self._offload_reserve(t)
+        else:  # no device memory to plan for: every block resident unless told otherwise
+            available = float("inf")
+        if m.fp8_matmul:
+            logger.warning("fp8_matmul: not with the offloaded engine, which stores the DiT's blocks in fp8 itself "
+                           "and casts them per use")
+            m = dataclasses.replace(m, fp8_matmul=False)
+        prefetch = self.cfg.model.offload_prefetch_gib if self.device.type == "cuda" else 0.0
+        return OffloadPlan(max(available, 0.0), prefetch, resident), m
 
     def _checkpoint_blocks(self, dm) -> None:
         """Recompute the activations of as many transformer blocks as memory needs (all of them with
@@ -448,20 +498,24 @@ class ComfyBackend(TrainBackend):
         t = self.cfg.train
         return int((mem.activation_gib(mem.ACT_CHECKPOINT_GIB, t.resolution, t.batch_size) + mem.MARGIN_GIB) * mem.GIB)
 
-    def _load(self) -> None:
+    def _load(self, dit: bool = True) -> None:
         """Load DiT and text encoder for training, leaving room for backward activations: fully where they fit,
         else partially (ComfyUI then streams the rest per use; the per-block checkpointing bounds what backward
-        keeps). Then make every weight an ordinary tensor (a no-op for a deep copy made outside inference mode)."""
-        reserve = self._reserve()
-        size = self.mp.model_size() + self.clip.patcher.model_size()
+        keeps). Without ``dit`` (the offloaded engine, which places the DiT's weights itself) the text encoder only,
+        leaving what the engine needs besides free. Then make every weight an ordinary tensor (a no-op for a deep
+        copy made outside inference mode)."""
+        t = self.cfg.train
+        reserve = self._reserve() if dit else self._offload_reserve(t)
+        models = [self.mp, self.clip.patcher] if dit else [self.clip.patcher]
+        size = sum(p.model_size() for p in models)
         full = self.device.type != "cuda" or _available_bytes(self.device) >= size + reserve
         if not full:
-            logger.info("DiT + text encoder (%.1f GiB) do not fit with %.1f GiB for activations in %.1f GiB free: "
-                        "loading partially, ComfyUI streams the rest", size / 2**30, reserve / 2**30,
-                        mm.get_free_memory(self.device) / 2**30)
-        mm.load_models_gpu([self.mp, self.clip.patcher], memory_required=reserve, force_full_load=full)
+            logger.info("%s (%.1f GiB) do not fit with %.1f GiB for activations in %.1f GiB free: loading partially, "
+                        "ComfyUI streams the rest", "DiT + text encoder" if dit else "the text encoder",
+                        size / 2**30, reserve / 2**30, mm.get_free_memory(self.device) / 2**30)
+        mm.load_models_gpu(models, memory_required=reserve, force_full_load=full)
         dm, te = self.mp.model.diffusion_model, qwen_decoder(self.clip)
-        swapped = _ordinary_tensors(dm) + _ordinary_tensors(te)
+        swapped = (_ordinary_tensors(dm) if dit else 0) + _ordinary_tensors(te)
         logger.debug("swapped %d inference tensors for ordinary ones", swapped)
         # frozen, as ComfyUI's trainer makes them: a base weight left trainable would get a full gradient (and an
         # fp8 one cannot even be accumulated: "add not implemented for Float8" at the second step)
@@ -609,8 +663,9 @@ class ComfyBackend(TrainBackend):
             with self.engine.on_comfy_modules() if self.engine is not None else contextlib.nullcontext():
                 images.append(self._render(cond.detach(), extra, self.cfg.sample.seed + i))
         # sampling and decoding may have reloaded models under ComfyUI's management: make them trainable again
-        self._load()
-        if self.engine is not None:
+        # (the offloaded engine's weights are its own copies: only the text encoder, and room beside it)
+        self._load(dit=not self._offload)
+        if self.engine is not None and not self._offload:
             dm = self.mp.model.diffusion_model
             moved = blockers(self.mp, dm, self.device)
             if moved:  # ComfyUI reloaded the DiT partially for the preview (memory ran short)
@@ -647,7 +702,8 @@ class ComfyBackend(TrainBackend):
         except ImportError:
             version = None
         return {"trained_with": "ComfyUI", "comfyui_version": version,
-                "dit_engine": "diffusers" if self.engine is not None else "comfyui",
+                "dit_engine": "comfyui" if self.engine is None else "diffusers_offload" if self._offload
+                else "diffusers",
                 "dit_storage_dtype": str(self.model.model.get_dtype()).removeprefix("torch."),
                 "compute_dtype": str(self.dtype).removeprefix("torch.")}
 

@@ -11,8 +11,12 @@ VAE, and the LoRA is exported in the same keys; preview samples go through Comfy
 
 It is used (``dit_engine: auto``) where it computes what ComfyUI's forward computes: the MODEL carries no patches of
 other nodes that diffusers' forward would skip (``transformer_options``, per-use weight functions), plain or fp8 weights
-(not ComfyUI's scaled or quantized formats), resident on the device, the text-to-image variant. Otherwise the node
-trains through ComfyUI's own forward (``comfy_backend.py``), and the log says why.
+(not ComfyUI's scaled or quantized formats), the text-to-image variant. Where the DiT fits on the GPU beside the text
+encoder it trains over ComfyUI's resident weights; where it does not (24 GB cards; ``dit_engine: diffusers_offload``)
+it takes the core's ``model.offload`` path over copies of them (:class:`OffloadPlan`): the blocks in fp8 on the GPU as
+far as they fit, the rest in pinned CPU memory copied ahead of use, every block recomputed. On an H200 emulating a 23.5
+GiB card this took the node from 2.73 to 1.51 s/step (docs/benchmarks.md). Otherwise the node trains through ComfyUI's
+own forward (``comfy_backend.py``), and the log says why.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import functools
 import gc
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,7 +38,19 @@ from ..training.memory import cuda_graphs_blocked
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("auto", "diffusers", "comfyui")
+ENGINES = ("auto", "diffusers", "diffusers_offload", "comfyui")
+# how many of the DiT's blocks the offloaded engine keeps on the device, instead of as many as fit (tests, tuning)
+RESIDENT_BLOCKS_ENV = "QWEN_ZERO_PRIOR_RESIDENT_BLOCKS"
+
+
+class OffloadPlan(NamedTuple):
+    """The offloaded engine's memory (``dit_engine: diffusers_offload``, or ``auto`` where the DiT does not fit):
+    ``available_bytes`` for the blocks' fp8 weights and the ``prefetch_gib`` ring buffer, or ``resident`` blocks
+    where set (:func:`training.offload.offload_transformer`)."""
+
+    available_bytes: float
+    prefetch_gib: float
+    resident: int | None = None
 
 
 class EngineUnavailable(RuntimeError):
@@ -47,8 +64,9 @@ def resolved_device(device: torch.device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def blockers(mp, dm: nn.Module, device: torch.device) -> list[str]:
-    """Why the diffusers engine cannot train this MODEL (empty: it can)."""
+def blockers(mp, dm: nn.Module, device: torch.device, offload: bool = False) -> list[str]:
+    """Why the diffusers engine cannot train this MODEL (empty: it can). ``offload``: the engine copies the weights
+    where it keeps them (``offload_transformer``), so where ComfyUI has them does not matter."""
     out = []
     try:
         import diffusers  # noqa: F401  (a requirement of the pack; missing in a broken install)
@@ -78,7 +96,7 @@ def blockers(mp, dm: nn.Module, device: torch.device) -> list[str]:
             out.append(f"{name} stores a {type(w).__name__} (a quantized format)")
         elif any(hasattr(m, a) for a in ("scale_weight", "weight_scale", "scale_input", "input_scale")):
             out.append(f"{name} is in a scaled fp8 format")
-        elif w.device != dev:
+        elif w.device != dev and not offload:
             out.append(f"{name} is on {w.device}, not {dev} (weights streamed from CPU memory)")
         else:
             continue
@@ -110,22 +128,31 @@ def _lora_layers(transformer: nn.Module):
 
 class DiffusersEngine:
     """diffusers' transformer over ComfyUI's DiT ``dm`` with a peft LoRA whose ``A`` are ``init_A`` (the node's draws,
-    so both engines start from the same LoRA) and the ``model:`` speed options ``m`` (see the module docstring)."""
+    so both engines start from the same LoRA) and the ``model:`` speed options ``m`` (see the module docstring).
+
+    With ``offload`` (an :class:`OffloadPlan`: the DiT does not fit the GPU beside the text encoder, a 24 GB card)
+    the blocks are the core's ``model.offload`` ones (``training/offload.py``): fp8 copies of the weights, on the GPU
+    for the blocks that fit and in pinned CPU memory for the rest, copied ahead of use by the prefetcher; every block
+    recomputed, the resident ones compiled with ``m.compile``. The transformer then shares no tensor with ComfyUI's."""
 
     def __init__(self, dm: nn.Module, m, targets: list[str], rank: int, alpha: float,
-                 init_A: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, recompute: bool):
+                 init_A: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, recompute: bool,
+                 offload: OffloadPlan | None = None):
         from ..training import rope
 
         self.dm, self.rank, self.alpha, self.device, self.dtype = dm, rank, alpha, device, dtype
+        self.offload_summary: dict | None = None
+        self.prefetcher = None
         self._rope_was_installed = rope.installed()
         try:
-            self._build(dm, m, targets, rank, alpha, init_A, device, dtype, recompute)
+            self._build(dm, m, targets, rank, alpha, init_A, device, dtype, recompute or offload is not None,
+                        offload)
         except BaseException:
             if not self._rope_was_installed:
                 rope.uninstall()  # accelerate_transformer may have routed it before failing
             raise
 
-    def _build(self, dm, m, targets, rank, alpha, init_A, device, dtype, recompute) -> None:
+    def _build(self, dm, m, targets, rank, alpha, init_A, device, dtype, recompute, offload) -> None:
         from diffusers.training_utils import cast_training_params
 
         from ..training.families import QWEN_IMAGE_FP8
@@ -146,6 +173,13 @@ class DiffusersEngine:
                                                                         dtype=torch.float32, device=device)
         cast_training_params(self.transformer, dtype=torch.float32)
         self.transformer.train()
+        if offload is not None:  # after the LoRA, as the core: its base layers become the offloaded ones
+            from ..training.offload import offload_transformer, prefetcher_of
+
+            self.offload_summary = offload_transformer(self.transformer, resolved_device(device),
+                                                       offload.available_bytes, prefetch_gib=offload.prefetch_gib,
+                                                       resident=offload.resident)
+            self.prefetcher = prefetcher_of(self.transformer)
         self.compiled = bool(m.compile)
         self.recompute = bool(recompute)
         self.reduce_overhead = m.compile and m.compile_mode == "reduce-overhead"
@@ -154,7 +188,12 @@ class DiffusersEngine:
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        return (f"fp8 matmuls on {self.fp8_layers} layers, " if self.fp8_layers else f"{dtype} matmuls, ") + (
+        o = self.offload_summary
+        where = "" if o is None else (
+            f"offload: {o['resident_blocks']} of {o['blocks']} blocks on the device in fp8, {o['streamed_blocks']} "
+            "streamed from CPU memory" + (f" through a {o['prefetch_gib']:.2f} GiB prefetch ring" if o["prefetch_gib"]
+                                          else "") + ", ")
+        return where + (f"fp8 matmuls on {self.fp8_layers} layers, " if self.fp8_layers else f"{dtype} matmuls, ") + (
             "compiled with CUDA graphs" if self.reduce_overhead else "compiled" if self.compiled else "eager")
 
     # ---- the step -----------------------------------------------------------------------------------
@@ -170,6 +209,8 @@ class DiffusersEngine:
         return pred.reshape(bsz, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(bsz, c, 1, h, w)
 
     def step_begin(self) -> None:
+        if self.prefetcher is not None:  # this step streams its weights in the order the last one used them
+            self.prefetcher.begin_step()
         if self.reduce_overhead:  # last step's graph outputs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
 
@@ -198,9 +239,12 @@ class DiffusersEngine:
 
     def rebind(self) -> int:
         """Point the shared tensors at ComfyUI's current ones again (after ComfyUI reloaded the DiT for a preview, its
-        parameters may be other objects; ``shared_dit.rebind``). Returns how many modules changed."""
+        parameters may be other objects; ``shared_dit.rebind``). Returns how many modules changed: none when
+        offloaded (the engine holds copies of its own)."""
         from ..training.shared_dit import rebind
 
+        if self.offload_summary is not None:
+            return 0
         return rebind(self.transformer, self.dm)
 
     def close(self) -> None:
@@ -210,6 +254,7 @@ class DiffusersEngine:
             rope.uninstall()  # diffusers' module-level RoPE as this process had it
         self.transformer = None
         self.dm = None
+        self.prefetcher = None  # its ring buffer and copy stream
         gc.collect()  # compiled blocks hold bound methods of themselves: a cycle that keeps the model until collected
         if self.reduce_overhead:
             # the CUDA graphs' memory pools outlive the model until their trees are reset: without this, ~19 GB stayed
@@ -281,5 +326,5 @@ def engine_model_config(m, device: torch.device, recompute: bool):
     return dataclasses.replace(m, **changes) if changes else m
 
 
-__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "NATIVE_ALLOCATOR_HOW", "blockers", "engine_model_config",
-           "graphs_blocked", "resolved_device", "speed_tip", "transformer_config"]
+__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "NATIVE_ALLOCATOR_HOW", "OffloadPlan", "RESIDENT_BLOCKS_ENV",
+           "blockers", "engine_model_config", "graphs_blocked", "resolved_device", "speed_tip", "transformer_config"]

@@ -173,8 +173,8 @@ def exact_text_choice(value: str, *, device_type: str, engine_reserve: int | Non
         raise ValueError(f"{EXACT_TEXT_ENV}={value!r} is not auto, 1/true/yes, bf16, e4m3 or 0/false/no")
     if device_type == "cuda":
         if engine_reserve is None:
-            return None, "the copies are used with the diffusers DiT engine only (without it the step's memory plan " \
-                         "fills the card)"
+            return None, ("the copies are used with the diffusers DiT engine only, where it trains resident (else "
+                          "the step's memory plan fills the card: ComfyUI's forward, or the engine offloaded)")
     elif v in ("", "auto"):
         return None, f"auto uses them on a GPU only (this is {device_type})"
     choices = [v] if v in ("bf16", "e4m3") else ["bf16", "e4m3"]

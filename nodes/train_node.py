@@ -129,8 +129,10 @@ class TrainZeroPriorToken(io.ComfyNode):
                                tooltip="How the DiT trains. auto: on a GPU, diffusers' transformer over the weights "
                                "ComfyUI loaded (no copy) with the CLI's speed path (with compile: CUDA graphs, cuDNN "
                                "attention), where it computes what ComfyUI computes (no other patches on the MODEL, "
-                               "plain or fp8 weights, all on the GPU); else ComfyUI's own forward. The log says "
-                               "which and why."),
+                               "plain or fp8 weights); where the DiT does not fit beside the text encoder (24 GB "
+                               "cards) the same engine offloaded (diffusers_offload: the CLI's model.offload, the "
+                               "blocks in fp8 on the GPU as far as they fit, the rest streamed from CPU memory ahead "
+                               "of use); else ComfyUI's own forward. The log says which and why."),
                 _spec_input(io.Boolean, "model", "fp8_matmul", optional=True,
                             tooltip="fp8 matmuls for the DiT's frozen image-stream weights (diffusers engine only; "
                             "fp8 GPUs: Ada, Hopper, Blackwell): faster, ~3% relative error per product, as the "

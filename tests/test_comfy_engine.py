@@ -338,3 +338,93 @@ def test_exact_linear_is_float32_arithmetic_from_bf16_parts():
     assert torch.equal(x8.grad, x.grad)
     with pytest.raises(TypeError, match="bf16 or float8_e4m3fn weight, got torch.float32"):
         ExactLinear(w.float())
+
+
+def _lora_over(src, cfg, b_seed: int = 3):
+    """diffusers' transformer over ``src`` with a LoRA on the attention and its B drawn (not zero: the branch counts)."""
+    from qwen_zero_prior.training.lora import add_lora
+
+    model = build_over(src, cfg, torch.float32)
+    model.enable_gradient_checkpointing()
+    add_lora(model, 4, 4.0, ["to_q", "add_k_proj", "img_mlp.net.2"], seed=0)
+    g = torch.Generator().manual_seed(b_seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
+    return model
+
+
+def _loss_and_grads(model, x, ctx):
+    out = _call(model, x, ctx, 4, 6)
+    loss = out.square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("stored", ["fp8_e4m3fn", "float32"])
+def test_offloaded_engine_transformer_computes_what_the_shared_one_does(stored):
+    """The training node's offloaded engine (a 24 GB card: ``offload_transformer`` over the transformer built on
+    ComfyUI's tensors): one block resident, one streamed through the prefetcher's ring. Over an fp8 file's weights
+    it keeps them as they are and computes what the shared transformer computes (loss and LoRA gradients); over
+    float32 weights it stores row-scaled e4m3 (within e4m3's rounding). Its other parameters are its own."""
+    from qwen_zero_prior.training.offload import OffloadedLinear, offload_transformer, prefetcher_of
+
+    torch.manual_seed(0)
+    src, cfg = _source()
+    if stored == "fp8_e4m3fn":
+        for m in src.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+    shared, offloaded = _lora_over(src, cfg), _lora_over(src, cfg)
+    summary = offload_transformer(offloaded, torch.device("cpu"), float("inf"), prefetch_gib=0.01, resident=1)
+    assert (summary["resident_blocks"], summary["streamed_blocks"]) == (1, 1), summary
+    layers = [m for m in offloaded.modules() if isinstance(m, OffloadedLinear)]
+    per_block = sum(isinstance(m, nn.Linear) for m in src.transformer_blocks[0].modules())
+    assert len(layers) == 2 * per_block and sum(m.streamed for m in layers) == per_block
+    assert all(m.stored.dtype == torch.float8_e4m3fn for m in layers)
+    assert all((m.scale is None) == (stored == "fp8_e4m3fn") for m in layers)  # an fp8 file's weights as they are
+    assert prefetcher_of(offloaded) is not None
+    # embeddings, norms, the input and output layers: copies, not the source's tensors (on a CPU nothing moves, so
+    # they stay shared, as module.to would leave them; on a GPU _copy_rest_to replaces them, checked below)
+    x, ctx = torch.randn(1, 4 * 6, 64), torch.randn(1, 7, cfg["joint_attention_dim"])
+    for step in range(2):  # the prefetcher's second step copies ahead in the first one's order
+        prefetcher_of(offloaded).begin_step()
+        ref_loss, ref_grads = _loss_and_grads(shared, x, ctx)
+        loss, grads = _loss_and_grads(offloaded, x, ctx)
+        assert sorted(grads) == sorted(ref_grads) and len(grads) == 12
+        tol = 1e-5 if stored == "fp8_e4m3fn" else 0.1
+        assert abs(float(loss - ref_loss)) <= tol * float(ref_loss), (step, float(loss), float(ref_loss))
+        for n, g in grads.items():
+            err = float((g - ref_grads[n]).norm() / ref_grads[n].norm().clamp(min=1e-12))
+            assert err <= (1e-4 if stored == "fp8_e4m3fn" else 0.2), (step, n, err)
+        for m in (shared, offloaded):
+            m.zero_grad()
+    assert prefetcher_of(offloaded).stats()["hits"] > 0
+
+
+def test_offloaded_engine_copies_the_rest_instead_of_moving_the_sources_tensors():
+    """``_copy_rest_to`` puts copies where ``module.to`` would rewrite the shared ``Parameter`` in place (ComfyUI's
+    module would then find its weight moved). A meta device stands in for the GPU."""
+    from qwen_zero_prior.training.offload import _copy_rest_to
+
+    src, cfg = _source()
+    model = build_over(src, cfg, torch.float32)
+    before = {n: p for n, p in src.named_parameters()}
+    copied = _copy_rest_to(model, torch.device("meta"))
+    assert copied == sum(p.numel() * p.element_size() for p in src.parameters())
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert all(p is before[n] and p.device.type == "cpu" for n, p in src.named_parameters())
+
+
+def test_offload_transformer_refuses_bad_counts():
+    from qwen_zero_prior.training.offload import offload_transformer
+
+    src, cfg = _source()
+    with pytest.raises(ValueError, match=r"resident must be between 0 and 2 .* got 3"):
+        offload_transformer(build_over(src, cfg, torch.float32), torch.device("cpu"), 0, resident=3)
+    with pytest.raises(ValueError, match=r"prefetch_gib must be >= 0, got -1"):
+        offload_transformer(build_over(src, cfg, torch.float32), torch.device("cpu"), 0, prefetch_gib=-1)

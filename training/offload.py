@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .cast_linear import cast_linear, cast_linear_op
+from .cast_linear import StoredLinear, cast_linear, cast_linear_op
 from .fp8 import FP8, _parent, quantize_rows
 from .prefetch import WeightPrefetcher, no_release
 
@@ -83,10 +83,16 @@ class OffloadedLinear(nn.Module):
         w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.device = torch.device(device)
-        self.compute_dtype = w.dtype
+        # a StoredLinear (another program's weight, e.g. ComfyUI's fp8 file) names its compute dtype; a plain Linear
+        # computes in its weight's
+        self.compute_dtype = getattr(linear, "compute_dtype", None) or w.dtype
         store = torch.device(device) if on_gpu else torch.device("cpu")
-        if fp8:
-            q, scale = quantize_rows(w.to(self.device))  # quantize where it is fast
+        if fp8 and w.dtype == FP8:
+            # stored in e4m3 already (ComfyUI's qwen_image_fp8_e4m3fn file): kept as it is, unscaled, so the layer
+            # computes what the program that loaded it computes (a cast per use)
+            self.scale = self.out_scale = None
+        elif fp8:
+            q, scale = quantize_rows(w.to(self.device, self.compute_dtype))  # quantize where it is fast
             self.scale = scale.view(-1, 1).to(self.device)
             # the scale applied to outputs, in the compute dtype: one multiply on the output (eagerly, a float32
             # product would be two kernels and a float32 copy of every output); its rounding (<= 0.4 % per output
@@ -100,12 +106,13 @@ class OffloadedLinear(nn.Module):
         if store.type == "cpu" and self.device.type == "cuda":
             w = w.pin_memory()  # lets the copy run asynchronously on the compute stream
         self.stored = w
+        self.bias = None if linear.bias is None else nn.Parameter(
+            linear.bias.detach().to(self.device, self.compute_dtype if linear.bias.dtype.itemsize < 2 else None),
+            requires_grad=False)
         self.prefetcher = None  # set by apply_offload for the layers it streams (prefetch.WeightPrefetcher)
         # set by apply_offload for the transformer's blocks, which offload always recomputes (gradient
         # checkpointing): inside a compiled graph the per-use cast is then traced (see forward)
         self.cast_in_graph = False
-        self.bias = None if linear.bias is None else nn.Parameter(
-            linear.bias.detach().to(self.device), requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:  # for code that probes .weight (dtype/device); never through the prefetcher
@@ -164,9 +171,10 @@ class OffloadedLinear(nn.Module):
 
 
 def _replace(root: nn.Module, pick) -> list[tuple[str, nn.Linear]]:
-    """Frozen ``nn.Linear`` layers under ``root`` whose name passes ``pick`` (never the LoRA's own A/B layers)."""
+    """Frozen ``nn.Linear`` layers (plain, or :class:`~.cast_linear.StoredLinear` over another program's weights)
+    under ``root`` whose name passes ``pick`` (never the LoRA's own A/B layers)."""
     return [(n, m) for n, m in root.named_modules()
-            if type(m) is nn.Linear and pick(n) and ".lora_" not in n and not m.weight.requires_grad]
+            if type(m) in (nn.Linear, StoredLinear) and pick(n) and ".lora_" not in n and not m.weight.requires_grad]
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -176,7 +184,8 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def block_bytes_fp8(transformer: nn.Module) -> int:
     blk = transformer.transformer_blocks[0]
-    return sum(m.weight.numel() for m in blk.modules() if type(m) is nn.Linear)
+    return sum(m.weight.numel() for n, m in blk.named_modules()
+               if type(m) in (nn.Linear, StoredLinear) and ".lora_" not in f".{n}")
 
 
 def streamed_block_ids(n_blocks: int, n_streamed: int, layout: str = "spread") -> list[int]:
@@ -251,17 +260,7 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
         arena = 0
     streamed_ids = set(streamed_block_ids(n_blocks, n_blocks - resident, layout))
 
-    converted = {"resident": 0, "streamed": 0, "text_encoder": 0}
-    # training with offload recomputes the blocks (the backend turns gradient checkpointing on first): a compiled
-    # block may then trace its layers' casts (OffloadedLinear.forward)
-    recomputed = bool(getattr(tr, "is_gradient_checkpointing", False))
-    for name, lin in _replace(tr, lambda n: n.startswith("transformer_blocks.")):
-        idx = int(_BLOCK.match(name).group(1))
-        on_gpu = idx not in streamed_ids
-        layer = OffloadedLinear(lin, device, fp8=True, on_gpu=on_gpu)
-        layer.cast_in_graph = recomputed
-        _set(tr, name, layer)
-        converted["resident" if on_gpu else "streamed"] += 1
+    converted = {"text_encoder": 0, **_convert_blocks(tr, device, streamed_ids)}
     lm = te.model.language_model
     if text_encoder != "bf16":  # bf16 on the GPU: the layers stay plain Linears
         for name, lin in _replace(lm, lambda n: n.startswith("layers.")):
@@ -297,6 +296,87 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
                  "bf16": "on the GPU as loaded", "fp8": "on the GPU in fp8"}[text_encoder],
                 f"streamed weights copied ahead of use into a {arena / 2**30:.2f} GiB ring buffer" if arena else
                 "nothing copied ahead (model.offload_prefetch_gib: 0 or nothing streamed)")
+    return summary
+
+
+def _convert_blocks(tr: nn.Module, device: torch.device, streamed_ids: set[int]) -> dict:
+    """Every frozen Linear of ``tr``'s blocks as an fp8 :class:`OffloadedLinear`: on ``device``, or streamed from
+    pinned CPU memory for the blocks in ``streamed_ids``. Returns the layer counts."""
+    converted = {"resident": 0, "streamed": 0}
+    # training with offload recomputes the blocks (the backend turns gradient checkpointing on first): a compiled
+    # block may then trace its layers' casts (OffloadedLinear.forward)
+    recomputed = bool(getattr(tr, "is_gradient_checkpointing", False))
+    for name, lin in _replace(tr, lambda n: n.startswith("transformer_blocks.")):
+        idx = int(_BLOCK.match(name).group(1))
+        on_gpu = idx not in streamed_ids
+        layer = OffloadedLinear(lin, device, fp8=True, on_gpu=on_gpu)
+        layer.cast_in_graph = recomputed
+        _set(tr, name, layer)
+        converted["resident" if on_gpu else "streamed"] += 1
+    return converted
+
+
+def _copy_rest_to(root: nn.Module, device: torch.device) -> int:
+    """Every parameter and buffer of ``root`` not on ``device`` (the layers :func:`_convert_blocks` left: embeddings,
+    norms, input and output layers, the LoRA) replaced by a copy there. Unlike ``module.to``, which rewrites each
+    ``Parameter``'s data in place, the source's tensors are left where they are: they may be another program's
+    (ComfyUI's DiT, shared by ``shared_dit.build_over``), which it moves as it pleases. Returns the bytes copied."""
+    copied = 0
+    for mod in root.modules():
+        if isinstance(mod, OffloadedLinear):  # its stored weight stays where it was put; its bias is on the device
+            continue
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.device != device:
+                mod._parameters[name] = nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+                copied += p.numel() * p.element_size()
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device != device:
+                mod._buffers[name] = b.to(device)
+                copied += b.numel() * b.element_size()
+    return copied
+
+
+def offload_transformer(tr: nn.Module, device: torch.device, available_bytes: float, *, prefetch_gib: float = 0.0,
+                        layout: str = "spread", resident: int | None = None) -> dict:
+    """:func:`apply_offload` for a transformer alone, whose text encoder is another program's (the training node's
+    diffusers engine over ComfyUI's DiT, where it does not fit the GPU; ComfyUI runs the text encoder).
+
+    ``available_bytes``: GPU memory for the blocks' weights and, where anything streams, the ``prefetch_gib`` ring
+    buffer (the caller has kept back what the step needs beside them). ``resident``: how many blocks stay on the
+    GPU, instead of as many as fit. The source's weights (fp8 as they are, other dtypes quantized to row-scaled
+    e4m3) are copied: to the GPU for the resident blocks, to pinned CPU memory for the streamed ones; the other
+    parameters to the GPU (:func:`_copy_rest_to`), so the transformer shares no tensor with its source afterwards.
+    Call after the LoRA is added and gradient checkpointing is on. Returns a summary as :func:`apply_offload`'s."""
+    if prefetch_gib < 0:
+        raise ValueError(f"offload_transformer: prefetch_gib must be >= 0, got {prefetch_gib!r}")
+    device = torch.device(device)
+    n_blocks = len(tr.transformer_blocks)
+    per_block = block_bytes_fp8(tr)
+    arena = int(prefetch_gib * 2**30)
+    if resident is None:
+        resident = max(0, min(n_blocks, int(available_bytes // per_block)))
+        if arena and resident < n_blocks:
+            resident = max(0, min(n_blocks, int((available_bytes - arena) // per_block)))
+    elif not 0 <= resident <= n_blocks:
+        raise ValueError(f"offload_transformer: resident must be between 0 and {n_blocks} (the blocks), got "
+                         f"{resident!r}")
+    if resident == n_blocks:
+        arena = 0
+    streamed_ids = set(streamed_block_ids(n_blocks, n_blocks - resident, layout))
+    converted = _convert_blocks(tr, device, streamed_ids)
+    _copy_rest_to(tr, device)
+    if arena:
+        prefetcher = WeightPrefetcher(device, arena)
+        for m in tr.modules():
+            if isinstance(m, OffloadedLinear) and m.streamed:
+                m.prefetcher = prefetcher
+    summary = {"blocks": n_blocks, "resident_blocks": resident, "streamed_blocks": n_blocks - resident,
+               "block_fp8_gib": round(per_block / 2**30, 3), "streamed_block_ids": sorted(streamed_ids),
+               "prefetch_gib": round(arena / 2**30, 3), **converted}
+    logger.info("offload: %d of %d transformer blocks resident in fp8, %d streamed from CPU (%.2f GiB available "
+                "for them); %s", resident, n_blocks, n_blocks - resident, available_bytes / 2**30,
+                f"streamed weights copied ahead of use into a {arena / 2**30:.2f} GiB ring buffer" if arena else
+                "nothing copied ahead")
     return summary
 
 
