@@ -265,6 +265,17 @@ class DiffusersEngine:
             cudagraph_trees.reset_cudagraph_trees()
 
 
+def oom_hint(engine) -> str | None:
+    """What to change where the offloaded engine's step ran out of GPU memory (None for any other engine)."""
+    o = getattr(engine, "offload_summary", None)
+    if not o:
+        return None
+    fewer = max(0, o["resident_blocks"] - 4)
+    return (f"The offloaded DiT engine kept {o['resident_blocks']} of {o['blocks']} blocks on the GPU and ran out of "
+            f"memory beside them: start ComfyUI with {RESIDENT_BLOCKS_ENV}={fewer} in its environment (fewer blocks "
+            "on the GPU, more streamed), or lower resolution or batch_size, or close other programs using the GPU.")
+
+
 def _lora_hook(a, b, scale, module, args, output):
     return output + lora_delta(args[0], a, b, scale).to(output.dtype)
 
@@ -327,4 +338,5 @@ def engine_model_config(m, device: torch.device, recompute: bool):
 
 
 __all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "NATIVE_ALLOCATOR_HOW", "OffloadPlan", "RESIDENT_BLOCKS_ENV",
-           "blockers", "engine_model_config", "graphs_blocked", "resolved_device", "speed_tip", "transformer_config"]
+           "blockers", "engine_model_config", "graphs_blocked", "oom_hint", "resolved_device", "speed_tip",
+           "transformer_config"]

@@ -24,7 +24,7 @@ from ..training import outputs
 from ..training.config import Config, field_spec
 from ..training.data import DatasetError, resolve_dataset, scan_dataset
 from ..training.token import split_token_list
-from .comfy_engine import ENGINES, NATIVE_ALLOCATOR_HOW, speed_tip
+from .comfy_engine import ENGINES, NATIVE_ALLOCATOR_HOW, oom_hint, speed_tip
 from .paths import resolve_dataset_path, resolve_output_path
 from .sockets import CATEGORY, ZeroPriorArchive
 from .token_node import register_token
@@ -248,6 +248,11 @@ class TrainZeroPriorToken(io.ComfyNode):
                 except TrainingInterrupted as e:
                     logger.info("training interrupted at step %d; checkpoint %s", e.step, e.checkpoint)
                     raise mm.InterruptProcessingException() from e
+                except torch.OutOfMemoryError as e:
+                    hint = oom_hint(backend.engine)
+                    if hint is None:
+                        raise
+                    raise torch.OutOfMemoryError(f"{e}\n{hint}") from e
                 finally:
                     backend.close()
         finally:

@@ -428,3 +428,13 @@ def test_offload_transformer_refuses_bad_counts():
         offload_transformer(build_over(src, cfg, torch.float32), torch.device("cpu"), 0, resident=3)
     with pytest.raises(ValueError, match=r"prefetch_gib must be >= 0, got -1"):
         offload_transformer(build_over(src, cfg, torch.float32), torch.device("cpu"), 0, prefetch_gib=-1)
+
+
+def test_oom_hint_names_the_resident_blocks_and_the_way_out():
+    """An out-of-memory error of the offloaded engine's step gets a line saying how to keep fewer blocks on the GPU;
+    the other engines' errors are left as they are."""
+    hint = _engine.oom_hint(types.SimpleNamespace(offload_summary={"resident_blocks": 22, "blocks": 60}))
+    assert "kept 22 of 60 blocks" in hint and "QWEN_ZERO_PRIOR_RESIDENT_BLOCKS=18" in hint, hint
+    assert _engine.oom_hint(types.SimpleNamespace(offload_summary={"resident_blocks": 2, "blocks": 60})).count("=0 ")
+    assert _engine.oom_hint(types.SimpleNamespace(offload_summary=None)) is None
+    assert _engine.oom_hint(None) is None
