@@ -62,7 +62,7 @@ from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_attention import training_attention
 from .comfy_engine import (ENGINES, RESIDENT_BLOCKS_ENV, DiffusersEngine, EngineUnavailable, OffloadPlan, _has_triton,
-                           blockers, engine_model_config, graphs_blocked, resolved_device)
+                           blockers, engine_model_config, graphs_blocked, resident_blocks, resolved_device)
 from .comfy_text import (EXACT_TEXT_ENV, ComfyPromptEncoder, exact_bytes, exact_projections, exact_text_choice,
                          projection_modules, qwen_decoder)
 from ..training.families import QWEN_IMAGE, get_family
@@ -391,7 +391,7 @@ class ComfyBackend(TrainBackend):
         plan = None
         if self._offload:
             _ordinary_tensors(dm)  # the engine copies from them (on a CPU, shares them): no inference tensors
-            plan, m = self._offload_plan(t, m)
+            plan, m = self._offload_plan(t, m, len(dm.transformer_blocks))
         init = {name: a.lora_A.detach() for name, a in self.adapters.items()}
         try:
             self.engine = DiffusersEngine(dm, m, list(t.lora_targets), t.rank, t.alpha, init, self.device,
@@ -420,20 +420,13 @@ class ComfyBackend(TrainBackend):
         extra = max(NODE_OFFLOAD_EXTRA_GIB, mem.OFFLOAD_COMPILE_RESERVE_GIB if self.cfg.model.compile else 0.0)
         return int((max(mem.OFFLOAD_RESERVE_GIB, act) + extra) * mem.GIB)
 
-    def _offload_plan(self, t: TrainConfig, m):
+    def _offload_plan(self, t: TrainConfig, m, n_blocks: int):
         """The offloaded engine's :class:`OffloadPlan` (what is left on the device after the text encoder, less
         :meth:`_offload_reserve`; ``QWEN_ZERO_PRIOR_RESIDENT_BLOCKS`` fixes the resident blocks instead) and the
         ``model:`` options it runs with (offload stores the blocks in fp8 itself: no ``fp8_matmul``)."""
-        raw = os.environ.get(RESIDENT_BLOCKS_ENV, "").strip()
-        resident = None
-        if raw:
-            try:
-                resident = int(raw)
-            except ValueError:
-                resident = -1
-            if resident < 0:
-                raise ValueError(f"{RESIDENT_BLOCKS_ENV}={raw!r}: expected a whole number of blocks >= 0, or unset "
-                                 "to keep as many as fit")
+        resident = resident_blocks(os.environ.get(RESIDENT_BLOCKS_ENV, ""))
+        if resident is not None:
+            resident = min(resident, n_blocks)  # more than there are: all of them
         if self.device.type == "cuda":
             available = _available_bytes(self.device) - self._offload_reserve(t)
         else:  # no device memory to plan for: every block resident unless told otherwise

@@ -43,6 +43,22 @@ ENGINES = ("auto", "diffusers", "diffusers_offload", "comfyui")
 RESIDENT_BLOCKS_ENV = "QWEN_ZERO_PRIOR_RESIDENT_BLOCKS"
 
 
+def resident_blocks(raw: str) -> int | None:
+    """``QWEN_ZERO_PRIOR_RESIDENT_BLOCKS``'s value: a whole number of blocks >= 0, or None where unset (as many as
+    fit). Raises ValueError naming the value otherwise."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{RESIDENT_BLOCKS_ENV}={raw!r}: expected a whole number of blocks >= 0 (the DiT's blocks the "
+                         "offloaded engine keeps on the GPU), or unset to keep as many as fit")
+    return n
+
+
 class OffloadPlan(NamedTuple):
     """The offloaded engine's memory (``dit_engine: diffusers_offload``, or ``auto`` where the DiT does not fit):
     ``available_bytes`` for the blocks' fp8 weights and the ``prefetch_gib`` ring buffer, or ``resident`` blocks
@@ -338,5 +354,5 @@ def engine_model_config(m, device: torch.device, recompute: bool):
 
 
 __all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "NATIVE_ALLOCATOR_HOW", "OffloadPlan", "RESIDENT_BLOCKS_ENV",
-           "blockers", "engine_model_config", "graphs_blocked", "oom_hint", "resolved_device", "speed_tip",
+           "blockers", "engine_model_config", "graphs_blocked", "oom_hint", "resident_blocks", "resolved_device", "speed_tip",
            "transformer_config"]

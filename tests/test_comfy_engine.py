@@ -438,3 +438,10 @@ def test_oom_hint_names_the_resident_blocks_and_the_way_out():
     assert _engine.oom_hint(types.SimpleNamespace(offload_summary={"resident_blocks": 2, "blocks": 60})).count("=0 ")
     assert _engine.oom_hint(types.SimpleNamespace(offload_summary=None)) is None
     assert _engine.oom_hint(None) is None
+
+
+@pytest.mark.parametrize("raw", ["-1", "two", "1.5"])
+def test_resident_blocks_setting_refuses_garbage(raw):
+    with pytest.raises(ValueError, match=rf"QWEN_ZERO_PRIOR_RESIDENT_BLOCKS='{raw}': expected a whole number"):
+        _engine.resident_blocks(raw)
+    assert _engine.resident_blocks("") is None and _engine.resident_blocks(" 12 ") == 12
