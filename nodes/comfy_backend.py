@@ -278,6 +278,7 @@ class ComfyBackend(TrainBackend):
         self._exact: dict | None = None  # the text encoder's ExactLinear stand-ins (QWEN_ZERO_PRIOR_EXACT_TEXT)
         self._said_no_graphs = False
         self._offload = False  # the diffusers engine with the DiT's blocks offloaded (prepare)
+        self._te_full = None  # with it: whether the text encoder was loaded fully (kept for reloads after previews)
 
     def _base_tokenizer(self):
         tok = self.clip.tokenizer
@@ -302,7 +303,9 @@ class ComfyBackend(TrainBackend):
         # the offloaded diffusers engine (a 24 GB card): ComfyUI loads the text encoder only, the engine copies the
         # DiT's blocks where they go (fp8 on the GPU as far as they fit, the rest streamed from pinned CPU memory)
         self._offload = self.dit_engine == "diffusers_offload" or (
-            self.dit_engine == "auto" and self.device.type == "cuda" and not fits)
+            self.dit_engine == "auto" and self.device.type == "cuda" and not fits
+            and not blockers(self.model, self.model.model.diffusion_model, self.device, offload=True,
+                             scan_weights=False))
         te_fits = self.device.type != "cuda" or _available_bytes(self.device) >= (
             self.clip.patcher.model_size() + self._offload_reserve(t))
         # non-dynamic copies (resident where ComfyUI loads them, plain CPU tensors where the engine copies from)
@@ -391,7 +394,7 @@ class ComfyBackend(TrainBackend):
         plan = None
         if self._offload:
             _ordinary_tensors(dm)  # the engine copies from them (on a CPU, shares them): no inference tensors
-            plan, m = self._offload_plan(t, m, len(dm.transformer_blocks))
+            plan, m = self._offload_plan(t, m, dm)
         init = {name: a.lora_A.detach() for name, a in self.adapters.items()}
         try:
             self.engine = DiffusersEngine(dm, m, list(t.lora_targets), t.rank, t.alpha, init, self.device,
@@ -420,13 +423,13 @@ class ComfyBackend(TrainBackend):
         extra = max(NODE_OFFLOAD_EXTRA_GIB, mem.OFFLOAD_COMPILE_RESERVE_GIB if self.cfg.model.compile else 0.0)
         return int((max(mem.OFFLOAD_RESERVE_GIB, act) + extra) * mem.GIB)
 
-    def _offload_plan(self, t: TrainConfig, m, n_blocks: int):
+    def _offload_plan(self, t: TrainConfig, m, dm):
         """The offloaded engine's :class:`OffloadPlan` (what is left on the device after the text encoder, less
         :meth:`_offload_reserve`; ``QWEN_ZERO_PRIOR_RESIDENT_BLOCKS`` fixes the resident blocks instead) and the
         ``model:`` options it runs with (offload stores the blocks in fp8 itself: no ``fp8_matmul``)."""
         resident = resident_blocks(os.environ.get(RESIDENT_BLOCKS_ENV, ""))
         if resident is not None:
-            resident = min(resident, n_blocks)  # more than there are: all of them
+            resident = min(resident, len(dm.transformer_blocks))  # more than there are: all of them
         if self.device.type == "cuda":
             available = _available_bytes(self.device) - self._offload_reserve(t)
         else:  # no device memory to plan for: every block resident unless told otherwise
@@ -435,6 +438,13 @@ class ComfyBackend(TrainBackend):
             logger.warning("fp8_matmul: not with the offloaded engine, which stores the DiT's blocks in fp8 itself "
                            "and casts them per use")
             m = dataclasses.replace(m, fp8_matmul=False)
+        wide = sorted({str(lin.weight.dtype).removeprefix("torch.") for lin in dm.transformer_blocks.modules()
+                       if isinstance(lin, nn.Linear) and lin.weight.dtype.itemsize > 1})
+        if wide:
+            logger.warning("offloaded DiT engine: the blocks' weights are stored as %s; it keeps them in fp8 (row-scaled "
+                           "e4m3, as the CLI's model.offload), so the LoRA trains against fp8-rounded weights. An fp8 "
+                           "DiT file is used as it is; dit_engine comfyui keeps these weights as loaded (slower)",
+                           "/".join(wide))
         prefetch = self.cfg.model.offload_prefetch_gib if self.device.type == "cuda" else 0.0
         return OffloadPlan(max(available, 0.0), prefetch, resident), m
 
@@ -508,7 +518,13 @@ class ComfyBackend(TrainBackend):
         reserve = self._reserve() if dit else self._offload_reserve(t)
         models = [self.mp, self.clip.patcher] if dit else [self.clip.patcher]
         size = sum(p.model_size() for p in models)
-        full = self.device.type != "cuda" or _available_bytes(self.device) >= size + reserve
+        if not dit and self._te_full is not None:
+            # again after a sample preview: the engine's blocks now hold what the text encoder was loaded beside
+            full = self._te_full
+        else:
+            full = self.device.type != "cuda" or _available_bytes(self.device) >= size + reserve
+            if not dit:
+                self._te_full = full
         if not full:
             logger.info("%s (%.1f GiB) do not fit with %.1f GiB for activations in %.1f GiB free: loading partially, "
                         "ComfyUI streams the rest", "DiT + text encoder" if dit else "the text encoder",

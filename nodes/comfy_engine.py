@@ -14,9 +14,10 @@ other nodes that diffusers' forward would skip (``transformer_options``, per-use
 (not ComfyUI's scaled or quantized formats), the text-to-image variant. Where the DiT fits on the GPU beside the text
 encoder it trains over ComfyUI's resident weights; where it does not (24 GB cards; ``dit_engine: diffusers_offload``)
 it takes the core's ``model.offload`` path over copies of them (:class:`OffloadPlan`): the blocks in fp8 on the GPU as
-far as they fit, the rest in pinned CPU memory copied ahead of use, every block recomputed. On an H200 emulating a 23.5
-GiB card this took the node from 2.73 to 1.51 s/step (docs/benchmarks.md). Otherwise the node trains through ComfyUI's
-own forward (``comfy_backend.py``), and the log says why.
+far as they fit, the rest in pinned CPU memory copied ahead of use, every block recomputed (on an H200 emulating a 23.5
+GiB card: 1.51-2.52 s/step in four runs of session 13, against 2.73 through ComfyUI's forward in session 12;
+docs/benchmarks.md). Otherwise the node trains through ComfyUI's own forward (``comfy_backend.py``), and the log says
+why.
 """
 
 from __future__ import annotations
@@ -80,9 +81,11 @@ def resolved_device(device: torch.device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def blockers(mp, dm: nn.Module, device: torch.device, offload: bool = False) -> list[str]:
+def blockers(mp, dm: nn.Module, device: torch.device, offload: bool = False, scan_weights: bool = True) -> list[str]:
     """Why the diffusers engine cannot train this MODEL (empty: it can). ``offload``: the engine copies the weights
-    where it keeps them (``offload_transformer``), so where ComfyUI has them does not matter."""
+    where it keeps them (``offload_transformer``), so where ComfyUI has them does not matter. Without
+    ``scan_weights`` only the MODEL's patches and variant are looked at, not its modules' weights (the graph's MODEL
+    before a non-dynamic copy is made: how ComfyUI's dynamic VRAM holds weights is its own business)."""
     out = []
     try:
         import diffusers  # noqa: F401  (a requirement of the pack; missing in a broken install)
@@ -101,6 +104,8 @@ def blockers(mp, dm: nn.Module, device: torch.device, offload: bool = False) -> 
     if getattr(dm, "__index_timestep_zero__", None) is not None or getattr(
             getattr(dm, "time_text_embed", None), "use_additional_t_cond", False):
         out.append("this Qwen-Image variant (edit / additional timestep conditioning) is not text-to-image")
+    if not scan_weights:
+        return out
     dev = resolved_device(device)
     for name, m in dm.named_modules():
         w = getattr(m, "weight", None)
@@ -149,7 +154,7 @@ class DiffusersEngine:
     With ``offload`` (an :class:`OffloadPlan`: the DiT does not fit the GPU beside the text encoder, a 24 GB card)
     the blocks are the core's ``model.offload`` ones (``training/offload.py``): fp8 copies of the weights, on the GPU
     for the blocks that fit and in pinned CPU memory for the rest, copied ahead of use by the prefetcher; every block
-    recomputed, the resident ones compiled with ``m.compile``. The transformer then shares no tensor with ComfyUI's."""
+    recomputed, the resident ones compiled with ``m.compile``. ComfyUI's own tensors are never moved."""
 
     def __init__(self, dm: nn.Module, m, targets: list[str], rank: int, alpha: float,
                  init_A: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, recompute: bool,
@@ -287,9 +292,12 @@ def oom_hint(engine) -> str | None:
     if not o:
         return None
     fewer = max(0, o["resident_blocks"] - 4)
-    return (f"The offloaded DiT engine kept {o['resident_blocks']} of {o['blocks']} blocks on the GPU and ran out of "
-            f"memory beside them: start ComfyUI with {RESIDENT_BLOCKS_ENV}={fewer} in its environment (fewer blocks "
-            "on the GPU, more streamed), or lower resolution or batch_size, or close other programs using the GPU.")
+    head = (f"The offloaded DiT engine kept {o['resident_blocks']} of {o['blocks']} blocks on the GPU and ran out of "
+            "memory beside them: ")
+    if o["resident_blocks"] == 0:
+        return head + "lower resolution or batch_size, or close other programs using the GPU."
+    return head + (f"start ComfyUI with {RESIDENT_BLOCKS_ENV}={fewer} in its environment (fewer blocks on the GPU, "
+                   "more streamed), or lower resolution or batch_size, or close other programs using the GPU.")
 
 
 def _lora_hook(a, b, scale, module, args, output):

@@ -184,6 +184,12 @@ def test_engine_blockers_name_what_diffusers_would_not_compute():
     dm.lin.weight = nn.Parameter(torch.empty(4, 4, device="meta"))
     (why,) = blockers(mp, dm, cpu)
     assert "lin is on meta" in why
+    assert blockers(mp, dm, cpu, offload=True) == []  # the offloaded engine copies weights from wherever they are
+    # the graph's MODEL before a copy is made: its patches count, its weights are not looked at
+    assert blockers(*_fake_model(scale_weight=nn.Parameter(torch.ones(()))), cpu, scan_weights=False) == []
+    (why,) = blockers(*_fake_model({"patches_replace": {"dit": {("double_block", 0): print}}}), cpu,
+                      scan_weights=False)
+    assert "patches_replace" in why
 
 
 def test_rebind_points_at_the_sources_new_tensors():
@@ -436,6 +442,8 @@ def test_oom_hint_names_the_resident_blocks_and_the_way_out():
     hint = _engine.oom_hint(types.SimpleNamespace(offload_summary={"resident_blocks": 22, "blocks": 60}))
     assert "kept 22 of 60 blocks" in hint and "QWEN_ZERO_PRIOR_RESIDENT_BLOCKS=18" in hint, hint
     assert _engine.oom_hint(types.SimpleNamespace(offload_summary={"resident_blocks": 2, "blocks": 60})).count("=0 ")
+    none_left = _engine.oom_hint(types.SimpleNamespace(offload_summary={"resident_blocks": 0, "blocks": 60}))
+    assert "QWEN_ZERO_PRIOR_RESIDENT_BLOCKS" not in none_left and "lower resolution" in none_left
     assert _engine.oom_hint(types.SimpleNamespace(offload_summary=None)) is None
     assert _engine.oom_hint(None) is None
 
@@ -445,3 +453,13 @@ def test_resident_blocks_setting_refuses_garbage(raw):
     with pytest.raises(ValueError, match=rf"QWEN_ZERO_PRIOR_RESIDENT_BLOCKS='{raw}': expected a whole number"):
         _engine.resident_blocks(raw)
     assert _engine.resident_blocks("") is None and _engine.resident_blocks(" 12 ") == 12
+
+
+def test_offload_transformer_without_device_memory_to_plan_keeps_every_block():
+    """No budget to plan for (a CPU: an infinite one) and no count given: every block resident, none streamed."""
+    from qwen_zero_prior.training.offload import offload_transformer
+
+    src, cfg = _source()
+    summary = offload_transformer(build_over(src, cfg, torch.float32), torch.device("cpu"), float("inf"),
+                                  prefetch_gib=1.0)
+    assert (summary["resident_blocks"], summary["streamed_blocks"], summary["prefetch_gib"]) == (2, 0, 0.0), summary

@@ -1077,18 +1077,22 @@ def test_diffusers_engine_equals_comfyui_forward(comfy, weight_dtype):
     assert r["after_rebind_max_abs"] <= 1e-5 * r["lora_scale"], r
 
 
-def test_training_diffusers_engine_with_previews(comfy, train_ds):
+@pytest.mark.parametrize("engine", ["diffusers", "diffusers_offload"])
+def test_training_diffusers_engine_with_previews(comfy, train_ds, engine):
     """Previews during training with the diffusers engine (ComfyUI's sampler, the LoRA hooked onto ComfyUI's modules,
-    the shared weights rebound after ComfyUI reloaded them) leave training as it is: the same LoRA as without."""
+    the shared weights rebound after ComfyUI reloaded them; offloaded, the engine's own copies untouched and only the
+    text encoder reloaded) leave training as it is: the same LoRA as without."""
     from qwen_zero_prior.training.archive import load_archive
 
     log_start = len(comfy.server.log_text())
     for every in (0, 1):
-        comfy.server.run(_train_graph(comfy, steps=2, preview_every=every, dit_engine="diffusers",
-                                      output_name=f"zero_prior/engine_preview_{every}.zip"), timeout=900)
+        comfy.server.run(_train_graph(comfy, steps=2, preview_every=every, dit_engine=engine,
+                                      output_name=f"zero_prior/{engine}_preview_{every}.zip"), timeout=900)
     log = comfy.server.log_text()[log_start:]
     assert "sample preview at step 2" in log, log[-3000:]
-    plain, previewed = (load_archive(comfy.output(f"zero_prior/engine_preview_{e}.zip")) for e in (0, 1))
+    assert "the text encoder (" not in log, log[-3000:]  # reloaded fully after the preview, not partially
+    plain, previewed = (load_archive(comfy.output(f"zero_prior/{engine}_preview_{e}.zip")) for e in (0, 1))
+    assert plain.meta.extra["dit_engine"] == engine
     diff = max(float((plain.lora_state_dict[k] - previewed.lora_state_dict[k]).abs().max())
                for k in plain.lora_state_dict)
     assert diff < 1e-6 and torch.allclose(plain.vector, previewed.vector, atol=1e-7), diff

@@ -26,6 +26,7 @@ weight inside an autograd function, for the forward and again for the backward, 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
 
@@ -184,8 +185,7 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def block_bytes_fp8(transformer: nn.Module) -> int:
     blk = transformer.transformer_blocks[0]
-    return sum(m.weight.numel() for n, m in blk.named_modules()
-               if type(m) in (nn.Linear, StoredLinear) and ".lora_" not in f".{n}")
+    return sum(m.weight.numel() for m in blk.modules() if type(m) in (nn.Linear, StoredLinear))
 
 
 def streamed_block_ids(n_blocks: int, n_streamed: int, layout: str = "spread") -> list[int]:
@@ -345,14 +345,19 @@ def offload_transformer(tr: nn.Module, device: torch.device, available_bytes: fl
     buffer (the caller has kept back what the step needs beside them). ``resident``: how many blocks stay on the
     GPU, instead of as many as fit. The source's weights (fp8 as they are, other dtypes quantized to row-scaled
     e4m3) are copied: to the GPU for the resident blocks, to pinned CPU memory for the streamed ones; the other
-    parameters to the GPU (:func:`_copy_rest_to`), so the transformer shares no tensor with its source afterwards.
-    Call after the LoRA is added and gradient checkpointing is on. Returns a summary as :func:`apply_offload`'s."""
+    parameters to the GPU (:func:`_copy_rest_to`), never by moving the source's own ``Parameter``.
+    Call after the LoRA is added and gradient checkpointing is on. Returns a summary as :func:`apply_offload`'s.
+    (Tensors already on ``device`` stay as they are: on a CPU, the tests' device, the source's are shared.)"""
     if prefetch_gib < 0:
         raise ValueError(f"offload_transformer: prefetch_gib must be >= 0, got {prefetch_gib!r}")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # as tensors report it (_copy_rest_to compares devices)
+        device = torch.device("cuda", torch.cuda.current_device())
     n_blocks = len(tr.transformer_blocks)
     per_block = block_bytes_fp8(tr)
     arena = int(prefetch_gib * 2**30)
+    if resident is None and math.isinf(available_bytes):  # no device memory to plan for (a CPU): all resident
+        resident = n_blocks
     if resident is None:
         resident = max(0, min(n_blocks, int(available_bytes // per_block)))
         if arena and resident < n_blocks:
