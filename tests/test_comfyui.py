@@ -1090,7 +1090,6 @@ def test_training_diffusers_engine_with_previews(comfy, train_ds, engine):
                                       output_name=f"zero_prior/{engine}_preview_{every}.zip"), timeout=900)
     log = comfy.server.log_text()[log_start:]
     assert "sample preview at step 2" in log, log[-3000:]
-    assert "the text encoder (" not in log, log[-3000:]  # reloaded fully after the preview, not partially
     plain, previewed = (load_archive(comfy.output(f"zero_prior/{engine}_preview_{e}.zip")) for e in (0, 1))
     assert plain.meta.extra["dit_engine"] == engine
     diff = max(float((plain.lora_state_dict[k] - previewed.lora_state_dict[k]).abs().max())
