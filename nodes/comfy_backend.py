@@ -417,8 +417,8 @@ class ComfyBackend(TrainBackend):
 
     def _offload_reserve(self, t: TrainConfig) -> int:
         """What the offloaded engine's step needs beside the blocks' weights: the core's offload reserve
-        (activations with every block recomputed, the LoRA and its AdamW state), more at larger images or batches,
-        and more with ``model.compile``."""
+        (activations with every block recomputed, the LoRA and its AdamW state; more at larger images or batches)
+        plus :data:`NODE_OFFLOAD_EXTRA_GIB`, which also covers what ``model.compile`` adds in the core."""
         act = mem.activation_gib(mem.ACT_CHECKPOINT_GIB, t.resolution, t.batch_size) + mem.MARGIN_GIB
         extra = max(NODE_OFFLOAD_EXTRA_GIB, mem.OFFLOAD_COMPILE_RESERVE_GIB if self.cfg.model.compile else 0.0)
         return int((max(mem.OFFLOAD_RESERVE_GIB, act) + extra) * mem.GIB)
