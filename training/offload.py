@@ -244,20 +244,16 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
         parts = memory.weight_parts(pipe)
         free -= parts.te_layers if text_encoder == "bf16" else parts.te_layers_fp8
     # ("auto" picks a storage that fits beside every block, memory.text_encoder_storage: then all are resident)
-    resident = max(0, min(n_blocks, int(free // per_block)))
     if prefetch_gib < 0:
         raise ValueError(f"apply_offload: prefetch_gib must be >= 0, got {prefetch_gib!r}")
-    arena = int(prefetch_gib * 2**30)
-    if arena and (resident < n_blocks or streams_te):  # something streams: its ring buffer first
-        resident = max(0, min(n_blocks, int((free - arena) // per_block)))
+    resident, arena = _fitting_blocks(n_blocks, per_block, free, int(prefetch_gib * 2**30), streams_te)
+    if arena:
         if arena > free:
             logger.warning("offload: the %.2f GiB ring buffer for prefetching (model.offload_prefetch_gib) is more "
                            "than the %.2f GiB the budget leaves for weights (offload_budget_gib %.2f GiB minus the "
                            "%.1f GiB reserve and the embeddings): it goes beyond the budget; lower "
                            "offload_prefetch_gib or raise the budget", arena / 2**30, max(free, 0) / 2**30,
                            budget_gib, reserve_gib)
-    else:
-        arena = 0
     streamed_ids = set(streamed_block_ids(n_blocks, n_blocks - resident, layout))
 
     converted = {"text_encoder": 0, **_convert_blocks(tr, device, streamed_ids)}
@@ -280,12 +276,7 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
         te.lm_head.to("cpu")
     for mod in (tr, lm):
         mod.to(device)
-    if arena:
-        prefetcher = WeightPrefetcher(device, arena)
-        for mod in (tr, lm):
-            for m in mod.modules():
-                if isinstance(m, OffloadedLinear) and m.streamed:
-                    m.prefetcher = prefetcher
+    _attach_prefetcher((tr, lm), device, arena)
     summary = {"blocks": n_blocks, "resident_blocks": resident, "streamed_blocks": n_blocks - resident,
                "block_fp8_gib": round(per_block / 2**30, 3), "text_encoder_storage": text_encoder,
                "streamed_block_ids": sorted(streamed_ids), "prefetch_gib": round(arena / 2**30, 3), **converted}
@@ -297,6 +288,31 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
                 f"streamed weights copied ahead of use into a {arena / 2**30:.2f} GiB ring buffer" if arena else
                 "nothing copied ahead (model.offload_prefetch_gib: 0 or nothing streamed)")
     return summary
+
+
+def _fitting_blocks(n_blocks: int, per_block: int, free: float, arena: int, also_streams: bool) -> tuple[int, int]:
+    """How many of ``n_blocks`` blocks of ``per_block`` fp8 bytes stay on the GPU with ``free`` bytes for them, and
+    the ring buffer's bytes: ``arena`` where anything streams (a block that does not fit, or ``also_streams``: the
+    text decoder), taken from ``free`` first; 0 where nothing does. An infinite ``free`` (no device memory to plan
+    for: a CPU) keeps every block."""
+    if math.isinf(free):
+        return n_blocks, (arena if also_streams else 0)
+    resident = max(0, min(n_blocks, int(free // per_block)))
+    if not arena or (resident == n_blocks and not also_streams):
+        return resident, 0
+    return max(0, min(n_blocks, int((free - arena) // per_block))), arena
+
+
+def _attach_prefetcher(roots, device: torch.device, arena: int) -> None:
+    """One :class:`~.prefetch.WeightPrefetcher` with an ``arena``-byte ring for every streamed
+    :class:`OffloadedLinear` under ``roots`` (none where ``arena`` is 0)."""
+    if not arena:
+        return
+    prefetcher = WeightPrefetcher(device, arena)
+    for root in roots:
+        for m in root.modules():
+            if isinstance(m, OffloadedLinear) and m.streamed:
+                m.prefetcher = prefetcher
 
 
 def _convert_blocks(tr: nn.Module, device: torch.device, streamed_ids: set[int]) -> dict:
@@ -356,25 +372,17 @@ def offload_transformer(tr: nn.Module, device: torch.device, available_bytes: fl
     n_blocks = len(tr.transformer_blocks)
     per_block = block_bytes_fp8(tr)
     arena = int(prefetch_gib * 2**30)
-    if resident is None and math.isinf(available_bytes):  # no device memory to plan for (a CPU): all resident
-        resident = n_blocks
     if resident is None:
-        resident = max(0, min(n_blocks, int(available_bytes // per_block)))
-        if arena and resident < n_blocks:
-            resident = max(0, min(n_blocks, int((available_bytes - arena) // per_block)))
+        resident, arena = _fitting_blocks(n_blocks, per_block, available_bytes, arena, also_streams=False)
     elif not 0 <= resident <= n_blocks:
         raise ValueError(f"offload_transformer: resident must be between 0 and {n_blocks} (the blocks), got "
                          f"{resident!r}")
-    if resident == n_blocks:
+    elif resident == n_blocks:
         arena = 0
     streamed_ids = set(streamed_block_ids(n_blocks, n_blocks - resident, layout))
     converted = _convert_blocks(tr, device, streamed_ids)
     _copy_rest_to(tr, device)
-    if arena:
-        prefetcher = WeightPrefetcher(device, arena)
-        for m in tr.modules():
-            if isinstance(m, OffloadedLinear) and m.streamed:
-                m.prefetcher = prefetcher
+    _attach_prefetcher((tr,), device, arena)
     summary = {"blocks": n_blocks, "resident_blocks": resident, "streamed_blocks": n_blocks - resident,
                "block_fp8_gib": round(per_block / 2**30, 3), "streamed_block_ids": sorted(streamed_ids),
                "prefetch_gib": round(arena / 2**30, 3), **converted}
