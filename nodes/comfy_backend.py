@@ -77,6 +77,9 @@ logger = logging.getLogger(__name__)
 # free (session 13), eager steps with the core's 6 GiB (26 of 60 blocks resident) ran out of memory at step 4; with
 # 7.5 GiB (22 resident) compiled steps trained in three runs, 23.1 GiB at peak
 NODE_OFFLOAD_EXTRA_GIB = 1.5
+# the prefetch ring of the text encoder's streamed projections (the offloaded engine), at least: two of Qwen2.5-VL-7B's
+# largest e4m3 weights (gate/up, 68 MB) and a half
+TEXT_RING_BYTES = 256 * 2**20
 
 
 class LoRABranch(nn.Module):
@@ -279,6 +282,8 @@ class ComfyBackend(TrainBackend):
         self._said_no_graphs = False
         self._offload = False  # the diffusers engine with the DiT's blocks offloaded (prepare)
         self._te_full = None  # with it: whether the text encoder was loaded fully (kept for reloads after previews)
+        self._text_streamed = False  # with it: the text encoder's projections streamed, ComfyUI's copy unloaded
+        self._text_prefetcher = None  # their WeightPrefetcher (a GPU)
 
     def _base_tokenizer(self):
         tok = self.clip.tokenizer
@@ -334,9 +339,12 @@ class ComfyBackend(TrainBackend):
             self._was_in_training = mm.in_training
             mm.in_training = True
         self._load(dit=not self._offload)
+        if self._offload:  # before the engine's plan: streamed projections leave the encoder's memory to the blocks
+            self._exact_text(self.clip.patcher.load_device)
         if not self._start_engine(dm, t):
             if self._offload:  # the offloaded engine could not start: ComfyUI's forward trains, ComfyUI streams
                 self._offload = False
+                self._exact, self._text_streamed, self._text_prefetcher = None, False, None
                 self._load()
             for name, a in self.adapters.items():
                 self._handles.append(dm.get_submodule(name).register_forward_hook(a.hook))
@@ -515,6 +523,8 @@ class ComfyBackend(TrainBackend):
         leaving what the engine needs besides free. Then make every weight an ordinary tensor (a no-op for a deep
         copy made outside inference mode)."""
         t = self.cfg.train
+        if not dit and self._text_streamed:  # the text encoder's projections are streamed: nothing for ComfyUI to load
+            return
         reserve = self._reserve() if dit else self._offload_reserve(t)
         models = [self.mp, self.clip.patcher] if dit else [self.clip.patcher]
         size = sum(p.model_size() for p in models)
@@ -572,7 +582,10 @@ class ComfyBackend(TrainBackend):
         numbers from copies of its weights, bf16 (~12 GiB for the 7B encoder) or, for an fp8-scaled file, its e4m3
         data (~6 GiB, cast for each use: 38 ms a step slower at 1024² on an H200), no per-layer recompute; where
         ``comfy_text.exact_text_choice`` picks them (``QWEN_ZERO_PRIOR_EXACT_TEXT``, default auto: with the
-        diffusers engine on a GPU, where they fit). Made once; {} otherwise (the log says why)."""
+        diffusers engine on a GPU, where they fit). With the offloaded engine (called before it is built) the copies
+        stay in CPU memory and are streamed for each use, and ComfyUI's copy of the encoder is unloaded, which
+        leaves its GPU memory to the DiT's blocks (:meth:`_stream_text`). Made once; {} otherwise (the log says
+        why)."""
         if self._exact is not None:
             return self._exact
         self._exact = {}
@@ -580,23 +593,54 @@ class ComfyBackend(TrainBackend):
         model = qwen_decoder(self.clip)
         modules = [m for _, _, m in projection_modules(model)]
         needs = {"bf16": sum(exact_bytes(m, True) for m in modules), "e4m3": sum(exact_bytes(m) for m in modules)}
-        reserve = self._engine_reserve()
+        reserve = None if self._offload else self._engine_reserve()
         available = _available_bytes(device) - reserve if device.type == "cuda" and reserve is not None else None
         try:
             choice, why = exact_text_choice(os.environ.get(EXACT_TEXT_ENV, ""), device_type=device.type,
-                                            engine_reserve=reserve, available=available, needs=needs)
+                                            engine_reserve=reserve, available=available, needs=needs,
+                                            offloaded=self._offload)
         except ValueError as e:
             logger.warning("%s: the text encoder keeps ComfyUI's projections", e)
             return self._exact
         if choice is None:
             logger.info("text encoder: ComfyUI's projections (%s)", why)
             return self._exact
-        self._exact, why = exact_projections(model, device, choice == "bf16")
+        self._exact, why = exact_projections(model, device, choice == "bf16", stream=self._offload)
+        if self._exact and self._offload:
+            self._stream_text(device)
         kinds = sorted({str(e.weight.dtype).removeprefix("torch.") for e in self._exact.values()})
+        where = "streamed from CPU memory" + (
+            f" through a {self._text_prefetcher.arena_bytes / mem.GIB:.2f} GiB prefetch ring"
+            if self._text_prefetcher is not None else "") + ", ComfyUI's copy unloaded" if self._text_streamed else ""
         logger.info("text encoder: %s", f"exact bf16-split projections ({len(self._exact)} Linears, "
-                    f"{needs[choice] / mem.GIB:.1f} GiB of {'/'.join(kinds)} copies), no per-layer recompute"
+                    f"{sum(e.weight.numel() * e.weight.element_size() for e in self._exact.values()) / mem.GIB:.1f} GiB of "
+                    f"{'/'.join(kinds)} copies{', ' + where if where else ''}), no per-layer recompute"
                     if self._exact else f"ComfyUI's projections (no exact form: {why})")
         return self._exact
+
+    def _stream_text(self, device: torch.device) -> None:
+        """The offloaded engine's text encoder: its projections are :class:`StreamedExactLinear` (copies in CPU
+        memory, made by :meth:`_exact_text`). ComfyUI's copy is unloaded from the GPU (``free_memory`` keeping every
+        other model loaded: the same call ComfyUI makes to make room), so the engine's plan, made next, gives that
+        memory (~7 GiB for an fp8-scaled file) to resident DiT blocks. The norms and the embedding's rows are copied
+        to the GPU by the prompt encoder. On a GPU the projections get their own prefetch ring (``model.
+        offload_prefetch_gib`` > 0): copies run ahead of use on a side stream, in the order the last step used them.
+        """
+        from ..training.exact_linear import StreamedExactLinear
+        from ..training.prefetch import WeightPrefetcher
+
+        patcher = self.clip.patcher
+        keep = [lm for lm in mm.current_loaded_models if lm.model is not patcher]
+        mm.free_memory(1e30, device, keep_loaded=keep)
+        self._text_streamed = True
+        layers = [e for e in self._exact.values() if isinstance(e, StreamedExactLinear)]
+        if device.type == "cuda" and self.cfg.model.offload_prefetch_gib > 0 and layers:
+            largest = max(e.stored.numel() * e.stored.element_size() for e in layers)
+            # a few of the largest weights ahead: the copies are what a step waits for (a suffix of a few tokens is
+            # little compute), and the GPU memory is taken from the blocks
+            self._text_prefetcher = WeightPrefetcher(device, max(TEXT_RING_BYTES, 2 * largest + 2**20))
+            for e in layers:
+                e.prefetcher = self._text_prefetcher
 
     def named_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
         if self.engine is not None:
@@ -667,6 +711,8 @@ class ComfyBackend(TrainBackend):
         super().step_begin()
         if self.engine is not None:
             self.engine.step_begin()
+        if self._text_prefetcher is not None:  # the text encoder's streamed projections, in the last step's order
+            self._text_prefetcher.begin_step()
         self._phases.step()
 
     # ---- the rest -------------------------------------------------------------------------------------
@@ -753,7 +799,8 @@ class ComfyBackend(TrainBackend):
         # the trainable clone (a deep copy of the DiT on ComfyUI >= 0.25) and the branches are not needed any more:
         # the graph goes on with the archive applied through ComfyUI's own LoRA patching
         self.mp, self.prompts, self.clip = None, None, self._graph_clip
-        self._exact = None  # the text encoder's weight copies (6-12 GiB on a GPU)
+        self._exact = None  # the text encoder's weight copies (6-12 GiB on a GPU, or pinned in CPU memory)
+        self._text_prefetcher = None  # its ring buffer and copy stream
         self.adapters.clear()
         if self.device.type == "cuda":
             try:  # the copies, the text encoder's and the engine's CUDA-graph pools back to the device for sampling

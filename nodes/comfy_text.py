@@ -31,8 +31,12 @@ class UnsupportedTextEncoder(TypeError):
     """The CLIP's text encoder is not a decoder this module reproduces."""
 
 
-def _rms(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    w = norm.weight
+def _rms(x: torch.Tensor, norm: torch.nn.Module, norms: dict | None = None) -> torch.Tensor:
+    """``norm`` (ComfyUI's RMSNorm) of ``x``; its weight from ``norms`` (id(norm) -> a copy on ``x``'s device) where
+    given there."""
+    w = norms.get(id(norm)) if norms else None
+    if w is None:
+        w = norm.weight
     if getattr(norm, "add", False):  # Gemma-style (1 + w); not used by Qwen, kept to read ComfyUI's RMSNorm right
         w = w + 1.0
     return F.rms_norm(x, (x.shape[-1],), weight=w.to(device=x.device, dtype=x.dtype), eps=norm.eps)
@@ -43,18 +47,19 @@ class ComfyLayerOps(LayerOps):
     given, as their :class:`~qwen_zero_prior.training.exact_linear.ExactLinear` stand-ins in ``exact``), norms and the
     SwiGLU written here (ComfyUI's own MLP may fuse them into inference-only kernels)."""
 
-    def __init__(self, layer, exact: dict | None = None):
+    def __init__(self, layer, exact: dict | None = None, norms: dict | None = None):
         self.layer = layer
         self.attn = layer.self_attn
         self.has_head_norm = getattr(self.attn, "q_norm", None) is not None
         self.exact = exact or {}
+        self.norms = norms
 
     def _proj(self, module, x):
         fast = self.exact.get(id(module))
         return fast(x) if fast is not None else module(x)
 
     def ln1(self, h):
-        return _rms(h, self.layer.input_layernorm)
+        return _rms(h, self.layer.input_layernorm, self.norms)
 
     def qkv(self, x):
         a = self.attn
@@ -65,13 +70,13 @@ class ComfyLayerOps(LayerOps):
     def head_norm(self, q, k):
         if not self.has_head_norm:
             return q, k
-        return _rms(q, self.attn.q_norm), _rms(k, self.attn.k_norm)
+        return _rms(q, self.attn.q_norm, self.norms), _rms(k, self.attn.k_norm, self.norms)
 
     def o(self, x):
         return self._proj(self.attn.o_proj, x)
 
     def ln2(self, h):
-        return _rms(h, self.layer.post_attention_layernorm)
+        return _rms(h, self.layer.post_attention_layernorm, self.norms)
 
     def mlp(self, x):
         m = self.layer.mlp
@@ -158,19 +163,28 @@ _OFF, _ON = ("0", "false", "no"), ("", "auto", "1", "true", "yes", "bf16", "e4m3
 
 
 def exact_text_choice(value: str, *, device_type: str, engine_reserve: int | None, available: float | None,
-                      needs: dict[str, int]) -> tuple[str | None, str | None]:
+                      needs: dict[str, int], offloaded: bool = False) -> tuple[str | None, str | None]:
     """``("bf16" | "e4m3", None)``: the weight copies the text encoder's exact projections keep, or ``(None, why)``
     for ComfyUI's projections, for ``QWEN_ZERO_PRIOR_EXACT_TEXT=value``. ``engine_reserve``: what the diffusers
     engine's step needs beside the weights (None: no engine, or blocks recomputed, whose plan fills the card: no
     copies on a GPU then); ``available``: bytes free beside the weights on a GPU (None on a CPU); ``needs``: the
     copies' bytes per storage. Unset/``auto``: on a GPU only (a CPU computes float32 faster than three bf16 parts),
     bf16 where it fits, else e4m3; ``1``: also on a CPU; ``bf16``/``e4m3``: that storage; ``0``: never. Raises
-    ValueError for any other value."""
+    ValueError for any other value.
+
+    ``offloaded`` (the engine streams the DiT's blocks: a 24 GB card): the copies stay in CPU memory and are streamed
+    for each use (:class:`~qwen_zero_prior.training.exact_linear.StreamedExactLinear`), so the projections then hold
+    no GPU memory: ``"e4m3"`` (the fewest bytes to copy; bf16 where the file's weights are not e4m3) unless
+    ``bf16`` is asked for; auto on a GPU only, as above; ``available`` and ``engine_reserve`` play no part."""
     v = value.strip().lower()
     if v in _OFF:
         return None, f"{EXACT_TEXT_ENV}={value}"
     if v not in _ON:
         raise ValueError(f"{EXACT_TEXT_ENV}={value!r} is not auto, 1/true/yes, bf16, e4m3 or 0/false/no")
+    if offloaded:
+        if v in ("", "auto") and device_type != "cuda":
+            return None, f"auto uses them on a GPU only (this is {device_type})"
+        return ("bf16" if v == "bf16" else "e4m3"), None
     if device_type == "cuda":
         if engine_reserve is None:
             return None, ("the copies are used with the diffusers DiT engine only, where it trains resident (else "
@@ -197,16 +211,20 @@ def projection_modules(model):
                 continue
 
 
-def exact_projections(model, device: torch.device, bf16: bool = False) -> tuple[dict, str | None]:
+def exact_projections(model, device: torch.device, bf16: bool = False, stream: bool = False) -> tuple[dict, str | None]:
     """``{id(ComfyUI module): ExactLinear}`` for every projection of ``model``'s decoder layers, or ``({}, why)``
     where any one has none (all or nothing: one projection left to ComfyUI's per-use cast would keep its casts for
-    the backward, and the layers would need recomputing again). ``bf16``: bf16 copies even of e4m3 data."""
+    the backward, and the layers would need recomputing again). ``bf16``: bf16 copies even of e4m3 data.
+    ``stream``: :class:`StreamedExactLinear` instead, their copies in CPU memory (made one at a time, so the GPU holds
+    at most one projection's copy beside ComfyUI's weights)."""
+    from ..training.exact_linear import StreamedExactLinear
+
     out = {}
     for i, name, module in projection_modules(model):
         fast, why = _exact_projection(module, device, bf16)
         if fast is None:
             return {}, f"layer {i} {name}: {why}"
-        out[id(module)] = fast
+        out[id(module)] = StreamedExactLinear.from_exact(fast, device) if stream else fast
     return out, None
 
 
@@ -223,8 +241,10 @@ def qwen_decoder(clip):
     return model
 
 
-def comfy_parts(model, exact: dict | None = None) -> DecoderParts:
-    """:class:`DecoderParts` over ComfyUI's ``Llama2_`` (Qwen2.5-VL's language model as ComfyUI builds it)."""
+def comfy_parts(model, exact: dict | None = None, norms_on: torch.device | None = None) -> DecoderParts:
+    """:class:`DecoderParts` over ComfyUI's ``Llama2_`` (Qwen2.5-VL's language model as ComfyUI builds it).
+    ``norms_on``: copies of the norms' weights kept on that device (the decoder's own are elsewhere: ComfyUI has
+    unloaded it, its projections streamed), so that no step copies them from CPU memory."""
     cfg = model.config
     problems = []
     if getattr(cfg, "transformer_type", "llama") != "llama":
@@ -244,7 +264,14 @@ def comfy_parts(model, exact: dict | None = None) -> DecoderParts:
     scale = getattr(cfg, "rope_scale", None)
     if scale is not None:
         inv_freq = inv_freq / float(scale[0] if isinstance(scale, (list, tuple)) else scale)
-    return DecoderParts([ComfyLayerOps(layer, exact) for layer in model.layers], lambda h: _rms(h, model.norm),
+    norms = None
+    if norms_on is not None:
+        found = [model.norm] + [n for layer in model.layers for n in (
+            layer.input_layernorm, layer.post_attention_layernorm, getattr(layer.self_attn, "q_norm", None),
+            getattr(layer.self_attn, "k_norm", None)) if n is not None]
+        norms = {id(n): n.weight.detach().to(norms_on, torch.float32) for n in found}
+    return DecoderParts([ComfyLayerOps(layer, exact, norms) for layer in model.layers],
+                        lambda h: _rms(h, model.norm, norms),
                         n_heads=cfg.num_attention_heads, n_kv=cfg.num_key_value_heads, head_dim=head_dim,
                         inv_freq=inv_freq)
 
@@ -294,12 +321,21 @@ class ComfyPromptEncoder:
         if exact is True:
             logger.info("text encoder: %s", f"exact bf16-split projections on {len(self.exact)} layers' Linears"
                         if self.exact else f"ComfyUI's projections (no exact form: {why})")
+        from ..training.exact_linear import StreamedExactLinear
+
+        # streamed projections (the DiT offloaded): ComfyUI has unloaded the decoder, whose norms and embedding table
+        # are then in CPU memory: the norms are copied over once, the embedding's rows looked up there (_embed)
+        streamed = any(isinstance(e, StreamedExactLinear) for e in self.exact.values())
+        away = self.model.norm.weight.device != self.device
         # recompute: ComfyUI's layers cast their weights to float32 for each use, and autograd would keep every
-        # cast until the backward (28 GB for the 7B encoder); per-layer recompute keeps one layer's at a time
-        self.suffix = SuffixDecoder(comfy_parts(self.model, self.exact), compile=compile,
-                                    cuda_graphs=cuda_graphs and bool(self.exact), recompute=not self.exact)
+        # cast until the backward (28 GB for the 7B encoder); per-layer recompute keeps one layer's at a time.
+        # No CUDA graphs around streamed weights: their fetches are host-side logic (the prefetcher's ring)
+        self.suffix = SuffixDecoder(comfy_parts(self.model, self.exact, norms_on=self.device if away else None),
+                                    compile=compile, cuda_graphs=cuda_graphs and bool(self.exact) and not streamed,
+                                    recompute=not self.exact)
         self._prefix: dict[str, tuple] = {}
         self._fixed: dict[str, torch.Tensor] = {}
+        self._rows: dict[tuple, torch.Tensor] = {}  # ids -> their embedding rows on the device (a table elsewhere)
 
     def ids(self, caption: str) -> list[int]:
         tokens = self.tokenizer.tokenize_with_weights(caption)
@@ -309,7 +345,18 @@ class ComfyPromptEncoder:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         """(1, n, dim) float32 input embeddings, each placeholder's rows replaced by its vector."""
         t = torch.tensor([ids]).to(self.device, non_blocking=True)
-        out = self.embed_tokens(t).to(COMPUTE_DTYPE)
+        table = self.embed_tokens.weight.device
+        if table == self.device:
+            out = self.embed_tokens(t).to(COMPUTE_DTYPE)
+        else:  # ComfyUI unloaded the text encoder (its projections streamed): rows looked up there, once per ids
+            out = self._rows.get(tuple(ids))
+            if out is None:
+                with torch.no_grad():
+                    out = self.embed_tokens(torch.tensor([ids], device=table)).to(COMPUTE_DTYPE)
+                if self.device.type == "cuda" and out.device.type == "cpu":
+                    out = out.pin_memory()  # an asynchronous copy: no wait for the GPU in the step
+                out = out.to(self.device, non_blocking=True)
+                self._rows[tuple(ids)] = out
         for token_id, vector in self.vectors.items():
             if token_id in ids:
                 mask = (t == token_id).unsqueeze(-1)

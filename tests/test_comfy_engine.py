@@ -297,6 +297,62 @@ def test_exact_text_choice():
         choose("maybe")
 
 
+def test_exact_text_choice_offloaded():
+    """With the offloaded engine (a 24 GB card) the copies are streamed from CPU memory, so memory plays no part:
+    e4m3 (the fewest bytes to copy) unless bf16 is named; auto on a GPU only; 0 keeps ComfyUI's projections."""
+    def choose(value, device="cuda"):
+        return _text.exact_text_choice(value, device_type=device, engine_reserve=None, available=None, needs={},
+                                       offloaded=True)
+
+    assert choose("") == ("e4m3", None) and choose("auto") == ("e4m3", None) and choose("yes") == ("e4m3", None)
+    assert choose("bf16") == ("bf16", None) and choose("e4m3") == ("e4m3", None)
+    choice, why = choose("", device="cpu")
+    assert choice is None and "GPU only" in why
+    assert choose("1", device="cpu") == ("e4m3", None)
+    assert choose("0")[0] is None and choose("false", device="cpu")[0] is None
+    with pytest.raises(ValueError, match=r"QWEN_ZERO_PRIOR_EXACT_TEXT='stream' is not auto"):
+        choose("stream")
+
+
+def test_streamed_exact_linear_matches_exact_linear_through_a_prefetcher():
+    """training/exact_linear.py StreamedExactLinear: its own copy of the weight in CPU memory, fetched for the forward
+    and again for the backward (never saved), through a WeightPrefetcher ring or at use: bit for bit what ExactLinear
+    computes with the same weight, over several steps, and the second step's fetches come from copies made ahead."""
+    from qwen_zero_prior.training.exact_linear import ExactLinear, StreamedExactLinear
+    from qwen_zero_prior.training.prefetch import WeightPrefetcher
+
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for out_f in (32, 48, 32):
+        w = (torch.randn(out_f, 64 if not layers else layers[-1][0].weight.shape[0], generator=g) * 0.05)
+        layers.append((ExactLinear(w.to(torch.float8_e4m3fn), torch.randn(out_f, generator=g), torch.tensor(0.37)),))
+    streamed = [StreamedExactLinear.from_exact(e, "cpu") for (e,) in layers]
+    for (e,), s in zip(layers, streamed):
+        assert s.stored.dtype == torch.float8_e4m3fn and torch.equal(s.stored.float(), e.weight.float())
+        assert s.stored.data_ptr() != e.weight.data_ptr()  # a copy: the source may be freed or changed
+    ring = WeightPrefetcher(torch.device("cpu"), 64 * 1024)
+    for s in streamed[:2]:  # the last one is copied at use, without a ring
+        s.prefetcher = ring
+
+    def run(mods, x):
+        x = x.clone().requires_grad_(True)
+        h = x
+        for m in mods:
+            h = torch.tanh(m(h))
+        h.square().sum().backward()
+        return h.detach(), x.grad
+
+    for step in range(3):
+        ring.begin_step()
+        x = torch.randn(2, 5, 64, generator=g)
+        ref, ref_grad = run([e for (e,) in layers], x)
+        got, got_grad = run(streamed, x)
+        assert torch.equal(got, ref) and torch.equal(got_grad, ref_grad), step
+    assert ring.hits > 0 and ring.stats()["layers_per_step"] == 4  # two layers, forward and backward
+    with pytest.raises(TypeError, match="bf16 or float8_e4m3fn weight, got torch.float32"):
+        StreamedExactLinear(torch.zeros(2, 2), "cpu")
+
+
 def test_fp8_copy_bytes_counts_only_weights_not_already_in_e4m3():
     """What the engine's memory check adds for fp8_matmul: a bf16/fp32-stored DiT gets e4m3 copies of its image-stream
     block weights (1 byte a weight + 4 a row); an fp8-stored one's are used as they are (0)."""

@@ -1156,6 +1156,47 @@ def test_training_offloaded_engine_matches_comfyui_engine(comfy, train_ds, weigh
         assert diff < 0.05 * scale and cos > 0.9, (diff, scale, cos)
 
 
+def test_training_offloaded_engine_streams_the_text_encoder(comfy, train_ds):
+    """With the offloaded engine the text encoder's projections can stream from CPU memory (auto on a GPU; asked for
+    here with QWEN_ZERO_PRIOR_EXACT_TEXT=1 on a CPU): ComfyUI's copy of the encoder is unloaded and the exact
+    projections' e4m3 copies are fetched for each forward and backward use. Over an fp8-scaled file that trains the
+    same LoRA and vector as ComfyUI's projections, and the graph's CLIPTextEncode afterwards gives the conditioning
+    it gave before."""
+    from qwen_zero_prior.training.archive import load_archive
+
+    def set_env(value):
+        comfy.server.run({"1": {"class_type": "ZPTestSetEnv",
+                                "inputs": {"name": "QWEN_ZERO_PRIOR_EXACT_TEXT", "value": value}}})
+
+    text = "a photo of a red disc"
+    comfy.server.run(_cond_graph(comfy.names["clip_fp8"], None, text, "stream_te_before.safetensors"))
+    log_start = len(comfy.server.log_text())
+    def graph(output_name):
+        return _train_graph(comfy, steps=2, clip_key="clip_fp8", weight_dtype="fp8_e4m3fn",
+                            dit_engine="diffusers_offload", output_name=output_name)
+    comfy.server.run(graph(output_name="zero_prior/stream_te_off.zip"), timeout=900)
+    set_env("1")
+    try:
+        comfy.server.run(graph(output_name="zero_prior/stream_te_on.zip"), timeout=900)
+    finally:
+        set_env("")
+    comfy.server.run(_cond_graph(comfy.names["clip_fp8"], None, text, "stream_te_after.safetensors"))
+    log = comfy.server.log_text()[log_start:]
+    assert log.count("float8_e4m3fn copies, streamed from CPU memory, ComfyUI's copy unloaded), no per-layer "
+                     "recompute") == 1, log[-3000:]
+    assert "text encoder: ComfyUI's projections (auto uses them on a GPU only (this is cpu))" in log, log[-3000:]
+    plain, streamed = (load_archive(comfy.output(f"zero_prior/stream_te_{k}.zip")) for k in ("off", "on"))
+    assert streamed.meta.extra["dit_engine"] == "diffusers_offload"
+    diff = max(float((plain.lora_state_dict[k] - streamed.lora_state_dict[k]).abs().max())
+               for k in plain.lora_state_dict)
+    vdiff = float((plain.vector - streamed.vector).abs().max())
+    print(f"ComfyUI {comfy.version}: offloaded engine, streamed exact text projections vs ComfyUI's after 2 steps: "
+          f"LoRA {diff:.2e}, vector {vdiff:.2e}")
+    assert diff < 1e-5 and vdiff < 1e-6 and float(streamed.vector.abs().max()) > 0
+    before, after = (load_file(comfy.output(f"stream_te_{k}.safetensors")) for k in ("before", "after"))
+    assert torch.equal(before["cond"], after["cond"])
+
+
 def test_training_diffusers_engine_fp8_matmul_and_compile(comfy, train_ds):
     """The engine with the core's speed options: fp8 matmuls straight on ComfyUI's fp8-stored weights and the blocks
     compiled; the LoRA and the token train, and the log names both."""
