@@ -775,6 +775,10 @@ class ComfyBackend(TrainBackend):
         last: reading them synchronizes the GPU, which re-raises an earlier CUDA error."""
         if self._in_training_flag:
             mm.in_training = self._was_in_training
+        for what, ring in (("DiT blocks", getattr(self.engine, "prefetcher", None)),
+                           ("text encoder", self._text_prefetcher)):
+            if ring is not None:  # copies made ahead (hits) against copies at use (misses): the streaming's health
+                logger.info("prefetch (%s): %s", what, ring.stats())
         if self.engine is not None:
             engine, self.engine = self.engine, None
             try:
