@@ -62,7 +62,8 @@ from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_attention import training_attention
 from .comfy_engine import (ENGINES, RESIDENT_BLOCKS_ENV, DiffusersEngine, EngineUnavailable, OffloadPlan, _has_triton,
-                           blockers, engine_model_config, graphs_blocked, resident_blocks, resolved_device)
+                           blockers, engine_model_config, graphs_blocked, previews_blocked, resident_blocks,
+                           resolved_device)
 from .comfy_text import (EXACT_TEXT_ENV, ComfyPromptEncoder, exact_bytes, exact_projections, exact_text_choice,
                          projection_modules, qwen_decoder)
 from ..training.families import QWEN_IMAGE, get_family
@@ -280,6 +281,7 @@ class ComfyBackend(TrainBackend):
         self._phases = _PhaseTimer(self.device)
         self._exact: dict | None = None  # the text encoder's ExactLinear stand-ins (QWEN_ZERO_PRIOR_EXACT_TEXT)
         self._said_no_graphs = False
+        self._said_no_previews = False
         self._offload = False  # the diffusers engine with the DiT's blocks offloaded (prepare)
         self._te_full = None  # with it: whether the text encoder was loaded fully (kept for reloads after previews)
         self._text_streamed = False  # with it: the text encoder's projections streamed, ComfyUI's copy unloaded
@@ -717,7 +719,14 @@ class ComfyBackend(TrainBackend):
 
     # ---- the rest -------------------------------------------------------------------------------------
     def sample(self, prompts: list[str], step: int) -> list:
-        """Few-step samples through ComfyUI's sampler and VAE with the current LoRA and token."""
+        """Few-step samples through ComfyUI's sampler and VAE with the current LoRA and token (none with the
+        offloaded engine on a GPU: ``comfy_engine.previews_blocked``)."""
+        blocked = previews_blocked(self._offload, self.device.type)
+        if blocked:
+            if not self._said_no_previews:
+                logger.warning(blocked)
+                self._said_no_previews = True
+            return []
         images = []
         for i, prompt in enumerate(prompts):
             cond, mask = self.prompts.encode([prompt], torch.float32, torch.device("cpu"))

@@ -300,6 +300,18 @@ def oom_hint(engine) -> str | None:
                    "more streamed), or lower resolution or batch_size, or close other programs using the GPU.")
 
 
+def previews_blocked(offload: bool, device_type: str) -> str | None:
+    """Why the training node skips its sample previews, or None. With the offloaded engine on a GPU (a card where the
+    DiT does not fit beside the text encoder) ComfyUI's sampler loads its own copy of the DiT beside the engine's
+    resident blocks: on an H200 with 23.5 GiB free (ComfyUI 0.33) it loaded 8.5 of 19.5 GB and the preview ran out of
+    memory, which ended the training run. The graph's sampling after training is unaffected (the engine is gone)."""
+    if offload and device_type == "cuda":
+        return ("sample previews are skipped with the offloaded DiT engine: ComfyUI's sampler would load a second "
+                "copy of the DiT beside the engine's blocks and run out of memory. The graph's sampling after training "
+                "runs as usual; set preview_every to 0 to silence this")
+    return None
+
+
 def _lora_hook(a, b, scale, module, args, output):
     return output + lora_delta(args[0], a, b, scale).to(output.dtype)
 
@@ -362,5 +374,5 @@ def engine_model_config(m, device: torch.device, recompute: bool):
 
 
 __all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "NATIVE_ALLOCATOR_HOW", "OffloadPlan", "RESIDENT_BLOCKS_ENV",
-           "blockers", "engine_model_config", "graphs_blocked", "oom_hint", "resident_blocks", "resolved_device", "speed_tip",
-           "transformer_config"]
+           "blockers", "engine_model_config", "graphs_blocked", "oom_hint", "previews_blocked", "resident_blocks",
+           "resolved_device", "speed_tip", "transformer_config"]

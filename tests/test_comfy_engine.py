@@ -492,6 +492,15 @@ def test_offload_transformer_refuses_bad_counts():
         offload_transformer(build_over(src, cfg, torch.float32), torch.device("cpu"), 0, prefetch_gib=-1)
 
 
+def test_previews_are_skipped_only_with_the_offloaded_engine_on_a_gpu():
+    """The offloaded engine's previews would load ComfyUI's own DiT copy beside the engine's blocks (out of memory on
+    a 24 GB card, seen on an H200 at 23.5 GiB): skipped there with a reason naming the way to silence it; kept for
+    every other engine and on a CPU (where the tests render them)."""
+    why = _engine.previews_blocked(True, "cuda")
+    assert why and "offloaded DiT engine" in why and "preview_every to 0" in why
+    assert _engine.previews_blocked(False, "cuda") is None and _engine.previews_blocked(True, "cpu") is None
+
+
 def test_oom_hint_names_the_resident_blocks_and_the_way_out():
     """An out-of-memory error of the offloaded engine's step gets a line saying how to keep fewer blocks on the GPU;
     the other engines' errors are left as they are."""
