@@ -218,13 +218,15 @@ def exact_projections(model, device: torch.device, bf16: bool = False, stream: b
     ``stream``: :class:`StreamedExactLinear` instead, their copies in CPU memory (made one at a time, so the GPU holds
     at most one projection's copy beside ComfyUI's weights)."""
     from ..training.exact_linear import StreamedExactLinear
+    from ..training.pinned import PinnedPack
 
+    pinned = PinnedPack() if stream and torch.device(device).type == "cuda" else None
     out = {}
     for i, name, module in projection_modules(model):
         fast, why = _exact_projection(module, device, bf16)
         if fast is None:
             return {}, f"layer {i} {name}: {why}"
-        out[id(module)] = StreamedExactLinear.from_exact(fast, device) if stream else fast
+        out[id(module)] = StreamedExactLinear.from_exact(fast, device, pinned) if stream else fast
     return out, None
 
 

@@ -350,3 +350,50 @@ def test_text_decoder_streamed_in_fp8_trains_and_halves_the_bytes(tiny_pipe, dat
     loss = trainer.loss_for([0], torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and float(trainer.token.vector.grad.abs().sum()) > 0
+
+
+def test_pinned_pack_packs_weights_without_power_of_two_rounding():
+    """training/pinned.py: copies land back to back in shared chunks (512-byte aligned, values and dtypes kept, any
+    source dtype), so a model's streamed weights take their own bytes plus at most a chunk's tail, where
+    pin_memory() would round each one up to a power of two; a weight larger than a chunk gets its own allocation;
+    a chunk size that is not a power of two is refused. (pin=False: the same packing in ordinary memory, no CUDA.)"""
+    from qwen_zero_prior.training.pinned import PinnedPack
+
+    g = torch.Generator().manual_seed(0)
+    # Qwen-Image's block weights scaled down 64x in bytes: 3072x3072 and 3072x12288 e4m3, a bf16 row scale, a bias
+    shapes = [((48, 48), torch.float8_e4m3fn), ((192, 48), torch.float8_e4m3fn), ((48, 192), torch.float8_e4m3fn),
+              ((48,), torch.bfloat16), ((7,), torch.float32)] * 30
+    pack = PinnedPack(chunk_bytes=64 * 1024, pin=False)
+    sources, copies = [], []
+    for shape, dtype in shapes:
+        src = torch.randn(shape, generator=g).to(dtype)
+        sources.append(src)
+        copies.append(pack.copy(src))
+    for src, got in zip(sources, copies):
+        assert got.dtype == src.dtype and got.shape == src.shape and got.is_contiguous()
+        assert torch.equal(got.view(torch.uint8), src.contiguous().view(torch.uint8))
+        assert (got.data_ptr() - got.untyped_storage().data_ptr()) % 512 == 0  # in its chunk
+    starts = sorted(c.data_ptr() for c in copies)
+    assert len(set(starts)) == len(copies)  # no two share bytes
+    used = sum(s.numel() * s.element_size() for s in sources)
+    rounded = sum(1 << max(0, (s.numel() * s.element_size() - 1).bit_length()) for s in sources)
+    assert pack.used_bytes == used and pack.held_bytes % pack.chunk_bytes == 0
+    print(f"PinnedPack: {used} bytes of weights held in {pack.held_bytes} (pin_memory() would take {rounded})")
+    assert pack.held_bytes < 0.7 * rounded and pack.held_bytes <= 1.05 * used + pack.chunk_bytes
+    sources[0].zero_()  # copies, not views of the sources
+    assert copies[0].float().abs().sum() > 0
+    big = torch.randn(200, 100, generator=g)  # 80 KB > the 64 KB chunk: its own allocation
+    held = pack.held_bytes
+    assert torch.equal(pack.copy(big), big) and pack.held_bytes == held + big.numel() * 4
+    with pytest.raises(ValueError, match="power of two, got 1000"):
+        PinnedPack(chunk_bytes=1000, pin=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA: GPU-only test SKIPPED")
+def test_pinned_pack_copies_are_page_locked_on_cuda():
+    from qwen_zero_prior.training.pinned import PinnedPack
+
+    pack = PinnedPack(chunk_bytes=1 << 20)
+    w = torch.randn(300, 200, device="cuda").to(torch.float8_e4m3fn)
+    got = pack.copy(w)
+    assert got.is_pinned() and got.device.type == "cpu" and torch.equal(got.float(), w.cpu().float())

@@ -151,26 +151,30 @@ class _StreamedExactFn(torch.autograd.Function):
 class StreamedExactLinear(nn.Module):
     """:class:`ExactLinear` whose weight stays in (pinned, on a CUDA ``device``) CPU memory and is copied to ``device``
     for each use: at use, or ahead of it through ``prefetcher`` (a :class:`~.prefetch.WeightPrefetcher`, set by the
-    caller; it reads ``stored``). Its bias and scale live on ``device``. Same numbers as :class:`ExactLinear`."""
+    caller; it reads ``stored``). Its bias and scale live on ``device``. Same numbers as :class:`ExactLinear`.
+    ``pinned``: a :class:`~.pinned.PinnedPack` to copy the weight into (shared by a model's layers)."""
 
     def __init__(self, weight: torch.Tensor, device: torch.device, bias: torch.Tensor | None = None,
-                 scale: torch.Tensor | None = None):
+                 scale: torch.Tensor | None = None, pinned=None):
         super().__init__()
         if weight.dtype not in EXACT_DTYPES:
             raise TypeError(f"StreamedExactLinear takes a bf16 or float8_e4m3fn weight, got {weight.dtype}")
         self.device = torch.device(device)
         self.out_features, self.in_features = weight.shape
-        stored = weight.detach().to("cpu")
-        if stored.data_ptr() == weight.data_ptr():  # its own copy: the caller may free or change the source
-            stored = stored.clone()
-        self.stored = stored.pin_memory() if self.device.type == "cuda" else stored
+        if pinned is not None:  # a pinned.PinnedPack shared by many layers (no power-of-two rounding per weight)
+            self.stored = pinned.copy(weight.detach())
+        else:
+            stored = weight.detach().to("cpu")
+            if stored.data_ptr() == weight.data_ptr():  # its own copy: the caller may free or change the source
+                stored = stored.clone()
+            self.stored = stored.pin_memory() if self.device.type == "cuda" else stored
         self.bias = None if bias is None else bias.detach().float().to(self.device)
         self.scale = None if scale is None else scale.detach().float().reshape(()).to(self.device)
         self.prefetcher = None
 
     @classmethod
-    def from_exact(cls, exact: ExactLinear, device: torch.device) -> StreamedExactLinear:
-        return cls(exact.weight, device, exact.bias, exact.scale)
+    def from_exact(cls, exact: ExactLinear, device: torch.device, pinned=None) -> StreamedExactLinear:
+        return cls(exact.weight, device, exact.bias, exact.scale, pinned)
 
     @property
     def weight(self) -> torch.Tensor:  # what code probing ``.weight`` (dtype, shape) sees; never used to compute

@@ -35,6 +35,7 @@ from torch import nn
 
 from .cast_linear import StoredLinear, cast_linear, cast_linear_op
 from .fp8 import FP8, _parent, quantize_rows
+from .pinned import PinnedPack
 from .prefetch import WeightPrefetcher, no_release
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class OffloadedLinear(nn.Module):
     fuses the scale into what follows and the per-use cast is one kernel. Streamed, it fetches the weight in an
     autograd function (:class:`_FetchMatmul`), through the prefetcher where there is one; such blocks stay eager."""
 
-    def __init__(self, linear: nn.Linear, device: torch.device, *, fp8: bool, on_gpu: bool):
+    def __init__(self, linear: nn.Linear, device: torch.device, *, fp8: bool, on_gpu: bool,
+                 pinned: PinnedPack | None = None):
         super().__init__()
         cast_linear_op()  # registered now, outside any compiled region (dynamo cannot trace the registration)
         w = linear.weight.detach()
@@ -103,9 +105,11 @@ class OffloadedLinear(nn.Module):
         else:
             self.scale = self.out_scale = None
         self.streamed = not on_gpu
-        w = w.to(store)
-        if store.type == "cpu" and self.device.type == "cuda":
-            w = w.pin_memory()  # lets the copy run asynchronously on the compute stream
+        if store.type == "cpu" and self.device.type == "cuda":  # pinned: the copies run asynchronously
+            # in a shared pack where given (pinned.py: pin_memory() rounds each weight up to a power of two)
+            w = pinned.copy(w) if pinned is not None else w.to(store).pin_memory()
+        else:
+            w = w.to(store)
         self.stored = w
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(self.device, self.compute_dtype if linear.bias.dtype.itemsize < 2 else None),
@@ -256,12 +260,13 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
                            budget_gib, reserve_gib)
     streamed_ids = set(streamed_block_ids(n_blocks, n_blocks - resident, layout))
 
-    converted = {"text_encoder": 0, **_convert_blocks(tr, device, streamed_ids)}
+    pinned = PinnedPack() if device.type == "cuda" else None
+    converted = {"text_encoder": 0, **_convert_blocks(tr, device, streamed_ids, pinned)}
     lm = te.model.language_model
     if text_encoder != "bf16":  # bf16 on the GPU: the layers stay plain Linears
         for name, lin in _replace(lm, lambda n: n.startswith("layers.")):
             _set(lm, name, OffloadedLinear(lin, device, fp8=text_encoder in ("fp8", "stream_fp8"),
-                                           on_gpu=text_encoder == "fp8"))
+                                           on_gpu=text_encoder == "fp8", pinned=pinned))
             converted["text_encoder"] += 1
     if text_encoder in ("fp8", "stream_fp8"):
         logger.warning("offload: the text decoder's layers are stored in fp8 (row-scaled e4m3, cast per use)%s: the "
@@ -279,7 +284,8 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     _attach_prefetcher((tr, lm), device, arena)
     summary = {"blocks": n_blocks, "resident_blocks": resident, "streamed_blocks": n_blocks - resident,
                "block_fp8_gib": round(per_block / 2**30, 3), "text_encoder_storage": text_encoder,
-               "streamed_block_ids": sorted(streamed_ids), "prefetch_gib": round(arena / 2**30, 3), **converted}
+               "streamed_block_ids": sorted(streamed_ids), "prefetch_gib": round(arena / 2**30, 3),
+               "pinned_gib": round(pinned.held_bytes / 2**30, 3) if pinned is not None else 0.0, **converted}
     logger.info("offload: %d of %d transformer blocks resident in fp8, %d streamed from CPU; text decoder's layers: "
                 "%s; %s", resident, n_blocks, n_blocks - resident,
                 {"stream": f"{converted['text_encoder']} linear layers streamed from CPU",
@@ -315,9 +321,10 @@ def _attach_prefetcher(roots, device: torch.device, arena: int) -> None:
                 m.prefetcher = prefetcher
 
 
-def _convert_blocks(tr: nn.Module, device: torch.device, streamed_ids: set[int]) -> dict:
+def _convert_blocks(tr: nn.Module, device: torch.device, streamed_ids: set[int],
+                    pinned: PinnedPack | None = None) -> dict:
     """Every frozen Linear of ``tr``'s blocks as an fp8 :class:`OffloadedLinear`: on ``device``, or streamed from
-    pinned CPU memory for the blocks in ``streamed_ids``. Returns the layer counts."""
+    pinned CPU memory (``pinned``, where given) for the blocks in ``streamed_ids``. Returns the layer counts."""
     converted = {"resident": 0, "streamed": 0}
     # training with offload recomputes the blocks (the backend turns gradient checkpointing on first): a compiled
     # block may then trace its layers' casts (OffloadedLinear.forward)
@@ -325,7 +332,7 @@ def _convert_blocks(tr: nn.Module, device: torch.device, streamed_ids: set[int])
     for name, lin in _replace(tr, lambda n: n.startswith("transformer_blocks.")):
         idx = int(_BLOCK.match(name).group(1))
         on_gpu = idx not in streamed_ids
-        layer = OffloadedLinear(lin, device, fp8=True, on_gpu=on_gpu)
+        layer = OffloadedLinear(lin, device, fp8=True, on_gpu=on_gpu, pinned=pinned)
         layer.cast_in_graph = recomputed
         _set(tr, name, layer)
         converted["resident" if on_gpu else "streamed"] += 1
@@ -380,12 +387,14 @@ def offload_transformer(tr: nn.Module, device: torch.device, available_bytes: fl
     elif resident == n_blocks:
         arena = 0
     streamed_ids = set(streamed_block_ids(n_blocks, n_blocks - resident, layout))
-    converted = _convert_blocks(tr, device, streamed_ids)
+    pinned = PinnedPack() if device.type == "cuda" else None
+    converted = _convert_blocks(tr, device, streamed_ids, pinned)
     _copy_rest_to(tr, device)
     _attach_prefetcher((tr,), device, arena)
     summary = {"blocks": n_blocks, "resident_blocks": resident, "streamed_blocks": n_blocks - resident,
                "block_fp8_gib": round(per_block / 2**30, 3), "streamed_block_ids": sorted(streamed_ids),
-               "prefetch_gib": round(arena / 2**30, 3), **converted}
+               "prefetch_gib": round(arena / 2**30, 3),
+               "pinned_gib": round(pinned.held_bytes / 2**30, 3) if pinned is not None else 0.0, **converted}
     logger.info("offload: %d of %d transformer blocks resident in fp8, %d streamed from CPU (%.2f GiB available "
                 "for them); %s", resident, n_blocks, n_blocks - resident, available_bytes / 2**30,
                 f"streamed weights copied ahead of use into a {arena / 2**30:.2f} GiB ring buffer" if arena else
