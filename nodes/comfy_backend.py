@@ -65,7 +65,7 @@ from .comfy_engine import (ENGINES, RESIDENT_BLOCKS_ENV, DiffusersEngine, Engine
                            blockers, engine_model_config, graphs_blocked, previews_blocked, resident_blocks,
                            resolved_device)
 from .comfy_text import (EXACT_TEXT_ENV, ComfyPromptEncoder, exact_bytes, exact_projections, exact_text_choice,
-                         projection_modules, qwen_decoder)
+                         norm_copies, projection_modules, qwen_decoder)
 from ..training.families import QWEN_IMAGE, get_family
 from ..training.lora import lora_delta
 from .token_node import ZeroPriorTokenizer, text_encoder_parts
@@ -78,8 +78,8 @@ logger = logging.getLogger(__name__)
 # free (session 13), eager steps with the core's 6 GiB (26 of 60 blocks resident) ran out of memory at step 4; with
 # 7.5 GiB (22 resident) compiled steps trained in three runs, 23.1 GiB at peak
 NODE_OFFLOAD_EXTRA_GIB = 1.5
-# the prefetch ring of the text encoder's streamed projections (the offloaded engine), at least: two of Qwen2.5-VL-7B's
-# largest e4m3 weights (gate/up, 68 MB) and a half
+# the prefetch ring of the text encoder's streamed projections (the offloaded engine), at least (else two of the largest
+# weights): ~3.9 of Qwen2.5-VL-7B's largest e4m3 weights (gate/up/down, 68 MB)
 TEXT_RING_BYTES = 256 * 2**20
 
 
@@ -286,6 +286,8 @@ class ComfyBackend(TrainBackend):
         self._te_full = None  # with it: whether the text encoder was loaded fully (kept for reloads after previews)
         self._text_streamed = False  # with it: the text encoder's projections streamed, ComfyUI's copy unloaded
         self._text_prefetcher = None  # their WeightPrefetcher (a GPU)
+        self._text_norms: dict | None = None  # its norms' weights on the device, taken before the unload
+        self._text_unloaded = False  # whether ComfyUI's copy of it left the GPU
 
     def _base_tokenizer(self):
         tok = self.clip.tokenizer
@@ -346,7 +348,7 @@ class ComfyBackend(TrainBackend):
         if not self._start_engine(dm, t):
             if self._offload:  # the offloaded engine could not start: ComfyUI's forward trains, ComfyUI streams
                 self._offload = False
-                self._exact, self._text_streamed, self._text_prefetcher = None, False, None
+                self._exact, self._text_streamed, self._text_prefetcher, self._text_norms = None, False, None, None
                 self._load()
             for name, a in self.adapters.items():
                 self._handles.append(dm.get_submodule(name).register_forward_hook(a.hook))
@@ -563,6 +565,7 @@ class ComfyBackend(TrainBackend):
             self.clip, self.tokenizer, device,
             vectors={tok.token_id: tok.vector for tok in self.tokens},
             prefix_cache=m.text_prefix_cache, cuda_graphs=graphs and not blocked, compile=False, exact=exact,
+            norms=self._text_norms if self._text_streamed else None,
         )
 
     def _engine_reserve(self) -> int | None:
@@ -607,13 +610,24 @@ class ComfyBackend(TrainBackend):
         if choice is None:
             logger.info("text encoder: ComfyUI's projections (%s)", why)
             return self._exact
-        self._exact, why = exact_projections(model, device, choice == "bf16", stream=self._offload)
+        try:
+            self._exact, why = exact_projections(model, device, choice == "bf16", stream=self._offload)
+        except RuntimeError as e:  # page-locked CPU memory ran out (torch.OutOfMemoryError is a RuntimeError)
+            if not self._offload:
+                raise
+            logger.warning("text encoder: its projections could not be copied to pinned CPU memory for streaming "
+                           "(%s: %s); ComfyUI's projections stay on the GPU (as QWEN_ZERO_PRIOR_EXACT_TEXT=0 does)",
+                           type(e).__name__, str(e).splitlines()[0][:200])
+            self._exact = {}
+            return self._exact
         if self._exact and self._offload:
             self._stream_text(device)
         kinds = sorted({str(e.weight.dtype).removeprefix("torch.") for e in self._exact.values()})
         where = "streamed from CPU memory" + (
             f" through a {self._text_prefetcher.arena_bytes / mem.GIB:.2f} GiB prefetch ring"
-            if self._text_prefetcher is not None else "") + ", ComfyUI's copy unloaded" if self._text_streamed else ""
+            if self._text_prefetcher is not None else "") + (
+            ", ComfyUI's copy unloaded" if self._text_unloaded else
+            ", ComfyUI's copy left where it is (not unloaded)") if self._text_streamed else ""
         logger.info("text encoder: %s", f"exact bf16-split projections ({len(self._exact)} Linears, "
                     f"{sum(e.weight.numel() * e.weight.element_size() for e in self._exact.values()) / mem.GIB:.1f} GiB of "
                     f"{'/'.join(kinds)} copies{', ' + where if where else ''}), no per-layer recompute"
@@ -632,8 +646,12 @@ class ComfyBackend(TrainBackend):
         from ..training.prefetch import WeightPrefetcher
 
         patcher = self.clip.patcher
+        # the norms as ComfyUI loaded them (weight patches applied), before the unload restores the unpatched ones
+        self._text_norms = norm_copies(qwen_decoder(self.clip), device)
         keep = [lm for lm in mm.current_loaded_models if lm.model is not patcher]
-        mm.free_memory(1e30, device, keep_loaded=keep)
+        unloaded = mm.free_memory(1e30, device, keep_loaded=keep)
+        # (nothing is freed where the encoder's offload device is the GPU itself: ComfyUI's --gpu-only)
+        self._text_unloaded = any(getattr(lm, "model", None) is patcher for lm in unloaded)
         self._text_streamed = True
         layers = [e for e in self._exact.values() if isinstance(e, StreamedExactLinear)]
         if device.type == "cuda" and self.cfg.model.offload_prefetch_gib > 0 and layers:
@@ -813,12 +831,17 @@ class ComfyBackend(TrainBackend):
         # the graph goes on with the archive applied through ComfyUI's own LoRA patching
         self.mp, self.prompts, self.clip = None, None, self._graph_clip
         self._exact = None  # the text encoder's weight copies (6-12 GiB on a GPU, or pinned in CPU memory)
-        self._text_prefetcher = None  # its ring buffer and copy stream
+        self._text_prefetcher, self._text_norms = None, None  # its ring buffer and copy stream, its norms' copies
         self.adapters.clear()
         if self.device.type == "cuda":
             try:  # the copies, the text encoder's and the engine's CUDA-graph pools back to the device for sampling
                 gc.collect()
                 mm.soft_empty_cache()
+                # the streamed weights' page-locked CPU memory back to the OS (PyTorch's host allocator keeps what is
+                # freed cached: ~15 GiB for the offloaded engine on a 24 GB card)
+                host_empty = getattr(torch._C, "_host_emptyCache", None)
+                if host_empty is not None:
+                    host_empty()
             except RuntimeError as e:  # a failed run's CUDA error: the run's own exception is the one to see
                 logger.warning("releasing the training memory failed: %s", e)
         try:

@@ -243,10 +243,19 @@ def qwen_decoder(clip):
     return model
 
 
-def comfy_parts(model, exact: dict | None = None, norms_on: torch.device | None = None) -> DecoderParts:
+def norm_copies(model, device: torch.device) -> dict:
+    """``{id(norm): float32 copy of its weight on device}`` for every RMSNorm of ``model`` (ComfyUI's ``Llama2_``) the
+    decoder uses: taken before ComfyUI unloads the encoder (the projections streamed), so a step reads them on the
+    device, as ComfyUI had them loaded (with any weight patches applied)."""
+    found = [model.norm] + [n for layer in model.layers for n in (
+        layer.input_layernorm, layer.post_attention_layernorm, getattr(layer.self_attn, "q_norm", None),
+        getattr(layer.self_attn, "k_norm", None)) if n is not None]
+    return {id(n): n.weight.detach().to(device, torch.float32, copy=True) for n in found}
+
+
+def comfy_parts(model, exact: dict | None = None, norms: dict | None = None) -> DecoderParts:
     """:class:`DecoderParts` over ComfyUI's ``Llama2_`` (Qwen2.5-VL's language model as ComfyUI builds it).
-    ``norms_on``: copies of the norms' weights kept on that device (the decoder's own are elsewhere: ComfyUI has
-    unloaded it, its projections streamed), so that no step copies them from CPU memory."""
+    ``norms``: :func:`norm_copies` to use instead of the norms' own weights."""
     cfg = model.config
     problems = []
     if getattr(cfg, "transformer_type", "llama") != "llama":
@@ -266,12 +275,6 @@ def comfy_parts(model, exact: dict | None = None, norms_on: torch.device | None 
     scale = getattr(cfg, "rope_scale", None)
     if scale is not None:
         inv_freq = inv_freq / float(scale[0] if isinstance(scale, (list, tuple)) else scale)
-    norms = None
-    if norms_on is not None:
-        found = [model.norm] + [n for layer in model.layers for n in (
-            layer.input_layernorm, layer.post_attention_layernorm, getattr(layer.self_attn, "q_norm", None),
-            getattr(layer.self_attn, "k_norm", None)) if n is not None]
-        norms = {id(n): n.weight.detach().to(norms_on, torch.float32) for n in found}
     return DecoderParts([ComfyLayerOps(layer, exact, norms) for layer in model.layers],
                         lambda h: _rms(h, model.norm, norms),
                         n_heads=cfg.num_attention_heads, n_kv=cfg.num_key_value_heads, head_dim=head_dim,
@@ -305,7 +308,7 @@ class ComfyPromptEncoder:
     def __init__(self, clip, tokenizer, device: torch.device, token_id: int | None = None,
                  vector: torch.nn.Parameter | None = None, *, vectors: dict[int, torch.nn.Parameter] | None = None,
                  prefix_cache: bool = True, cuda_graphs: bool = False, compile: bool = False,
-                 exact: bool | dict = False):
+                 exact: bool | dict = False, norms: dict | None = None):
         self.tokenizer = tokenizer
         self.model = qwen_decoder(clip)
         self.embed_tokens = self.model.embed_tokens
@@ -326,39 +329,44 @@ class ComfyPromptEncoder:
         from ..training.exact_linear import StreamedExactLinear
 
         # streamed projections (the DiT offloaded): ComfyUI has unloaded the decoder, whose norms and embedding table
-        # are then in CPU memory: the norms are copied over once, the embedding's rows looked up there (_embed)
+        # are then in CPU memory: the norms are read from copies on the device (``norms``, taken before the unload;
+        # else made here), the embedding's rows looked up where the table is and kept on the device (_embed)
         streamed = any(isinstance(e, StreamedExactLinear) for e in self.exact.values())
-        away = self.model.norm.weight.device != self.device
+        self._table_away = streamed or self.model.norm.weight.device != self.device
+        if norms is None and self._table_away:
+            norms = norm_copies(self.model, self.device)
         # recompute: ComfyUI's layers cast their weights to float32 for each use, and autograd would keep every
         # cast until the backward (28 GB for the 7B encoder); per-layer recompute keeps one layer's at a time.
         # No CUDA graphs around streamed weights: their fetches are host-side logic (the prefetcher's ring)
-        self.suffix = SuffixDecoder(comfy_parts(self.model, self.exact, norms_on=self.device if away else None),
+        self.suffix = SuffixDecoder(comfy_parts(self.model, self.exact, norms),
                                     compile=compile, cuda_graphs=cuda_graphs and bool(self.exact) and not streamed,
                                     recompute=not self.exact)
         self._prefix: dict[str, tuple] = {}
         self._fixed: dict[str, torch.Tensor] = {}
-        self._rows: dict[tuple, torch.Tensor] = {}  # ids -> their embedding rows on the device (a table elsewhere)
+        self._rows: dict[tuple, torch.Tensor] = {}  # per-step ids -> their embedding rows on the device (_embed)
 
     def ids(self, caption: str) -> list[int]:
         tokens = self.tokenizer.tokenize_with_weights(caption)
         pairs = next(iter(tokens.values()))
         return [int(entry[0]) for batch in pairs for entry in batch]
 
-    def _embed(self, ids: list[int]) -> torch.Tensor:
-        """(1, n, dim) float32 input embeddings, each placeholder's rows replaced by its vector."""
+    def _embed(self, ids: list[int], per_step: bool = False) -> torch.Tensor:
+        """(1, n, dim) float32 input embeddings, each placeholder's rows replaced by its vector. ``per_step``: ids
+        embedded at every step (a suffix), whose rows are kept on the device where the table is elsewhere."""
         t = torch.tensor([ids]).to(self.device, non_blocking=True)
         table = self.embed_tokens.weight.device
-        if table == self.device:
+        if not self._table_away:
             out = self.embed_tokens(t).to(COMPUTE_DTYPE)
-        else:  # ComfyUI unloaded the text encoder (its projections streamed): rows looked up there, once per ids
-            out = self._rows.get(tuple(ids))
+        else:  # ComfyUI unloaded the text encoder (its projections streamed): rows looked up where the table is
+            out = self._rows.get(tuple(ids)) if per_step else None
             if out is None:
                 with torch.no_grad():
                     out = self.embed_tokens(torch.tensor([ids], device=table)).to(COMPUTE_DTYPE)
                 if self.device.type == "cuda" and out.device.type == "cpu":
                     out = out.pin_memory()  # an asynchronous copy: no wait for the GPU in the step
                 out = out.to(self.device, non_blocking=True)
-                self._rows[tuple(ids)] = out
+                if per_step:  # (a prefix or a vector-free caption is embedded once: not kept)
+                    self._rows[tuple(ids)] = out
         for token_id, vector in self.vectors.items():
             if token_id in ids:
                 mask = (t == token_id).unsqueeze(-1)
@@ -383,13 +391,13 @@ class ComfyPromptEncoder:
                         _, _, hidden = self.suffix.prefix(self._embed(ids))
                     self._fixed[caption] = hidden[0, drop:].cpu()
                     return hidden[0, drop:]
-                return self.suffix.full(self._embed(ids))[0, drop:]
+                return self.suffix.full(self._embed(ids, per_step=True))[0, drop:]
             with torch.no_grad():
                 keys, values, hidden = self.suffix.prefix(self._embed(ids[:first]))
             entry = (keys, values, hidden[0, drop:], ids[first:])
             self._prefix[caption] = entry
         keys, values, prefix_hidden, suffix_ids = entry
-        out = self.suffix.suffix(self._embed(suffix_ids), keys, values)
+        out = self.suffix.suffix(self._embed(suffix_ids, per_step=True), keys, values)
         return torch.cat([prefix_hidden, out[0]], dim=0)
 
     def encode(self, captions: list[str], dtype: torch.dtype, device: torch.device):
@@ -401,5 +409,5 @@ class ComfyPromptEncoder:
 
 
 __all__ = ["EXACT_TEXT_ENV", "ComfyLayerOps", "ComfyPromptEncoder", "UnsupportedTextEncoder", "comfy_parts",
-           "exact_bytes", "exact_projections", "exact_text_choice", "projection_modules", "qwen_decoder",
+           "exact_bytes", "exact_projections", "exact_text_choice", "norm_copies", "projection_modules", "qwen_decoder",
            "template_end"]

@@ -46,7 +46,7 @@ class PinnedPack:
         self.used_bytes += nbytes
         if nbytes > self.chunk_bytes:  # its own allocation (the host allocator rounds it; rare: none in Qwen-Image)
             own = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-            self.held_bytes += nbytes
+            self.held_bytes += 1 << (nbytes - 1).bit_length() if self.pin else nbytes
             return own.copy_(t)
         for entry in self._chunks:
             start = -(-entry[1] // _ALIGN) * _ALIGN
