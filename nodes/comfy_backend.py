@@ -343,7 +343,9 @@ class ComfyBackend(TrainBackend):
             self._was_in_training = mm.in_training
             mm.in_training = True
         self._load(dit=not self._offload)
-        if self._offload:  # before the engine's plan: streamed projections leave the encoder's memory to the blocks
+        if self._offload and not blockers(self.mp, dm, self.device, offload=True):
+            # before the engine's plan: streamed projections leave the encoder's memory to the blocks (not where the
+            # engine will not start: ComfyUI's forward then keeps the encoder on the GPU)
             self._exact_text(self.clip.patcher.load_device)
         if not self._start_engine(dm, t):
             if self._offload:  # the offloaded engine could not start: ComfyUI's forward trains, ComfyUI streams
