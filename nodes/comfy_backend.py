@@ -625,25 +625,25 @@ class ComfyBackend(TrainBackend):
         if self._exact and self._offload:
             self._stream_text(device)
         kinds = sorted({str(e.weight.dtype).removeprefix("torch.") for e in self._exact.values()})
+        copies = sum(e.weight.numel() * e.weight.element_size() for e in self._exact.values())
         where = "streamed from CPU memory" + (
             f" through a {self._text_prefetcher.arena_bytes / mem.GIB:.2f} GiB prefetch ring"
             if self._text_prefetcher is not None else "") + (
             ", ComfyUI's copy unloaded" if self._text_unloaded else
             ", ComfyUI's copy left where it is (not unloaded)") if self._text_streamed else ""
         logger.info("text encoder: %s", f"exact bf16-split projections ({len(self._exact)} Linears, "
-                    f"{sum(e.weight.numel() * e.weight.element_size() for e in self._exact.values()) / mem.GIB:.1f} GiB of "
-                    f"{'/'.join(kinds)} copies{', ' + where if where else ''}), no per-layer recompute"
-                    if self._exact else f"ComfyUI's projections (no exact form: {why})")
+                    f"{copies / mem.GIB:.1f} GiB of {'/'.join(kinds)} copies{', ' + where if where else ''}), "
+                    "no per-layer recompute" if self._exact else f"ComfyUI's projections (no exact form: {why})")
         return self._exact
 
     def _stream_text(self, device: torch.device) -> None:
         """The offloaded engine's text encoder: its projections are :class:`StreamedExactLinear` (copies in CPU
         memory, made by :meth:`_exact_text`). ComfyUI's copy is unloaded from the GPU (``free_memory`` keeping every
         other model loaded: the same call ComfyUI makes to make room), so the engine's plan, made next, gives that
-        memory (~7 GiB for an fp8-scaled file) to resident DiT blocks. The norms and the embedding's rows are copied
-        to the GPU by the prompt encoder. On a GPU the projections get their own prefetch ring (``model.
-        offload_prefetch_gib`` > 0): copies run ahead of use on a side stream, in the order the last step used them.
-        """
+        memory (~7 GiB for an fp8-scaled file) to resident DiT blocks. The norms are copied to the device first (as
+        loaded, patches applied); the prompt encoder looks the embedding's rows up in CPU memory. On a GPU the
+        projections get their own prefetch ring (``model.offload_prefetch_gib`` > 0): copies run ahead of use on a
+        side stream, in the order the last step used them."""
         from ..training.exact_linear import StreamedExactLinear
         from ..training.prefetch import WeightPrefetcher
 
