@@ -76,27 +76,35 @@ def exact_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out[0] + out[1] + out[2]
 
 
+def _exact_out(x: torch.Tensor, weight: torch.Tensor, scale, bias) -> torch.Tensor:
+    """``(x * scale) @ weightᵀ + bias`` in float32 for ``x`` [..., K]."""
+    a = x.reshape(-1, x.shape[-1]).float()
+    if scale is not None:
+        a = a * scale
+    y = exact_mm(a, weight)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _exact_in_grad(dy: torch.Tensor, weight: torch.Tensor, scale) -> torch.Tensor:
+    """``(dy @ weight) * scale``: the input's gradient of :func:`_exact_out`, for ``dy`` [..., N]."""
+    dx = exact_mm(dy.reshape(-1, dy.shape[-1]).float(), weight.t())
+    if scale is not None:
+        dx = dx * scale
+    return dx.view(*dy.shape[:-1], weight.shape[1])
+
+
 class _ExactLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
-        lead = x.shape[:-1]
-        a = x.reshape(-1, x.shape[-1]).float()
-        if scale is not None:
-            a = a * scale
-        y = exact_mm(a, weight)
-        if bias is not None:
-            y = y + bias
         ctx.save_for_backward(weight, scale)
-        ctx.lead = lead
-        return y.view(*lead, weight.shape[0])
+        return _exact_out(x, weight, scale, bias)
 
     @staticmethod
     def backward(ctx, dy):
         weight, scale = ctx.saved_tensors
-        dx = exact_mm(dy.reshape(-1, dy.shape[-1]).float(), weight.t())  # dy @ W
-        if scale is not None:
-            dx = dx * scale
-        return dx.view(*ctx.lead, weight.shape[1]), None, None, None
+        return _exact_in_grad(dy, weight, scale), None, None, None
 
 
 class ExactLinear(nn.Module):
@@ -122,30 +130,20 @@ class _StreamedExactFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, owner):
         ctx.owner = owner
-        ctx.lead = lead = x.shape[:-1]
-        a = x.reshape(-1, x.shape[-1]).float()
-        if owner.scale is not None:
-            a = a * owner.scale
         w, done = owner.fetch()
         try:
-            y = exact_mm(a, w)
+            return _exact_out(x, w, owner.scale, owner.bias)
         finally:  # (also after an error: a ring range never released would never be reused)
             done()
-        if owner.bias is not None:
-            y = y + owner.bias
-        return y.view(*lead, owner.out_features)
 
     @staticmethod
     def backward(ctx, dy):
         owner = ctx.owner
         w, done = owner.fetch()
         try:
-            dx = exact_mm(dy.reshape(-1, dy.shape[-1]).float(), w.t())
+            return _exact_in_grad(dy, w, owner.scale), None
         finally:
             done()
-        if owner.scale is not None:
-            dx = dx * owner.scale
-        return dx.view(*ctx.lead, owner.in_features), None
 
 
 class StreamedExactLinear(nn.Module):
