@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -1029,7 +1030,8 @@ def run_capped(args, device, dtype, res) -> dict:
               "fp8": "text decoder on the GPU (fp8)"}.get(summary.get("text_encoder_storage"), "text decoder as planned")
         name = (f"capped {args.capped_gib:g} GiB: fp8 DiT ({summary.get('streamed_blocks', '?')} blocks streamed), "
                 f"{te}, prefetch {summary.get('prefetch_gib', 0):g} GiB, checkpointing"
-                + (", resident blocks compiled" if settings["compile"] else "")
+                + ((", blocks compiled (streamed ones eager)" if os.environ.get("QWEN_ZERO_PRIOR_COMPILE_STREAMED")
+                    == "0" else ", blocks compiled, streamed ones too") if settings["compile"] else "")
                 + (f", attention {args.attention_backend}" if args.attention_backend else ""))
     pf = trainer.backend._prefetcher
     r = {"name": name, "prefetch": pf.stats() if pf is not None else None,

@@ -212,8 +212,8 @@ class DiffusersEngine:
         o = self.offload_summary
         where = "" if o is None else (
             f"offload: {o['resident_blocks']} of {o['blocks']} blocks on the device in fp8, {o['streamed_blocks']} "
-            "streamed from CPU memory" + (f" through a {o['prefetch_gib']:.2f} GiB prefetch ring" if o["prefetch_gib"]
-                                          else "") + ", ")
+            "streamed from CPU memory" + (f" ({o['pinned_gib']:.1f} GiB pinned)" if o.get("pinned_gib") else "")
+            + (f" through a {o['prefetch_gib']:.2f} GiB prefetch ring" if o["prefetch_gib"] else "") + ", ")
         return where + (f"fp8 matmuls on {self.fp8_layers} layers, " if self.fp8_layers else f"{dtype} matmuls, ") + (
             "compiled with CUDA graphs" if self.reduce_overhead else "compiled" if self.compiled else "eager")
 

@@ -299,6 +299,33 @@ def test_layout_cache_key_is_refused_outside_2_1(monkeypatch):
               "--iters", "1", "--mode", "variants", "--variant", "layout_cache=0"])
 
 
+def test_profiled_steps_write_their_trace_where_asked(monkeypatch, tmp_path):
+    """QWEN_ZERO_PRIOR_PROFILE_TRACE=PATH: the profiled steps' Chrome trace is written there (gzip for .gz, folders
+    made), in the form bench/trace_gaps.py reads (gpu_node_bench.sh TRACE=1). Profiling is a GPU's; forced on here."""
+    import gzip
+    import json
+
+    import torch
+
+    from bench.trace_gaps import gap_report, load
+    from qwen_zero_prior.training import profiling
+
+    path = tmp_path / "deep" / "steps.json.gz"
+    monkeypatch.setenv(profiling.TRACE_ENV, str(path))
+    prof = profiling.StepProfiler(torch.device("cpu"))
+    prof.steps = 1  # (0 on a CPU device)
+    prof.step(profiling.FIRST_STEP)
+    torch.ones(64).cumsum(0)
+    prof.step(profiling.FIRST_STEP + 1)
+    assert "cumsum" in prof.table
+    with gzip.open(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert any("cumsum" in e.get("name", "") for e in events)
+    assert gap_report(load(path))["busy_ms"] == 0.0  # no device work on a CPU: an empty report, not an error
+    monkeypatch.delenv(profiling.TRACE_ENV)
+    assert profiling.StepProfiler(torch.device("cpu")).trace_path is None
+
+
 def test_node_kernel_profile_knob_and_its_table_in_the_bench_json(monkeypatch):
     """QWEN_ZERO_PRIOR_PROFILE_STEPS (the node's kernel profile, run_node.py --profile-steps): a number or unset,
     garbage refused naming the variable; run_node.py keeps the node's logged table, header to total line."""

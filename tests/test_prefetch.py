@@ -160,53 +160,121 @@ def test_offloaded_training_is_the_same_with_and_without_prefetch(tiny_pipe, dat
     assert per_step > 0 and hits == [0, per_step, 2 * per_step], stats
 
 
-@pytest.mark.parametrize("recomputed", [False, True])
-def test_offload_compiles_the_blocks_that_stream_nothing(tiny_pipe, dataset_dir, tmp_path, make_config, recomputed):
-    """model.offload with model.compile: the resident blocks compile whole (fullgraph, the row scale a multiply on
-    the output), the streamed ones stay eager, and the loss and gradients are those of the eager offloaded model.
-    The fp8 weights' per-use cast is traced into the graph where the blocks are recomputed (gradient checkpointing,
-    as offload trains), else it is the cast_linear custom op (which keeps no cast weight for the backward)."""
-    from qwen_zero_prior.training.diffusers_backend import compile_blocks
+@pytest.mark.parametrize("recomputed,prefetch", [(False, False), (True, False), (True, True)])
+def test_offload_compiles_every_block_with_the_fetch_as_an_op(tiny_pipe, dataset_dir, tmp_path, make_config,
+                                                               recomputed, prefetch, monkeypatch):
+    """model.offload with model.compile: every block compiles whole (fullgraph), the streamed ones too, their
+    weight fetches an opaque custom op in the graph (through the prefetcher's ring where there is one, served ahead
+    from the second step). Loss and gradients are those of the eager offloaded model. The fp8 weights' per-use cast
+    of the resident layers is traced into the graph where the blocks are recomputed (gradient checkpointing, as
+    offload trains), else it is the cast_linear custom op (which keeps no cast weight for the backward).
+    QWEN_ZERO_PRIOR_COMPILE_STREAMED=0 keeps the streamed blocks eager (the layout before)."""
+    from diffusers.models.activations import GELU
+
+    from qwen_zero_prior.training import gelu
+    from qwen_zero_prior.training.diffusers_backend import COMPILE_STREAMED_ENV, compile_blocks
+    from qwen_zero_prior.training.offload import _FETCH_OP, block_bytes_fp8
 
     graph_ops = []
 
-    def recording(gm, example_inputs):
+    def recording(gm, example_inputs, **options):  # (options: the mode, which torch.compile passes on)
         graph_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
-    grads = {}
-    for compiled in (False, True):
+    runs = {}
+    for mode in ("eager", "compiled", "streamed eager"):
         torch._dynamo.reset()
-        trainer = Trainer(make_config(), copy.deepcopy(tiny_pipe), examples, tmp_path / str(compiled))
+        graph_ops.clear()
+        trainer = Trainer(make_config(), copy.deepcopy(tiny_pipe), examples, tmp_path / mode.replace(" ", "_"))
         pipe = trainer.backend.pipe
         tr = pipe.transformer
         emb = pipe.text_encoder.get_input_embeddings().weight
-        from qwen_zero_prior.training.offload import block_bytes_fp8
-
         budget = (emb.numel() * emb.element_size() + 1.5 * block_bytes_fp8(tr)) / 2**30  # one block resident
         if recomputed:
             tr.enable_gradient_checkpointing()
-        apply_offload(pipe, torch.device("cpu"), budget, reserve_gib=0)
-        if compiled:
-            from qwen_zero_prior.training import gelu
-            from diffusers.models.activations import GELU
-
+        ring = 2 * block_bytes_fp8(tr) / 2**30 if prefetch else 0.0
+        apply_offload(pipe, torch.device("cpu"), budget + ring, reserve_gib=0, prefetch_gib=ring)
+        pf = prefetcher_of(tr)
+        assert (pf is not None) == prefetch
+        if mode != "eager":
+            monkeypatch.setenv(COMPILE_STREAMED_ENV, "0" if mode == "streamed eager" else "1")
             assert gelu.install(tr) == len(tr.transformer_blocks) * 2  # as accelerate_transformer does first
-            done = compile_blocks(tr, fullgraph=True, backend=recording)
-            assert done == [tr.transformer_blocks[0]]  # the resident one; the rest stream and stay eager
-            assert all(b._compiled_call_impl is None for b in tr.transformer_blocks[1:])
-            # the eager blocks keep ATen's GELU (one kernel), the compiled one the fused sigmoid form
-            has = [any("gelu" in m.__dict__ for m in b.modules() if isinstance(m, GELU)) for b in tr.transformer_blocks]
-            assert has == [True] + [False] * (len(tr.transformer_blocks) - 1)
-        loss = trainer.loss_for([0], torch.Generator().manual_seed(0))
-        loss.backward()
-        grads[compiled] = (float(loss), [p.grad.clone() for p in trainer.trainable() if p.grad is not None])
-    (l0, g0), (l1, g1) = grads[False], grads[True]
-    assert abs(l0 - l1) <= 1e-5 * abs(l0) and len(g0) == len(g1) > 0
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g0, g1))
-    casts = [op for op in graph_ops if "cast_linear" in op]
-    assert graph_ops and (not casts if recomputed else casts), (recomputed, sorted(set(graph_ops)))
+            kwargs_of = {}
+            module_compile = torch.nn.Module.compile
+
+            def spy(self, *args, **kwargs):
+                kwargs_of[id(self)] = kwargs
+                return module_compile(self, *args, **kwargs)
+
+            with monkeypatch.context() as m:
+                m.setattr(torch.nn.Module, "compile", spy)
+                done = compile_blocks(tr, fullgraph=True, backend=recording, mode="reduce-overhead")
+            blocks = list(tr.transformer_blocks)
+            if mode == "compiled":
+                assert done == blocks
+                assert all(b._compiled_call_impl is not None for b in blocks)
+                # streamed blocks never get CUDA graphs (they would replay one step's copies into the ring)
+                assert kwargs_of[id(blocks[0])].get("mode") == "reduce-overhead"
+                assert all("mode" not in kwargs_of[id(b)] for b in blocks[1:])
+            else:
+                assert done == blocks[:1] and all(b._compiled_call_impl is None for b in blocks[1:])
+                has = [any("gelu" in m.__dict__ for m in b.modules() if isinstance(m, GELU)) for b in blocks]
+                assert has == [True] + [False] * (len(blocks) - 1)  # the eager blocks keep ATen's GELU
+        losses, grads = [], []
+        for step in range(2):
+            if pf is not None:
+                pf.begin_step()
+            for p in trainer.trainable():
+                p.grad = None
+            loss = trainer.loss_for([step % len(examples)], torch.Generator().manual_seed(step))
+            loss.backward()
+            losses.append(float(loss.detach()))
+            # (a compiled block's backward gives zeros where eager autograd gives None: a LoRA whose output the last
+            # block does not use)
+            grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trainer.trainable()])
+        fetch_ops = [op for op in graph_ops if _FETCH_OP in op]
+        casts = [op for op in graph_ops if "cast_linear" in op]
+        runs[mode] = (losses, grads, fetch_ops, casts, pf.stats() if pf is not None else None)
+    eager = runs["eager"]
+    for mode in ("compiled", "streamed eager"):
+        losses, grads, fetch_ops, casts, stats = runs[mode]
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, eager[0])), (mode, losses, eager[0])
+        for g, g0 in zip(grads, eager[1]):
+            assert len(g) == len(g0) > 0
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g, g0)), mode
+        assert bool(fetch_ops) == (mode == "compiled"), (mode, sorted(set(runs[mode][2])))
+        assert (not casts) if recomputed else casts
+        if prefetch:  # every fetch of the second step was served ahead (the first step's were copied at use)
+            assert stats["misses"] == stats["layers_per_step"] and stats["hits"] > 0, (mode, stats)
+            assert eager[4]["misses"] == eager[4]["layers_per_step"] and eager[4]["hits"] > 0, eager[4]
+
+
+def test_fetch_op_refuses_a_weight_without_its_layer():
+    """The streamed layers' fetch op finds its layer from the stored weight; a tensor no live streamed layer stores
+    (a freed layer's, any other) is refused with a clear error instead of computing with the wrong weight."""
+    from qwen_zero_prior.training.offload import _fetch_linear, fetch_linear_ops
+
+    fetch_linear_ops()
+    lin = torch.nn.Linear(8, 4, bias=False)
+    off = OffloadedLinear(lin, torch.device("cpu"), fp8=False, on_gpu=False)
+    x = torch.randn(2, 8)
+    assert torch.allclose(_fetch_linear(x, off.stored), lin(x))
+    with pytest.raises(RuntimeError, match="a streamed weight reached the fetch op without its layer"):
+        _fetch_linear(x, torch.randn(4, 8))
+
+
+def test_compile_streamed_knob_refuses_garbage(monkeypatch):
+    from qwen_zero_prior.training.diffusers_backend import COMPILE_STREAMED_ENV, compile_streamed_from_env
+
+    monkeypatch.delenv(COMPILE_STREAMED_ENV, raising=False)
+    assert compile_streamed_from_env() is None
+    for raw, want in (("1", True), ("0", False), (" 0 ", False)):
+        monkeypatch.setenv(COMPILE_STREAMED_ENV, raw)
+        assert compile_streamed_from_env() is want
+    monkeypatch.setenv(COMPILE_STREAMED_ENV, "yes")
+    with pytest.raises(ValueError, match=r"QWEN_ZERO_PRIOR_COMPILE_STREAMED='yes': expected 1"):
+        compile_streamed_from_env()
 
 
 @pytest.mark.parametrize("compiled", [False, True])

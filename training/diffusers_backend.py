@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 
@@ -72,9 +73,11 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
 
 
 def compile_blocks(transformer, **kwargs) -> list:
-    """diffusers' ``compile_repeated_blocks(**kwargs)`` (regional compile), except for the blocks whose weights
-    ``model.offload`` streams from CPU memory: their fetches are Python code with side effects (the prefetcher's ring
-    buffer), so they stay eager. Returns the blocks compiled."""
+    """diffusers' ``compile_repeated_blocks(**kwargs)`` (regional compile). The blocks whose weights ``model.offload``
+    streams from CPU memory compile too, their fetches an opaque custom op (``offload.fetch_linear_ops``), but never
+    with CUDA graphs (``mode="reduce-overhead"``): a graph would replay one step's copies into the prefetcher's ring
+    and skip its bookkeeping. ``QWEN_ZERO_PRIOR_COMPILE_STREAMED=0`` keeps them eager (as before session 15; a
+    benchmark's knob). Returns the blocks compiled."""
     from . import gelu
     from .offload import streams
 
@@ -82,16 +85,38 @@ def compile_blocks(transformer, **kwargs) -> list:
     blocks = [mod for mod in transformer.modules() if mod.__class__.__name__ in names]
     if not blocks:  # as diffusers' compile_repeated_blocks
         raise ValueError(f"regional compile: no repeated blocks ({list(names)}) in {type(transformer).__name__}")
-    compiled = [b for b in blocks if not streams(b)]
+    streamed = [b for b in blocks if streams(b)]
+    eager_streamed = streamed and compile_streamed_from_env() is False
+    streamed_kwargs = {k: v for k, v in kwargs.items() if not (k == "mode" and v == "reduce-overhead")}
+    compiled = []
     for block in blocks:
-        if block in compiled:
+        if block not in streamed:
             block.compile(**kwargs)
+            compiled.append(block)
+        elif not eager_streamed:
+            block.compile(**streamed_kwargs)
+            compiled.append(block)
         else:  # eagerly the sigmoid GELU is several kernels and float32 temporaries, not one fused kernel
             gelu.uninstall(block)
-    if len(compiled) < len(blocks):
-        logger.info("compile: %d of %d transformer blocks compiled; %d stream their weights and stay eager",
-                    len(compiled), len(blocks), len(blocks) - len(compiled))
+    if streamed:
+        logger.info("compile: %d of %d transformer blocks stream their weights from CPU memory; %s", len(streamed),
+                    len(blocks), "they stay eager (QWEN_ZERO_PRIOR_COMPILE_STREAMED=0)" if eager_streamed else
+                    "they compile too, their fetches an opaque op" + (
+                        ", without CUDA graphs" if streamed_kwargs != kwargs else ""))
     return compiled
+
+
+COMPILE_STREAMED_ENV = "QWEN_ZERO_PRIOR_COMPILE_STREAMED"
+
+
+def compile_streamed_from_env() -> bool | None:
+    """``QWEN_ZERO_PRIOR_COMPILE_STREAMED``: 1 (the default, also unset) compiles the streamed blocks with the rest, 0
+    keeps them eager (a benchmark's knob, to measure one against the other in one call)."""
+    raw = os.environ.get(COMPILE_STREAMED_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{COMPILE_STREAMED_ENV}={raw!r}: expected 1 (compile the streamed blocks, the default) or 0 "
+                         "(keep them eager)")
+    return None if raw == "" else raw == "1"
 
 
 class DiffusersBackend(TrainBackend):

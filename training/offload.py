@@ -6,7 +6,7 @@ needs both every step, so on a 24 GB card:
 - every ``Linear`` of the transformer's blocks keeps its weight in float8_e4m3fn (row-scaled), cast to the
   compute dtype for each use; the blocks that do not fit the budget keep that fp8 weight in pinned CPU memory
   and copy it over for each use (ahead of use, on a side stream, where ``prefetch_gib`` gives a ring buffer:
-  ``prefetch.py``); with ``model.compile`` the blocks that stream nothing are compiled;
+  ``prefetch.py``); with ``model.compile`` every block is compiled, a streamed weight's fetch an opaque custom op;
 - the text encoder's decoder ``Linear`` weights stay as loaded (bf16) in pinned CPU memory, copied per use
   (``model.offload_text_encoder`` may put them in fp8, streamed or on the GPU, which changes the conditioning the
   token learns against a little); its embedding table, norms and the placeholder row stay on the GPU;
@@ -25,9 +25,12 @@ weight inside an autograd function, for the forward and again for the backward, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
+import weakref
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -70,6 +73,73 @@ class _FetchMatmul(torch.autograd.Function):
             done()
 
 
+# The streamed layers' matmul as torch.library custom ops, for compiled blocks: dynamo cannot trace the prefetcher's
+# Python (its ring and events), but an opaque op it keeps in the graph, so a streamed block compiles whole like a
+# resident one instead of running eagerly (an H200 trace of the training node at 24 GB: ~35,000 kernel launches and
+# as many allocator calls a step, most of them from the eager streamed blocks, with the GPU idle half the step).
+# The op takes the layer's stored CPU weight, a graph input like any module tensor (so one graph serves every
+# streamed block), and finds its layer from it. The name carries this module's name: a second copy of the package
+# (another ComfyUI folder name) registers its own ops over its own layers.
+_FETCH_NS = "qwen_zero_prior"
+_FETCH_OP = f"fetch_linear_{zlib.crc32(__name__.encode()):08x}"
+_owners: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # stored weight's data_ptr -> its layer
+
+
+def _owner_of(stored: torch.Tensor) -> OffloadedLinear:
+    owner = _owners.get(stored.data_ptr())
+    if owner is None or owner.stored.data_ptr() != stored.data_ptr():
+        raise RuntimeError("offload: a streamed weight reached the fetch op without its layer (the layer was freed or "
+                           "its weight replaced)")
+    return owner
+
+
+@functools.cache
+def fetch_linear_ops():
+    """``(fetch_linear, fetch_linear_grad)`` registered (first call; outside any compiled region): ``fetch_linear(x,
+    stored)`` is ``x @ Wᵀ`` and ``fetch_linear_grad(dy, stored)`` is ``dy @ W``, each with the streamed layer's weight
+    materialized for the call and never kept (as :class:`_FetchMatmul`); the first's backward is the second."""
+    name = f"{_FETCH_NS}::{_FETCH_OP}"
+
+    @torch.library.custom_op(name, mutates_args=())
+    def fetch_linear(x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        w, done = _owner_of(stored).materialize(x.dtype)
+        try:
+            return torch.nn.functional.linear(x, w)
+        finally:  # also after an error (see _FetchMatmul)
+            done()
+
+    @fetch_linear.register_fake
+    def _(x, stored):
+        return x.new_empty(*x.shape[:-1], stored.shape[0])
+
+    @torch.library.custom_op(f"{name}_grad", mutates_args=())
+    def fetch_linear_grad(dy: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        w, done = _owner_of(stored).materialize(dy.dtype)
+        try:
+            return dy @ w
+        finally:
+            done()
+
+    @fetch_linear_grad.register_fake
+    def _(dy, stored):
+        return dy.new_empty(*dy.shape[:-1], stored.shape[1])
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])  # the stored CPU weight: a reference, nothing new kept
+
+    def backward(ctx, dy):
+        (stored,) = ctx.saved_tensors
+        return getattr(getattr(torch.ops, _FETCH_NS), f"{_FETCH_OP}_grad")(dy, stored), None
+
+    fetch_linear.register_autograd(backward, setup_context=setup_context)
+    return fetch_linear, fetch_linear_grad
+
+
+def _fetch_linear(x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """The op's call through ``torch.ops`` (what dynamo traces as an op): :func:`fetch_linear_ops` registers it."""
+    return getattr(getattr(torch.ops, _FETCH_NS), _FETCH_OP)(x, stored)
+
+
 class OffloadedLinear(nn.Module):
     """A frozen ``Linear`` whose weight is stored as fp8 (+ per-row scale) or as is, on the GPU or in pinned CPU
     memory (``streamed``), and cast to the compute dtype on the GPU for each forward and backward use.
@@ -77,7 +147,8 @@ class OffloadedLinear(nn.Module):
     On the GPU it computes through ``cast_linear.cast_linear`` (the cast inside one custom op, never kept for the
     backward) and applies the row scale to the output (``x @ (diag(s) Wq)ᵀ = (x @ Wqᵀ) diag(s)``), so a compiled block
     fuses the scale into what follows and the per-use cast is one kernel. Streamed, it fetches the weight in an
-    autograd function (:class:`_FetchMatmul`), through the prefetcher where there is one; such blocks stay eager."""
+    autograd function (:class:`_FetchMatmul`), through the prefetcher where there is one; in a compiled block through
+    the equivalent custom op (:func:`fetch_linear_ops`), which dynamo keeps opaque."""
 
     def __init__(self, linear: nn.Linear, device: torch.device, *, fp8: bool, on_gpu: bool,
                  pinned: PinnedPack | None = None):
@@ -110,7 +181,14 @@ class OffloadedLinear(nn.Module):
             w = pinned.copy(w) if pinned is not None else w.to(store).pin_memory()
         else:
             w = w.to(store)
+            if self.streamed and w.data_ptr() == linear.weight.data_ptr():
+                # its own storage (a CPU device): the fetch op finds the layer by its weight's address, which a
+                # second layer over the same source (another engine over ComfyUI's weights) would share
+                w = w.clone()
         self.stored = w
+        if self.streamed:
+            fetch_linear_ops()  # registered now, outside any compiled region
+            _owners[w.data_ptr()] = self
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(self.device, self.compute_dtype if linear.bias.dtype.itemsize < 2 else None),
             requires_grad=False)
@@ -151,7 +229,11 @@ class OffloadedLinear(nn.Module):
         # directly rather than in float32 and cast again by autocast
         if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        if self.streamed:  # (the row scale is applied inside, forward and backward)
+        if self.streamed and torch.compiler.is_compiling():  # the block compiles whole: the fetch is an opaque op
+            y = _fetch_linear(x, self.stored)
+            if self.out_scale is not None:  # autograd scales dy by it before the op's backward, as _FetchMatmul does
+                y = y * self.out_scale
+        elif self.streamed:  # (the row scale is applied inside, forward and backward)
             y = _FetchMatmul.apply(x, self)
         elif self.stored.dtype == x.dtype:  # stored as computed: nothing to cast, no scale
             y = torch.nn.functional.linear(x, self.stored)
@@ -403,7 +485,8 @@ def offload_transformer(tr: nn.Module, device: torch.device, available_bytes: fl
 
 
 def streams(module: nn.Module) -> bool:
-    """Whether ``module`` holds a layer :func:`apply_offload` streams from CPU memory (such blocks stay eager)."""
+    """Whether ``module`` holds a layer :func:`apply_offload` streams from CPU memory (such blocks never get CUDA
+    graphs: ``diffusers_backend.compile_blocks``)."""
     return any(isinstance(m, OffloadedLinear) and m.streamed for m in module.modules())
 
 

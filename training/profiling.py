@@ -3,7 +3,9 @@ is torch's): ``QWEN_ZERO_PRIOR_PROFILE_STEPS=N`` runs N steps after the third un
 two tables: the top kernels by GPU time, and the top host-side operators by their own CPU time (where a step whose
 GPU waits on the host spends it; the profiled steps run slower for being recorded). The ComfyUI training node
 logs it with its phase times (``bench/comfyui/run_node.py --profile-steps``); ``bench/bench_step.py --kernels`` is
-the core's own."""
+the core's own. ``QWEN_ZERO_PRIOR_PROFILE_TRACE=PATH`` also writes those steps' Chrome trace there (``.json.gz``:
+compressed), which ``python -m bench.trace_gaps PATH`` reads: where the GPU waited, and how far copies ran beside
+kernels."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import torch
 
 ENV = "QWEN_ZERO_PRIOR_PROFILE_STEPS"
+TRACE_ENV = "QWEN_ZERO_PRIOR_PROFILE_TRACE"
 FIRST_STEP = 3  # the first steps compile and fill caches
 
 
@@ -31,6 +34,7 @@ class StepProfiler:
         self.steps = steps_from_env() if device.type == "cuda" else 0
         self._prof = None
         self.table = ""
+        self.trace_path = os.environ.get(TRACE_ENV, "").strip() or None
 
     def step(self, n: int) -> None:
         if not self.steps:
@@ -47,6 +51,9 @@ class StepProfiler:
         prof, self._prof = self._prof, None
         if prof is not None:
             prof.stop()
+            if self.trace_path:  # torch writes gzip when the name ends in .gz
+                os.makedirs(os.path.dirname(os.path.abspath(self.trace_path)), exist_ok=True)
+                prof.export_chrome_trace(self.trace_path)
             averages = prof.key_averages()
             self.table = (averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
                           + "\nhost side, by own CPU time:\n"
@@ -54,4 +61,4 @@ class StepProfiler:
         return self.table
 
 
-__all__ = ["ENV", "StepProfiler", "steps_from_env"]
+__all__ = ["ENV", "TRACE_ENV", "StepProfiler", "steps_from_env"]
