@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -1024,14 +1023,16 @@ def run_capped(args, device, dtype, res) -> dict:
             f"fp8 DiT blocks ({summary['streamed_blocks']} streamed), text decoder {summary['text_encoder_storage']}"
             if summary else "offload not applied (no GPU)") + ", checkpointing")
     else:
+        from qwen_zero_prior.training.diffusers_backend import compile_streamed_from_env
+
         summary = trainer.backend.offload_summary or {}
         te = {"stream": "streamed text decoder", "stream_fp8": "text decoder streamed in fp8",
               "bf16": "text decoder on the GPU (bf16)",
               "fp8": "text decoder on the GPU (fp8)"}.get(summary.get("text_encoder_storage"), "text decoder as planned")
         name = (f"capped {args.capped_gib:g} GiB: fp8 DiT ({summary.get('streamed_blocks', '?')} blocks streamed), "
                 f"{te}, prefetch {summary.get('prefetch_gib', 0):g} GiB, checkpointing"
-                + ((", blocks compiled (streamed ones eager)" if os.environ.get("QWEN_ZERO_PRIOR_COMPILE_STREAMED")
-                    == "0" else ", blocks compiled, streamed ones too") if settings["compile"] else "")
+                + ((", blocks compiled (streamed ones eager)" if compile_streamed_from_env() is False
+                    else ", blocks compiled, streamed ones too") if settings["compile"] else "")
                 + (f", attention {args.attention_backend}" if args.attention_backend else ""))
     pf = trainer.backend._prefetcher
     r = {"name": name, "prefetch": pf.stats() if pf is not None else None,

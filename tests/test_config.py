@@ -50,6 +50,10 @@ def test_yaml_and_overrides(tmp_path):
         ({"train": {"train_placeholder_token": "maybe"}}, "'maybe'"),
         ({"train": {"learning_rate": float("nan")}}, "finite"),
         ({"train": {"dp_allreduce": "ddp"}}, "train.dp_allreduce must be one of ['flat', 'overlap'], got 'ddp'"),
+        ({"model": {"compile": True, "compile_mode": "reduce-overhead", "offload": True}},
+         "reduce-overhead (CUDA graphs) crashes with gradient checkpointing"),
+        ({"model": {"compile": True, "compile_mode": "max-autotune", "gradient_checkpointing": True}},
+         "max-autotune captures CUDA graphs, which crash with gradient checkpointing"),
     ],
 )
 def test_bad_config_refused(data, needle):

@@ -6,6 +6,7 @@ with it, that an order change falls back to copying at use, and that training is
 without the prefetcher. The overlap itself is a GPU measurement (docs/benchmarks.md, bench_step --mode capped)."""
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -260,8 +261,47 @@ def test_fetch_op_refuses_a_weight_without_its_layer():
     off = OffloadedLinear(lin, torch.device("cpu"), fp8=False, on_gpu=False)
     x = torch.randn(2, 8)
     assert torch.allclose(_fetch_linear(x, off.stored), lin(x))
-    with pytest.raises(RuntimeError, match="a streamed weight reached the fetch op without its layer"):
+    with pytest.raises(RuntimeError, match=r"a streamed weight \(shape \(4, 8\), torch.float32, at 0x[0-9a-f]+\) "
+                                            "reached the fetch op without its layer"):
         _fetch_linear(x, torch.randn(4, 8))
+    twin = copy.deepcopy(off)  # a copy registers its own weight
+    assert twin.stored.data_ptr() != off.stored.data_ptr()
+    assert torch.allclose(_fetch_linear(x, twin.stored), lin(x))
+    stored = off.stored
+    del off
+    gc.collect()
+    with pytest.raises(RuntimeError, match="without its layer: the OffloadedLinear holding it was freed"):
+        _fetch_linear(x, stored)  # its layer is gone
+
+
+@pytest.mark.parametrize("mode, streamed_mode", [("reduce-overhead", None), ("max-autotune", "max-autotune-no-cudagraphs"),
+                                                 ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_streamed_blocks_compile_without_cuda_graphs(tiny_pipe, mode, streamed_mode, monkeypatch):
+    """Both modes that capture CUDA graphs (reduce-overhead, max-autotune) reach the resident blocks as asked and the
+    streamed ones without graphs: a replay would copy one step's weights into the ring and skip its bookkeeping."""
+    from qwen_zero_prior.training.diffusers_backend import compile_blocks
+    from qwen_zero_prior.training.offload import block_bytes_fp8
+
+    tr = tiny_pipe.transformer
+    for model in (tr, tiny_pipe.text_encoder):  # frozen, as training leaves them (only frozen Linears are converted)
+        model.requires_grad_(False)
+    emb = tiny_pipe.text_encoder.get_input_embeddings().weight
+    apply_offload(tiny_pipe, torch.device("cpu"), (emb.numel() * emb.element_size() + 1.5 * block_bytes_fp8(tr)) / 2**30,
+                  reserve_gib=0)
+    kwargs_of = {}
+    module_compile = torch.nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        kwargs_of[id(self)] = kwargs
+        return module_compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
+    monkeypatch.delenv("QWEN_ZERO_PRIOR_COMPILE_STREAMED", raising=False)
+    blocks = list(tr.transformer_blocks)
+    assert compile_blocks(tr, fullgraph=True, mode=mode) == blocks  # (torch.compile is lazy: nothing compiles here)
+    assert kwargs_of[id(blocks[0])] == {"fullgraph": True, "mode": mode}
+    want = {"fullgraph": True, **({"mode": streamed_mode} if streamed_mode else {})}
+    assert [kwargs_of[id(b)] for b in blocks[1:]] == [want] * (len(blocks) - 1)
 
 
 def test_compile_streamed_knob_refuses_garbage(monkeypatch):

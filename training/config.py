@@ -149,6 +149,11 @@ class ModelConfig:
             raise ConfigError("model.compile_mode reduce-overhead (CUDA graphs) crashes with gradient checkpointing "
                               "(gradient_checkpointing, memory: checkpoint or offload); use the default compile "
                               "mode, or memory: auto (it switches the mode when it must checkpoint)")
+        if self.compile_mode == "max-autotune" and recomputes:
+            # max-autotune captures the same CUDA-graph trees as reduce-overhead (inductor's triton.cudagraphs)
+            raise ConfigError("model.compile_mode max-autotune captures CUDA graphs, which crash with gradient "
+                              "checkpointing (gradient_checkpointing, memory: checkpoint or offload); use "
+                              "max-autotune-no-cudagraphs")
         if self.quantize and (offload or self.fp8_matmul):
             raise ConfigError("model.quantize (fp8 storage through diffusers' layerwise casting) cannot be combined "
                               "with offload or fp8_matmul, which convert the same layers their own way; keep one")

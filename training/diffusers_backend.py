@@ -75,7 +75,7 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
 def compile_blocks(transformer, **kwargs) -> list:
     """diffusers' ``compile_repeated_blocks(**kwargs)`` (regional compile). The blocks whose weights ``model.offload``
     streams from CPU memory compile too, their fetches an opaque custom op (``offload.fetch_linear_ops``), but never
-    with CUDA graphs (``mode="reduce-overhead"``): a graph would replay one step's copies into the prefetcher's ring
+    with CUDA graphs (``mode="reduce-overhead"``, ``"max-autotune"``): a graph would replay one step's copies into the prefetcher's ring
     and skip its bookkeeping. ``QWEN_ZERO_PRIOR_COMPILE_STREAMED=0`` keeps them eager (as before session 15; a
     benchmark's knob). Returns the blocks compiled."""
     from . import gelu
@@ -87,7 +87,11 @@ def compile_blocks(transformer, **kwargs) -> list:
         raise ValueError(f"regional compile: no repeated blocks ({list(names)}) in {type(transformer).__name__}")
     streamed = [b for b in blocks if streams(b)]
     eager_streamed = streamed and compile_streamed_from_env() is False
-    streamed_kwargs = {k: v for k, v in kwargs.items() if not (k == "mode" and v == "reduce-overhead")}
+    streamed_kwargs = dict(kwargs)
+    if kwargs.get("mode") == "reduce-overhead":
+        del streamed_kwargs["mode"]
+    elif kwargs.get("mode") == "max-autotune":  # (max-autotune captures CUDA graphs too)
+        streamed_kwargs["mode"] = "max-autotune-no-cudagraphs"
     compiled = []
     for block in blocks:
         if block not in streamed:
@@ -231,8 +235,9 @@ class DiffusersBackend(TrainBackend):
                                      compile=self._compile_text_suffix())
 
     def _compile_text_suffix(self) -> bool:
-        """model.compile for the text decoder's per-step suffix, unless offload streams its layers (Python fetches
-        with side effects, which a compiled suffix cannot trace)."""
+        """model.compile for the text decoder's per-step suffix, unless offload streams its layers: the suffix is
+        compiled whole for CUDA-graph capture (``fullgraph``, unrolled layers), which the prefetcher's fetches cannot
+        be part of (the transformer's streamed blocks compile without graphs: :func:`compile_blocks`)."""
         from .offload import streams
 
         m = self.cfg.model

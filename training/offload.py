@@ -76,21 +76,36 @@ class _FetchMatmul(torch.autograd.Function):
 # The streamed layers' matmul as torch.library custom ops, for compiled blocks: dynamo cannot trace the prefetcher's
 # Python (its ring and events), but an opaque op it keeps in the graph, so a streamed block compiles whole like a
 # resident one instead of running eagerly (an H200 trace of the training node at 24 GB: ~35,000 kernel launches and
-# as many allocator calls a step, most of them from the eager streamed blocks, with the GPU idle half the step).
+# as many allocator calls a step, about half of the launches from the eager streamed blocks by an estimate, with the
+# GPU idle half the step). The ops are tagged cudagraph_unsafe where torch has the tag, so inductor never puts them
+# inside a CUDA graph, whatever mode or options compile with (compile_blocks also drops graphs for these blocks).
 # The op takes the layer's stored CPU weight, a graph input like any module tensor (so one graph serves every
 # streamed block), and finds its layer from it. The name carries this module's name: a second copy of the package
 # (another ComfyUI folder name) registers its own ops over its own layers.
 _FETCH_NS = "qwen_zero_prior"
 _FETCH_OP = f"fetch_linear_{zlib.crc32(__name__.encode()):08x}"
-_owners: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # stored weight's data_ptr -> its layer
+
+
+@functools.cache
+def _owners() -> weakref.WeakValueDictionary:
+    """stored weight's data_ptr -> its streamed :class:`OffloadedLinear` (made on first use, not at import)."""
+    return weakref.WeakValueDictionary()
 
 
 def _owner_of(stored: torch.Tensor) -> OffloadedLinear:
-    owner = _owners.get(stored.data_ptr())
+    owner = _owners().get(stored.data_ptr())
     if owner is None or owner.stored.data_ptr() != stored.data_ptr():
-        raise RuntimeError("offload: a streamed weight reached the fetch op without its layer (the layer was freed or "
-                           "its weight replaced)")
+        raise RuntimeError(
+            f"offload: a streamed weight (shape {tuple(stored.shape)}, {stored.dtype}, at {stored.data_ptr():#x}) "
+            "reached the fetch op without its layer: the OffloadedLinear holding it was freed or its .stored was "
+            "replaced. Keep the layer alive while its block runs and do not assign .stored; copies made with "
+            "copy.deepcopy or pickle register themselves")
     return owner
+
+
+def _unsafe_tags() -> tuple:
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)  # (torch >= 2.8)
+    return (tag,) if tag is not None else ()
 
 
 @functools.cache
@@ -100,7 +115,7 @@ def fetch_linear_ops():
     materialized for the call and never kept (as :class:`_FetchMatmul`); the first's backward is the second."""
     name = f"{_FETCH_NS}::{_FETCH_OP}"
 
-    @torch.library.custom_op(name, mutates_args=())
+    @torch.library.custom_op(name, mutates_args=(), tags=_unsafe_tags())
     def fetch_linear(x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         w, done = _owner_of(stored).materialize(x.dtype)
         try:
@@ -112,7 +127,7 @@ def fetch_linear_ops():
     def _(x, stored):
         return x.new_empty(*x.shape[:-1], stored.shape[0])
 
-    @torch.library.custom_op(f"{name}_grad", mutates_args=())
+    @torch.library.custom_op(f"{name}_grad", mutates_args=(), tags=_unsafe_tags())
     def fetch_linear_grad(dy: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         w, done = _owner_of(stored).materialize(dy.dtype)
         try:
@@ -186,9 +201,7 @@ class OffloadedLinear(nn.Module):
                 # second layer over the same source (another engine over ComfyUI's weights) would share
                 w = w.clone()
         self.stored = w
-        if self.streamed:
-            fetch_linear_ops()  # registered now, outside any compiled region
-            _owners[w.data_ptr()] = self
+        self._register()
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(self.device, self.compute_dtype if linear.bias.dtype.itemsize < 2 else None),
             requires_grad=False)
@@ -196,6 +209,17 @@ class OffloadedLinear(nn.Module):
         # set by apply_offload for the transformer's blocks, which offload always recomputes (gradient
         # checkpointing): inside a compiled graph the per-use cast is then traced (see forward)
         self.cast_in_graph = False
+
+    def _register(self) -> None:
+        """A streamed layer's weight, known to the fetch op (:func:`fetch_linear_ops`, registered now, outside any
+        compiled region)."""
+        if self.streamed:
+            fetch_linear_ops()
+            _owners()[self.stored.data_ptr()] = self
+
+    def __setstate__(self, state) -> None:  # copy.deepcopy and pickle: the copy's own weight is registered too
+        super().__setstate__(state)
+        self._register()
 
     @property
     def weight(self) -> torch.Tensor:  # for code that probes .weight (dtype/device); never through the prefetcher
@@ -232,7 +256,7 @@ class OffloadedLinear(nn.Module):
         if self.streamed and torch.compiler.is_compiling():  # the block compiles whole: the fetch is an opaque op
             y = _fetch_linear(x, self.stored)
             if self.out_scale is not None:  # autograd scales dy by it before the op's backward, as _FetchMatmul does
-                y = y * self.out_scale
+                y = y * self.out_scale.to(y.dtype)
         elif self.streamed:  # (the row scale is applied inside, forward and backward)
             y = _FetchMatmul.apply(x, self)
         elif self.stored.dtype == x.dtype:  # stored as computed: nothing to cast, no scale
@@ -452,7 +476,8 @@ def offload_transformer(tr: nn.Module, device: torch.device, available_bytes: fl
     e4m3) are copied: to the GPU for the resident blocks, to pinned CPU memory for the streamed ones; the other
     parameters to the GPU (:func:`_copy_rest_to`), never by moving the source's own ``Parameter``.
     Call after the LoRA is added and gradient checkpointing is on. Returns a summary as :func:`apply_offload`'s.
-    (Tensors already on ``device`` stay as they are: on a CPU, the tests' device, the source's are shared.)"""
+    (Tensors already on ``device`` stay as they are: on a CPU, the tests' device, the source's are shared, except
+    a streamed layer's weight, which is its own copy: the fetch op finds the layer by that weight's address.)"""
     if prefetch_gib < 0:
         raise ValueError(f"offload_transformer: prefetch_gib must be >= 0, got {prefetch_gib!r}")
     device = torch.device(device)

@@ -9,9 +9,12 @@ kernels."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 ENV = "QWEN_ZERO_PRIOR_PROFILE_STEPS"
 TRACE_ENV = "QWEN_ZERO_PRIOR_PROFILE_TRACE"
@@ -52,8 +55,12 @@ class StepProfiler:
         if prof is not None:
             prof.stop()
             if self.trace_path:  # torch writes gzip when the name ends in .gz
-                os.makedirs(os.path.dirname(os.path.abspath(self.trace_path)), exist_ok=True)
-                prof.export_chrome_trace(self.trace_path)
+                try:
+                    os.makedirs(os.path.dirname(os.path.abspath(self.trace_path)), exist_ok=True)
+                    prof.export_chrome_trace(self.trace_path)
+                except OSError as e:  # a benchmark's extra: never the end of a training run
+                    logger.warning("%s=%s: the trace could not be written (%s); training goes on",
+                                   TRACE_ENV, self.trace_path, e)
             averages = prof.key_averages()
             self.table = (averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
                           + "\nhost side, by own CPU time:\n"
