@@ -228,7 +228,8 @@ def exact_projections(model, device: torch.device, bf16: bool = False, stream: b
             return {}, f"layer {i} {name}: {why}"
         out[id(module)] = StreamedExactLinear.from_exact(fast, device, pinned) if stream else fast
     if pinned is not None:
-        logger.info("text encoder: %.2f GiB of pinned CPU memory hold the streamed projections", pinned.held_bytes / 2**30)
+        logger.info("text encoder: %.2f GiB of pinned CPU memory hold the streamed projections",
+                    pinned.held_bytes / 2**30)
     return out, None
 
 

@@ -274,7 +274,8 @@ def test_fetch_op_refuses_a_weight_without_its_layer():
         _fetch_linear(x, stored)  # its layer is gone
 
 
-@pytest.mark.parametrize("mode, streamed_mode", [("reduce-overhead", None), ("max-autotune", "max-autotune-no-cudagraphs"),
+@pytest.mark.parametrize("mode, streamed_mode", [("reduce-overhead", None),
+                                                 ("max-autotune", "max-autotune-no-cudagraphs"),
                                                  ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
 def test_streamed_blocks_compile_without_cuda_graphs(tiny_pipe, mode, streamed_mode, monkeypatch):
     """Both modes that capture CUDA graphs (reduce-overhead, max-autotune) reach the resident blocks as asked and the
@@ -286,8 +287,8 @@ def test_streamed_blocks_compile_without_cuda_graphs(tiny_pipe, mode, streamed_m
     for model in (tr, tiny_pipe.text_encoder):  # frozen, as training leaves them (only frozen Linears are converted)
         model.requires_grad_(False)
     emb = tiny_pipe.text_encoder.get_input_embeddings().weight
-    apply_offload(tiny_pipe, torch.device("cpu"), (emb.numel() * emb.element_size() + 1.5 * block_bytes_fp8(tr)) / 2**30,
-                  reserve_gib=0)
+    budget = (emb.numel() * emb.element_size() + 1.5 * block_bytes_fp8(tr)) / 2**30  # one block resident
+    apply_offload(tiny_pipe, torch.device("cpu"), budget, reserve_gib=0)
     kwargs_of = {}
     module_compile = torch.nn.Module.compile
 

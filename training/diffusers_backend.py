@@ -75,9 +75,9 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
 def compile_blocks(transformer, **kwargs) -> list:
     """diffusers' ``compile_repeated_blocks(**kwargs)`` (regional compile). The blocks whose weights ``model.offload``
     streams from CPU memory compile too, their fetches an opaque custom op (``offload.fetch_linear_ops``), but never
-    with CUDA graphs (``mode="reduce-overhead"``, ``"max-autotune"``): a graph would replay one step's copies into the prefetcher's ring
-    and skip its bookkeeping. ``QWEN_ZERO_PRIOR_COMPILE_STREAMED=0`` keeps them eager (as before session 15; a
-    benchmark's knob). Returns the blocks compiled."""
+    with CUDA graphs (``mode="reduce-overhead"`` dropped, ``"max-autotune"`` without graphs): a graph would replay one
+    step's copies into the prefetcher's ring and skip its bookkeeping. ``QWEN_ZERO_PRIOR_COMPILE_STREAMED=0`` keeps
+    them eager (as before session 15; a benchmark's knob). Returns the blocks compiled."""
     from . import gelu
     from .offload import streams
 
