@@ -117,8 +117,14 @@ def test_resolve_applies_the_plan_to_the_config():
     assert out.model.compile and out.model.compile_mode is None
     assert out.model.memory == "checkpoint"
     out, plan = memory.resolve(cfg, FULL_WEIGHTS, CUDA, capacity_bytes=24 * GIB)
-    # offload compiles the blocks that stream nothing, in the default mode (it recomputes blocks)
+    # offload compiles every block (the streamed ones too), in the default mode (it recomputes blocks)
     assert plan.mode == "offload" and out.model.offload and out.model.compile and out.model.compile_mode is None
+    # max-autotune captures CUDA graphs too: where auto checkpoints or offloads, it keeps autotuning without them
+    tuned = Config.from_dict({"model": {"memory": "auto", "compile": True, "compile_mode": "max-autotune"},
+                              "train": {"resolution": 1024}})
+    for capacity, mode in ((78, "checkpoint"), (24, "offload")):
+        out, plan = memory.resolve(tuned, FULL_WEIGHTS, CUDA, capacity_bytes=capacity * GIB)
+        assert plan.mode == mode and out.model.compile_mode == "max-autotune-no-cudagraphs"
     # explicit settings are a floor: gradient_checkpointing: true never becomes resident
     cfg = Config.from_dict({"model": {"memory": "auto", "gradient_checkpointing": True}})
     out, plan = memory.resolve(cfg, FULL_WEIGHTS, CUDA, capacity_bytes=139 * GIB)
@@ -148,6 +154,12 @@ def test_cuda_graphs_are_dropped_under_the_cudamallocasync_allocator(monkeypatch
     assert "model.text_cuda_graphs -> false" in caplog.text
     plain = Config.from_dict({"model": {"text_cuda_graphs": False}})
     assert memory.without_blocked_graphs(plain, CUDA) is plain
+    tuned = Config.from_dict({"model": {"compile": True, "compile_mode": "max-autotune", "text_cuda_graphs": False}})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qwen_zero_prior.training.memory"):
+        out = memory.without_blocked_graphs(tuned, CUDA)  # max-autotune captures CUDA graphs too
+    assert out.model.compile_mode == "max-autotune-no-cudagraphs"
+    assert "model.compile_mode max-autotune -> max-autotune-no-cudagraphs" in caplog.text
 
 
 @pytest.mark.parametrize("model, message", [

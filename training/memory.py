@@ -203,10 +203,10 @@ def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float
         # offload places weights by its budget, by default the card's total: under a per-process cap (or
         # QZP_GPU_MEMORY_GIB) that is more than this process may use, so the budget is the capacity planned for
         model["offload_budget_gib"] = plan.capacity_gib
-    if plan.gradient_checkpointing and m.compile and m.compile_mode == "reduce-overhead":
-        logger.warning("memory plan %s: compile_mode reduce-overhead (CUDA graphs) crashes with gradient "
-                       "checkpointing; using the default compile mode", plan.mode)
-        model["compile_mode"] = None
+    if plan.gradient_checkpointing and m.compile and m.compile_mode in GRAPH_MODES:
+        logger.warning("memory plan %s: compile_mode %s (CUDA graphs) crashes with gradient checkpointing; using %s",
+                       plan.mode, m.compile_mode, GRAPH_MODES[m.compile_mode] or "the default compile mode")
+        model["compile_mode"] = GRAPH_MODES[m.compile_mode]
     if plan.offload and m.compile and parts is not None and parts.family != "qwen-image":
         # Qwen-Image 2.1 (the family that passes parts): its offloaded step has not been measured compiled
         logger.warning("memory plan offload: Qwen-Image 2.1's offloaded blocks are not compiled (measured eager "
@@ -240,21 +240,26 @@ def cuda_graphs_blocked(device, hint: str = "drop backend:cudaMallocAsync from P
     return None
 
 
+# the compile modes that capture CUDA graphs -> the same without them
+GRAPH_MODES = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
+
+
 def without_blocked_graphs(cfg, device):
-    """``cfg`` without the CUDA graphs it asks for (``compile_mode: reduce-overhead``, ``text_cuda_graphs``) where
+    """``cfg`` without the CUDA graphs it asks for (``compile_mode: reduce-overhead`` or ``max-autotune``,
+    ``text_cuda_graphs``) where
     :func:`cuda_graphs_blocked` says they cannot be captured, with a warning saying so; else ``cfg``. Called before the
     memory plan, which counts reduce-overhead's activations and pools."""
     m = cfg.model
     changes = {}
-    if m.compile and m.compile_mode == "reduce-overhead":
-        changes["compile_mode"] = None
+    if m.compile and m.compile_mode in GRAPH_MODES:
+        changes["compile_mode"] = GRAPH_MODES[m.compile_mode]
     if m.text_cuda_graphs and not m.offload:
         changes["text_cuda_graphs"] = False
     why = cuda_graphs_blocked(device) if changes else None
     if not why:
         return cfg
     logger.warning("no CUDA graphs (%s): %s", why, ", ".join(
-        {"compile_mode": "model.compile_mode reduce-overhead -> default",
+        {"compile_mode": f"model.compile_mode {m.compile_mode} -> {changes.get('compile_mode') or 'default'}",
          "text_cuda_graphs": "model.text_cuda_graphs -> false"}[k] for k in changes))
     return cfg.replace(model=changes)
 
