@@ -305,6 +305,47 @@ def test_streamed_blocks_compile_without_cuda_graphs(tiny_pipe, mode, streamed_m
     assert [kwargs_of[id(b)] for b in blocks[1:]] == [want] * (len(blocks) - 1)
 
 
+def test_fetch_op_under_inductor_matches_eager_and_is_cuda_graph_unsafe():
+    """What the GPU runs: the streamed layers compiled by inductor itself (not aot_eager), through the prefetcher's
+    ring. Outputs and input gradients equal eager ones, every fetch goes through the ring (served ahead from the
+    second step), and the ops carry torch's cudagraph_unsafe tag, which keeps inductor from putting them in a CUDA
+    graph whatever the mode (where torch has the tag)."""
+    from qwen_zero_prior.training.offload import _FETCH_NS, _FETCH_OP, fetch_linear_ops
+
+    torch.manual_seed(0)
+    dev = torch.device("cpu")
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = OffloadedLinear(torch.nn.Linear(16, 32).requires_grad_(False), dev, fp8=True, on_gpu=False)
+            self.b = OffloadedLinear(torch.nn.Linear(32, 8, bias=False).requires_grad_(False), dev, fp8=True,
+                                     on_gpu=False)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.gelu(self.a(x))) * 2
+
+    model = Two()
+    pf = WeightPrefetcher(dev, arena_bytes=4096)
+    model.a.prefetcher = model.b.prefetcher = pf
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    for step in range(3):
+        pf.begin_step()
+        x = torch.randn(4, 16, requires_grad=True)
+        want = model(x)
+        (dx_want,) = torch.autograd.grad(want.square().sum(), x)
+        got = compiled(x)
+        (dx_got,) = torch.autograd.grad(got.square().sum(), x)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6) and torch.allclose(dx_got, dx_want, rtol=1e-5, atol=1e-6)
+    # eager and compiled each fetch a and b forward and backward: 8 a step, the last two steps from the ring
+    assert pf.stats()["layers_per_step"] == 8 and pf.hits == 16 and pf.misses == 8, pf.stats()
+    fetch_linear_ops()
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    for name in (_FETCH_OP, f"{_FETCH_OP}_grad"):
+        op = getattr(getattr(torch.ops, _FETCH_NS), name).default
+        assert tag is None or tag in op.tags, (name, op.tags)
+
+
 def test_compile_streamed_knob_refuses_garbage(monkeypatch):
     from qwen_zero_prior.training.diffusers_backend import COMPILE_STREAMED_ENV, compile_streamed_from_env
 
