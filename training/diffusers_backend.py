@@ -79,6 +79,7 @@ def compile_blocks(transformer, **kwargs) -> list:
     step's copies into the prefetcher's ring and skip its bookkeeping. ``QWEN_ZERO_PRIOR_COMPILE_STREAMED=0`` keeps
     them eager (as before session 15; a benchmark's knob). Returns the blocks compiled."""
     from . import gelu
+    from .memory import GRAPH_MODES
     from .offload import streams
 
     names = getattr(transformer, "_repeated_blocks", None) or ()
@@ -88,10 +89,10 @@ def compile_blocks(transformer, **kwargs) -> list:
     streamed = [b for b in blocks if streams(b)]
     eager_streamed = streamed and compile_streamed_from_env() is False
     streamed_kwargs = dict(kwargs)
-    if kwargs.get("mode") == "reduce-overhead":
-        del streamed_kwargs["mode"]
-    elif kwargs.get("mode") == "max-autotune":  # (max-autotune captures CUDA graphs too)
-        streamed_kwargs["mode"] = "max-autotune-no-cudagraphs"
+    if kwargs.get("mode") in GRAPH_MODES:  # the same mode without CUDA graphs (none for reduce-overhead)
+        streamed_kwargs.pop("mode")
+        if GRAPH_MODES[kwargs["mode"]]:
+            streamed_kwargs["mode"] = GRAPH_MODES[kwargs["mode"]]
     compiled = []
     for block in blocks:
         if block not in streamed:

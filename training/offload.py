@@ -46,6 +46,24 @@ logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 
+def _fetched_linear(owner, x: torch.Tensor) -> torch.Tensor:
+    """``x @ Wᵀ`` with ``owner``'s weight materialized for the call and released once the product is queued."""
+    w, done = owner.materialize(x.dtype)
+    try:
+        return torch.nn.functional.linear(x, w)
+    finally:  # also after an error: a range never released would keep the prefetcher from reusing it
+        done()
+
+
+def _fetched_input_grad(owner, dy: torch.Tensor) -> torch.Tensor:
+    """``dy @ W``: :func:`_fetched_linear`'s input gradient, the weight materialized again."""
+    w, done = owner.materialize(dy.dtype)
+    try:
+        return dy @ w
+    finally:
+        done()
+
+
 class _FetchMatmul(torch.autograd.Function):
     """``x @ Wᵀ`` with ``W`` materialized for the forward and again for the backward, never saved. An fp8 weight
     arrives as its e4m3 values cast to the compute dtype; its row scale ``s`` is applied to the output, as the
@@ -54,11 +72,7 @@ class _FetchMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, owner):
         ctx.owner = owner
-        w, done = owner.materialize(x.dtype)
-        try:
-            y = torch.nn.functional.linear(x, w)
-        finally:  # also after an error: a range never released would keep the prefetcher from reusing it
-            done()
+        y = _fetched_linear(owner, x)
         return y if owner.out_scale is None else y * owner.out_scale.to(y.dtype)
 
     @staticmethod
@@ -66,11 +80,7 @@ class _FetchMatmul(torch.autograd.Function):
         owner = ctx.owner
         if owner.out_scale is not None:
             dy = dy * owner.out_scale.to(dy.dtype)
-        w, done = owner.materialize(dy.dtype)
-        try:
-            return dy @ w, None
-        finally:
-            done()
+        return _fetched_input_grad(owner, dy), None
 
 
 # The streamed layers' matmul as torch.library custom ops, for compiled blocks: dynamo cannot trace the prefetcher's
@@ -117,11 +127,7 @@ def fetch_linear_ops():
 
     @torch.library.custom_op(name, mutates_args=(), tags=_unsafe_tags())
     def fetch_linear(x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-        w, done = _owner_of(stored).materialize(x.dtype)
-        try:
-            return torch.nn.functional.linear(x, w)
-        finally:  # also after an error (see _FetchMatmul)
-            done()
+        return _fetched_linear(_owner_of(stored), x)
 
     @fetch_linear.register_fake
     def _(x, stored):
@@ -129,11 +135,7 @@ def fetch_linear_ops():
 
     @torch.library.custom_op(f"{name}_grad", mutates_args=(), tags=_unsafe_tags())
     def fetch_linear_grad(dy: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-        w, done = _owner_of(stored).materialize(dy.dtype)
-        try:
-            return dy @ w
-        finally:
-            done()
+        return _fetched_input_grad(_owner_of(stored), dy)
 
     @fetch_linear_grad.register_fake
     def _(dy, stored):
