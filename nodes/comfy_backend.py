@@ -57,12 +57,13 @@ from ..training.cast_linear import cast_linear, cast_linear_op
 from ..training.config import Config, TrainConfig
 from ..training.data import Example, load_pixels
 from ..training.fp8 import added_bytes
+from ..training.graphs import ASYNC_GRAPHS_ENV, async_graphs_from_env
 from ..training.profiling import ENV as PROFILE_ENV
 from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_attention import training_attention
 from .comfy_engine import (ENGINES, RESIDENT_BLOCKS_ENV, DiffusersEngine, EngineUnavailable, OffloadPlan, _has_triton,
-                           blockers, engine_model_config, graphs_blocked, previews_blocked, resident_blocks,
+                           blockers, comfy_offload_streams_off, engine_model_config, graphs_blocked, previews_blocked, resident_blocks,
                            resolved_device)
 from .comfy_text import (EXACT_TEXT_ENV, ComfyPromptEncoder, exact_bytes, exact_projections, exact_text_choice,
                          norm_copies, projection_modules, qwen_decoder)
@@ -560,6 +561,16 @@ class ComfyBackend(TrainBackend):
         exact = self._exact_text(device)
         graphs = bool(exact) and m.text_cuda_graphs and torch.device(device).type == "cuda"
         blocked = graphs_blocked(device) if graphs else None
+        norms = self._text_norms if self._text_streamed else None
+        if blocked and async_graphs_from_env():
+            # captured as training/graphs.py captures (thread_local, ComfyUI's offload streams off), which works under
+            # cudaMallocAsync; the norms' weights from copies on the device, so nothing captured is ComfyUI's to move
+            if not self._said_no_graphs:
+                logger.info("text encoder: CUDA graphs captured under the cudaMallocAsync allocator (%s=0 turns "
+                            "them off)", ASYNC_GRAPHS_ENV)
+                self._said_no_graphs = True
+            blocked = None
+            norms = norms or norm_copies(qwen_decoder(self.clip), device)
         if blocked and not self._said_no_graphs:
             logger.info("text encoder: no CUDA graphs (%s)", blocked)
             self._said_no_graphs = True
@@ -567,7 +578,7 @@ class ComfyBackend(TrainBackend):
             self.clip, self.tokenizer, device,
             vectors={tok.token_id: tok.vector for tok in self.tokens},
             prefix_cache=m.text_prefix_cache, cuda_graphs=graphs and not blocked, compile=False, exact=exact,
-            norms=self._text_norms if self._text_streamed else None,
+            norms=norms, capture_guard=comfy_offload_streams_off,
         )
 
     def _engine_reserve(self) -> int | None:

@@ -40,6 +40,9 @@ from ..training.memory import cuda_graphs_blocked
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "diffusers", "diffusers_offload", "comfyui")
+# how many input shapes (caption lengths, image sizes) the engine captures as CUDA graphs under cudaMallocAsync; later
+# shapes run without graphs (recapturing in turn would cost more than it saves)
+DIT_GRAPH_SHAPES = 8
 # how many of the DiT's blocks the offloaded engine keeps on the device, instead of as many as fit (tests, tuning)
 RESIDENT_BLOCKS_ENV = "QWEN_ZERO_PRIOR_RESIDENT_BLOCKS"
 
@@ -164,6 +167,7 @@ class DiffusersEngine:
         self.dm, self.rank, self.alpha, self.device, self.dtype = dm, rank, alpha, device, dtype
         self.offload_summary: dict | None = None
         self.prefetcher = None
+        self.graphs = None  # the whole step's CUDA graphs under cudaMallocAsync (_whole_graphs)
         self._rope_was_installed = rope.installed()
         try:
             self._build(dm, m, targets, rank, alpha, init_A, device, dtype, recompute or offload is not None,
@@ -206,6 +210,35 @@ class DiffusersEngine:
         self.reduce_overhead = m.compile and m.compile_mode == "reduce-overhead"
         accelerate_transformer(self.transformer, m, QWEN_IMAGE_FP8, compute_dtype=dtype)
         self.fp8_layers = sum(isinstance(mod, Fp8Linear) for mod in self.transformer.modules())
+        self.graphs = self._whole_graphs(device) if self.compiled and not self.reduce_overhead and not recompute \
+            and offload is None else None
+
+    def _whole_graphs(self, device: torch.device):
+        """The DiT's whole forward and backward as CUDA graphs (:meth:`make_graphs`) where ComfyUI's default
+        cudaMallocAsync allocator keeps torch.compile's reduce-overhead graphs out (:func:`graphs_blocked`) and
+        ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS`` is not 0: the compiled blocks' ~17,000 launches and ~28,000 allocator calls
+        a step (session 10's profile) become two graph launches. None elsewhere."""
+        from ..training.graphs import async_graphs_from_env
+
+        device = resolved_device(device)
+        if device.type != "cuda" or graphs_blocked(device) is None or not async_graphs_from_env():
+            return None
+        return self.make_graphs()
+
+    def make_graphs(self, capture=None):
+        """A :class:`~qwen_zero_prior.training.graphs.GraphCache` of :meth:`predict`'s work, a pair of graphs per
+        input shape (caption length, image size; at most :data:`DIT_GRAPH_SHAPES`). ``capture``: the capture
+        function (tests emulate it on the CPU)."""
+        from ..training.graphs import GraphCache, capture_cuda
+
+        params = [p for _, p in self.named_lora_parameters()]
+
+        def frozen():  # what the graphs read besides the LoRA: ComfyUI's weights (moved if ComfyUI reloads them)
+            return [t for t in (*self.transformer.parameters(), *self.transformer.buffers()) if not t.requires_grad]
+
+        return GraphCache(functools.partial(self._predict, cache=False), params, watch=frozen,
+                          max_graphs=DIT_GRAPH_SHAPES, name="DiT engine", guard=comfy_offload_streams_off,
+                          capture=capture or capture_cuda)
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
@@ -215,15 +248,24 @@ class DiffusersEngine:
             "streamed from CPU memory" + (f" ({o['pinned_gib']:.1f} GiB pinned)" if o.get("pinned_gib") else "")
             + (f" through a {o['prefetch_gib']:.2f} GiB prefetch ring" if o["prefetch_gib"] else "") + ", ")
         return where + (f"fp8 matmuls on {self.fp8_layers} layers, " if self.fp8_layers else f"{dtype} matmuls, ") + (
-            "compiled with CUDA graphs" if self.reduce_overhead else "compiled" if self.compiled else "eager")
+            "compiled with CUDA graphs" if self.reduce_overhead else
+            "compiled, forward and backward captured as CUDA graphs" if self.graphs is not None else
+            "compiled" if self.compiled else "eager")
 
     # ---- the step -----------------------------------------------------------------------------------
     def predict(self, noisy, sigmas, embeds, mask):
+        if self.graphs is not None and torch.is_grad_enabled():
+            out = self.graphs(noisy, sigmas, embeds, mask)
+            if out is not None:
+                return out
+        return self._predict(noisy, sigmas, embeds, mask)
+
+    def _predict(self, noisy, sigmas, embeds, mask, cache: bool = True):
         bsz, c, _, h, w = noisy.shape
         # diffusers' QwenImagePipeline._pack_latents: 2x2 patches, channels first within a patch (as ComfyUI's)
         packed = (noisy[:, :, 0].reshape(bsz, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
                   .reshape(bsz, (h // 2) * (w // 2), c * 4).to(self.dtype))
-        with compute_autocast(self.dtype, self.device):
+        with compute_autocast(self.dtype, self.device, cache):
             pred = self.transformer(hidden_states=packed, timestep=sigmas.to(self.dtype),
                                     encoder_hidden_states=embeds.to(self.dtype), encoder_hidden_states_mask=mask,
                                     img_shapes=[[(1, h // 2, w // 2)]] * bsz, return_dict=False)[0]
@@ -234,6 +276,8 @@ class DiffusersEngine:
             self.prefetcher.begin_step()
         if self.reduce_overhead:  # last step's graph outputs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
+        if self.graphs is not None:
+            self.graphs.new_step()
 
     # ---- LoRA state -----------------------------------------------------------------------------------
     def named_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -273,6 +317,9 @@ class DiffusersEngine:
 
         if self.compiled and not self._rope_was_installed:
             rope.uninstall()  # diffusers' module-level RoPE as this process had it
+        if self.graphs is not None:
+            self.graphs.clear()  # the captured graphs hold the step's activations and the model's addresses
+            self.graphs = None
         self.transformer = None
         self.dm = None
         self.prefetcher = None  # its ring buffer and copy stream
@@ -335,11 +382,34 @@ def graphs_blocked(device) -> str | None:
     return cuda_graphs_blocked(device, f"{NATIVE_ALLOCATOR_HOW} for the CUDA-graph path")
 
 
+@contextlib.contextmanager
+def comfy_offload_streams_off():
+    """ComfyUI's asynchronous weight offload (``comfy.model_management.NUM_STREAMS``, 2 by default on Nvidia since
+    0.3.6x) off while CUDA graphs are warmed up and captured: a ComfyUI op that casts a weight forks an offload stream
+    from the current one, and a stream forked from a capture and not joined fails it ("capturing stream has unjoined
+    work"). Nothing of ComfyUI's should run in the captured code; this makes sure. Read on every call by ComfyUI, so
+    setting it back afterwards restores its behaviour."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:  # outside ComfyUI (tests of the engine alone)
+        yield
+        return
+    old = getattr(mm, "NUM_STREAMS", None)
+    if old is None:
+        yield
+        return
+    mm.NUM_STREAMS = 0
+    try:
+        yield
+    finally:
+        mm.NUM_STREAMS = old
+
+
 def speed_tip(engine, device) -> str | None:
     """The line the training node adds to its result where the allocator kept CUDA graphs out of a run that would have
     used them (the diffusers ``engine`` compiled, no block recomputed); None otherwise, e.g. with ComfyUI's forward at
     24 GiB, where the allocator changes nothing."""
-    if engine is None or not engine.compiled or engine.recompute or engine.reduce_overhead:
+    if engine is None or not engine.compiled or engine.recompute or engine.reduce_overhead or engine.graphs is not None:
         return None
     if graphs_blocked(device) is None:
         return None
@@ -363,7 +433,14 @@ def engine_model_config(m, device: torch.device, recompute: bool):
     if m.compile and device.type == "cuda" and not recompute and m.compile_mode in (None, "reduce-overhead"):
         blocked = graphs_blocked(device)  # asked only where graphs would be used
         if blocked:
-            logger.warning("model.compile: no CUDA graphs for the DiT (%s)", blocked)
+            from ..training.graphs import ASYNC_GRAPHS_ENV, async_graphs_from_env
+
+            if async_graphs_from_env():
+                logger.info("model.compile: the DiT's forward and backward are captured whole as CUDA graphs instead "
+                            "of torch.compile's reduce-overhead ones, which this allocator cannot run (%s=0: no "
+                            "graphs)", ASYNC_GRAPHS_ENV)
+            else:
+                logger.warning("model.compile: no CUDA graphs for the DiT (%s)", blocked)
             if m.compile_mode == "reduce-overhead":
                 changes["compile_mode"] = None
     if m.compile and m.compile_mode is None and device.type == "cuda" and not recompute and not blocked:
@@ -373,6 +450,6 @@ def engine_model_config(m, device: torch.device, recompute: bool):
     return dataclasses.replace(m, **changes) if changes else m
 
 
-__all__ = ["DiffusersEngine", "ENGINES", "EngineUnavailable", "NATIVE_ALLOCATOR_HOW", "OffloadPlan", "RESIDENT_BLOCKS_ENV",
-           "blockers", "engine_model_config", "graphs_blocked", "oom_hint", "previews_blocked", "resident_blocks",
+__all__ = ["DIT_GRAPH_SHAPES", "DiffusersEngine", "ENGINES", "EngineUnavailable", "NATIVE_ALLOCATOR_HOW", "OffloadPlan", "RESIDENT_BLOCKS_ENV",
+           "blockers", "comfy_offload_streams_off", "engine_model_config", "graphs_blocked", "oom_hint", "previews_blocked", "resident_blocks",
            "resolved_device", "speed_tip", "transformer_config"]

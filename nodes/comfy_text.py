@@ -305,13 +305,13 @@ class ComfyPromptEncoder:
     :func:`exact_projections` made once and reused) computes the projections as ``ExactLinear`` (no per-layer
     recompute); ``cuda_graphs`` then replays the per-step suffix as CUDA graphs. Without ``exact`` there are no
     graphs: ComfyUI's layers may stream and cast weights with host-side logic that graph capture cannot replay
-    (dynamic VRAM).
+    (dynamic VRAM). ``capture_guard``: a context around the graphs' capture (``SuffixDecoder``).
     """
 
     def __init__(self, clip, tokenizer, device: torch.device, token_id: int | None = None,
                  vector: torch.nn.Parameter | None = None, *, vectors: dict[int, torch.nn.Parameter] | None = None,
                  prefix_cache: bool = True, cuda_graphs: bool = False, compile: bool = False,
-                 exact: bool | dict = False, norms: dict | None = None):
+                 exact: bool | dict = False, norms: dict | None = None, capture_guard=None):
         self.tokenizer = tokenizer
         self.model = qwen_decoder(clip)
         self.embed_tokens = self.model.embed_tokens
@@ -343,7 +343,7 @@ class ComfyPromptEncoder:
         # No CUDA graphs around streamed weights: their fetches are host-side logic (the prefetcher's ring)
         self.suffix = SuffixDecoder(comfy_parts(self.model, self.exact, norms),
                                     compile=compile, cuda_graphs=cuda_graphs and bool(self.exact) and not streamed,
-                                    recompute=not self.exact)
+                                    recompute=not self.exact, capture_guard=capture_guard)
         self._prefix: dict[str, tuple] = {}
         self._fixed: dict[str, torch.Tensor] = {}
         self._rows: dict[tuple, torch.Tensor] = {}  # per-step ids -> their embedding rows on the device (_embed)

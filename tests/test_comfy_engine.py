@@ -238,8 +238,9 @@ def test_engine_model_config(monkeypatch):
 
 
 def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog):
-    """ComfyUI's default cudaMallocAsync allocator: no CUDA graphs (capture failed and the process aborted on an
-    H200), said once with the way out; the native allocator keeps them."""
+    """ComfyUI's default cudaMallocAsync allocator: no torch.compile reduce-overhead graphs (their trees need allocator
+    features it lacks); the engine captures its own whole-step graphs instead unless QWEN_ZERO_PRIOR_ASYNC_GRAPHS=0,
+    where it says once that there are none and the way out; the native allocator keeps reduce-overhead."""
     monkeypatch.setattr(_engine, "_has_triton", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda = torch.device("cuda")
@@ -249,10 +250,18 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     assert "--disable-cuda-malloc" in _engine.graphs_blocked(cuda)
     assert _engine.graphs_blocked(torch.device("cpu")) is None
-    with caplog.at_level(logging.WARNING):
+    # by default the engine captures the DiT's whole forward and backward itself (training/graphs.py), said once;
+    # torch.compile's reduce-overhead mode is dropped either way (its graph trees cannot run under this allocator)
+    with caplog.at_level(logging.INFO):
         m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
         m2 = engine_model_config(ModelConfig(compile=True, compile_mode="reduce-overhead"), cuda, recompute=False)
     assert (m.compile, m.compile_mode, m2.compile_mode) == (True, None, None)
+    assert "captured whole as CUDA graphs" in caplog.text and "no CUDA graphs for the DiT" not in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "0")  # the way back to no graphs at all
+    with caplog.at_level(logging.WARNING):
+        m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
+    assert (m.compile, m.compile_mode) == (True, None)
     assert "no CUDA graphs for the DiT" in caplog.text and "--disable-cuda-malloc" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # recomputed blocks never take graphs: nothing to say about the allocator
@@ -260,11 +269,12 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     assert "no CUDA graphs" not in caplog.text
     # the training node's result names the way out only where the allocator kept graphs out of the engine's run:
     # not without compile, not where blocks are recomputed (24 GiB: ComfyUI's forward, no engine), not on a CPU
-    built = types.SimpleNamespace(compiled=True, recompute=False, reduce_overhead=False)
+    built = types.SimpleNamespace(compiled=True, recompute=False, reduce_overhead=False, graphs=None)
     tip = _engine.speed_tip(built, cuda)
     assert "--disable-cuda-malloc" in tip and "Native CUDA allocator" in tip
     assert _engine.speed_tip(None, cuda) is None and _engine.speed_tip(built, torch.device("cpu")) is None
-    for other in ({"compiled": False}, {"recompute": True}, {"reduce_overhead": True}):
+    # nothing to say where the engine captured its own graphs
+    for other in ({"compiled": False}, {"recompute": True}, {"reduce_overhead": True}, {"graphs": object()}):
         assert _engine.speed_tip(types.SimpleNamespace(**{**vars(built), **other}), cuda) is None, other
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
     assert _engine.speed_tip(built, cuda) is None

@@ -1075,6 +1075,13 @@ def test_diffusers_engine_equals_comfyui_forward(comfy, weight_dtype):
     # every shared Linear and norm at the new tensors, and the engine predicts what ComfyUI does again
     assert r["rebound"] >= r["linears"] and r["rebound_shared"] == r["linears"], r
     assert r["after_rebind_max_abs"] <= 1e-5 * r["lora_scale"], r
+    # the whole-step CUDA graphs the engine captures under cudaMallocAsync (emulated on the CPU): the same prediction
+    # and gradients (conditioning, LoRA), one capture per patch grid, every call replayed; ComfyUI's offload streams
+    # off during capture and restored after
+    g = r["graphs"]
+    assert (g["captures"], g["forward_replays"], g["backward_replays"], g["guarded"]) == (2, 3, 3, 2), g
+    assert max(g["out"], g["ctx_grad"], g["lora_grad"]) <= 1e-5 * g["scale"] and g["scale"] > 0, g
+    assert (r["streams_inside"], r["streams_after"]) == (0, 2), r
 
 
 @pytest.mark.parametrize("engine", ["diffusers", "diffusers_offload"])

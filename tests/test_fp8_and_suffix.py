@@ -534,31 +534,26 @@ def test_cantsplit_fix_makes_the_bare_raise_a_rejected_tiling():
 
 def test_suffix_graph_not_replayed_twice_before_backward(tiny_pipe, monkeypatch):
     """Two captions of one batch in the same bucket: the second must not overwrite the first's graph
-    activations (it runs eagerly); after the backward the graph is free again. CUDA graphs are stood in for
-    by the eager function, counting replays."""
+    activations (it runs eagerly); after the backward the graph is free again. CUDA graphs are emulated on the CPU
+    (``graphs.EmulatedCapture``: replays recompute the static buffers in place), counting replays."""
+    from qwen_zero_prior.training import graphs
     from qwen_zero_prior.training.prompt import PromptEncoder
 
-    replays = []
-
-    def fake_capture(fn, sample):
-        def graphed(*args):
-            replays.append(args[0].shape)
-            return fn(*args)
-        return graphed
-
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
+    emu = graphs.EmulatedCapture()
+    monkeypatch.setattr(graphs, "capture_cuda", emu)
     reg = install_placeholder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<zwx>", torch.randn(32))
     enc = PromptEncoder(tiny_pipe, reg.token_id)
     monkeypatch.setattr(enc.suffix, "_graphs_on", lambda embeds: True)
     caps = ["a photo of <zwx> on grass", "a photo of <zwx> on sand"]  # same prefix, same bucket
     ref, _ = tiny_pipe._get_qwen_prompt_embeds(caps, device=torch.device("cpu"), dtype=torch.float32)
     got, _ = enc.encode(caps, torch.float32, torch.device("cpu"))
-    assert len(replays) == 1  # the second caption ran eagerly
+    assert emu.forward_replays == 1  # the second caption ran eagerly
     assert torch.allclose(got, ref, atol=1e-5)
     got.sum().backward()
+    assert emu.backward_replays == 1
     assert not enc.suffix._pending  # the gradient hook released the bucket
     enc.encode(caps[:1], torch.float32, torch.device("cpu"))
-    assert len(replays) == 2
+    assert emu.forward_replays == 2 and emu.captures == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device syncs exist only on a GPU (run on the device machine)")

@@ -38,11 +38,12 @@ def make_backend(cfg: Config, pipe) -> TrainBackend:
     return DiffusersBackend(cfg, pipe)
 
 
-def compute_autocast(dtype: torch.dtype, device: torch.device):
+def compute_autocast(dtype: torch.dtype, device: torch.device, cache: bool = True):
     """bf16/fp16 autocast around a transformer's forward on a GPU, as diffusers' scripts get from accelerate's mixed
-    precision: the float32 LoRA (master) weights then multiply in the model's dtype instead of in float32."""
+    precision: the float32 LoRA (master) weights then multiply in the model's dtype instead of in float32. ``cache``
+    off inside a captured CUDA graph (autocast's cache of cast weights must not outlive the capture)."""
     if dtype in (torch.bfloat16, torch.float16) and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=dtype)
+        return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

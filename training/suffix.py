@@ -36,6 +36,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from . import graphs
+
 logger = logging.getLogger(__name__)
 
 
@@ -124,11 +126,14 @@ class SuffixDecoder:
 
     ``lm``: a transformers decoder, or the :class:`DecoderParts` of another implementation's modules.
     ``cuda_graphs``: capture forward+backward per shape bucket on CUDA (at most ``max_graphs`` kept; others run
-    eagerly). ``bucket``: padding granularity in tokens for both the prefix and the suffix.
+    eagerly; :mod:`graphs`, which also captures under the cudaMallocAsync allocator). ``capture_guard``: a context
+    around warm-up and capture (the ComfyUI node's: ComfyUI's offload streams off). ``bucket``: padding granularity
+    in tokens for both the prefix and the suffix.
     """
 
     def __init__(self, lm, *, cuda_graphs: bool = True, bucket: int = 32, max_graphs: int = 4,
-                 compile: bool = False, final_norm: bool = True, recompute: bool = False):
+                 compile: bool = False, final_norm: bool = True, recompute: bool = False, capture_guard=None):
+        self.capture_guard = capture_guard
         self.parts = lm if isinstance(lm, DecoderParts) else hf_parts(lm)
         # recompute: activation checkpointing per layer in the differentiable paths. For decoders whose frozen
         # weights are cast for each use (ComfyUI's manual-cast layers: bf16/fp8 files computed in float32),
@@ -310,9 +315,9 @@ class SuffixDecoder:
                 self._compiled = torch.compile(self._suffix_fn, fullgraph=True, dynamic=False)
             target = self._compiled
         try:
-            # warm-up inside make_graphed_callables runs the compiled forward and backward (compiling them)
-            fn = torch.cuda.make_graphed_callables(target, sample)
-        except RuntimeError as e:  # capture can fail on exotic setups; the eager path computes the same
+            # the warm-up before capture runs the compiled forward and backward (compiling them)
+            fn = graphs.make_graphed(target, sample, guard=self.capture_guard)
+        except RuntimeError as e:  # GraphCaptureError included  # capture can fail on exotic setups; the eager path computes the same
             logger.warning("text encoder: CUDA graph capture failed for shape %s (%s); running it eagerly", key, e)
             self._no_graph.add(key)
             return None

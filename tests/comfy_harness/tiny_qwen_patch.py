@@ -540,6 +540,49 @@ class ZPTestDiffusersEngine:
         return {}
 
     @staticmethod
+    def _graphs(engine, engine_mod, dm, dev, dtype, gen, report):
+        """The engine's whole-step CUDA graphs (under cudaMallocAsync on a GPU; emulated here, training/graphs.py):
+        the prediction and the gradients of the conditioning and of the LoRA equal the engine's without them, one
+        capture per patch grid; ComfyUI's offload streams are off while graphs are captured, and back afterwards."""
+        import comfy.model_management as mm
+
+        emu = _pack_module("training.graphs").EmulatedCapture()
+        before = mm.NUM_STREAMS
+        mm.NUM_STREAMS = 2  # as on an Nvidia GPU (a CPU run has none)
+        try:
+            with engine_mod.comfy_offload_streams_off():
+                report["streams_inside"] = mm.NUM_STREAMS
+            report["streams_after"] = mm.NUM_STREAMS
+        finally:
+            mm.NUM_STREAMS = before
+        lora = [p for _, p in engine.named_lora_parameters()]
+        cache = engine.make_graphs(capture=emu)
+        worst = {"out": 0.0, "ctx_grad": 0.0, "lora_grad": 0.0, "scale": 0.0}
+        for h, w in ((8, 8), (6, 10), (8, 8)):
+            x = torch.randn(1, 16, 1, h, w, generator=gen).to(dev, dtype)
+            t = torch.tensor([0.4]).to(dev)
+            ctx = torch.randn(1, 5, dm.txt_in.weight.shape[1], generator=gen).to(dev, dtype)
+            runs = []
+            for graphs in (None, cache):
+                engine.graphs = graphs
+                engine.step_begin()
+                for p in lora:
+                    p.grad = None
+                c = ctx.clone().requires_grad_(True)
+                out = engine.predict(x, t, c, None)
+                out.float().square().sum().backward()
+                runs.append((out.detach().float().cpu(), c.grad.float().cpu(),
+                             torch.cat([p.grad.flatten() for p in lora]).float().cpu()))
+            (o0, c0, l0), (o1, c1, l1) = runs
+            worst["out"] = max(worst["out"], float((o1 - o0).abs().max()))
+            worst["ctx_grad"] = max(worst["ctx_grad"], float((c1 - c0).abs().max()))
+            worst["lora_grad"] = max(worst["lora_grad"], float((l1 - l0).abs().max()))
+            worst["scale"] = max(worst["scale"], float(o0.abs().max()), float(l0.abs().max()))
+        engine.graphs = None
+        report["graphs"] = dict(worst, captures=emu.captures, forward_replays=emu.forward_replays,
+                                backward_replays=emu.backward_replays, guarded=emu.guarded)
+
+    @staticmethod
     def _compare(model, dm, dev, dtype, fp8_matmul, report):
         engine_mod = _pack_module("nodes.comfy_engine")
         config = _pack_module("training.config")
@@ -580,6 +623,7 @@ class ZPTestDiffusersEngine:
                                         "out_scale": float(ref.abs().max()),
                                         "max_abs_grad": float((got_g - ref_g).abs().max()),
                                         "grad_scale": float(ref_g.abs().max())})
+            ZPTestDiffusersEngine._graphs(engine, engine_mod, dm, dev, dtype, gen, report)
             # a LoRA that is not zero: ComfyUI's own forward with the engine's LoRA hooked on (what previews sample
             # through) predicts what the engine predicts, and the hooks are gone afterwards
             with torch.no_grad():

@@ -1,0 +1,216 @@
+"""training/graphs.py: a function's forward and backward replayed as CUDA graphs, a pair per input shape.
+
+On a CPU the capture is emulated (``graphs.EmulatedCapture``: the replays recompute the static buffers in place), so
+everything around the graphs is tested for real: inputs copied into the static buffers, gradients back through
+autograd to the arguments and the trainable parameters, one capture per shape, at most ``max_graphs``, recapture where
+a weight the graphs read moved, no second forward replay before its backward, a failed capture run eagerly. The GPU
+test captures for real, in a fresh process under PyTorch's cudaMallocAsync allocator (ComfyUI's default) while another
+thread makes CUDA calls, and compares with eager code."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_zero_prior.training import graphs
+from qwen_zero_prior.training.graphs import EmulatedCapture, GraphCache, GraphCaptureError
+
+
+class _Lora(torch.nn.Module):
+    """A frozen weight (read by the graphs, not an argument) plus a trainable low-rank pair."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(6, 6, generator=g), requires_grad=False)
+        self.a = torch.nn.Parameter(torch.randn(2, 6, generator=g) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(6, 2, generator=g) * 0.3)
+
+    def forward(self, x, ctx, mask=None):
+        h = x @ self.w.T + (x @ self.a.T) @ self.b.T
+        c = ctx.mean(dim=1, keepdim=True) if mask is None else (ctx * mask[..., None]).sum(1, keepdim=True)
+        return torch.tanh(h + c)
+
+
+def _step(model, fn, x, ctx, mask=None):
+    """One step's output, and the gradients of the LoRA and of ``ctx`` (the token's path)."""
+    model.zero_grad(set_to_none=True)
+    ctx = ctx.clone().requires_grad_(True)
+    out = fn(x, ctx, mask)
+    (out.square().sum() + out.sum()).backward()
+    return out.detach().clone(), model.a.grad.clone(), model.b.grad.clone(), ctx.grad.clone()
+
+
+def _cache(model, emu, **kw):
+    return GraphCache(model, [model.a, model.b], watch=lambda: [model.w], capture=emu, name="test", **kw)
+
+
+def _inputs(seed, n=4, t=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randn(1, t, 6, generator=g)
+
+
+def test_replays_compute_what_eager_computes_with_gradients_to_lora_and_inputs():
+    model, emu = _Lora(), EmulatedCapture()
+    cache = _cache(model, emu)
+    for step in range(3):  # new input values each step, one shape: one capture, then replays
+        x, ctx = _inputs(step)
+        cache.new_step()
+        want = _step(model, model, x, ctx)
+        got = _step(model, cache, x, ctx)
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+        with torch.no_grad():  # the optimizer moves the LoRA in place: the graphs read it where it is
+            model.b.add_(0.05)
+    assert (emu.captures, cache.captures, emu.forward_replays, emu.backward_replays) == (1, 1, 3, 3)
+    # another shape (a caption of another length) gets its own pair; the first pair is still served
+    x, ctx = _inputs(9, t=5)
+    cache.new_step()
+    torch.testing.assert_close(_step(model, cache, x, ctx)[3], _step(model, model, x, ctx)[3], rtol=0, atol=1e-6)
+    assert emu.captures == 2
+    x, ctx = _inputs(10)
+    cache.new_step()
+    _step(model, cache, x, ctx)
+    assert emu.captures == 2 and emu.forward_replays == 5
+
+
+def test_a_missing_argument_is_part_of_the_signature():
+    """``mask=None`` (no padding) and a mask tensor are different graphs, each equal to eager."""
+    model, emu = _Lora(), EmulatedCapture()
+    cache = _cache(model, emu)
+    x, ctx = _inputs(1)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    for m in (None, mask, None):
+        cache.new_step()
+        for w, g in zip(_step(model, model, x, ctx, m), _step(model, cache, x, ctx, m)):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+    assert emu.captures == 2 and emu.forward_replays == 3
+
+
+def test_no_second_forward_replay_before_the_backward():
+    """A second call of one shape before the first's backward would overwrite the activations that backward needs:
+    it runs eagerly (None), until the backward ran or a new step began."""
+    model, emu = _Lora(), EmulatedCapture()
+    cache = _cache(model, emu)
+    x, ctx = _inputs(2)
+    ctx = ctx.requires_grad_(True)
+    first = cache(x, ctx, None)
+    assert first is not None and cache(x, ctx, None) is None
+    first.sum().backward()
+    assert cache(x, ctx, None) is not None  # the backward ran: free again
+    assert cache(x, ctx, None) is None
+    cache.new_step()  # a step abandoned before its backward (an error, an interrupt) does not block the next
+    assert cache(x, ctx, None) is not None
+    with torch.no_grad():  # nothing awaits a backward without grad
+        assert cache(x, ctx.detach(), None) is not None
+
+
+def test_moved_weights_or_replaced_parameters_are_recaptured(caplog):
+    """The graphs read the frozen weights and the LoRA at their captured addresses: where ComfyUI reloads a model (new
+    tensors) or a parameter's data is replaced, the pairs are dropped and captured again, and compute with the new
+    values."""
+    model, emu = _Lora(), EmulatedCapture()
+    cache = _cache(model, emu)
+    x, ctx = _inputs(3)
+    cache.new_step()
+    _step(model, cache, x, ctx)
+    model.w.data = model.w.data * 2  # a reload: new storage
+    cache.new_step()
+    with caplog.at_level(logging.INFO, logger=graphs.__name__):
+        got = _step(model, cache, x, ctx)
+    assert "moved" in caplog.text and emu.captures == 2
+    torch.testing.assert_close(got[0], _step(model, model, x, ctx)[0], rtol=0, atol=1e-6)
+    model.a.data = model.a.data.clone()  # e.g. a checkpoint loaded by replacing .data
+    cache.new_step()
+    _step(model, cache, x, ctx)
+    assert emu.captures == 3
+
+
+def test_at_most_max_graphs_shapes_then_eager(caplog):
+    model, emu = _Lora(), EmulatedCapture()
+    cache = _cache(model, emu, max_graphs=2)
+    outs = []
+    with caplog.at_level(logging.INFO, logger=graphs.__name__):
+        for t in (2, 3, 4, 5):
+            x, ctx = _inputs(t, t=t)
+            cache.new_step()
+            outs.append(cache(x, ctx.requires_grad_(True), None))
+    assert [o is None for o in outs] == [False, False, True, True] and emu.captures == 2
+    assert caplog.text.count("the most kept") == 1
+    with pytest.raises(ValueError, match="max_graphs=0"):
+        GraphCache(model, max_graphs=0)
+
+
+def test_a_failed_capture_runs_that_shape_eagerly_and_is_not_retried(caplog):
+    calls = []
+
+    def failing(fn, args, params, **kw):
+        calls.append(1)
+        raise GraphCaptureError("operation not permitted when stream is capturing")
+
+    model = _Lora()
+    cache = GraphCache(model, [model.a, model.b], capture=failing, name="DiT engine")
+    x, ctx = _inputs(4)
+    with caplog.at_level(logging.WARNING, logger=graphs.__name__):
+        assert cache(x, ctx.requires_grad_(True), None) is None
+        cache.new_step()
+        assert cache(x, ctx, None) is None
+    assert len(calls) == 1 and "DiT engine: CUDA graph capture failed" in caplog.text
+    assert "operation not permitted" in caplog.text
+
+
+def test_make_graphed_enters_the_guard_and_matches_eager():
+    """``make_graphed`` (what the text encoder's suffix captures with) over a plain function; the guard (the node's:
+    ComfyUI's offload streams off) is entered around the capture."""
+    model, emu = _Lora(), EmulatedCapture()
+    entered = []
+
+    class Guard:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *a):
+            return False
+
+    x, ctx = _inputs(5)
+    sample = (x, ctx.clone().requires_grad_(True))
+    fn = graphs.make_graphed(lambda a, c: model(a, c), sample, capture=emu, guard=Guard)
+    grads = []
+    for run in (fn, model):  # no params given: only the input's gradient comes back
+        x, ctx = _inputs(6)
+        ctx.requires_grad_(True)
+        run(x, ctx).square().sum().backward()
+        grads.append(ctx.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
+    assert entered and emu.guarded == 1 and emu.forward_replays == 1
+
+
+@pytest.mark.parametrize("raw,want", [("", True), ("1", True), ("0", False)])
+def test_async_graphs_knob(monkeypatch, raw, want):
+    monkeypatch.setenv(graphs.ASYNC_GRAPHS_ENV, raw)
+    assert graphs.async_graphs_from_env() is want
+
+
+@pytest.mark.parametrize("raw", ["yes", "2", "off"])
+def test_async_graphs_knob_refuses_garbage(monkeypatch, raw):
+    monkeypatch.setenv(graphs.ASYNC_GRAPHS_ENV, raw)
+    with pytest.raises(ValueError, match=f"QWEN_ZERO_PRIOR_ASYNC_GRAPHS={raw!r}"):
+        graphs.async_graphs_from_env()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: GPU-only test SKIPPED")
+@pytest.mark.parametrize("backend", ["native", "cudaMallocAsync"])
+@pytest.mark.parametrize("fail_first", [False, True])
+def test_capture_on_a_gpu_under_each_allocator_beside_a_busy_thread(backend, fail_first):
+    """bench/graph_capture_check.py in its own process (the allocator is chosen when CUDA starts): graphs equal to
+    eager while another thread makes CUDA calls; with ``fail_first`` a capture that fails leaves the process able to
+    capture the next shape and to exit cleanly."""
+    cmd = [sys.executable, "-m", "bench.graph_capture_check", "--backend", backend, "--steps", "6"]
+    r = subprocess.run(cmd + (["--fail-first"] if fail_first else []), capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0 and '"ok": true' in r.stdout, r.stdout + r.stderr[-3000:]

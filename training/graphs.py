@@ -1,0 +1,314 @@
+"""A differentiable function's forward and backward replayed as two CUDA graphs, one pair per input signature.
+
+This is ``torch.cuda.make_graphed_callables``' recipe (warm up on a side stream, capture the forward, capture
+``autograd.grad`` of its output as the backward, replay both through one ``autograd.Function``) with three changes,
+so that it also works inside ComfyUI, whose default allocator is ``cudaMallocAsync``:
+
+- capture in ``thread_local`` mode (``make_graphed_callables`` captures in ``global`` mode, where a CUDA call that is
+  unsafe during capture on *any* thread, e.g. ComfyUI's server thread asking for free memory, invalidates the
+  capture; torch.compile's own graphs capture ``thread_local`` too);
+- a ``guard`` context around warm-up and capture (the ComfyUI node turns ComfyUI's offload streams off there: a
+  stream forked from the capture and not joined fails it with "capturing stream has unjoined work");
+- a failed capture ends the allocator's capture state (``torch._C._cuda_endAllocateToPool``) before the caller falls
+  back to eager code: under cudaMallocAsync ``capture_end`` raises before it would, and the allocator would otherwise
+  treat every later allocation as captured (an earlier ComfyUI run aborted in the allocator's free that way).
+
+torch.compile's ``reduce-overhead`` graphs (graph trees) cannot run under cudaMallocAsync at all (they checkpoint the
+allocator's pool state, which it does not support), but this plain capture can: PyTorch's CUDA tests run
+``make_graphed_callables`` under it. Graph allocations there become CUDA graph memory nodes.
+
+:class:`GraphCache` keeps the captured pairs per signature (shapes, dtypes, which arguments are tensors) and recaptures
+where a tensor the graphs read but do not take as an argument (``watch``: frozen weights) has moved, e.g. after ComfyUI
+reloaded a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_ERROR_MODE = "thread_local"
+ASYNC_GRAPHS_ENV = "QWEN_ZERO_PRIOR_ASYNC_GRAPHS"
+
+
+def async_graphs_from_env() -> bool:
+    """``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``: 1 (the default, also unset) captures this module's graphs where PyTorch runs
+    the cudaMallocAsync allocator (ComfyUI's default), 0 runs those steps without CUDA graphs (as before). Raises
+    ValueError naming any other value."""
+    raw = os.environ.get(ASYNC_GRAPHS_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{ASYNC_GRAPHS_ENV}={raw!r}: expected 1 (capture CUDA graphs under the cudaMallocAsync "
+                         "allocator, the default) or 0 (run without them there)")
+    return raw != "0"
+
+
+class GraphCaptureError(RuntimeError):
+    """Capturing a function's CUDA graphs failed; the caller runs it eagerly."""
+
+
+class Captured(NamedTuple):
+    """What one capture leaves: static buffers, and the two replays that recompute them in place.
+
+    ``static_args``: the inputs' buffers (copied into before each forward replay); ``static_out``: the forward's
+    output; ``static_grad_out``: the backward's incoming gradient (copied into before each backward replay);
+    ``static_grads``: the gradients of the arguments and ``params`` that require grad, in that order (None where
+    unused)."""
+
+    static_args: tuple
+    static_out: torch.Tensor
+    static_grad_out: torch.Tensor
+    static_grads: tuple
+    replay_forward: Callable[[], None]
+    replay_backward: Callable[[], None]
+
+
+def _end_capture(device: torch.device, pool) -> None:
+    """The allocator's capture state ended after a failed capture (``CUDAGraph.capture_end`` raises before it ends it
+    when ``cudaStreamEndCapture`` fails). Harmless where it had ended."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is None:
+        return
+    try:
+        end(device.index if device.index is not None else torch.cuda.current_device(), pool)
+    except RuntimeError as e:  # already ended, or a torch whose allocator refuses: nothing more to undo
+        logger.debug("ending the failed capture's allocation routing: %s", e)
+
+
+def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *, warmup: int = 3,
+                 guard: Callable[[], contextlib.AbstractContextManager] | None = None) -> Captured:
+    """Capture ``fn(*args)`` (one tensor out) and its backward to the arguments and ``params`` that require grad.
+    ``args`` become the static input buffers. Raises :class:`GraphCaptureError` where capture fails."""
+    guard = guard or contextlib.nullcontext
+    device = args[0].device
+    diff = tuple(t for t in (*args, *params) if t is not None and t.requires_grad)
+    torch.cuda.synchronize(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with guard(), torch.cuda.stream(side):  # lazy initialisation (cuDNN plans, compilation) out of the capture
+        for _ in range(warmup):
+            out = fn(*args)
+            if out.requires_grad:
+                torch.autograd.grad(out, diff, torch.ones_like(out), allow_unused=True)
+            del out
+    torch.cuda.synchronize(device)
+    fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    pool = torch.cuda.graph_pool_handle()
+    try:
+        with guard():
+            with torch.cuda.graph(fwd, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+                out = fn(*args)
+            grad_out = torch.empty_like(out)
+            with torch.cuda.graph(bwd, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+                grads = torch.autograd.grad(out, diff, grad_out, allow_unused=True)
+    except RuntimeError as e:
+        _end_capture(device, pool)
+        raise GraphCaptureError(str(e)) from e
+    return Captured(args, out.detach(), grad_out, tuple(grads), fwd.replay, bwd.replay)
+
+
+class _Graphed:
+    """One captured pair as an autograd node: the forward copies new inputs into the static buffers and replays; the
+    backward copies the incoming gradient and replays, returning the static gradients (autograd accumulates them into
+    the parameters' ``.grad`` as eager code's would be)."""
+
+    def __init__(self, cap: Captured, n_args: int, params: tuple):
+        self.cap, self.n_args, self.params = cap, n_args, params
+        # where each argument's and parameter's gradient sits in cap.static_grads
+        slots, k = [], 0
+        for t in (*cap.static_args, *params):
+            if t is not None and t.requires_grad:
+                slots.append(k)
+                k += 1
+            else:
+                slots.append(None)
+        self.slots = slots
+        graphed = self
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                for static, x in zip(cap.static_args, inputs[:graphed.n_args]):
+                    if static is not None and static.data_ptr() != x.data_ptr():
+                        static.copy_(x)
+                cap.replay_forward()
+                return cap.static_out.detach()
+
+            @staticmethod
+            @torch.autograd.function.once_differentiable
+            def backward(ctx, grad):
+                if cap.static_grad_out.data_ptr() != grad.data_ptr():
+                    cap.static_grad_out.copy_(grad)
+                cap.replay_backward()
+                return tuple(None if s is None or cap.static_grads[s] is None else cap.static_grads[s].detach()
+                             for s in graphed.slots)
+
+        self.replay = Replay
+
+    def __call__(self, args: tuple) -> torch.Tensor:
+        return self.replay.apply(*args, *self.params)
+
+
+def make_graphed(fn: Callable[..., torch.Tensor], sample_args: tuple, params: Sequence[torch.Tensor] = (), *,
+                 warmup: int = 3, guard: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 capture: Callable[..., Captured] | None = None) -> Callable[..., torch.Tensor]:
+    """``torch.cuda.make_graphed_callables(fn, sample_args)`` for a function of tensors (``sample_args`` become the
+    static inputs) whose trainable tensors are ``params``, captured as :func:`capture_cuda` does. Raises
+    :class:`GraphCaptureError` where capture fails."""
+    params = tuple(params)
+    cap = (capture or capture_cuda)(fn, tuple(sample_args), params, warmup=warmup, guard=guard)
+    graphed = _Graphed(cap, len(sample_args), params)
+    return lambda *args: graphed(args)
+
+
+class EmulatedCapture:
+    """A stand-in for :func:`capture_cuda` where there is no GPU (tests). A CUDA graph replays the captured kernels on
+    the same buffers: the forward reads the static inputs and overwrites the static output, the backward reads the
+    static incoming gradient and overwrites the static gradients. This recomputes exactly that, in place, with the
+    captured function, so what surrounds the graphs (copies into the static inputs, gradients routed back through
+    autograd, a pair per shape, recapture where weights moved, no second forward replay before the backward) runs for
+    real on a CPU. It counts captures and replays, so a test can tell replayed calls from eager ones."""
+
+    def __init__(self):
+        self.forward_replays = 0
+        self.backward_replays = 0
+        self.captures = 0
+        self.guarded = 0  # captures whose guard was entered
+
+    def __call__(self, fn, args, params, *, warmup=3, guard=None):
+        guard = guard or contextlib.nullcontext
+        diff = tuple(t for t in (*args, *params) if t is not None and t.requires_grad)
+        with guard():
+            self.guarded += guard is not contextlib.nullcontext
+            out = fn(*args)
+            grads = torch.autograd.grad(out, diff, torch.ones_like(out), allow_unused=True) if out.requires_grad \
+                else ()
+        self.captures += 1
+        static_out = out.detach().clone()
+        grad_out = torch.empty_like(static_out)
+        static_grads = tuple(None if g is None else torch.zeros_like(g) for g in grads)
+
+        def forward():
+            self.forward_replays += 1
+            with torch.no_grad():
+                static_out.copy_(fn(*args))
+
+        def backward():
+            self.backward_replays += 1
+            with torch.enable_grad():
+                again = torch.autograd.grad(fn(*args), diff, grad_out, allow_unused=True)
+            for static, g in zip(static_grads, again):
+                if static is not None:
+                    static.copy_(g)
+
+        return Captured(tuple(args), static_out, grad_out, static_grads, forward, backward)
+
+
+def _signature(args: Sequence) -> tuple:
+    return tuple(None if a is None else (tuple(a.shape), a.dtype, a.requires_grad, a.device) for a in args)
+
+
+class GraphCache:
+    """``fn`` (tensors or None in, one tensor out) replayed as CUDA graphs, a pair per input signature; at most
+    ``max_graphs`` pairs, after which new signatures run eagerly (recapturing in turn would cost more than eager).
+
+    ``params``: the trainable tensors ``fn`` reads (their gradients come back through autograd). ``watch``: a
+    function giving the other tensors ``fn`` reads (frozen weights): their addresses, and the parameters', are part of
+    what was captured, so where any moved (a reloaded model, parameters replaced) every pair is dropped and
+    recaptured. A pair whose forward replayed and
+    whose backward has not run yet is not replayed again (its activations would be overwritten); that call runs
+    eagerly until :meth:`new_step`. ``capture``: the capture function (:func:`capture_cuda`; tests pass one that
+    emulates replay on the CPU). Returns None from :meth:`__call__` where the caller should run ``fn`` eagerly."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor] = (), *,
+                 watch: Callable[[], Sequence[torch.Tensor]] | None = None, max_graphs: int = 4, name: str = "graphs",
+                 guard: Callable[[], contextlib.AbstractContextManager] | None = None, warmup: int = 3,
+                 capture: Callable[..., Captured] = capture_cuda):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs={max_graphs!r}: expected at least 1")
+        self.fn, self.params, self.watch, self.max_graphs, self.name = fn, tuple(params), watch, max_graphs, name
+        self.guard, self.warmup, self._capture = guard, warmup, capture
+        self._graphs: dict[tuple, _Graphed] = {}
+        self._failed: set[tuple] = set()
+        self._pending: set[tuple] = set()
+        self._addresses: tuple | None = None
+        self._said_full = False
+        self.captures = 0  # how many pairs were captured (tests, logs)
+
+    @property
+    def failed(self) -> int:
+        """How many input signatures' captures failed (they run eagerly)."""
+        return len(self._failed)
+
+    def _watched(self) -> tuple:
+        return tuple(t.data_ptr() for t in (*self.params, *(self.watch() if self.watch else ())))
+
+    def new_step(self) -> None:
+        """A new step: no pair's activations await a backward any more."""
+        self._pending.clear()
+
+    def clear(self) -> None:
+        """Drop every captured pair (their memory goes with them once no output refers to it)."""
+        self._graphs.clear()
+        self._pending.clear()
+        self._failed.clear()
+        self._addresses = None
+
+    def __call__(self, *args) -> torch.Tensor | None:
+        key = _signature(args)
+        addresses = self._watched()
+        if self._addresses is not None and addresses != self._addresses and self._graphs:
+            logger.info("%s: the weights they read moved (a reloaded model): recapturing", self.name)
+            self.clear()
+        self._addresses = addresses
+        if key in self._pending or key in self._failed:
+            return None
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            if len(self._graphs) >= self.max_graphs:
+                if not self._said_full:
+                    logger.info("%s: %d input shapes captured, the most kept; others run without CUDA graphs",
+                                self.name, self.max_graphs)
+                    self._said_full = True
+                return None
+            graphed = self._new(key, args)
+            if graphed is None:
+                return None
+        out = graphed(tuple(a for a in args if a is not None))
+        if out.requires_grad:
+            self._pending.add(key)
+            out.register_hook(lambda grad: self._pending.discard(key))
+        return out
+
+    def _new(self, key: tuple, args: tuple) -> _Graphed | None:
+        present = [i for i, a in enumerate(args) if a is not None]
+        fn, n = self.fn, len(args)
+
+        def dense(*tensors):  # fn over the tensors only (None arguments are part of the signature)
+            full = [None] * n
+            for i, t in zip(present, tensors):
+                full[i] = t
+            return fn(*full)
+
+        static = tuple(args[i].detach().clone().requires_grad_(args[i].requires_grad) for i in present)
+        try:
+            cap = self._capture(dense, static, self.params, warmup=self.warmup, guard=self.guard)
+        except GraphCaptureError as e:
+            logger.warning("%s: CUDA graph capture failed for shapes %s (%s); running them without graphs", self.name,
+                           [tuple(a.shape) for a in static], e)
+            self._failed.add(key)
+            return None
+        self.captures += 1
+        logger.info("%s: captured forward+backward CUDA graphs for input shapes %s", self.name,
+                    [tuple(a.shape) for a in static])
+        graphed = self._graphs[key] = _Graphed(cap, len(static), self.params)
+        return graphed
+
+
+__all__ = ["ASYNC_GRAPHS_ENV", "CAPTURE_ERROR_MODE", "Captured", "EmulatedCapture", "GraphCache", "GraphCaptureError", "async_graphs_from_env", "capture_cuda", "make_graphed"]
