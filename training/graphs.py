@@ -9,9 +9,13 @@ so that it also works inside ComfyUI, whose default allocator is ``cudaMallocAsy
   capture; torch.compile's own graphs capture ``thread_local`` too);
 - a ``guard`` context around warm-up and capture (the ComfyUI node turns ComfyUI's offload streams off there: a
   stream forked from the capture and not joined fails it with "capturing stream has unjoined work");
+- inductor's triton kernels get their tensor arguments as addresses during a capture under cudaMallocAsync
+  (:func:`_kernel_pointers_as_ints`: the launcher's pointer check fails on graph-allocated memory);
 - a failed capture ends the allocator's capture state (``torch._C._cuda_endAllocateToPool``) before the caller falls
-  back to eager code: under cudaMallocAsync ``capture_end`` raises before it would, and the allocator would otherwise
-  treat every later allocation as captured (an earlier ComfyUI run aborted in the allocator's free that way).
+  back to eager code. This is best effort: on an H200 a failed capture still left the process unable to go on (the
+  allocator aborted in a free under cudaMallocAsync; the RNG's graph state broke the next ``randn`` under the native
+  allocator), so captures must not fail: nothing that syncs, no autograd graph over the trainable tensors kept alive
+  from before the capture (its gradient accumulators would sit on another stream).
 
 torch.compile's ``reduce-overhead`` graphs (graph trees) cannot run under cudaMallocAsync at all (they checkpoint the
 allocator's pool state, which it does not support), but this plain capture can: PyTorch's CUDA tests run
@@ -81,6 +85,42 @@ def _end_capture(device: torch.device, pool) -> None:
         logger.debug("ending the failed capture's allocation routing: %s", e)
 
 
+@contextlib.contextmanager
+def _kernel_pointers_as_ints(device: torch.device):
+    """Inductor's triton kernels launched with their tensor arguments as plain addresses, for the duration of a capture
+    under cudaMallocAsync (elsewhere: nothing changes).
+
+    Why: under that allocator a tensor allocated during capture lives in a CUDA graph memory node, whose address is
+    not mapped until the graph is launched. Inductor's static launcher (and triton's own) validates every tensor
+    argument with ``cuPointerGetAttribute``, which fails for such an address ("CUDA driver error: invalid argument",
+    measured on an H200), but passes an integer argument through unchecked. So ``CachingAutotuner.run``, which
+    inductor's generated code calls per kernel and which looks its method up per call, is wrapped to hand over
+    ``data_ptr()`` instead of each CUDA tensor. Only steady-state launches happen during capture (autotuning ran in the
+    warm-up), and those use the arguments only as addresses."""
+    try:
+        backend = torch.cuda.get_allocator_backend()
+    except (AttributeError, RuntimeError):
+        backend = "native"
+    try:
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError:  # no inductor runtime (no triton): nothing compiled to launch
+        CachingAutotuner = None
+    if backend != "cudaMallocAsync" or CachingAutotuner is None:
+        yield
+        return
+    original = CachingAutotuner.run
+
+    def run(self, *args, **kwargs):
+        return original(self, *(a.data_ptr() if isinstance(a, torch.Tensor) and a.is_cuda else a for a in args),
+                        **kwargs)
+
+    CachingAutotuner.run = run
+    try:
+        yield
+    finally:
+        CachingAutotuner.run = original
+
+
 def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *, warmup: int = 3,
                  guard: Callable[[], contextlib.AbstractContextManager] | None = None) -> Captured:
     """Capture ``fn(*args)`` (one tensor out) and its backward to the arguments and ``params`` that require grad.
@@ -101,7 +141,7 @@ def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *,
     fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle()
     try:
-        with guard():
+        with guard(), _kernel_pointers_as_ints(device):
             with torch.cuda.graph(fwd, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
                 out = fn(*args)
             grad_out = torch.empty_like(out)
