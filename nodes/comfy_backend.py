@@ -562,12 +562,12 @@ class ComfyBackend(TrainBackend):
         graphs = bool(exact) and m.text_cuda_graphs and torch.device(device).type == "cuda"
         blocked = graphs_blocked(device) if graphs else None
         norms = self._text_norms if self._text_streamed else None
-        if blocked and async_graphs_from_env():
+        if blocked and async_graphs_from_env("text"):
             # captured as training/graphs.py captures (thread_local, ComfyUI's offload streams off), which works under
             # cudaMallocAsync; the norms' weights from copies on the device, so nothing captured is ComfyUI's to move
             if not self._said_no_graphs:
-                logger.info("text encoder: CUDA graphs captured under the cudaMallocAsync allocator (%s=0 turns "
-                            "them off)", ASYNC_GRAPHS_ENV)
+                logger.info("text encoder: CUDA graphs captured under the cudaMallocAsync allocator (%s, "
+                            "experimental)", ASYNC_GRAPHS_ENV)
                 self._said_no_graphs = True
             blocked = None
             norms = norms or norm_copies(qwen_decoder(self.clip), device)

@@ -217,11 +217,12 @@ class DiffusersEngine:
         """The DiT's whole forward and backward as CUDA graphs (:meth:`make_graphs`) where ComfyUI's default
         cudaMallocAsync allocator keeps torch.compile's reduce-overhead graphs out (:func:`graphs_blocked`) and
         ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS`` is not 0: the compiled blocks' ~17,000 launches and ~28,000 allocator calls
-        a step (session 10's profile) become two graph launches. None elsewhere."""
+        a step (session 10's profile) become two graph launches. None elsewhere. Opt-in: on an H200 (ComfyUI 0.33,
+        78 GiB) the capture succeeded but the first backward replay ended the process (docs/benchmarks.md)."""
         from ..training.graphs import async_graphs_from_env
 
         device = resolved_device(device)
-        if device.type != "cuda" or graphs_blocked(device) is None or not async_graphs_from_env():
+        if device.type != "cuda" or graphs_blocked(device) is None or not async_graphs_from_env("dit"):
             return None
         return self.make_graphs()
 
@@ -435,10 +436,10 @@ def engine_model_config(m, device: torch.device, recompute: bool):
         if blocked:
             from ..training.graphs import ASYNC_GRAPHS_ENV, async_graphs_from_env
 
-            if async_graphs_from_env():
+            if async_graphs_from_env("dit"):
                 logger.info("model.compile: the DiT's forward and backward are captured whole as CUDA graphs instead "
-                            "of torch.compile's reduce-overhead ones, which this allocator cannot run (%s=0: no "
-                            "graphs)", ASYNC_GRAPHS_ENV)
+                            "of torch.compile's reduce-overhead ones, which this allocator cannot run (%s, "
+                            "experimental)", ASYNC_GRAPHS_ENV)
             else:
                 logger.warning("model.compile: no CUDA graphs for the DiT (%s)", blocked)
             if m.compile_mode == "reduce-overhead":

@@ -239,8 +239,8 @@ def test_engine_model_config(monkeypatch):
 
 def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog):
     """ComfyUI's default cudaMallocAsync allocator: no torch.compile reduce-overhead graphs (their trees need allocator
-    features it lacks); the engine captures its own whole-step graphs instead unless QWEN_ZERO_PRIOR_ASYNC_GRAPHS=0,
-    where it says once that there are none and the way out; the native allocator keeps reduce-overhead."""
+    features it lacks); with QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit the engine captures its own whole-step graphs instead,
+    by default it says once that there are none and the way out; the native allocator keeps reduce-overhead."""
     monkeypatch.setattr(_engine, "_has_triton", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda = torch.device("cuda")
@@ -250,15 +250,17 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     assert "--disable-cuda-malloc" in _engine.graphs_blocked(cuda)
     assert _engine.graphs_blocked(torch.device("cpu")) is None
-    # by default the engine captures the DiT's whole forward and backward itself (training/graphs.py), said once;
-    # torch.compile's reduce-overhead mode is dropped either way (its graph trees cannot run under this allocator)
+    # with QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit (or 1) the engine captures the DiT's whole forward and backward itself
+    # (training/graphs.py), said once; torch.compile's reduce-overhead mode is dropped either way (its graph trees
+    # cannot run under this allocator)
+    monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "dit")
     with caplog.at_level(logging.INFO):
         m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
         m2 = engine_model_config(ModelConfig(compile=True, compile_mode="reduce-overhead"), cuda, recompute=False)
     assert (m.compile, m.compile_mode, m2.compile_mode) == (True, None, None)
     assert "captured whole as CUDA graphs" in caplog.text and "no CUDA graphs for the DiT" not in caplog.text
     caplog.clear()
-    monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "0")  # the way back to no graphs at all
+    monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "0")  # the default: no graphs at all
     with caplog.at_level(logging.WARNING):
         m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
     assert (m.compile, m.compile_mode) == (True, None)

@@ -190,17 +190,18 @@ def test_make_graphed_enters_the_guard_and_matches_eager():
     assert entered and emu.guarded == 1 and emu.forward_replays == 1
 
 
-@pytest.mark.parametrize("raw,want", [("", True), ("1", True), ("0", False)])
-def test_async_graphs_knob(monkeypatch, raw, want):
+@pytest.mark.parametrize("raw,text,dit", [("", False, False), ("0", False, False), ("1", True, True),
+                                          ("text", True, False), ("dit", False, True)])
+def test_async_graphs_knob(monkeypatch, raw, text, dit):
     monkeypatch.setenv(graphs.ASYNC_GRAPHS_ENV, raw)
-    assert graphs.async_graphs_from_env() is want
+    assert (graphs.async_graphs_from_env("text"), graphs.async_graphs_from_env("dit")) == (text, dit)
 
 
-@pytest.mark.parametrize("raw", ["yes", "2", "off"])
+@pytest.mark.parametrize("raw", ["yes", "2", "off", "both"])
 def test_async_graphs_knob_refuses_garbage(monkeypatch, raw):
     monkeypatch.setenv(graphs.ASYNC_GRAPHS_ENV, raw)
     with pytest.raises(ValueError, match=f"QWEN_ZERO_PRIOR_ASYNC_GRAPHS={raw!r}"):
-        graphs.async_graphs_from_env()
+        graphs.async_graphs_from_env("dit")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: GPU-only test SKIPPED")

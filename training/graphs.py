@@ -42,15 +42,22 @@ CAPTURE_ERROR_MODE = "thread_local"
 ASYNC_GRAPHS_ENV = "QWEN_ZERO_PRIOR_ASYNC_GRAPHS"
 
 
-def async_graphs_from_env() -> bool:
-    """``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``: 1 (the default, also unset) captures this module's graphs where PyTorch runs
-    the cudaMallocAsync allocator (ComfyUI's default), 0 runs those steps without CUDA graphs (as before). Raises
-    ValueError naming any other value."""
+ASYNC_GRAPH_PARTS = ("text", "dit")
+
+
+def async_graphs_from_env(part: str) -> bool:
+    """Whether ``part`` (``"text"``: the text encoder's per-step suffix; ``"dit"``: the training node's whole DiT
+    step) is captured as CUDA graphs where PyTorch runs the cudaMallocAsync allocator (ComfyUI's default), from
+    ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``: ``0`` or unset, neither (the default: not proven on a GPU yet, and a capture that
+    goes wrong ends the process); ``1``, both; ``text`` or ``dit``, that one. Raises ValueError naming any other
+    value."""
+    if part not in ASYNC_GRAPH_PARTS:
+        raise ValueError(f"part={part!r}: expected one of {ASYNC_GRAPH_PARTS}")
     raw = os.environ.get(ASYNC_GRAPHS_ENV, "").strip()
-    if raw not in ("", "0", "1"):
-        raise ValueError(f"{ASYNC_GRAPHS_ENV}={raw!r}: expected 1 (capture CUDA graphs under the cudaMallocAsync "
-                         "allocator, the default) or 0 (run without them there)")
-    return raw != "0"
+    if raw not in ("", "0", "1", *ASYNC_GRAPH_PARTS):
+        raise ValueError(f"{ASYNC_GRAPHS_ENV}={raw!r}: expected 0 (no CUDA graphs under the cudaMallocAsync allocator, "
+                         "the default), 1 (the text encoder's and the DiT's), text or dit (that one only)")
+    return raw == "1" or raw == part
 
 
 class GraphCaptureError(RuntimeError):
@@ -351,4 +358,4 @@ class GraphCache:
         return graphed
 
 
-__all__ = ["ASYNC_GRAPHS_ENV", "CAPTURE_ERROR_MODE", "Captured", "EmulatedCapture", "GraphCache", "GraphCaptureError", "async_graphs_from_env", "capture_cuda", "make_graphed"]
+__all__ = ["ASYNC_GRAPHS_ENV", "CAPTURE_ERROR_MODE", "Captured", "EmulatedCapture", "GraphCache", "GraphCaptureError", "ASYNC_GRAPH_PARTS", "async_graphs_from_env", "capture_cuda", "make_graphed"]
