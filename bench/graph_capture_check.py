@@ -4,13 +4,16 @@ torch.compile's reduce-overhead graphs cannot run; the training node's engine ca
 instead. Runs in its own process (the allocator is chosen when CUDA starts)::
 
     python -m bench.graph_capture_check --backend cudaMallocAsync
-    python -m bench.graph_capture_check --backend native --fail-first   # a failed capture, then training goes on
+    python -m bench.graph_capture_check --backend cudaMallocAsync --op compiled   # inductor's kernels too
 
 A stand-in step (a stack of frozen Linear + GELU layers with a trainable low-rank pair, the conditioning's gradient
 too) is trained with and without graphs while another thread makes CUDA calls (as ComfyUI's server thread may);
-outputs and gradients must agree. ``--fail-first``: the first capture meets a host sync, fails, and that shape runs
-eagerly; a second shape must still capture and the process must exit cleanly. Prints one JSON line; exit 1 where
-anything disagreed or failed.
+outputs and gradients must agree. ``--op`` adds one kind of work to the step (or, ``dit``, replaces it with a few
+blocks of Qwen-Image's transformer prepared as the node's engine prepares them), to tell which part a capture fails
+on. ``--fail-first``: the first capture meets a host sync and fails, and that shape should run eagerly; on an H200 the
+process could not go on after that under either allocator (the allocator aborted in a free under cudaMallocAsync; the
+next ``randn`` failed with "Offset increment outside graph capture" under the native one), which is why the project's
+captures must not fail. Prints one JSON line; exit 1 where anything disagreed or failed.
 """
 
 from __future__ import annotations

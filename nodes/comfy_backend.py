@@ -566,8 +566,8 @@ class ComfyBackend(TrainBackend):
             # captured as training/graphs.py captures (thread_local, ComfyUI's offload streams off), which works under
             # cudaMallocAsync; the norms' weights from copies on the device, so nothing captured is ComfyUI's to move
             if not self._said_no_graphs:
-                logger.info("text encoder: CUDA graphs captured under the cudaMallocAsync allocator (%s, "
-                            "experimental)", ASYNC_GRAPHS_ENV)
+                logger.info("text encoder: CUDA graphs captured under the cudaMallocAsync allocator (%s=0 turns "
+                            "them off)", ASYNC_GRAPHS_ENV)
                 self._said_no_graphs = True
             blocked = None
             norms = norms or norm_copies(qwen_decoder(self.clip), device)

@@ -217,8 +217,9 @@ class DiffusersEngine:
         """The DiT's whole forward and backward as CUDA graphs (:meth:`make_graphs`) where ComfyUI's default
         cudaMallocAsync allocator keeps torch.compile's reduce-overhead graphs out (:func:`graphs_blocked`) and
         ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS`` is not 0: the compiled blocks' ~17,000 launches and ~28,000 allocator calls
-        a step (session 10's profile) become two graph launches. None elsewhere. Opt-in: on an H200 (ComfyUI 0.33,
-        78 GiB) the capture succeeded but the first backward replay ended the process (docs/benchmarks.md)."""
+        a step (session 10's profile) become two graph launches. None elsewhere. Opt-in (``dit``), instead of the
+        text encoder's graphs (the default, ``text``): on an H200 (ComfyUI 0.33, 78 GiB) either trained faster
+        alone, both together ended the process in the first backward replay (docs/benchmarks.md, session 16)."""
         from ..training.graphs import async_graphs_from_env
 
         device = resolved_device(device)
@@ -414,8 +415,8 @@ def speed_tip(engine, device) -> str | None:
         return None
     if graphs_blocked(device) is None:
         return None
-    return (f"no CUDA graphs under ComfyUI's default allocator: {NATIVE_ALLOCATOR_HOW} for faster steps (0.35 instead "
-            "of 0.61 s/step on an H200 at 1024²)")
+    return (f"the DiT ran without CUDA graphs under ComfyUI's default allocator: {NATIVE_ALLOCATOR_HOW} for faster "
+            "steps (on an H200 at 1024²: about 0.35 s/step instead of 0.42-0.51 with the text encoder's graphs only)")
 
 
 def engine_model_config(m, device: torch.device, recompute: bool):
@@ -438,8 +439,8 @@ def engine_model_config(m, device: torch.device, recompute: bool):
 
             if async_graphs_from_env("dit"):
                 logger.info("model.compile: the DiT's forward and backward are captured whole as CUDA graphs instead "
-                            "of torch.compile's reduce-overhead ones, which this allocator cannot run (%s, "
-                            "experimental)", ASYNC_GRAPHS_ENV)
+                            "of torch.compile's reduce-overhead ones, which this allocator cannot run (%s=dit; the "
+                            "text encoder's graphs are off then)", ASYNC_GRAPHS_ENV)
             else:
                 logger.warning("model.compile: no CUDA graphs for the DiT (%s)", blocked)
             if m.compile_mode == "reduce-overhead":

@@ -240,7 +240,8 @@ def test_engine_model_config(monkeypatch):
 def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog):
     """ComfyUI's default cudaMallocAsync allocator: no torch.compile reduce-overhead graphs (their trees need allocator
     features it lacks); with QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit the engine captures its own whole-step graphs instead,
-    by default it says once that there are none and the way out; the native allocator keeps reduce-overhead."""
+    by default (the text encoder's graphs instead) it says once that the DiT has none and the way out; the native
+    allocator keeps reduce-overhead."""
     monkeypatch.setattr(_engine, "_has_triton", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda = torch.device("cuda")
@@ -260,7 +261,7 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     assert (m.compile, m.compile_mode, m2.compile_mode) == (True, None, None)
     assert "captured whole as CUDA graphs" in caplog.text and "no CUDA graphs for the DiT" not in caplog.text
     caplog.clear()
-    monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "0")  # the default: no graphs at all
+    monkeypatch.delenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS")  # the default (the text encoder's graphs): none for the DiT
     with caplog.at_level(logging.WARNING):
         m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
     assert (m.compile, m.compile_mode) == (True, None)

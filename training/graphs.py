@@ -48,16 +48,22 @@ ASYNC_GRAPH_PARTS = ("text", "dit")
 def async_graphs_from_env(part: str) -> bool:
     """Whether ``part`` (``"text"``: the text encoder's per-step suffix; ``"dit"``: the training node's whole DiT
     step) is captured as CUDA graphs where PyTorch runs the cudaMallocAsync allocator (ComfyUI's default), from
-    ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``: ``0`` or unset, neither (the default: not proven on a GPU yet, and a capture that
-    goes wrong ends the process); ``1``, both; ``text`` or ``dit``, that one. Raises ValueError naming any other
-    value."""
+    ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``: ``text`` (the default, also unset), ``dit``, or ``0`` (neither). Measured on an
+    H200 at 78 GiB (docs/benchmarks.md, session 16): each alone trained as without graphs (the same losses) and
+    faster; both together ended the process with a segmentation fault in the first backward replay, so ``1`` (both) is
+    refused. Raises ValueError naming any other value."""
     if part not in ASYNC_GRAPH_PARTS:
         raise ValueError(f"part={part!r}: expected one of {ASYNC_GRAPH_PARTS}")
-    raw = os.environ.get(ASYNC_GRAPHS_ENV, "").strip()
-    if raw not in ("", "0", "1", *ASYNC_GRAPH_PARTS):
-        raise ValueError(f"{ASYNC_GRAPHS_ENV}={raw!r}: expected 0 (no CUDA graphs under the cudaMallocAsync allocator, "
-                         "the default), 1 (the text encoder's and the DiT's), text or dit (that one only)")
-    return raw == "1" or raw == part
+    raw = os.environ.get(ASYNC_GRAPHS_ENV, "").strip() or "text"
+    if raw == "1":
+        raise ValueError(f"{ASYNC_GRAPHS_ENV}=1: the text encoder's and the DiT's CUDA graphs together ended the "
+                         "process under the cudaMallocAsync allocator on an H200 (a segmentation fault in the first "
+                         "backward replay); choose text (the default) or dit, or start ComfyUI with "
+                         "--disable-cuda-malloc for all of them")
+    if raw not in ("0", *ASYNC_GRAPH_PARTS):
+        raise ValueError(f"{ASYNC_GRAPHS_ENV}={raw!r}: expected text (the text encoder's CUDA graphs under the "
+                         "cudaMallocAsync allocator, the default), dit (the DiT's instead) or 0 (none)")
+    return raw == part
 
 
 class GraphCaptureError(RuntimeError):
