@@ -63,8 +63,8 @@ from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
 from .comfy_attention import training_attention
 from .comfy_engine import (ENGINES, RESIDENT_BLOCKS_ENV, DiffusersEngine, EngineUnavailable, OffloadPlan, _has_triton,
-                           blockers, comfy_offload_streams_off, engine_model_config, graphs_blocked, previews_blocked, resident_blocks,
-                           resolved_device)
+                           blockers, comfy_offload_streams_off, engine_model_config, graphs_blocked, previews_blocked,
+                           resident_blocks, resolved_device)
 from .comfy_text import (EXACT_TEXT_ENV, ComfyPromptEncoder, exact_bytes, exact_projections, exact_text_choice,
                          norm_copies, projection_modules, qwen_decoder)
 from ..training.families import QWEN_IMAGE, get_family
@@ -308,6 +308,7 @@ class ComfyBackend(TrainBackend):
         return lat.clone()
 
     def prepare(self, t: TrainConfig) -> None:
+        async_graphs_from_env("text")  # a bad QWEN_ZERO_PRIOR_ASYNC_GRAPHS is refused now, before any model loads
         fits = self.device.type != "cuda" or _available_bytes(self.device) >= (
             self.model.model_size() + self.clip.patcher.model_size() + self._reserve())
         # the offloaded diffusers engine (a 24 GB card): ComfyUI loads the text encoder only, the engine copies the
@@ -559,18 +560,23 @@ class ComfyBackend(TrainBackend):
         m = self.cfg.model
         device = self.clip.patcher.load_device
         exact = self._exact_text(device)
-        graphs = bool(exact) and m.text_cuda_graphs and torch.device(device).type == "cuda"
+        # (streamed projections never replay as graphs: their fetches are the prefetcher's host-side logic)
+        graphs = bool(exact) and m.text_cuda_graphs and torch.device(device).type == "cuda" and not self._text_streamed
         blocked = graphs_blocked(device) if graphs else None
         norms = self._text_norms if self._text_streamed else None
-        if blocked and async_graphs_from_env("text"):
+        dit_graphs = self.engine is not None and self.engine.graphs is not None
+        if blocked and not dit_graphs and (async_graphs_from_env("text") or async_graphs_from_env("dit")):
             # captured as training/graphs.py captures (thread_local, ComfyUI's offload streams off), which works under
-            # cudaMallocAsync; the norms' weights from copies on the device, so nothing captured is ComfyUI's to move
+            # cudaMallocAsync; the norms' weights from copies on the device, so nothing captured is ComfyUI's to move.
+            # Never beside the DiT's own graphs (QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit): both together crashed on a GPU
             if not self._said_no_graphs:
                 logger.info("text encoder: CUDA graphs captured under the cudaMallocAsync allocator (%s=0 turns "
                             "them off)", ASYNC_GRAPHS_ENV)
                 self._said_no_graphs = True
             blocked = None
             norms = norms or norm_copies(qwen_decoder(self.clip), device)
+        elif blocked and dit_graphs:
+            blocked = f"the DiT's graphs are captured instead ({ASYNC_GRAPHS_ENV}=dit)"
         if blocked and not self._said_no_graphs:
             logger.info("text encoder: no CUDA graphs (%s)", blocked)
             self._said_no_graphs = True

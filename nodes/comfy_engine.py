@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 ENGINES = ("auto", "diffusers", "diffusers_offload", "comfyui")
 # how many input shapes (caption lengths, image sizes) the engine captures as CUDA graphs under cudaMallocAsync; later
 # shapes run without graphs (recapturing in turn would cost more than it saves)
-DIT_GRAPH_SHAPES = 8
+DIT_GRAPH_SHAPES = 4  # each pair keeps its own static buffers (~0.4 GB of LoRA gradients at rank 32); 4 measured
 # how many of the DiT's blocks the offloaded engine keeps on the device, instead of as many as fit (tests, tuning)
 RESIDENT_BLOCKS_ENV = "QWEN_ZERO_PRIOR_RESIDENT_BLOCKS"
 
@@ -210,21 +210,26 @@ class DiffusersEngine:
         self.reduce_overhead = m.compile and m.compile_mode == "reduce-overhead"
         accelerate_transformer(self.transformer, m, QWEN_IMAGE_FP8, compute_dtype=dtype)
         self.fp8_layers = sum(isinstance(mod, Fp8Linear) for mod in self.transformer.modules())
+        # (not around max-autotune, whose own CUDA graphs would be captured inside)
         self.graphs = self._whole_graphs(device) if self.compiled and not self.reduce_overhead and not recompute \
-            and offload is None else None
+            and offload is None and m.compile_mode != "max-autotune" else None
 
     def _whole_graphs(self, device: torch.device):
         """The DiT's whole forward and backward as CUDA graphs (:meth:`make_graphs`) where ComfyUI's default
         cudaMallocAsync allocator keeps torch.compile's reduce-overhead graphs out (:func:`graphs_blocked`) and
-        ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS`` is not 0: the compiled blocks' ~17,000 launches and ~28,000 allocator calls
-        a step (session 10's profile) become two graph launches. None elsewhere. Opt-in (``dit``), instead of the
-        text encoder's graphs (the default, ``text``): on an H200 (ComfyUI 0.33, 78 GiB) either trained faster
-        alone, both together ended the process in the first backward replay (docs/benchmarks.md, session 16)."""
-        from ..training.graphs import async_graphs_from_env
+        ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit`` asks for them: the compiled blocks' ~17,000 launches and ~28,000
+        allocator calls a step (session 10's profile) become two graph launches. None elsewhere. Opt-in (``dit``),
+        instead of the text encoder's graphs (the default, ``text``): on an H200 (ComfyUI 0.33, 78 GiB) either trained
+        faster alone, both together ended the process in the first backward replay (docs/benchmarks.md, session
+        16)."""
+        from ..training.graphs import ASYNC_GRAPHS_ENV, async_graphs_from_env
 
         device = resolved_device(device)
         if device.type != "cuda" or graphs_blocked(device) is None or not async_graphs_from_env("dit"):
             return None
+        logger.info("DiT engine: its forward and backward are captured whole as CUDA graphs instead of torch.compile's "
+                    "reduce-overhead ones, which the cudaMallocAsync allocator cannot run (%s=dit; the text encoder "
+                    "runs without graphs then)", ASYNC_GRAPHS_ENV)
         return self.make_graphs()
 
     def make_graphs(self, capture=None):
@@ -378,19 +383,20 @@ NATIVE_ALLOCATOR_HOW = ("start ComfyUI with --disable-cuda-malloc, or turn on Se
 
 
 def graphs_blocked(device) -> str | None:
-    """Why CUDA graphs cannot be captured on ``device`` in this ComfyUI, or None (``memory.cuda_graphs_blocked``:
-    ComfyUI's default cudaMallocAsync allocator). The allocator is every workflow's, so switching it is the user's
-    choice: the launch flag, or the pack's opt-in setting (``prestartup_script.py``)."""
+    """Why torch.compile's CUDA graphs cannot run on ``device`` in this ComfyUI, or None
+    (``memory.cuda_graphs_blocked``: ComfyUI's default cudaMallocAsync allocator; the pack then captures its own,
+    ``training/graphs.py``). The allocator is every workflow's, so switching it is the user's choice: the launch flag,
+    or the pack's opt-in setting (``prestartup_script.py``)."""
     return cuda_graphs_blocked(device, f"{NATIVE_ALLOCATOR_HOW} for the CUDA-graph path")
 
 
 @contextlib.contextmanager
 def comfy_offload_streams_off():
-    """ComfyUI's asynchronous weight offload (``comfy.model_management.NUM_STREAMS``, 2 by default on Nvidia since
-    0.3.6x) off while CUDA graphs are warmed up and captured: a ComfyUI op that casts a weight forks an offload stream
-    from the current one, and a stream forked from a capture and not joined fails it ("capturing stream has unjoined
-    work"). Nothing of ComfyUI's should run in the captured code; this makes sure. Read on every call by ComfyUI, so
-    setting it back afterwards restores its behaviour."""
+    """ComfyUI's asynchronous weight offload (``comfy.model_management.NUM_STREAMS``: 2 by default on Nvidia in 0.33;
+    in 0.3.64 off unless ``--async-offload``) off while CUDA graphs are warmed up and captured: a ComfyUI op that
+    casts a weight forks an offload stream from the current one, and a stream forked from a capture and not joined
+    fails it ("capturing stream has unjoined work"). Nothing of ComfyUI's should run in the captured code; this makes
+    sure. Read on every call by ComfyUI, so setting it back afterwards restores its behaviour."""
     try:
         import comfy.model_management as mm
     except ImportError:  # outside ComfyUI (tests of the engine alone)
@@ -416,7 +422,7 @@ def speed_tip(engine, device) -> str | None:
     if graphs_blocked(device) is None:
         return None
     return (f"the DiT ran without CUDA graphs under ComfyUI's default allocator: {NATIVE_ALLOCATOR_HOW} for faster "
-            "steps (on an H200 at 1024²: about 0.35 s/step instead of 0.42-0.51 with the text encoder's graphs only)")
+            "steps (on an H200 at 1024², one run: 0.351 s/step with the native allocator, 0.605 without graphs)")
 
 
 def engine_model_config(m, device: torch.device, recompute: bool):
@@ -435,13 +441,9 @@ def engine_model_config(m, device: torch.device, recompute: bool):
     if m.compile and device.type == "cuda" and not recompute and m.compile_mode in (None, "reduce-overhead"):
         blocked = graphs_blocked(device)  # asked only where graphs would be used
         if blocked:
-            from ..training.graphs import ASYNC_GRAPHS_ENV, async_graphs_from_env
+            from ..training.graphs import async_graphs_from_env
 
-            if async_graphs_from_env("dit"):
-                logger.info("model.compile: the DiT's forward and backward are captured whole as CUDA graphs instead "
-                            "of torch.compile's reduce-overhead ones, which this allocator cannot run (%s=dit; the "
-                            "text encoder's graphs are off then)", ASYNC_GRAPHS_ENV)
-            else:
+            if not async_graphs_from_env("dit"):  # (with dit the engine says whether it captures its own)
                 logger.warning("model.compile: no CUDA graphs for the DiT (%s)", blocked)
             if m.compile_mode == "reduce-overhead":
                 changes["compile_mode"] = None
@@ -452,6 +454,6 @@ def engine_model_config(m, device: torch.device, recompute: bool):
     return dataclasses.replace(m, **changes) if changes else m
 
 
-__all__ = ["DIT_GRAPH_SHAPES", "DiffusersEngine", "ENGINES", "EngineUnavailable", "NATIVE_ALLOCATOR_HOW", "OffloadPlan", "RESIDENT_BLOCKS_ENV",
-           "blockers", "comfy_offload_streams_off", "engine_model_config", "graphs_blocked", "oom_hint", "previews_blocked", "resident_blocks",
-           "resolved_device", "speed_tip", "transformer_config"]
+__all__ = ["DIT_GRAPH_SHAPES", "DiffusersEngine", "ENGINES", "EngineUnavailable", "NATIVE_ALLOCATOR_HOW", "OffloadPlan",
+           "RESIDENT_BLOCKS_ENV", "blockers", "comfy_offload_streams_off", "engine_model_config", "graphs_blocked",
+           "oom_hint", "previews_blocked", "resident_blocks", "resolved_device", "speed_tip", "transformer_config"]

@@ -251,15 +251,27 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     assert "--disable-cuda-malloc" in _engine.graphs_blocked(cuda)
     assert _engine.graphs_blocked(torch.device("cpu")) is None
-    # with QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit (or 1) the engine captures the DiT's whole forward and backward itself
-    # (training/graphs.py), said once; torch.compile's reduce-overhead mode is dropped either way (its graph trees
-    # cannot run under this allocator)
+    # with QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit the engine captures the DiT's whole forward and backward itself
+    # (training/graphs.py) and says so when it does; torch.compile's reduce-overhead mode is dropped either way (its
+    # graph trees cannot run under this allocator); by default (text) and with 0 the engine makes none
     monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "dit")
     with caplog.at_level(logging.INFO):
         m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
         m2 = engine_model_config(ModelConfig(compile=True, compile_mode="reduce-overhead"), cuda, recompute=False)
     assert (m.compile, m.compile_mode, m2.compile_mode) == (True, None, None)
-    assert "captured whole as CUDA graphs" in caplog.text and "no CUDA graphs for the DiT" not in caplog.text
+    assert "no CUDA graphs for the DiT" not in caplog.text
+    made = types.SimpleNamespace(make_graphs=lambda: "graphs")
+    cuda0 = torch.device("cuda", 0)
+    with caplog.at_level(logging.INFO):
+        assert _engine.DiffusersEngine._whole_graphs(made, cuda0) == "graphs"
+    assert "captured whole as CUDA graphs" in caplog.text
+    for raw in ("text", "0", ""):
+        monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", raw)
+        assert _engine.DiffusersEngine._whole_graphs(made, cuda0) is None, raw
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")  # trees instead
+    monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "dit")
+    assert _engine.DiffusersEngine._whole_graphs(made, cuda0) is None
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     caplog.clear()
     monkeypatch.delenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS")  # the default (the text encoder's graphs): none for the DiT
     with caplog.at_level(logging.WARNING):

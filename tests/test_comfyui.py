@@ -1223,6 +1223,25 @@ def test_training_diffusers_engine_fp8_matmul_and_compile(comfy, train_ds):
     assert float(arc.vector.abs().max()) > 1e-4
 
 
+def test_training_refuses_a_bad_async_graphs_setting_before_loading(comfy, train_ds):
+    """QWEN_ZERO_PRIOR_ASYNC_GRAPHS in ComfyUI's environment is read when training starts, whatever the allocator:
+    1 (both parts: crashed on a GPU) and garbage stop the node with the reason, before any model loads."""
+    def set_env(value):
+        comfy.server.run({"1": {"class_type": "ZPTestSetEnv",
+                                "inputs": {"name": "QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "value": value}}})
+
+    try:
+        set_env("1")
+        msg = _error(comfy, _train_graph(comfy, steps=1, output_name="zero_prior/async_graphs_1.zip"))
+        assert "QWEN_ZERO_PRIOR_ASYNC_GRAPHS=1" in msg and "segmentation fault" in msg and "choose text" in msg, msg
+        set_env("sometimes")
+        msg = _error(comfy, _train_graph(comfy, steps=1, output_name="zero_prior/async_graphs_x.zip"))
+        assert "QWEN_ZERO_PRIOR_ASYNC_GRAPHS='sometimes'" in msg, msg
+    finally:
+        set_env("")
+    assert not comfy.output("zero_prior/async_graphs_1.zip").exists()
+
+
 def test_training_exact_text_switch(comfy, train_ds):
     """QWEN_ZERO_PRIOR_EXACT_TEXT=e4m3/bf16: the node's text encoder runs its projections as ExactLinear on an
     fp8-scaled file (no per-layer recompute) and trains the same LoRA and vector as ComfyUI's projections; unset

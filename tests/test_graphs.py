@@ -106,8 +106,19 @@ def test_no_second_forward_replay_before_the_backward():
     assert cache(x, ctx, None) is None
     cache.new_step()  # a step abandoned before its backward (an error, an interrupt) does not block the next
     assert cache(x, ctx, None) is not None
-    with torch.no_grad():  # nothing awaits a backward without grad
-        assert cache(x, ctx.detach(), None) is not None
+
+
+def test_nothing_is_captured_or_replayed_without_grad():
+    """Sampling runs without grad: no capture (a real one would fail capturing a backward that does not exist) and
+    no replay; the shape is captured later, with grad, as usual."""
+    model, emu = _Lora(), EmulatedCapture()
+    cache = _cache(model, emu)
+    x, ctx = _inputs(7)
+    with torch.no_grad():
+        assert cache(x, ctx, None) is None
+    assert emu.captures == 0 and cache.failed == 0
+    cache.new_step()
+    assert cache(x, ctx.requires_grad_(True), None) is not None and emu.captures == 1
 
 
 def test_moved_weights_or_replaced_parameters_are_recaptured(caplog):
@@ -164,6 +175,35 @@ def test_a_failed_capture_runs_that_shape_eagerly_and_is_not_retried(caplog):
     assert "operation not permitted" in caplog.text
 
 
+def test_kernel_pointer_patch_is_scoped_and_restored_after_an_error(monkeypatch):
+    """Under cudaMallocAsync a capture hands inductor's kernels addresses (graphs._kernel_pointers_as_ints): the
+    patch of ``CachingAutotuner.run`` lives only inside the capture, is undone when the capture raises, passes
+    arguments through unchanged where nothing is capturing, and is not made at all under the native allocator."""
+    heuristics = pytest.importorskip("torch._inductor.runtime.triton_heuristics")
+    from qwen_zero_prior.training import memory
+
+    seen = []
+
+    def recorder(self, *args, **kwargs):
+        seen.append(args)
+
+    monkeypatch.setattr(heuristics.CachingAutotuner, "run", recorder)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(memory, "allocator_backend", lambda: "native")
+    with graphs._kernel_pointers_as_ints(torch.device("cuda")):
+        assert heuristics.CachingAutotuner.run is recorder
+    monkeypatch.setattr(memory, "allocator_backend", lambda: "cudaMallocAsync")
+    t = torch.ones(2)
+    with pytest.raises(RuntimeError, match="capture broke"):
+        with graphs._kernel_pointers_as_ints(torch.device("cuda")):
+            assert heuristics.CachingAutotuner.run is not recorder
+            fake = type("K", (), {"launchers": [object()]})()
+            heuristics.CachingAutotuner.run(fake, t, 3, stream=0)  # not capturing: unchanged
+            raise RuntimeError("capture broke")
+    assert heuristics.CachingAutotuner.run is recorder
+    assert seen[0][0] is t and seen[0][1] == 3
+
+
 def test_make_graphed_enters_the_guard_and_matches_eager():
     """``make_graphed`` (what the text encoder's suffix captures with) over a plain function; the guard (the node's:
     ComfyUI's offload streams off) is entered around the capture."""
@@ -191,13 +231,13 @@ def test_make_graphed_enters_the_guard_and_matches_eager():
 
 
 @pytest.mark.parametrize("raw,text,dit", [("", True, False), ("text", True, False), ("dit", False, True),
-                                          ("0", False, False)])
+                                          ("0", False, False), ("off", False, False), (" DiT ", False, True)])
 def test_async_graphs_knob(monkeypatch, raw, text, dit):
     monkeypatch.setenv(graphs.ASYNC_GRAPHS_ENV, raw)
     assert (graphs.async_graphs_from_env("text"), graphs.async_graphs_from_env("dit")) == (text, dit)
 
 
-@pytest.mark.parametrize("raw", ["yes", "2", "off", "both"])
+@pytest.mark.parametrize("raw", ["yes", "2", "both", "te"])
 def test_async_graphs_knob_refuses_garbage(monkeypatch, raw):
     monkeypatch.setenv(graphs.ASYNC_GRAPHS_ENV, raw)
     with pytest.raises(ValueError, match=f"QWEN_ZERO_PRIOR_ASYNC_GRAPHS={raw!r}"):

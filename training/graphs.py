@@ -1,7 +1,7 @@
 """A differentiable function's forward and backward replayed as two CUDA graphs, one pair per input signature.
 
 This is ``torch.cuda.make_graphed_callables``' recipe (warm up on a side stream, capture the forward, capture
-``autograd.grad`` of its output as the backward, replay both through one ``autograd.Function``) with three changes,
+``autograd.grad`` of its output as the backward, replay both through one ``autograd.Function``) with four changes,
 so that it also works inside ComfyUI, whose default allocator is ``cudaMallocAsync``:
 
 - capture in ``thread_local`` mode (``make_graphed_callables`` captures in ``global`` mode, where a CUDA call that is
@@ -54,7 +54,9 @@ def async_graphs_from_env(part: str) -> bool:
     refused. Raises ValueError naming any other value."""
     if part not in ASYNC_GRAPH_PARTS:
         raise ValueError(f"part={part!r}: expected one of {ASYNC_GRAPH_PARTS}")
-    raw = os.environ.get(ASYNC_GRAPHS_ENV, "").strip() or "text"
+    raw = os.environ.get(ASYNC_GRAPHS_ENV, "").strip().lower() or "text"
+    if raw in ("off", "false", "no", "none"):
+        raw = "0"
     if raw == "1":
         raise ValueError(f"{ASYNC_GRAPHS_ENV}=1: the text encoder's and the DiT's CUDA graphs together ended the "
                          "process under the cudaMallocAsync allocator on an H200 (a segmentation fault in the first "
@@ -108,24 +110,28 @@ def _kernel_pointers_as_ints(device: torch.device):
     argument with ``cuPointerGetAttribute``, which fails for such an address ("CUDA driver error: invalid argument",
     measured on an H200), but passes an integer argument through unchecked. So ``CachingAutotuner.run``, which
     inductor's generated code calls per kernel and which looks its method up per call, is wrapped to hand over
-    ``data_ptr()`` instead of each CUDA tensor. Only steady-state launches happen during capture (autotuning ran in the
-    warm-up), and those use the arguments only as addresses."""
-    try:
-        backend = torch.cuda.get_allocator_backend()
-    except (AttributeError, RuntimeError):
-        backend = "native"
+    ``data_ptr()`` instead of each CUDA tensor, on the capturing stream only. Only steady-state launches happen during
+    capture (autotuning ran in the warm-up), and those use the arguments only as addresses. The patch is the class's,
+    so for the capture's duration it is every thread's; launches elsewhere are not capturing and pass through as
+    they are. Restored on the way out, also after an error."""
+    from .memory import allocator_backend
+
     try:
         from torch._inductor.runtime.triton_heuristics import CachingAutotuner
     except ImportError:  # no inductor runtime (no triton): nothing compiled to launch
         CachingAutotuner = None
-    if backend != "cudaMallocAsync" or CachingAutotuner is None:
+    if allocator_backend() != "cudaMallocAsync" or CachingAutotuner is None:
         yield
         return
     original = CachingAutotuner.run
 
     def run(self, *args, **kwargs):
-        return original(self, *(a.data_ptr() if isinstance(a, torch.Tensor) and a.is_cuda else a for a in args),
-                        **kwargs)
+        # only a steady-state launch on the capturing stream: a kernel still to be autotuned (several launchers)
+        # benchmarks and clones its tensor arguments, which it cannot do with addresses (it would fail the capture
+        # either way, by synchronizing)
+        if torch.cuda.is_current_stream_capturing() and len(getattr(self, "launchers", ())) == 1:
+            args = tuple(a.data_ptr() if isinstance(a, torch.Tensor) and a.is_cuda else a for a in args)
+        return original(self, *args, **kwargs)
 
     CachingAutotuner.run = run
     try:
@@ -141,16 +147,20 @@ def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *,
     guard = guard or contextlib.nullcontext
     device = args[0].device
     diff = tuple(t for t in (*args, *params) if t is not None and t.requires_grad)
+    if not diff:
+        raise GraphCaptureError("nothing requires grad: there is no backward to capture")
     torch.cuda.synchronize(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with guard(), torch.cuda.stream(side):  # lazy initialisation (cuDNN plans, compilation) out of the capture
-        for _ in range(warmup):
-            out = fn(*args)
-            if out.requires_grad:
+    try:
+        with guard(), torch.cuda.stream(side):  # lazy initialisation (cuDNN plans, compilation) out of the capture
+            for _ in range(warmup):
+                out = fn(*args)
                 torch.autograd.grad(out, diff, torch.ones_like(out), allow_unused=True)
-            del out
-    torch.cuda.synchronize(device)
+                del out
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - any failure of the warm-up: that shape runs eagerly (the caller's)
+        raise GraphCaptureError(f"warm-up: {type(e).__name__}: {e}") from e
     fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle()
     try:
@@ -160,16 +170,19 @@ def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *,
             grad_out = torch.empty_like(out)
             with torch.cuda.graph(bwd, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
                 grads = torch.autograd.grad(out, diff, grad_out, allow_unused=True)
-    except RuntimeError as e:
+    except Exception as e:  # noqa: BLE001 - whatever stopped the capture, its allocator state is ended first
         _end_capture(device, pool)
-        raise GraphCaptureError(str(e)) from e
+        raise GraphCaptureError(f"{type(e).__name__}: {e}") from e
     return Captured(args, out.detach(), grad_out, tuple(grads), fwd.replay, bwd.replay)
 
 
 class _Graphed:
     """One captured pair as an autograd node: the forward copies new inputs into the static buffers and replays; the
-    backward copies the incoming gradient and replays, returning the static gradients (autograd accumulates them into
-    the parameters' ``.grad`` as eager code's would be)."""
+    backward copies the incoming gradient and replays, returning the static gradients, which autograd accumulates
+    into the parameters' ``.grad``. Where a ``.grad`` was None autograd may keep the static buffer itself as it (as
+    with ``torch.cuda.make_graphed_callables``), which the next backward replay overwrites: the caller sets gradients
+    to None before each backward and steps the optimizer in between (the trainer does: ``zero_grad(set_to_none=True)``
+    every step; no gradient accumulation over replays)."""
 
     def __init__(self, cap: Captured, n_args: int, params: tuple):
         self.cap, self.n_args, self.params = cap, n_args, params
@@ -237,11 +250,12 @@ class EmulatedCapture:
     def __call__(self, fn, args, params, *, warmup=3, guard=None):
         guard = guard or contextlib.nullcontext
         diff = tuple(t for t in (*args, *params) if t is not None and t.requires_grad)
+        if not diff:  # as capture_cuda
+            raise GraphCaptureError("nothing requires grad: there is no backward to capture")
         with guard():
             self.guarded += guard is not contextlib.nullcontext
             out = fn(*args)
-            grads = torch.autograd.grad(out, diff, torch.ones_like(out), allow_unused=True) if out.requires_grad \
-                else ()
+            grads = torch.autograd.grad(out, diff, torch.ones_like(out), allow_unused=True)
         self.captures += 1
         static_out = out.detach().clone()
         grad_out = torch.empty_like(static_out)
@@ -276,17 +290,18 @@ class GraphCache:
     what was captured, so where any moved (a reloaded model, parameters replaced) every pair is dropped and
     recaptured. A pair whose forward replayed and
     whose backward has not run yet is not replayed again (its activations would be overwritten); that call runs
-    eagerly until :meth:`new_step`. ``capture``: the capture function (:func:`capture_cuda`; tests pass one that
-    emulates replay on the CPU). Returns None from :meth:`__call__` where the caller should run ``fn`` eagerly."""
+    eagerly until :meth:`new_step`. Without grad (sampling) nothing is captured or replayed. ``capture``: the capture
+    function (:func:`capture_cuda` by default; tests pass one that emulates replay on the CPU). Returns None from
+    :meth:`__call__` where the caller should run ``fn`` eagerly."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor] = (), *,
                  watch: Callable[[], Sequence[torch.Tensor]] | None = None, max_graphs: int = 4, name: str = "graphs",
                  guard: Callable[[], contextlib.AbstractContextManager] | None = None, warmup: int = 3,
-                 capture: Callable[..., Captured] = capture_cuda):
+                 capture: Callable[..., Captured] | None = None):
         if max_graphs < 1:
             raise ValueError(f"max_graphs={max_graphs!r}: expected at least 1")
         self.fn, self.params, self.watch, self.max_graphs, self.name = fn, tuple(params), watch, max_graphs, name
-        self.guard, self.warmup, self._capture = guard, warmup, capture
+        self.guard, self.warmup, self._capture = guard, warmup, capture  # None: capture_cuda, looked up per capture
         self._graphs: dict[tuple, _Graphed] = {}
         self._failed: set[tuple] = set()
         self._pending: set[tuple] = set()
@@ -312,8 +327,11 @@ class GraphCache:
         self._pending.clear()
         self._failed.clear()
         self._addresses = None
+        self._said_full = False
 
     def __call__(self, *args) -> torch.Tensor | None:
+        if not torch.is_grad_enabled():  # a forward without a backward (sampling, evaluation): no graphs
+            return None
         key = _signature(args)
         addresses = self._watched()
         if self._addresses is not None and addresses != self._addresses and self._graphs:
@@ -351,7 +369,7 @@ class GraphCache:
 
         static = tuple(args[i].detach().clone().requires_grad_(args[i].requires_grad) for i in present)
         try:
-            cap = self._capture(dense, static, self.params, warmup=self.warmup, guard=self.guard)
+            cap = (self._capture or capture_cuda)(dense, static, self.params, warmup=self.warmup, guard=self.guard)
         except GraphCaptureError as e:
             logger.warning("%s: CUDA graph capture failed for shapes %s (%s); running them without graphs", self.name,
                            [tuple(a.shape) for a in static], e)
@@ -364,4 +382,5 @@ class GraphCache:
         return graphed
 
 
-__all__ = ["ASYNC_GRAPHS_ENV", "CAPTURE_ERROR_MODE", "Captured", "EmulatedCapture", "GraphCache", "GraphCaptureError", "ASYNC_GRAPH_PARTS", "async_graphs_from_env", "capture_cuda", "make_graphed"]
+__all__ = ["ASYNC_GRAPHS_ENV", "ASYNC_GRAPH_PARTS", "CAPTURE_ERROR_MODE", "Captured", "EmulatedCapture", "GraphCache",
+           "GraphCaptureError", "async_graphs_from_env", "capture_cuda", "make_graphed"]

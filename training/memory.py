@@ -220,23 +220,29 @@ def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float
     return cfg.replace(model=model), plan
 
 
+def allocator_backend() -> str:
+    """PyTorch's CUDA allocator in this process: ``native`` or ``cudaMallocAsync`` (``native`` on a torch without
+    the query or without CUDA)."""
+    try:
+        return torch.cuda.get_allocator_backend()
+    except (AttributeError, RuntimeError):  # an old torch, or no CUDA: only the native allocator
+        return "native"
+
+
 def cuda_graphs_blocked(device, hint: str = "drop backend:cudaMallocAsync from PYTORCH_CUDA_ALLOC_CONF for them"
                         ) -> str | None:
-    """Why CUDA graphs cannot be captured on ``device`` in this process, or None. Under PyTorch's ``cudaMallocAsync``
-    allocator (``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync``; ComfyUI sets it by default) the text encoder's
-    capture failed once a freed block had been used on another stream (the backward's): "capturing stream has
-    unjoined work", after which the process aborted in the allocator's free (an H200, ComfyUI 0.33); torch.compile's
-    reduce-overhead graphs need allocator features it lacks ("cudaMallocAsync does not yet support
-    checkPoolLiveAllocations", as others have met it). ``hint``: how to get them, for the message."""
+    """Why torch.compile's CUDA graphs (``reduce-overhead``) and the CLI's text-encoder graphs are not used on
+    ``device`` in this process, or None. Under PyTorch's ``cudaMallocAsync`` allocator
+    (``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync``; ComfyUI sets it by default) reduce-overhead's graph trees
+    need allocator features it lacks ("cudaMallocAsync does not yet support checkPoolLiveAllocations", as others have
+    met it), and session 9's text-encoder capture failed there and aborted the process. The ComfyUI node captures its
+    own graphs there since session 16 (``graphs.py``, ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``); the CLI and Cog do not.
+    ``hint``: how to get them, for the message."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    try:
-        backend = torch.cuda.get_allocator_backend()
-    except (AttributeError, RuntimeError):  # an old torch: only the native allocator
-        return None
-    if backend == "cudaMallocAsync":
-        return f"PyTorch runs the cudaMallocAsync allocator, under which CUDA-graph capture fails; {hint}"
+    if allocator_backend() == "cudaMallocAsync":
+        return f"PyTorch runs the cudaMallocAsync allocator, under which torch.compile's CUDA graphs cannot run; {hint}"
     return None
 
 

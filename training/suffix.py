@@ -317,7 +317,7 @@ class SuffixDecoder:
         try:
             # the warm-up before capture runs the compiled forward and backward (compiling them)
             fn = graphs.make_graphed(target, sample, guard=self.capture_guard)
-        except RuntimeError as e:  # GraphCaptureError included  # capture can fail on exotic setups; the eager path computes the same
+        except RuntimeError as e:  # GraphCaptureError included: the eager path computes the same
             logger.warning("text encoder: CUDA graph capture failed for shape %s (%s); running it eagerly", key, e)
             self._no_graph.add(key)
             return None
