@@ -484,3 +484,20 @@ def test_node_bench_run_stops_comfyui_on_its_timeout(tmp_path):
             break
         assert time.monotonic() < deadline, "the ComfyUI process outlived run_node.py"
         time.sleep(0.2)
+
+
+def test_node_rows_count_the_graphs_captured_and_failed():
+    """run_node.py's row says how many CUDA-graph pairs the node captured (text encoder, DiT engine) and how many
+    captures failed, from the log lines the pack writes (training/graphs.py, suffix.py)."""
+    from bench.comfyui.run_node import graph_counts
+
+    log = "\n".join([
+        "[INFO] text encoder: captured forward+backward CUDA graphs for prefix/suffix bucket (64, 32)",
+        "[INFO] text encoder: captured forward+backward CUDA graphs for prefix/suffix bucket (64, 64)",
+        "[INFO] DiT engine: captured forward+backward CUDA graphs for input shapes [(1, 16, 1, 128, 128)]",
+        "[WARNING] DiT engine: CUDA graph capture failed for shapes [(1, 16, 1, 96, 96)] (boom); running them without",
+        "[WARNING] text encoder: CUDA graph capture failed for shape (32, 32) (boom); running it eagerly",
+        "[INFO] something else",
+    ])
+    assert graph_counts(log) == {"text_graph_captures": 2, "dit_graph_captures": 1, "graph_capture_failures": 2}
+    assert graph_counts("") == {"text_graph_captures": 0, "dit_graph_captures": 0, "graph_capture_failures": 0}

@@ -189,6 +189,17 @@ def node_inputs(spec: str, defaults: dict | None = None) -> dict:
     return out
 
 
+def graph_counts(log: str) -> dict[str, int]:
+    """How many CUDA-graph pairs the node captured (text encoder and DiT engine, ``training/graphs.py`` and
+    ``suffix.py``) and how many captures failed, from its log."""
+    lines = log.splitlines()
+    return {
+        "text_graph_captures": sum("text encoder: captured forward+backward CUDA graphs" in ln for ln in lines),
+        "dit_graph_captures": sum("DiT engine: captured forward+backward CUDA graphs" in ln for ln in lines),
+        "graph_capture_failures": sum("CUDA graph capture failed" in ln for ln in lines),
+    }
+
+
 def kernel_table(log: str) -> list[str]:
     """The node's logged kernel table (``kernels of N profiled steps ...`` and the table's lines under it)."""
     lines = log.splitlines()
@@ -380,6 +391,7 @@ def main(argv=None) -> int:
             stop_blocker(blocker)
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         result["log_tail"] = log[-6000:]
+        result.update(graph_counts(log))
         # what the node decided and measured (its per-block recomputation, the median GPU time of its phases)
         result["node_log"] = [line.strip() for line in log.splitlines()
                               if any(k in line for k in ("gradient checkpointing on", "phase times",
