@@ -235,8 +235,8 @@ class DiffusersEngine:
     def make_graphs(self, capture=None):
         """A :class:`~qwen_zero_prior.training.graphs.GraphCache` of :meth:`predict`'s work, a pair of graphs per
         input shape (caption length, image size; at most :data:`DIT_GRAPH_SHAPES`). ``capture``: the capture
-        function (tests emulate it on the CPU)."""
-        from ..training.graphs import GraphCache, capture_cuda
+        function (default ``graphs.capture_cuda``; tests emulate it on the CPU)."""
+        from ..training.graphs import GraphCache
 
         params = [p for _, p in self.named_lora_parameters()]
 
@@ -245,7 +245,7 @@ class DiffusersEngine:
 
         return GraphCache(functools.partial(self._predict, cache=False), params, watch=frozen,
                           max_graphs=DIT_GRAPH_SHAPES, name="DiT engine", guard=comfy_offload_streams_off,
-                          capture=capture or capture_cuda)
+                          capture=capture)
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")

@@ -40,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 CAPTURE_ERROR_MODE = "thread_local"
 ASYNC_GRAPHS_ENV = "QWEN_ZERO_PRIOR_ASYNC_GRAPHS"
-
-
 ASYNC_GRAPH_PARTS = ("text", "dit")
 
 
@@ -49,7 +47,7 @@ def async_graphs_from_env(part: str) -> bool:
     """Whether ``part`` (``"text"``: the text encoder's per-step suffix; ``"dit"``: the training node's whole DiT
     step) is captured as CUDA graphs where PyTorch runs the cudaMallocAsync allocator (ComfyUI's default), from
     ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``: ``text`` (the default, also unset), ``dit``, or ``0`` (neither). Measured on an
-    H200 at 78 GiB (docs/benchmarks.md, session 16): each alone trained as without graphs (the same losses) and
+    H200 at 78 GiB (docs/benchmarks.md, session 16): each alone trained as without graphs (losses within 1.1e-4) and
     faster; both together ended the process with a segmentation fault in the first backward replay, so ``1`` (both) is
     refused. Raises ValueError naming any other value."""
     if part not in ASYNC_GRAPH_PARTS:
