@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -522,19 +523,25 @@ def run_isolated(args, argv: list[str]) -> dict:
         if args.trace:  # each variant's traces in their own folder (a child numbers its only variant 0)
             argv_i[argv_i.index("--trace") + 1] = str(Path(args.trace) / f"variant-{index}")
         cmd = [sys.executable, "-m", "bench.bench_step", *argv_i, "--variant", spec, "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # a crash prints the Python stack of every thread (faulthandler), so the row says where it died
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         if args.out:  # each variant's whole output beside the JSON (kernel tables, gap reports, a failure's cause)
             Path(args.out).with_name(f"{Path(args.out).stem}-variant-{index}.log").write_text(
                 proc.stdout + proc.stderr)
-        if proc.returncode == 0 and out.is_file():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        if out.is_file():  # measured (the child writes its rows at the end), even where it then crashed on exit
             child = json.loads(out.read_text())
             for key in ("device", "torch", "diffusers", "peft", "transformers"):
                 res.setdefault(key, child.get(key))
+            if proc.returncode != 0:
+                for r in child["rows"]:
+                    r["exit_after_rows"] = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+                                            else f"exit {proc.returncode}")
+                    r["exit_log_tail"] = tail[-1200:]
             res["rows"] += child["rows"]
             for r in child["rows"]:
-                print(json.dumps(r), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if k != "exit_log_tail"}), flush=True)
             continue
-        tail = (proc.stdout + proc.stderr)[-3000:]
         kind = ("CUDA out of memory" if "OutOfMemoryError" in tail or "CUDA out of memory" in tail else
                 f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}")
         overrides = _parse_variant(spec)

@@ -1,11 +1,12 @@
 """Whether ``training/graphs.py`` captures and replays CUDA graphs on this GPU under a given PyTorch allocator, and what
 it saves on a launch-bound step. ComfyUI runs PyTorch's ``cudaMallocAsync`` allocator by default, under which
 torch.compile's reduce-overhead graphs cannot run; the training node captures the text encoder's per-step part with
-this module instead (and, opt-in, ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit``, the DiT's whole step). Runs in its own process
+this module instead, and the DiT's whole step too (``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``). Runs in its own process
 (the allocator is chosen when CUDA starts)::
 
     python -m bench.graph_capture_check --backend cudaMallocAsync
     python -m bench.graph_capture_check --backend cudaMallocAsync --op compiled   # inductor's kernels too
+    python -m bench.graph_capture_check --op compiled --pairs 2   # a text stage's pair feeding the step's pair
 
 A stand-in step (a stack of frozen Linear + GELU layers with a trainable low-rank pair, the conditioning's gradient
 too) is trained with and without graphs while another thread makes CUDA calls (as ComfyUI's server thread may);
@@ -35,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--fail-first", action="store_true")
+    ap.add_argument("--pairs", type=int, choices=(1, 2), default=1,
+                    help="2: a graphed text stage (its own pair, as the node's text encoder) makes the conditioning "
+                    "the step reads, so the step's pair is captured and replayed while the text stage's forward "
+                    "awaits its backward, as in the training node with QWEN_ZERO_PRIOR_ASYNC_GRAPHS=1")
+    ap.add_argument("--no-defer", action="store_true",
+                    help="with --pairs 2: capture the step's pair where its shape is first seen (inside the text "
+                    "stage's forward-to-backward window; this segfaulted the node on an H200) instead of at the next "
+                    "step's start")
     ap.add_argument("--dit-layers", type=int, default=4, help="--op dit: blocks of Qwen-Image's transformer")
     ap.add_argument("--op", choices=("linear", "sdpa_cudnn", "sdpa_flash", "scaled_mm", "compiled", "big", "dit"),
                     default="linear", help="what the step runs besides the Linear stack: cuDNN or flash attention, "
@@ -85,7 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     params, watched, make_inputs = [lora_a, lora_b], lambda: list(layers.parameters()), None
     if args.op == "dit":
         step_fn, params, watched, make_inputs = _dit(args.dit_layers, dev, torch)
-    cache = GraphCache(step_fn, params, watch=watched, name="check")
+    cache = GraphCache(step_fn, params, watch=watched, name="check", defer=args.pairs == 2 and not args.no_defer)
+    text = {}  # --pairs 2: the text stage, built at the conditioning's width
+
+    def text_stage(ctx):
+        if "fn" not in text:
+            w = ctx.shape[-1]
+            stack = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(w, w), torch.nn.GELU())
+                                          for _ in range(8)]).to(dev, torch.bfloat16).requires_grad_(False)
+            vec = torch.nn.Parameter(torch.zeros(w, device=dev))  # the token's vector: trained, read by the stage
+            text["fn"] = lambda c: stack(c + vec.to(c.dtype))
+            text["cache"] = GraphCache(text["fn"], [vec], watch=lambda: list(stack.parameters()), name="text")
+            params.append(vec)
+            text["vec"] = vec
+        return text["fn"], text["cache"]
     worst = 0.0
     times = {"eager": [], "graphs": []}
     shapes = [args.tokens, args.tokens // 2] if args.fail_first else [args.tokens]
@@ -98,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             if make_inputs is not None:
                 x, ctx = make_inputs(n // 8)  # caption lengths 32 and 16 with --fail-first
             cache.new_step()
+            if args.pairs == 2:
+                text_stage(ctx)[1].new_step()
             results = []
             for name, run in (("graphs", cache), ("eager", step_fn)):  # graphs first: no older autograd graph alive
                 for p in params:
@@ -105,15 +129,21 @@ def main(argv: list[str] | None = None) -> int:
                 c = ctx.clone().requires_grad_(True)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                out = run(x, c, None)
+                cond = c
+                if args.pairs == 2:  # the conditioning from the text stage, replayed in the graphs' run
+                    fn, tcache = text_stage(c)
+                    cond = (tcache(c) if name == "graphs" else None)
+                    cond = fn(c) if cond is None else cond
+                out = run(x, cond, None)
                 if out is None:  # this shape runs eagerly (its capture failed)
-                    out = step_fn(x, c, None)
+                    out = step_fn(x, cond, None)
                 out.float().square().mean().backward()
                 end.record()
                 torch.cuda.synchronize()
                 if step >= 2:
                     times[name].append(start.elapsed_time(end))
-                results.append([out.detach().float(), c.grad.float()] + [p.grad.float() for p in params[:8]])
+                results.append([out.detach().float(), c.grad.float()] + [p.grad.float() for p in params[:8]]
+                               + [p.grad.float() for p in params[8:] if p is text.get("vec")])
                 del out  # its autograd graph (and the LoRA's gradient accumulators) with it
             for g, e in zip(*results):
                 worst = max(worst, float((e - g).abs().max() / e.abs().max().clamp_min(1e-12)))
@@ -127,14 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.cuda.synchronize()
     med = {k: sorted(v)[len(v) // 2] if v else None for k, v in times.items()}
+    text_captures = text["cache"].captures if "cache" in text else None
     result = {"backend": backend, "captures": cache.captures, "failed_shapes": cache.failed,
+              "pairs": args.pairs, "deferred": cache.defer, "text_captures": text_captures,
               "worst_rel_diff": worst, "eager_ms": med["eager"], "graphs_ms": med["graphs"],
               "other_thread_calls": calls[0], "fail_first": args.fail_first, "op": args.op}
     # the same kernels either way, but cuDNN attention's backward is not deterministic (the DiT's LoRA gradients
     # moved by up to ~1% between two eager runs' worth of replays on an H200)
     tolerance = 3e-2 if args.op == "dit" else 1e-3
     ok = (backend == args.backend and cache.captures == 1 and worst < tolerance
-          and cache.failed == int(args.fail_first))
+          and cache.failed == int(args.fail_first) and text_captures in (None, 1))
     result["ok"] = ok
     print(json.dumps(result))
     return 0 if ok else 1

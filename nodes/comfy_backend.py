@@ -57,7 +57,7 @@ from ..training.cast_linear import cast_linear, cast_linear_op
 from ..training.config import Config, TrainConfig
 from ..training.data import Example, load_pixels
 from ..training.fp8 import added_bytes
-from ..training.graphs import ASYNC_GRAPHS_ENV, async_graphs_from_env
+from ..training.graphs import ASYNC_GRAPHS_ENV, async_graphs_from_env, async_text_graphs
 from ..training.profiling import ENV as PROFILE_ENV
 from ..training.profiling import StepProfiler
 from ..training.token import RegisteredToken, add_placeholder_tokens, check_single_id, init_vector
@@ -565,10 +565,9 @@ class ComfyBackend(TrainBackend):
         blocked = graphs_blocked(device) if graphs else None
         norms = self._text_norms if self._text_streamed else None
         dit_graphs = self.engine is not None and self.engine.graphs is not None
-        if blocked and not dit_graphs and (async_graphs_from_env("text") or async_graphs_from_env("dit")):
+        if blocked and async_text_graphs(dit_graphs):
             # captured as training/graphs.py captures (thread_local, ComfyUI's offload streams off), which works under
-            # cudaMallocAsync; the norms' weights from copies on the device, so nothing captured is ComfyUI's to move.
-            # Never beside the DiT's own graphs (QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit): both together crashed on a GPU
+            # cudaMallocAsync; the norms' weights from copies on the device, so nothing captured is ComfyUI's to move
             if not self._said_no_graphs:
                 logger.info("text encoder: CUDA graphs captured under the cudaMallocAsync allocator (%s=0 turns "
                             "them off)", ASYNC_GRAPHS_ENV)
@@ -576,7 +575,7 @@ class ComfyBackend(TrainBackend):
             blocked = None
             norms = norms or norm_copies(qwen_decoder(self.clip), device)
         elif blocked and dit_graphs:
-            blocked = f"the DiT's graphs are captured instead ({ASYNC_GRAPHS_ENV}=dit)"
+            blocked = f"the DiT's graphs are captured instead ({ASYNC_GRAPHS_ENV}=dit; unset or 1 captures both)"
         if blocked and not self._said_no_graphs:
             logger.info("text encoder: no CUDA graphs (%s)", blocked)
             self._said_no_graphs = True

@@ -217,25 +217,23 @@ class DiffusersEngine:
     def _whole_graphs(self, device: torch.device):
         """The DiT's whole forward and backward as CUDA graphs (:meth:`make_graphs`) where ComfyUI's default
         cudaMallocAsync allocator keeps torch.compile's reduce-overhead graphs out (:func:`graphs_blocked`) and
-        ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit`` asks for them: the compiled blocks' ~17,000 launches and ~28,000
-        allocator calls a step (session 10's profile) become two graph launches. None elsewhere. Opt-in (``dit``),
-        instead of the text encoder's graphs (the default, ``text``): on an H200 (ComfyUI 0.33, 78 GiB) either trained
-        faster alone, both together ended the process in the first backward replay (docs/benchmarks.md, session
-        16)."""
+        ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS`` asks for them (``1``, the default, with the text encoder's; or ``dit``): the
+        compiled blocks' ~17,000 launches and ~28,000 allocator calls a step (session 10's profile) become two graph
+        launches. None elsewhere."""
         from ..training.graphs import ASYNC_GRAPHS_ENV, async_graphs_from_env
 
         device = resolved_device(device)
         if device.type != "cuda" or graphs_blocked(device) is None or not async_graphs_from_env("dit"):
             return None
         logger.info("DiT engine: its forward and backward are captured whole as CUDA graphs instead of torch.compile's "
-                    "reduce-overhead ones, which the cudaMallocAsync allocator cannot run (%s=dit; the text encoder "
-                    "runs without graphs then)", ASYNC_GRAPHS_ENV)
+                    "reduce-overhead ones, which the cudaMallocAsync allocator cannot run (%s)", ASYNC_GRAPHS_ENV)
         return self.make_graphs()
 
     def make_graphs(self, capture=None):
         """A :class:`~qwen_zero_prior.training.graphs.GraphCache` of :meth:`predict`'s work, a pair of graphs per
         input shape (caption length, image size; at most :data:`DIT_GRAPH_SHAPES`). ``capture``: the capture
-        function (default ``graphs.capture_cuda``; tests emulate it on the CPU)."""
+        function (default ``graphs.capture_cuda``; tests emulate it on the CPU). A new shape is captured at the next
+        step's start (``defer``): the DiT runs while the text encoder's replayed forward awaits its backward."""
         from ..training.graphs import GraphCache
 
         params = [p for _, p in self.named_lora_parameters()]
@@ -245,7 +243,7 @@ class DiffusersEngine:
 
         return GraphCache(functools.partial(self._predict, cache=False), params, watch=frozen,
                           max_graphs=DIT_GRAPH_SHAPES, name="DiT engine", guard=comfy_offload_streams_off,
-                          capture=capture)
+                          capture=capture, defer=True)
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")

@@ -239,9 +239,9 @@ def test_engine_model_config(monkeypatch):
 
 def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog):
     """ComfyUI's default cudaMallocAsync allocator: no torch.compile reduce-overhead graphs (their trees need allocator
-    features it lacks); with QWEN_ZERO_PRIOR_ASYNC_GRAPHS=dit the engine captures its own whole-step graphs instead,
-    by default (the text encoder's graphs instead) it says once that the DiT has none and the way out; the native
-    allocator keeps reduce-overhead."""
+    features it lacks); by default and with QWEN_ZERO_PRIOR_ASYNC_GRAPHS=1 or dit the engine captures its own
+    whole-step graphs instead; with text (the text encoder's graphs only) it says once that the DiT has none and the
+    way out; the native allocator keeps reduce-overhead."""
     monkeypatch.setattr(_engine, "_has_triton", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda = torch.device("cuda")
@@ -265,7 +265,9 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     with caplog.at_level(logging.INFO):
         assert _engine.DiffusersEngine._whole_graphs(made, cuda0) == "graphs"
     assert "captured whole as CUDA graphs" in caplog.text
-    for raw in ("text", "0", ""):
+    monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "1")  # both parts: the DiT's too
+    assert _engine.DiffusersEngine._whole_graphs(made, cuda0) == "graphs"
+    for raw in ("text", "0"):
         monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", raw)
         assert _engine.DiffusersEngine._whole_graphs(made, cuda0) is None, raw
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")  # trees instead
@@ -273,7 +275,9 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     assert _engine.DiffusersEngine._whole_graphs(made, cuda0) is None
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     caplog.clear()
-    monkeypatch.delenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS")  # the default (the text encoder's graphs): none for the DiT
+    monkeypatch.delenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS")  # the default: both parts, the DiT's too
+    assert _engine.DiffusersEngine._whole_graphs(made, cuda0) == "graphs"
+    monkeypatch.setenv("QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "text")  # the text encoder's only: none for the DiT
     with caplog.at_level(logging.WARNING):
         m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
     assert (m.compile, m.compile_mode) == (True, None)

@@ -1076,10 +1076,11 @@ def test_diffusers_engine_equals_comfyui_forward(comfy, weight_dtype):
     assert r["rebound"] >= r["linears"] and r["rebound_shared"] == r["linears"], r
     assert r["after_rebind_max_abs"] <= 1e-5 * r["lora_scale"], r
     # the whole-step CUDA graphs the engine captures under cudaMallocAsync (emulated on the CPU): the same prediction
-    # and gradients (conditioning, LoRA), one capture per patch grid, every call replayed; ComfyUI's offload streams
-    # off during capture and restored after
+    # and gradients (conditioning, LoRA), one capture per patch grid; a new grid's first call eager and captured at the
+    # next step's start (2 grids x 2 calls, then 2 calls of the first grid: 4 replays); ComfyUI's offload streams off
+    # during capture and restored after
     g = r["graphs"]
-    assert (g["captures"], g["forward_replays"], g["backward_replays"], g["guarded"]) == (2, 3, 3, 2), g
+    assert (g["captures"], g["forward_replays"], g["backward_replays"], g["guarded"]) == (2, 4, 4, 2), g
     assert max(g["out"], g["ctx_grad"], g["lora_grad"]) <= 1e-5 * g["scale"] and g["scale"] > 0, g
     assert (r["streams_inside"], r["streams_after"]) == (0, 2), r
 
@@ -1225,21 +1226,18 @@ def test_training_diffusers_engine_fp8_matmul_and_compile(comfy, train_ds):
 
 def test_training_refuses_a_bad_async_graphs_setting_before_loading(comfy, train_ds):
     """QWEN_ZERO_PRIOR_ASYNC_GRAPHS in ComfyUI's environment is read when training starts, whatever the allocator:
-    1 (both parts: crashed on a GPU) and garbage stop the node with the reason, before any model loads."""
+    garbage stops the node with the reason, before any model loads."""
     def set_env(value):
         comfy.server.run({"1": {"class_type": "ZPTestSetEnv",
                                 "inputs": {"name": "QWEN_ZERO_PRIOR_ASYNC_GRAPHS", "value": value}}})
 
     try:
-        set_env("1")
-        msg = _error(comfy, _train_graph(comfy, steps=1, output_name="zero_prior/async_graphs_1.zip"))
-        assert "QWEN_ZERO_PRIOR_ASYNC_GRAPHS=1" in msg and "segmentation fault" in msg and "choose text" in msg, msg
         set_env("sometimes")
         msg = _error(comfy, _train_graph(comfy, steps=1, output_name="zero_prior/async_graphs_x.zip"))
-        assert "QWEN_ZERO_PRIOR_ASYNC_GRAPHS='sometimes'" in msg, msg
+        assert "QWEN_ZERO_PRIOR_ASYNC_GRAPHS='sometimes'" in msg and "text (the text encoder's only)" in msg, msg
     finally:
         set_env("")
-    assert not comfy.output("zero_prior/async_graphs_1.zip").exists()
+    assert not comfy.output("zero_prior/async_graphs_x.zip").exists()
 
 
 def test_training_exact_text_switch(comfy, train_ds):

@@ -541,6 +541,8 @@ def test_suffix_graph_not_replayed_twice_before_backward(tiny_pipe, monkeypatch)
 
     emu = graphs.EmulatedCapture()
     monkeypatch.setattr(graphs, "capture_cuda", emu)
+    # the capture path of ComfyUI's default allocator (under the native one PyTorch's make_graphed_callables captures)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     reg = install_placeholder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<zwx>", torch.randn(32))
     enc = PromptEncoder(tiny_pipe, reg.token_id)
     monkeypatch.setattr(enc.suffix, "_graphs_on", lambda embeds: True)

@@ -1,9 +1,11 @@
 """A differentiable function's forward and backward replayed as two CUDA graphs, one pair per input signature.
 
-This is ``torch.cuda.make_graphed_callables``' recipe (warm up on a side stream, capture the forward, capture
-``autograd.grad`` of its output as the backward, replay both through one ``autograd.Function``) with four changes,
-so that it also works inside ComfyUI, whose default allocator is ``cudaMallocAsync``:
+This is ``torch.cuda.make_graphed_callables``' recipe (warm up, capture the forward, capture ``autograd.grad`` of its
+output as the backward, replay both through one ``autograd.Function``) with these changes, so that it also works
+inside ComfyUI, whose default allocator is ``cudaMallocAsync``:
 
+- one side stream per device warms up and captures every pair (cuBLAS's per-stream workspaces then stay outside
+  graph memory), with the garbage collector off during capture;
 - capture in ``thread_local`` mode (``make_graphed_callables`` captures in ``global`` mode, where a CUDA call that is
   unsafe during capture on *any* thread, e.g. ComfyUI's server thread asking for free memory, invalidates the
   capture; torch.compile's own graphs capture ``thread_local`` too);
@@ -29,6 +31,7 @@ reloaded a model.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -46,24 +49,29 @@ ASYNC_GRAPH_PARTS = ("text", "dit")
 def async_graphs_from_env(part: str) -> bool:
     """Whether ``part`` (``"text"``: the text encoder's per-step suffix; ``"dit"``: the training node's whole DiT
     step) is captured as CUDA graphs where PyTorch runs the cudaMallocAsync allocator (ComfyUI's default), from
-    ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``: ``text`` (the default, also unset), ``dit``, or ``0`` (neither). Measured on an
-    H200 at 78 GiB (docs/benchmarks.md, session 16): each alone trained as without graphs (losses within 1.1e-4) and
-    faster; both together ended the process with a segmentation fault in the first backward replay, so ``1`` (both) is
-    refused. Raises ValueError naming any other value."""
+    ``QWEN_ZERO_PRIOR_ASYNC_GRAPHS``: ``1`` (both, the default, also unset; ``both`` too), ``text``, ``dit`` or ``0``
+    (neither; ``off``/``false``/``no``/``none`` too), case-insensitive. On an H200 at 78 GiB (ComfyUI 0.33,
+    docs/benchmarks.md sessions 16-17) both trained at 0.35 s/step in four calls, the text encoder's alone at 0.42-0.51,
+    the DiT's alone at 0.68, none at 0.89. Raises ValueError naming any other value."""
     if part not in ASYNC_GRAPH_PARTS:
         raise ValueError(f"part={part!r}: expected one of {ASYNC_GRAPH_PARTS}")
-    raw = os.environ.get(ASYNC_GRAPHS_ENV, "").strip().lower() or "text"
+    raw = os.environ.get(ASYNC_GRAPHS_ENV, "").strip().lower() or "1"
     if raw in ("off", "false", "no", "none"):
         raw = "0"
-    if raw == "1":
-        raise ValueError(f"{ASYNC_GRAPHS_ENV}=1: the text encoder's and the DiT's CUDA graphs together ended the "
-                         "process under the cudaMallocAsync allocator on an H200 (a segmentation fault in the first "
-                         "backward replay); choose text (the default) or dit, or start ComfyUI with "
-                         "--disable-cuda-malloc for all of them")
-    if raw not in ("0", *ASYNC_GRAPH_PARTS):
-        raise ValueError(f"{ASYNC_GRAPHS_ENV}={raw!r}: expected text (the text encoder's CUDA graphs under the "
-                         "cudaMallocAsync allocator, the default), dit (the DiT's instead) or 0 (none)")
-    return raw == part
+    if raw == "both":
+        raw = "1"
+    if raw not in ("0", "1", *ASYNC_GRAPH_PARTS):
+        raise ValueError(f"{ASYNC_GRAPHS_ENV}={raw!r}: expected 1 (the text encoder's and the DiT's CUDA graphs under "
+                         "the cudaMallocAsync allocator, the default), text (the text encoder's only), dit (the DiT's "
+                         "only) or 0 (none)")
+    return raw in ("1", part)
+
+
+def async_text_graphs(dit_captured: bool) -> bool:
+    """Whether the text encoder's per-step part is captured under cudaMallocAsync: asked for (``1``, the default, or
+    ``text``), or ``dit`` asked for and the DiT got no graphs of its own (``dit_captured`` False: its engine is off or
+    recomputes blocks), so that one part is captured wherever one can be."""
+    return async_graphs_from_env("text") or (not dit_captured and async_graphs_from_env("dit"))
 
 
 class GraphCaptureError(RuntimeError):
@@ -138,6 +146,34 @@ def _kernel_pointers_as_ints(device: torch.device):
         CachingAutotuner.run = original
 
 
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every warm-up and capture. Warming up on the stream that then captures leaves
+    the per-stream cuBLAS workspaces outside graph memory (allocated in a capture they would be one graph's allocation,
+    used by every later graph on that stream: a cross-graph lifetime the driver remaps at each relaunch)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _capture_streams.get(index)
+    if stream is None:
+        stream = _capture_streams[index] = torch.cuda.Stream(index)
+    return stream
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """The garbage collector off during a capture: a cycle collected then could free a tensor captured by another
+    pair, which the allocator does not defer during capture; it would become a free node of this graph."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *, warmup: int = 3,
                  guard: Callable[[], contextlib.AbstractContextManager] | None = None) -> Captured:
     """Capture ``fn(*args)`` (one tensor out) and its backward to the arguments and ``params`` that require grad.
@@ -148,10 +184,10 @@ def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *,
     if not diff:
         raise GraphCaptureError("nothing requires grad: there is no backward to capture")
     torch.cuda.synchronize(device)
-    side = torch.cuda.Stream(device)
+    side = _capture_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     try:
-        with guard(), torch.cuda.stream(side):  # lazy initialisation (cuDNN plans, compilation) out of the capture
+        with guard(), torch.cuda.stream(side), torch.enable_grad():  # lazy set-up (cuDNN plans, compilation) first
             for _ in range(warmup):
                 out = fn(*args)
                 torch.autograd.grad(out, diff, torch.ones_like(out), allow_unused=True)
@@ -161,12 +197,13 @@ def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *,
         raise GraphCaptureError(f"warm-up: {type(e).__name__}: {e}") from e
     fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle()
+    kw = dict(pool=pool, stream=side, capture_error_mode=CAPTURE_ERROR_MODE)
     try:
-        with guard(), _kernel_pointers_as_ints(device):
-            with torch.cuda.graph(fwd, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+        with guard(), _kernel_pointers_as_ints(device), _no_gc(), torch.enable_grad():
+            with torch.cuda.graph(fwd, **kw):
                 out = fn(*args)
             grad_out = torch.empty_like(out)
-            with torch.cuda.graph(bwd, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+            with torch.cuda.graph(bwd, **kw):
                 grads = torch.autograd.grad(out, diff, grad_out, allow_unused=True)
     except Exception as e:  # noqa: BLE001 - whatever stopped the capture, its allocator state is ended first
         _end_capture(device, pool)
@@ -223,9 +260,21 @@ def make_graphed(fn: Callable[..., torch.Tensor], sample_args: tuple, params: Se
                  warmup: int = 3, guard: Callable[[], contextlib.AbstractContextManager] | None = None,
                  capture: Callable[..., Captured] | None = None) -> Callable[..., torch.Tensor]:
     """``torch.cuda.make_graphed_callables(fn, sample_args)`` for a function of tensors (``sample_args`` become the
-    static inputs) whose trainable tensors are ``params``, captured as :func:`capture_cuda` does. Raises
+    static inputs) whose trainable tensors are ``params``. Under PyTorch's native allocator with no ``params`` that is
+    what runs (inside ``guard``): the core's text encoder has trained with it beside torch.compile's reduce-overhead
+    graphs since session 9 (H200, 0.31 s/step), while its forward and backward captured by :func:`capture_cuda`
+    instead ended the core's process in the DiT's graph replay (session 17). Elsewhere (cudaMallocAsync, ComfyUI's
+    default, or trainable ``params``) :func:`capture_cuda` captures (``capture``: tests pass an emulation). Raises
     :class:`GraphCaptureError` where capture fails."""
+    from .memory import allocator_backend
+
     params = tuple(params)
+    if capture is None and not params and allocator_backend() != "cudaMallocAsync":
+        try:
+            with (guard or contextlib.nullcontext)():
+                return torch.cuda.make_graphed_callables(fn, tuple(sample_args), num_warmup_iters=warmup)
+        except RuntimeError as e:  # CUDA errors included (torch.AcceleratorError is one)
+            raise GraphCaptureError(f"{type(e).__name__}: {e}") from e
     cap = (capture or capture_cuda)(fn, tuple(sample_args), params, warmup=warmup, guard=guard)
     graphed = _Graphed(cap, len(sample_args), params)
     return lambda *args: graphed(args)
@@ -286,23 +335,33 @@ class GraphCache:
     ``params``: the trainable tensors ``fn`` reads (their gradients come back through autograd). ``watch``: a
     function giving the other tensors ``fn`` reads (frozen weights): their addresses, and the parameters', are part of
     what was captured, so where any moved (a reloaded model, parameters replaced) every pair is dropped and
-    recaptured. A pair whose forward replayed and
-    whose backward has not run yet is not replayed again (its activations would be overwritten); that call runs
-    eagerly until :meth:`new_step`. Without grad (sampling) nothing is captured or replayed. ``capture``: the capture
-    function (:func:`capture_cuda` by default; tests pass one that emulates replay on the CPU). Returns None from
-    :meth:`__call__` where the caller should run ``fn`` eagerly."""
+    recaptured. A pair whose forward replayed and whose backward has not run yet is not replayed again (its
+    activations would be overwritten); that call runs eagerly until :meth:`new_step`. Without grad (sampling) nothing
+    is captured or replayed. ``capture``: the capture function (:func:`capture_cuda` by default; tests pass one that
+    emulates replay on the CPU). Returns None from :meth:`__call__` where the caller should run ``fn`` eagerly.
+
+    ``defer``: a new signature runs eagerly where it is first seen and is captured at the next :meth:`new_step`, from
+    a copy of its inputs, before anything else of that step runs. For a function called while another pair of graphs
+    awaits its backward (the DiT after the text encoder's replayed forward): captured there, its graphs would be
+    built while the other pair's activations are live, out of the order they then replay in; on an H200 under
+    cudaMallocAsync the first backward replay of such a pair ended the process with a segmentation fault
+    (docs/benchmarks.md, session 16). Captured at the step's start, the pairs nest as
+    ``make_graphed_callables`` captures several callables (every allocation of one pair freed before the next is
+    captured)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor] = (), *,
                  watch: Callable[[], Sequence[torch.Tensor]] | None = None, max_graphs: int = 4, name: str = "graphs",
                  guard: Callable[[], contextlib.AbstractContextManager] | None = None, warmup: int = 3,
-                 capture: Callable[..., Captured] | None = None):
+                 capture: Callable[..., Captured] | None = None, defer: bool = False):
         if max_graphs < 1:
             raise ValueError(f"max_graphs={max_graphs!r}: expected at least 1")
         self.fn, self.params, self.watch, self.max_graphs, self.name = fn, tuple(params), watch, max_graphs, name
         self.guard, self.warmup, self._capture = guard, warmup, capture  # None: capture_cuda, looked up per capture
+        self.defer = defer
         self._graphs: dict[tuple, _Graphed] = {}
         self._failed: set[tuple] = set()
         self._pending: set[tuple] = set()
+        self._deferred: dict[tuple, tuple] = {}  # signature -> a copy of its arguments, captured at new_step
         self._addresses: tuple | None = None
         self._said_full = False
         self.captures = 0  # how many pairs were captured (tests, logs)
@@ -315,36 +374,61 @@ class GraphCache:
     def _watched(self) -> tuple:
         return tuple(t.data_ptr() for t in (*self.params, *(self.watch() if self.watch else ())))
 
+    def _check_addresses(self) -> None:
+        addresses = self._watched()
+        if self._addresses is not None and addresses != self._addresses and self._graphs:
+            logger.info("%s: the weights they read moved (a reloaded model): recapturing", self.name)
+            deferred = self._deferred
+            self.clear()
+            self._deferred = deferred
+        self._addresses = addresses
+
     def new_step(self) -> None:
-        """A new step: no pair's activations await a backward any more."""
+        """A new step: no pair's activations await a backward any more; signatures deferred in the last step are
+        captured now."""
         self._pending.clear()
+        if not self._deferred:
+            return
+        deferred, self._deferred = self._deferred, {}
+        self._check_addresses()
+        with torch.enable_grad():
+            for key, args in deferred.items():
+                if key not in self._graphs and key not in self._failed and self._room():
+                    self._new(key, args)
 
     def clear(self) -> None:
         """Drop every captured pair (their memory goes with them once no output refers to it)."""
         self._graphs.clear()
         self._pending.clear()
         self._failed.clear()
+        self._deferred.clear()
         self._addresses = None
         self._said_full = False
+
+    def _room(self) -> bool:
+        if len(self._graphs) < self.max_graphs:
+            return True
+        if not self._said_full:
+            logger.info("%s: %d input shapes captured, the most kept; others run without CUDA graphs", self.name,
+                        self.max_graphs)
+            self._said_full = True
+        return False
 
     def __call__(self, *args) -> torch.Tensor | None:
         if not torch.is_grad_enabled():  # a forward without a backward (sampling, evaluation): no graphs
             return None
         key = _signature(args)
-        addresses = self._watched()
-        if self._addresses is not None and addresses != self._addresses and self._graphs:
-            logger.info("%s: the weights they read moved (a reloaded model): recapturing", self.name)
-            self.clear()
-        self._addresses = addresses
+        self._check_addresses()
         if key in self._pending or key in self._failed:
             return None
         graphed = self._graphs.get(key)
         if graphed is None:
-            if len(self._graphs) >= self.max_graphs:
-                if not self._said_full:
-                    logger.info("%s: %d input shapes captured, the most kept; others run without CUDA graphs",
-                                self.name, self.max_graphs)
-                    self._said_full = True
+            if not self._room():
+                return None
+            if self.defer:
+                if key not in self._deferred and len(self._graphs) + len(self._deferred) < self.max_graphs:
+                    self._deferred[key] = tuple(None if a is None else a.detach().clone().requires_grad_(a.requires_grad)
+                                                for a in args)
                 return None
             graphed = self._new(key, args)
             if graphed is None:
@@ -381,4 +465,4 @@ class GraphCache:
 
 
 __all__ = ["ASYNC_GRAPHS_ENV", "ASYNC_GRAPH_PARTS", "CAPTURE_ERROR_MODE", "Captured", "EmulatedCapture", "GraphCache",
-           "GraphCaptureError", "async_graphs_from_env", "capture_cuda", "make_graphed"]
+           "GraphCaptureError", "async_graphs_from_env", "async_text_graphs", "capture_cuda", "make_graphed"]
