@@ -3,10 +3,11 @@
 One opt-in, off by default: the setting *Qwen Zero-Prior › Training › Native CUDA allocator* (id
 ``QwenZeroPrior.NativeAllocator``, in the default user's ``comfy.settings.json``: with ``--multi-user`` only that
 user's choice counts, as the allocator is the one process's) starts this ComfyUI with PyTorch's
-native CUDA allocator, as ``--disable-cuda-malloc`` does. ComfyUI's default, ``cudaMallocAsync``, cannot capture CUDA
-graphs, so the training node then trains without them: 0.61 s/step instead of 0.35 on an H200 (1024², rank 32,
-``docs/benchmarks.md``). The allocator is the whole process's, every workflow's, which is why this is a setting the
-user turns on and never a default. It takes effect at the next start.
+native CUDA allocator, as ``--disable-cuda-malloc`` does. Under ComfyUI's default, ``cudaMallocAsync``, torch.compile's
+CUDA graphs cannot run; the training node captures its own there (0.35 s/step on an H200 at 1024², rank 32, against
+0.351 with the native allocator and torch's graphs: ``docs/benchmarks.md``, sessions 9 and 17), so this is a way back
+to torch's graphs, e.g. where the pack's capture fails. The allocator is the whole process's, every workflow's, which
+is why this is a setting the user turns on and never a default. It takes effect at the next start.
 
 ComfyUI versions differ in when they choose: up to 0.3.x after the prestartup scripts (from ``args``), from 0.33 before
 them (into ``PYTORCH_CUDA_ALLOC_CONF``). torch reads that variable when it is imported, which is later in both, so

@@ -529,8 +529,11 @@ def run_isolated(args, argv: list[str]) -> dict:
             Path(args.out).with_name(f"{Path(args.out).stem}-variant-{index}.log").write_text(
                 proc.stdout + proc.stderr)
         tail = (proc.stdout + proc.stderr)[-3000:]
-        if out.is_file():  # measured (the child writes its rows at the end), even where it then crashed on exit
-            child = json.loads(out.read_text())
+        try:  # measured (the child writes its rows at the end), even where it then crashed on exit
+            child = json.loads(out.read_text()) if out.is_file() else None
+        except ValueError:  # cut short while writing: as if not written
+            child = None
+        if child is not None:
             for key in ("device", "torch", "diffusers", "peft", "transformers"):
                 res.setdefault(key, child.get(key))
             if proc.returncode != 0:

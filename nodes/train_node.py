@@ -122,8 +122,9 @@ class TrainZeroPriorToken(io.ComfyNode):
                             tooltip="torch.compile each transformer block of the DiT (needs triton on a GPU; the "
                             "first steps compile, ~30 s each at 1024² on an H200). With the diffusers engine the "
                             "blocks are then replayed as CUDA graphs (the CLI's fastest mode), which needs PyTorch's "
-                            f"native allocator: {NATIVE_ALLOCATOR_HOW} (under ComfyUI's default allocator the pack "
-                            "captures only the text encoder's graphs; README, ComfyUI). Used only where the DiT "
+                            f"native allocator: {NATIVE_ALLOCATOR_HOW}; under ComfyUI's default allocator the pack "
+                            "captures the DiT's and the text encoder's graphs itself, about as fast (README, ComfyUI; "
+                            "QWEN_ZERO_PRIOR_ASYNC_GRAPHS chooses which). Used only where the DiT "
                             "trains resident without recomputation (else the log says why not)."),
                 io.Combo.Input("dit_engine", options=list(ENGINES), default="auto", optional=True,
                                tooltip="How the DiT trains. auto: on a GPU, diffusers' transformer over the weights "

@@ -118,7 +118,7 @@ def test_isolated_variants_record_failures_as_rows(tmp_path, monkeypatch):
 
 def test_isolated_variant_that_crashes_after_writing_its_rows_keeps_them(tmp_path, monkeypatch):
     """A child that measured and wrote its rows, then died (a segmentation fault at exit), keeps its rows, marked with
-    how it ended and the log's tail; a child that died before writing is an error row. Children run with
+    how it ended and the log's tail; a child that died before or while writing is an error row. Children run with
     faulthandler on, so a crash names the Python frames it died in."""
     import subprocess
     import types
@@ -130,9 +130,11 @@ def test_isolated_variant_that_crashes_after_writing_its_rows_keeps_them(tmp_pat
     def fake_run(cmd, capture_output, text, env):
         envs.append(env.get("PYTHONFAULTHANDLER"))
         spec = cmd[cmd.index("--variant") + 1]
+        out = Path(cmd[cmd.index("--out") + 1])
         if spec == "measured=1":
-            out = Path(cmd[cmd.index("--out") + 1])
             out.write_text(json.dumps({"rows": [{"name": "b-variant measured=1", "ms_median": 301.5}]}))
+        elif spec == "cut=1":  # died while writing
+            out.write_text('{"rows": [{"name": ')
         return types.SimpleNamespace(returncode=-11, stdout="", stderr="Fatal Python error: Segmentation fault\n"
                                      "  File \"cudagraph_trees.py\", line 1261 in run_graph\n")
 
@@ -140,12 +142,13 @@ def test_isolated_variant_that_crashes_after_writing_its_rows_keeps_them(tmp_pat
     monkeypatch.setattr("bench.bench_step._parse_variant", lambda spec: {})
     out = tmp_path / "v.json"
     assert main(["--size", "tiny", "--device", "cpu", "--mode", "variants", "--isolate", "--variant", "measured=1",
-                 "--variant", "died=1", "--out", str(out)]) == 0
-    kept, died = json.loads(out.read_text())["rows"]
+                 "--variant", "died=1", "--variant", "cut=1", "--out", str(out)]) == 0
+    kept, died, cut = json.loads(out.read_text())["rows"]
     assert kept["ms_median"] == 301.5 and kept["exit_after_rows"] == "killed by signal 11"
     assert "run_graph" in kept["exit_log_tail"]
     assert died["error"] == "killed by signal 11" and died["ms_median"] != died["ms_median"]  # NaN
-    assert envs == ["1", "1"]
+    assert cut["error"] == "killed by signal 11" and cut["name"] == "b-variant cut=1"
+    assert envs == ["1", "1", "1"]
 
 
 def test_variants_report_weights_and_plan_for_fp8_and_the_baseline(tmp_path):

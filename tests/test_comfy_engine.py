@@ -290,7 +290,7 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     # not without compile, not where blocks are recomputed (24 GiB: ComfyUI's forward, no engine), not on a CPU
     built = types.SimpleNamespace(compiled=True, recompute=False, reduce_overhead=False, graphs=None)
     tip = _engine.speed_tip(built, cuda)
-    assert "--disable-cuda-malloc" in tip and "Native CUDA allocator" in tip
+    assert "--disable-cuda-malloc" in tip and "Native CUDA allocator" in tip and "QWEN_ZERO_PRIOR_ASYNC_GRAPHS" in tip
     assert _engine.speed_tip(None, cuda) is None and _engine.speed_tip(built, torch.device("cpu")) is None
     # nothing to say where the engine captured its own graphs
     for other in ({"compiled": False}, {"recompute": True}, {"reduce_overhead": True}, {"graphs": object()}):

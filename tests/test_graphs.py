@@ -338,6 +338,34 @@ def test_deferred_capture_runs_a_new_shape_eagerly_and_captures_it_at_the_next_s
     assert emu2.captures == 1 and emu2.forward_replays == 1
 
 
+def test_weights_moving_while_a_shape_waits_keeps_it_deferred():
+    """A captured shape, then a new one deferred, then the weights move within the same step (ComfyUI reloaded the
+    model): the captured pair is dropped, the deferred shape is kept and captured at the next step over the moved
+    weights, and the first shape is captured again where it next runs."""
+    model, emu = _Lora(), EmulatedCapture()
+    cache = _cache(model, emu, defer=True)
+    a, b = _inputs(1, t=3), _inputs(2, t=5)
+
+    def run(x, ctx, mask=None):
+        out = cache(x, ctx, mask)
+        return model(x, ctx, mask) if out is None else out
+
+    for _ in range(2):  # shape a: deferred, then captured and replayed
+        cache.new_step()
+        _step(model, run, *a)
+    assert (emu.captures, emu.forward_replays) == (1, 1)
+    cache.new_step()
+    _step(model, run, *b)  # shape b deferred
+    model.w.data = model.w.data * 2  # moved before the step ends
+    assert cache(a[0], a[1].clone().requires_grad_(True), None) is None  # a's pair dropped; a is deferred again
+    cache.new_step()  # both captured now, over the moved weights
+    assert emu.captures == 3
+    for x, ctx in (a, b):
+        torch.testing.assert_close(_step(model, run, x, ctx)[0], _step(model, model, x, ctx)[0], rtol=0, atol=1e-6)
+        cache.new_step()
+    assert emu.captures == 3 and emu.forward_replays == 3
+
+
 def test_no_gc_during_capture_and_restored():
     import gc
 

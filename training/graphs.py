@@ -152,7 +152,10 @@ _capture_streams: dict[int, torch.cuda.Stream] = {}
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per device for every warm-up and capture. Warming up on the stream that then captures leaves
     the per-stream cuBLAS workspaces outside graph memory (allocated in a capture they would be one graph's allocation,
-    used by every later graph on that stream: a cross-graph lifetime the driver remaps at each relaunch)."""
+    used by every later graph on that stream: a cross-graph lifetime the driver remaps at each relaunch). The stream
+    comes from PyTorch's pool (32 per priority, handed out in turn), so other code may hold the same CUDA stream; the
+    capture is safe anyway: the device is synchronized before it, ComfyUI's offload streams are off during it (the
+    node's guard), and a workspace made there by other work is made outside any capture too."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _capture_streams.get(index)
     if stream is None:
@@ -187,7 +190,8 @@ def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *,
     side = _capture_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     try:
-        with guard(), torch.cuda.stream(side), torch.enable_grad():  # lazy set-up (cuDNN plans, compilation) first
+        # lazy set-up (cuDNN plans, compilation) first
+        with guard(), torch.cuda.stream(side), torch.inference_mode(False), torch.enable_grad():
             for _ in range(warmup):
                 out = fn(*args)
                 torch.autograd.grad(out, diff, torch.ones_like(out), allow_unused=True)
@@ -199,7 +203,7 @@ def capture_cuda(fn: Callable[..., torch.Tensor], args: tuple, params: tuple, *,
     pool = torch.cuda.graph_pool_handle()
     kw = dict(pool=pool, stream=side, capture_error_mode=CAPTURE_ERROR_MODE)
     try:
-        with guard(), _kernel_pointers_as_ints(device), _no_gc(), torch.enable_grad():
+        with guard(), _kernel_pointers_as_ints(device), _no_gc(), torch.inference_mode(False), torch.enable_grad():
             with torch.cuda.graph(fwd, **kw):
                 out = fn(*args)
             grad_out = torch.empty_like(out)
@@ -261,11 +265,12 @@ def make_graphed(fn: Callable[..., torch.Tensor], sample_args: tuple, params: Se
                  capture: Callable[..., Captured] | None = None) -> Callable[..., torch.Tensor]:
     """``torch.cuda.make_graphed_callables(fn, sample_args)`` for a function of tensors (``sample_args`` become the
     static inputs) whose trainable tensors are ``params``. Under PyTorch's native allocator with no ``params`` that is
-    what runs (inside ``guard``): the core's text encoder has trained with it beside torch.compile's reduce-overhead
-    graphs since session 9 (H200, 0.31 s/step), while its forward and backward captured by :func:`capture_cuda`
-    instead ended the core's process in the DiT's graph replay (session 17). Elsewhere (cudaMallocAsync, ComfyUI's
-    default, or trainable ``params``) :func:`capture_cuda` captures (``capture``: tests pass an emulation). Raises
-    :class:`GraphCaptureError` where capture fails."""
+    what runs (inside ``guard``): beside torch.compile's reduce-overhead graph trees (the core; the node under
+    ``--disable-cuda-malloc``) the text encoder's suffix was captured with it before session 16 (H200: the core at
+    0.30 s/step, the node at 0.351), while captured by :func:`capture_cuda` (sessions 16-17) the core's process ended
+    with a segmentation fault in the DiT's graph-tree replay, twice. Its ``global`` capture mode is what those runs
+    had. Elsewhere (cudaMallocAsync, ComfyUI's default, or trainable ``params``) :func:`capture_cuda` captures
+    (``capture``: tests pass an emulation). Raises :class:`GraphCaptureError` where capture fails."""
     from .memory import allocator_backend
 
     params = tuple(params)
@@ -345,9 +350,9 @@ class GraphCache:
     awaits its backward (the DiT after the text encoder's replayed forward): captured there, its graphs would be
     built while the other pair's activations are live, out of the order they then replay in; on an H200 under
     cudaMallocAsync the first backward replay of such a pair ended the process with a segmentation fault
-    (docs/benchmarks.md, session 16). Captured at the step's start, the pairs nest as
-    ``make_graphed_callables`` captures several callables (every allocation of one pair freed before the next is
-    captured)."""
+    (docs/benchmarks.md, session 16). Captured at the step's start, every allocation of the other pairs is freed
+    before this one is captured, only their static buffers live; four runs of the training node with both pairs
+    trained that way (session 17)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor] = (), *,
                  watch: Callable[[], Sequence[torch.Tensor]] | None = None, max_graphs: int = 4, name: str = "graphs",
@@ -378,7 +383,7 @@ class GraphCache:
         addresses = self._watched()
         if self._addresses is not None and addresses != self._addresses and self._graphs:
             logger.info("%s: the weights they read moved (a reloaded model): recapturing", self.name)
-            deferred = self._deferred
+            deferred = dict(self._deferred)  # (clear() empties the dict itself)
             self.clear()
             self._deferred = deferred
         self._addresses = addresses
@@ -391,7 +396,7 @@ class GraphCache:
             return
         deferred, self._deferred = self._deferred, {}
         self._check_addresses()
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             for key, args in deferred.items():
                 if key not in self._graphs and key not in self._failed and self._room():
                     self._new(key, args)
