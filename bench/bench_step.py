@@ -523,12 +523,15 @@ def run_isolated(args, argv: list[str]) -> dict:
         if args.trace:  # each variant's traces in their own folder (a child numbers its only variant 0)
             argv_i[argv_i.index("--trace") + 1] = str(Path(args.trace) / f"variant-{index}")
         cmd = [sys.executable, "-m", "bench.bench_step", *argv_i, "--variant", spec, "--out", str(out)]
-        # a crash prints the Python stack of every thread (faulthandler), so the row says where it died
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-        if args.out:  # each variant's whole output beside the JSON (kernel tables, gap reports, a failure's cause)
-            Path(args.out).with_name(f"{Path(args.out).stem}-variant-{index}.log").write_text(
-                proc.stdout + proc.stderr)
-        tail = (proc.stdout + proc.stderr)[-3000:]
+        # each variant's whole output beside the JSON (kernel tables, gap reports, a failure's cause), written as it
+        # comes, so a run stopped by a time limit leaves what its variant had printed; a crash prints the Python stack
+        # of every thread (faulthandler), so the row says where it died
+        log = (Path(args.out).with_name(f"{Path(args.out).stem}-variant-{index}.log") if args.out
+               else out.with_name("output.log"))
+        with open(log, "w") as stream:
+            proc = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        tail = log.read_text(errors="replace")[-3000:]
         try:  # measured (the child writes its rows at the end), even where it then crashed on exit
             child = json.loads(out.read_text()) if out.is_file() else None
         except ValueError:  # cut short while writing: as if not written

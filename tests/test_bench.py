@@ -127,16 +127,16 @@ def test_isolated_variant_that_crashes_after_writing_its_rows_keeps_them(tmp_pat
 
     envs = []
 
-    def fake_run(cmd, capture_output, text, env):
+    def fake_run(cmd, stdout, stderr, text, env):
         envs.append(env.get("PYTHONFAULTHANDLER"))
+        stdout.write("Fatal Python error: Segmentation fault\n  File \"cudagraph_trees.py\", line 1261 in run_graph\n")
         spec = cmd[cmd.index("--variant") + 1]
         out = Path(cmd[cmd.index("--out") + 1])
         if spec == "measured=1":
             out.write_text(json.dumps({"rows": [{"name": "b-variant measured=1", "ms_median": 301.5}]}))
         elif spec == "cut=1":  # died while writing
             out.write_text('{"rows": [{"name": ')
-        return types.SimpleNamespace(returncode=-11, stdout="", stderr="Fatal Python error: Segmentation fault\n"
-                                     "  File \"cudagraph_trees.py\", line 1261 in run_graph\n")
+        return types.SimpleNamespace(returncode=-11)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr("bench.bench_step._parse_variant", lambda spec: {})
