@@ -4,8 +4,8 @@ This is ``torch.cuda.make_graphed_callables``' recipe (warm up, capture the forw
 output as the backward, replay both through one ``autograd.Function``) with these changes, so that it also works
 inside ComfyUI, whose default allocator is ``cudaMallocAsync``:
 
-- one side stream per device warms up and captures every pair (cuBLAS's per-stream workspaces then stay outside
-  graph memory), with the garbage collector off during capture;
+- each pair warms up and captures on a side stream of its own (cuBLAS's per-stream workspace then stays outside
+  graph memory and is that pair's alone), with the garbage collector off during capture;
 - capture in ``thread_local`` mode (``make_graphed_callables`` captures in ``global`` mode, where a CUDA call that is
   unsafe during capture on *any* thread, e.g. ComfyUI's server thread asking for free memory, invalidates the
   capture; torch.compile's own graphs capture ``thread_local`` too);
@@ -146,21 +146,17 @@ def _kernel_pointers_as_ints(device: torch.device):
         CachingAutotuner.run = original
 
 
-_capture_streams: dict[int, torch.cuda.Stream] = {}
-
-
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per device for every warm-up and capture. Warming up on the stream that then captures leaves
-    the per-stream cuBLAS workspaces outside graph memory (allocated in a capture they would be one graph's allocation,
-    used by every later graph on that stream: a cross-graph lifetime the driver remaps at each relaunch). The stream
-    comes from PyTorch's pool (32 per priority, handed out in turn), so other code may hold the same CUDA stream; the
-    capture is safe anyway: the device is synchronized before it, ComfyUI's offload streams are off during it (the
-    node's guard), and a workspace made there by other work is made outside any capture too."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _capture_streams.get(index)
-    if stream is None:
-        stream = _capture_streams[index] = torch.cuda.Stream(index)
-    return stream
+    """A side stream of its own for one pair's warm-up and capture. cuBLAS's workspace is kept per (handle, stream)
+    and a captured matmul keeps its address: warmed up on the stream that then captures, the pair's workspace is made
+    outside any graph (not one graph's allocation that later graphs on the stream read), and a stream of its own keeps
+    it the pair's alone, so that whatever frees one stream's workspace (a newer torch does when a graph is destroyed,
+    pytorch#175276: the suffix dropping its least recently used shape, the DiT's pairs recaptured after a reload)
+    frees no other pair's. The stream comes from PyTorch's pool (32 per priority, handed out in turn); nothing
+    captured here runs on it again. torch.compile's graph trees clear every workspace around their warm-ups and
+    recordings, which is why beside them PyTorch's ``make_graphed_callables`` captures instead (:func:`make_graphed`):
+    there the workspace is made inside the capture, in the pair's own pool."""
+    return torch.cuda.Stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @contextlib.contextmanager
@@ -267,9 +263,12 @@ def make_graphed(fn: Callable[..., torch.Tensor], sample_args: tuple, params: Se
     static inputs) whose trainable tensors are ``params``. Under PyTorch's native allocator with no ``params`` that is
     what runs (inside ``guard``): beside torch.compile's reduce-overhead graph trees (the core; the node under
     ``--disable-cuda-malloc``) the text encoder's suffix was captured with it before session 16 (H200: the core at
-    0.30 s/step, the node at 0.351), while captured by :func:`capture_cuda` (sessions 16-17) the core's process ended
-    with a segmentation fault in the DiT's graph-tree replay, twice. Its ``global`` capture mode is what those runs
-    had. Elsewhere (cudaMallocAsync, ComfyUI's default, or trainable ``params``) :func:`capture_cuda` captures
+    0.30 s/step, the node at 0.351), while captured by :func:`capture_cuda` (session 17) the core's process ended
+    with a segmentation fault in the DiT's graph-tree replay, twice. The likely reason: the trees free every cuBLAS
+    workspace around their warm-ups and recordings, and :func:`capture_cuda` warms up on its capture stream, so its
+    graphs keep the address of a workspace made outside them, which the trees freed; ``make_graphed_callables``
+    warms up on another stream, so the workspace is made inside the capture, in the pair's own pool. Its ``global``
+    capture mode is what those runs had. Elsewhere (cudaMallocAsync, ComfyUI's default, or trainable ``params``) :func:`capture_cuda` captures
     (``capture``: tests pass an emulation). Raises :class:`GraphCaptureError` where capture fails."""
     from .memory import allocator_backend
 
