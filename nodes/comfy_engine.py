@@ -323,7 +323,7 @@ class DiffusersEngine:
         if self.compiled and not self._rope_was_installed:
             rope.uninstall()  # diffusers' module-level RoPE as this process had it
         if self.graphs is not None:
-            self.graphs.clear()  # the captured graphs hold the step's activations and the model's addresses
+            self.graphs.release()  # the captured graphs' memory, freed without a warning per tensor (graphs.py)
             self.graphs = None
         self.transformer = None
         self.dm = None

@@ -34,6 +34,7 @@ import contextlib
 import gc
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -255,6 +256,29 @@ class _Graphed:
     def __call__(self, args: tuple) -> torch.Tensor:
         return self.replay.apply(*args, *self.params)
 
+    def release(self) -> None:
+        """Free what the capture allocated (the static output and gradients) now, for good: the pair cannot replay
+        after this. A parameter's ``.grad`` that is one of those buffers (autograd may keep it as it) is set to None.
+
+        Why: under cudaMallocAsync (ComfyUI's default allocator) every free of a captured allocation outside a capture
+        makes PyTorch's allocator warn, once per tensor ("Attempting uncaptured free of a captured allocation ...
+        This is technically allowed"). Freed by the garbage collector, as the pairs' tensors otherwise are, the
+        warnings bypass Python's warning filters (they are printed by C++ to stderr): at the end of each training run
+        the node's DiT pair (rank 32: 960 LoRA gradients) wrote ~1,900 such lines into ComfyUI's console (H200,
+        session 19). Here the memory is freed inside a PyTorch call (``UntypedStorage.resize_(0)``, how FSDP frees
+        parameters' memory), where PyTorch turns the warning into a Python one, which this expected one is
+        filtered out of."""
+        cap = self.cap
+        buffers = [t for t in (cap.static_out, *cap.static_grads) if t is not None]
+        storages = {t.untyped_storage().data_ptr() for t in buffers}
+        for p in self.params:
+            if p.grad is not None and p.grad.untyped_storage().data_ptr() in storages:
+                p.grad = None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Attempting uncaptured free of a captured allocation")
+            for t in buffers:
+                t.untyped_storage().resize_(0)
+
 
 def make_graphed(fn: Callable[..., torch.Tensor], sample_args: tuple, params: Sequence[torch.Tensor] = (), *,
                  warmup: int = 3, guard: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -399,6 +423,14 @@ class GraphCache:
             for key, args in deferred.items():
                 if key not in self._graphs and key not in self._failed and self._room():
                     self._new(key, args)
+
+    def release(self) -> None:
+        """Drop every captured pair and free its memory now (:meth:`_Graphed.release`): when the training is over.
+        No output of a pair may be used after this (its memory is gone); parameters' gradients that were a pair's
+        buffers are set to None."""
+        for graphed in self._graphs.values():
+            graphed.release()
+        self.clear()
 
     def clear(self) -> None:
         """Drop every captured pair (their memory goes with them once no output refers to it)."""

@@ -579,9 +579,11 @@ class ZPTestDiffusersEngine:
                 worst["ctx_grad"] = max(worst["ctx_grad"], float((c1 - c0).abs().max()))
                 worst["lora_grad"] = max(worst["lora_grad"], float((l1 - l0).abs().max()))
             worst["scale"] = max(worst["scale"], float(o0.abs().max()), float(l0.abs().max()))
-        engine.graphs = None
+        engine.graphs = cache  # kept: the engine's close() frees the pairs' captured buffers (graphs.release)
         report["graphs"] = dict(worst, captures=emu.captures, forward_replays=emu.forward_replays,
                                 backward_replays=emu.backward_replays, guarded=emu.guarded)
+        return [t for pair in cache._graphs.values() for t in (pair.cap.static_out, *pair.cap.static_grads)
+                if t is not None]
 
     @staticmethod
     def _compare(model, dm, dev, dtype, fp8_matmul, report):
@@ -624,7 +626,7 @@ class ZPTestDiffusersEngine:
                                         "out_scale": float(ref.abs().max()),
                                         "max_abs_grad": float((got_g - ref_g).abs().max()),
                                         "grad_scale": float(ref_g.abs().max())})
-            ZPTestDiffusersEngine._graphs(engine, engine_mod, dm, dev, dtype, gen, report)
+            captured = ZPTestDiffusersEngine._graphs(engine, engine_mod, dm, dev, dtype, gen, report)
             # a LoRA that is not zero: ComfyUI's own forward with the engine's LoRA hooked on (what previews sample
             # through) predicts what the engine predicts, and the hooks are gone afterwards
             with torch.no_grad():
@@ -655,7 +657,9 @@ class ZPTestDiffusersEngine:
                 again = dm(x, t.to(dtype), ctx, transformer_options={}).float()
             with torch.no_grad():
                 report["after_rebind_max_abs"] = float((engine.predict(x, t, ctx, None).float() - again).abs().max())
+            report["graph_buffers"] = len(captured)
             engine.close()
+            report["graph_buffers_freed"] = sum(t.untyped_storage().nbytes() == 0 for t in captured)
 
 
 class ZPTestSetEnv:
