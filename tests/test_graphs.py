@@ -409,6 +409,30 @@ def test_release_frees_the_captured_buffers_and_drops_gradients_that_are_them():
     assert emu.captures == 2
 
 
+def test_release_leaves_an_output_that_is_an_input_or_a_parameter_alone():
+    """A captured function that returns its input (or a parameter) as it is: what ``capture_cuda`` leaves then has
+    that tensor itself as the static output (``out.detach()``), and releasing the pair frees neither."""
+    from qwen_zero_prior.training.graphs import Captured
+
+    def capture(fn, args, params, *, warmup, guard):  # capture_cuda's result without a GPU: the output as fn gave it
+        out = fn(*args)
+        grads = tuple(torch.zeros_like(t) for t in (*args, *params) if t.requires_grad)
+        return Captured(args, out.detach(), torch.empty_like(out), grads, lambda: None, lambda: None)
+
+    w = torch.nn.Parameter(torch.randn(3))
+    kept = []
+    for fn in (lambda x: x, lambda x: w):
+        cache = GraphCache(fn, [w], capture=capture, name="test")
+        cache.new_step()
+        cache(torch.randn(3, requires_grad=True))
+        (pair,) = cache._graphs.values()
+        kept.append(pair.cap.static_args[0])
+        grads = [g for g in pair.cap.static_grads if g is not None]
+        cache.release()
+        assert all(g.untyped_storage().nbytes() == 0 for g in grads)  # the pair's own buffers are freed
+    assert all(t.untyped_storage().nbytes() > 0 for t in (*kept, w))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: GPU-only test SKIPPED")
 def test_release_under_cuda_malloc_async_prints_no_warning_per_tensor():
     """bench/graph_teardown_check.py: dropped with ``clear()`` the pair's captured tensors each print PyTorch's

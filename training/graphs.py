@@ -269,7 +269,11 @@ class _Graphed:
         parameters' memory), where PyTorch turns the warning into a Python one, which this expected one is
         filtered out of."""
         cap = self.cap
-        buffers = [t for t in (cap.static_out, *cap.static_grads) if t is not None]
+        # only what the capture made: an output that is an input or a parameter itself (a function returning one) is
+        # not the pair's to free
+        theirs = {t.untyped_storage().data_ptr() for t in (*cap.static_args, *self.params) if t is not None}
+        buffers = [t for t in (cap.static_out, *cap.static_grads)
+                   if t is not None and t.untyped_storage().data_ptr() not in theirs]
         storages = {t.untyped_storage().data_ptr() for t in buffers}
         for p in self.params:
             if p.grad is not None and p.grad.untyped_storage().data_ptr() in storages:
