@@ -845,6 +845,9 @@ class ComfyBackend(TrainBackend):
             else:
                 block.forward = own
         self._checkpointed.clear()
+        suffix = getattr(self.prompts, "suffix", None)
+        if suffix is not None:  # the text encoder's graphs: their memory freed without a warning a tensor (graphs.py)
+            suffix.release_graphs()
         # the trainable clone (a deep copy of the DiT on ComfyUI >= 0.25) and the branches are not needed any more:
         # the graph goes on with the archive applied through ComfyUI's own LoRA patching
         self.mp, self.prompts, self.clip = None, None, self._graph_clip

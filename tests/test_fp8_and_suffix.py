@@ -556,6 +556,15 @@ def test_suffix_graph_not_replayed_twice_before_backward(tiny_pipe, monkeypatch)
     assert not enc.suffix._pending  # the gradient hook released the bucket
     enc.encode(caps[:1], torch.float32, torch.device("cpu"))
     assert emu.forward_replays == 2 and emu.captures == 1
+    # training over: the bucket's captured output and gradients freed now (no C++ warning a tensor under
+    # cudaMallocAsync, graphs._Graphed.release), the buckets dropped; a later step captures again
+    (fn,) = enc.suffix._graphs.values()
+    cap = fn.graphed.cap
+    enc.suffix.release_graphs()
+    assert not enc.suffix._graphs
+    assert all(t.untyped_storage().nbytes() == 0 for t in (cap.static_out, *cap.static_grads) if t is not None)
+    again, _ = enc.encode(caps[:1], torch.float32, torch.device("cpu"))
+    assert emu.captures == 2 and torch.allclose(again, ref[:1, :again.shape[1]], atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device syncs exist only on a GPU (run on the device machine)")

@@ -309,7 +309,13 @@ def make_graphed(fn: Callable[..., torch.Tensor], sample_args: tuple, params: Se
             raise GraphCaptureError(f"{type(e).__name__}: {e}") from e
     cap = (capture or capture_cuda)(fn, tuple(sample_args), params, warmup=warmup, guard=guard)
     graphed = _Graphed(cap, len(sample_args), params)
-    return lambda *args: graphed(args)
+
+    def call(*args):
+        return graphed(args)
+
+    call.graphed = graphed
+    call.release = graphed.release  # when training is over (:meth:`_Graphed.release`)
+    return call
 
 
 class EmulatedCapture:

@@ -163,6 +163,17 @@ class SuffixDecoder:
         """Whether the layers norm each head's queries and keys (Qwen3)."""
         return any(ops.has_head_norm for ops in self.parts.layers)
 
+    def release_graphs(self) -> None:
+        """Drop every captured bucket and free what its capture allocated now (training is over; the pairs that
+        :mod:`graphs` captured under cudaMallocAsync: ``_Graphed.release``, which keeps PyTorch's allocator from
+        printing a warning per freed tensor). Buckets captured by PyTorch's ``make_graphed_callables`` are dropped."""
+        for fn in self._graphs.values():
+            release = getattr(fn, "release", None)
+            if release is not None:
+                release()
+        self._graphs.clear()
+        self._pending.clear()
+
     def new_batch(self) -> None:
         """Start of a step's conditioning: no graph's activations are awaiting a backward any more."""
         self._pending.clear()
