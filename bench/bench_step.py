@@ -863,10 +863,14 @@ def run_variants(args, device, dtype, res) -> dict:
         fused_lora = overrides.pop("fused_lora", True)
         if not fused_lora:
             stack.enter_context(mock.patch.object(lora_shared, "_adapter", lambda layers: None))
-        # bench-only: fp8_backward_copy=0 never keeps fp8 backward copies (for this variant's trainer only)
-        no_copies = not overrides.pop("fp8_backward_copy", True)
-        with mock.patch.object(DiffusersBackend, "_fp8_backward_copy_fits", lambda self, t: False) if no_copies \
-                else contextlib.nullcontext():
+        # bench-only: fp8_backward_copy=0 never keeps fp8 backward copies, =force always does, whatever the memory
+        # plan says (for this variant's trainer only): whether they fit under a cap the plan's estimate rules out
+        copies = overrides.pop("fp8_backward_copy", True)
+        if copies not in (True, False, "force"):
+            raise SystemExit(f"--variant {spec!r}: fp8_backward_copy={copies!r}; expected 0, 1 or force")
+        fits = {False: False, "force": True}.get(copies)
+        with mock.patch.object(DiffusersBackend, "_fp8_backward_copy_fits", lambda self, t: fits) \
+                if fits is not None else contextlib.nullcontext():
             trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
         if not layout_cache:
             from qwen_zero_prior.training import flow21
@@ -1074,7 +1078,7 @@ def main(argv=None) -> int:
                    'process capped; "real_rope=0": diffusers\' complex RoPE under compile (rewritten in real '
                    'arithmetic by default); "layout_cache=0": Qwen-Image 2.1 through diffusers\' forward each step '
                    '(flow21.forward_t2i by default); "fp8_backward_copy=0": no fp8 backward copies (kept by default '
-                   'where the memory plan fits them); "fused_lora=0": each LoRA\'s A product on its own, as peft (2.1 fuses '
+                   'where the memory plan fits them; "force": kept whatever the plan says); "fused_lora=0": each LoRA\'s A product on its own, as peft (2.1 fuses '
                    'those of layers sharing an input under compile)')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

@@ -536,3 +536,17 @@ def test_node_rows_count_the_graphs_captured_and_failed():
     ])
     assert graph_counts(log) == {"text_graph_captures": 2, "dit_graph_captures": 1, "graph_capture_failures": 2}
     assert graph_counts("") == {"text_graph_captures": 0, "dit_graph_captures": 0, "graph_capture_failures": 0}
+
+
+def test_fp8_backward_copy_variant_values(tmp_path):
+    """``fp8_backward_copy``: 0, 1 or force (copies kept whatever the memory plan says: to measure whether they fit
+    under a cap the plan's estimate rules out); anything else is refused naming the accepted values."""
+    from bench.bench_step import main
+
+    base = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "1",
+            "--iters", "1", "--mode", "variants", "--only-b"]
+    with pytest.raises(SystemExit, match=r"fp8_backward_copy='sometimes'; expected 0, 1 or force"):
+        main([*base, "--variant", "fp8_backward_copy=sometimes", "--out", str(tmp_path / "bad.json")])
+    assert main([*base, "--variant", "fp8_backward_copy=force", "--out", str(tmp_path / "ok.json")]) == 0
+    (row,) = json.loads((tmp_path / "ok.json").read_text())["rows"]
+    assert row["ms_median"] > 0 and "error" not in row
