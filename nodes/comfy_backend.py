@@ -846,8 +846,11 @@ class ComfyBackend(TrainBackend):
                 block.forward = own
         self._checkpointed.clear()
         suffix = getattr(self.prompts, "suffix", None)
-        if suffix is not None:  # the text encoder's graphs: their memory freed without a warning a tensor (graphs.py)
-            suffix.release_graphs()
+        if suffix is not None:  # the text encoder's graphs: their memory freed without a warning per tensor (graphs.py)
+            try:
+                suffix.release_graphs()
+            except RuntimeError as e:  # a failed run's CUDA error: the run's own exception is the one to see
+                logger.warning("releasing the text encoder's CUDA graphs failed: %s", e)
         # the trainable clone (a deep copy of the DiT on ComfyUI >= 0.25) and the branches are not needed any more:
         # the graph goes on with the archive applied through ComfyUI's own LoRA patching
         self.mp, self.prompts, self.clip = None, None, self._graph_clip

@@ -266,8 +266,8 @@ class _Graphed:
         warnings bypass Python's warning filters (they are printed by C++ to stderr): at the end of each training run
         the node's DiT pair (rank 32: 960 LoRA gradients) wrote ~1,900 such lines into ComfyUI's console (H200,
         session 19). Here the memory is freed inside a PyTorch call (``UntypedStorage.resize_(0)``, how FSDP frees
-        parameters' memory), where PyTorch turns the warning into a Python one, which this expected one is
-        filtered out of."""
+        parameters' memory), where PyTorch turns the warning into a Python one, and this expected message is filtered
+        out."""
         cap = self.cap
         # only what the capture made: an output that is an input or a parameter itself (a function returning one) is
         # not the pair's to free
