@@ -1013,6 +1013,9 @@ def run_capped(args, device, dtype, res) -> dict:
     trainer = project_trainer(pipe, args, work, text_encoder_storage=args.offload_te, layout=args.offload_layout,
                               **settings)
     res["offload"] = trainer.backend.offload_summary
+    if args.prefetch_share is not None and trainer.backend._prefetcher is not None:
+        # bench-only: a weight's second close use served from its first's ring range (the default) or copied again
+        trainer.backend._prefetcher.share = bool(args.prefetch_share)
     trainer.cache_all_latents()
     pipe.vae.to("cpu")
     if on_cuda:
@@ -1100,6 +1103,9 @@ def main(argv=None) -> int:
                    help="--mode capped: which blocks stream (offload.streamed_block_ids; default: the backend's, spread)")
     p.add_argument("--offload-budget-gib", type=float, default=0.0,
                    help="--mode capped: model.offload_budget_gib (default: --capped-gib); less leaves more headroom")
+    p.add_argument("--prefetch-share", type=int, choices=[0, 1], default=None,
+                   help="--mode capped: 0 copies every use of a streamed weight again, 1 (the default) serves a use "
+                        "from the previous one's range while it is still in the ring (a recomputed block's backward)")
     p.add_argument("--prefetch-gib", type=float, default=None,
                    help="--mode capped: model.offload_prefetch_gib (default: the config's; 0: copy at use)")
     p.add_argument("--memory-cap-gib", type=float, default=0.0,

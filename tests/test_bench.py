@@ -27,7 +27,8 @@ def test_bench_main_and_capped_paths(tmp_path):
     assert (tmp_path / "b-fp8.json.gz").stat().st_size > 0 and "idle_ms" in fp8[0]["idle"]
     out2 = tmp_path / "c.json"
     assert main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
-                 "--warmup", "1", "--iters", "1", "--mode", "capped", "--prefetch-gib", "0.5", "--offload-te", "fp8",
+                 "--warmup", "1", "--iters", "1", "--mode", "capped", "--prefetch-gib", "0.5", "--prefetch-share", "0",
+                 "--offload-te", "fp8",
                  "--offload-budget-gib", "20", "--out", str(out2)]) == 0
     row = json.loads(out2.read_text())["rows"][0]
     assert row["ms_median"] > 0

@@ -123,6 +123,51 @@ def test_weight_larger_than_the_ring_is_copied_at_use():
     assert (pf.hits, pf.misses) == (4, 5)  # steps 2 and 3: the small ones ahead, the big one at use
 
 
+def _copied_per_step(layers, arena_bytes, order, share, hold=()):
+    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=arena_bytes, share=share)
+    pf.begin_step()
+    _run(pf, layers, order)
+    before, hits = pf.bytes_copied, pf.hits
+    pf.begin_step()
+    _run(pf, layers, order, hold=hold)
+    return pf.bytes_copied - before, pf.hits - hits, pf
+
+
+# a checkpointed block of 4 layers (1 KB each): its forward, 6 other layers (the rest of the model), then in the
+# backward its recomputation and its own products, which read the same weights in reverse order
+_BLOCK = [0, 1, 2, 3]
+_RECOMPUTED = _BLOCK + list(range(4, 10)) + _BLOCK + _BLOCK[::-1]
+
+
+def test_a_weight_used_again_while_still_in_the_ring_is_copied_once():
+    layers = [_Layer(256, i) for i in range(10)]
+    without, hits_without, _ = _copied_per_step(layers, 5 * 1024, _RECOMPUTED, share=False)
+    with_, hits_with, pf = _copied_per_step(layers, 5 * 1024, _RECOMPUTED, share=True)
+    assert without == len(_RECOMPUTED) * 1024  # every fetch its own copy
+    # the backward's four fetches are served from the recomputation's ranges; the forward's were overwritten by
+    # the layers in between, so the recomputation copies again
+    assert with_ == without - 4 * 1024, pf.stats()
+    assert pf.shared == 4 and hits_with == hits_without == len(_RECOMPUTED), pf.stats()
+
+
+@pytest.mark.parametrize("hold", [(), (2,)])
+def test_a_shared_range_is_not_overwritten_before_its_last_use(hold):
+    """The ring goes on copying past the block (the next layers) while the backward's fetches, served from the
+    recomputation's ranges, are still to come: later copies must wait for those ranges, never go over them. With
+    ``hold``, both uses of layer 2 (one range) also stay handed out to the end. ``_run`` checks every tensor's
+    bytes at its fetch and the held ones again at the end."""
+    layers = [_Layer(256, i) for i in range(10)]
+    order = _RECOMPUTED + [4, 5, 6, 7, 8, 9]  # copies after the block, enough to wrap the ring twice
+    copied, hits, pf = _copied_per_step(layers, 5 * 1024, order, share=True, hold=set(hold))
+    assert pf.shared >= 1 and hits + (pf.misses - len(order)) == len(order), pf.stats()
+
+
+def test_sharing_off_copies_every_use():
+    layers = [_Layer(256, i) for i in range(10)]
+    copied, hits, pf = _copied_per_step(layers, 64 * 1024, _RECOMPUTED, share=False)  # the whole order fits
+    assert pf.shared == 0 and copied == len(_RECOMPUTED) * 1024
+
+
 def test_refuses_an_empty_ring():
     with pytest.raises(ValueError, match="arena_bytes must be positive, got 0"):
         WeightPrefetcher(torch.device("cpu"), 0)
@@ -130,17 +175,19 @@ def test_refuses_an_empty_ring():
 
 def test_offloaded_training_is_the_same_with_and_without_prefetch(tiny_pipe, dataset_dir, tmp_path, make_config):
     """Three offloaded steps (every block and text-decoder layer streamed, the ring smaller than one step's
-    weights) give bit-identical LoRA and token rows with the prefetcher and without it; from the second step on,
-    the prefetcher serves every fetch ahead."""
+    weights) give bit-identical LoRA and token rows with the prefetcher (sharing a weight's range between close
+    uses, or not) and without it; from the second step on, the prefetcher serves every fetch ahead."""
     examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
     cfg = make_config(steps=3, learning_rate=2e-3, token_learning_rate=2e-2)
     runs, stats = {}, {}
-    for prefetch_gib in (0.0, 64 * 1024 / 2**30):
-        trainer = Trainer(cfg, copy.deepcopy(tiny_pipe), examples, tmp_path / str(prefetch_gib))
+    for prefetch_gib, share in ((0.0, None), (64 * 1024 / 2**30, True), (64 * 1024 / 2**30, False)):
+        trainer = Trainer(cfg, copy.deepcopy(tiny_pipe), examples, tmp_path / f"{prefetch_gib}-{share}")
         pipe = trainer.backend.pipe
         summary = apply_offload(pipe, torch.device("cpu"), budget_gib=1e-3, reserve_gib=0, prefetch_gib=prefetch_gib)
         pf = prefetcher_of(pipe.transformer)
         if prefetch_gib:
+            assert pf.share  # the default
+            pf.share = share
             assert pf is not None and prefetcher_of(pipe.text_encoder) is pf and pf.arena_bytes == 64 * 1024
             streamed = [m for m in pipe.transformer.modules() if isinstance(m, OffloadedLinear)]
             assert streamed and all(m.prefetcher is pf for m in streamed)
@@ -152,13 +199,17 @@ def test_offloaded_training_is_the_same_with_and_without_prefetch(tiny_pipe, dat
         for _ in range(cfg.train.steps):
             trainer.train_step()
             hits.append(pf.stats()["hits"] if pf else 0)
-        runs[prefetch_gib] = [p.detach().clone() for p in trainer.trainable()]
-        stats[prefetch_gib] = (hits, pf.stats() if pf else None)
-    (off, on) = runs.values()
-    assert all(torch.equal(a, b) for a, b in zip(off, on))
-    hits, s = stats[64 * 1024 / 2**30]
-    per_step = s["layers_per_step"]
-    assert per_step > 0 and hits == [0, per_step, 2 * per_step], stats
+        runs[share] = [p.detach().clone() for p in trainer.trainable()]
+        stats[share] = (hits, pf.stats() if pf else None, pf.bytes_copied if pf else None)
+    for share in (True, False):
+        assert all(torch.equal(a, b) for a, b in zip(runs[None], runs[share])), share
+        hits, s, _ = stats[share]
+        per_step = s["layers_per_step"]
+        assert per_step > 0 and hits == [0, per_step, 2 * per_step], stats
+    # the checkpointed blocks' backward reads the weights its recomputation just fetched: served from the same
+    # ranges, fewer bytes cross
+    assert stats[True][1]["shared"] > 0 and stats[False][1]["shared"] == 0, stats
+    assert stats[True][2] < stats[False][2], stats
 
 
 @pytest.mark.parametrize("recomputed,prefetch", [(False, False), (True, False), (True, True)])

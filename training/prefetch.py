@@ -15,6 +15,12 @@ with it; the copy stream waits on it, the host never does). So the GPU memory fo
 caching allocator's per-stream pools would instead grow with every queued copy (``record_stream``) and, at a
 memory cap, free its cache and synchronize.
 
+A weight used twice close together (a recomputed block: its forward again in the backward, then the backward's
+own products, which read the same weights) is copied once: where the range of its previous use in this step is
+still in the ring when the second use is due, the second use is served from it (the range is then held until both
+uses are done). With gradient checkpointing that saves one of the three crossings of each streamed block's weights
+per step.
+
 When a step uses the layers in another order than the last (the first step, which also builds the text encoder's
 prefix cache; a sampling pass between steps), a layer not found further on in the last step's order is copied at
 use on the compute stream, as without a prefetcher; a layer found further on resumes the order from there (what
@@ -45,8 +51,15 @@ class _Range:
     start: int
     end: int
     ready: object  # event recorded on the copy stream after the copy (None on a CPU device)
-    state: str = "copying"  # copying (not handed out) | out (in use) | released (use queued) | dead (never used)
-    release: object = None  # event recorded on the compute stream after the use (CUDA)
+    waiting: int = 1  # coming fetches this range will serve (issued, not yet handed out)
+    out: int = 0  # fetches handed out whose readers are not yet queued
+    alive: bool = True  # False once a later copy overwrote (part of) it
+    release: object = None  # event recorded on the compute stream after the latest use (CUDA)
+
+    @property
+    def busy(self) -> bool:
+        """Not to be overwritten: a fetch still to come reads it, or one in use has its readers not queued yet."""
+        return self.waiting > 0 or self.out > 0
 
 
 class WeightPrefetcher:
@@ -57,8 +70,9 @@ class WeightPrefetcher:
     last one becomes the order to prefetch in.
     """
 
-    def __init__(self, device: torch.device, arena_bytes: int):
+    def __init__(self, device: torch.device, arena_bytes: int, share: bool = True):
         self.device = torch.device(device)
+        self.share = bool(share)  # a second use served from the first's range while it is still in the ring
         if arena_bytes <= 0:
             raise ValueError(f"WeightPrefetcher: arena_bytes must be positive, got {arena_bytes}")
         self.arena_bytes = int(arena_bytes)
@@ -76,19 +90,28 @@ class WeightPrefetcher:
         self._issued: dict[int, _Range] = {}  # index in _order -> its range, copied and not yet handed out
         self._live: list[_Range] = []  # every range the arena holds, oldest first
         self._where: dict[int, list[int]] = {}  # id(layer) -> its positions in _order
+        self._prev: dict[int, int] = {}  # index in _order -> the index of the same layer's previous fetch there
+        self._range_at: dict[int, _Range] = {}  # index in _order -> the range that served it, this step
         self.hits = 0  # fetches served from a copy made ahead
         self.misses = 0  # fetches copied at use (the first step, an order change, a weight larger than the arena)
+        self.shared = 0  # fetches served ahead from the range of the same weight's previous use (no copy)
+        self.bytes_copied = 0  # host-to-device bytes, ahead and at use
 
     # ---- the step ----------------------------------------------------------------------------------------------
     def begin_step(self) -> None:
         for rng in self._live:  # handed out and never released (a step that failed mid-use): its readers, if
-            if rng.state == "out":  # any, were queued before now, so an event here releases it
+            if rng.out:  # any, were queued before now, so an event here releases it
+                rng.out = 1
                 self._release(rng)
         self._abandon()
         self._order, self._seen = self._seen, []
-        self._where = {}
+        self._where, self._prev, self._range_at = {}, {}, {}
+        last: dict[int, int] = {}
         for i, owner in enumerate(self._order):
             self._where.setdefault(id(owner), []).append(i)
+            if id(owner) in last:
+                self._prev[i] = last[id(owner)]
+            last[id(owner)] = i
         self._pos = self._next = 0
         self._top_up()  # the first weights start crossing while the host prepares the step
 
@@ -102,7 +125,7 @@ class WeightPrefetcher:
                 for j in range(self._pos, idx):
                     skipped = self._issued.pop(j, None)
                     if skipped is not None:
-                        skipped.state = "dead"
+                        skipped.waiting -= 1
                 self._next = max(self._next, idx)
             self._pos = idx + 1
             if idx == self._next:  # not copied yet (the arena was full of weights still in use): try now
@@ -110,22 +133,25 @@ class WeightPrefetcher:
             rng = self._issued.pop(idx, None)
             if rng is not None:
                 self.hits += 1
-                rng.state = "out"
+                rng.waiting -= 1
+                rng.out += 1
                 if self.cuda:
                     torch.cuda.current_stream(self.device).wait_event(rng.ready)
                 tensor = self._view(rng, owner.stored)
                 self._top_up()
-                return tensor, lambda: self._release(rng)
+                return tensor, self._release_once(rng)
             self._next = max(self._next, self._pos)  # copied at use below: the copies go on from the next one
         else:  # not in the rest of the last step's order: copied at use; the order resumes where a layer matches
             self._abandon()
         self.misses += 1
+        self.bytes_copied += owner.stored.numel() * owner.stored.element_size()
         tensor = owner.stored.to(self.device, non_blocking=True)
         self._top_up()  # the next layers' copies start now (after a weight too large for the ring, say)
         return tensor, no_release
 
     def stats(self) -> dict:
         return {"arena_gib": round(self.arena_bytes / 2**30, 3), "hits": self.hits, "misses": self.misses,
+                "shared": self.shared, "gib_copied": round(self.bytes_copied / 2**30, 3),
                 "layers_per_step": len(self._order)}
 
     def _find(self, owner) -> int | None:
@@ -138,18 +164,29 @@ class WeightPrefetcher:
 
     # ---- the ring ----------------------------------------------------------------------------------------------
     def _release(self, rng: _Range) -> None:
-        if rng.state != "out":
+        if rng.out <= 0:  # already released by begin_step (a step that failed mid-use)
             return
-        rng.state = "released"
-        if self.cuda:
+        rng.out -= 1
+        if self.cuda:  # the latest use's event: the compute stream's order puts it after every earlier use's
             rng.release = torch.cuda.Event()
             rng.release.record(torch.cuda.current_stream(self.device))
+
+    def _release_once(self, rng: _Range):
+        """The ``done`` callable of one fetch served from ``rng``: releases that fetch's use once, however often
+        it is called (a range may serve two fetches, each with its own ``done``)."""
+        pending = [True]
+
+        def done() -> None:
+            if pending[0]:
+                pending[0] = False
+                self._release(rng)
+        return done
 
     def _abandon(self) -> None:
         """Copies made ahead that will not be used: their ranges may be overwritten (the copy stream's own order
         keeps a later copy after them)."""
         for rng in self._issued.values():
-            rng.state = "dead"
+            rng.waiting -= 1
         self._issued.clear()
         self._next = self._pos
 
@@ -160,6 +197,13 @@ class WeightPrefetcher:
 
     def _issue_one(self) -> bool:
         owner = self._order[self._next]
+        prev = self._range_at.get(self._prev.get(self._next, -1)) if self.share else None
+        if prev is not None and prev.alive:  # the same weight's previous use is still in the ring: no copy
+            prev.waiting += 1
+            self._range_at[self._next] = self._issued[self._next] = prev
+            self._next += 1
+            self.shared += 1
+            return True
         src = owner.stored
         nbytes = src.numel() * src.element_size()
         size = -(-nbytes // _ALIGN) * _ALIGN
@@ -170,7 +214,7 @@ class WeightPrefetcher:
         start = self._head if self._head + size <= self.arena_bytes else 0
         end = start + size
         overlapping = [r for r in self._live if r.start < end and start < r.end]
-        if any(r.state in ("copying", "out") for r in overlapping):
+        if any(r.busy for r in overlapping):
             return False  # a weight there is still waiting for its use, or in use with its readers not queued
         rng = _Range(start, end, None)
         if self.cuda:
@@ -183,9 +227,12 @@ class WeightPrefetcher:
                 rng.ready.record(self.copy_stream)
         else:
             self._view(rng, src).copy_(src)
+        for r in overlapping:
+            r.alive = False
+        self.bytes_copied += nbytes
         self._live = [r for r in self._live if r not in overlapping] + [rng]
         self._head = end
-        self._issued[self._next] = rng
+        self._range_at[self._next] = self._issued[self._next] = rng
         self._next += 1
         return True
 
