@@ -167,7 +167,10 @@ class WeightPrefetcher:
         if rng.out <= 0:  # already released by begin_step (a step that failed mid-use)
             return
         rng.out -= 1
-        if self.cuda:  # the latest use's event: the compute stream's order puts it after every earlier use's
+        # The latest use's event is the one the copy stream waits for before overwriting the range. It follows every
+        # earlier use of a shared range because all of them release on the same (compute) stream: autograd runs a
+        # backward on its forward's stream, and each ``done`` comes right after its kernel is queued.
+        if self.cuda:
             rng.release = torch.cuda.Event()
             rng.release.record(torch.cuda.current_stream(self.device))
 
