@@ -190,6 +190,17 @@ def test_capped_mode_refuses_a_cap_from_the_start():
         main(["--size", "tiny", "--device", "cpu", "--mode", "capped", "--capped-gib", "24", "--memory-cap-gib", "24"])
 
 
+@pytest.mark.parametrize("value", ["2", "yes"])
+def test_prefetch_share_refuses_garbage(value, capsys):
+    """--prefetch-share takes 0 or 1: anything else stops at the command line, naming the flag and the value."""
+    from bench.bench_step import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--size", "tiny", "--device", "cpu", "--mode", "capped", "--prefetch-share", value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--prefetch-share" in err and value in err, err
+
+
 def test_a_variant_cap_needs_its_own_process():
     from bench.bench_step import main
 
