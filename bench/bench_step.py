@@ -46,6 +46,7 @@ import torch
 
 from qwen_zero_prior.training.config import ATTENTION_TARGETS, Config
 from qwen_zero_prior.training.data import Example
+from qwen_zero_prior.training.heap import FrozenHeap
 
 TEMPLATE_PROMPT = ("a photo of <zwx> standing on a wooden table next to a ceramic cup of coffee, soft morning light "
                    "from a window on the left, shallow depth of field, film grain, warm colors, detailed texture, "
@@ -213,6 +214,63 @@ def time_fn(fn, device, warmup: int, iters: int) -> list[float]:
             fn()
             out.append((time.perf_counter() - t0) * 1000)
     return out
+
+
+class GcTimer:
+    """Python's garbage collections while active (``gc.callbacks``): count and milliseconds per generation. A full
+    collection walks every tracked object of the process (a compiled 20B model's holds millions), so one can stall
+    a step's host work for long."""
+
+    def __init__(self):
+        self.ms = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self._t0 = 0.0
+
+    def _cb(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            gen = info["generation"]
+            self.ms[gen] += (time.perf_counter() - self._t0) * 1000
+            self.count[gen] += 1
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._cb)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._cb)
+
+    def report(self) -> dict:
+        return {"collections": list(self.count), "ms": [round(m, 1) for m in self.ms]}
+
+
+def time_fn_host(fn, device, warmup: int, iters: int) -> tuple[list[float], list[float]]:
+    """:func:`time_fn` plus, per call, the host's own milliseconds: until ``fn`` returned, before the sync. Where
+    the two are close, the step waits for the host (Python, launches), not for the GPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    wall, host = [], []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            host.append((time.perf_counter() - t0) * 1000)
+            b.record()
+            torch.cuda.synchronize()
+            wall.append(a.elapsed_time(b))
+        else:
+            fn()
+            host.append((time.perf_counter() - t0) * 1000)
+            wall.append(host[-1])
+    return wall, host
 
 
 def time_steady(fn, device, windows: int, per_window: int = 3) -> list[float]:
@@ -1026,7 +1084,17 @@ def run_capped(args, device, dtype, res) -> dict:
         res["memory_fraction"] = cap / total
         res["resident_gib_at_cap"] = round(torch.cuda.memory_allocated() / 2**30, 1)
     _mem_reset(device)
-    ms = time_fn(trainer.train_step, device, args.warmup, args.iters)
+    # bench knob: what Python's collector costs the offloaded step; Trainer.fit freezes the heap after its first step
+    # (training/heap.py), these timed steps run outside fit: 1 does the same after a step, 0 leaves it as it is
+    heap = FrozenHeap()
+    try:
+        if args.gc_freeze:
+            trainer.train_step()
+            heap.freeze()
+        with GcTimer() as gct:
+            ms, host_ms = time_fn_host(trainer.train_step, device, args.warmup, args.iters)
+    finally:
+        heap.release()
     med = statistics.median(ms)
     # the timed steps' memory figures, before --kernels / --trace run profiled steps of their own
     stats = torch.cuda.memory_stats(device) if on_cuda else {}
@@ -1060,7 +1128,8 @@ def run_capped(args, device, dtype, res) -> dict:
          "alloc_retries": stats.get("num_alloc_retries"),
          "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 1) if on_cuda else None,
          "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
-         "n": len(ms), "peak_mem_gib": peak_mem,
+         "ms": [round(m, 1) for m in ms], "host_ms": [round(m, 1) for m in host_ms], "gc": gct.report(),
+         "gc_freeze": bool(args.gc_freeze), "n": len(ms), "peak_mem_gib": peak_mem,
          "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None,
          **extra}
     res["rows"].append(r)
@@ -1106,6 +1175,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefetch-share", type=int, choices=[0, 1], default=None,
                    help="--mode capped: 0 copies every use of a streamed weight again, 1 (the default) serves a use "
                         "from the previous one's range while it is still in the ring (a recomputed block's backward)")
+    p.add_argument("--gc-freeze", type=int, choices=[0, 1], default=0,
+                   help="--mode capped: 1 runs a step, collects and freezes Python's heap (gc.freeze) before timing")
     p.add_argument("--prefetch-gib", type=float, default=None,
                    help="--mode capped: model.offload_prefetch_gib (default: the config's; 0: copy at use)")
     p.add_argument("--memory-cap-gib", type=float, default=0.0,

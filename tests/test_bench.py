@@ -27,13 +27,16 @@ def test_bench_main_and_capped_paths(tmp_path):
     assert (tmp_path / "b-fp8.json.gz").stat().st_size > 0 and "idle_ms" in fp8[0]["idle"]
     out2 = tmp_path / "c.json"
     assert main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
-                 "--warmup", "1", "--iters", "1", "--mode", "capped", "--prefetch-gib", "0.5", "--prefetch-share", "0",
-                 "--offload-te", "fp8",
+                 "--warmup", "1", "--iters", "2", "--mode", "capped", "--prefetch-gib", "0.5", "--prefetch-share", "0",
+                 "--offload-te", "fp8", "--gc-freeze", "1",
                  "--offload-budget-gib", "20", "--out", str(out2)]) == 0
     row = json.loads(out2.read_text())["rows"][0]
     assert row["ms_median"] > 0
     # on a CPU nothing is offloaded: no prefetcher, no allocator stats, and the name says what was asked
     assert row["prefetch"] is None and row["alloc_retries"] is None and "prefetch 0 GiB" in row["name"]
+    # per step: wall and host milliseconds (on a CPU the same), and Python's collections while timing
+    assert len(row["ms"]) == len(row["host_ms"]) == 2 and row["ms"] == row["host_ms"]
+    assert row["gc_freeze"] is True and len(row["gc"]["collections"]) == 3 and len(row["gc"]["ms"]) == 3
 
 
 def test_trace_gaps_charges_idle_time_to_the_launching_range():
@@ -190,15 +193,17 @@ def test_capped_mode_refuses_a_cap_from_the_start():
         main(["--size", "tiny", "--device", "cpu", "--mode", "capped", "--capped-gib", "24", "--memory-cap-gib", "24"])
 
 
+@pytest.mark.parametrize("flag", ["--prefetch-share", "--gc-freeze"])
 @pytest.mark.parametrize("value", ["2", "yes"])
-def test_prefetch_share_refuses_garbage(value, capsys):
-    """--prefetch-share takes 0 or 1: anything else stops at the command line, naming the flag and the value."""
+def test_zero_one_flags_refuse_garbage(flag, value, capsys):
+    """--prefetch-share and --gc-freeze take 0 or 1: anything else stops at the command line, naming the flag and the
+    value."""
     from bench.bench_step import main
 
     with pytest.raises(SystemExit) as e:
-        main(["--size", "tiny", "--device", "cpu", "--mode", "capped", "--prefetch-share", value])
+        main(["--size", "tiny", "--device", "cpu", "--mode", "capped", flag, value])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--prefetch-share" in err and value in err, err
+    assert e.value.code == 2 and flag in err and value in err, err
 
 
 def test_a_variant_cap_needs_its_own_process():

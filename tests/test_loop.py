@@ -106,3 +106,42 @@ def test_resume_restores_moments_saved_under_the_older_names(tiny_pipe, dataset_
     for name, p in zip(fresh.param_names, fresh.trainable()):
         if p in fresh.optimizer.state:
             assert torch.equal(fresh.optimizer.state[p]["exp_avg"], trainer.optimizer.state[own[name]]["exp_avg"])
+
+
+def test_the_heap_is_frozen_after_the_first_step_and_released_when_training_ends(tiny_pipe, dataset_dir, make_config,
+                                                                                 tmp_path):
+    """Python's full collections skip the model's objects from step 2 on (training/heap.py), and the collector is
+    handed back as it was when fit ends, normally or by an error; a heap someone else froze is left alone."""
+    import gc
+
+    from qwen_zero_prior.training.heap import FrozenHeap
+
+    assert gc.get_freeze_count() == 0
+    trainer = Trainer(make_config(steps=4), tiny_pipe, _examples(dataset_dir), tmp_path)
+    plain, calls = trainer.backend.predict, []
+
+    def predict(*args):
+        calls.append(gc.get_freeze_count())
+        if len(calls) == 3:
+            raise ValueError("boom")
+        return plain(*args)
+
+    trainer.backend.predict = predict
+    with pytest.raises(ValueError, match="boom"):
+        trainer.fit(tmp_path / "weights.zip")
+    assert calls[0] == 0 and calls[1] > 1000 and gc.get_freeze_count() == 0  # released on the error too
+    seen = []
+    trainer.backend.predict = plain
+    trainer.fit(tmp_path / "weights.zip", Callbacks(on_step=lambda step, total, loss: seen.append(gc.get_freeze_count())))
+    assert len(seen) == 2 and all(n > 1000 for n in seen)  # frozen from the first step's end: the model's objects
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()  # someone else's freeze: neither taken over nor undone
+    try:
+        mine = gc.get_freeze_count()
+        heap = FrozenHeap()
+        assert heap.freeze() is False
+        heap.release()
+        assert gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
