@@ -46,7 +46,7 @@ import torch
 
 from qwen_zero_prior.training.config import ATTENTION_TARGETS, Config
 from qwen_zero_prior.training.data import Example
-from qwen_zero_prior.training.heap import FrozenHeap
+from qwen_zero_prior.training.heap import FREEZE_STEPS, FrozenHeap
 
 TEMPLATE_PROMPT = ("a photo of <zwx> standing on a wooden table next to a ceramic cup of coffee, soft morning light "
                    "from a window on the left, shallow depth of field, film grain, warm colors, detailed texture, "
@@ -1084,13 +1084,14 @@ def run_capped(args, device, dtype, res) -> dict:
         res["memory_fraction"] = cap / total
         res["resident_gib_at_cap"] = round(torch.cuda.memory_allocated() / 2**30, 1)
     _mem_reset(device)
-    # bench knob: what Python's collector costs the offloaded step; Trainer.fit freezes the heap after its first step
-    # (training/heap.py), these timed steps run outside fit: 1 does the same after a step, 0 leaves it as it is
+    # bench knob: what Python's collector costs the offloaded step; Trainer.fit freezes the heap after its first steps
+    # (training/heap.py), these timed steps run outside fit: 1 does the same, 0 leaves the collector as it is
     heap = FrozenHeap()
     try:
-        if args.gc_freeze:
-            trainer.train_step()
-            heap.freeze()
+        if args.gc_freeze:  # as fit: a freeze after each of the first steps
+            for _ in range(FREEZE_STEPS):
+                trainer.train_step()
+                heap.freeze()
         with GcTimer() as gct:
             ms, host_ms = time_fn_host(trainer.train_step, device, args.warmup, args.iters)
     finally:
@@ -1176,7 +1177,8 @@ def main(argv=None) -> int:
                    help="--mode capped: 0 copies every use of a streamed weight again, 1 (the default) serves a use "
                         "from the previous one's range while it is still in the ring (a recomputed block's backward)")
     p.add_argument("--gc-freeze", type=int, choices=[0, 1], default=0,
-                   help="--mode capped: 1 runs a step, collects and freezes Python's heap (gc.freeze) before timing")
+                   help="--mode capped: 1 freezes Python's heap after each of the first steps, as training does "
+                        "(training/heap.py), before the warm-up and timed steps; 0 leaves the collector as it is")
     p.add_argument("--prefetch-gib", type=float, default=None,
                    help="--mode capped: model.offload_prefetch_gib (default: the config's; 0: copy at use)")
     p.add_argument("--memory-cap-gib", type=float, default=0.0,

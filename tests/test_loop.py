@@ -109,9 +109,10 @@ def test_resume_restores_moments_saved_under_the_older_names(tiny_pipe, dataset_
 
 
 def test_the_heap_is_frozen_after_the_first_step_and_released_when_training_ends(tiny_pipe, dataset_dir, make_config,
-                                                                                 tmp_path):
-    """Python's full collections skip the model's objects from step 2 on (training/heap.py), and the collector is
-    handed back as it was when fit ends, normally or by an error; a heap someone else froze is left alone."""
+                                                                                 tmp_path, monkeypatch):
+    """Python's full collections skip the model's objects from step 2 on (training/heap.py: a freeze after each of
+    the first steps), and the collector is handed back as it was when fit ends, normally or by an error; a heap
+    someone else froze is left alone."""
     import gc
 
     from qwen_zero_prior.training.heap import FrozenHeap
@@ -130,10 +131,13 @@ def test_the_heap_is_frozen_after_the_first_step_and_released_when_training_ends
     with pytest.raises(ValueError, match="boom"):
         trainer.fit(tmp_path / "weights.zip")
     assert calls[0] == 0 and calls[1] > 1000 and gc.get_freeze_count() == 0  # released on the error too
-    seen = []
+    seen, freezes = [], []
     trainer.backend.predict = plain
+    plain_freeze = FrozenHeap.freeze
+    monkeypatch.setattr(FrozenHeap, "freeze", lambda self: freezes.append(1) or plain_freeze(self))
     trainer.fit(tmp_path / "weights.zip", Callbacks(on_step=lambda step, total, loss: seen.append(gc.get_freeze_count())))
     assert len(seen) == 2 and all(n > 1000 for n in seen)  # frozen from the first step's end: the model's objects
+    assert seen[1] >= seen[0] and len(freezes) == 2  # and again after the next step: what it created too
     assert gc.get_freeze_count() == 0
 
     gc.freeze()  # someone else's freeze: neither taken over nor undone

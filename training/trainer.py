@@ -24,7 +24,7 @@ from .config import Config, ConfigError
 from .data import BatchPlan, Example, assign_buckets, dataset_fingerprint
 from .backend import TrainBackend
 from .distributed import DistContext, OverlappedAverage, WaitTimer, average, barrier
-from .heap import FrozenHeap
+from .heap import FREEZE_STEPS, FrozenHeap
 from .token import RegisteredToken
 
 logger = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ class Trainer:
         samples: list[Path] = []
         step_seconds: list[float] = []
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
-        heap = FrozenHeap()  # frozen after the first step: the collector's full walks then skip the model (heap.py)
+        heap = FrozenHeap()  # frozen after the first steps: the collector's full walks then skip the model (heap.py)
         try:
             while self.step < total:
                 if cb.should_stop is not None and cb.should_stop():
@@ -439,7 +439,8 @@ class Trainer:
                 try:  # an interrupt raised anywhere in the iteration (a step, a sample) keeps the finished steps
                     loss = self.train_step()
                     step_seconds.append(time.perf_counter() - t_step)
-                    heap.freeze()
+                    if len(step_seconds) <= FREEZE_STEPS:
+                        heap.freeze()
                     if not math.isfinite(loss):
                         raise FloatingPointError(
                             f"loss became {loss} at step {self.step}; lower train.learning_rate / token_learning_rate"
