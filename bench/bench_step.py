@@ -1068,6 +1068,10 @@ def run_capped(args, device, dtype, res) -> dict:
         res["plan"] = {"mode": plan.mode, "reason": plan.reason, "layout": plan.layout, "need_gib": plan.need_gib}
         print(f"memory plan: {plan.reason}", flush=True)
         settings.update(offload=on_cuda and plan.offload, gradient_checkpointing=plan.gradient_checkpointing)
+    if args.block_fetch is not None:  # bench knob: a recomputed streamed block's weights fetched as one, or per layer
+        from qwen_zero_prior.training.offload import BLOCK_FETCH_ENV
+
+        os.environ[BLOCK_FETCH_ENV] = str(args.block_fetch)
     trainer = project_trainer(pipe, args, work, text_encoder_storage=args.offload_te, layout=args.offload_layout,
                               **settings)
     res["offload"] = trainer.backend.offload_summary
@@ -1130,7 +1134,8 @@ def run_capped(args, device, dtype, res) -> dict:
          "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 1) if on_cuda else None,
          "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
          "ms": [round(m, 1) for m in ms], "host_ms": [round(m, 1) for m in host_ms], "gc": gct.report(),
-         "gc_freeze": bool(args.gc_freeze), "n": len(ms), "peak_mem_gib": peak_mem,
+         "gc_freeze": bool(args.gc_freeze), "block_fetch": os.environ.get("QWEN_ZERO_PRIOR_BLOCK_FETCH", "") == "1",
+         "n": len(ms), "peak_mem_gib": peak_mem,
          "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None,
          **extra}
     res["rows"].append(r)
@@ -1176,6 +1181,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefetch-share", type=int, choices=[0, 1], default=None,
                    help="--mode capped: 0 copies every use of a streamed weight again, 1 (the default) serves a use "
                         "from the previous one's range while it is still in the ring (a recomputed block's backward)")
+    p.add_argument("--block-fetch", type=int, choices=[0, 1], default=None,
+                   help="--mode capped: 1 fetches a recomputed streamed block's weights as one before each run, 0 one "
+                        "layer at a time (sets QWEN_ZERO_PRIOR_BLOCK_FETCH; default: as set, else 0)")
     p.add_argument("--gc-freeze", type=int, choices=[0, 1], default=0,
                    help="--mode capped: 1 freezes Python's heap after each of the first steps, as training does "
                         "(training/heap.py), before the warm-up and timed steps; 0 leaves the collector as it is")

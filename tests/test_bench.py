@@ -193,11 +193,11 @@ def test_capped_mode_refuses_a_cap_from_the_start():
         main(["--size", "tiny", "--device", "cpu", "--mode", "capped", "--capped-gib", "24", "--memory-cap-gib", "24"])
 
 
-@pytest.mark.parametrize("flag", ["--prefetch-share", "--gc-freeze"])
+@pytest.mark.parametrize("flag", ["--prefetch-share", "--gc-freeze", "--block-fetch"])
 @pytest.mark.parametrize("value", ["2", "yes"])
 def test_zero_one_flags_refuse_garbage(flag, value, capsys):
-    """--prefetch-share and --gc-freeze take 0 or 1: anything else stops at the command line, naming the flag and the
-    value."""
+    """--prefetch-share, --gc-freeze and --block-fetch take 0 or 1: anything else stops at the command line, naming
+    the flag and the value."""
     from bench.bench_step import main
 
     with pytest.raises(SystemExit) as e:

@@ -64,6 +64,43 @@ def test_second_step_is_served_ahead_and_wraps_the_ring():
     assert pf.stats()["layers_per_step"] == 16
 
 
+class _Block:
+    """A prefetcher owner of several weights fetched as one range (offload.StreamedBlock's protocol: ``parts``)."""
+
+    def __init__(self, sizes, seed: int):
+        self.parts = tuple(torch.randn(n, generator=torch.Generator().manual_seed(seed * 10 + j)).to(dtype)
+                           for j, (n, dtype) in enumerate(sizes))
+
+
+def test_an_owner_of_several_weights_is_copied_as_one_aligned_range():
+    """Each part lands at a 512-byte aligned offset of one range; the fetch hands back every part, intact, from the
+    ring in the next step (one hit for the whole block), mixed with single-weight owners; bytes counted exactly."""
+    from qwen_zero_prior.training.prefetch import _layout
+
+    blocks = [_Block([(37, torch.float32), (300, torch.bfloat16), (5, torch.float32)], i) for i in range(4)]
+    layers = [_Layer(90, 50 + i) for i in range(2)]
+    owners = blocks[:2] + layers + blocks[2:]
+    offsets, span = _layout(blocks[0].parts)
+    assert offsets == (0, 512, 1536) and span == 1536 + 20  # 148 bytes, then 600, then 20, each aligned
+    pf = WeightPrefetcher(torch.device("cpu"), arena_bytes=3 * 2048)  # ~3 blocks: the ring wraps
+    for step in range(3):
+        copied = pf.bytes_copied
+        pf.begin_step()
+        for o in owners:
+            got, done = pf.fetch(o)
+            if isinstance(o, _Block):
+                assert isinstance(got, list) and len(got) == 3
+                assert all(torch.equal(g, t) and g.dtype == t.dtype for g, t in zip(got, o.parts))
+                if pf.cuda is False and step:  # from the ring: views of the arena, at the aligned offsets
+                    starts = [g.data_ptr() - pf.arena.data_ptr() for g in got]
+                    assert [a - starts[0] for a in starts] == list(offsets)
+            else:
+                assert torch.equal(got, o.stored)
+            done()
+        assert pf.bytes_copied - copied == 4 * (148 + 600 + 20) + 2 * 360
+    assert (pf.hits, pf.misses) == (12, 6) and pf.stats()["layers_per_step"] == 6
+
+
 def test_a_weight_in_use_is_never_overwritten():
     layers = [_Layer(256, i) for i in range(6)]  # 1 KB each
     order = [0, 1, 2, 3, 4, 5]
@@ -220,12 +257,15 @@ def test_offload_compiles_every_block_with_the_fetch_as_an_op(tiny_pipe, dataset
     from the second step). Loss and gradients are those of the eager offloaded model. The fp8 weights' per-use cast
     of the resident layers is traced into the graph where the blocks are recomputed (gradient checkpointing, as
     offload trains), else it is the cast_linear custom op (which keeps no cast weight for the backward).
-    QWEN_ZERO_PRIOR_COMPILE_STREAMED=0 keeps the streamed blocks eager (the layout before)."""
+    QWEN_ZERO_PRIOR_COMPILE_STREAMED=0 keeps the streamed blocks eager (the layout before). With
+    QWEN_ZERO_PRIOR_BLOCK_FETCH=1 a recomputed streamed block's weights are fetched as one before each run
+    (StreamedBlock): one fetch a block run instead of one per layer and use, none in its graphs, the same loss and
+    gradients as the per-layer fetch (the "eager" reference)."""
     from diffusers.models.activations import GELU
 
     from qwen_zero_prior.training import gelu
     from qwen_zero_prior.training.diffusers_backend import COMPILE_STREAMED_ENV, compile_blocks
-    from qwen_zero_prior.training.offload import _FETCH_OP, block_bytes_fp8
+    from qwen_zero_prior.training.offload import _FETCH_OP, BLOCK_FETCH_ENV, block_bytes_fp8
 
     graph_ops = []
 
@@ -235,8 +275,9 @@ def test_offload_compiles_every_block_with_the_fetch_as_an_op(tiny_pipe, dataset
 
     examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
     runs = {}
-    for mode in ("eager", "compiled", "streamed eager"):
+    for mode in ("eager", "compiled", "compiled per layer", "streamed eager"):
         torch._dynamo.reset()
+        monkeypatch.setenv(BLOCK_FETCH_ENV, "1" if mode in ("compiled", "streamed eager") else "0")
         graph_ops.clear()
         trainer = Trainer(make_config(), copy.deepcopy(tiny_pipe), examples, tmp_path / mode.replace(" ", "_"))
         pipe = trainer.backend.pipe
@@ -263,7 +304,7 @@ def test_offload_compiles_every_block_with_the_fetch_as_an_op(tiny_pipe, dataset
                 m.setattr(torch.nn.Module, "compile", spy)
                 done = compile_blocks(tr, fullgraph=True, backend=recording, mode="reduce-overhead")
             blocks = list(tr.transformer_blocks)
-            if mode == "compiled":
+            if mode.startswith("compiled"):
                 assert done == blocks
                 assert all(b._compiled_call_impl is not None for b in blocks)
                 # streamed blocks never get CUDA graphs (they would replay one step's copies into the ring)
@@ -289,13 +330,22 @@ def test_offload_compiles_every_block_with_the_fetch_as_an_op(tiny_pipe, dataset
         casts = [op for op in graph_ops if "cast_linear" in op]
         runs[mode] = (losses, grads, fetch_ops, casts, pf.stats() if pf is not None else None)
     eager = runs["eager"]
-    for mode in ("compiled", "streamed eager"):
+    layer_op = f"qwen_zero_prior.{_FETCH_OP}"
+    assert set(runs["compiled per layer"][2]) == {layer_op}, sorted(set(runs["compiled per layer"][2]))
+    # a recomputed block's weights arrive as graph inputs, fetched before the run; without recomputation (nothing to
+    # hand them over around) the layers fetch one by one
+    assert set(runs["compiled"][2]) == (set() if recomputed else {layer_op}), sorted(set(runs["compiled"][2]))
+    if prefetch:  # one fetch a streamed block run, not one per layer and use: far fewer a step
+        assert runs["compiled"][4]["layers_per_step"] + 30 < runs["compiled per layer"][4]["layers_per_step"], (
+            runs["compiled"][4], runs["compiled per layer"][4])
+    for mode in ("compiled", "compiled per layer", "streamed eager"):
         losses, grads, fetch_ops, casts, stats = runs[mode]
         assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, eager[0])), (mode, losses, eager[0])
         for g, g0 in zip(grads, eager[1]):
             assert len(g) == len(g0) > 0
             assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g, g0)), mode
-        assert bool(fetch_ops) == (mode == "compiled"), (mode, sorted(set(runs[mode][2])))
+        assert bool(fetch_ops) == (mode == "compiled per layer" or (mode == "compiled" and not recomputed)), (
+            mode, sorted(set(runs[mode][2])))
         assert (not casts) if recomputed else casts
         if prefetch:  # every fetch of the second step was served ahead (the first step's were copied at use)
             assert stats["misses"] == stats["layers_per_step"] and stats["hits"] > 0, (mode, stats)
@@ -598,3 +648,64 @@ def test_pinned_pack_copies_are_page_locked_on_cuda():
     w = torch.randn(300, 200, device="cuda").to(torch.float8_e4m3fn)
     got = pack.copy(w)
     assert got.is_pinned() and got.device.type == "cpu" and torch.equal(got.float(), w.cpu().float())
+
+
+def test_block_fetch_keeps_no_weight_after_the_backward(tiny_pipe, monkeypatch):
+    """QWEN_ZERO_PRIOR_BLOCK_FETCH=1: a recomputed streamed block's weights, fetched as one before each run
+    (StreamedBlock), live while that run and the backward that needs them do, then are freed: none is alive when the
+    next block's are fetched in the backward, none after it, no layer keeps one. Checkpointing's early stop (on, the
+    default) ends a recomputation inside the block; the weights are taken back then too. Anything but 0/1 is
+    refused, and it is off by default."""
+    import weakref
+
+    from qwen_zero_prior.training import offload
+    from qwen_zero_prior.training.lora import add_lora
+    from qwen_zero_prior.training.offload import BLOCK_FETCH_ENV, StreamedBlock, block_fetch_from_env
+
+    monkeypatch.setenv(BLOCK_FETCH_ENV, "1")
+    torch._dynamo.reset()
+    pipe = tiny_pipe
+    tr = pipe.transformer
+    add_lora(tr, 4, 4, ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"],
+             seed=0)
+    tr.enable_gradient_checkpointing()
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    apply_offload(pipe, torch.device("cpu"), emb.numel() * emb.element_size() / 2**30 + 1e-6, reserve_gib=0,
+                  text_encoder="bf16")  # every block streamed
+    blocks = list(tr.transformer_blocks)
+    assert all(isinstance(getattr(b, "_zp_streamed_block", None), StreamedBlock) for b in blocks)
+    refs, alive_at_fetch = [], []
+    plain = StreamedBlock.materialize
+
+    def materialize(self, dtype):
+        alive_at_fetch.append(sum(r() is not None for r in refs))
+        out = plain(self, dtype)
+        refs.extend(weakref.ref(t) for t in out)
+        return out
+
+    monkeypatch.setattr(StreamedBlock, "materialize", materialize)
+    for b in blocks:
+        b.compile(fullgraph=True, backend="aot_eager")
+    layers = [m for m in tr.modules() if isinstance(m, offload.OffloadedLinear) and m.streamed]
+    for step in range(2):
+        refs.clear()
+        alive_at_fetch.clear()
+        x = torch.randn(1, 16, tr.config.in_channels)
+        ehs = torch.randn(1, 8, tr.config.joint_attention_dim)
+        out = tr(hidden_states=x, encoder_hidden_states=ehs,
+                 encoder_hidden_states_mask=torch.ones(1, 8, dtype=torch.bool), timestep=torch.tensor([0.5]),
+                 img_shapes=[(1, 4, 4)], return_dict=False)[0]
+        assert all(m.fetched is None for m in layers)
+        out.float().pow(2).mean().backward()
+        # two fetches a block (forward, recomputation); no earlier block's weights alive at a fetch
+        assert len(alive_at_fetch) == 2 * len(blocks) and alive_at_fetch == [0] * len(alive_at_fetch), alive_at_fetch
+        assert len(refs) == len(alive_at_fetch) * len(layers) // len(blocks)
+        assert sum(r() is not None for r in refs) == 0 and all(m.fetched is None for m in layers)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in tr.named_parameters() if "lora_B" in n)
+    assert not any("fetched" in k for k in tr.state_dict())  # a transient buffer, never saved
+    for raw in ("2", "yes"):
+        monkeypatch.setenv(BLOCK_FETCH_ENV, raw)
+        with pytest.raises(ValueError, match=f"QWEN_ZERO_PRIOR_BLOCK_FETCH='{raw}': expected 1"):
+            block_fetch_from_env()
+    monkeypatch.delenv(BLOCK_FETCH_ENV)
+    assert block_fetch_from_env() is False  # off by default until measured on a GPU

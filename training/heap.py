@@ -6,11 +6,13 @@ one full collection took ~560 ms of host time, and the step it fell in ran that 
 `bench_step --mode capped`: 6 full collections in 8 offloaded steps, the three slowest steps 1.75-1.96 s against
 1.23-1.55 s; 4.2 s of collections in all, 0.12 s with the heap frozen). The objects that exist once the first step
 has run (the model, the optimizer, the compiled code) live as long as training does, so :class:`FrozenHeap` moves
-them into the collector's permanent generation (``gc.freeze``) after that step, and again after the next two
-(compiled backward graphs, caches and the like appear in those too: with one freeze after the first step a full
-collection still took 0.7-0.9 s in 8 steps): collections then walk only what later steps create. Cycles among the frozen objects are not collected until :meth:`FrozenHeap.release`, which
-training calls when it ends (also on an error), so a long-lived host such as ComfyUI gets its collector back as
-it was. Where something else already froze the heap, nothing is done (``gc.unfreeze`` would undo theirs too).
+them into the collector's permanent generation (``gc.freeze``) after that step, and again after the next two (with
+one freeze after the first step, a full collection still took 0.7-0.9 s in 8 steps: the next steps create
+long-lived objects too; freezing those is not yet measured on a GPU). Collections then walk only what later steps
+create. Each freeze collects first, so no garbage is frozen; a frozen object that becomes cyclic garbage later is
+not collected until :meth:`FrozenHeap.release`, which training calls when it ends (also on an error), so a long-lived
+host such as ComfyUI gets its collector back as it was. Where something else already froze the heap, nothing is
+done (``gc.unfreeze`` would undo theirs too).
 """
 
 from __future__ import annotations

@@ -152,6 +152,111 @@ def fetch_linear_ops():
     return fetch_linear, fetch_linear_grad
 
 
+BLOCK_FETCH_ENV = "QWEN_ZERO_PRIOR_BLOCK_FETCH"
+
+
+def block_fetch_from_env() -> bool:
+    """``QWEN_ZERO_PRIOR_BLOCK_FETCH``: 1 fetches a recomputed streamed block's weights as one before each of its
+    runs (:class:`StreamedBlock`), 0 (the default, also unset) one fetch per layer and use. Off by default until an
+    H200 run at 24 GiB shows it fits and is faster (docs/benchmarks.md, "Session 21")."""
+    import os
+
+    raw = os.environ.get(BLOCK_FETCH_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{BLOCK_FETCH_ENV}={raw!r}: expected 1 (fetch a streamed block's weights as one) or 0 (one "
+                         "fetch per layer, the default)")
+    return raw == "1"
+
+
+class StreamedBlock:
+    """The streamed layers of one recomputed transformer block, fetched together before each run of the block.
+
+    Per layer, a streamed block fetches its weight once in the forward, once in its recomputation and once more in
+    the backward, each fetch Python (a custom op in a compiled block, the prefetcher's bookkeeping, a copy, events)
+    of ~0.3-0.4 ms of host time on an H200 (a profiled step): with 56 of Qwen-Image's 60 blocks streamed, about
+    2,200 fetches a step while the GPU waited for the host. Here the transformer's checkpoint function
+    (:func:`_checkpoint_fetching`) runs such a block through :func:`_run_fetched`, which, in eager code before each
+    run (the forward and the recomputation), fetches every layer's weight through one range of the prefetcher's ring
+    (``parts``: copied as one, one event), casts each to the compute dtype and hands it to its layer (the
+    ``fetched`` buffer, a graph input of a compiled block), and takes it back when the block returns or stops
+    (checkpointing's early stop raises inside it). The backward uses the weights autograd saved from the
+    recomputation (one block's, ~0.6 GiB for Qwen-Image, while that block's backward runs) instead of fetching
+    them again. Outside a checkpointed run (sampling) the layers fetch one by one, as before.
+
+    A first version handed the weights over in a forward pre-hook inside the compiled region; dynamo replays such
+    attribute writes as it pleases, and checkpointing's early stop skipped the forward hook that took them back:
+    every block kept its weights (out of memory on an H200 at 24 GiB)."""
+
+    def __init__(self, layers: list, device: torch.device):
+        self.layers = list(layers)
+        self.parts = tuple(layer.stored for layer in self.layers)
+        self.device = torch.device(device)
+
+    @property
+    def prefetcher(self):
+        return self.layers[0].prefetcher
+
+    def materialize(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Every layer's weight on the device in ``dtype`` (unscaled, as :meth:`OffloadedLinear.materialize`), each
+        a new tensor: the ring's range is released once the casts are queued."""
+        pf = self.prefetcher
+        if pf is None:
+            raws, done = [t.to(self.device, non_blocking=True) for t in self.parts], no_release
+        else:
+            raws, done = pf.fetch(self)
+        try:
+            return [r.to(dtype, copy=True) for r in raws]
+        finally:
+            done()
+
+
+def _run_fetched(block: nn.Module, *args, **kwargs):
+    """``block(*args, **kwargs)`` with its streamed layers' weights fetched as one for this run
+    (:class:`StreamedBlock`), taken back however the run ends."""
+    sb = block._zp_streamed_block
+    dtype = (torch.get_autocast_dtype(sb.device.type) if torch.is_autocast_enabled(sb.device.type)
+             else sb.layers[0].compute_dtype)
+    for layer, w in zip(sb.layers, sb.materialize(dtype)):
+        layer.fetched = w
+    try:
+        return block(*args, **kwargs)
+    finally:
+        for layer in sb.layers:
+            layer.fetched = None
+
+
+def _checkpoint_fetching(tr: nn.Module) -> None:
+    """``tr``'s checkpoint function runs a block with a :class:`StreamedBlock` through :func:`_run_fetched` (its
+    forward, and its recomputation, which checkpointing runs through the same function)."""
+    func = getattr(tr, "_gradient_checkpointing_func", None)
+    if func is None or getattr(func, "_zp_fetching", False):
+        return
+
+    def checkpoint_fetching(fn, *args, **kwargs):
+        if getattr(fn, "_zp_streamed_block", None) is not None:
+            return func(functools.partial(_run_fetched, fn), *args, **kwargs)
+        return func(fn, *args, **kwargs)
+
+    checkpoint_fetching._zp_fetching = True
+    tr._gradient_checkpointing_func = checkpoint_fetching
+
+
+def install_block_fetch(tr: nn.Module, blocks, device: torch.device) -> int:
+    """Fetch each of ``blocks``' streamed layers as one where ``tr`` recomputes its blocks (gradient checkpointing
+    on) and ``QWEN_ZERO_PRIOR_BLOCK_FETCH=1``; returns how many blocks were set up."""
+    if not getattr(tr, "is_gradient_checkpointing", False) or not block_fetch_from_env():
+        return 0
+    n = 0
+    for block in blocks:
+        layers = [m for m in block.modules() if isinstance(m, OffloadedLinear) and m.streamed]
+        if layers:
+            block._zp_streamed_block = StreamedBlock(layers, device)  # (a plain attribute; module copies carry it)
+            n += 1
+    if n:
+        _checkpoint_fetching(tr)
+    return n
+
+
 def _fetch_linear(x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """The op's call through ``torch.ops`` (what dynamo traces as an op): :func:`fetch_linear_ops` registers it."""
     return getattr(getattr(torch.ops, _FETCH_NS), _FETCH_OP)(x, stored)
@@ -165,7 +270,10 @@ class OffloadedLinear(nn.Module):
     backward) and applies the row scale to the output (``x @ (diag(s) Wq)ᵀ = (x @ Wqᵀ) diag(s)``), so a compiled block
     fuses the scale into what follows and the per-use cast is one kernel. Streamed, it fetches the weight in an
     autograd function (:class:`_FetchMatmul`), through the prefetcher where there is one; in a compiled block through
-    the equivalent custom op (:func:`fetch_linear_ops`), which dynamo keeps opaque."""
+    the equivalent custom op (:func:`fetch_linear_ops`), which dynamo keeps opaque; where its block's weights were
+    fetched as one for this run (:class:`StreamedBlock`), with the weight in its ``fetched`` buffer."""
+
+    parts = None  # to the prefetcher, one weight (``stored``); a StreamedBlock has several
 
     def __init__(self, linear: nn.Linear, device: torch.device, *, fp8: bool, on_gpu: bool,
                  pinned: PinnedPack | None = None):
@@ -208,6 +316,9 @@ class OffloadedLinear(nn.Module):
             linear.bias.detach().to(self.device, self.compute_dtype if linear.bias.dtype.itemsize < 2 else None),
             requires_grad=False)
         self.prefetcher = None  # set by apply_offload for the layers it streams (prefetch.WeightPrefetcher)
+        # the weight its block fetched for the block's current run (StreamedBlock), in the compute dtype and unscaled;
+        # a buffer, so a compiled block takes it as an input (not saved with the model)
+        self.register_buffer("fetched", None, persistent=False)
         # set by apply_offload for the transformer's blocks, which offload always recomputes (gradient
         # checkpointing): inside a compiled graph the per-use cast is then traced (see forward)
         self.cast_in_graph = False
@@ -255,7 +366,12 @@ class OffloadedLinear(nn.Module):
         # directly rather than in float32 and cast again by autocast
         if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        if self.streamed and torch.compiler.is_compiling():  # the block compiles whole: the fetch is an opaque op
+        if self.fetched is not None:  # fetched with the rest of its block for this run (StreamedBlock)
+            w = self.fetched
+            y = torch.nn.functional.linear(x if x.dtype == w.dtype else x.to(w.dtype), w)
+            if self.out_scale is not None:
+                y = y * self.out_scale.to(y.dtype)
+        elif self.streamed and torch.compiler.is_compiling():  # the block compiles whole: the fetch is an opaque op
             y = _fetch_linear(x, self.stored)
             if self.out_scale is not None:  # autograd scales dy by it before the op's backward, as _FetchMatmul does
                 y = y * self.out_scale.to(y.dtype)
@@ -444,6 +560,7 @@ def _convert_blocks(tr: nn.Module, device: torch.device, streamed_ids: set[int],
         layer.cast_in_graph = recomputed
         _set(tr, name, layer)
         converted["resident" if on_gpu else "streamed"] += 1
+    install_block_fetch(tr, [tr.transformer_blocks[i] for i in sorted(streamed_ids)], device)
     return converted
 
 

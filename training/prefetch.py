@@ -65,9 +65,9 @@ class _Range:
 class WeightPrefetcher:
     """Copies the weights of streamed layers into a fixed GPU ring buffer ahead of use (see the module docstring).
 
-    ``fetch(owner)`` returns ``(tensor, done)``: the owner's stored weight on ``device`` and a callable to call
-    once the kernels reading it are queued. ``begin_step()`` starts a training step: the order recorded since the
-    last one becomes the order to prefetch in.
+    ``fetch(owner)`` returns ``(tensor, done)``: the owner's stored weight on ``device`` (a list of them for an owner
+    with ``parts``, copied as one range) and a callable to call once the kernels reading it are queued.
+    ``begin_step()`` starts a training step: the order recorded since the last one becomes the order to prefetch in.
     """
 
     def __init__(self, device: torch.device, arena_bytes: int, share: bool = True):
@@ -137,15 +137,17 @@ class WeightPrefetcher:
                 rng.out += 1
                 if self.cuda:
                     torch.cuda.current_stream(self.device).wait_event(rng.ready)
-                tensor = self._view(rng, owner.stored)
+                tensor = self._view(rng, owner)
                 self._top_up()
                 return tensor, self._release_once(rng)
             self._next = max(self._next, self._pos)  # copied at use below: the copies go on from the next one
         else:  # not in the rest of the last step's order: copied at use; the order resumes where a layer matches
             self._abandon()
         self.misses += 1
-        self.bytes_copied += owner.stored.numel() * owner.stored.element_size()
-        tensor = owner.stored.to(self.device, non_blocking=True)
+        parts = _parts(owner)
+        self.bytes_copied += sum(t.numel() * t.element_size() for t in parts)
+        tensor = [t.to(self.device, non_blocking=True) for t in parts]
+        tensor = tensor if _is_multi(owner) else tensor[0]
         self._top_up()  # the next layers' copies start now (after a weight too large for the ring, say)
         return tensor, no_release
 
@@ -207,9 +209,10 @@ class WeightPrefetcher:
             self._next += 1
             self.shared += 1
             return True
-        src = owner.stored
-        nbytes = src.numel() * src.element_size()
-        size = -(-nbytes // _ALIGN) * _ALIGN
+        parts = _parts(owner)
+        offsets, span = _layout(parts)
+        nbytes = sum(t.numel() * t.element_size() for t in parts)
+        size = -(-span // _ALIGN) * _ALIGN
         if size > self.arena_bytes:
             logger.debug("prefetch: a %d-byte weight does not fit the %d-byte arena; copied at use", nbytes,
                          self.arena_bytes)
@@ -225,11 +228,13 @@ class WeightPrefetcher:
                 for r in overlapping:
                     if r.release is not None:
                         self.copy_stream.wait_event(r.release)
-                self._view(rng, src).copy_(src, non_blocking=True)
+                for t, off in zip(parts, offsets):
+                    self._at(rng.start + off, t).copy_(t, non_blocking=True)
                 rng.ready = torch.cuda.Event()
                 rng.ready.record(self.copy_stream)
         else:
-            self._view(rng, src).copy_(src)
+            for t, off in zip(parts, offsets):
+                self._at(rng.start + off, t).copy_(t)
         for r in overlapping:
             r.alive = False
         self.bytes_copied += nbytes
@@ -239,9 +244,36 @@ class WeightPrefetcher:
         self._next += 1
         return True
 
-    def _view(self, rng: _Range, like: torch.Tensor) -> torch.Tensor:
+    def _view(self, rng: _Range, owner):
+        """``owner``'s weight(s) where ``rng`` holds them: one tensor, or a list for an owner with ``parts``."""
+        if not _is_multi(owner):
+            return self._at(rng.start, owner.stored)
+        parts = owner.parts
+        return [self._at(rng.start + off, t) for t, off in zip(parts, _layout(parts)[0])]
+
+    def _at(self, start: int, like: torch.Tensor) -> torch.Tensor:
         nbytes = like.numel() * like.element_size()
-        return self.arena[rng.start:rng.start + nbytes].view(like.dtype).view(like.shape)
+        return self.arena[start:start + nbytes].view(like.dtype).view(like.shape)
+
+
+def _is_multi(owner) -> bool:
+    """An owner of several weights fetched as one (``parts``: a streamed block's layers, offload.StreamedBlock)
+    rather than one (``stored``)."""
+    return getattr(owner, "parts", None) is not None
+
+
+def _parts(owner) -> tuple:
+    return owner.parts if _is_multi(owner) else (owner.stored,)
+
+
+def _layout(parts) -> tuple[tuple[int, ...], int]:
+    """Each part's byte offset in one range (each aligned) and the bytes the range spans."""
+    offsets, at = [], 0
+    for t in parts:
+        at = -(-at // _ALIGN) * _ALIGN
+        offsets.append(at)
+        at += t.numel() * t.element_size()
+    return tuple(offsets), at
 
 
 def no_release() -> None:
