@@ -1068,12 +1068,21 @@ def run_capped(args, device, dtype, res) -> dict:
         res["plan"] = {"mode": plan.mode, "reason": plan.reason, "layout": plan.layout, "need_gib": plan.need_gib}
         print(f"memory plan: {plan.reason}", flush=True)
         settings.update(offload=on_cuda and plan.offload, gradient_checkpointing=plan.gradient_checkpointing)
-    if args.block_fetch is not None:  # bench knob: a recomputed streamed block's weights fetched as one, or per layer
-        from qwen_zero_prior.training.offload import BLOCK_FETCH_ENV
+    from qwen_zero_prior.training.offload import BLOCK_FETCH_ENV
 
-        os.environ[BLOCK_FETCH_ENV] = str(args.block_fetch)
-    trainer = project_trainer(pipe, args, work, text_encoder_storage=args.offload_te, layout=args.offload_layout,
-                              **settings)
+    was = os.environ.get(BLOCK_FETCH_ENV)
+    try:
+        if args.block_fetch is not None:  # bench knob: a recomputed streamed block's weights fetched as one, or not
+            os.environ[BLOCK_FETCH_ENV] = str(args.block_fetch)
+        trainer = project_trainer(pipe, args, work, text_encoder_storage=args.offload_te, layout=args.offload_layout,
+                                  **settings)  # (offload reads the variable while it converts the blocks)
+    finally:
+        if was is None:
+            os.environ.pop(BLOCK_FETCH_ENV, None)
+        else:
+            os.environ[BLOCK_FETCH_ENV] = was
+    block_fetch = any(getattr(b, "_zp_streamed_block", None) is not None
+                      for b in getattr(trainer.backend.pipe.transformer, "transformer_blocks", ()))
     res["offload"] = trainer.backend.offload_summary
     if args.prefetch_share is not None and trainer.backend._prefetcher is not None:
         # bench-only: a weight's second close use served from its first's ring range (the default) or copied again
@@ -1134,7 +1143,7 @@ def run_capped(args, device, dtype, res) -> dict:
          "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 1) if on_cuda else None,
          "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
          "ms": [round(m, 1) for m in ms], "host_ms": [round(m, 1) for m in host_ms], "gc": gct.report(),
-         "gc_freeze": bool(args.gc_freeze), "block_fetch": os.environ.get("QWEN_ZERO_PRIOR_BLOCK_FETCH", "") == "1",
+         "gc_freeze": bool(args.gc_freeze), "block_fetch": block_fetch,
          "n": len(ms), "peak_mem_gib": peak_mem,
          "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None,
          **extra}

@@ -34,8 +34,8 @@ def test_bench_main_and_capped_paths(tmp_path):
     assert row["ms_median"] > 0
     # on a CPU nothing is offloaded: no prefetcher, no allocator stats, and the name says what was asked
     assert row["prefetch"] is None and row["alloc_retries"] is None and "prefetch 0 GiB" in row["name"]
-    # per step: wall and host milliseconds (on a CPU the same), and Python's collections while timing
-    assert len(row["ms"]) == len(row["host_ms"]) == 2 and row["ms"] == row["host_ms"]
+    # per step: wall and host milliseconds, and Python's collections while timing
+    assert len(row["ms"]) == len(row["host_ms"]) == 2 and min(row["host_ms"]) > 0
     assert row["gc_freeze"] is True and len(row["gc"]["collections"]) == 3 and len(row["gc"]["ms"]) == 3
 
 

@@ -650,7 +650,8 @@ def test_pinned_pack_copies_are_page_locked_on_cuda():
     assert got.is_pinned() and got.device.type == "cpu" and torch.equal(got.float(), w.cpu().float())
 
 
-def test_block_fetch_keeps_no_weight_after_the_backward(tiny_pipe, monkeypatch):
+@pytest.mark.parametrize("compiled,early_stop", [(True, True), (False, True), (True, False)])
+def test_block_fetch_keeps_no_weight_after_the_backward(tiny_pipe, monkeypatch, compiled, early_stop):
     """QWEN_ZERO_PRIOR_BLOCK_FETCH=1: a recomputed streamed block's weights, fetched as one before each run
     (StreamedBlock), live while that run and the backward that needs them do, then are freed: none is alive when the
     next block's are fetched in the backward, none after it, no layer keeps one. Checkpointing's early stop (on, the
@@ -684,8 +685,9 @@ def test_block_fetch_keeps_no_weight_after_the_backward(tiny_pipe, monkeypatch):
         return out
 
     monkeypatch.setattr(StreamedBlock, "materialize", materialize)
-    for b in blocks:
-        b.compile(fullgraph=True, backend="aot_eager")
+    if compiled:
+        for b in blocks:
+            b.compile(fullgraph=True, backend="aot_eager")
     layers = [m for m in tr.modules() if isinstance(m, offload.OffloadedLinear) and m.streamed]
     for step in range(2):
         refs.clear()
@@ -696,7 +698,8 @@ def test_block_fetch_keeps_no_weight_after_the_backward(tiny_pipe, monkeypatch):
                  encoder_hidden_states_mask=torch.ones(1, 8, dtype=torch.bool), timestep=torch.tensor([0.5]),
                  img_shapes=[(1, 4, 4)], return_dict=False)[0]
         assert all(m.fetched is None for m in layers)
-        out.float().pow(2).mean().backward()
+        with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+            out.float().pow(2).mean().backward()
         # two fetches a block (forward, recomputation); no earlier block's weights alive at a fetch
         assert len(alive_at_fetch) == 2 * len(blocks) and alive_at_fetch == [0] * len(alive_at_fetch), alive_at_fetch
         assert len(refs) == len(alive_at_fetch) * len(layers) // len(blocks)
@@ -709,3 +712,55 @@ def test_block_fetch_keeps_no_weight_after_the_backward(tiny_pipe, monkeypatch):
             block_fetch_from_env()
     monkeypatch.delenv(BLOCK_FETCH_ENV)
     assert block_fetch_from_env() is False  # off by default until measured on a GPU
+
+
+def test_a_fetched_weight_follows_the_input_dtype_as_the_per_layer_fetch_does():
+    """A layer whose block fetched its weight in one dtype but whose input has another (a float32 layer fed bf16)
+    computes in the input's dtype, with the same result as its per-layer fetch (which materializes the weight in the
+    input's dtype); the row scale applies as there."""
+    lin = torch.nn.Linear(16, 8, bias=True)
+    off = OffloadedLinear(lin, torch.device("cpu"), fp8=True, on_gpu=False)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    per_layer = off(x)
+    assert off.compute_dtype == torch.float32 and per_layer.dtype == torch.bfloat16
+    off.fetched = off.stored.to(torch.float32)  # as StreamedBlock.materialize(float32) gives it: unscaled
+    try:
+        fetched = off(x)
+    finally:
+        off.fetched = None
+    assert fetched.dtype == torch.bfloat16 and torch.equal(fetched, per_layer)
+
+
+def test_block_fetch_falls_back_to_layers_where_a_block_does_not_fit_the_ring(tiny_pipe, monkeypatch, caplog):
+    """A streamed block larger than the prefetcher's ring cannot be copied ahead as one range: its layers are then
+    fetched one by one (as with QWEN_ZERO_PRIOR_BLOCK_FETCH=0), with one warning naming the sizes and the setting."""
+    import logging
+
+    from qwen_zero_prior.training.lora import add_lora
+    from qwen_zero_prior.training.offload import BLOCK_FETCH_ENV, StreamedBlock, block_bytes_fp8
+
+    monkeypatch.setenv(BLOCK_FETCH_ENV, "1")
+    pipe = tiny_pipe
+    tr = pipe.transformer
+    add_lora(tr, 4, 4, ["to_q", "to_k", "to_v"], seed=0)
+    tr.enable_gradient_checkpointing()
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    ring = 0.5 * block_bytes_fp8(tr) / 2**30  # half a block
+    apply_offload(pipe, torch.device("cpu"), emb.numel() * emb.element_size() / 2**30 + ring, reserve_gib=0,
+                  text_encoder="bf16", prefetch_gib=ring)
+    assert all(isinstance(b._zp_streamed_block, StreamedBlock) for b in tr.transformer_blocks)
+    calls = []
+    monkeypatch.setattr(StreamedBlock, "materialize", lambda self, dtype: calls.append(1))
+    x = torch.randn(1, 16, tr.config.in_channels)
+    ehs = torch.randn(1, 8, tr.config.joint_attention_dim)
+    with caplog.at_level(logging.WARNING, logger="qwen_zero_prior.training.offload"):
+        for _ in range(2):
+            prefetcher_of(tr).begin_step()
+            out = tr(hidden_states=x, encoder_hidden_states=ehs,
+                     encoder_hidden_states_mask=torch.ones(1, 8, dtype=torch.bool), timestep=torch.tensor([0.5]),
+                     img_shapes=[(1, 4, 4)], return_dict=False)[0]
+            out.float().pow(2).mean().backward()
+    assert not calls and prefetcher_of(tr).stats()["hits"] > 0  # the layers' own fetches, from the ring
+    warned = [r.getMessage() for r in caplog.records if "do not fit" in r.getMessage()]
+    assert len(warned) == len(tr.transformer_blocks), warned  # once per block
+    assert "model.offload_prefetch_gib >=" in warned[0]

@@ -188,9 +188,28 @@ class StreamedBlock:
     every block kept its weights (out of memory on an H200 at 24 GiB)."""
 
     def __init__(self, layers: list, device: torch.device):
+        from .prefetch import _layout
+
         self.layers = list(layers)
         self.parts = tuple(layer.stored for layer in self.layers)
         self.device = torch.device(device)
+        self.span = _layout(self.parts)[1]  # bytes of the one range it takes in the prefetcher's ring
+        self._warned = False
+
+    def usable(self) -> bool:
+        """Whether its weights fit the prefetcher's ring as one range (or there is no ring: copied at use). A block
+        larger than the ring would be copied at use on the compute stream each run, and the copies after it would
+        wait for it: then the layers fetch one by one, as without block fetching (warned once)."""
+        pf = self.prefetcher
+        if pf is None or self.span <= pf.arena_bytes:
+            return True
+        if not self._warned:
+            self._warned = True
+            logger.warning("offload: a streamed block's weights (%.2f GiB) do not fit the %.2f GiB ring buffer as one "
+                           "range: its layers are fetched one by one (QWEN_ZERO_PRIOR_BLOCK_FETCH=1 needs "
+                           "model.offload_prefetch_gib >= %.2f)", self.span / 2**30, pf.arena_bytes / 2**30,
+                           self.span / 2**30)
+        return False
 
     @property
     def prefetcher(self):
@@ -214,6 +233,10 @@ def _run_fetched(block: nn.Module, *args, **kwargs):
     """``block(*args, **kwargs)`` with its streamed layers' weights fetched as one for this run
     (:class:`StreamedBlock`), taken back however the run ends."""
     sb = block._zp_streamed_block
+    if not sb.usable():
+        return block(*args, **kwargs)
+    # the dtype the layers compute in (their forward casts the input to autocast's; a layer whose input has another
+    # dtype still casts the weight to it)
     dtype = (torch.get_autocast_dtype(sb.device.type) if torch.is_autocast_enabled(sb.device.type)
              else sb.layers[0].compute_dtype)
     for layer, w in zip(sb.layers, sb.materialize(dtype)):
@@ -367,8 +390,8 @@ class OffloadedLinear(nn.Module):
         if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.fetched is not None:  # fetched with the rest of its block for this run (StreamedBlock)
-            w = self.fetched
-            y = torch.nn.functional.linear(x if x.dtype == w.dtype else x.to(w.dtype), w)
+            w = self.fetched  # in the input's dtype, as the per-layer fetch materializes it (rarely another: cast)
+            y = torch.nn.functional.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
             if self.out_scale is not None:
                 y = y * self.out_scale.to(y.dtype)
         elif self.streamed and torch.compiler.is_compiling():  # the block compiles whole: the fetch is an opaque op
