@@ -778,13 +778,15 @@ def _has_fp8_backward_copies(transformer) -> bool:
 
 def _undo_compile_rewrites(transformer) -> None:
     """Plain diffusers RoPE and GELU again (the trainer installs their fusable forms with ``model.compile``), and
-    diffusers' own 2.1 attention processor (the trainer's sends the image's queries to ``model.attention_backend``):
-    the baseline runs diffusers' own code, and eagerly the rewrites would only cost memory."""
-    from qwen_zero_prior.training import attention21, gelu, lora_shared, rope
+    diffusers' own attention processors (the trainer's send 2.1's image queries to ``model.attention_backend`` and
+    run q/k/v's LoRA A products as one matmul): the baseline runs diffusers' own code, and eagerly the rewrites would
+    only cost memory."""
+    from qwen_zero_prior.training import attention21, attention_qwen, gelu, lora_shared, rope
 
     rope.uninstall()
     gelu.uninstall(transformer)
     attention21.uninstall(transformer)
+    attention_qwen.uninstall(transformer)
     lora_shared.uninstall_swiglu(transformer)
 
 
@@ -893,9 +895,10 @@ def run_variants(args, device, dtype, res) -> dict:
         for blk in tr.transformer_blocks:
             blk._compiled_call_impl = None
         tr.disable_gradient_checkpointing()  # an earlier variant's; the trainer turns it on where configured
-        from qwen_zero_prior.training import attention21, lora_shared
+        from qwen_zero_prior.training import attention21, attention_qwen, lora_shared
 
         attention21.uninstall(tr)  # an earlier variant's 2.1 processor (compile or its attention_backend)
+        attention_qwen.uninstall(tr)  # an earlier compiled variant's Qwen-Image processor
         lora_shared.uninstall_swiglu(tr)
         torch._dynamo.reset()
         _fresh_tokenizer(pipe)
@@ -963,7 +966,7 @@ def run_variants(args, device, dtype, res) -> dict:
              "warmup_s": round(warm_s, 1), "text_tokens": text_len_of(trainer), **phases,
              **memory_fields(pipe, trainer.cfg.model, args, device), "memory_cap_gib": args.memory_cap_gib or None,
              **({"rope": rope_form} if rope_form else {}),
-             **({"fused_lora": bool(fused_lora)} if rope_form and args.family == "qwen-image-2.1" else {}),
+             **({"fused_lora": bool(fused_lora)} if rope_form else {}),
              **({"fp8_backward_copy": _has_fp8_backward_copies(pipe.transformer)}
                 if trainer.cfg.model.fp8_matmul else {})}
         if args.trace and device.type == "cuda":
@@ -1165,8 +1168,8 @@ def main(argv=None) -> int:
                    'process capped; "real_rope=0": diffusers\' complex RoPE under compile (rewritten in real '
                    'arithmetic by default); "layout_cache=0": Qwen-Image 2.1 through diffusers\' forward each step '
                    '(flow21.forward_t2i by default); "fp8_backward_copy=0": no fp8 backward copies (kept by default '
-                   'where the memory plan fits them; "force": kept whatever the plan says); "fused_lora=0": each LoRA\'s A product on its own, as peft (2.1 fuses '
-                   'those of layers sharing an input under compile)')
+                   'where the memory plan fits them; "force": kept whatever the plan says); "fused_lora=0": each LoRA\'s A product on its own, as peft (under compile '
+                   'the layers sharing an input fuse theirs: q/k/v of each stream, and 2.1\'s gate/proj)')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--res", type=int, default=1024)

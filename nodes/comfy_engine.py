@@ -208,7 +208,11 @@ class DiffusersEngine:
         self.compiled = bool(m.compile)
         self.recompute = bool(recompute)
         self.reduce_overhead = m.compile and m.compile_mode == "reduce-overhead"
-        accelerate_transformer(self.transformer, m, QWEN_IMAGE_FP8, compute_dtype=dtype)
+        from ..training import attention_qwen
+
+        # with model.compile, each stream's q/k/v LoRA A products as one matmul (attention_qwen.py), as the core
+        accelerate_transformer(self.transformer, m, QWEN_IMAGE_FP8, compute_dtype=dtype,
+                               rewrites=lambda: attention_qwen.install(self.transformer))
         self.fp8_layers = sum(isinstance(mod, Fp8Linear) for mod in self.transformer.modules())
         # (not around max-autotune, whose own CUDA graphs would be captured inside)
         self.graphs = self._whole_graphs(device) if self.compiled and not self.reduce_overhead and not recompute \

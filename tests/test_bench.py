@@ -413,9 +413,11 @@ def test_node_kernel_profile_knob_and_its_table_in_the_bench_json(monkeypatch):
     assert table[-1] == "Self CUDA time total: 20.0ms" and not any("Prompt executed" in line for line in table)
 
 
-def test_2_1_fused_lora_key_runs_peft_alone_and_is_recorded(tmp_path, monkeypatch):
-    """--variant "... fused_lora=0": the compiled 2.1 step with each LoRA's A product on its own (as peft), recorded
-    in the row; the default row records the shared-input LoRA (lora_shared.py) on."""
+@pytest.mark.parametrize("family", ["qwen-image", "qwen-image-2.1"])
+def test_fused_lora_key_runs_peft_alone_and_is_recorded(tmp_path, monkeypatch, family):
+    """--variant "... fused_lora=0": the compiled step with each LoRA's A product on its own (as peft), recorded in
+    the row; the default row records the shared-input LoRA (lora_shared.py) on: Qwen-Image's q/k/v of each stream
+    (attention_qwen.py), 2.1's q/k/v and gate/proj."""
     import os
 
     import torch
@@ -437,20 +439,20 @@ def test_2_1_fused_lora_key_runs_peft_alone_and_is_recorded(tmp_path, monkeypatc
     monkeypatch.setattr(lora_shared, "project", spy)
     out = tmp_path / "f.json"
     try:
-        _run_fused_lora_variants(bench_step, counts, out, tmp_path)
+        _run_fused_lora_variants(bench_step, counts, out, tmp_path, family)
     finally:
         rope.uninstall()  # the compiled variants routed diffusers' RoPE (training/rope.py): leave it as found
     rows = [json.loads(p.read_text())["rows"][0] for p in (out, tmp_path / "g.json")]
     assert [r["fused_lora"] for r in rows] == [False, True]
 
 
-def _run_fused_lora_variants(bench_step, counts, out, tmp_path):
-    assert bench_step.main(["--family", "qwen-image-2.1", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
+def _run_fused_lora_variants(bench_step, counts, out, tmp_path, family):
+    assert bench_step.main(["--family", family, "--size", "tiny", "--device", "cpu", "--dtype", "float32",
                             "--res", "64", "--rank", "4", "--warmup", "0", "--iters", "1", "--mode", "variants",
                             "--variant", "compile=1 fused_lora=0", "--out", str(out)]) == 0
     assert counts[0] > 0 and counts[1] == 0  # every shared-input call ran peft's way
     counts.zero_()
-    assert bench_step.main(["--family", "qwen-image-2.1", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
+    assert bench_step.main(["--family", family, "--size", "tiny", "--device", "cpu", "--dtype", "float32",
                             "--res", "64", "--rank", "4", "--warmup", "0", "--iters", "1", "--mode", "variants",
                             "--variant", "compile=1", "--out", str(tmp_path / "g.json")]) == 0
     assert counts[0] > 0 and counts[1] == counts[0]

@@ -227,7 +227,11 @@ class DiffusersBackend(TrainBackend):
         self.pipe.transformer.set_attention_backend(backend)
 
     def _compile_rewrites(self) -> None:
-        """The family's own forms of its modules for ``model.compile`` (none for Qwen-Image)."""
+        """The family's own forms of its modules for ``model.compile``: for Qwen-Image, each stream's q/k/v LoRA ``A``
+        products as one matmul (``attention_qwen.py``; peft's numbers)."""
+        from . import attention_qwen
+
+        attention_qwen.install(self.pipe.transformer)
 
     def _make_prompts(self) -> None:
         m = self.cfg.model

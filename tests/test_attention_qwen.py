@@ -1,0 +1,131 @@
+"""attention_qwen: Qwen-Image's joint attention with each stream's q/k/v LoRA A products as one matmul (peft's
+numbers), installed with model.compile, and left out where diffusers' processor is not the one it follows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_zero_prior.training import attention_qwen
+from qwen_zero_prior.training.config import ATTENTION_TARGETS
+
+QKV = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}
+
+
+def _forward(tr, hidden, embeds, mask):
+    bsz, h, w = hidden.shape[0], 4, 4
+    return tr(hidden_states=hidden, timestep=torch.tensor([0.5, 0.7]), encoder_hidden_states=embeds,
+              encoder_hidden_states_mask=mask, img_shapes=[[(1, h // 2, w // 2)]] * bsz, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "padded-caption"])
+def test_shared_qkv_equals_peft_and_fuses_the_a_products(tiny_pipe, padded):
+    """The same output, input gradients and every lora_A / lora_B gradient as diffusers' processor with peft's
+    layers, with no lora_A of the six q/k/v projections called on its own (one product per stream instead)."""
+    from qwen_zero_prior.training.lora import add_lora
+
+    tr = tiny_pipe.transformer
+    add_lora(tr, rank=4, alpha=4, targets=ATTENTION_TARGETS, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for name, p in tr.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: give every adapter a visible contribution
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    hidden = torch.randn(2, 4, tr.config.in_channels, generator=g, requires_grad=True)
+    embeds = torch.randn(2, 5, tr.config.joint_attention_dim, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool) if padded else None
+    lora = {n: p for n, p in tr.named_parameters() if "lora_" in n}
+    called = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: called.append(n.split(".lora_A")[0].split(".")[-1]))
+             for n, m in tr.named_modules() if ".lora_A." in n]
+    runs = []
+    try:
+        for fused in (False, True):
+            if fused:
+                assert attention_qwen.install(tr) == len(tr.transformer_blocks)
+            for t in (hidden, embeds, *lora.values()):
+                t.grad = None
+            called.clear()
+            out = _forward(tr, hidden, embeds, mask)
+            out.square().sum().backward()
+            runs.append((out.detach(), hidden.grad.clone(), embeds.grad.clone(),
+                         {n: p.grad.clone() for n, p in lora.items() if p.grad is not None}, sorted(set(called))))
+    finally:
+        for h in hooks:
+            h.remove()
+    (ref, ref_dh, ref_de, ref_grads, ref_called), (got, got_dh, got_de, got_grads, got_called) = runs
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got_dh, ref_dh, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got_de, ref_de, rtol=1e-5, atol=1e-6)
+    # every adapter but the last block's to_add_out (the last block's text stream is not used) has a gradient
+    assert ref_grads.keys() == got_grads.keys() and len(ref_grads) == 2 * (8 * len(tr.transformer_blocks) - 1)
+    for n in ref_grads:
+        # fp32 rounding of other summation orders only
+        assert (got_grads[n] - ref_grads[n]).abs().max() <= 1e-5 * ref_grads[n].abs().max(), n
+        # the last block's text queries reach only its text output, which the model drops
+        unused = n.startswith(f"transformer_blocks.{len(tr.transformer_blocks) - 1}.attn.add_q_proj.")
+        assert (got_grads[n].abs().sum() > 0) != unused, n
+    assert set(ref_called) == QKV | {"0", "to_add_out"}  # peft: every adapter's A on its own ("0": to_out.0)
+    assert set(got_called) == {"0", "to_add_out"}  # the six q/k/v products fused
+    assert attention_qwen.uninstall(tr) == len(tr.transformer_blocks)
+    assert {type(b.attn.processor).__name__ for b in tr.transformer_blocks} == {"QwenDoubleStreamAttnProcessor2_0"}
+
+
+def test_install_keeps_the_attention_backend_and_uninstall_too(tiny_pipe):
+    tr = tiny_pipe.transformer
+    tr.set_attention_backend("_native_math")
+    assert attention_qwen.install(tr) == len(tr.transformer_blocks)
+    assert attention_qwen.install(tr) == 0  # already installed: nothing to do
+    procs = [b.attn.processor for b in tr.transformer_blocks]
+    assert {type(p).__name__ for p in procs} == {"SharedQkvAttnProcessor"}
+    assert {str(p._attention_backend.value) for p in procs} == {"_native_math"}
+    assert attention_qwen.uninstall(tr) == len(tr.transformer_blocks)
+    assert {str(b.attn.processor._attention_backend.value) for b in tr.transformer_blocks} == {"_native_math"}
+
+
+@pytest.mark.parametrize("version", ["0.41.2", "0.36.0"])
+def test_an_older_diffusers_keeps_its_own_processor(tiny_pipe, monkeypatch, version, caplog):
+    """Before 0.42 diffusers builds the joint mask elsewhere: its processor stays (logged), the step unchanged."""
+    import logging
+
+    import diffusers
+
+    monkeypatch.setattr(diffusers, "__version__", version)
+    with caplog.at_level(logging.INFO, logger=attention_qwen.__name__):
+        assert attention_qwen.install(tiny_pipe.transformer) == 0
+    assert f"diffusers {version}'s Qwen-Image attention processor is not the one followed here" in caplog.text
+    assert {type(b.attn.processor).__name__ for b in tiny_pipe.transformer.transformer_blocks} == {
+        "QwenDoubleStreamAttnProcessor2_0"}
+
+
+def test_a_changed_processor_signature_keeps_diffusers_processor(tiny_pipe, monkeypatch):
+    from diffusers.models.transformers import transformer_qwenimage as qi
+
+    def call(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+             attention_mask=None, image_rotary_emb=None, new_argument=None):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(qi.QwenDoubleStreamAttnProcessor2_0, "__call__", call)
+    assert not attention_qwen.supported()
+    assert attention_qwen.install(tiny_pipe.transformer) == 0
+
+
+def test_compile_installs_it_and_eager_training_does_not(tiny_pipe, dataset_dir, make_config, tmp_path):
+    import copy
+
+    from qwen_zero_prior.training import rope
+    from qwen_zero_prior.training.data import scan_dataset
+    from qwen_zero_prior.training.trainer import Trainer
+
+    examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+    eager = copy.deepcopy(tiny_pipe)
+    Trainer(make_config(steps=1), eager, examples, tmp_path / "eager")
+    assert {type(b.attn.processor).__name__ for b in eager.transformer.transformer_blocks} == {
+        "QwenDoubleStreamAttnProcessor2_0"}
+    cfg = make_config(steps=1)
+    cfg.model.compile = True
+    try:
+        Trainer(cfg, tiny_pipe, examples, tmp_path / "compiled")
+        assert {type(b.attn.processor).__name__ for b in tiny_pipe.transformer.transformer_blocks} == {
+            "SharedQkvAttnProcessor"}
+    finally:
+        rope.uninstall()

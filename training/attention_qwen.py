@@ -1,0 +1,140 @@
+"""Qwen-Image's joint attention with each stream's q/k/v LoRA ``A`` products as one matmul (``lora_shared.py``).
+
+diffusers' ``QwenDoubleStreamAttnProcessor2_0`` calls ``to_q``, ``to_k`` and ``to_v`` on the image stream's hidden
+states and ``add_q_proj``, ``add_k_proj`` and ``add_v_proj`` on the text stream's; with a LoRA on them (the default
+targets) peft runs six rank-r ``A`` products, each reading its input again, and in the backward six ``dA`` products
+and six rank-r input-gradient terms. :class:`SharedQkvAttnProcessor` computes each triple through
+``lora_shared.project``: one ``A`` product per stream each way, then each layer's own base layer, ``B`` and scaling
+(peft's numbers: the same products and casts, other kernels; the adapter, its export and checkpoints unchanged).
+Qwen-Image 2.1's processor (``attention21.py``) does the same for its one stream; there it took 4.4 ms off an H200
+step (docs/benchmarks.md, "Session 7").
+
+The code follows diffusers 0.42's ``QwenDoubleStreamAttnProcessor2_0.__call__``; it diverges only in the two
+projections. Older diffusers (0.36-0.41) differ in how the joint mask is built, so there :func:`install` leaves
+diffusers' processor in place (the same step, the A products one by one). The trainer installs it with
+``model.compile`` (as the RoPE and GELU rewrites), where the saved kernels matter.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+
+from . import lora_shared
+
+logger = logging.getLogger(__name__)
+
+_FOLLOWS = (0, 42)  # the diffusers release whose processor this one follows, and newer with the same signature
+
+
+@functools.cache  # one class: dynamo and isinstance checks see the same type on every block
+def _processor_class():
+    from diffusers.models.transformers import transformer_qwenimage as qi
+
+    class SharedQkvAttnProcessor(qi.QwenDoubleStreamAttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                     attention_mask=None, image_rotary_emb=None) -> tuple[torch.Tensor, torch.Tensor]:
+            if encoder_hidden_states is None or attention_mask is not None:  # diffusers' own errors
+                return super().__call__(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                        attention_mask, image_rotary_emb)
+            if encoder_hidden_states_mask is not None:
+                image_mask = torch.ones((hidden_states.shape[0], hidden_states.shape[1]), dtype=torch.bool,
+                                        device=hidden_states.device)
+                attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+            seq_txt = encoder_hidden_states.shape[1]
+            # the one change: each stream's three projections with their LoRA A products as one matmul
+            img_query, img_key, img_value = lora_shared.project(hidden_states, (attn.to_q, attn.to_k, attn.to_v))
+            txt_query, txt_key, txt_value = lora_shared.project(
+                encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            head_dim = attn.inner_dim // attn.heads
+            img_query, img_key, img_value, txt_query, txt_key, txt_value = (
+                t.unflatten(-1, (-1, head_dim)) for t in (img_query, img_key, img_value, txt_query, txt_key,
+                                                          txt_value))
+            if attn.norm_q is not None:
+                img_query = attn.norm_q(img_query)
+            if attn.norm_k is not None:
+                img_key = attn.norm_k(img_key)
+            if attn.norm_added_q is not None:
+                txt_query = attn.norm_added_q(txt_query)
+            if attn.norm_added_k is not None:
+                txt_key = attn.norm_added_k(txt_key)
+            if image_rotary_emb is not None:  # looked up at call time: rope.install may have routed it
+                img_freqs, txt_freqs = image_rotary_emb
+                img_query = qi.apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+                img_key = qi.apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+                txt_query = qi.apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+                txt_key = qi.apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+            joint_query = torch.cat([txt_query, img_query], dim=1)  # diffusers' order: [text, image]
+            joint_key = torch.cat([txt_key, img_key], dim=1)
+            joint_value = torch.cat([txt_value, img_value], dim=1)
+            joint = qi.dispatch_attention_fn(joint_query, joint_key, joint_value, attn_mask=attention_mask,
+                                             dropout_p=0.0, is_causal=False, backend=self._attention_backend,
+                                             parallel_config=self._parallel_config)
+            joint = joint.flatten(2, 3).to(joint_query.dtype)
+            img_out = attn.to_out[0](joint[:, seq_txt:, :].contiguous())
+            if len(attn.to_out) > 1:
+                img_out = attn.to_out[1](img_out)  # dropout
+            txt_out = attn.to_add_out(joint[:, :seq_txt, :].contiguous())
+            return img_out, txt_out
+
+    return SharedQkvAttnProcessor
+
+
+def supported() -> bool:
+    """Whether the installed diffusers' processor is the one this module follows (0.42's, or newer with the same
+    call signature)."""
+    import diffusers
+    from diffusers.models.transformers import transformer_qwenimage as qi
+    from packaging.version import Version
+
+    if Version(diffusers.__version__).release[:2] < _FOLLOWS:
+        return False
+    params = list(inspect.signature(qi.QwenDoubleStreamAttnProcessor2_0.__call__).parameters)
+    return params == ["self", "attn", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
+                      "attention_mask", "image_rotary_emb"]
+
+
+def install(transformer) -> int:
+    """Give each attention module of a ``QwenImageTransformer2DModel`` a :class:`SharedQkvAttnProcessor`, keeping
+    the attention backend and parallel config its processor had. Returns how many were set (0 on a diffusers whose
+    processor this module does not follow: diffusers' stays, logged)."""
+    blocks = [b for b in getattr(transformer, "transformer_blocks", ())
+              if type(getattr(getattr(b, "attn", None), "processor", None)).__name__ == "QwenDoubleStreamAttnProcessor2_0"]
+    if not blocks:
+        return 0
+    if not supported():
+        import diffusers
+
+        logger.info("shared-input LoRA: diffusers %s's Qwen-Image attention processor is not the one followed here "
+                    "(0.42's); its q/k/v LoRA products stay one by one", diffusers.__version__)
+        return 0
+    cls = _processor_class()
+    for block in blocks:
+        old = block.attn.processor
+        new = cls()
+        new._attention_backend = old._attention_backend  # set_attention_backend's choice, if any
+        new._parallel_config = old._parallel_config
+        block.attn.set_processor(new)
+    return len(blocks)
+
+
+def uninstall(transformer) -> int:
+    """diffusers' own processor again where :func:`install` put this module's (keeping the backend). Returns how
+    many were restored."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+    n = 0
+    for block in getattr(transformer, "transformer_blocks", ()):
+        old = getattr(getattr(block, "attn", None), "processor", None)
+        if type(old).__name__ == "SharedQkvAttnProcessor":
+            new = QwenDoubleStreamAttnProcessor2_0()
+            new._attention_backend, new._parallel_config = old._attention_backend, old._parallel_config
+            block.attn.set_processor(new)
+            n += 1
+    return n
+
+
+__all__ = ["install", "supported", "uninstall"]
