@@ -224,15 +224,25 @@ class GcTimer:
     def __init__(self):
         self.ms = [0.0, 0.0, 0.0]
         self.count = [0, 0, 0]
+        self.full: list[dict] = []  # each full collection: ms, objects it walked, what it freed
         self._t0 = 0.0
+        self._walked = 0
 
     def _cb(self, phase, info):
+        import gc
+
+        gen = info["generation"]
         if phase == "start":
+            # what a full collection walks (the frozen objects excluded), counted before its clock starts
+            self._walked = len(gc.get_objects(2)) if gen == 2 else 0
             self._t0 = time.perf_counter()
         else:
-            gen = info["generation"]
-            self.ms[gen] += (time.perf_counter() - self._t0) * 1000
+            ms = (time.perf_counter() - self._t0) * 1000
+            self.ms[gen] += ms
             self.count[gen] += 1
+            if gen == 2:
+                self.full.append({"ms": round(ms, 1), "walked": self._walked, "collected": info.get("collected"),
+                                  "uncollectable": info.get("uncollectable"), "frozen": gc.get_freeze_count()})
 
     def __enter__(self):
         import gc
@@ -246,7 +256,18 @@ class GcTimer:
         gc.callbacks.remove(self._cb)
 
     def report(self) -> dict:
-        return {"collections": list(self.count), "ms": [round(m, 1) for m in self.ms]}
+        return {"collections": list(self.count), "ms": [round(m, 1) for m in self.ms], "full": self.full}
+
+
+def collect_timed() -> dict:
+    """One full collection by hand: its milliseconds, the objects it walked (the frozen ones excluded) and freed."""
+    import gc
+
+    walked = len(gc.get_objects(2)) + len(gc.get_objects(1)) + len(gc.get_objects(0))
+    t0 = time.perf_counter()
+    collected = gc.collect()
+    return {"ms": round((time.perf_counter() - t0) * 1000, 1), "walked": walked, "collected": collected,
+            "frozen": gc.get_freeze_count()}
 
 
 def time_fn_host(fn, device, warmup: int, iters: int) -> tuple[list[float], list[float]]:
@@ -1110,6 +1131,7 @@ def run_capped(args, device, dtype, res) -> dict:
                 heap.freeze()
         with GcTimer() as gct:
             ms, host_ms = time_fn_host(trainer.train_step, device, args.warmup, args.iters)
+        gc_after = collect_timed()  # one full collection by hand, the heap as the timed steps left it
     finally:
         heap.release()
     med = statistics.median(ms)
@@ -1145,7 +1167,7 @@ def run_capped(args, device, dtype, res) -> dict:
          "alloc_retries": stats.get("num_alloc_retries"),
          "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 1) if on_cuda else None,
          "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
-         "ms": [round(m, 1) for m in ms], "host_ms": [round(m, 1) for m in host_ms], "gc": gct.report(),
+         "ms": [round(m, 1) for m in ms], "host_ms": [round(m, 1) for m in host_ms], "gc": {**gct.report(), "by_hand": gc_after},
          "gc_freeze": bool(args.gc_freeze), "block_fetch": block_fetch,
          "n": len(ms), "peak_mem_gib": peak_mem,
          "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None,
@@ -1195,7 +1217,7 @@ def main(argv=None) -> int:
                         "from the previous one's range while it is still in the ring (a recomputed block's backward)")
     p.add_argument("--block-fetch", type=int, choices=[0, 1], default=None,
                    help="--mode capped: 1 fetches a recomputed streamed block's weights as one before each run, 0 one "
-                        "layer at a time (sets QWEN_ZERO_PRIOR_BLOCK_FETCH; default: as set, else 0)")
+                        "layer at a time (sets QWEN_ZERO_PRIOR_BLOCK_FETCH; default: as set, else 1)")
     p.add_argument("--gc-freeze", type=int, choices=[0, 1], default=0,
                    help="--mode capped: 1 freezes Python's heap after each of the first steps, as training does "
                         "(training/heap.py), before the warm-up and timed steps; 0 leaves the collector as it is")

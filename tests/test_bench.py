@@ -37,6 +37,30 @@ def test_bench_main_and_capped_paths(tmp_path):
     # per step: wall and host milliseconds, and Python's collections while timing
     assert len(row["ms"]) == len(row["host_ms"]) == 2 and min(row["host_ms"]) > 0
     assert row["gc_freeze"] is True and len(row["gc"]["collections"]) == 3 and len(row["gc"]["ms"]) == 3
+    # a full collection by hand after the timed steps: the objects it walked (the heap is still frozen) and its time
+    by_hand = row["gc"]["by_hand"]
+    assert by_hand["frozen"] > by_hand["walked"] > 0 and by_hand["ms"] >= 0 and by_hand["collected"] >= 0
+
+
+def test_gc_timer_reports_each_full_collection():
+    """GcTimer: per generation, the collections and their time; per full collection, what it walked and freed."""
+    import gc
+
+    from bench.bench_step import GcTimer
+
+    class Cycle:
+        pass
+
+    with GcTimer() as t:
+        for _ in range(5):
+            c = Cycle()
+            c.me = c  # cyclic garbage only a collection frees
+        del c
+        gc.collect()
+    rep = t.report()
+    assert rep["collections"][2] == 1 and len(rep["full"]) == 1
+    full = rep["full"][0]
+    assert full["walked"] > 0 and full["collected"] >= 10 and full["ms"] >= 0  # 5 objects and their 5 __dict__s
 
 
 def test_trace_gaps_charges_idle_time_to_the_launching_range():

@@ -156,16 +156,17 @@ BLOCK_FETCH_ENV = "QWEN_ZERO_PRIOR_BLOCK_FETCH"
 
 
 def block_fetch_from_env() -> bool:
-    """``QWEN_ZERO_PRIOR_BLOCK_FETCH``: 1 fetches a recomputed streamed block's weights as one before each of its
-    runs (:class:`StreamedBlock`), 0 (the default, also unset) one fetch per layer and use. Off by default until an
-    H200 run at 24 GiB shows it fits and is faster (docs/benchmarks.md, "Session 21")."""
+    """``QWEN_ZERO_PRIOR_BLOCK_FETCH``: 1 (the default, also unset) fetches a recomputed streamed block's weights as
+    one before each of its runs (:class:`StreamedBlock`), 0 one fetch per layer and use (as before session 22). On an
+    H200 under a 24 GiB cap it took the offloaded step from 1366 to 1142 ms (text decoder on the GPU) and from 1703 to
+    1336 ms (streamed), peak 21.2 / 21.0 GiB against 20.8 / 20.7 (docs/benchmarks.md, "Session 22")."""
     import os
 
     raw = os.environ.get(BLOCK_FETCH_ENV, "").strip()
     if raw not in ("", "0", "1"):
-        raise ValueError(f"{BLOCK_FETCH_ENV}={raw!r}: expected 1 (fetch a streamed block's weights as one) or 0 (one "
-                         "fetch per layer, the default)")
-    return raw == "1"
+        raise ValueError(f"{BLOCK_FETCH_ENV}={raw!r}: expected 1 (fetch a streamed block's weights as one, the "
+                         "default) or 0 (one fetch per layer)")
+    return raw != "0"
 
 
 class StreamedBlock:
@@ -206,7 +207,7 @@ class StreamedBlock:
         if not self._warned:
             self._warned = True
             logger.warning("offload: a streamed block's weights (%.2f GiB) do not fit the %.2f GiB ring buffer as one "
-                           "range: its layers are fetched one by one (QWEN_ZERO_PRIOR_BLOCK_FETCH=1 needs "
+                           "range: its layers are fetched one by one (fetching a block as one needs "
                            "model.offload_prefetch_gib >= %.2f)", self.span / 2**30, pf.arena_bytes / 2**30,
                            self.span / 2**30)
         return False
@@ -266,7 +267,7 @@ def _checkpoint_fetching(tr: nn.Module) -> None:
 
 def install_block_fetch(tr: nn.Module, blocks, device: torch.device) -> int:
     """Fetch each of ``blocks``' streamed layers as one where ``tr`` recomputes its blocks (gradient checkpointing
-    on) and ``QWEN_ZERO_PRIOR_BLOCK_FETCH=1``; returns how many blocks were set up."""
+    on) and ``QWEN_ZERO_PRIOR_BLOCK_FETCH`` is not 0; returns how many blocks were set up."""
     if not getattr(tr, "is_gradient_checkpointing", False) or not block_fetch_from_env():
         return 0
     n = 0
