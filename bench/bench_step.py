@@ -219,7 +219,9 @@ def time_fn(fn, device, warmup: int, iters: int) -> list[float]:
 class GcTimer:
     """Python's garbage collections while active (``gc.callbacks``): count and milliseconds per generation. A full
     collection walks every tracked object of the process (a compiled 20B model's holds millions), so one can stall
-    a step's host work for long."""
+    a step's host work for long. Per full collection also the objects it walked (counted before its clock starts,
+    that count's time in ``count_ms``: part of the step's time, not of the collection's), and what it freed. On
+    Python 3.14's incremental collector automatic collections may not report generation 2."""
 
     def __init__(self):
         self.ms = [0.0, 0.0, 0.0]
@@ -227,14 +229,17 @@ class GcTimer:
         self.full: list[dict] = []  # each full collection: ms, objects it walked, what it freed
         self._t0 = 0.0
         self._walked = 0
+        self._count_ms = 0.0
 
     def _cb(self, phase, info):
         import gc
 
         gen = info["generation"]
         if phase == "start":
-            # what a full collection walks (the frozen objects excluded), counted before its clock starts
-            self._walked = len(gc.get_objects(2)) if gen == 2 else 0
+            if gen == 2:  # what a full collection walks (every generation, the frozen objects excluded), counted
+                t = time.perf_counter()  # before its clock starts; the count's own time is reported beside
+                self._walked = len(gc.get_objects())
+                self._count_ms = (time.perf_counter() - t) * 1000
             self._t0 = time.perf_counter()
         else:
             ms = (time.perf_counter() - self._t0) * 1000
@@ -242,7 +247,8 @@ class GcTimer:
             self.count[gen] += 1
             if gen == 2:
                 self.full.append({"ms": round(ms, 1), "walked": self._walked, "collected": info.get("collected"),
-                                  "uncollectable": info.get("uncollectable"), "frozen": gc.get_freeze_count()})
+                                  "uncollectable": info.get("uncollectable"), "frozen": gc.get_freeze_count(),
+                                  "count_ms": round(self._count_ms, 1)})  # (in the step's time, not in "ms")
 
     def __enter__(self):
         import gc
@@ -263,7 +269,7 @@ def collect_timed() -> dict:
     """One full collection by hand: its milliseconds, the objects it walked (the frozen ones excluded) and freed."""
     import gc
 
-    walked = len(gc.get_objects(2)) + len(gc.get_objects(1)) + len(gc.get_objects(0))
+    walked = len(gc.get_objects())
     t0 = time.perf_counter()
     collected = gc.collect()
     return {"ms": round((time.perf_counter() - t0) * 1000, 1), "walked": walked, "collected": collected,

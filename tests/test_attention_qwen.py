@@ -97,13 +97,24 @@ def test_an_older_diffusers_keeps_its_own_processor(tiny_pipe, monkeypatch, vers
         "QwenDoubleStreamAttnProcessor2_0"}
 
 
-def test_a_changed_processor_signature_keeps_diffusers_processor(tiny_pipe, monkeypatch):
+def _new_argument(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                  attention_mask=None, image_rotary_emb=None, new_argument=None):
+    raise ValueError("QwenDoubleStreamAttnProcessor2_0 does not accept an external attention_mask. "
+                     "Pass encoder_hidden_states_mask to let the processor build the joint mask.")
+
+
+def _old_mask_handling(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                       attention_mask=None, image_rotary_emb=None):
+    raise ValueError("QwenDoubleStreamAttnProcessor2_0 requires encoder_hidden_states (text stream)")  # 0.36's only
+
+
+@pytest.mark.parametrize("call", [_new_argument, _old_mask_handling], ids=["new-argument", "old-mask-handling"])
+def test_another_processor_keeps_diffusers_processor(tiny_pipe, monkeypatch, call):
+    """A processor with another signature, or with the one this follows but 0.36-0.41's mask handling (no
+    joint-mask error), is not replaced, whatever diffusers' version says."""
     from diffusers.models.transformers import transformer_qwenimage as qi
 
-    def call(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-             attention_mask=None, image_rotary_emb=None, new_argument=None):
-        raise AssertionError("not called")
-
+    assert attention_qwen.supported()  # the installed 0.42's
     monkeypatch.setattr(qi.QwenDoubleStreamAttnProcessor2_0, "__call__", call)
     assert not attention_qwen.supported()
     assert attention_qwen.install(tiny_pipe.transformer) == 0

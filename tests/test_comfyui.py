@@ -1210,7 +1210,8 @@ def test_training_offloaded_engine_streams_the_text_encoder(comfy, train_ds):
 
 def test_training_diffusers_engine_fp8_matmul_and_compile(comfy, train_ds):
     """The engine with the core's speed options: fp8 matmuls straight on ComfyUI's fp8-stored weights and the blocks
-    compiled; the LoRA and the token train, and the log names both."""
+    compiled, q/k/v's LoRA A products as one matmul per stream; the LoRA and the token train, and the log names
+    all three."""
     from qwen_zero_prior.training.archive import load_archive
 
     pytest.importorskip("torch._inductor", reason="torch without inductor: compiled engine test SKIPPED")
@@ -1222,6 +1223,8 @@ def test_training_diffusers_engine_fp8_matmul_and_compile(comfy, train_ds):
     log = comfy.server.log_text()[log_start:]
     assert "DiT engine: diffusers' transformer over ComfyUI's weights (fp8 matmuls on 12 layers, compiled" in log, \
         log[-3000:]
+    # with compile the engine runs q/k/v through the shared-input LoRA, as the core (training/attention_qwen.py)
+    assert "each stream's q/k/v LoRA A products as one matmul in 2 attention blocks" in log, log[-3000:]
     arc = load_archive(comfy.output("zero_prior/engine_fast.zip"))
     assert any(float(v.abs().sum()) > 0 for k, v in arc.lora_state_dict.items() if "lora_B" in k)
     assert float(arc.vector.abs().max()) > 1e-4

@@ -50,9 +50,12 @@ def _processor_class():
             txt_query, txt_key, txt_value = lora_shared.project(
                 encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             head_dim = attn.inner_dim // attn.heads
-            img_query, img_key, img_value, txt_query, txt_key, txt_value = (
-                t.unflatten(-1, (-1, head_dim)) for t in (img_query, img_key, img_value, txt_query, txt_key,
-                                                          txt_value))
+            img_query = img_query.unflatten(-1, (-1, head_dim))
+            img_key = img_key.unflatten(-1, (-1, head_dim))
+            img_value = img_value.unflatten(-1, (-1, head_dim))
+            txt_query = txt_query.unflatten(-1, (-1, head_dim))
+            txt_key = txt_key.unflatten(-1, (-1, head_dim))
+            txt_value = txt_value.unflatten(-1, (-1, head_dim))
             if attn.norm_q is not None:
                 img_query = attn.norm_q(img_query)
             if attn.norm_k is not None:
@@ -83,18 +86,26 @@ def _processor_class():
     return SharedQkvAttnProcessor
 
 
+_MASK_MARKER = "build the joint mask"  # in 0.42's error for an external attention_mask: it builds the mask itself
+
+
 def supported() -> bool:
-    """Whether the installed diffusers' processor is the one this module follows (0.42's, or newer with the same
-    call signature)."""
+    """Whether the installed diffusers' processor is the one this module follows: diffusers >= 0.42, the same call
+    signature, and 0.42's joint-mask handling (its error message for an external ``attention_mask``, a constant of
+    the compiled function: no source needed). Earlier releases have the same signature but another mask handling."""
     import diffusers
     from diffusers.models.transformers import transformer_qwenimage as qi
     from packaging.version import Version
 
     if Version(diffusers.__version__).release[:2] < _FOLLOWS:
         return False
-    params = list(inspect.signature(qi.QwenDoubleStreamAttnProcessor2_0.__call__).parameters)
-    return params == ["self", "attn", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
-                      "attention_mask", "image_rotary_emb"]
+    call = qi.QwenDoubleStreamAttnProcessor2_0.__call__
+    params = list(inspect.signature(call).parameters)
+    if params != ["self", "attn", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
+                  "attention_mask", "image_rotary_emb"]:
+        return False
+    consts = getattr(getattr(call, "__code__", None), "co_consts", ())
+    return any(isinstance(c, str) and _MASK_MARKER in c for c in consts)
 
 
 def install(transformer) -> int:
@@ -118,6 +129,8 @@ def install(transformer) -> int:
         new._attention_backend = old._attention_backend  # set_attention_backend's choice, if any
         new._parallel_config = old._parallel_config
         block.attn.set_processor(new)
+    logger.info("shared-input LoRA: each stream's q/k/v LoRA A products as one matmul in %d attention blocks",
+                len(blocks))
     return len(blocks)
 
 

@@ -195,21 +195,20 @@ class StreamedBlock:
         self.parts = tuple(layer.stored for layer in self.layers)
         self.device = torch.device(device)
         self.span = _layout(self.parts)[1]  # bytes of the one range it takes in the prefetcher's ring
-        self._warned = False
 
     def usable(self) -> bool:
         """Whether its weights fit the prefetcher's ring as one range (or there is no ring: copied at use). A block
         larger than the ring would be copied at use on the compute stream each run, and the copies after it would
-        wait for it: then the layers fetch one by one, as without block fetching (warned once)."""
+        wait for it: then the layers fetch one by one, as without block fetching (warned once per model)."""
         pf = self.prefetcher
         if pf is None or self.span <= pf.arena_bytes:
             return True
-        if not self._warned:
-            self._warned = True
+        if not pf.block_fetch_warned:  # once per model (its blocks share one prefetcher)
+            pf.block_fetch_warned = True
             logger.warning("offload: a streamed block's weights (%.2f GiB) do not fit the %.2f GiB ring buffer as one "
-                           "range: its layers are fetched one by one (fetching a block as one needs "
-                           "model.offload_prefetch_gib >= %.2f)", self.span / 2**30, pf.arena_bytes / 2**30,
-                           self.span / 2**30)
+                           "range: their layers are fetched one by one (fetching a block as one needs "
+                           "model.offload_prefetch_gib >= %.2f; QWEN_ZERO_PRIOR_BLOCK_FETCH=0 silences this)",
+                           self.span / 2**30, pf.arena_bytes / 2**30, self.span / 2**30)
         return False
 
     @property

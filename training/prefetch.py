@@ -96,6 +96,7 @@ class WeightPrefetcher:
         self.misses = 0  # fetches copied at use (the first step, an order change, a weight larger than the arena)
         self.shared = 0  # fetches served ahead from the range of the same weight's previous use (no copy)
         self.bytes_copied = 0  # host-to-device bytes, ahead and at use
+        self.block_fetch_warned = False  # offload.StreamedBlock's warning that a block does not fit: once per ring
 
     # ---- the step ----------------------------------------------------------------------------------------------
     def begin_step(self) -> None:
