@@ -1173,7 +1173,8 @@ def run_capped(args, device, dtype, res) -> dict:
          "alloc_retries": stats.get("num_alloc_retries"),
          "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 1) if on_cuda else None,
          "ms_median": round(med, 2), "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
-         "ms": [round(m, 1) for m in ms], "host_ms": [round(m, 1) for m in host_ms], "gc": {**gct.report(), "by_hand": gc_after},
+         "ms": [round(m, 1) for m in ms], "host_ms": [round(m, 1) for m in host_ms],
+         "gc": {**gct.report(), "by_hand": gc_after},
          "gc_freeze": bool(args.gc_freeze), "block_fetch": block_fetch,
          "n": len(ms), "peak_mem_gib": peak_mem,
          "offload": trainer.backend.offload_summary, "last_loss": trainer.losses[-1] if trainer.losses else None,
@@ -1196,8 +1197,9 @@ def main(argv=None) -> int:
                    'process capped; "real_rope=0": diffusers\' complex RoPE under compile (rewritten in real '
                    'arithmetic by default); "layout_cache=0": Qwen-Image 2.1 through diffusers\' forward each step '
                    '(flow21.forward_t2i by default); "fp8_backward_copy=0": no fp8 backward copies (kept by default '
-                   'where the memory plan fits them; "force": kept whatever the plan says); "fused_lora=0": each LoRA\'s A product on its own, as peft (under compile '
-                   'the layers sharing an input fuse theirs: q/k/v of each stream, and 2.1\'s gate/proj)')
+                   'where the memory plan fits them; "force": kept whatever the plan says); "fused_lora=0": each '
+                   'LoRA\'s A product on its own, as peft (under compile the layers sharing an input fuse theirs: '
+                   'q/k/v of each stream, and 2.1\'s gate/proj)')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--res", type=int, default=1024)

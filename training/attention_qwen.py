@@ -27,7 +27,7 @@ from . import lora_shared
 
 logger = logging.getLogger(__name__)
 
-_FOLLOWS = (0, 42)  # the diffusers release whose processor this one follows, and newer with the same signature
+_FOLLOWS = (0, 42)  # the diffusers release whose processor this one follows (newer ones: see supported())
 
 
 @functools.cache  # one class: dynamo and isinstance checks see the same type on every block
@@ -113,7 +113,8 @@ def install(transformer) -> int:
     the attention backend and parallel config its processor had. Returns how many were set (0 on a diffusers whose
     processor this module does not follow: diffusers' stays, logged)."""
     blocks = [b for b in getattr(transformer, "transformer_blocks", ())
-              if type(getattr(getattr(b, "attn", None), "processor", None)).__name__ == "QwenDoubleStreamAttnProcessor2_0"]
+              if type(getattr(getattr(b, "attn", None), "processor", None)).__name__
+              == "QwenDoubleStreamAttnProcessor2_0"]
     if not blocks:
         return 0
     if not supported():
