@@ -221,7 +221,16 @@ class GcTimer:
     collection walks every tracked object of the process (a compiled 20B model's holds millions), so one can stall
     a step's host work for long. Per full collection also the objects it walked (counted before its clock starts,
     that count's time in ``count_ms``: part of the step's time, not of the collection's), and what it freed. On
-    Python 3.14's incremental collector automatic collections may not report generation 2."""
+    Python 3.14's incremental collector automatic collections may not report generation 2.
+
+    Why a full collection is slow, where it is: ``gpu_idle`` says whether the default CUDA stream had finished its
+    work when the collection started and when it ended (busy, then idle, and as long as a step: it may have waited
+    for the GPU), and ``stack`` is the main thread's stack as a watcher thread saw it ``sample_s`` into the
+    collection. The watcher gets the interpreter only if the collection lets go of it (a finalizer running Python
+    code, sleeping or waiting on a lock or the GPU); a collection that walks objects the whole time leaves ``stack``
+    empty."""
+
+    sample_s = 0.05
 
     def __init__(self):
         self.ms = [0.0, 0.0, 0.0]
@@ -230,6 +239,42 @@ class GcTimer:
         self._t0 = 0.0
         self._walked = 0
         self._count_ms = 0.0
+        self._idle_at_start = None
+        self._watch: tuple | None = None  # (thread, its stop event, the stack it saw)
+
+    @staticmethod
+    def _gpu_idle():
+        """Whether the default CUDA stream has finished what was queued on it; None without CUDA in use."""
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return None
+        return torch.cuda.default_stream().query()
+
+    def _start_watch(self):
+        import threading
+        import traceback
+
+        main, stop, seen = threading.main_thread().ident, threading.Event(), []
+
+        def watch():
+            if stop.wait(self.sample_s):  # the collection ended first
+                return
+            frame = sys._current_frames().get(main)  # only runs once the collection lets go of the interpreter
+            # (or once it ended and this callback runs Python again: not a stack inside the collection)
+            if frame is not None and not stop.is_set() and frame.f_code is not GcTimer._cb.__code__:
+                seen.extend(line.rstrip() for line in traceback.format_stack(frame)[-8:])
+
+        t = threading.Thread(target=watch, name="gc-watch", daemon=True)
+        self._watch = (t, stop, seen)
+        t.start()
+
+    def _stop_watch(self) -> list[str]:
+        if self._watch is None:
+            return []
+        t, stop, seen = self._watch
+        self._watch = None
+        stop.set()
+        t.join()
+        return list(seen)
 
     def _cb(self, phase, info):
         import gc
@@ -239,6 +284,8 @@ class GcTimer:
             if gen == 2:  # what a full collection walks (every generation, the frozen objects excluded), counted
                 t = time.perf_counter()  # before its clock starts; the count's own time is reported beside
                 self._walked = len(gc.get_objects())
+                self._idle_at_start = self._gpu_idle()
+                self._start_watch()
                 self._count_ms = (time.perf_counter() - t) * 1000
             self._t0 = time.perf_counter()
         else:
@@ -246,9 +293,11 @@ class GcTimer:
             self.ms[gen] += ms
             self.count[gen] += 1
             if gen == 2:
+                stack = self._stop_watch()
                 self.full.append({"ms": round(ms, 1), "walked": self._walked, "collected": info.get("collected"),
                                   "uncollectable": info.get("uncollectable"), "frozen": gc.get_freeze_count(),
-                                  "count_ms": round(self._count_ms, 1)})  # (in the step's time, not in "ms")
+                                  "count_ms": round(self._count_ms, 1),  # (in the step's time, not in "ms")
+                                  "gpu_idle": [self._idle_at_start, self._gpu_idle()], "stack": stack})
 
     def __enter__(self):
         import gc

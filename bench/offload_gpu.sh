@@ -3,6 +3,7 @@
 # one call, each in its own process (the cap is per process): full-size random Qwen-Image, 1024², rank 32, token
 # on, real tokenizer where carried. One JSON per setting and a summary line each in $OUT.
 #   OUT=/tmp/out CARRY=.gpu-dp VARIANTS="--prefetch-gib 0;--prefetch-gib 1;--offload-te fp8" bash bench/offload_gpu.sh
+# A setting may start with environment assignments for its process only: "TORCHINDUCTOR_CPP_WRAPPER=1 --compile".
 # Carries: $CARRY/whl/diffusers-*.whl and $CARRY/tok (the real tokenizer files).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -23,9 +24,13 @@ i=0
 for v in "${variants[@]}"; do
   i=$((i + 1))
   t0=$(date +%s)
-  # shellcheck disable=SC2086  # each variant is a list of flags
-  timeout "${RUN_TIMEOUT:-300}" python3 -m bench.bench_step --size full --mode capped --capped-gib "${CAP_GIB:-24}" \
-    --warmup "${WARMUP:-3}" --iters "${ITERS:-5}" $v --out "$out/offload-$i.json" >"$out/offload-$i.log" 2>&1
+  envs=() flags=()
+  for t in $v; do
+    if [[ $t =~ ^[A-Z_][A-Z0-9_]*= ]]; then envs+=("$t"); else flags+=("$t"); fi
+  done
+  env "${envs[@]}" timeout "${RUN_TIMEOUT:-300}" python3 -m bench.bench_step --size full --mode capped \
+    --capped-gib "${CAP_GIB:-24}" --warmup "${WARMUP:-3}" --iters "${ITERS:-5}" "${flags[@]}" \
+    --out "$out/offload-$i.json" >"$out/offload-$i.log" 2>&1
   rc=$?
   row=$(grep -h '^{"name"' "$out/offload-$i.log" | tail -1)
   echo "[$i] ($v) exit $rc after $(( $(date +%s) - t0 )) s: ${row:-no row; log tail: $(tail -3 "$out/offload-$i.log" | tr '\n' ' ')}"

@@ -64,6 +64,30 @@ def test_gc_timer_reports_each_full_collection():
     assert full["walked"] > 5 and full["collected"] >= 5 and full["ms"] >= 0 and full["count_ms"] >= 0
 
 
+def test_gc_timer_shows_where_a_slow_full_collection_waits():
+    """A finalizer that waits (here: sleeps, as one waiting for the GPU would) lets the watcher see the main thread's
+    stack inside the collection; a collection that only walks objects leaves the stack empty."""
+    import gc
+    import time as _time
+
+    from bench.bench_step import GcTimer
+
+    class Slow:
+        def __del__(self):
+            _time.sleep(0.3)  # lets go of the interpreter, as a wait on a lock or the GPU does
+
+    gc.collect()
+    with GcTimer() as t:
+        s = Slow()
+        s.me = s
+        del s
+        gc.collect()
+        gc.collect()  # nothing slow left: walks only
+    slow, quick = t.report()["full"]
+    assert slow["ms"] >= 250 and any("__del__" in line for line in slow["stack"]), slow
+    assert quick["stack"] == [] and quick["gpu_idle"] == [None, None]  # no CUDA here
+
+
 def test_trace_gaps_charges_idle_time_to_the_launching_range():
     """A hand-made trace: two kernels back to back, a 2 ms gap before a kernel launched inside "encode", a 1 ms
     gap before one launched from another thread (the autograd engine's)."""
