@@ -11,8 +11,14 @@ one freeze after the first step, a full collection still took 0.7-0.9 s in 8 ste
 long-lived objects too; freezing those is not yet measured on a GPU). Collections then walk only what later steps
 create. Each freeze collects first, so no garbage is frozen; a frozen object that becomes cyclic garbage later is
 not collected until :meth:`FrozenHeap.release`, which training calls when it ends (also on an error), so a long-lived
-host such as ComfyUI gets its collector back as it was. Where something else already froze the heap, nothing is
-done (``gc.unfreeze`` would undo theirs too).
+host such as ComfyUI gets its collector back.
+
+Where something else froze objects before (the GPU machine's Python had 375 frozen before training started), the
+model is frozen all the same: skipping the freeze there (as until session 23) left the full collections walking the
+model's ~1M objects, ~0.6 s each at 24 GiB. ``gc.unfreeze`` cannot tell their objects from ours, so
+:meth:`~FrozenHeap.release` hands theirs back to the collector too (logged). That only costs them the walks they had
+saved (or, before a ``fork``, shared pages); keeping ours frozen instead would keep a released model's cyclic garbage,
+GPU tensors included, alive for the rest of the process.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ class FrozenHeap:
 
     def __init__(self) -> None:
         self.frozen = False
+        self.theirs = 0  # objects frozen by someone else before the first freeze
 
     def freeze(self) -> bool:
         """Collect, then freeze every object that exists now (again: what was created since the last call, the
-        collection then walking only that); False (nothing done) where the collector is off or the heap is frozen by
-        someone else."""
-        if not gc.isenabled() or (gc.get_freeze_count() and not self.frozen):
+        collection then walking only that); False (nothing done) where the collector is off."""
+        if not gc.isenabled():
             return False
+        if not self.frozen:
+            self.theirs = gc.get_freeze_count()
         gc.collect()
         gc.freeze()
         self.frozen = True
@@ -45,10 +53,14 @@ class FrozenHeap:
         return True
 
     def release(self) -> None:
-        """Hand the frozen objects back to the collector (what :meth:`freeze` did, undone)."""
+        """Hand the frozen objects back to the collector (what :meth:`freeze` did, undone; also what others froze
+        before, see the module's docstring)."""
         if self.frozen:
             self.frozen = False
             gc.unfreeze()
+            if self.theirs:
+                logger.info("heap: %d objects that were frozen before training are back in the garbage collector's "
+                            "care with the model's (gc.unfreeze cannot tell them apart)", self.theirs)
 
 
 __all__ = ["FREEZE_STEPS", "FrozenHeap"]
