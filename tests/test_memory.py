@@ -282,6 +282,35 @@ def test_2_1_resolve_logs_the_plan_and_budgets_offload_by_the_capacity(parts_21,
         .model.offload_budget_gib == 20
 
 
+@pytest.fixture(scope="module")
+def parts_qwen_image():
+    """The full-size Qwen-Image pipeline's weights by part, built on the meta device."""
+    from bench.bench_step import build_pipeline
+
+    pipe, _ = build_pipeline("full", torch.device("meta"), torch.bfloat16)
+    return memory.weight_parts(pipe)
+
+
+@pytest.mark.parametrize("budget_gib, ring_gib, expected", [
+    (24.0, 2.0, "bf16"),    # a 24 GB card with the default ring: measured 765 vs 1150 ms/step streamed (session 23)
+    (24.0, 1.0, "bf16"),
+    (23.0, 2.0, "bf16"),    # 12.15 GiB of decoder layers still fit beside 7.5 + 2 + 1.1 GiB
+    (22.0, 2.0, "stream"),  # they do not: streamed as loaded
+    (24.0, 4.0, "stream"),  # a larger ring leaves them no room
+    (16.0, 2.0, "stream"),
+    (80.0, 2.0, "bf16"),
+])
+def test_qwen_image_offload_keeps_the_text_decoder_on_the_gpu_where_it_fits_beside_the_ring(
+        parts_qwen_image, budget_gib, ring_gib, expected):
+    """model.offload_text_encoder: auto for Qwen-Image: the decoder's layers as loaded on the GPU where they fit
+    beside the offload reserve (compile's included), the prefetch ring and the other GPU-resident weights; never
+    fp8 (the conditioning stays exact)."""
+    p = parts_qwen_image
+    assert p.family == "qwen-image" and 12.1 < p.te_layers / GIB < 12.2
+    reserve = (memory.OFFLOAD_RESERVE_GIB + memory.OFFLOAD_COMPILE_RESERVE_GIB) * GIB
+    assert memory.text_encoder_storage(p, budget_gib * GIB, reserve, ring_gib * GIB) == expected
+
+
 def test_apply_offload_refuses_an_unknown_text_encoder_storage():
     from qwen_zero_prior.training.offload import apply_offload
 

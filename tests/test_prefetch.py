@@ -501,7 +501,7 @@ def test_streamed_layer_under_autocast_fetches_in_the_autocast_dtype():
 def test_prefetch_setting_refuses_bad_values(value, message):
     from qwen_zero_prior.training.config import Config, ConfigError
 
-    assert Config.from_dict({}).model.offload_prefetch_gib == 1.0
+    assert Config.from_dict({}).model.offload_prefetch_gib == 2.0
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Config.from_dict({"model": {"offload_prefetch_gib": value}})
 
@@ -580,16 +580,43 @@ def test_streamed_fp8_weight_is_cast_once_and_scaled_on_the_output():
     assert _rel(x.grad.float(), x2.grad) < 0.02
 
 
+@pytest.mark.parametrize("room", ["fits", "short"])
+def test_text_decoder_auto_placement_by_the_budget(tiny_pipe, room):
+    """apply_offload's text_encoder="auto" for Qwen-Image: the decoder's layers stay plain Linears on the device
+    where the budget holds them beside the reserve and the ring, else they are streamed as loaded (not fp8)."""
+    from torch import nn
+
+    from qwen_zero_prior.training import memory
+
+    for mod in (tiny_pipe.text_encoder, tiny_pipe.transformer):
+        mod.requires_grad_(False)  # frozen, as training's prepare leaves them (offload converts frozen layers only)
+    parts = memory.weight_parts(tiny_pipe)
+    ring = 0.25 * parts.te_layers / 2**30
+    need = (parts.te_layers + parts.te_rest + parts.dit_rest) / 2**30 + ring
+    budget = need * (1.01 if room == "fits" else 0.99)
+    summary = apply_offload(tiny_pipe, torch.device("cpu"), budget, reserve_gib=0, text_encoder="auto",
+                            prefetch_gib=ring)
+    layers = [m for n, m in tiny_pipe.text_encoder.model.language_model.named_modules() if n.startswith("layers.")
+              and isinstance(m, (nn.Linear, OffloadedLinear))]
+    if room == "fits":
+        assert summary["text_encoder_storage"] == "bf16" and summary["text_encoder"] == 0
+        assert layers and all(type(m) is nn.Linear for m in layers)
+    else:
+        assert summary["text_encoder_storage"] == "stream" and summary["text_encoder"] == len(layers) > 0
+        assert all(isinstance(m, OffloadedLinear) and m.streamed and m.stored.dtype != torch.float8_e4m3fn
+                   for m in layers)
+
+
 def test_text_decoder_streamed_in_fp8_trains_and_halves_the_bytes(tiny_pipe, dataset_dir, tmp_path, make_config):
     """model.offload_text_encoder: stream_fp8 keeps the text decoder's layers in fp8 in CPU memory (streamed, half the
     bytes of bf16 per copy), and the token row still gets a gradient through them; the config's choice reaches
-    apply_offload through the backend (auto: the model's own)."""
+    apply_offload through the backend (auto: decided by the budget, test_text_decoder_auto_placement_by_the_budget)."""
     from qwen_zero_prior.training.config import Config, ConfigError
 
     examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
     trainer = Trainer(make_config(), tiny_pipe, examples, tmp_path)
     backend = trainer.backend
-    assert backend.offload_text_encoder_storage() == "stream"  # auto: Qwen-Image streams the decoder as loaded
+    assert backend.offload_text_encoder_storage() == "auto"  # decided by the budget in apply_offload (below)
     backend.cfg = backend.cfg.replace(model={"offload_text_encoder": "stream_fp8"})
     assert backend.offload_text_encoder_storage() == "stream_fp8"
     with pytest.raises(ConfigError, match=r"model.offload_text_encoder must be one of .*got 'fp4'"):

@@ -108,16 +108,18 @@ class ModelConfig:
         "it planned for).", min=0.0, max=1024.0
     )
     offload_text_encoder: str = _f(
-        "auto", "With offload: where the text decoder's layers go. auto: the model's choice (Qwen-Image: stream; "
-        "Qwen-Image 2.1: on the GPU where it fits, else fp8, else streamed); stream: as loaded, in CPU memory, copied "
+        "auto", "With offload: where the text decoder's layers go. auto: by the memory (Qwen-Image: on the GPU as "
+        "loaded where they fit beside the prefetch ring, as on a 24 GB card, else streamed; Qwen-Image 2.1: on the GPU "
+        "where it fits, else fp8, else streamed); stream: as loaded, in CPU memory, copied "
         "for each use (the exact conditioning); stream_fp8: fp8 in CPU memory (half the bytes to copy); fp8: fp8 on "
         "the GPU (nothing copied, more transformer blocks streamed instead); bf16: as loaded, on the GPU. The fp8 "
         "choices change the conditioning the token learns against a little (as ComfyUI's fp8-scaled text encoder "
         "file does).", choices=("auto", "stream", "stream_fp8", "fp8", "bf16"),
     )
     offload_prefetch_gib: float = _f(
-        1.0, "With offload: GPU memory (GiB) for a ring buffer into which the streamed weights are copied ahead of "
-        "use on a side stream, so the copies overlap compute; 0 copies each weight when it is used.",
+        2.0, "With offload: GPU memory (GiB) for a ring buffer into which the streamed weights are copied ahead of "
+        "use on a side stream, so the copies overlap compute (taken from the transformer blocks' share: fewer stay "
+        "resident); 0 copies each weight when it is used.",
         min=0.0, max=64.0
     )
     memory: str = _f(

@@ -127,9 +127,9 @@ def compile_streamed_from_env() -> bool | None:
 
 class DiffusersBackend(TrainBackend):
     name = "diffusers"
-    # model.offload: where the text decoder's layers go (offload.apply_offload). Qwen-Image's 20B transformer
-    # fills a 24 GB card in fp8 by itself, so they are streamed; 2.1 decides by the budget (auto)
-    offload_text_encoder = "stream"
+    # model.offload: where the text decoder's layers go (offload.apply_offload): decided by the budget
+    # (memory.text_encoder_storage: Qwen-Image's on the GPU as loaded where they fit beside the ring, else streamed)
+    offload_text_encoder = "auto"
     offload_layout = "spread"  # which blocks stream where not all fit (offload.streamed_block_ids); the bench sets it
 
     def offload_text_encoder_storage(self) -> str:

@@ -356,11 +356,23 @@ def weight_parts(pipe) -> WeightBytes:
                        module_bytes(lm) - layers, module_bytes(te) - module_bytes(lm), module_bytes(pipe.vae))
 
 
-def text_encoder_storage(parts: WeightBytes, budget_bytes: float, reserve_bytes: float) -> str:
-    """How ``model.offload`` keeps the text decoder's layers for Qwen-Image 2.1 within ``budget_bytes``:
-    ``"bf16"`` (as loaded, on the GPU) where every transformer block fits in fp8 beside them, else ``"fp8"`` on
-    the GPU where that fits (the conditioning then carries e4m3 rounding: docs/qwen-image-2.1.md), else
-    ``"stream"`` (as loaded, in pinned CPU memory, copied per use: Qwen-Image's way)."""
+def text_encoder_storage(parts: WeightBytes, budget_bytes: float, reserve_bytes: float, ring_bytes: float = 0.0) -> str:
+    """How ``model.offload`` keeps the text decoder's layers within ``budget_bytes`` (``model.offload_text_encoder:
+    auto``).
+
+    Qwen-Image 2.1: ``"bf16"`` (as loaded, on the GPU) where every transformer block fits in fp8 beside them, else
+    ``"fp8"`` on the GPU where that fits (the conditioning then carries e4m3 rounding: docs/qwen-image-2.1.md), else
+    ``"stream"`` (as loaded, in pinned CPU memory, copied per use).
+
+    Qwen-Image: its transformer's blocks do not fit a 24 GB card even in fp8 (19 GiB), so they stream either way;
+    ``"bf16"`` where the decoder's layers fit on the GPU beside the reserve, the embeddings, the transformer's other
+    weights and the ``ring_bytes`` prefetch ring (then nearly every block streams, each fetched as one), else
+    ``"stream"``. Under a 24 GiB cap on an H200, with the 2 GiB ring, the decoder on the GPU took the compiled step
+    to 765 ms against 1150 ms with it streamed (1 GiB ring, the earlier default), in one call (docs/benchmarks.md,
+    "Session 23"). Never fp8 for Qwen-Image: that would change the conditioning the token learns against."""
+    if parts.family != QWEN_IMAGE_21:
+        room = budget_bytes - reserve_bytes - ring_bytes - (parts.dit_rest + parts.te_rest)
+        return "bf16" if room >= parts.te_layers else "stream"
     room = budget_bytes - reserve_bytes - (parts.dit_blocks_fp8 + parts.dit_rest + parts.te_rest + parts.vae)
     if room >= parts.te_layers:
         return "bf16"

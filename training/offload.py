@@ -7,9 +7,11 @@ needs both every step, so on a 24 GB card:
   compute dtype for each use; the blocks that do not fit the budget keep that fp8 weight in pinned CPU memory
   and copy it over for each use (ahead of use, on a side stream, where ``prefetch_gib`` gives a ring buffer:
   ``prefetch.py``); with ``model.compile`` every block is compiled, a streamed weight's fetch an opaque custom op;
-- the text encoder's decoder ``Linear`` weights stay as loaded (bf16) in pinned CPU memory, copied per use
-  (``model.offload_text_encoder`` may put them in fp8, streamed or on the GPU, which changes the conditioning the
-  token learns against a little); its embedding table, norms and the placeholder row stay on the GPU;
+- the text encoder's decoder ``Linear`` weights stay as loaded (bf16): on the GPU where they fit beside the reserve
+  and the ring (a 24 GB card: then 56 of the 60 blocks stream, the faster layout since blocks are fetched as one),
+  else in pinned CPU memory, copied per use (``memory.text_encoder_storage``; ``model.offload_text_encoder`` may
+  also put them in fp8, which changes the conditioning the token learns against a little); the embedding table,
+  norms and the placeholder row stay on the GPU;
 - gradient checkpointing on the transformer bounds activations.
 
 Qwen-Image 2.1 (7.1B DiT, Qwen3-VL-8B) needs none of the streaming on a 24 GB card: with ``text_encoder="auto"``
@@ -467,8 +469,7 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     the text decoder's layers go: ``"stream"`` (as loaded, pinned CPU memory, copied per use), ``"stream_fp8"``
     (the same in fp8: half the bytes per copy, the conditioning with fp8 rounding), ``"bf16"`` (as
     loaded, on the GPU), ``"fp8"`` (fp8 on the GPU) or ``"auto"``: :func:`memory.text_encoder_storage` for this
-    budget (on the GPU, as loaded where that fits beside every transformer block in fp8, else fp8, else
-    streamed; Qwen-Image 2.1's backend asks for it). ``prefetch_gib``: where anything is streamed, a ring buffer
+    budget, the reserve and the ring (the backends' choice). ``prefetch_gib``: where anything is streamed, a ring buffer
     of that size on the GPU into which a side stream copies the streamed weights ahead of use (:mod:`.prefetch`;
     taken from the blocks' share of the budget); 0 copies each at use on the compute stream. ``layout``: which
     blocks stream (:func:`streamed_block_ids`). Call after the LoRA
@@ -484,9 +485,11 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     tr, te = pipe.transformer, pipe.text_encoder
     n_blocks = len(tr.transformer_blocks)
     per_block = block_bytes_fp8(tr)
+    if prefetch_gib < 0:
+        raise ValueError(f"apply_offload: prefetch_gib must be >= 0, got {prefetch_gib!r}")
     if text_encoder == "auto":
         text_encoder = memory.text_encoder_storage(memory.weight_parts(pipe), budget_gib * 2**30,
-                                                   reserve_gib * 2**30)
+                                                   reserve_gib * 2**30, ring_bytes=prefetch_gib * 2**30)
     emb = te.get_input_embeddings()
     fixed = emb.weight.numel() * emb.weight.element_size()
     free = budget_gib * 2**30 - reserve_gib * 2**30 - fixed
@@ -494,9 +497,7 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     if not streams_te:  # the text decoder's layers stay on the GPU: the blocks get what is left
         parts = memory.weight_parts(pipe)
         free -= parts.te_layers if text_encoder == "bf16" else parts.te_layers_fp8
-    # ("auto" picks a storage that fits beside every block, memory.text_encoder_storage: then all are resident)
-    if prefetch_gib < 0:
-        raise ValueError(f"apply_offload: prefetch_gib must be >= 0, got {prefetch_gib!r}")
+    # (2.1's "auto" picks a storage that fits beside every block, memory.text_encoder_storage: then all are resident)
     resident, arena = _fitting_blocks(n_blocks, per_block, free, int(prefetch_gib * 2**30), streams_te)
     if arena:
         if arena > free:
