@@ -5,8 +5,8 @@ Plans, fastest first:
 - ``resident``: every weight on the GPU, no recomputation;
 - ``checkpoint``: every weight on the GPU, the transformer's activations recomputed per block in the backward
   (``gradient_checkpointing``): ~20 GiB less at 1024² for ~30% more compute;
-- ``offload``: fp8 transformer weights, what does not fit streamed from CPU memory, the text encoder's layers
-  streamed, checkpointing (``training/offload.py``): trains on 24 GB cards. Qwen-Image 2.1 (:func:`choose_21`,
+- ``offload``: fp8 transformer weights, what does not fit streamed from CPU memory, the text encoder's layers on
+  the GPU as loaded where they fit (a 24 GB card), else streamed (:func:`text_encoder_storage`), checkpointing (``training/offload.py``): trains on 24 GB cards. Qwen-Image 2.1 (:func:`choose_21`,
   given the weights by part): every weight stays on the GPU where fp8 storage makes it fit (its text decoder in
   bf16 where that fits, else fp8); nothing is streamed on a 24 GB card.
 
