@@ -140,7 +140,8 @@ def fast_model_settings(processes: int) -> dict:
     transformer blocks with CUDA graphs and fp8 matmuls for the frozen image-stream weights (at 1024² under a 78 GiB
     cap: 300.5 ms/step, 69.5 GiB, vs 614 ms for the best bf16 step that fits; docs/benchmarks.md). ``model.memory:
     auto`` still plans from the card: where the step does not fit resident it recomputes blocks without CUDA graphs,
-    and on a 24 GB card offload turns compile and fp8 off, each change logged. Data-parallel runs (several
+    and on a 24 GB card offload keeps compile (without CUDA graphs) and turns fp8_matmul off (Qwen-Image 2.1's
+    offload turns compile off too), each change logged. Data-parallel runs (several
     processes) keep the eager settings measured for them; ``QZP_COG_FAST=0`` keeps the defaults everywhere."""
     if os.environ.get(ENV_FAST, "1") == "0" or processes != 1:
         return {}
