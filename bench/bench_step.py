@@ -219,16 +219,20 @@ def time_fn(fn, device, warmup: int, iters: int) -> list[float]:
 class GcTimer:
     """Python's garbage collections while active (``gc.callbacks``): count and milliseconds per generation. A full
     collection walks every tracked object of the process (a compiled 20B model's holds millions), so one can stall
-    a step's host work for long. Per full collection also the objects it walked (counted before its clock starts,
-    that count's time in ``count_ms``: part of the step's time, not of the collection's), and what it freed. On
-    Python 3.14's incremental collector automatic collections may not report generation 2.
+    a step's host work for long. Per full collection also the objects it walked (counted before its clock starts;
+    that count's time, with the watcher's wake-up and the GPU query, in ``count_ms``: part of the step's time, not
+    of the collection's), and what it freed. On Python 3.14's incremental collector automatic collections may not
+    report generation 2.
 
     Why a full collection is slow, where it is: ``gpu_idle`` says whether the default CUDA stream had finished its
     work when the collection started and when it ended (busy, then idle, and as long as a step: it may have waited
-    for the GPU), and ``stack`` is the main thread's stack as a watcher thread saw it ``sample_s`` into the
+    for the GPU), and ``stack`` is the stack of the thread running the collection (``thread``: an automatic one
+    runs on whichever thread allocated, autograd's included) as a watcher thread saw it ``sample_s`` into the
     collection. The watcher gets the interpreter only if the collection lets go of it (a finalizer running Python
     code, sleeping or waiting on a lock or the GPU); a collection that walks objects the whole time leaves ``stack``
-    empty."""
+    empty. The watcher is one thread for the timer's life, woken per full collection (a thread started inside a
+    collection could deadlock on ``threading``'s own lock); collections on the watcher's own thread are timed, not
+    watched."""
 
     sample_s = 0.05
 
@@ -240,68 +244,88 @@ class GcTimer:
         self._walked = 0
         self._count_ms = 0.0
         self._idle_at_start = None
-        self._watch: tuple | None = None  # (thread, its stop event, the stack it saw)
+        self._watcher = None  # the watcher thread, while active
+        self._go = self._done = self._sampled = self._quit = None  # its events
+        self._target = None  # (thread id, name) of the collecting thread
+        self._seen: list[str] = []  # the stack the watcher saw
+        self._watching = False
 
     @staticmethod
     def _gpu_idle():
-        """Whether the default CUDA stream has finished what was queued on it; None without CUDA in use."""
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        """Whether the default CUDA stream has finished what was queued on it; None without CUDA in use (or while
+        the current stream captures a CUDA graph, where a query is not allowed)."""
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized() or \
+                torch.cuda.is_current_stream_capturing():
             return None
         return torch.cuda.default_stream().query()
 
-    def _start_watch(self):
-        import threading
+    @staticmethod
+    def _inside_callback(frame) -> bool:
+        """Whether ``frame`` or one of its callers is this timer's callback (the collection already ended)."""
+        while frame is not None:
+            if frame.f_code is GcTimer._cb.__code__:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _watch(self):
         import traceback
 
-        main, stop, seen = threading.main_thread().ident, threading.Event(), []
-
-        def watch():
-            if stop.wait(self.sample_s):  # the collection ended first
+        while True:
+            self._go.wait()
+            self._go.clear()
+            if self._quit.is_set():
                 return
-            frame = sys._current_frames().get(main)  # only runs once the collection lets go of the interpreter
-            # (or once it ended and this callback runs Python again: not a stack inside the collection)
-            if frame is not None and not stop.is_set() and frame.f_code is not GcTimer._cb.__code__:
-                seen.extend(line.rstrip() for line in traceback.format_stack(frame)[-8:])
-
-        t = threading.Thread(target=watch, name="gc-watch", daemon=True)
-        self._watch = (t, stop, seen)
-        t.start()
-
-    def _stop_watch(self) -> list[str]:
-        if self._watch is None:
-            return []
-        t, stop, seen = self._watch
-        self._watch = None
-        stop.set()
-        t.join()
-        return list(seen)
+            ident = self._target[0]
+            if not self._done.wait(self.sample_s):
+                frame = sys._current_frames().get(ident)  # runs only once the collection lets go of the interpreter
+                if frame is not None and not self._done.is_set() and not self._inside_callback(frame):
+                    self._seen = [line.rstrip() for line in traceback.format_stack(frame)[-8:]]
+                del frame  # (not kept beyond the sample)
+            self._sampled.set()
 
     def _cb(self, phase, info):
         import gc
+        import threading
 
         gen = info["generation"]
         if phase == "start":
+            self._t0 = time.perf_counter()
             if gen == 2:  # what a full collection walks (every generation, the frozen objects excluded), counted
-                t = time.perf_counter()  # before its clock starts; the count's own time is reported beside
+                t = self._t0  # before its clock starts; the count's own time is reported beside
                 self._walked = len(gc.get_objects())
                 self._idle_at_start = self._gpu_idle()
-                self._start_watch()
-                self._count_ms = (time.perf_counter() - t) * 1000
-            self._t0 = time.perf_counter()
+                me = threading.current_thread()
+                self._seen, self._target = [], (me.ident, me.name)
+                self._watching = self._watcher is not None and me is not self._watcher
+                if self._watching:
+                    self._done.clear()
+                    self._sampled.clear()
+                    self._go.set()
+                self._t0 = time.perf_counter()
+                self._count_ms = (self._t0 - t) * 1000
         else:
             ms = (time.perf_counter() - self._t0) * 1000
             self.ms[gen] += ms
             self.count[gen] += 1
             if gen == 2:
-                stack = self._stop_watch()
+                if self._watching:
+                    self._done.set()
+                    self._sampled.wait()
+                    self._watching = False
                 self.full.append({"ms": round(ms, 1), "walked": self._walked, "collected": info.get("collected"),
                                   "uncollectable": info.get("uncollectable"), "frozen": gc.get_freeze_count(),
                                   "count_ms": round(self._count_ms, 1),  # (in the step's time, not in "ms")
-                                  "gpu_idle": [self._idle_at_start, self._gpu_idle()], "stack": stack})
+                                  "gpu_idle": [self._idle_at_start, self._gpu_idle()],
+                                  "thread": self._target[1], "stack": list(self._seen)})
 
     def __enter__(self):
         import gc
+        import threading
 
+        self._go, self._done, self._sampled, self._quit = (threading.Event() for _ in range(4))
+        self._watcher = threading.Thread(target=self._watch, name="gc-watch", daemon=True)
+        self._watcher.start()
         gc.callbacks.append(self._cb)
         return self
 
@@ -309,6 +333,10 @@ class GcTimer:
         import gc
 
         gc.callbacks.remove(self._cb)
+        self._quit.set()
+        self._go.set()
+        self._watcher.join()
+        self._watcher = None
 
     def report(self) -> dict:
         return {"collections": list(self.count), "ms": [round(m, 1) for m in self.ms], "full": self.full}
@@ -1120,8 +1148,9 @@ def run_profile(args, device, dtype, res) -> dict:
 
 def run_capped(args, device, dtype, res) -> dict:
     """24 GiB-card mode (``model.offload``), under ``torch.cuda.set_per_process_memory_fraction`` =
-    ``--capped-gib``. Qwen-Image: fp8 transformer weights, the blocks beyond the budget and the text encoder's
-    layers streamed from pinned CPU memory, gradient checkpointing. Qwen-Image 2.1: the plan ``model.memory: auto``
+    ``--capped-gib``. Qwen-Image: fp8 transformer weights, the blocks beyond the budget streamed from pinned CPU
+    memory, the text encoder's layers where ``--offload-te`` says (default: ``auto``, on the GPU as loaded where they
+    fit beside the ring, else streamed), gradient checkpointing. Qwen-Image 2.1: the plan ``model.memory: auto``
     makes for that capacity (``memory.choose_21``, in the JSON): every weight on the GPU, the transformer blocks'
     Linears in fp8 and the text decoder's in bf16 or fp8 (whichever fits), gradient checkpointing.
 

@@ -28,8 +28,8 @@ for v in "${variants[@]}"; do
   for t in $v; do
     if [[ $t =~ ^[A-Z_][A-Z0-9_]*= ]]; then envs+=("$t"); else flags+=("$t"); fi
   done
-  env "${envs[@]}" timeout "${RUN_TIMEOUT:-300}" python3 -m bench.bench_step --size full --mode capped \
-    --capped-gib "${CAP_GIB:-24}" --warmup "${WARMUP:-3}" --iters "${ITERS:-5}" "${flags[@]}" \
+  env ${envs[@]+"${envs[@]}"} timeout "${RUN_TIMEOUT:-300}" python3 -m bench.bench_step --size full --mode capped \
+    --capped-gib "${CAP_GIB:-24}" --warmup "${WARMUP:-3}" --iters "${ITERS:-5}" ${flags[@]+"${flags[@]}"} \
     --out "$out/offload-$i.json" >"$out/offload-$i.log" 2>&1
   rc=$?
   row=$(grep -h '^{"name"' "$out/offload-$i.log" | tail -1)

@@ -166,8 +166,8 @@ class TrainZeroPriorToken(io.ComfyNode):
                       {"placeholder_token": tokens[0] if tokens else placeholder_token})
         # the offloaded engine's DiT ring stays at the 1 GiB it was measured with on GPUs (sessions 13-20); the core's
         # default became 2 GiB in session 23, measured on the core's layout only
-        model = {"compile": bool(compile), "fp8_matmul": bool(fp8_matmul), "offload_prefetch_gib": 1.0}
-        cfg = Config.from_dict({"model": model, "train": {
+        model_settings = {"compile": bool(compile), "fp8_matmul": bool(fp8_matmul), "offload_prefetch_gib": 1.0}
+        cfg = Config.from_dict({"model": model_settings, "train": {
             "train_placeholder_token": train_placeholder_token, **token_keys,
             "placeholder_init_std": placeholder_init_std, "rank": rank, "steps": steps,
             "learning_rate": learning_rate, "token_learning_rate": token_learning_rate, "batch_size": batch_size,

@@ -65,27 +65,48 @@ def test_gc_timer_reports_each_full_collection():
 
 
 def test_gc_timer_shows_where_a_slow_full_collection_waits():
-    """A finalizer that waits (here: sleeps, as one waiting for the GPU would) lets the watcher see the main thread's
-    stack inside the collection; a collection that only walks objects leaves the stack empty."""
+    """A finalizer that waits (here: sleeps, as one waiting for the GPU would) lets the watcher see the collecting
+    thread's stack inside the collection, also where another thread collects; a collection that only walks objects
+    leaves the stack empty."""
     import gc
+    import threading
     import time as _time
+
+    import torch
 
     from bench.bench_step import GcTimer
 
     class Slow:
         def __del__(self):
-            _time.sleep(0.3)  # lets go of the interpreter, as a wait on a lock or the GPU does
+            _time.sleep(0.6)  # lets go of the interpreter, as a wait on a lock or the GPU does
+
+    def slow_cycle():
+        s = Slow()
+        s.me = s
+
+    def collect_in_worker():
+        slow_cycle()
+        gc.collect()
 
     gc.collect()
     with GcTimer() as t:
-        s = Slow()
-        s.me = s
-        del s
+        t.sample_s = 0.2
+        slow_cycle()
         gc.collect()
         gc.collect()  # nothing slow left: walks only
-    slow, quick = t.report()["full"]
-    assert slow["ms"] >= 250 and any("__del__" in line for line in slow["stack"]), slow
-    assert quick["stack"] == [] and quick["gpu_idle"] == [None, None]  # no CUDA here
+        worker = threading.Thread(target=collect_in_worker, name="worker")
+        worker.start()
+        worker.join()
+    slow, quick, other = t.report()["full"]
+    assert slow["ms"] >= 500 and slow["thread"] == "MainThread"
+    assert any("__del__" in line for line in slow["stack"]), slow
+    assert other["thread"] == "worker" and any("__del__" in line for line in other["stack"]), other
+    assert not any("join" in line for line in other["stack"])  # the collecting thread's, not the main one's
+    if quick["ms"] < t.sample_s * 1000:  # a walk shorter than the sampling delay cannot have been seen
+        assert quick["stack"] == []
+    if not torch.cuda.is_initialized():
+        assert quick["gpu_idle"] == [None, None]
+    assert t._watcher is None  # the watcher ended with the timer
 
 
 def test_trace_gaps_charges_idle_time_to_the_launching_range():

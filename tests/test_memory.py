@@ -291,24 +291,29 @@ def parts_qwen_image():
     return memory.weight_parts(pipe)
 
 
-@pytest.mark.parametrize("budget_gib, ring_gib, expected", [
-    (24.0, 2.0, "bf16"),    # a 24 GB card with the default ring: measured 765 vs 1150 ms/step streamed (session 23)
-    (24.0, 1.0, "bf16"),
-    (23.0, 2.0, "bf16"),    # 12.15 GiB of decoder layers still fit beside 7.5 + 2 + 1.1 GiB
-    (22.0, 2.0, "stream"),  # they do not: streamed as loaded
-    (24.0, 4.0, "stream"),  # a larger ring leaves them no room
-    (16.0, 2.0, "stream"),
-    (80.0, 2.0, "bf16"),
+@pytest.mark.parametrize("budget_gib, ring_gib, fetch, expected", [
+    (24.0, 2.0, True, "bf16"),     # a 24 GB card, the default ring: 913 vs 1058 ms/step streamed (session 23)
+    (24.0, 1.0, True, "bf16"),
+    (23.0, 2.0, True, "bf16"),     # 12.15 GiB of decoder layers still fit beside 7.5 + 2 + 1.1 GiB
+    (22.0, 2.0, True, "stream"),   # they do not: streamed as loaded
+    (24.0, 4.0, True, "stream"),   # a larger ring leaves them no room
+    (24.0, 0.0, True, "stream"),   # no ring: the blocks would be copied at use, not fetched as one
+    (24.0, 0.25, True, "stream"),  # a ring smaller than a block (0.32 GiB): fetched layer by layer
+    (24.0, 2.0, False, "stream"),  # QWEN_ZERO_PRIOR_BLOCK_FETCH=0: layer by layer too (not faster, session 21)
+    (16.0, 2.0, True, "stream"),
+    (80.0, 0.0, False, "bf16"),    # every block fits beside the decoder: nothing streams, no ring needed
 ])
 def test_qwen_image_offload_keeps_the_text_decoder_on_the_gpu_where_it_fits_beside_the_ring(
-        parts_qwen_image, budget_gib, ring_gib, expected):
+        parts_qwen_image, budget_gib, ring_gib, fetch, expected):
     """model.offload_text_encoder: auto for Qwen-Image: the decoder's layers as loaded on the GPU where they fit
-    beside the offload reserve (compile's included), the prefetch ring and the other GPU-resident weights; never
-    fp8 (the conditioning stays exact)."""
+    beside the offload reserve (compile's included), the other GPU-resident weights and, where blocks stream, a
+    prefetch ring that fetches a block as one; never fp8 (the conditioning stays exact)."""
     p = parts_qwen_image
     assert p.family == "qwen-image" and 12.1 < p.te_layers / GIB < 12.2
+    block = p.dit_blocks_fp8 / 60 if fetch else math.inf
+    assert 0.31 < p.dit_blocks_fp8 / 60 / GIB < 0.33
     reserve = (memory.OFFLOAD_RESERVE_GIB + memory.OFFLOAD_COMPILE_RESERVE_GIB) * GIB
-    assert memory.text_encoder_storage(p, budget_gib * GIB, reserve, ring_gib * GIB) == expected
+    assert memory.text_encoder_storage(p, budget_gib * GIB, reserve, ring_gib * GIB, block) == expected
 
 
 def test_apply_offload_refuses_an_unknown_text_encoder_storage():

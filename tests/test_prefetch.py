@@ -580,22 +580,27 @@ def test_streamed_fp8_weight_is_cast_once_and_scaled_on_the_output():
     assert _rel(x.grad.float(), x2.grad) < 0.02
 
 
-@pytest.mark.parametrize("room", ["fits", "short"])
-def test_text_decoder_auto_placement_by_the_budget(tiny_pipe, room):
+@pytest.mark.parametrize("room", ["fits", "short", "layer_by_layer"])
+def test_text_decoder_auto_placement_by_the_budget(tiny_pipe, room, monkeypatch):
     """apply_offload's text_encoder="auto" for Qwen-Image: the decoder's layers stay plain Linears on the device
-    where the budget holds them beside the reserve and the ring, else they are streamed as loaded (not fp8)."""
+    where the budget holds them beside the reserve and a ring that fetches a streamed block as one, else they are
+    streamed as loaded (not fp8); also streamed where blocks are fetched layer by layer (QWEN_ZERO_PRIOR_BLOCK_FETCH=0).
+    """
     from torch import nn
 
     from qwen_zero_prior.training import memory
+    from qwen_zero_prior.training.offload import BLOCK_FETCH_ENV, block_bytes_fp8
 
+    monkeypatch.setenv(BLOCK_FETCH_ENV, "0" if room == "layer_by_layer" else "1")
     for mod in (tiny_pipe.text_encoder, tiny_pipe.transformer):
         mod.requires_grad_(False)  # frozen, as training's prepare leaves them (offload converts frozen layers only)
-    parts = memory.weight_parts(tiny_pipe)
-    ring = 0.25 * parts.te_layers / 2**30
-    need = (parts.te_layers + parts.te_rest + parts.dit_rest) / 2**30 + ring
-    budget = need * (1.01 if room == "fits" else 0.99)
-    summary = apply_offload(tiny_pipe, torch.device("cpu"), budget, reserve_gib=0, text_encoder="auto",
-                            prefetch_gib=ring)
+    parts, block = memory.weight_parts(tiny_pipe), block_bytes_fp8(tiny_pipe.transformer)
+    ring = 1.5 * block  # holds a block
+    need = parts.te_layers + parts.te_rest + parts.dit_rest + ring
+    budget = need + (-0.25 if room == "short" else 0.25) * block
+    assert budget - need + ring < parts.dit_blocks_fp8  # not every block fits beside the decoder: some stream
+    summary = apply_offload(tiny_pipe, torch.device("cpu"), budget / 2**30, reserve_gib=0, text_encoder="auto",
+                            prefetch_gib=ring / 2**30)
     layers = [m for n, m in tiny_pipe.text_encoder.model.language_model.named_modules() if n.startswith("layers.")
               and isinstance(m, (nn.Linear, OffloadedLinear))]
     if room == "fits":

@@ -6,9 +6,10 @@ Plans, fastest first:
 - ``checkpoint``: every weight on the GPU, the transformer's activations recomputed per block in the backward
   (``gradient_checkpointing``): ~20 GiB less at 1024² for ~30% more compute;
 - ``offload``: fp8 transformer weights, what does not fit streamed from CPU memory, the text encoder's layers on
-  the GPU as loaded where they fit (a 24 GB card), else streamed (:func:`text_encoder_storage`), checkpointing (``training/offload.py``): trains on 24 GB cards. Qwen-Image 2.1 (:func:`choose_21`,
-  given the weights by part): every weight stays on the GPU where fp8 storage makes it fit (its text decoder in
-  bf16 where that fits, else fp8); nothing is streamed on a 24 GB card.
+  the GPU as loaded where they fit (a 24 GB card), else streamed (:func:`text_encoder_storage`), checkpointing
+  (``training/offload.py``): trains on 24 GB cards. Qwen-Image 2.1 (:func:`choose_21`, given the weights by part):
+  every weight stays on the GPU where fp8 storage makes it fit (its text decoder in bf16 where that fits, else
+  fp8); nothing is streamed on a 24 GB card.
 
 ``auto`` (the default) picks the first that fits the memory this process may use: the device's total, or less
 under a per-process cap (``torch.cuda.set_per_process_memory_fraction``, how an 80 GB card is emulated on a bigger
@@ -356,7 +357,8 @@ def weight_parts(pipe) -> WeightBytes:
                        module_bytes(lm) - layers, module_bytes(te) - module_bytes(lm), module_bytes(pipe.vae))
 
 
-def text_encoder_storage(parts: WeightBytes, budget_bytes: float, reserve_bytes: float, ring_bytes: float = 0.0) -> str:
+def text_encoder_storage(parts: WeightBytes, budget_bytes: float, reserve_bytes: float, ring_bytes: float = 0.0,
+                         block_bytes: float = 0.0) -> str:
     """How ``model.offload`` keeps the text decoder's layers within ``budget_bytes`` (``model.offload_text_encoder:
     auto``).
 
@@ -364,15 +366,20 @@ def text_encoder_storage(parts: WeightBytes, budget_bytes: float, reserve_bytes:
     ``"fp8"`` on the GPU where that fits (the conditioning then carries e4m3 rounding: docs/qwen-image-2.1.md), else
     ``"stream"`` (as loaded, in pinned CPU memory, copied per use).
 
-    Qwen-Image: its transformer's blocks do not fit a 24 GB card even in fp8 (19 GiB), so they stream either way;
-    ``"bf16"`` where the decoder's layers fit on the GPU beside the reserve, the embeddings, the transformer's other
-    weights and the ``ring_bytes`` prefetch ring (then nearly every block streams, each fetched as one), else
-    ``"stream"``. Under a 24 GiB cap on an H200, with the 2 GiB ring, the decoder on the GPU took the compiled step
-    to 765 ms against 1150 ms with it streamed (1 GiB ring, the earlier default), in one call (docs/benchmarks.md,
-    "Session 23"). Never fp8 for Qwen-Image: that would change the conditioning the token learns against."""
+    Qwen-Image: its transformer's blocks do not fit a 24 GB card even in fp8 (19 GiB). ``"bf16"`` where the
+    decoder's layers fit on the GPU beside the reserve, the embeddings and the transformer's other weights, and
+    either every block fits beside them too or the blocks that stream are fetched as one through the
+    ``ring_bytes`` prefetch ring (it fits beside as well and holds a block: ``block_bytes``, infinite where blocks
+    are fetched layer by layer); else ``"stream"``. Measured under a 24 GiB cap on an H200 with compile, the 2 GiB
+    ring and blocks fetched as one: 913 against 1058 ms/step with the old defaults (decoder streamed, 1 GiB ring) in
+    one call, 765 against 1150 in another (docs/benchmarks.md, "Session 23"); with one fetch per layer (session 21)
+    it was not faster. Never fp8 for Qwen-Image: that would change the conditioning the token learns against."""
     if parts.family != QWEN_IMAGE_21:
-        room = budget_bytes - reserve_bytes - ring_bytes - (parts.dit_rest + parts.te_rest)
-        return "bf16" if room >= parts.te_layers else "stream"
+        room = budget_bytes - reserve_bytes - (parts.dit_rest + parts.te_rest) - parts.te_layers
+        if room >= parts.dit_blocks_fp8:  # every block resident beside the decoder: nothing streams
+            return "bf16"
+        fetched_as_one = 0 < ring_bytes and block_bytes <= ring_bytes <= room
+        return "bf16" if fetched_as_one else "stream"
     room = budget_bytes - reserve_bytes - (parts.dit_blocks_fp8 + parts.dit_rest + parts.te_rest + parts.vae)
     if room >= parts.te_layers:
         return "bf16"

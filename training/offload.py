@@ -488,8 +488,10 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     if prefetch_gib < 0:
         raise ValueError(f"apply_offload: prefetch_gib must be >= 0, got {prefetch_gib!r}")
     if text_encoder == "auto":
+        # (a block is fetched as one where the ring holds it and block fetching is on: StreamedBlock.usable)
         text_encoder = memory.text_encoder_storage(memory.weight_parts(pipe), budget_gib * 2**30,
-                                                   reserve_gib * 2**30, ring_bytes=prefetch_gib * 2**30)
+                                                   reserve_gib * 2**30, ring_bytes=prefetch_gib * 2**30,
+                                                   block_bytes=per_block if block_fetch_from_env() else math.inf)
     emb = te.get_input_embeddings()
     fixed = emb.weight.numel() * emb.weight.element_size()
     free = budget_gib * 2**30 - reserve_gib * 2**30 - fixed
