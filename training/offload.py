@@ -487,17 +487,18 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
     per_block = block_bytes_fp8(tr)
     if prefetch_gib < 0:
         raise ValueError(f"apply_offload: prefetch_gib must be >= 0, got {prefetch_gib!r}")
+    parts = memory.weight_parts(pipe)
     if text_encoder == "auto":
-        # (a block is fetched as one where the ring holds it and block fetching is on: StreamedBlock.usable)
-        text_encoder = memory.text_encoder_storage(memory.weight_parts(pipe), budget_gib * 2**30,
-                                                   reserve_gib * 2**30, ring_bytes=prefetch_gib * 2**30,
-                                                   block_bytes=per_block if block_fetch_from_env() else math.inf)
+        # a block is fetched as one where the ring holds it (its fp8 bytes with their row scales, as
+        # StreamedBlock.usable counts them) and block fetching is on
+        block = parts.dit_blocks_fp8 / n_blocks if block_fetch_from_env() else math.inf
+        text_encoder = memory.text_encoder_storage(parts, budget_gib * 2**30, reserve_gib * 2**30,
+                                                   ring_bytes=prefetch_gib * 2**30, block_bytes=block)
     emb = te.get_input_embeddings()
     fixed = emb.weight.numel() * emb.weight.element_size()
     free = budget_gib * 2**30 - reserve_gib * 2**30 - fixed
     streams_te = text_encoder in ("stream", "stream_fp8")
     if not streams_te:  # the text decoder's layers stay on the GPU: the blocks get what is left
-        parts = memory.weight_parts(pipe)
         free -= parts.te_layers if text_encoder == "bf16" else parts.te_layers_fp8
     # (2.1's "auto" picks a storage that fits beside every block, memory.text_encoder_storage: then all are resident)
     resident, arena = _fitting_blocks(n_blocks, per_block, free, int(prefetch_gib * 2**30), streams_te)
