@@ -137,11 +137,13 @@ def test_the_heap_is_frozen_after_the_first_step_and_released_when_training_ends
     seen, freezes = [], []
     trainer.backend.predict = plain
     plain_freeze = FrozenHeap.freeze
-    monkeypatch.setattr(FrozenHeap, "freeze", lambda self: freezes.append(1) or plain_freeze(self))
+    monkeypatch.setattr(FrozenHeap, "freeze", lambda self: freezes.append(plain_freeze(self)) or freezes[-1])
     on_step = Callbacks(on_step=lambda step, total, loss: seen.append(gc.get_freeze_count()))
     trainer.fit(tmp_path / "weights.zip", on_step)
     assert len(seen) == 2 and all(n > 1000 for n in seen)  # frozen from the first step's end: the model's objects
-    assert seen[1] >= seen[0] and len(freezes) == 2  # and again after the next step: what it created too
+    # and again after the next step (what it created too). Not compared by count: frozen objects still die by
+    # reference counting, and the tiny model's second step may leave fewer new ones than that (861077 -> 861075 seen)
+    assert freezes == [True, True]
     assert gc.get_freeze_count() == 0
 
     gc.freeze()  # someone else froze a few objects first (the GPU machine's Python had 375): the model still freezes
