@@ -498,9 +498,15 @@ def _mem_peak(device) -> float:
 
 def frozen_bytes(pipe) -> int:
     """The frozen models' bytes as they are stored now (bf16, or fp8 where converted: ``Fp8Linear`` keeps its fp8
-    weight and row scales as buffers): parameters that train (LoRA, token) not counted, buffers counted."""
+    weight and row scales as buffers): parameters that train (LoRA, token) not counted, buffers counted; the text
+    encoder's vision tower and LM head not counted where training left them in CPU memory (``text_parts.park``)
+    while the transformer is elsewhere."""
+    from qwen_zero_prior.training.text_parts import unused_tensors
+
+    where = next(pipe.transformer.parameters()).device
+    unused = {id(t) for t in unused_tensors(pipe.text_encoder) if t.device != where}
     return sum(t.numel() * t.element_size() for m in (pipe.transformer, pipe.text_encoder, pipe.vae)
-               for t in [*(p for p in m.parameters() if not p.requires_grad), *m.buffers()])
+               for t in [*(p for p in m.parameters() if not p.requires_grad), *m.buffers()] if id(t) not in unused)
 
 
 def memory_fields(pipe, cfg_model, args, device) -> dict:
@@ -880,6 +886,11 @@ def _has_fp8_backward_copies(transformer) -> bool:
     return any(getattr(m, "wt_q", None) is not None for m in transformer.modules())
 
 
+def _fp8_backward_copy_blocks(transformer) -> int:
+    """How many of the transformer's blocks hold fp8 backward copies."""
+    return sum(any(getattr(m, "wt_q", None) is not None for m in blk.modules()) for blk in transformer.transformer_blocks)
+
+
 def _undo_compile_rewrites(transformer) -> None:
     """Plain diffusers RoPE and GELU again (the trainer installs their fusable forms with ``model.compile``), and
     diffusers' own attention processors (the trainer's send 2.1's image queries to ``model.attention_backend`` and
@@ -1028,15 +1039,44 @@ def run_variants(args, device, dtype, res) -> dict:
         fused_lora = overrides.pop("fused_lora", True)
         if not fused_lora:
             stack.enter_context(mock.patch.object(lora_shared, "_adapter", lambda layers: None))
-        # bench-only: fp8_backward_copy=0 never keeps fp8 backward copies, =force always does, whatever the memory
-        # plan says (for this variant's trainer only): whether they fit under a cap the plan's estimate rules out
+        # bench-only: fp8_backward_copy=0 never keeps fp8 backward copies, =force keeps them for every block, =N for
+        # the first N blocks, whatever the memory plan says (=1, the default: as it says), for this variant's
+        # trainer only: whether they fit under a cap the plan's estimate rules out
         copies = overrides.pop("fp8_backward_copy", True)
-        if copies not in (True, False, "force"):
-            raise SystemExit(f"--variant {spec!r}: fp8_backward_copy={copies!r}; expected 0, 1 or force")
-        fits = {False: False, "force": True}.get(copies)
-        with mock.patch.object(DiffusersBackend, "_fp8_backward_copy_fits", lambda self, t: fits) \
-                if fits is not None else contextlib.nullcontext():
-            trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
+        if copies is True:
+            blocks = None
+        elif copies is False or copies == "force":
+            blocks = {False: 0, "force": len(tr.transformer_blocks)}[copies]
+        elif isinstance(copies, str) and copies.isdigit():
+            blocks = int(copies)
+        else:
+            raise SystemExit(f"--variant {spec!r}: fp8_backward_copy={copies!r}; expected 0, 1, force or a number "
+                             "of blocks")
+        if blocks is not None:
+            stack.enter_context(mock.patch.object(DiffusersBackend, "_fp8_backward_copy_blocks",
+                                                  lambda self, t, n=blocks: n))
+        # bench-only: park_text=0 keeps the text encoder's vision tower and LM head on the GPU, as the trainer did
+        # before text_parts.park (the same call's baseline for the memory it frees)
+        from qwen_zero_prior.training import text_parts
+
+        if not overrides.pop("park_text", True):
+            text_parts.unpark(pipe.text_encoder)
+            pipe.text_encoder.to(device)
+            stack.enter_context(mock.patch.object(text_parts, "park", lambda te: 0))
+        # bench-only: combo_kernels=1 turns on inductor's horizontal fusion of independent kernels (the step runs
+        # ~15,000 small kernels; session 1 counted ~15 ms of sub-2 µs gaps between them) for this variant's compiles
+        if overrides.pop("combo_kernels", False):
+            import torch._inductor.config as inductor_config
+
+            stack.enter_context(inductor_config.patch(combo_kernels=True))
+        # bench-only: lora_bf16=1 stores the LoRA weights (and so their AdamW state) in bf16 instead of float32
+        # master weights: what the ~950 casts a step to the compute dtype cost at most (not a training setting:
+        # bf16 weights lose small updates)
+        lora_bf16 = overrides.pop("lora_bf16", False)
+        trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
+        if lora_bf16:
+            for p in trainer.lora_params:
+                p.data = p.data.to(torch.bfloat16)
         if not layout_cache:
             from qwen_zero_prior.training import flow21
 
@@ -1071,8 +1111,11 @@ def run_variants(args, device, dtype, res) -> dict:
              **memory_fields(pipe, trainer.cfg.model, args, device), "memory_cap_gib": args.memory_cap_gib or None,
              **({"rope": rope_form} if rope_form else {}),
              **({"fused_lora": bool(fused_lora)} if rope_form else {}),
-             **({"fp8_backward_copy": _has_fp8_backward_copies(pipe.transformer)}
-                if trainer.cfg.model.fp8_matmul else {})}
+             **({"fp8_backward_copy": _has_fp8_backward_copies(pipe.transformer),
+                 "fp8_backward_copy_blocks": _fp8_backward_copy_blocks(pipe.transformer)}
+                if trainer.cfg.model.fp8_matmul else {}),
+             **({"lora_bf16": True} if lora_bf16 else {}),
+             "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}
         if args.trace and device.type == "cuda":
             r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
         res["rows"].append(r)
@@ -1274,10 +1317,14 @@ def main(argv=None) -> int:
                    'the diffusers + peft step (a) instead; "memory_cap_gib=78" (with --isolate): that variant\'s '
                    'process capped; "real_rope=0": diffusers\' complex RoPE under compile (rewritten in real '
                    'arithmetic by default); "layout_cache=0": Qwen-Image 2.1 through diffusers\' forward each step '
-                   '(flow21.forward_t2i by default); "fp8_backward_copy=0": no fp8 backward copies (kept by default '
-                   'where the memory plan fits them; "force": kept whatever the plan says); "fused_lora=0": each '
+                   '(flow21.forward_t2i by default); "fp8_backward_copy=0": no fp8 backward copies (by default the '
+                   'first blocks keep them as far as the memory plan has room; "force": every block, "N": the first '
+                   'N blocks, whatever the plan says); "fused_lora=0": each '
                    'LoRA\'s A product on its own, as peft (under compile the layers sharing an input fuse theirs: '
-                   'q/k/v of each stream, and 2.1\'s gate/proj)')
+                   'q/k/v of each stream, and 2.1\'s gate/proj); "park_text=0": the text encoder\'s vision tower '
+                   'and LM head kept on the GPU (left in CPU memory by default); "combo_kernels=1": inductor\'s '
+                   'horizontal fusion of independent kernels; "lora_bf16=1": LoRA weights stored in bf16 (an upper '
+                   'bound of the casts\' cost, not a training setting)')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--res", type=int, default=1024)

@@ -628,14 +628,19 @@ def test_node_rows_count_the_graphs_captured_and_failed():
 
 
 def test_fp8_backward_copy_variant_values(tmp_path):
-    """``fp8_backward_copy``: 0, 1 or force (copies kept whatever the memory plan says: to measure whether they fit
-    under a cap the plan's estimate rules out); anything else is refused naming the accepted values."""
+    """``fp8_backward_copy``: 0, 1 (as the memory plan says), force (every block's copies whatever the plan says: to
+    measure whether they fit under a cap the plan's estimate rules out) or a number of blocks; anything else is
+    refused naming the accepted values. A row says how many blocks hold copies (none on a CPU: nothing fp8 there
+    in this test) and whether the text encoder's unused parts are on a GPU."""
     from bench.bench_step import main
 
     base = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "1",
             "--iters", "1", "--mode", "variants", "--only-b"]
-    with pytest.raises(SystemExit, match=r"fp8_backward_copy='sometimes'; expected 0, 1 or force"):
-        main([*base, "--variant", "fp8_backward_copy=sometimes", "--out", str(tmp_path / "bad.json")])
-    assert main([*base, "--variant", "fp8_backward_copy=force", "--out", str(tmp_path / "ok.json")]) == 0
-    (row,) = json.loads((tmp_path / "ok.json").read_text())["rows"]
-    assert row["ms_median"] > 0 and "error" not in row
+    for bad in ("sometimes", "-2", "1.5"):
+        with pytest.raises(SystemExit, match=rf"fp8_backward_copy='{re.escape(bad)}'; expected 0, 1, force or a number"):
+            main([*base, "--variant", f"fp8_backward_copy={bad}", "--out", str(tmp_path / "bad.json")])
+    assert main([*base, "--variant", "fp8_backward_copy=force", "--variant", "fp8_backward_copy=2 park_text=0 combo_kernels=1 lora_bf16=1",
+                 "--out", str(tmp_path / "ok.json")]) == 0
+    rows = json.loads((tmp_path / "ok.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["ms_median"] > 0 and "error" not in r for r in rows)
+    assert [r["text_parts_on_gpu"] for r in rows] == [False, False]  # a CPU run: nothing on a GPU either way

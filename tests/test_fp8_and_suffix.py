@@ -161,11 +161,12 @@ def test_fp8_backward_hands_scaled_mm_what_cuda_accepts(monkeypatch, backward_co
 
 
 def test_fp8_backward_copy_bytes_and_the_plan_deciding_them(tiny_pipe, make_config, monkeypatch):
-    """``backward_copy_bytes`` is what the copies add; the backend keeps them only where the memory plan still
-    trains resident with them (asked with the capacity a card reports), never on the CPU or with offload."""
+    """``backward_copy_bytes`` is what the copies add (by block: ``backward_copy_bytes_by_block``); the backend
+    gives them to as many of the first blocks as the memory plan has room for beside the resident step without
+    them (asked with the capacity a card reports): all, some, none; never on the CPU, with offload or checkpointing."""
     from qwen_zero_prior.training import memory
     from qwen_zero_prior.training.diffusers_backend import DiffusersBackend
-    from qwen_zero_prior.training.fp8 import backward_copy_bytes
+    from qwen_zero_prior.training.fp8 import backward_copy_bytes, backward_copy_bytes_by_block
 
     lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
     one, two = Fp8Linear(lin), Fp8Linear(lin, backward_copy=True)
@@ -179,25 +180,66 @@ def test_fp8_backward_copy_bytes_and_the_plan_deciding_them(tiny_pipe, make_conf
     layers = [mod for name, mod in tr.named_modules() if type(mod) is torch.nn.Linear
               and name.split(".")[0] == "transformer_blocks" and name.split(".", 2)[-1] in IMAGE_STREAM]
     assert layers and backward_copy_bytes(tr) == sum(m.weight.numel() + 4 * m.in_features for m in layers)
+    by_block = backward_copy_bytes_by_block(tr)
+    assert len(by_block) == len(tr.transformer_blocks) >= 2 and sum(by_block) == backward_copy_bytes(tr)
+    assert len(set(by_block)) == 1 and by_block[0] > 0
     cfg = make_config(steps=1)
     cfg.model.fp8_matmul = True
     backend = DiffusersBackend(cfg, tiny_pipe)
-    assert not backend._fp8_backward_copy_fits(cfg.train)  # CPU
+    assert backend._fp8_backward_copy_blocks(cfg.train) == 0  # CPU
     backend.device = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # an fp8 GPU, as far as it asks
-    # a capacity the weights fit resident without the copies but not with them (copies of a full-size model's
-    # order, 2 GiB: the tiny model's few KB would vanish in the plan's 0.1 GiB rounding)
+    # copies of a full-size model's order, 1 GiB a block (the tiny model's few KB would vanish in the plan's 0.1 GiB
+    # rounding), four blocks
     from qwen_zero_prior.training import fp8
 
     gib = 2**30
-    monkeypatch.setattr(fp8, "backward_copy_bytes", lambda transformer, modules: 2 * gib)
+    monkeypatch.setattr(fp8, "backward_copy_bytes_by_block", lambda transformer, modules: [gib] * 4)
     act = memory.activation_gib(memory.ACT_RESIDENT_GIB, cfg.train.resolution, cfg.train.batch_size)
-    tight = memory.weights_bytes(tiny_pipe, cfg.model) / gib + 1 + act + memory.MARGIN_GIB
-    for cap_gib, fits in ((100.0, True), (tight, False)):
+    need = round(memory.weights_bytes(tiny_pipe, cfg.model) / gib + act + memory.MARGIN_GIB, 1)  # without copies
+    for cap_gib, blocks in ((100.0, 4), (need + 4.05, 4), (need + 3.95, 3), (need + 1.5, 1), (need + 0.5, 0),
+                            (need - 1.0, 0)):  # the last: not even resident without them (checkpoint)
         monkeypatch.setattr(memory, "per_process_capacity", lambda device, c=cap_gib: (c * gib, c * gib))
-        assert backend._fp8_backward_copy_fits(cfg.train) is fits
-    cfg.model.offload = True
-    assert not backend._fp8_backward_copy_fits(cfg.train)
+        assert backend._fp8_backward_copy_blocks(cfg.train) == blocks, cap_gib
+    monkeypatch.setattr(memory, "per_process_capacity", lambda device: (100 * gib, 100 * gib))
+    cfg.model.gradient_checkpointing = True
+    assert backend._fp8_backward_copy_blocks(cfg.train) == 0
+    cfg.model.gradient_checkpointing, cfg.model.offload = False, True
+    assert backend._fp8_backward_copy_blocks(cfg.train) == 0
+
+
+def test_fp8_backward_copies_for_the_first_blocks_only(tiny_pipe):
+    """``apply_fp8_matmul(backward_copy=n)``: the converted layers of blocks 0..n-1 hold backward copies, the others
+    none; the outputs and input gradients match those of every layer with a copy and of none; bad values refused."""
+    import copy
+
+    torch.manual_seed(0)
+    tr = tiny_pipe.transformer.float()
+    n_blocks = len(tr.transformer_blocks)
+    x = torch.randn(5, tr.transformer_blocks[0].attn.to_q.in_features)
+    got = {}
+    for copies in (False, 1, True):
+        t = copy.deepcopy(tr)
+        apply_fp8_matmul(t, backward_copy=copies)
+        with_copy = [any(getattr(m, "wt_q", None) is not None for m in blk.modules()) for blk in t.transformer_blocks]
+        expect = n_blocks if copies is True else 0 if copies is False else copies
+        assert with_copy == [i < expect for i in range(n_blocks)]
+        out, grads = [], []
+        for blk in t.transformer_blocks:
+            xi = x.clone().requires_grad_(True)
+            y = blk.attn.to_q(xi)
+            y.square().sum().backward()
+            out.append(y.detach())
+            grads.append(xi.grad)
+        got[copies] = out, grads
+    for copies in (1, True):
+        for a, b in zip(got[copies][0], got[False][0]):
+            assert torch.equal(a, b)  # the forward never uses the copy
+        for a, b in zip(got[copies][1], got[False][1]):
+            torch.testing.assert_close(a, b, rtol=0.1, atol=0.1 * b.abs().max().item())  # both fp8, other rounding
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match=repr(bad).replace(".", r"\.")):
+            apply_fp8_matmul(copy.deepcopy(tr), backward_copy=bad)
 
 
 def test_fp8_bytes_saved_is_what_the_conversion_frees(tiny_pipe):

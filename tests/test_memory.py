@@ -82,13 +82,22 @@ def test_fp8_matmul_reduce_overhead_plans_resident_on_an_80gb_card():
 @pytest.mark.parametrize("model, fp8_bytes", [({}, False), ({"fp8_matmul": True}, True), ({"quantize": True}, None)])
 def test_weights_bytes_counts_fp8_storage_as_placed(tiny_pipe, model, fp8_bytes):
     """What the plan counts for the loaded models: bf16/fp32 as loaded, fp8_matmul's image stream as one fp8 copy
-    + row scales (exactly what the conversion leaves), quantize's transformer one byte a value."""
+    + row scales (exactly what the conversion leaves), quantize's transformer one byte a value; never the text
+    encoder's vision tower and LM head, which training leaves in CPU memory (text_parts.park) — counted the same
+    before and after they are parked."""
+    from qwen_zero_prior.training import text_parts
     from qwen_zero_prior.training.fp8 import Fp8Linear, apply_fp8_matmul
 
     m = Config.from_dict({"model": model}).model
-    parts = (tiny_pipe.transformer, tiny_pipe.text_encoder, tiny_pipe.vae)
-    loaded = memory.module_bytes(*parts)
+    te = tiny_pipe.text_encoder
+    assert te.lm_head.weight is not te.get_input_embeddings().weight  # untied: the head counts as unused
+    unused = memory.module_bytes(te.model.visual, te.lm_head)
+    assert unused > 0
+    parts = (tiny_pipe.transformer, te, tiny_pipe.vae)
+    loaded = memory.module_bytes(*parts) - unused
     counted = memory.weights_bytes(tiny_pipe, m)
+    text_parts.park(te)
+    assert memory.weights_bytes(tiny_pipe, m) == counted
     if fp8_bytes is None:
         tr = tiny_pipe.transformer
         assert counted == loaded - memory.module_bytes(tr) + memory.module_bytes(tr) // tr.dtype.itemsize
@@ -96,8 +105,8 @@ def test_weights_bytes_counts_fp8_storage_as_placed(tiny_pipe, model, fp8_bytes)
     if fp8_bytes:
         assert apply_fp8_matmul(tiny_pipe.transformer) > 0
     fp8_layers = [mod for mod in tiny_pipe.transformer.modules() if isinstance(mod, Fp8Linear)]
-    placed = memory.module_bytes(*parts) + sum(b.numel() * b.element_size() for mod in fp8_layers
-                                               for b in mod.buffers())  # the fp8 copies are buffers
+    placed = memory.module_bytes(*parts) - memory.module_bytes(te.model.visual) + sum(
+        b.numel() * b.element_size() for mod in fp8_layers for b in mod.buffers())  # the fp8 copies are buffers
     assert counted == placed and (counted < loaded) == fp8_bytes
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 
 import torch
 from torch import nn
@@ -204,7 +205,15 @@ def bytes_saved(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM)
 def backward_copy_bytes(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM) -> int:
     """Bytes the backward copies (``Fp8Linear(backward_copy=True)``) add on top of :func:`stored_bytes`: one e4m3
     byte a weight + a float32 scale an input feature."""
-    return sum(stored_bytes(*reversed(mod.weight.shape)) for _, mod in _targets(transformer, modules))
+    return sum(backward_copy_bytes_by_block(transformer, modules))
+
+
+def backward_copy_bytes_by_block(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM) -> list[int]:
+    """:func:`backward_copy_bytes` of each of ``transformer_blocks``, in order."""
+    out = [0] * len(transformer.transformer_blocks)
+    for name, mod in _targets(transformer, modules):
+        out[block_index(name)] += stored_bytes(*reversed(mod.weight.shape))
+    return out
 
 
 def added_bytes(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM) -> int:
@@ -215,24 +224,41 @@ def added_bytes(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM)
 
 
 def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
-                     modules: tuple[str, ...] = IMAGE_STREAM, backward_copy: bool = False,
+                     modules: tuple[str, ...] = IMAGE_STREAM, backward_copy: bool | int = False,
                      compute_dtype: torch.dtype | None = None) -> int:
     """Replace the base ``Linear`` layers named ``modules`` (relative to ``transformer_blocks.<i>.``; default:
     Qwen-Image's image stream) of ``transformer_blocks`` (inside peft LoRA wrappers too) with :class:`Fp8Linear`
-    (``backward_copy``, ``compute_dtype``: see there). Call after the LoRA is added. Returns the number of layers
-    converted."""
+    (``compute_dtype``: see there). ``backward_copy``: ``True`` gives every converted layer its backward copy
+    (:class:`Fp8Linear`), an int ``n`` only the layers of blocks ``0 .. n-1`` (the share the memory plan has room
+    for; whole blocks, so a compiled block takes one of two forms). Call after the LoRA is added. Returns the number
+    of layers converted."""
     check_supported(next(transformer.parameters()).device)
+    if isinstance(backward_copy, bool):
+        copies = sys.maxsize if backward_copy else 0
+    elif isinstance(backward_copy, int) and backward_copy >= 0:
+        copies = backward_copy
+    else:
+        raise ValueError(f"apply_fp8_matmul: backward_copy must be a bool or a number of blocks >= 0, got "
+                         f"{backward_copy!r}")
     targets = _targets(transformer, modules)
-    count = len(targets)
+    count, with_copy = len(targets), 0
     while targets:  # each bf16 layer released as soon as it is replaced: the peak is one layer over the weights
         name, mod = targets.pop(0)
         parent, attr = _parent(transformer, name)
-        setattr(parent, attr, Fp8Linear(mod, keep_original=keep_original, backward_copy=backward_copy,
+        copy = block_index(name) < copies
+        with_copy += copy
+        setattr(parent, attr, Fp8Linear(mod, keep_original=keep_original, backward_copy=copy,
                                         compute_dtype=compute_dtype))
         del mod
     logger.info("fp8 matmuls on %d block layers of the transformer%s", count,
-                " (with backward copies)" if backward_copy else "")
+                "" if not with_copy else " (with backward copies)" if with_copy == count else
+                f" ({with_copy} with backward copies: blocks 0-{copies - 1})")
     return count
+
+
+def block_index(name: str) -> int:
+    """The block number in a module name under ``transformer_blocks`` (``transformer_blocks.7.attn.to_q`` -> 7)."""
+    return int(name.split(".", 2)[1])
 
 
 def restore(transformer: nn.Module) -> int:

@@ -20,7 +20,9 @@ The activation figures are per-sample at 1024² (4096 image tokens), from full-s
 (``docs/benchmarks.md``), and scale with the number of image tokens. The frozen weights of Qwen-Image in bf16 are
 53.7 GiB (DiT 38.1, Qwen2.5-VL-7B text encoder with its vision tower 15.4, VAE 0.24); ``model.fp8_matmul`` keeps the
 DiT's image-stream projections (6.8B values, 12.7 GiB in bf16) as one fp8 copy with float32 row scales (6.3 GiB),
-47.4 GiB in all (:func:`weights_bytes` counts them from the loaded models). Measured: the compiled reduce-overhead
+47.4 GiB in all. Training leaves the text encoder's vision tower and LM head (2.3 GiB, never run for text
+conditioning) in CPU memory (``text_parts.park``): 45.1 GiB placed (:func:`weights_bytes` counts them from the
+loaded models). Measured: the compiled reduce-overhead
 step peaked at 75.8 GiB with bf16-sized weights (so did the fp8_matmul step while it kept two fp8 copies, the
 bytes of bf16: issue #15), and that fp8 step ran out of memory under a 78 GiB cap; the eager resident step did not
 fit 78 GiB either (75.7 GiB allocated at its OOM); with checkpointing the step peaked at 57.3-57.4 GiB. A safety
@@ -276,12 +278,18 @@ def module_bytes(*modules) -> int:
 
 
 def weights_bytes(pipe, m) -> int:
-    """The frozen models' bytes once placed as the model settings ``m`` say, counted on the loaded (not yet
-    placed) pipeline: ``quantize`` / ``quantize_te`` store those weights in fp8 (one byte a value);
-    ``fp8_matmul`` stores the family's fp8 layers as one fp8 copy with float32 row scales (``fp8.bytes_saved``)."""
-    total = sum(module_bytes(module) // (module.dtype.itemsize if quantized else 1)
-                for module, quantized in ((pipe.transformer, m.quantize), (pipe.text_encoder, m.quantize_te),
-                                          (pipe.vae, False)))
+    """The frozen models' bytes once placed for training as the model settings ``m`` say, counted on the loaded
+    (not yet placed) pipeline: ``quantize`` / ``quantize_te`` store those weights in fp8 (one byte a value);
+    ``fp8_matmul`` stores the family's fp8 layers as one fp8 copy with float32 row scales (``fp8.bytes_saved``).
+    The text encoder's vision tower and LM head stay in CPU memory (``text_parts.park``): not counted."""
+    from .text_parts import placed_bytes
+
+    te = pipe.text_encoder
+    te_placed = placed_bytes(te)
+    total = sum(b // (module.dtype.itemsize if quantized else 1)
+                for module, b, quantized in ((pipe.transformer, module_bytes(pipe.transformer), m.quantize),
+                                             (te, te_placed, m.quantize_te),
+                                             (pipe.vae, module_bytes(pipe.vae), False)))
     if m.fp8_matmul:
         from .families import detect_pipeline
         from .fp8 import bytes_saved
@@ -353,8 +361,10 @@ def weight_parts(pipe) -> WeightBytes:
     lm = family.decoder(te)
     blocks, blocks_fp8 = _linear_bytes(tr.transformer_blocks)
     layers, layers_fp8 = _linear_bytes(lm.layers)
+    from .text_parts import unused_bytes
+
     return WeightBytes(family.name, blocks, blocks_fp8, module_bytes(tr) - blocks, layers, layers_fp8,
-                       module_bytes(lm) - layers, module_bytes(te) - module_bytes(lm), module_bytes(pipe.vae))
+                       module_bytes(lm) - layers, unused_bytes(te, parameters_only=True), module_bytes(pipe.vae))
 
 
 def text_encoder_storage(parts: WeightBytes, budget_bytes: float, reserve_bytes: float, ring_bytes: float = 0.0,

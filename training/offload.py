@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import text_parts
 from .cast_linear import StoredLinear, cast_linear, cast_linear_op
 from .fp8 import FP8, _parent, quantize_rows
 from .pinned import PinnedPack
@@ -526,10 +527,9 @@ def apply_offload(pipe, device: torch.device, budget_gib: float, reserve_gib: fl
                        " to keep every weight on the GPU" if text_encoder == "fp8" else
                        " in CPU memory, half the bytes to copy for each use")
     # what is left (norms, embeddings, the transformer's input/output layers, LoRA) goes to the GPU; the vision
-    # tower and LM head are not used for text conditioning and stay in CPU memory
-    te.model.visual.to("cpu")
-    if getattr(te, "lm_head", None) is not None:
-        te.lm_head.to("cpu")
+    # tower and LM head are not used for text conditioning and stay in CPU memory (a pipeline call, the trainer's
+    # samples, then gets no logits instead of a device mismatch in the LM head)
+    text_parts.park(te)
     for mod in (tr, lm):
         mod.to(device)
     _attach_prefetcher((tr, lm), device, arena)
