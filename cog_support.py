@@ -138,7 +138,9 @@ def fast_model_settings(processes: int) -> dict:
     """What ``cog train`` adds to the model settings on one GPU of compute capability 8.9 or newer (Ada, Hopper: the
     H100 Replicate trains on), so that users get the fastest step that fits without setting anything: compiled
     transformer blocks with CUDA graphs and fp8 matmuls for the frozen image-stream weights (at 1024² under a 78 GiB
-    cap: 300.5 ms/step, 69.5 GiB, vs 614 ms for the best bf16 step that fits; docs/benchmarks.md). ``model.memory:
+    cap: 288.9 ms/step, 72.7 GiB, vs 614 ms for the best bf16 step that fits; docs/benchmarks.md). No attention
+    backend is named: torch's own SDPA choice took the same GPU time as ``_native_cudnn`` there (session 25), and a
+    named backend raises where its kernel does not take a shape instead of falling back. ``model.memory:
     auto`` still plans from the card: where the step does not fit resident it recomputes blocks without CUDA graphs,
     and on a 24 GB card offload keeps compile (without CUDA graphs) and turns fp8_matmul off (Qwen-Image 2.1's
     offload turns compile off too), each change logged. Data-parallel runs (several
