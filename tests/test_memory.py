@@ -330,3 +330,81 @@ def test_apply_offload_refuses_an_unknown_text_encoder_storage():
 
     with pytest.raises(ValueError, match=r"^apply_offload: text_encoder must be stream, stream_fp8, bf16, fp8 or auto, got 'gpu'$"):
         apply_offload(None, torch.device("cpu"), 24.0, text_encoder="gpu")
+
+
+# ---- placing the weights: fp8_matmul converts its layers on the GPU, after they arrive in bf16 -------------------
+
+
+@pytest.fixture(scope="module")
+def meta_pipes():
+    """Both families' full-size pipelines on the meta device (shapes only)."""
+    from bench.bench_step import build_pipeline, build_pipeline_21
+
+    return {name: build("full", torch.device("meta"), torch.bfloat16)[0]
+            for name, build in (("qwen-image", build_pipeline), ("qwen-image-2.1", build_pipeline_21))}
+
+
+def test_placing_counts_fp8_matmul_layers_as_loaded(meta_pipes):
+    """``weights_bytes(placing=True)``: what the GPU holds while the pipeline is placed, before the trainer converts
+    fp8_matmul's layers: their bf16 bytes (the same as without fp8_matmul); the vision tower and LM head in neither."""
+    from qwen_zero_prior.training.config import ModelConfig
+
+    pipe = meta_pipes["qwen-image"]
+    fp8, bf16 = ModelConfig(fp8_matmul=True), ModelConfig()
+    assert round(memory.weights_bytes(pipe, fp8) / GIB, 1) == 45.1
+    assert memory.weights_bytes(pipe, fp8, placing=True) == memory.weights_bytes(pipe, bf16) \
+        == memory.weights_bytes(pipe, bf16, placing=True)
+    assert round(memory.weights_bytes(pipe, bf16) / GIB, 1) == 51.5  # 53.7 less the 2.3 GiB left in CPU memory
+    # quantize converts on the CPU before the move: placing counts it converted
+    q = ModelConfig(quantize=True)
+    assert memory.weights_bytes(pipe, q, placing=True) == memory.weights_bytes(pipe, q) < memory.weights_bytes(pipe, bf16)
+
+
+@pytest.mark.parametrize("family, cap_gib, without_load, with_load", [
+    # Qwen-Image, fp8_matmul: checkpointing needs ~50.6 GiB with the weights in fp8, placing them ~52.5
+    ("qwen-image", 52.0, "checkpoint", "offload"),
+    ("qwen-image", 53.0, "checkpoint", "checkpoint"),
+    ("qwen-image", 78.0, "resident", "resident"),  # an 80 GB card: placing (52.5) is far below the step's need
+    # Qwen-Image 2.1, fp8_matmul (e.g. a 32 GB card with a display on it): checkpoint ~27.5, placing ~29.0
+    ("qwen-image-2.1", 28.5, "checkpoint", "offload"),
+    ("qwen-image-2.1", 30.0, "checkpoint", "checkpoint"),
+])
+def test_a_plan_fits_only_where_placing_the_weights_fits(meta_pipes, family, cap_gib, without_load, with_load):
+    """Between what the step needs with fp8_matmul's weights and what placing them takes, resident or checkpoint
+    would run out of memory before the first step: the plan offloads there and says why."""
+    from qwen_zero_prior.training.config import ModelConfig
+
+    pipe, m = meta_pipes[family], ModelConfig(fp8_matmul=True)
+    parts = memory.weight_parts(pipe) if family != "qwen-image" else None
+    kw = dict(weights_bytes=memory.weights_bytes(pipe, m), resolution=1024, batch_size=1, device=CUDA,
+              capacity_bytes=cap_gib * GIB, parts=parts, reduce_overhead=True)
+    assert memory.choose("auto", **kw).mode == without_load
+    plan = memory.choose("auto", load_bytes=memory.weights_bytes(pipe, m, placing=True), **kw)
+    assert plan.mode == with_load, plan
+    assert plan.need_gib["load"] > plan.need_gib["checkpoint"]
+    if with_load != without_load:
+        assert plan.need_gib["load"] > cap_gib
+        assert (f"checkpointing would need ~{plan.need_gib['checkpoint']} GiB once model.fp8_matmul has stored its "
+                f"layers in fp8, but placing the weights before that needs ~{plan.need_gib['load']} GiB, more than "
+                f"the {cap_gib:.1f} GiB available") in plan.reason
+
+
+def test_resolve_takes_the_load_into_account(meta_pipes):
+    """``resolve`` passes ``load_bytes`` to the plan; the offload it falls back to turns fp8_matmul off (offload
+    stores the transformer in fp8 itself)."""
+    from qwen_zero_prior.training.config import ModelConfig
+
+    pipe = meta_pipes["qwen-image"]
+    cfg = Config.from_dict({"model": {"memory": "auto", "fp8_matmul": True}, "train": {"resolution": 1024}})
+    weights = memory.weights_bytes(pipe, cfg.model)
+    load = memory.weights_bytes(pipe, cfg.model, placing=True)
+    assert memory.resolve(cfg, weights, CUDA, capacity_bytes=52 * GIB)[1].mode == "checkpoint"
+    out, plan = memory.resolve(cfg, weights, CUDA, capacity_bytes=52 * GIB, load_bytes=load)
+    assert plan.mode == "offload" and out.model.offload and not out.model.fp8_matmul
+    # without fp8_matmul placing takes what the step keeps: the load never decides a plan
+    plain = ModelConfig()
+    w = memory.weights_bytes(pipe, plain)
+    for cap in (24, 44, 52, 56, 60, 78, 100, 139):
+        kw = dict(weights_bytes=w, resolution=1024, batch_size=1, device=CUDA, capacity_bytes=cap * GIB)
+        assert memory.choose("auto", **kw).mode == memory.choose(
+            "auto", load_bytes=memory.weights_bytes(pipe, plain, placing=True), **kw).mode

@@ -119,3 +119,31 @@ def test_training_on_a_gpu_leaves_them_in_cpu_memory(tiny_pipe, dataset_dir, tmp
     trainer.train_step()
     paths, _ = trainer.render_samples()
     assert len(paths) == 1
+
+
+@pytest.mark.parametrize("for_training", [False, True])
+def test_placing_for_training_leaves_them_in_cpu_memory(tiny_pipe, for_training):
+    """``place_pipeline(for_training=True)`` (how training places the pipeline) moves everything but the vision
+    tower and the LM head, which would cross to the GPU only to be parked again; inference's placement moves them
+    too. The meta device stands in for the GPU: where each tensor goes shows, nothing is computed."""
+    from qwen_zero_prior.training.config import ModelConfig
+    from qwen_zero_prior.training.models import place_pipeline
+
+    te = tiny_pipe.text_encoder
+    visual, head = te.model.visual, te.lm_head
+    place_pipeline(tiny_pipe, ModelConfig(dtype="float32"), torch.device("meta"), for_training=for_training)
+    assert te.model.visual is visual and dict(te.model.named_children())["visual"] is visual  # registered again
+    assert all(p.device.type == "meta" for p in te.model.language_model.parameters())
+    assert te.get_input_embeddings().weight.device.type == "meta"
+    assert tiny_pipe.transformer.device.type == "meta" and tiny_pipe.vae.device.type == "meta"
+    assert {t.device.type for t in (*visual.parameters(), *head.parameters())} == {"cpu" if for_training else "meta"}
+    assert isinstance(te.lm_head, text_parts.NoLogits) == for_training
+
+
+def test_left_behind_registers_the_tower_again_when_the_move_fails(tiny_pipe):
+    te = tiny_pipe.text_encoder
+    visual = te.model.visual
+    with pytest.raises(RuntimeError, match="move failed"), text_parts.left_behind(te):
+        assert "visual" not in dict(te.model.named_children())
+        raise RuntimeError("move failed")
+    assert te.model.visual is visual and dict(te.model.named_children())["visual"] is visual

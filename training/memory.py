@@ -15,6 +15,9 @@ Plans, fastest first:
 under a per-process cap (``torch.cuda.set_per_process_memory_fraction``, how an 80 GB card is emulated on a bigger
 one), minus what other processes hold. It logs the plan and why. ``manual`` keeps ``gradient_checkpointing`` and
 ``offload`` exactly as set (the settings before this option existed). On a CPU every plan is ``resident``.
+``resident`` and ``checkpoint`` also need the weights' placement to fit (``load_bytes``): ``fp8_matmul``'s layers
+reach the GPU in bf16 and are converted there after the LoRA is added, so that moment holds more than the step's
+weights (Qwen-Image: 51.5 against 45.1 GiB).
 
 The activation figures are per-sample at 1024² (4096 image tokens), from full-scale H200 runs
 (``docs/benchmarks.md``), and scale with the number of image tokens. The frozen weights of Qwen-Image in bf16 are
@@ -63,6 +66,11 @@ ACT_CHECKPOINT_GIB = 1.5  # per sample at 1024² with per-block recomputation (5
 ACT_EAGER_GIB = 38.0
 MARGIN_GIB = 4.0  # allocator fragmentation, CUDA-graph pools, the optimizer's state and the LoRA
 REDUCE_OVERHEAD_POOL_GIB = 3.5  # torch.compile's reduce-overhead graphs keep their own memory pools
+# placing the weights (training/models.place_pipeline) holds fp8_matmul's layers in bf16 until the trainer converts
+# them on the GPU, one layer at a time, after adding the LoRA: the load needs those bytes plus one layer's
+# conversion (the largest of Qwen-Image's, 3072 x 12288: 72 MiB in bf16, ~0.3 GiB with its float32 temporaries)
+# and the allocator's rounding
+LOAD_MARGIN_GIB = 1.0
 
 
 @dataclass
@@ -114,27 +122,42 @@ def activation_gib(per_sample_1024: float, resolution: int, batch_size: int) -> 
 
 def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, device: torch.device,
            reduce_overhead: bool = False, capacity_bytes: float | None = None,
-           parts: WeightBytes | None = None) -> MemoryPlan:
+           parts: WeightBytes | None = None, load_bytes: int | None = None) -> MemoryPlan:
     """The plan for ``mode`` (see the module docstring). ``weights_bytes``: the frozen models' bytes once placed
     (transformer + text encoder + VAE, :func:`weights_bytes`). ``reduce_overhead``: ``model.compile`` with
     ``compile_mode: reduce-overhead`` (its measured activation figure and graph pools). ``capacity_bytes``
     overrides what the device reports (tests). ``parts``: the weights by part (:func:`weight_parts`), given for
-    Qwen-Image 2.1, whose plans :func:`choose_21` makes."""
+    Qwen-Image 2.1, whose plans :func:`choose_21` makes. ``load_bytes``: what the GPU holds while the weights are
+    placed (``weights_bytes(..., placing=True)``; more than ``weights_bytes`` with ``fp8_matmul``): resident and
+    checkpoint fit only where that fits too (:data:`LOAD_MARGIN_GIB`), else the step would crash before it runs."""
     if parts is not None and parts.family == QWEN_IMAGE_21:
         return choose_21(mode, parts=parts, weights_bytes=weights_bytes, resolution=resolution,
                          batch_size=batch_size, device=device, reduce_overhead=reduce_overhead,
-                         capacity_bytes=capacity_bytes)
+                         capacity_bytes=capacity_bytes, load_bytes=load_bytes)
     preset, capacity_bytes = _preset(mode, device, capacity_bytes)
     if preset is not None:
         return preset
     cap, w = capacity_bytes / GIB, weights_bytes / GIB
     act = ACT_RESIDENT_COMPILED_GIB if reduce_overhead else ACT_RESIDENT_GIB  # the measured figure where measured
-    need, plan = _resident_or_checkpoint(cap, w, resolution, batch_size, act, ACT_CHECKPOINT_GIB, reduce_overhead)
+    need, plan = _resident_or_checkpoint(cap, w, resolution, batch_size, act, ACT_CHECKPOINT_GIB, reduce_overhead,
+                                         load=_gib(load_bytes))
     if plan is not None:
         return plan
-    return MemoryPlan("offload", f"offload: resident needs ~{need['resident']} GiB and checkpointing ~"
-                      f"{need['checkpoint']} GiB, more than the {cap:.1f} GiB available", round(cap, 1), round(w, 1),
-                      need)
+    return MemoryPlan("offload", f"offload: {_too_much(need, cap)}", round(cap, 1), round(w, 1), need)
+
+
+def _gib(b: int | None) -> float | None:
+    return None if b is None else b / GIB
+
+
+def _too_much(need: dict, cap: float) -> str:
+    """Why neither resident nor checkpoint fits ``cap`` GiB (``need``: :func:`_resident_or_checkpoint`'s)."""
+    if need.get("load", 0) > cap and need["checkpoint"] <= cap:
+        return (f"checkpointing would need ~{need['checkpoint']} GiB once model.fp8_matmul has stored its layers in "
+                f"fp8, but placing the weights before that needs ~{need['load']} GiB, more than the {cap:.1f} GiB "
+                "available")
+    return (f"resident needs ~{need['resident']} GiB and checkpointing ~{need['checkpoint']} GiB, more than the "
+            f"{cap:.1f} GiB available")
 
 
 def _preset(mode: str, device: torch.device, capacity_bytes: float | None) -> tuple[MemoryPlan | None, float]:
@@ -149,14 +172,19 @@ def _preset(mode: str, device: torch.device, capacity_bytes: float | None) -> tu
 
 def _resident_or_checkpoint(cap: float, w: float, resolution: int, batch_size: int, act_resident: float,
                             act_checkpoint: float, reduce_overhead: bool, who: str = "",
-                            note: str = "") -> tuple[dict, MemoryPlan | None]:
+                            note: str = "", load: float | None = None) -> tuple[dict, MemoryPlan | None]:
     """(what each needs in GiB, the first of ``resident`` / ``checkpoint`` that fits ``cap`` GiB or None) for
-    ``w`` GiB of weights and the per-sample activation figures at 1024²."""
+    ``w`` GiB of weights and the per-sample activation figures at 1024². ``load``: GiB the GPU holds while the
+    weights are placed (``need["load"]`` with the margin); neither fits where that does not."""
     pools = REDUCE_OVERHEAD_POOL_GIB if reduce_overhead else 0.0
     need = {
         "resident": round(w + activation_gib(act_resident, resolution, batch_size) + MARGIN_GIB + pools, 1),
         "checkpoint": round(w + activation_gib(act_checkpoint, resolution, batch_size) + MARGIN_GIB, 1),
     }
+    if load is not None:
+        need["load"] = round(load + LOAD_MARGIN_GIB, 1)
+        if need["load"] > cap:
+            return need, None
     for plan in ("resident", "checkpoint"):
         if need[plan] <= cap:
             why = (f"{plan}: {who}needs ~{need[plan]} GiB ({w:.1f} GiB weights + activations at {resolution}² x "
@@ -180,10 +208,10 @@ def blocks_to_checkpoint(n_blocks: int, available_bytes: float, resolution: int,
 
 
 def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float | None = None,
-            parts: WeightBytes | None = None):
+            parts: WeightBytes | None = None, load_bytes: int | None = None):
     """(cfg with ``model.memory`` resolved to a plan and its settings applied, the plan) — or ``(cfg, None)`` for
-    ``manual``. Explicit ``offload: true`` / ``gradient_checkpointing: true`` are floors for ``auto``. ``parts``: as
-    for :func:`choose`."""
+    ``manual``. Explicit ``offload: true`` / ``gradient_checkpointing: true`` are floors for ``auto``. ``parts``,
+    ``load_bytes``: as for :func:`choose`."""
     m, t = cfg.model, cfg.train
     if m.memory == "manual":
         return cfg, None
@@ -197,7 +225,7 @@ def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float
         mode = "offload"
     plan = choose(mode, weights_bytes=weights_bytes, resolution=t.resolution, batch_size=t.batch_size,
                   device=device, reduce_overhead=m.compile and m.compile_mode == "reduce-overhead",
-                  capacity_bytes=capacity_bytes, parts=parts)
+                  capacity_bytes=capacity_bytes, parts=parts, load_bytes=load_bytes)
     if plan.mode == "resident" and m.gradient_checkpointing:
         plan = MemoryPlan("checkpoint", plan.reason + "; model.gradient_checkpointing: true keeps checkpointing",
                           plan.capacity_gib, plan.weights_gib, plan.need_gib)
@@ -277,11 +305,13 @@ def module_bytes(*modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
 
 
-def weights_bytes(pipe, m) -> int:
+def weights_bytes(pipe, m, placing: bool = False) -> int:
     """The frozen models' bytes once placed for training as the model settings ``m`` say, counted on the loaded
     (not yet placed) pipeline: ``quantize`` / ``quantize_te`` store those weights in fp8 (one byte a value);
     ``fp8_matmul`` stores the family's fp8 layers as one fp8 copy with float32 row scales (``fp8.bytes_saved``).
-    The text encoder's vision tower and LM head stay in CPU memory (``text_parts.park``): not counted."""
+    The text encoder's vision tower and LM head stay in CPU memory (``text_parts.park``): not counted.
+    ``placing``: the bytes while they are placed instead, before ``fp8_matmul`` converts its layers on the GPU (so
+    they count as loaded); ``quantize`` / ``quantize_te`` convert before the move."""
     from .text_parts import placed_bytes
 
     te = pipe.text_encoder
@@ -290,7 +320,7 @@ def weights_bytes(pipe, m) -> int:
                 for module, b, quantized in ((pipe.transformer, module_bytes(pipe.transformer), m.quantize),
                                              (te, te_placed, m.quantize_te),
                                              (pipe.vae, module_bytes(pipe.vae), False)))
-    if m.fp8_matmul:
+    if m.fp8_matmul and not placing:
         from .families import detect_pipeline
         from .fp8 import bytes_saved
 
@@ -406,7 +436,7 @@ def offload_gpu_bytes(parts: WeightBytes, storage: str) -> int:
 
 def choose_21(mode: str, *, parts: WeightBytes, weights_bytes: int, resolution: int, batch_size: int,
               device: torch.device, reduce_overhead: bool = False, capacity_bytes: float | None = None,
-              reserve_gib: float = OFFLOAD_RESERVE_GIB) -> MemoryPlan:
+              reserve_gib: float = OFFLOAD_RESERVE_GIB, load_bytes: int | None = None) -> MemoryPlan:
     """:func:`choose` for Qwen-Image 2.1: resident and checkpoint as for Qwen-Image (2.1's activation estimates);
     below those, ``offload`` with every weight on the GPU where fp8 storage makes it fit (the plan's ``layout``
     and reason say which parts are fp8 and whether anything is streamed)."""
@@ -415,7 +445,8 @@ def choose_21(mode: str, *, parts: WeightBytes, weights_bytes: int, resolution: 
         return preset
     cap, w = capacity_bytes / GIB, weights_bytes / GIB
     need, plan = _resident_or_checkpoint(cap, w, resolution, batch_size, ACT_RESIDENT_GIB_21, ACT_CHECKPOINT_GIB_21,
-                                         reduce_overhead, who="Qwen-Image 2.1 ", note=", estimated")
+                                         reduce_overhead, who="Qwen-Image 2.1 ", note=", estimated",
+                                         load=_gib(load_bytes))
     if plan is not None:
         return plan
     act_ckpt = activation_gib(ACT_CHECKPOINT_GIB_21, resolution, batch_size)
@@ -425,8 +456,7 @@ def choose_21(mode: str, *, parts: WeightBytes, weights_bytes: int, resolution: 
     te_gib = {"bf16": parts.te_layers, "fp8": parts.te_layers_fp8}.get(storage, parts.te_layers) / GIB
     layout = {"transformer_blocks": "fp8", "text_encoder_layers": storage, "gpu_weights_gib": round(gpu, 1),
               "streamed": storage == "stream"}
-    why = (f"offload: resident needs ~{need['resident']} GiB and checkpointing ~{need['checkpoint']} GiB, more "
-           f"than the {cap:.1f} GiB available; Qwen-Image 2.1: the transformer blocks' Linears in fp8 "
+    why = (f"offload: {_too_much(need, cap)}; Qwen-Image 2.1: the transformer blocks' Linears in fp8 "
            f"({parts.dit_blocks_fp8 / GIB:.1f} GiB), ")
     if storage == "stream":
         why += (f"the text decoder's layers ({te_gib:.1f} GiB) streamed from CPU memory: even in fp8 "

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .text_parts import left_behind
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +173,12 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | None = None, progress
     return pipe
 
 
-def place_pipeline(pipe, cfg: ModelConfig, device: torch.device) -> None:
+def place_pipeline(pipe, cfg: ModelConfig, device: torch.device, for_training: bool = False) -> None:
     """Move a loaded pipeline to ``device`` as ``cfg`` says: fp8 storage where asked; with offload only the VAE
-    (the trainer converts and places the transformer and text encoder: training/offload.py)."""
+    (the trainer converts and places the transformer and text encoder: training/offload.py). ``for_training``: the
+    text encoder's vision tower and LM head stay in CPU memory (``text_parts.left_behind``: text conditioning never
+    runs them, and training parks them anyway); inference keeps them, an image-conditioned pipeline needs the
+    tower."""
     if cfg.offload:
         pipe.vae.to(device)
         return
@@ -183,4 +187,8 @@ def place_pipeline(pipe, cfg: ModelConfig, device: torch.device) -> None:
         apply_fp8_storage(pipe.transformer, dtype)
     if cfg.quantize_te:
         apply_fp8_storage(pipe.text_encoder, dtype)
-    pipe.to(device)
+    if not for_training:
+        pipe.to(device)
+        return
+    with left_behind(pipe.text_encoder):
+        pipe.to(device)

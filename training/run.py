@@ -95,11 +95,13 @@ def _load_for_training(cfg: Config, ctx):
     pipe = load_pipeline(cfg.model, device=device, place=False)
     # as they will be placed (fp8 storage of model.quantize / quantize_te / fp8_matmul counted)
     weights = memory.weights_bytes(pipe, cfg.model)
+    # and while they are placed: fp8_matmul's layers still in bf16 (the trainer converts them on the GPU)
+    load = memory.weights_bytes(pipe, cfg.model, placing=True)
     # Qwen-Image 2.1's plans need the weights by part (memory.choose_21: what fp8 storage keeps on the GPU)
     parts = memory.weight_parts(pipe) if detect_pipeline(pipe).name == QWEN_IMAGE_21 else None
     cfg = memory.without_blocked_graphs(cfg, device)
-    cfg, _ = memory.resolve(cfg, weights, device, parts=parts)
-    place_pipeline(pipe, cfg.model, device)
+    cfg, _ = memory.resolve(cfg, weights, device, parts=parts, load_bytes=load)
+    place_pipeline(pipe, cfg.model, device, for_training=True)
     return pipe, cfg
 
 

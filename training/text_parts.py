@@ -6,13 +6,15 @@ image inputs, and the LM head only turns hidden states into next-token logits. T
 Qwen2.5-VL-7B in bf16 (0.68B + 0.54B values) and about as much of Qwen3-VL-8B: on an 80 GB card that is a third of
 what the fp8 backward copies need (issue #15).
 
-:func:`park` leaves them in CPU memory while training. The LM head is replaced by :class:`NoLogits`, so a pipeline
+:func:`park` leaves them in CPU memory while training, and :func:`left_behind` keeps a move of the whole pipeline
+(``pipe.to(device)``) from taking them to the GPU and back. The LM head is replaced by :class:`NoLogits`, so a pipeline
 call (the trainer's sample images) still runs: transformers' ``*ForConditionalGeneration.forward`` always applies
 its ``lm_head``, and the logits it returned (152064 per token) were never read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -91,3 +93,24 @@ def unpark(text_encoder) -> None:
     head = getattr(text_encoder, "lm_head", None)
     if isinstance(head, NoLogits):
         text_encoder.lm_head = head.replaced[0]
+
+
+@contextlib.contextmanager
+def left_behind(text_encoder):
+    """Within the block, moving ``text_encoder`` (its ``.to(device)``, or its pipeline's) leaves the vision tower and
+    the LM head in CPU memory: :func:`park` first, then the vision tower is unregistered from its owner until the
+    block ends (``nn.Module.to`` has no exclusion; the traversal skips a child that is None). Training places the
+    pipeline this way: 2.3 GiB of Qwen2.5-VL-7B that would cross to the GPU and straight back, and that the GPU would
+    hold while the weights are placed."""
+    park(text_encoder)
+    vision = _vision(text_encoder)
+    owner = getattr(text_encoder, "model", None)
+    name = next((k for k, v in owner._modules.items() if v is vision), None) if vision is not None else None
+    if name is None:
+        yield
+        return
+    owner._modules[name] = None
+    try:
+        yield
+    finally:
+        owner._modules[name] = vision
