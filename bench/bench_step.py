@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_zero_prior.training.config import ATTENTION_TARGETS, Config
+from qwen_zero_prior.training.config import ATTENTION_TARGETS, GRAPH_COMPILE_MODES, Config
 from qwen_zero_prior.training.data import Example
 from qwen_zero_prior.training.heap import FREEZE_STEPS, FrozenHeap
 
@@ -526,8 +526,7 @@ def memory_fields(pipe, cfg_model, args, device) -> dict:
         # 2.1's plans take the weights by part (memory.choose_21), counted as this variant stores them
         parts = memory.weight_parts(pipe) if detect_pipeline(pipe).name == QWEN_IMAGE_21 else None
         plan = memory.choose("auto", weights_bytes=w, resolution=args.res, batch_size=1, device=device,
-                             reduce_overhead=bool(cfg_model and cfg_model.compile
-                                                  and cfg_model.compile_mode == "reduce-overhead"),
+                             reduce_overhead=bool(cfg_model and cfg_model.compile_graphs),
                              capacity_bytes=capacity, parts=parts)
         out.update(plan_auto=plan.mode, plan_resident_need_gib=plan.need_gib["resident"],
                    plan_capacity_gib=plan.capacity_gib)
@@ -823,7 +822,7 @@ def run(args) -> dict:
     tr = pipe.transformer
     tr.eval()
 
-    graphs = args.compile and args.compile_mode == "reduce-overhead"
+    graphs = args.compile and args.compile_mode in GRAPH_COMPILE_MODES
 
     def fwd():
         if graphs:  # each call is a new "step" for the CUDA-graph trees (else they re-record)

@@ -35,7 +35,7 @@ from torch import nn
 from ..training.diffusers_backend import accelerate_transformer, compute_autocast
 from ..training.fp8 import Fp8Linear
 from ..training.lora import ADAPTER_NAME, add_lora, export_lora, lora_delta
-from ..training.memory import cuda_graphs_blocked
+from ..training.memory import GRAPH_MODES, cuda_graphs_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class DiffusersEngine:
             self.prefetcher = prefetcher_of(self.transformer)
         self.compiled = bool(m.compile)
         self.recompute = bool(recompute)
-        self.reduce_overhead = m.compile and m.compile_mode == "reduce-overhead"
+        self.reduce_overhead = m.compile_graphs  # reduce-overhead or max-autotune
         from ..training import attention_qwen
 
         # with model.compile, each stream's q/k/v LoRA A products as one matmul (attention_qwen.py), as the core
@@ -443,19 +443,19 @@ def engine_model_config(m, device: torch.device, recompute: bool):
         changes.update(compile=False, compile_mode=None)
     if device.type == "cuda" and not m.attention_backend:
         changes["attention_backend"] = "_native_cudnn"
-    if m.compile and device.type == "cuda" and not recompute and m.compile_mode in (None, "reduce-overhead"):
+    if m.compile and device.type == "cuda" and not recompute and (m.compile_mode is None or m.compile_graphs):
         blocked = graphs_blocked(device)  # asked only where graphs would be used
         if blocked:
             from ..training.graphs import async_graphs_from_env
 
             if not async_graphs_from_env("dit"):  # (with dit the engine says whether it captures its own)
                 logger.warning("model.compile: no CUDA graphs for the DiT (%s)", blocked)
-            if m.compile_mode == "reduce-overhead":
-                changes["compile_mode"] = None
+            if m.compile_graphs:  # reduce-overhead -> default, max-autotune -> max-autotune-no-cudagraphs
+                changes["compile_mode"] = GRAPH_MODES[m.compile_mode]
     if m.compile and m.compile_mode is None and device.type == "cuda" and not recompute and not blocked:
         changes["compile_mode"] = "reduce-overhead"
-    if recompute and m.compile_mode == "reduce-overhead":
-        changes["compile_mode"] = None
+    if recompute and m.compile_graphs:
+        changes["compile_mode"] = GRAPH_MODES[m.compile_mode]
     return dataclasses.replace(m, **changes) if changes else m
 
 

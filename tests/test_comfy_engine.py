@@ -235,6 +235,10 @@ def test_engine_model_config(monkeypatch):
     assert (m.attention_backend, m.compile_mode) == ("_native_cudnn", None)
     m = engine_model_config(ModelConfig(compile=True, attention_backend="flash"), cpu, recompute=False)
     assert (m.attention_backend, m.compile_mode) == ("flash", None)
+    # max-autotune captures CUDA graphs too: kept where blocks run once, without graphs where they are recomputed
+    tuned = ModelConfig(compile=True, compile_mode="max-autotune")
+    assert engine_model_config(tuned, cuda, recompute=False).compile_mode == "max-autotune"
+    assert engine_model_config(tuned, cuda, recompute=True).compile_mode == "max-autotune-no-cudagraphs"
 
 
 def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog):
@@ -258,7 +262,9 @@ def test_engine_model_config_under_comfyui_default_allocator(monkeypatch, caplog
     with caplog.at_level(logging.INFO):
         m = engine_model_config(ModelConfig(compile=True), cuda, recompute=False)
         m2 = engine_model_config(ModelConfig(compile=True, compile_mode="reduce-overhead"), cuda, recompute=False)
+    m3 = engine_model_config(ModelConfig(compile=True, compile_mode="max-autotune"), cuda, recompute=False)
     assert (m.compile, m.compile_mode, m2.compile_mode) == (True, None, None)
+    assert m3.compile_mode == "max-autotune-no-cudagraphs"  # its graph trees cannot run here either
     assert "no CUDA graphs for the DiT" not in caplog.text
     made = types.SimpleNamespace(make_graphs=lambda: "graphs")
     cuda0 = torch.device("cuda", 0)

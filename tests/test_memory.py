@@ -1,6 +1,7 @@
 """``model.memory``: the plan is chosen from the memory this process may use, and no allowed setting crashes."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -115,6 +116,29 @@ def test_fixed_plans_and_cpu():
         assert memory.choose(mode, weights_bytes=FULL_WEIGHTS, resolution=1024, batch_size=1, device=CUDA).mode == mode
     cpu = memory.choose("auto", weights_bytes=FULL_WEIGHTS, resolution=1024, batch_size=1, device=torch.device("cpu"))
     assert cpu.mode == "resident" and "cpu" in cpu.reason
+
+
+def test_max_autotune_is_planned_as_the_cuda_graphs_it_captures(monkeypatch):
+    """compile_mode max-autotune turns on the same CUDA-graph trees as reduce-overhead: the plan counts their pools and
+    the compiled step's activations for both (before, max-autotune was planned as an eager step without pools), and the
+    trainer marks each step for both (else the trees cannot tell a new step from a re-run)."""
+    from qwen_zero_prior.training.diffusers_backend import DiffusersBackend
+
+    def planned(mode):
+        cfg = Config.from_dict({"model": {"memory": "auto", "compile": True, "compile_mode": mode, "fp8_matmul": True},
+                                "train": {"resolution": 1024, "batch_size": 1}})
+        assert cfg.model.compile_graphs == (mode in ("reduce-overhead", "max-autotune")), mode
+        return cfg, memory.resolve(cfg, FP8_MATMUL_WEIGHTS, CUDA, capacity_bytes=78 * GIB)[1]
+
+    graphs = planned("reduce-overhead")[1].need_gib["resident"]
+    assert planned("max-autotune")[1].need_gib["resident"] == graphs
+    assert planned("max-autotune-no-cudagraphs")[1].need_gib["resident"] != graphs
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode, marked in (("max-autotune", 1), ("reduce-overhead", 1), ("max-autotune-no-cudagraphs", 0), (None, 0)):
+        marks.clear()
+        DiffusersBackend.step_begin(types.SimpleNamespace(_prefetcher=None, cfg=planned(mode)[0]))
+        assert len(marks) == marked, mode
 
 
 def test_resolve_applies_the_plan_to_the_config():

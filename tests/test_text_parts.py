@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from unittest import mock
 
 import numpy as np
@@ -119,6 +120,37 @@ def test_training_on_a_gpu_leaves_them_in_cpu_memory(tiny_pipe, dataset_dir, tmp
     trainer.train_step()
     paths, _ = trainer.render_samples()
     assert len(paths) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="placement on a GPU (run on the device machine)")
+def test_training_placement_on_a_gpu_never_moves_them(tiny_pipe, dataset_dir, tmp_path):
+    """The CLI's placement (``place_pipeline(for_training=True)``) on a real GPU: the vision tower and the LM head never
+    reach GPU memory (it allocates less than inference's placement of the same pipeline, which moves them), and a step
+    and a sample run after it."""
+    from qwen_zero_prior.training.config import ModelConfig
+    from qwen_zero_prior.training.models import place_pipeline
+
+    te = tiny_pipe.text_encoder
+    visual, head = te.model.visual, te.lm_head
+    inference_pipe = copy.deepcopy(tiny_pipe)
+    cuda = torch.device("cuda")
+    start = torch.cuda.memory_allocated()
+    place_pipeline(tiny_pipe, ModelConfig(dtype="bfloat16"), cuda, for_training=True)
+    for_training = torch.cuda.memory_allocated() - start
+    assert {t.device.type for t in (*visual.parameters(), *head.parameters())} == {"cpu"}
+    assert all(p.device.type == "cuda" for p in te.model.language_model.parameters())
+    start = torch.cuda.memory_allocated()
+    place_pipeline(inference_pipe, ModelConfig(dtype="bfloat16"), cuda, for_training=False)  # moves them too
+    assert torch.cuda.memory_allocated() - start > for_training
+    del inference_pipe
+    examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
+    cfg = Config.from_dict({"model": {"base_model": "x", "dtype": "bfloat16", "device": "cuda"},
+                            "train": {"train_placeholder_token": True, "rank": 4, "resolution": 32, "steps": 1,
+                                      "checkpoint_every": 0, "seed": 0},
+                            "sample": {"prompts": ["a photo of <zwx>"], "steps": 2, "every": 1}})
+    trainer = Trainer(cfg, tiny_pipe, examples, tmp_path)
+    trainer.train_step()
+    assert len(trainer.render_samples()[0]) == 1
 
 
 @pytest.mark.parametrize("for_training", [False, True])

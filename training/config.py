@@ -40,6 +40,10 @@ DEFAULT_TOKEN = "<zwx>"
 DP_ALLREDUCE = ("flat", "overlap")  # training.distributed: average / OverlappedAverage
 
 
+# the torch.compile modes that capture CUDA graphs (torch._inductor's list_mode_options: triton.cudagraphs)
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 class ConfigError(ValueError):
     """A configuration value or key is not acceptable. The message names the key and quotes the value."""
 
@@ -134,6 +138,13 @@ class ModelConfig:
         True, "On CUDA, replay the text encoder's per-step forward+backward as CUDA graphs (with text_prefix_cache; "
         "about 1 GiB of GPU memory per caption-length bucket, at most 4 kept)."
     )
+
+    @property
+    def compile_graphs(self) -> bool:
+        """Whether ``torch.compile`` captures the blocks as CUDA graphs: ``reduce-overhead`` and ``max-autotune``
+        both turn on inductor's ``triton.cudagraphs`` (graph trees), which need a step marker, keep memory pools
+        and cannot recompute blocks."""
+        return bool(self.compile) and self.compile_mode in GRAPH_COMPILE_MODES
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

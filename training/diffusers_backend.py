@@ -222,7 +222,7 @@ class DiffusersBackend(TrainBackend):
         capacity = memory.per_process_capacity(self.device)[0]
         plan = memory.choose("auto", weights_bytes=memory.weights_bytes(pipe, m), resolution=t.resolution,
                              batch_size=t.batch_size, device=self.device, capacity_bytes=capacity,
-                             reduce_overhead=m.compile and m.compile_mode == "reduce-overhead", parts=parts)
+                             reduce_overhead=m.compile_graphs, parts=parts)
         if plan.mode != "resident" or m.gradient_checkpointing:
             logger.info("fp8 backward copies (%.1f GiB): not kept (%s)", sum(per_block) / 2**30, plan.reason)
             return 0
@@ -336,7 +336,7 @@ class DiffusersBackend(TrainBackend):
     def step_begin(self) -> None:
         if self._prefetcher is not None:  # this step streams its weights in the order the last one used them
             self._prefetcher.begin_step()
-        if self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead":
+        if self.cfg.model.compile_graphs:
             # a new step for torch.compile's CUDA-graph trees: last step's graph outputs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
 

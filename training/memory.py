@@ -125,7 +125,8 @@ def choose(mode: str, *, weights_bytes: int, resolution: int, batch_size: int, d
            parts: WeightBytes | None = None, load_bytes: int | None = None) -> MemoryPlan:
     """The plan for ``mode`` (see the module docstring). ``weights_bytes``: the frozen models' bytes once placed
     (transformer + text encoder + VAE, :func:`weights_bytes`). ``reduce_overhead``: ``model.compile`` with
-    ``compile_mode: reduce-overhead`` (its measured activation figure and graph pools). ``capacity_bytes``
+    ``compile_mode: reduce-overhead`` or ``max-autotune`` (CUDA graphs: ``ModelConfig.compile_graphs``; the
+    measured activation figure and graph pools). ``capacity_bytes``
     overrides what the device reports (tests). ``parts``: the weights by part (:func:`weight_parts`), given for
     Qwen-Image 2.1, whose plans :func:`choose_21` makes. ``load_bytes``: what the GPU holds while the weights are
     placed (``weights_bytes(..., placing=True)``; more than ``weights_bytes`` with ``fp8_matmul``): resident and
@@ -224,7 +225,7 @@ def resolve(cfg, weights_bytes: int, device: torch.device, capacity_bytes: float
     if mode == "auto" and m.offload:
         mode = "offload"
     plan = choose(mode, weights_bytes=weights_bytes, resolution=t.resolution, batch_size=t.batch_size,
-                  device=device, reduce_overhead=m.compile and m.compile_mode == "reduce-overhead",
+                  device=device, reduce_overhead=m.compile_graphs,
                   capacity_bytes=capacity_bytes, parts=parts, load_bytes=load_bytes)
     if plan.mode == "resident" and m.gradient_checkpointing:
         plan = MemoryPlan("checkpoint", plan.reason + "; model.gradient_checkpointing: true keeps checkpointing",
