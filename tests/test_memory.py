@@ -130,6 +130,9 @@ def test_max_autotune_is_planned_as_the_cuda_graphs_it_captures(monkeypatch):
         assert cfg.model.compile_graphs == (mode in ("reduce-overhead", "max-autotune")), mode
         return cfg, memory.resolve(cfg, FP8_MATMUL_WEIGHTS, CUDA, capacity_bytes=78 * GIB)[1]
 
+    from qwen_zero_prior.training.config import GRAPH_COMPILE_MODES
+
+    assert set(GRAPH_COMPILE_MODES) == set(memory.GRAPH_MODES)  # the two lists of graph modes agree
     graphs = planned("reduce-overhead")[1].need_gib["resident"]
     assert planned("max-autotune")[1].need_gib["resident"] == graphs
     assert planned("max-autotune-no-cudagraphs")[1].need_gib["resident"] != graphs
