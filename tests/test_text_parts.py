@@ -15,6 +15,14 @@ from qwen_zero_prior.training.data import scan_dataset
 from qwen_zero_prior.training.trainer import Trainer
 
 
+def _one_step_config(dtype: str, device: str) -> Config:
+    """One training step with the token and a sample prompt, on ``device``."""
+    return Config.from_dict({"model": {"base_model": "x", "dtype": dtype, "device": device},
+                             "train": {"train_placeholder_token": True, "rank": 4, "resolution": 32, "steps": 1,
+                                       "checkpoint_every": 0, "seed": 0},
+                             "sample": {"prompts": ["a photo of <zwx>"], "steps": 2, "every": 1}})
+
+
 def _sample(pipe):
     return np.asarray(pipe(prompt="a photo of a dog", num_inference_steps=2, width=32, height=32,
                            generator=torch.Generator().manual_seed(0), output_type="np").images[0])
@@ -91,10 +99,7 @@ def test_training_parks_them_and_samples_still_render(tiny_pipe, dataset_dir, tm
     """The trainer's backend parks them in ``prepare`` (the CLI, Cog and the bench all train through it), and a
     sample rendered mid-training through the pipeline call works with the head replaced."""
     examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
-    cfg = Config.from_dict({"model": {"base_model": "x", "dtype": "float32", "device": "cpu"},
-                            "train": {"train_placeholder_token": True, "rank": 4, "resolution": 32, "steps": 1,
-                                      "checkpoint_every": 0, "seed": 0},
-                            "sample": {"prompts": ["a photo of <zwx>"], "steps": 2, "every": 1}})
+    cfg = _one_step_config("float32", "cpu")
     trainer = Trainer(cfg, tiny_pipe, examples, tmp_path)
     assert isinstance(tiny_pipe.text_encoder.lm_head, text_parts.NoLogits)
     trainer.train_step()
@@ -107,10 +112,7 @@ def test_training_on_a_gpu_leaves_them_in_cpu_memory(tiny_pipe, dataset_dir, tmp
     """On a GPU nothing of the vision tower or the LM head stays in GPU memory once training is set up, the rest of
     the text encoder is there, and a sample renders."""
     examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
-    cfg = Config.from_dict({"model": {"base_model": "x", "dtype": "bfloat16", "device": "cuda"},
-                            "train": {"train_placeholder_token": True, "rank": 4, "resolution": 32, "steps": 1,
-                                      "checkpoint_every": 0, "seed": 0},
-                            "sample": {"prompts": ["a photo of <zwx>"], "steps": 2, "every": 1}})
+    cfg = _one_step_config("bfloat16", "cuda")
     te = tiny_pipe.text_encoder
     trainer = Trainer(cfg, tiny_pipe.to("cuda", torch.bfloat16), examples, tmp_path)
     unused = text_parts.unused_tensors(te)
@@ -144,10 +146,7 @@ def test_training_placement_on_a_gpu_never_moves_them(tiny_pipe, dataset_dir, tm
     assert torch.cuda.memory_allocated() - start > for_training
     del inference_pipe
     examples = scan_dataset(dataset_dir, "<zwx>", "a photo of {token}", True)
-    cfg = Config.from_dict({"model": {"base_model": "x", "dtype": "bfloat16", "device": "cuda"},
-                            "train": {"train_placeholder_token": True, "rank": 4, "resolution": 32, "steps": 1,
-                                      "checkpoint_every": 0, "seed": 0},
-                            "sample": {"prompts": ["a photo of <zwx>"], "steps": 2, "every": 1}})
+    cfg = _one_step_config("bfloat16", "cuda")
     trainer = Trainer(cfg, tiny_pipe, examples, tmp_path)
     trainer.train_step()
     assert len(trainer.render_samples()[0]) == 1
