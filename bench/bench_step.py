@@ -603,6 +603,36 @@ def make_dataset(folder: Path, res: int, n: int = 2) -> list[Example]:
     return out
 
 
+# Qwen-Image's text-stream projections (relative to transformer_blocks.<i>.), for the bench's fp8_text=1
+QWEN_IMAGE_TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+                          "txt_mlp.net.0.proj", "txt_mlp.net.2")
+
+
+@contextlib.contextmanager
+def _text_stream_fp8(family: str):
+    """While open, Qwen-Image's family names its text-stream projections among its fp8 layers too (what the
+    trainer converts and what the memory plan counts)."""
+    import dataclasses
+    from unittest import mock
+
+    from qwen_zero_prior.training import diffusers_backend, families
+
+    if family != "qwen-image":
+        raise SystemExit(f"fp8_text=1 is Qwen-Image's (two streams); --family {family} converts every token's "
+                         "projections already")
+    fam = families.FAMILIES[families.QWEN_IMAGE]
+    wider = dataclasses.replace(fam, fp8_modules=tuple(fam.fp8_modules) + QWEN_IMAGE_TEXT_STREAM)
+    detect = families.detect_pipeline
+
+    def detect_wider(pipe, *a, **kw):
+        found = detect(pipe, *a, **kw)
+        return wider if found.name == fam.name else found
+
+    with mock.patch.object(families, "detect_pipeline", detect_wider), \
+            mock.patch.object(diffusers_backend, "detect_pipeline", detect_wider):
+        yield
+
+
 def project_trainer(pipe, args, workdir: Path, text_encoder_storage: str | None = None, layout: str | None = None,
                     **model_overrides):
     """The project's Trainer on ``pipe`` with the bench's settings; ``text_encoder_storage``: where offload keeps
@@ -1072,6 +1102,14 @@ def run_variants(args, device, dtype, res) -> dict:
         # master weights: what the ~950 casts a step to the compute dtype cost at most (not a training setting:
         # bf16 weights lose small updates)
         lora_bf16 = overrides.pop("lora_bf16", False)
+        # bench-only: fp8_text=1 also converts Qwen-Image's text-stream projections to fp8 (the family's fp8 layers
+        # are the image stream's: the text stream has ~128 rows, so fp8 can only save weight reads, ~13.6 GB a
+        # step in bf16, and memory: 6.8 GiB), for this variant's trainer and memory plan
+        fp8_text = overrides.pop("fp8_text", False)
+        if fp8_text:
+            if not overrides.get("fp8_matmul"):
+                raise SystemExit(f"--variant {spec!r}: fp8_text=1 widens fp8_matmul's layers; add fp8_matmul=1")
+            stack.enter_context(_text_stream_fp8(args.family))
         trainer = project_trainer(pipe, args, Path(tempfile.mkdtemp(prefix="qzp-bench-")), **overrides)
         if lora_bf16:
             for p in trainer.lora_params:
@@ -1114,6 +1152,7 @@ def run_variants(args, device, dtype, res) -> dict:
                  "fp8_backward_copy_blocks": _fp8_backward_copy_blocks(pipe.transformer)}
                 if trainer.cfg.model.fp8_matmul else {}),
              **({"lora_bf16": True} if lora_bf16 else {}),
+             **({"fp8_text": True} if fp8_text else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}
         if args.trace and device.type == "cuda":
             r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
@@ -1322,7 +1361,8 @@ def main(argv=None) -> int:
                    'LoRA\'s A product on its own, as peft (under compile the layers sharing an input fuse theirs: '
                    'q/k/v of each stream, and 2.1\'s gate/proj); "park_text=0": the text encoder\'s vision tower '
                    'and LM head kept on the GPU (left in CPU memory by default); "combo_kernels=1": inductor\'s '
-                   'horizontal fusion of independent kernels; "lora_bf16=1": LoRA weights stored in bf16 (an upper '
+                   'horizontal fusion of independent kernels; "fp8_text=1" (with fp8_matmul=1): Qwen-Image\'s '
+                   'text-stream projections in fp8 too; "lora_bf16=1": LoRA weights stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

@@ -644,3 +644,26 @@ def test_fp8_backward_copy_variant_values(tmp_path):
     rows = json.loads((tmp_path / "ok.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["ms_median"] > 0 and "error" not in r for r in rows)
     assert [r["text_parts_on_gpu"] for r in rows] == [False, False]  # a CPU run: nothing on a GPU either way
+
+
+def test_fp8_text_variant_converts_the_text_stream_too(tmp_path):
+    """``fp8_text=1`` (bench-only) adds Qwen-Image's six text-stream projections to fp8_matmul's layers for that
+    variant: its row's frozen weights are smaller than fp8_matmul's alone by exactly those layers' savings, the
+    family is as it was afterwards, and without fp8_matmul=1 it is refused."""
+    from bench.bench_step import QWEN_IMAGE_TEXT_STREAM, main
+    from qwen_zero_prior.training import families, tiny
+
+    base = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "1",
+            "--iters", "1", "--mode", "variants", "--only-b"]
+    with pytest.raises(SystemExit, match="fp8_text=1 widens fp8_matmul's layers; add fp8_matmul=1"):
+        main([*base, "--variant", "fp8_text=1", "--out", str(tmp_path / "bad.json")])
+    out = tmp_path / "v.json"
+    assert main([*base, "--variant", "fp8_matmul=1", "--variant", "fp8_matmul=1 fp8_text=1", "--out", str(out)]) == 0
+    image_only, both = json.loads(out.read_text())["rows"]
+    assert both["fp8_text"] is True and "fp8_text" not in image_only
+    tr = tiny.tiny_transformer()
+    shapes = [tr.transformer_blocks[0].get_submodule(n).weight.shape for n in QWEN_IMAGE_TEXT_STREAM]
+    freed = len(tr.transformer_blocks) * sum(o * i * 4 - (o * i + 4 * o) for o, i in shapes)  # float32 -> e4m3
+    assert image_only["weights_bytes"] - both["weights_bytes"] == freed
+    assert families.FAMILIES[families.QWEN_IMAGE].fp8_modules == families.QWEN_IMAGE_FP8
+    assert families.detect_pipeline.__name__ == "detect_pipeline"
