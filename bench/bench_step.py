@@ -900,15 +900,31 @@ def run(args) -> dict:
     return res
 
 
+def rope_halves_speed_only(x, freqs_cis, use_real: bool = True, use_real_unbind_dim: int = -1):
+    """``rope_halves=1``: training/rope.py's real RoPE with each head's first half rotated against its second
+    (``x·cos + rotate_half(x)·sin``) instead of interleaved pairs: the cost of that layout, not Qwen-Image's numbers
+    (those would need the q/k projections' rows and norms permuted to match)."""
+    from qwen_zero_prior.training import rope
+
+    if use_real or not torch.is_complex(freqs_cis):
+        return rope.apply_rotary_emb_qwen_real(x, freqs_cis, use_real, use_real_unbind_dim)
+    f = torch.view_as_real(freqs_cis).unsqueeze(1)  # [S, 1, D/2, 2]
+    cos, sin = torch.cat([f[..., 0], f[..., 0]], -1), torch.cat([f[..., 1], f[..., 1]], -1)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
 def _rope_form(transformer) -> str:
-    """"real" where the compiled blocks will trace training/rope.py's real-arithmetic RoPE, else "complex"
-    (diffusers' own), as the transformer's module looks it up now."""
+    """"real" where the compiled blocks will trace training/rope.py's real-arithmetic RoPE, "halves" where
+    ``rope_halves=1`` put :func:`rope_halves_speed_only` there, else "complex" (diffusers' own), as the transformer's
+    module looks it up now."""
     import sys
 
     from qwen_zero_prior.training import rope
 
     fn = getattr(sys.modules.get(type(transformer).__module__), "apply_rotary_emb_qwen", None)
-    return "real" if fn is rope.apply_rotary_emb_qwen_real else "complex"
+    return {rope.apply_rotary_emb_qwen_real: "real", rope_halves_speed_only: "halves"}.get(fn, "complex")
 
 
 def _has_fp8_backward_copies(transformer) -> bool:
@@ -1106,6 +1122,7 @@ def run_variants(args, device, dtype, res) -> dict:
         # are the image stream's: the text stream has ~128 rows, so fp8 can only save weight reads, ~13.6 GB a
         # step in bf16, and memory: 6.8 GiB), for this variant's trainer and memory plan
         fp8_text = overrides.pop("fp8_text", False)
+        rope_halves = overrides.pop("rope_halves", False)  # applied once the trainer exists (below)
         if fp8_text:
             if not overrides.get("fp8_matmul"):
                 raise SystemExit(f"--variant {spec!r}: fp8_text=1 widens fp8_matmul's layers; add fp8_matmul=1")
@@ -1128,6 +1145,16 @@ def run_variants(args, device, dtype, res) -> dict:
             from qwen_zero_prior.training import rope
 
             rope.uninstall()  # before the first step: dynamo looks the function up when it traces
+        # bench-only, speed only: rope_halves=1 rotates each head's two halves instead of its interleaved pairs
+        # (GPT-NeoX's layout instead of Qwen-Image's): what the q/k RMSNorm + RoPE kernels would cost were the q/k
+        # weights' rows permuted to that layout. The step's numbers are not the model's.
+        if rope_halves:
+            if args.family != "qwen-image" or not trainer.cfg.model.compile or not real_rope:
+                raise SystemExit(f"--variant {spec!r}: rope_halves=1 is for Qwen-Image's compiled real RoPE "
+                                 "(compile=1, without real_rope=0)")
+            import diffusers.models.transformers.transformer_qwenimage as qi
+
+            stack.enter_context(mock.patch.object(qi, "apply_rotary_emb_qwen", rope_halves_speed_only))
         rope_form = _rope_form(pipe.transformer) if trainer.cfg.model.compile else None
         trainer.cache_all_latents()
         _mem_reset(device)
@@ -1153,6 +1180,7 @@ def run_variants(args, device, dtype, res) -> dict:
                 if trainer.cfg.model.fp8_matmul else {}),
              **({"lora_bf16": True} if lora_bf16 else {}),
              **({"fp8_text": True} if fp8_text else {}),
+             **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}
         if args.trace and device.type == "cuda":
             r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
@@ -1362,7 +1390,9 @@ def main(argv=None) -> int:
                    'q/k/v of each stream, and 2.1\'s gate/proj); "park_text=0": the text encoder\'s vision tower '
                    'and LM head kept on the GPU (left in CPU memory by default); "combo_kernels=1": inductor\'s '
                    'horizontal fusion of independent kernels; "fp8_text=1" (with fp8_matmul=1): Qwen-Image\'s '
-                   'text-stream projections in fp8 too; "lora_bf16=1": LoRA weights stored in bf16 (an upper '
+                   'text-stream projections in fp8 too; "rope_halves=1": RoPE over each head\'s halves instead of '
+                   'its interleaved pairs (speed only: not the model\'s numbers); "lora_bf16=1": LoRA weights '
+                   'stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

@@ -667,3 +667,40 @@ def test_fp8_text_variant_converts_the_text_stream_too(tmp_path):
     assert image_only["weights_bytes"] - both["weights_bytes"] == freed
     assert families.FAMILIES[families.QWEN_IMAGE].fp8_modules == families.QWEN_IMAGE_FP8
     assert families.detect_pipeline.__name__ == "detect_pipeline"
+
+
+def test_rope_halves_is_the_same_rotation_in_the_permuted_layout(tmp_path, monkeypatch):
+    """``rope_halves=1`` (bench-only, speed only) computes Qwen-Image's RoPE in the halves layout: on q/k whose head
+    dimensions are permuted (even ones first, then odd) it gives the real RoPE's output permuted the same way, which
+    is what permuting the q/k projections' rows would make exact. The variant runs compiled and says so in its row;
+    without compile it is refused."""
+    import os
+
+    import torch
+
+    from bench.bench_step import main, rope_halves_speed_only
+    from qwen_zero_prior.training import rope
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 16, generator=g)
+    angles = torch.rand(7, 8, generator=g) * 6.3
+    freqs = torch.polar(torch.ones_like(angles), angles)
+    perm = torch.cat([torch.arange(0, 16, 2), torch.arange(1, 16, 2)])
+    rope.install()
+    try:
+        real = rope.apply_rotary_emb_qwen_real(x, freqs, use_real=False)
+        halves = rope_halves_speed_only(x[..., perm], freqs, use_real=False)
+        assert torch.allclose(halves, real[..., perm], atol=1e-6)
+        assert not torch.allclose(rope_halves_speed_only(x, freqs, use_real=False), real, atol=1e-3)
+        pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench variants SKIPPED")
+        monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        common = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+                  "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b"]
+        with pytest.raises(SystemExit, match="rope_halves=1 is for Qwen-Image's compiled real RoPE"):
+            main([*common, "--variant", "rope_halves=1", "--out", str(tmp_path / "bad.json")])
+        out = tmp_path / "h.json"
+        assert main([*common, "--variant", "compile=1 rope_halves=1", "--out", str(out)]) == 0
+        (row,) = json.loads(out.read_text())["rows"]
+        assert row["rope"] == "halves" and row["rope_halves"].startswith("speed only") and row["ms_median"] > 0
+    finally:
+        rope.uninstall()  # this process's later tests see diffusers' own function
