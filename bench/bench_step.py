@@ -979,6 +979,15 @@ def project_step_fp8(pipe, args, work: Path, row, tflop):
         r["idle"] = trace_steps(trainer, device, Path(args.trace) / "b-fp8.json.gz")
 
 
+def _pop_flag(overrides: dict, key: str, default: bool, spec: str) -> bool:
+    """A bench-only on/off key of a ``--variant`` (popped): 1/0 (true/false, yes/no) only; anything else is
+    refused rather than read as on."""
+    value = overrides.pop(key, default)
+    if not isinstance(value, bool):
+        raise SystemExit(f"--variant {spec!r}: {key}={value!r}; expected 1 or 0")
+    return value
+
+
 def _parse_variant(spec: str) -> dict:
     out = {}
     for item in spec.split():
@@ -1069,9 +1078,9 @@ def run_variants(args, device, dtype, res) -> dict:
             continue
         # bench-only: real_rope=0 keeps diffusers' complex RoPE under compile (the trainer routes it through
         # training/rope.py's real-arithmetic form), to compare the two or to isolate a compiler failure
-        real_rope = overrides.pop("real_rope", True)
+        real_rope = _pop_flag(overrides, "real_rope", True, spec)
         # bench-only: layout_cache=0 calls diffusers' 2.1 forward each step (the trainer calls flow21.forward_t2i)
-        layout_cache = overrides.pop("layout_cache", True)
+        layout_cache = _pop_flag(overrides, "layout_cache", True, spec)
         if not layout_cache and args.family != "qwen-image-2.1":
             raise SystemExit(f"--variant {spec!r}: layout_cache is Qwen-Image 2.1's (flow21.forward_t2i)")
         from unittest import mock
@@ -1081,7 +1090,7 @@ def run_variants(args, device, dtype, res) -> dict:
         # bench-only: fused_lora=0 runs each LoRA on its own, as peft does (lora_shared.py fuses the A products of
         # layers sharing an input), for this variant's steps
         stack = contextlib.ExitStack()
-        fused_lora = overrides.pop("fused_lora", True)
+        fused_lora = _pop_flag(overrides, "fused_lora", True, spec)
         if not fused_lora:
             stack.enter_context(mock.patch.object(lora_shared, "_adapter", lambda layers: None))
         # bench-only: fp8_backward_copy=0 never keeps fp8 backward copies, =force keeps them for every block, =N for
@@ -1104,25 +1113,25 @@ def run_variants(args, device, dtype, res) -> dict:
         # before text_parts.park (the same call's baseline for the memory it frees)
         from qwen_zero_prior.training import text_parts
 
-        if not overrides.pop("park_text", True):
+        if not _pop_flag(overrides, "park_text", True, spec):
             text_parts.unpark(pipe.text_encoder)
             pipe.text_encoder.to(device)
             stack.enter_context(mock.patch.object(text_parts, "park", lambda te: 0))
         # bench-only: combo_kernels=1 turns on inductor's horizontal fusion of independent kernels (the step runs
         # ~15,000 small kernels; session 1 counted ~15 ms of sub-2 µs gaps between them) for this variant's compiles
-        if overrides.pop("combo_kernels", False):
+        if _pop_flag(overrides, "combo_kernels", False, spec):
             import torch._inductor.config as inductor_config
 
             stack.enter_context(inductor_config.patch(combo_kernels=True))
         # bench-only: lora_bf16=1 stores the LoRA weights (and so their AdamW state) in bf16 instead of float32
         # master weights: what the ~950 casts a step to the compute dtype cost at most (not a training setting:
         # bf16 weights lose small updates)
-        lora_bf16 = overrides.pop("lora_bf16", False)
+        lora_bf16 = _pop_flag(overrides, "lora_bf16", False, spec)
         # bench-only: fp8_text=1 also converts Qwen-Image's text-stream projections to fp8 (the family's fp8 layers
         # are the image stream's: the text stream has ~128 rows, so fp8 can only save weight reads, ~13.6 GB a
         # step in bf16, and memory: 6.8 GiB), for this variant's trainer and memory plan
-        fp8_text = overrides.pop("fp8_text", False)
-        rope_halves = overrides.pop("rope_halves", False)  # applied once the trainer exists (below)
+        fp8_text = _pop_flag(overrides, "fp8_text", False, spec)
+        rope_halves = _pop_flag(overrides, "rope_halves", False, spec)  # applied once the trainer exists (below)
         if fp8_text:
             if not overrides.get("fp8_matmul"):
                 raise SystemExit(f"--variant {spec!r}: fp8_text=1 widens fp8_matmul's layers; add fp8_matmul=1")

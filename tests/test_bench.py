@@ -704,3 +704,15 @@ def test_rope_halves_is_the_same_rotation_in_the_permuted_layout(tmp_path, monke
         assert row["rope"] == "halves" and row["rope_halves"].startswith("speed only") and row["ms_median"] > 0
     finally:
         rope.uninstall()  # this process's later tests see diffusers' own function
+
+
+@pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
+                                 "real_rope", "layout_cache"])
+def test_bench_only_switches_refuse_garbage(key, tmp_path):
+    """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
+    from bench.bench_step import main
+
+    with pytest.raises(SystemExit, match=rf"{key}='maybe'; expected 1 or 0"):
+        main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup",
+              "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", f"fp8_matmul=1 {key}=maybe",
+              "--out", str(tmp_path / "bad.json")])
