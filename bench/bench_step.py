@@ -1123,6 +1123,17 @@ def run_variants(args, device, dtype, res) -> dict:
             import torch._inductor.config as inductor_config
 
             stack.enter_context(inductor_config.patch(combo_kernels=True))
+        # bench-only: pdl=1 has inductor emit Programmatic Dependent Launch in its Triton kernels (Hopper and newer:
+        # a kernel's prologue starts while the one before it finishes), against the ~1 µs gaps between the graphs'
+        # kernels: ~12 ms of a 285 ms step at 78 GiB was the GPU idle between kernels (docs/benchmarks.md)
+        pdl = _pop_flag(overrides, "pdl", False, spec)
+        if pdl:
+            import torch._inductor.config as inductor_config
+
+            if not hasattr(inductor_config.triton, "enable_pdl"):
+                raise SystemExit(f"--variant {spec!r}: pdl=1 needs torch._inductor.config.triton.enable_pdl, which "
+                                 f"torch {torch.__version__} does not have")
+            stack.enter_context(inductor_config.patch({"triton.enable_pdl": True}))
         # bench-only: lora_bf16=1 stores the LoRA weights (and so their AdamW state) in bf16 instead of float32
         # master weights: what the ~950 casts a step to the compute dtype cost at most (not a training setting:
         # bf16 weights lose small updates)
@@ -1189,6 +1200,7 @@ def run_variants(args, device, dtype, res) -> dict:
                 if trainer.cfg.model.fp8_matmul else {}),
              **({"lora_bf16": True} if lora_bf16 else {}),
              **({"fp8_text": True} if fp8_text else {}),
+             **({"pdl": True} if pdl else {}),
              **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}
         if args.trace and device.type == "cuda":
@@ -1399,7 +1411,8 @@ def main(argv=None) -> int:
                    'q/k/v of each stream, and 2.1\'s gate/proj); "park_text=0": the text encoder\'s vision tower '
                    'and LM head kept on the GPU (left in CPU memory by default); "combo_kernels=1": inductor\'s '
                    'horizontal fusion of independent kernels; "fp8_text=1" (with fp8_matmul=1): Qwen-Image\'s '
-                   'text-stream projections in fp8 too; "rope_halves=1": RoPE over each head\'s halves instead of '
+                   'text-stream projections in fp8 too; "pdl=1": Programmatic Dependent Launch in inductor\'s Triton '
+                   'kernels (Hopper+); "rope_halves=1": RoPE over each head\'s halves instead of '
                    'its interleaved pairs (speed only: not the model\'s numbers); "lora_bf16=1": LoRA weights '
                    'stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')

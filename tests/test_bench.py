@@ -706,8 +706,35 @@ def test_rope_halves_is_the_same_rotation_in_the_permuted_layout(tmp_path, monke
         rope.uninstall()  # this process's later tests see diffusers' own function
 
 
+def test_pdl_switch_patches_inductor_for_its_variant_only(tmp_path, monkeypatch):
+    """``pdl=1`` (bench-only) turns on inductor's Programmatic Dependent Launch while that variant's trainer is built
+    and run, says so in its row, and leaves the setting as it was for the next variant and after the run."""
+    import torch._inductor.config as inductor_config
+
+    from bench import bench_step
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no triton.enable_pdl: the pdl=1 switch is refused there, SKIPPED")
+    before = inductor_config.triton.enable_pdl
+    seen = []
+    real = bench_step.project_trainer
+
+    def spy(*args, **kwargs):
+        seen.append(inductor_config.triton.enable_pdl)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_step, "project_trainer", spy)
+    out = tmp_path / "pdl.json"
+    assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+                            "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", "pdl=1",
+                            "--variant", "pdl=0", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert seen == [True, before] and rows[0]["pdl"] is True and "pdl" not in rows[1]
+    assert inductor_config.triton.enable_pdl == before
+
+
 @pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
-                                 "real_rope", "layout_cache"])
+                                 "real_rope", "layout_cache", "pdl"])
 def test_bench_only_switches_refuse_garbage(key, tmp_path):
     """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
     from bench.bench_step import main
