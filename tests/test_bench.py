@@ -743,3 +743,29 @@ def test_bench_only_switches_refuse_garbage(key, tmp_path):
         main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup",
               "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", f"fp8_matmul=1 {key}=maybe",
               "--out", str(tmp_path / "bad.json")])
+
+
+def test_rope_forms_agree_and_a_wrong_form_is_caught(tmp_path, monkeypatch):
+    """bench/rope_forms.py: the interleaved forms (``flip``, ``tab``) equal training's real RoPE, ``halves`` equals
+    it on permuted head dimensions (with the norm weights permuted too), each form gets a row; a form that rotates
+    the wrong pairs makes the run fail instead of timing it."""
+    from bench import rope_forms
+
+    out = tmp_path / "rope.json"
+    small = ["--device", "cpu", "--image-tokens", "32", "--text-tokens", "8", "--heads", "2", "--iters", "1",
+             "--no-compile"]
+    assert rope_forms.main([*small, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["max_diff_vs_real"] == {"flip": 0.0, "tab": 0.0, "halves": 0.0}
+    assert [r["form"] for r in res["rows"]] == ["real", "flip", "tab", "halves"]
+    assert all(r["forward_cpu_us"] > 0 and r["forward_backward_cpu_us"] > 0 for r in res["rows"])
+    monkeypatch.setitem(rope_forms.FORMS, "flip", rope_forms.rope_halves)  # the halves rotation, unpermuted: wrong
+    assert rope_forms.main([*small, "--out", str(tmp_path / "bad.json")]) == 1
+    assert not (tmp_path / "bad.json").exists()
+    monkeypatch.undo()
+    pytest.importorskip("torch._inductor", reason="torch without inductor: the compiled rope_forms run SKIPPED")
+    compiled = tmp_path / "compiled.json"  # the path a GPU run takes (compiled), one form to keep it short
+    assert rope_forms.main([*small[:-1], "--forms", "tab", "--out", str(compiled)]) == 0
+    assert [r["form"] for r in json.loads(compiled.read_text())["rows"]] == ["tab"]
+    with pytest.raises(SystemExit):
+        rope_forms.main([*small, "--forms", "tab,spiral"])

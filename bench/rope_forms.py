@@ -1,0 +1,198 @@
+"""Micro-benchmark: forms of Qwen-Image's q/k RMSNorm + RoPE, compiled, at the 1024² step's shapes.
+
+In the H200 step (docs/benchmarks.md, "Session 27") the compiled block's q/k RMSNorm + RoPE kernels take 87 µs
+forward and 128 µs backward per block, ~13 ms a step, where their bytes would take ~20-30 µs. This compares, on
+the same inputs (image q/k ``[1, 4096, 24, 128]`` and text q/k ``[1, 128, 24, 128]`` in bf16, each with its
+RMSNorm weight), what inductor makes of:
+
+- ``real``: training/rope.py's real-arithmetic RoPE (what training compiles today);
+- ``flip``: the same interleaved rotation as ``x·cos + swap_pairs(x)·sin`` with the tables built in the graph;
+- ``tab``: the same with fp32 tables built once outside (``[S, 1, 128]``: cos repeated, sin signed);
+- ``halves``: the rotation over each head's halves (GPT-NeoX's layout; bench_step's ``rope_halves=1``): exact only
+  with the q/k projections' rows permuted, so speed only here.
+
+``flip`` and ``tab`` equal ``real`` (checked on every run, and by the tests); ``halves`` equals ``real`` on permuted
+head dimensions. On CUDA it reports each form's summed kernel time per call (profiler, CUDA only: host overhead
+excluded, which a non-graphed micro-benchmark of ~10 small kernels would otherwise measure) for the forward alone
+and forward + backward; elsewhere it checks the forms and times them on the CPU (not meaningful for the GPU).
+
+    python -m bench.rope_forms --out rope.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HEADS, HEAD_DIM = 24, 128
+
+
+def rms_norm(x, weight, eps: float = 1e-6):
+    """diffusers' RMSNorm (bf16 weight): float32 variance, the product cast to the weight's dtype, then scaled."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x * torch.rsqrt(variance + eps)).to(weight.dtype) * weight
+
+
+def rope_real(x, freqs):
+    """What training compiles (rope.install routes diffusers' RoPE here)."""
+    from qwen_zero_prior.training import rope
+
+    return rope.apply_rotary_emb_qwen_real(x, freqs, use_real=False)
+
+
+def tables(freqs):
+    """Interleaved fp32 tables ``[S, 1, D]`` of complex ``freqs [S, D/2]``: cos repeated per pair, sin as (-s, s)."""
+    f = torch.view_as_real(freqs).unsqueeze(1)
+    cos = f[..., 0:1].expand(*f.shape[:-1], 2).flatten(-2)
+    sin = torch.stack([-f[..., 1], f[..., 1]], -1).flatten(-2)
+    return cos, sin
+
+
+def _swap_pairs(x):
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def rope_flip(x, freqs):
+    cos, sin = tables(freqs)
+    xf = x.float()
+    return (xf * cos + _swap_pairs(xf) * sin).type_as(x)
+
+
+def rope_tab(x, tabs):
+    cos, sin = tabs
+    xf = x.float()
+    return (xf * cos + _swap_pairs(xf) * sin).type_as(x)
+
+
+def rope_halves(x, freqs):
+    f = torch.view_as_real(freqs).unsqueeze(1)
+    cos, sin = torch.cat([f[..., 0], f[..., 0]], -1), torch.cat([f[..., 1], f[..., 1]], -1)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+FORMS = {"real": rope_real, "flip": rope_flip, "tab": rope_tab, "halves": rope_halves}
+
+
+def block(form: str, q_img, k_img, q_txt, k_txt, weights, f_img, f_txt):
+    """One attention block's four q/k RMSNorm + RoPE applications (image and text stream)."""
+    rope = FORMS[form]
+    return (rope(rms_norm(q_img, weights[0]), f_img), rope(rms_norm(k_img, weights[1]), f_img),
+            rope(rms_norm(q_txt, weights[2]), f_txt), rope(rms_norm(k_txt, weights[3]), f_txt))
+
+
+def inputs(image_tokens: int, text_tokens: int, heads: int, head_dim: int, device, dtype, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    xs = [randn(1, n, heads, head_dim).requires_grad_() for n in (image_tokens, image_tokens, text_tokens,
+                                                                  text_tokens)]
+    weights = [1 + 0.1 * randn(head_dim) for _ in range(4)]
+    freqs = []
+    for n in (image_tokens, text_tokens):
+        angles = torch.rand(n, head_dim // 2, generator=g) * 6.3
+        freqs.append(torch.polar(torch.ones_like(angles), angles).to(device))
+    return xs, weights, freqs
+
+
+def check(xs, weights, freqs) -> dict:
+    """Each form's largest difference from ``real`` (``halves`` on permuted head dimensions), eagerly."""
+    head_dim = xs[0].shape[-1]
+    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]).to(xs[0].device)
+    ref = block("real", *xs, weights, *freqs)
+    out = {}
+    for form in ("flip", "tab", "halves"):
+        if form == "halves":
+            got = block(form, *(x[..., perm] for x in xs), [w[perm] for w in weights], *freqs)
+            want = [r[..., perm] for r in ref]
+        else:
+            got = block(form, *xs, weights, *(tables(f) if form == "tab" else f for f in freqs))
+            want = ref
+        out[form] = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
+    return out
+
+
+def measure(form: str, xs, weights, freqs, iters: int, compile: bool = True) -> dict:
+    from bench.bench_step import device_busy_ms
+
+    device = xs[0].device
+    fr = [tables(f) for f in freqs] if form == "tab" else freqs
+    fn = functools.partial(block, form)
+    if compile:
+        torch._dynamo.reset()  # one form's graphs at a time (each form recompiles the same code object otherwise)
+        fn = torch.compile(fn)
+    grads = [torch.randn_like(x) for x in xs]
+
+    def forward():
+        with torch.no_grad():
+            fn(*xs, weights, *fr)
+
+    def forward_backward():
+        torch.autograd.backward(fn(*xs, weights, *fr), grads)
+
+    row = {"form": form}
+    for name, call in (("forward", forward), ("forward_backward", forward_backward)):
+        for _ in range(3):  # compile, autotune, warm caches
+            call()
+        if device.type == "cuda":
+            row[f"{name}_kernel_us"] = round(device_busy_ms(lambda c=call: [c() for _ in range(iters)], device, 1)
+                                             * 1000 / iters, 1)
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                call()
+            row[f"{name}_cpu_us"] = round((time.perf_counter() - t0) / iters * 1e6, 1)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cuda where there is one (default), else cpu: checks only")
+    p.add_argument("--image-tokens", type=int, default=4096, help="image tokens (1024²: 4096)")
+    p.add_argument("--text-tokens", type=int, default=128)
+    p.add_argument("--heads", type=int, default=HEADS)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)} (all by default)")
+    p.add_argument("--no-compile", action="store_true", help="eager (for a quick check of the forms)")
+    p.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    forms = [f for f in args.forms.split(",") if f]
+    unknown = sorted(set(forms) - set(FORMS))
+    if unknown or not forms:
+        p.error(f"--forms {args.forms!r}: unknown {unknown}; choose from {', '.join(FORMS)}")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16
+    xs, weights, freqs = inputs(args.image_tokens, args.text_tokens, args.heads, HEAD_DIM, device, dtype)
+    diffs = check(xs, weights, freqs)
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "shapes": {"image": [1, args.image_tokens, args.heads, HEAD_DIM],
+                      "text": [1, args.text_tokens, args.heads, HEAD_DIM]},
+           "max_diff_vs_real": diffs, "rows": []}
+    io_bytes = 2 * 2 * (2 * args.image_tokens + 2 * args.text_tokens) * args.heads * HEAD_DIM  # bf16 in + out
+    res["forward_bytes_floor_us_at_4_8_tb_s"] = round(io_bytes / 4.8e12 * 1e6, 1)
+    bad = {k: v for k, v in diffs.items() if v > 0.02}  # bf16 outputs of O(1): a different rounding, at most
+    if bad:
+        print(f"forms differ from the real RoPE: {bad}", file=sys.stderr)
+        return 1
+    for form in forms:
+        row = measure(form, xs, weights, freqs, args.iters, compile=not args.no_compile)
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
