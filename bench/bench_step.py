@@ -701,11 +701,43 @@ def apply_memory_cap(cap_gib: float, device: torch.device) -> float | None:
     return fraction
 
 
+def _main_thread() -> bool:
+    """Whether this is the main thread (the only one Python lets set signal handlers)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run_child(cmd: list[str], stream):
+    """Run one variant's process to its end. Stopped by SIGTERM (``timeout``, a job's limit) or Ctrl-C, this process
+    stops the child first: by default a SIGTERM would end this one alone and leave the child holding the GPU."""
+    import signal
+    import subprocess
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
+    proc = subprocess.Popen(cmd, stdout=stream, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    try:
+        proc.wait()
+        return proc
+    finally:
+        if proc.poll() is None:  # stopped while the child runs: take it down too
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_isolated(args, argv: list[str]) -> dict:
     """Each ``--variant`` in its own process (a CUDA OOM or a crash of one cannot take the others down, and each
     starts with clean memory); a variant that fails is a row saying how, not a dead benchmark."""
-    import subprocess
-
     res: dict = {"family": args.family, "size": args.size, "mode": "variants (isolated)",
                  "memory_cap_gib": args.memory_cap_gib or None, "resolution": args.res, "rank": args.rank, "rows": []}
     base = [a for a in argv if a != "--isolate"]
@@ -726,8 +758,7 @@ def run_isolated(args, argv: list[str]) -> dict:
         log = (Path(args.out).with_name(f"{Path(args.out).stem}-variant-{index}.log") if args.out
                else out.with_name("output.log"))
         with open(log, "w") as stream:
-            proc = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT, text=True,
-                                  env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+            proc = _run_child(cmd, stream)
         tail = log.read_text(errors="replace")[-3000:]
         try:  # measured (the child writes its rows at the end), even where it then crashed on exit
             child = json.loads(out.read_text()) if out.is_file() else None

@@ -201,18 +201,26 @@ def test_isolated_variant_that_crashes_after_writing_its_rows_keeps_them(tmp_pat
 
     envs = []
 
-    def fake_run(cmd, stdout, stderr, text, env):
-        envs.append(env.get("PYTHONFAULTHANDLER"))
-        stdout.write("Fatal Python error: Segmentation fault\n  File \"cudagraph_trees.py\", line 1261 in run_graph\n")
-        spec = cmd[cmd.index("--variant") + 1]
-        out = Path(cmd[cmd.index("--out") + 1])
-        if spec == "measured=1":
-            out.write_text(json.dumps({"rows": [{"name": "b-variant measured=1", "ms_median": 301.5}]}))
-        elif spec == "cut=1":  # died while writing
-            out.write_text('{"rows": [{"name": ')
-        return types.SimpleNamespace(returncode=-11)
+    class FakePopen:  # a child that wrote (or not) its rows, then died of SIGSEGV
+        def __init__(self, cmd, stdout, stderr, text, env):
+            envs.append(env.get("PYTHONFAULTHANDLER"))
+            stdout.write("Fatal Python error: Segmentation fault\n  File \"cudagraph_trees.py\", line 1261 in "
+                         "run_graph\n")
+            spec = cmd[cmd.index("--variant") + 1]
+            out = Path(cmd[cmd.index("--out") + 1])
+            if spec == "measured=1":
+                out.write_text(json.dumps({"rows": [{"name": "b-variant measured=1", "ms_median": 301.5}]}))
+            elif spec == "cut=1":  # died while writing
+                out.write_text('{"rows": [{"name": ')
+            self.returncode = -11
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+        def wait(self, timeout=None):
+            return self.returncode
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
     monkeypatch.setattr("bench.bench_step._parse_variant", lambda spec: {})
     out = tmp_path / "v.json"
     assert main(["--size", "tiny", "--device", "cpu", "--mode", "variants", "--isolate", "--variant", "measured=1",
@@ -223,6 +231,53 @@ def test_isolated_variant_that_crashes_after_writing_its_rows_keeps_them(tmp_pat
     assert died["error"] == "killed by signal 11" and died["ms_median"] != died["ms_median"]  # NaN
     assert cut["error"] == "killed by signal 11" and cut["name"] == "b-variant cut=1"
     assert envs == ["1", "1", "1"]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:  # the field after the state: the parent's pid
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the variant's process in /proc: SKIPPED")
+def test_isolated_run_stopped_by_sigterm_stops_its_variant_process(tmp_path):
+    """``timeout`` (or a job's limit) sends SIGTERM to the bench; under ``--isolate`` the bench then stops the
+    variant's process too, instead of leaving it running (on a GPU: holding its memory for the next command)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-m", "bench.bench_step", "--size", "tiny", "--device", "cpu",
+                               "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "1", "--iters", "100000",
+                               "--mode", "variants", "--only-b", "--isolate", "--variant", "compile=0",
+                               "--out", str(tmp_path / "v.json")],
+                              cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = []
+    try:
+        deadline = time.monotonic() + 300
+        while not children and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            children = _children(parent.pid)
+        assert children, f"the bench started no variant process (exit {parent.poll()})"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=120) == 128 + signal.SIGTERM
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    finally:
+        for pid in {parent.pid, *children, *_children(parent.pid)}:  # a child orphaned by a failure is not found again
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        parent.wait()
 
 
 def test_variants_report_weights_and_plan_for_fp8_and_the_baseline(tmp_path):
