@@ -947,14 +947,16 @@ def rope_halves_speed_only(x, freqs_cis, use_real: bool = True, use_real_unbind_
 
 
 def _rope_form(transformer) -> str:
-    """"real" where the compiled blocks will trace training/rope.py's real-arithmetic RoPE, "halves" where
-    ``rope_halves=1`` put :func:`rope_halves_speed_only` there, else "complex" (diffusers' own), as the transformer's
-    module looks it up now."""
+    """"real" where the compiled blocks will trace training/rope.py's real-arithmetic RoPE ("tables" where they get
+    its real tables, ``rope_tables=1``), "halves" where ``rope_halves=1`` put :func:`rope_halves_speed_only` there,
+    else "complex" (diffusers' own), as the transformer's module looks it up now."""
     import sys
 
     from qwen_zero_prior.training import rope
 
     fn = getattr(sys.modules.get(type(transformer).__module__), "apply_rotary_emb_qwen", None)
+    if fn is rope.apply_rotary_emb_qwen_real and rope.tables_installed(transformer):
+        return "tables"
     return {rope.apply_rotary_emb_qwen_real: "real", rope_halves_speed_only: "halves"}.get(fn, "complex")
 
 
@@ -1174,6 +1176,7 @@ def run_variants(args, device, dtype, res) -> dict:
         # step in bf16, and memory: 6.8 GiB), for this variant's trainer and memory plan
         fp8_text = _pop_flag(overrides, "fp8_text", False, spec)
         rope_halves = _pop_flag(overrides, "rope_halves", False, spec)  # applied once the trainer exists (below)
+        rope_tables = _pop_flag(overrides, "rope_tables", False, spec)  # likewise
         if fp8_text:
             if not overrides.get("fp8_matmul"):
                 raise SystemExit(f"--variant {spec!r}: fp8_text=1 widens fp8_matmul's layers; add fp8_matmul=1")
@@ -1206,6 +1209,16 @@ def run_variants(args, device, dtype, res) -> dict:
             import diffusers.models.transformers.transformer_qwenimage as qi
 
             stack.enter_context(mock.patch.object(qi, "apply_rotary_emb_qwen", rope_halves_speed_only))
+        # bench-only: rope_tables=1 has Qwen-Image's pos_embed hand the compiled blocks real cos/sin tables, built
+        # once a forward, instead of complex frequencies (rope.install_tables: the model's numbers, tested)
+        if rope_tables:
+            if args.family != "qwen-image" or not trainer.cfg.model.compile or not real_rope or rope_halves:
+                raise SystemExit(f"--variant {spec!r}: rope_tables=1 is for Qwen-Image's compiled real RoPE "
+                                 "(compile=1, without real_rope=0 or rope_halves=1)")
+            from qwen_zero_prior.training import rope
+
+            rope.install_tables(pipe.transformer)
+            stack.callback(rope.uninstall_tables, pipe.transformer)
         rope_form = _rope_form(pipe.transformer) if trainer.cfg.model.compile else None
         trainer.cache_all_latents()
         _mem_reset(device)
@@ -1442,7 +1455,8 @@ def main(argv=None) -> int:
                    'q/k/v of each stream, and 2.1\'s gate/proj); "park_text=0": the text encoder\'s vision tower '
                    'and LM head kept on the GPU (left in CPU memory by default); "combo_kernels=1": inductor\'s '
                    'horizontal fusion of independent kernels; "fp8_text=1" (with fp8_matmul=1): Qwen-Image\'s '
-                   'text-stream projections in fp8 too; "pdl=1": Programmatic Dependent Launch in inductor\'s Triton '
+                   'text-stream projections in fp8 too; "rope_tables=1": the compiled blocks get real RoPE tables built once a '
+                   'forward instead of complex frequencies (the same numbers); "pdl=1": Programmatic Dependent Launch in inductor\'s Triton '
                    'kernels (Hopper+); "rope_halves=1": RoPE over each head\'s halves instead of '
                    'its interleaved pairs (speed only: not the model\'s numbers); "lora_bf16=1": LoRA weights '
                    'stored in bf16 (an upper '

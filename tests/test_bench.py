@@ -761,6 +761,34 @@ def test_rope_halves_is_the_same_rotation_in_the_permuted_layout(tmp_path, monke
         rope.uninstall()  # this process's later tests see diffusers' own function
 
 
+def test_rope_tables_variant_compiles_and_says_so(tmp_path, monkeypatch):
+    """``rope_tables=1``: the compiled step runs with real RoPE tables (rope.install_tables), its row says
+    "tables", and the hook is gone after the variant; without compile it is refused."""
+    import os
+
+    from bench.bench_step import main
+    from qwen_zero_prior.training import rope
+
+    pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench variants SKIPPED")
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    common = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+              "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b"]
+    hooked = []
+    real = rope.install_tables
+    monkeypatch.setattr(rope, "install_tables", lambda tr: hooked.append(tr) or real(tr))
+    try:
+        with pytest.raises(SystemExit, match="rope_tables=1 is for Qwen-Image's compiled real RoPE"):
+            main([*common, "--variant", "rope_tables=1", "--out", str(tmp_path / "bad.json")])
+        out = tmp_path / "t.json"
+        assert main([*common, "--variant", "compile=1 rope_tables=1", "--out", str(out)]) == 0
+        (row,) = json.loads(out.read_text())["rows"]
+        assert row["rope"] == "tables" and row["ms_median"] > 0
+        (transformer,) = hooked
+        assert not rope.tables_installed(transformer)
+    finally:
+        rope.uninstall()
+
+
 def test_pdl_switch_patches_inductor_for_its_variant_only(tmp_path, monkeypatch):
     """``pdl=1`` (bench-only) turns on inductor's Programmatic Dependent Launch while that variant's trainer is built
     and run, says so in its row, and leaves the setting as it was for the next variant and after the run."""
@@ -789,7 +817,7 @@ def test_pdl_switch_patches_inductor_for_its_variant_only(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
-                                 "real_rope", "layout_cache", "pdl"])
+                                 "real_rope", "layout_cache", "pdl", "rope_tables"])
 def test_bench_only_switches_refuse_garbage(key, tmp_path):
     """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
     from bench.bench_step import main

@@ -530,6 +530,50 @@ def test_real_rope_matches_diffusers_bitwise_in_the_transformer(tiny_pipe):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
 
 
+def test_rope_tables_give_diffusers_numbers_in_the_transformer(tiny_pipe, tiny_pipe_21):
+    """install_tables: Qwen-Image's pos_embed hands the blocks real tables (built once a forward) and the blocks
+    rotate with them: the transformer's output and the text input's gradient are diffusers' (float rounding apart);
+    no complex tensor reaches a block. Not for 2.1 (its blocks call their own RoPE); uninstall removes the hook."""
+    from diffusers.models.transformers import transformer_qwenimage as mod
+
+    from qwen_zero_prior.training import rope
+
+    original = mod.apply_rotary_emb_qwen
+    tr = tiny_pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 64, generator=g)
+    ctx = torch.randn(1, 7, 32, generator=g, requires_grad=True)
+    kw = dict(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]],
+              return_dict=False)
+    seen = []
+    probe = tr.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["image_rotary_emb"]), with_kwargs=True)
+    outs = []
+    try:
+        for tabled in (False, True):
+            if tabled:
+                assert not rope.install_tables(tiny_pipe_21.transformer)  # 2.1: refused
+                assert rope.install_tables(tr) and not rope.install_tables(tr)  # idempotent
+                assert mod.apply_rotary_emb_qwen is rope.apply_rotary_emb_qwen_real
+            ctx.grad = None
+            out = tr(**kw)[0]
+            out.square().sum().backward()
+            outs.append((out.detach(), ctx.grad.clone()))
+    finally:
+        probe.remove()
+        rope.uninstall()
+    assert mod.apply_rotary_emb_qwen is original and not tr.pos_embed._forward_hooks
+    (img0, txt0), (img1, txt1) = seen
+    assert torch.is_complex(img0) and not torch.is_complex(img1) and img1.shape == (16, 1, 16, 2)
+    assert torch.equal(img1, rope.tables(img0)) and torch.equal(txt1, rope.tables(txt0))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5) and outs[0][1].abs().max() > 0
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-4)
+    # the rotation itself, on its own: equal to the complex product, pair by pair
+    q = torch.randn(2, 16, 3, 16, generator=g)
+    assert torch.allclose(rope.apply_rotary_emb_qwen_real(q, rope.tables(img0), use_real=False),
+                          original(q, img0, use_real=False), atol=1e-6)
+
+
 def test_real_rope_matches_diffusers_in_the_2_1_transformer(tiny_pipe_21):
     """Qwen-Image 2.1's module has its own copy of the complex RoPE: install() routes it when named, same numbers
     (training names both modules under compile)."""
