@@ -1173,7 +1173,8 @@ def run_variants(args, device, dtype, res) -> dict:
         lora_bf16 = _pop_flag(overrides, "lora_bf16", False, spec)
         # bench-only: fp8_text=1 also converts Qwen-Image's text-stream projections to fp8 (the family's fp8 layers
         # are the image stream's: the text stream has ~128 rows, so fp8 can only save weight reads, ~13.6 GB a
-        # step in bf16, and memory: 6.8 GiB), for this variant's trainer and memory plan
+        # step in bf16, and memory), for this variant's trainer and memory plan. Session 28: no faster, and 0.2 GiB
+        # freed only (these layers get fp8 backward copies too)
         fp8_text = _pop_flag(overrides, "fp8_text", False, spec)
         rope_halves = _pop_flag(overrides, "rope_halves", False, spec)  # applied once the trainer exists (below)
         rope_tables = _pop_flag(overrides, "rope_tables", False, spec)  # likewise
@@ -1455,9 +1456,10 @@ def main(argv=None) -> int:
                    'q/k/v of each stream, and 2.1\'s gate/proj); "park_text=0": the text encoder\'s vision tower '
                    'and LM head kept on the GPU (left in CPU memory by default); "combo_kernels=1": inductor\'s '
                    'horizontal fusion of independent kernels; "fp8_text=1" (with fp8_matmul=1): Qwen-Image\'s '
-                   'text-stream projections in fp8 too; "rope_tables=1": the compiled blocks get real RoPE tables built once a '
-                   'forward instead of complex frequencies (the same numbers); "pdl=1": Programmatic Dependent Launch in inductor\'s Triton '
-                   'kernels (Hopper+); "rope_halves=1": RoPE over each head\'s halves instead of '
+                   'text-stream projections in fp8 too; "rope_tables=1": the compiled blocks get real RoPE tables '
+                   'built once a forward instead of complex frequencies (the same numbers); "pdl=1": Programmatic '
+                   'Dependent Launch in inductor\'s Triton kernels (Hopper+); "rope_halves=1": RoPE over each '
+                   'head\'s halves instead of '
                    'its interleaved pairs (speed only: not the model\'s numbers); "lora_bf16=1": LoRA weights '
                    'stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')

@@ -7,7 +7,7 @@ RMSNorm weight), what inductor makes of:
 
 - ``real``: training/rope.py's real-arithmetic RoPE (what training compiles today);
 - ``flip``: the same interleaved rotation as ``x·cos + swap_pairs(x)·sin`` with the tables built in the graph;
-- ``tab``: the same with fp32 tables built once outside (``[S, 1, 128]``: cos repeated, sin signed);
+- ``tab``: the same with the fp32 tables built once outside (training/rope.py's ``install_tables``);
 - ``halves``: the rotation over each head's halves (GPT-NeoX's layout; bench_step's ``rope_halves=1``): exact only
   with the q/k projections' rows permuted, so speed only here.
 
@@ -45,28 +45,24 @@ def rope_real(x, freqs):
     return rope.apply_rotary_emb_qwen_real(x, freqs, use_real=False)
 
 
-def tables(freqs):
-    """Interleaved fp32 tables ``[S, 1, D]`` of complex ``freqs [S, D/2]``: cos repeated per pair, sin as (-s, s)."""
-    f = torch.view_as_real(freqs).unsqueeze(1)
-    cos = f[..., 0:1].expand(*f.shape[:-1], 2).flatten(-2)
-    sin = torch.stack([-f[..., 1], f[..., 1]], -1).flatten(-2)
-    return cos, sin
-
-
-def _swap_pairs(x):
-    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-
-
 def rope_flip(x, freqs):
-    cos, sin = tables(freqs)
-    xf = x.float()
-    return (xf * cos + _swap_pairs(xf) * sin).type_as(x)
+    """rope.py's table form with the tables built in the graph."""
+    from qwen_zero_prior.training import rope
+
+    return rope.apply_rotary_emb_qwen_real(x, rope.tables(freqs), use_real=False)
 
 
 def rope_tab(x, tabs):
-    cos, sin = tabs
-    xf = x.float()
-    return (xf * cos + _swap_pairs(xf) * sin).type_as(x)
+    """rope.py's table form (``install_tables``: the tables built once, outside the blocks)."""
+    from qwen_zero_prior.training import rope
+
+    return rope.apply_rotary_emb_qwen_real(x, tabs, use_real=False)
+
+
+def tables(freqs):
+    from qwen_zero_prior.training import rope
+
+    return rope.tables(freqs)
 
 
 def rope_halves(x, freqs):

@@ -116,6 +116,8 @@ def install_tables(transformer) -> bool:
     install(QWEN_IMAGE_MODULE)
 
     def to_tables(module, args, kwargs, out):
+        if not isinstance(out, tuple):  # not the (image, text) frequencies this follows: left as it is
+            return out
         return tuple(tables(f) if isinstance(f, torch.Tensor) and torch.is_complex(f) else f for f in out)
 
     _table_hooks[pos_embed] = pos_embed.register_forward_hook(to_tables, with_kwargs=True)
