@@ -28,59 +28,53 @@ import sys
 from pathlib import Path
 
 import torch
+from diffusers.models.normalization import RMSNorm
+from qwen_zero_prior.training import rope
+
+from bench.bench_step import device_busy_ms, rope_halves_speed_only
 
 HEADS, HEAD_DIM = 24, 128
 
 
-def rms_norm(x, weight, eps: float = 1e-6):
-    """diffusers' RMSNorm (bf16 weight): float32 variance, the product cast to the weight's dtype, then scaled."""
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return (x * torch.rsqrt(variance + eps)).to(weight.dtype) * weight
-
-
 def rope_real(x, freqs):
     """What training compiles (rope.install routes diffusers' RoPE here)."""
-    from qwen_zero_prior.training import rope
-
     return rope.apply_rotary_emb_qwen_real(x, freqs, use_real=False)
 
 
 def rope_flip(x, freqs):
     """rope.py's table form with the tables built in the graph."""
-    from qwen_zero_prior.training import rope
-
     return rope.apply_rotary_emb_qwen_real(x, rope.tables(freqs), use_real=False)
 
 
 def rope_tab(x, tabs):
     """rope.py's table form (``install_tables``: the tables built once, outside the blocks)."""
-    from qwen_zero_prior.training import rope
-
     return rope.apply_rotary_emb_qwen_real(x, tabs, use_real=False)
 
 
-def tables(freqs):
-    from qwen_zero_prior.training import rope
-
-    return rope.tables(freqs)
-
-
 def rope_halves(x, freqs):
-    f = torch.view_as_real(freqs).unsqueeze(1)
-    cos, sin = torch.cat([f[..., 0], f[..., 0]], -1), torch.cat([f[..., 1], f[..., 1]], -1)
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+    """bench_step's ``rope_halves=1`` form."""
+    return rope_halves_speed_only(x, freqs, use_real=False)
 
 
 FORMS = {"real": rope_real, "flip": rope_flip, "tab": rope_tab, "halves": rope_halves}
 
 
-def block(form: str, q_img, k_img, q_txt, k_txt, weights, f_img, f_txt):
-    """One attention block's four q/k RMSNorm + RoPE applications (image and text stream)."""
-    rope = FORMS[form]
-    return (rope(rms_norm(q_img, weights[0]), f_img), rope(rms_norm(k_img, weights[1]), f_img),
-            rope(rms_norm(q_txt, weights[2]), f_txt), rope(rms_norm(k_txt, weights[3]), f_txt))
+def block(form: str, q_img, k_img, q_txt, k_txt, norms, f_img, f_txt):
+    """One attention block's four q/k RMSNorm (diffusers') + RoPE applications (image and text stream)."""
+    rotate = FORMS[form]
+    return (rotate(norms[0](q_img), f_img), rotate(norms[1](k_img), f_img),
+            rotate(norms[2](q_txt), f_txt), rotate(norms[3](k_txt), f_txt))
+
+
+def _norms(weights) -> list:
+    """diffusers' RMSNorm over each head's dimensions (as Qwen-Image's norm_q/norm_k/...), frozen, with these
+    weights."""
+    norms = []
+    for w in weights:
+        norm = RMSNorm(w.shape[-1], eps=1e-6).to(w.device, w.dtype).requires_grad_(False)
+        norm.weight.copy_(w)
+        norms.append(norm)
+    return norms
 
 
 def inputs(image_tokens: int, text_tokens: int, heads: int, head_dim: int, device, dtype, seed: int = 0):
@@ -91,7 +85,7 @@ def inputs(image_tokens: int, text_tokens: int, heads: int, head_dim: int, devic
 
     xs = [randn(1, n, heads, head_dim).requires_grad_() for n in (image_tokens, image_tokens, text_tokens,
                                                                   text_tokens)]
-    weights = [1 + 0.1 * randn(head_dim) for _ in range(4)]
+    weights = [1 + 0.1 * randn(head_dim) for _ in range(4)]  # RMSNorm weights: see _norms
     freqs = []
     for n in (image_tokens, text_tokens):
         angles = torch.rand(n, head_dim // 2, generator=g) * 6.3
@@ -103,24 +97,23 @@ def check(xs, weights, freqs) -> dict:
     """Each form's largest difference from ``real`` (``halves`` on permuted head dimensions), eagerly."""
     head_dim = xs[0].shape[-1]
     perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]).to(xs[0].device)
-    ref = block("real", *xs, weights, *freqs)
+    ref = block("real", *xs, _norms(weights), *freqs)
     out = {}
     for form in ("flip", "tab", "halves"):
         if form == "halves":
-            got = block(form, *(x[..., perm] for x in xs), [w[perm] for w in weights], *freqs)
+            got = block(form, *(x[..., perm] for x in xs), _norms([w[perm] for w in weights]), *freqs)
             want = [r[..., perm] for r in ref]
         else:
-            got = block(form, *xs, weights, *(tables(f) if form == "tab" else f for f in freqs))
+            got = block(form, *xs, _norms(weights), *(rope.tables(f) if form == "tab" else f for f in freqs))
             want = ref
         out[form] = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
     return out
 
 
 def measure(form: str, xs, weights, freqs, iters: int, compile: bool = True) -> dict:
-    from bench.bench_step import device_busy_ms
-
     device = xs[0].device
-    fr = [tables(f) for f in freqs] if form == "tab" else freqs
+    norms = _norms(weights)
+    fr = [rope.tables(f) for f in freqs] if form == "tab" else freqs
     fn = functools.partial(block, form)
     if compile:
         torch._dynamo.reset()  # one form's graphs at a time (each form recompiles the same code object otherwise)
@@ -129,10 +122,10 @@ def measure(form: str, xs, weights, freqs, iters: int, compile: bool = True) -> 
 
     def forward():
         with torch.no_grad():
-            fn(*xs, weights, *fr)
+            fn(*xs, norms, *fr)
 
     def forward_backward():
-        torch.autograd.backward(fn(*xs, weights, *fr), grads)
+        torch.autograd.backward(fn(*xs, norms, *fr), grads)
 
     row = {"form": form}
     for name, call in (("forward", forward), ("forward_backward", forward_backward)):

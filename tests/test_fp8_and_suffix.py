@@ -502,6 +502,14 @@ def test_quantize_rows_saturates_each_row_exactly():
 
 
 # ---- RoPE in real arithmetic (compiled blocks) ------------------------------------------------------------------
+def _tiny_transformer_inputs(g):
+    """A text input that takes gradients and the tiny Qwen-Image transformer's call around it (4x4 latent patches)."""
+    x = torch.randn(1, 16, 64, generator=g)
+    ctx = torch.randn(1, 7, 32, generator=g, requires_grad=True)
+    return ctx, dict(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]),
+                     img_shapes=[[(1, 4, 4)]], return_dict=False)
+
+
 def test_real_rope_matches_diffusers_bitwise_in_the_transformer(tiny_pipe):
     from diffusers.models.transformers import transformer_qwenimage as mod
 
@@ -510,10 +518,7 @@ def test_real_rope_matches_diffusers_bitwise_in_the_transformer(tiny_pipe):
     original = mod.apply_rotary_emb_qwen
     tr = tiny_pipe.transformer
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 64, generator=g)
-    ctx = torch.randn(1, 7, 32, generator=g, requires_grad=True)
-    kw = dict(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]],
-              return_dict=False)
+    ctx, kw = _tiny_transformer_inputs(g)
     outs = []
     try:
         for patched in (False, True):
@@ -541,10 +546,7 @@ def test_rope_tables_give_diffusers_numbers_in_the_transformer(tiny_pipe, tiny_p
     original = mod.apply_rotary_emb_qwen
     tr = tiny_pipe.transformer
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 64, generator=g)
-    ctx = torch.randn(1, 7, 32, generator=g, requires_grad=True)
-    kw = dict(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]],
-              return_dict=False)
+    ctx, kw = _tiny_transformer_inputs(g)
     seen = []
     probe = tr.transformer_blocks[0].register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs["image_rotary_emb"]), with_kwargs=True)
