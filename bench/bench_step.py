@@ -1012,6 +1012,27 @@ def project_step_fp8(pipe, args, work: Path, row, tflop):
         r["idle"] = trace_steps(trainer, device, Path(args.trace) / "b-fp8.json.gz")
 
 
+_MISSING = object()
+
+
+def _inductor_switch(stack: contextlib.ExitStack, overrides: dict, spec: str, key: str, setting: str,
+                     value) -> bool:
+    """A bench-only on/off ``key`` that sets inductor's ``setting`` to ``value`` for one variant (restored when
+    ``stack`` closes); refused on a torch whose inductor lacks the setting."""
+    if not _pop_flag(overrides, key, False, spec):
+        return False
+    import torch._inductor.config as inductor_config
+
+    obj = inductor_config
+    for part in setting.split("."):
+        obj = getattr(obj, part, _MISSING)
+    if obj is _MISSING:
+        raise SystemExit(f"--variant {spec!r}: {key}=1 needs torch._inductor.config.{setting}, which torch "
+                         f"{torch.__version__} does not have")
+    stack.enter_context(inductor_config.patch({setting: value}))
+    return True
+
+
 def _pop_flag(overrides: dict, key: str, default: bool, spec: str) -> bool:
     """A bench-only on/off key of a ``--variant`` (popped): 1/0 (true/false, yes/no) only; anything else is
     refused rather than read as on."""
@@ -1159,14 +1180,11 @@ def run_variants(args, device, dtype, res) -> dict:
         # bench-only: pdl=1 has inductor emit Programmatic Dependent Launch in its Triton kernels (Hopper and newer:
         # a kernel's prologue starts while the one before it finishes), against the ~1 µs gaps between the graphs'
         # kernels: ~12 ms of a 285 ms step at 78 GiB was the GPU idle between kernels (docs/benchmarks.md)
-        pdl = _pop_flag(overrides, "pdl", False, spec)
-        if pdl:
-            import torch._inductor.config as inductor_config
-
-            if not hasattr(inductor_config.triton, "enable_pdl"):
-                raise SystemExit(f"--variant {spec!r}: pdl=1 needs torch._inductor.config.triton.enable_pdl, which "
-                                 f"torch {torch.__version__} does not have")
-            stack.enter_context(inductor_config.patch({"triton.enable_pdl": True}))
+        pdl = _inductor_switch(stack, overrides, spec, "pdl", "triton.enable_pdl", True)
+        # bench-only: multi_kernel=1 has inductor compile each reduction also as a persistent kernel (a row in
+        # registers) and pick the faster at run time. Session 26 measured it alone: the norm-and-quantize kernels
+        # ~55 -> 32-41 µs, but the q/k RMSNorm + RoPE kernel ~94 -> 156 µs, which rope_tables=1 changes
+        multi_kernel = _inductor_switch(stack, overrides, spec, "multi_kernel", "triton.multi_kernel", 1)
         # bench-only: lora_bf16=1 stores the LoRA weights (and so their AdamW state) in bf16 instead of float32
         # master weights: what the ~950 casts a step to the compute dtype cost at most (not a training setting:
         # bf16 weights lose small updates)
@@ -1246,6 +1264,7 @@ def run_variants(args, device, dtype, res) -> dict:
              **({"lora_bf16": True} if lora_bf16 else {}),
              **({"fp8_text": True} if fp8_text else {}),
              **({"pdl": True} if pdl else {}),
+             **({"multi_kernel": True} if multi_kernel else {}),
              **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}
         if args.trace and device.type == "cuda":

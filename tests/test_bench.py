@@ -789,35 +789,53 @@ def test_rope_tables_variant_compiles_and_says_so(tmp_path, monkeypatch):
         rope.uninstall()
 
 
-def test_pdl_switch_patches_inductor_for_its_variant_only(tmp_path, monkeypatch):
-    """``pdl=1`` (bench-only) turns on inductor's Programmatic Dependent Launch while that variant's trainer is built
-    and run, says so in its row, and leaves the setting as it was for the next variant and after the run."""
+@pytest.mark.parametrize(("key", "group", "name", "on"), [("pdl", "triton", "enable_pdl", True),
+                                                         ("multi_kernel", "triton", "multi_kernel", 1)])
+def test_inductor_switch_patches_inductor_for_its_variant_only(key, group, name, on, tmp_path, monkeypatch):
+    """``pdl=1`` / ``multi_kernel=1`` (bench-only) set their inductor setting while that variant's trainer is built
+    and run, say so in its row, and leave the setting as it was for the next variant and after the run."""
     import torch._inductor.config as inductor_config
 
     from bench import bench_step
 
-    if not hasattr(inductor_config.triton, "enable_pdl"):
-        pytest.skip("this torch's inductor has no triton.enable_pdl: the pdl=1 switch is refused there, SKIPPED")
-    before = inductor_config.triton.enable_pdl
+    settings = getattr(inductor_config, group)
+    if not hasattr(settings, name):
+        pytest.skip(f"this torch's inductor has no {group}.{name}: the {key}=1 switch is refused there, SKIPPED")
+    before = getattr(settings, name)
+    assert before != on  # else the test could not tell the switch from the default
     seen = []
     real = bench_step.project_trainer
 
     def spy(*args, **kwargs):
-        seen.append(inductor_config.triton.enable_pdl)
+        seen.append(getattr(settings, name))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench_step, "project_trainer", spy)
-    out = tmp_path / "pdl.json"
+    out = tmp_path / f"{key}.json"
     assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
-                            "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", "pdl=1",
-                            "--variant", "pdl=0", "--out", str(out)]) == 0
+                            "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
+                            f"{key}=1", "--variant", f"{key}=0", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert seen == [True, before] and rows[0]["pdl"] is True and "pdl" not in rows[1]
-    assert inductor_config.triton.enable_pdl == before
+    assert seen == [on, before] and rows[0][key] is True and key not in rows[1]
+    assert getattr(settings, name) == before
+
+
+def test_inductor_switch_refused_on_a_torch_without_the_setting(tmp_path, monkeypatch):
+    """A switch whose inductor setting this torch lacks is refused, naming the setting, instead of running unset."""
+    import torch._inductor.config as inductor_config
+
+    from bench import bench_step
+
+    monkeypatch.delattr(inductor_config.triton, "multi_kernel")
+    with pytest.raises(SystemExit, match=r"multi_kernel=1 needs torch._inductor.config.triton.multi_kernel"):
+        bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+                         "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
+                         "multi_kernel=1", "--out", str(tmp_path / "x.json")])
 
 
 @pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
-                                 "real_rope", "layout_cache", "pdl", "rope_tables"])
+                                 "real_rope", "layout_cache", "pdl", "rope_tables",
+                                 "multi_kernel"])
 def test_bench_only_switches_refuse_garbage(key, tmp_path):
     """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
     from bench.bench_step import main
