@@ -1033,6 +1033,52 @@ def _inductor_switch(stack: contextlib.ExitStack, overrides: dict, spec: str, ke
     return True
 
 
+def _positive_int(value, key: str, spec: str) -> int:
+    if not (isinstance(value, str) and value.isdigit() and int(value) > 0):
+        raise SystemExit(f"--variant {spec!r}: {key}={value!r}; expected a positive whole number")
+    return int(value)
+
+
+@contextlib.contextmanager
+def _persistent_reductions_up_to(limit: int):
+    """Inductor's choices, except that a row-wise ("inner") reduction up to ``limit`` wide compiles as a persistent
+    kernel (inductor's own limit: 1024). Compiles in this context skip inductor's and AOTAutograd's on-disk caches,
+    whose keys do not see a choices handler: another variant's kernels could be reused instead."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    class Wider(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs) -> bool:
+            return (wider_persistent(features, cooperative_reduction, limit)
+                    or InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs))
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(inductor_config.patch(fx_graph_cache=False))
+        stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+        stack.enter_context(V.set_choices_handler(Wider()))
+        yield
+
+
+def wider_persistent(features, cooperative_reduction: bool, limit: int) -> bool:
+    """Whether a kernel with these ``features`` reduces rows (inductor's INNER hint) of a fixed width up to
+    ``limit``: what ``persistent_max`` makes persistent besides inductor's own choice."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.hints import ReductionHint
+
+    if not inductor_config.triton.persistent_reductions or cooperative_reduction:
+        return False
+    if features.get_reduction_hint() != ReductionHint.INNER:
+        return False
+    try:
+        width = int(features.reduction_numel)
+    except TypeError:  # a symbolic width (dynamic shapes): inductor's own choice
+        return False
+    return width <= limit
+
+
 def _pop_flag(overrides: dict, key: str, default: bool, spec: str) -> bool:
     """A bench-only on/off key of a ``--variant`` (popped): 1/0 (true/false, yes/no) only; anything else is
     refused rather than read as on."""
@@ -1185,6 +1231,15 @@ def run_variants(args, device, dtype, res) -> dict:
         # registers) and pick the faster at run time. Session 26 measured it alone: the norm-and-quantize kernels
         # ~55 -> 32-41 µs, but the q/k RMSNorm + RoPE kernel ~94 -> 156 µs, which rope_tables=1 changes
         multi_kernel = _inductor_switch(stack, overrides, spec, "multi_kernel", "triton.multi_kernel", 1)
+        # bench-only: persistent_max=N has inductor compile a reduction along rows ("inner") as a persistent kernel
+        # (a row in registers, one pass over memory) up to N wide instead of its 1024: Qwen-Image's norm-and-quantize
+        # kernels reduce 3072-wide rows, the MLP's GELU-and-quantize ones 12288. Unlike multi_kernel=1 it leaves
+        # the narrow reductions (the q/k RMSNorm over 128) as they are
+        persistent_max = overrides.pop("persistent_max", None)
+        if persistent_max is False:  # persistent_max=0: off, as the on/off switches' 0
+            persistent_max = None
+        if persistent_max is not None:
+            stack.enter_context(_persistent_reductions_up_to(_positive_int(persistent_max, "persistent_max", spec)))
         # bench-only: lora_bf16=1 stores the LoRA weights (and so their AdamW state) in bf16 instead of float32
         # master weights: what the ~950 casts a step to the compute dtype cost at most (not a training setting:
         # bf16 weights lose small updates)
@@ -1265,6 +1320,7 @@ def run_variants(args, device, dtype, res) -> dict:
              **({"fp8_text": True} if fp8_text else {}),
              **({"pdl": True} if pdl else {}),
              **({"multi_kernel": True} if multi_kernel else {}),
+             **({"persistent_max": int(persistent_max)} if persistent_max is not None else {}),
              **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}
         if args.trace and device.type == "cuda":

@@ -833,6 +833,86 @@ def test_inductor_switch_refused_on_a_torch_without_the_setting(tmp_path, monkey
                          "multi_kernel=1", "--out", str(tmp_path / "x.json")])
 
 
+def test_persistent_max_widens_inductors_persistent_reductions_for_its_variant_only(tmp_path, monkeypatch):
+    """``persistent_max=N`` (bench-only): while its variant's trainer is built and run, inductor's choices handler
+    makes row-wise reductions up to N wide persistent and the on-disk compile caches are off (their keys do not see
+    the handler); the row says N; the next variant gets inductor's own choices and caches back."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    from bench import bench_step
+
+    class Features:  # what inductor's heuristic reads of a kernel
+        def __init__(self, width, hint=ReductionHint.INNER):
+            self.reduction_numel, self.hint = width, hint
+
+        def get_reduction_hint(self, *args):
+            return self.hint
+
+    # inductor's own heuristic reads the graph being compiled: here, "no" for any kernel
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda *a, **k: False))
+    seen = []
+    real = bench_step.project_trainer
+
+    def spy(*args, **kwargs):
+        choices = V.choices
+        seen.append((choices.should_use_persistent_reduction(Features(3072), False),
+                     choices.should_use_persistent_reduction(Features(12288), False),
+                     inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache))
+        return real(*args, **kwargs)
+
+    caches = (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache)
+    monkeypatch.setattr(bench_step, "project_trainer", spy)
+    out = tmp_path / "p.json"
+    assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+                            "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
+                            "persistent_max=4096", "--variant", "persistent_max=0", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    # 3072-wide rows persistent under the switch only; 12288 is over its limit
+    assert seen == [(True, False, False, False), (False, False, *caches)]
+    assert rows[0]["persistent_max"] == 4096 and "persistent_max" not in rows[1]
+    assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == caches
+
+
+def test_wider_persistent_takes_fixed_row_reductions_only(monkeypatch):
+    """What persistent_max adds: row-wise (INNER) reductions of a fixed width up to the limit, and nothing where
+    inductor's persistent reductions are off, a reduction is cooperative, along columns or of a symbolic width."""
+    import sympy
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.hints import ReductionHint
+
+    from bench.bench_step import wider_persistent
+
+    class Features:
+        def __init__(self, width, hint=ReductionHint.INNER):
+            self.reduction_numel, self.hint = width, hint
+
+        def get_reduction_hint(self, *args):
+            return self.hint
+
+    assert wider_persistent(Features(sympy.Integer(3072)), False, 4096)
+    assert wider_persistent(Features(4096), False, 4096)
+    assert not wider_persistent(Features(4097), False, 4096)
+    assert not wider_persistent(Features(3072), True, 4096)
+    assert not wider_persistent(Features(3072, ReductionHint.OUTER), False, 4096)
+    assert not wider_persistent(Features(sympy.Symbol("s0")), False, 4096)
+    monkeypatch.setattr(inductor_config.triton, "persistent_reductions", False)
+    assert not wider_persistent(Features(3072), False, 4096)
+
+
+@pytest.mark.parametrize("value", ["wide", "-5", "1.5"])
+def test_persistent_max_refuses_what_is_not_a_width(value, tmp_path):
+    from bench.bench_step import main
+
+    with pytest.raises(SystemExit, match=rf"persistent_max='{value}'; expected a positive whole number"):
+        main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup",
+              "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", f"persistent_max={value}",
+              "--out", str(tmp_path / "bad.json")])
+
+
 @pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
                                  "real_rope", "layout_cache", "pdl", "rope_tables",
                                  "multi_kernel"])
