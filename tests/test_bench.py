@@ -950,3 +950,17 @@ def test_rope_forms_agree_and_a_wrong_form_is_caught(tmp_path, monkeypatch):
     assert [r["form"] for r in json.loads(compiled.read_text())["rows"]] == ["tab"]
     with pytest.raises(SystemExit):
         rope_forms.main([*small, "--forms", "tab,spiral"])
+
+
+def test_gelu_quant_reference_forms_agree_and_a_wrong_derivative_is_caught(tmp_path, monkeypatch):
+    """bench/gelu_quant.py: the written-out GELU derivative it compiles is autograd's (quantized, the same fp8 codes);
+    a derivative off by a constant makes the run fail instead of timing it."""
+    from bench import gelu_quant
+
+    out = tmp_path / "gelu.json"
+    assert gelu_quant.main(["--rows", "32", "--width", "768", "--device", "cpu", "--out", str(out)]) == 0
+    check = json.loads(out.read_text())["checks"][0]
+    assert check["form"] == "formula backward vs autograd" and check["max_diff_in_steps"] <= 1
+    real = gelu_quant.gelu_derivative_formula
+    monkeypatch.setattr(gelu_quant, "gelu_derivative_formula", lambda dg, h, b: real(dg, h, b) * 1.2)
+    assert gelu_quant.main(["--rows", "32", "--width", "768", "--device", "cpu"]) == 1

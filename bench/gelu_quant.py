@@ -1,0 +1,189 @@
+"""Micro-benchmark: the MLP's GELU + per-row fp8 quantization, inductor's kernel against a hand-written one.
+
+With ``model.fp8_matmul`` each Qwen-Image block's MLP runs ``fc2(gelu(fc1(x)))`` with both products in fp8: the
+GELU's output is quantized per row for ``fc2`` forward, and in the backward the GELU's input gradient is quantized
+per row for ``fc1``'s input-gradient product. Inductor fuses each into one kernel (bias add, GELU or its derivative,
+row maximum, scale, cast). In the H200 step (docs/benchmarks.md, "Session 27") they take ~125 µs each at
+``[4096, 12288]``, 60 blocks a step each way (~15 ms a step), where their bytes (150-250 MB) would take 40-60 µs:
+the kernels are arithmetic-bound (the GELU computed twice in a looped reduction, IEEE divisions).
+
+This times, on the same inputs (``h`` the fc1 product and ``b`` its bias, bf16):
+
+- ``inductor``: what training compiles: ``quantize_rows(gelu_tanh_sigmoid(h + b))`` forward, and the GELU's
+  derivative times the incoming gradient, quantized, backward (``torch.compile``, default settings);
+- ``triton``: one Triton program a row, the row held in registers: the GELU computed once, fast divisions
+  (CUDA only).
+
+It checks that both give the same fp8 values (up to the odd last-bit difference of a division: reported) and
+scales, and reports each kernel's time per call (profiler, CUDA only). On a machine without CUDA it checks the
+reference against eager PyTorch only.
+
+    python -m bench.gelu_quant --out gelu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from qwen_zero_prior.training.fp8 import FP8, FP8_MAX, quantize_rows
+from qwen_zero_prior.training.gelu import gelu_tanh_sigmoid
+
+from bench.bench_step import device_busy_ms
+
+_C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def reference_forward(h: torch.Tensor, b: torch.Tensor):
+    """What the compiled block computes between fc1's product and fc2's: bias (Fp8Linear, bf16), GELU (gelu.py,
+    float32 inside, bf16 out), per-row quantization (fp8.quantize_rows)."""
+    return quantize_rows(gelu_tanh_sigmoid(h + b))
+
+
+def reference_backward(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor):
+    """The GELU's input gradient (autograd's, bf16 out) for an incoming ``dg``, quantized per row for fc1's
+    input-gradient product."""
+    x = (h + b).detach().requires_grad_(True)
+    with torch.enable_grad():
+        (dx,) = torch.autograd.grad(gelu_tanh_sigmoid(x), x, dg)
+    return quantize_rows(dx)
+
+
+def gelu_derivative_formula(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The same derivative written out (for inductor, which does not trace ``autograd.grad``):
+    ``d/dx x·σ(u) = σ(u) + x·σ(u)(1-σ(u))·u'``, ``u = C(x + 0.044715x³)``, ``u' = C(1 + 3·0.044715x²)``."""
+    x = (h + b).float()
+    s = torch.sigmoid(_C * (x + 0.044715 * x * x * x))
+    d = s + x * s * (1 - s) * (_C * (1 + 3 * 0.044715 * x * x))
+    return (d * dg.float()).to(dg.dtype)
+
+
+def reference_backward_formula(dg, h, b):
+    return quantize_rows(gelu_derivative_formula(dg, h, b))
+
+
+def _triton_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fwd(h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        h = tl.load(h_ptr + row * stride + cols, mask=mask, other=0.0)
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0)
+        x = (h.to(tl.float32) + b.to(tl.float32)).to(tl.bfloat16).to(tl.float32)  # Fp8Linear's bf16 bias add
+        u = C * (x + 0.044715 * x * x * x)
+        g = tl.fdiv(x, 1.0 + tl.exp(-u)).to(tl.bfloat16).to(tl.float32)  # gelu.py's bf16 output
+        amax = tl.maximum(tl.max(tl.abs(g), axis=0), 1e-12)
+        q = tl.clamp(g * (FMAX / amax), -FMAX, FMAX)
+        tl.store(q_ptr + row * stride + cols, q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + row, amax / FMAX)
+
+    @triton.jit
+    def _bwd(dg_ptr, h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr,
+             BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        dg = tl.load(dg_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + row * stride + cols, mask=mask, other=0.0)
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0)
+        x = (h.to(tl.float32) + b.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+        s = tl.fdiv(1.0, 1.0 + tl.exp(-(C * (x + 0.044715 * x * x * x))))
+        d = s + x * s * (1.0 - s) * (C * (1.0 + 3 * 0.044715 * x * x))
+        dx = (d * dg).to(tl.bfloat16).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(dx), axis=0), 1e-12)
+        q = tl.clamp(dx * (FMAX / amax), -FMAX, FMAX)
+        tl.store(q_ptr + row * stride + cols, q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + row, amax / FMAX)
+
+    return triton, _fwd, _bwd
+
+
+def triton_forward(h, b, kernels):
+    triton, fwd, _ = kernels
+    m, n = h.shape
+    q = torch.empty(m, n, device=h.device, dtype=FP8)
+    s = torch.empty(m, 1, device=h.device, dtype=torch.float32)
+    block = triton.next_power_of_2(n)
+    fwd[(m,)](h, b, q, s, n, h.stride(0), C=_C, FMAX=FP8_MAX, BLOCK=block, num_warps=16 if block >= 8192 else 8)
+    return q, s
+
+
+def triton_backward(dg, h, b, kernels):
+    triton, _, bwd = kernels
+    m, n = h.shape
+    q = torch.empty(m, n, device=h.device, dtype=FP8)
+    s = torch.empty(m, 1, device=h.device, dtype=torch.float32)
+    block = triton.next_power_of_2(n)
+    bwd[(m,)](dg, h, b, q, s, n, h.stride(0), C=_C, FMAX=FP8_MAX, BLOCK=block, num_warps=16 if block >= 8192 else 8)
+    return q, s
+
+
+def compare(name: str, got, want) -> dict:
+    """How far ``got`` (fp8, scales) is from ``want``: the share of fp8 values that differ, the largest difference
+    in e4m3 steps (codes are ordered by magnitude: a sign bit, then 7 bits), and the largest relative difference
+    of the scales."""
+    (qg, sg), (qw, sw) = got, want
+    cg, cw = qg.view(torch.uint8).int(), qw.view(torch.uint8).int()
+    differ = (cg != cw).float().mean().item()
+    mg, mw = cg & 0x7F, cw & 0x7F
+    steps = torch.where((cg >> 7) == (cw >> 7), (mg - mw).abs(), mg + mw)
+    scale_rel = ((sg - sw).abs() / sw).max().item()
+    return {"form": name, "fp8_values_differing": differ, "max_diff_in_steps": int(steps.max().item()),
+            "scale_max_rel_diff": scale_rel}
+
+
+def run(rows: int, width: int, device: torch.device, out: Path | None) -> int:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h = (torch.randn(rows, width, generator=gen) * 2).to(device, torch.bfloat16)
+    b = (torch.randn(width, generator=gen) * 0.1).to(device, torch.bfloat16)
+    dg = (torch.randn(rows, width, generator=gen) * 1e-3).to(device, torch.bfloat16)
+    res: dict = {"shape": [rows, width], "device": str(device), "rows": []}
+    want_f = reference_forward(h, b)
+    want_b = reference_backward(dg, h, b)
+    # the written-out derivative is what inductor compiles; it must be autograd's
+    checks = [compare("formula backward vs autograd", reference_backward_formula(dg, h, b), want_b)]
+    if device.type == "cuda":
+        comp_f = torch.compile(reference_forward, fullgraph=True)
+        comp_b = torch.compile(reference_backward_formula, fullgraph=True)
+        checks.append(compare("inductor forward", comp_f(h, b), want_f))
+        checks.append(compare("inductor backward", comp_b(dg, h, b), want_b))
+        kernels = _triton_kernels()
+        checks.append(compare("triton forward", triton_forward(h, b, kernels), want_f))
+        checks.append(compare("triton backward", triton_backward(dg, h, b, kernels), want_b))
+        for fn, name in ((lambda: comp_f(h, b), "inductor forward"), (lambda: comp_b(dg, h, b), "inductor backward"),
+                         (lambda: triton_forward(h, b, kernels), "triton forward"),
+                         (lambda: triton_backward(dg, h, b, kernels), "triton backward")):
+            for _ in range(3):
+                fn()
+            us = device_busy_ms(fn, device, steps=10) * 1000
+            res["rows"].append({"form": name, "kernel_us": round(us, 1)})
+    res["checks"] = checks
+    # one e4m3 step where a division's last bit differs; scales within bf16's rounding of the row maximum
+    ok = all(c["max_diff_in_steps"] <= 1 and c["scale_max_rel_diff"] <= 1e-2 for c in checks)
+    for row in res["rows"] + checks:
+        print(json.dumps(row), flush=True)
+    if out:
+        out.write_text(json.dumps(res, indent=1))
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=4096, help="rows (image tokens at 1024²: 4096)")
+    ap.add_argument("--width", type=int, default=12288, help="the MLP's inner width (Qwen-Image: 12288)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows and checks here (JSON)")
+    args = ap.parse_args(argv)
+    return run(args.rows, args.width, torch.device(args.device), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
