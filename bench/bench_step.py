@@ -1293,6 +1293,17 @@ def run_variants(args, device, dtype, res) -> dict:
 
             rope.install_tables(pipe.transformer)
             stack.callback(rope.uninstall_tables, pipe.transformer)
+        # bench-only: gelu_fused=1 routes each image-stream MLP with fp8 backward copies through gelu_fp8's custom
+        # operators (the GELU and the fp8 quantizations around it in one Triton kernel each way)
+        gelu_fused = 0
+        if _pop_flag(overrides, "gelu_fused", False, spec):
+            if not (trainer.cfg.model.compile and trainer.cfg.model.fp8_matmul):
+                raise SystemExit(f"--variant {spec!r}: gelu_fused=1 is for the compiled fp8 blocks (compile=1 "
+                                 "fp8_matmul=1)")
+            from qwen_zero_prior.training import gelu_fp8
+
+            gelu_fused = gelu_fp8.install(pipe.transformer)
+            stack.callback(gelu_fp8.uninstall, pipe.transformer)
         rope_form = _rope_form(pipe.transformer) if trainer.cfg.model.compile else None
         trainer.cache_all_latents()
         _mem_reset(device)
@@ -1320,6 +1331,7 @@ def run_variants(args, device, dtype, res) -> dict:
              **({"fp8_text": True} if fp8_text else {}),
              **({"pdl": True} if pdl else {}),
              **({"multi_kernel": True} if multi_kernel else {}),
+             **({"gelu_fused_blocks": gelu_fused} if gelu_fused else {}),
              **({"persistent_max": int(persistent_max)} if persistent_max is not None else {}),
              **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}

@@ -1,0 +1,153 @@
+"""training/gelu_fp8.py: the image-stream MLP with its GELU and fp8 quantizations as custom operators."""
+
+import pytest
+import torch
+from qwen_zero_prior.training import gelu, gelu_fp8
+from qwen_zero_prior.training.config import ATTENTION_TARGETS, MLP_TARGETS
+from qwen_zero_prior.training.fp8 import FP8, apply_fp8_matmul, quantize_rows
+from qwen_zero_prior.training.lora import add_lora
+
+
+def _fp8_transformer(pipe, targets=ATTENTION_TARGETS, backward_copy=True):
+    tr = pipe.transformer.to(torch.bfloat16)
+    add_lora(tr, rank=4, alpha=4, targets=list(targets), seed=0)
+    for p in tr.parameters():
+        if p.requires_grad:  # LoRA B starts at zero: random, so every LoRA weight gets a gradient
+            torch.nn.init.normal_(p, std=0.05)
+    apply_fp8_matmul(tr, backward_copy=backward_copy, compute_dtype=torch.bfloat16)
+    gelu.install(tr)  # what model.compile runs, and what the fused forward computes
+    return tr
+
+
+def _step(tr, g_seed=0):
+    g = torch.Generator().manual_seed(g_seed)
+    x = torch.randn(1, 16, 64, generator=g).to(torch.bfloat16)
+    ctx = torch.randn(1, 7, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
+    out = tr(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]],
+             return_dict=False)[0]
+    out.float().square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+    tr.zero_grad(set_to_none=True)
+    return out.detach(), ctx.grad.clone(), grads
+
+
+def test_fused_mlp_gives_the_fp8_blocks_numbers(tiny_pipe):
+    """Routed through the fused MLP, the transformer's output, the text input's gradient and every LoRA weight's
+    gradient are the unfused fp8 path's, exactly (on the CPU the operators run the same PyTorch code); uninstall
+    gives the blocks back their own forward."""
+    tr = _fp8_transformer(tiny_pipe)
+    want = _step(tr)
+    n = gelu_fp8.install(tr)
+    assert n == len(tr.transformer_blocks) > 0
+    calls = []
+    real = gelu_fp8.gelu_quant_rows
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    try:
+        gelu_fp8.gelu_quant_rows = spy  # module global the forward looks up: proves the fused path ran
+        got = _step(tr)
+    finally:
+        gelu_fp8.gelu_quant_rows = real
+    assert len(calls) == n
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[2].keys() == want[2].keys() and got[2]
+    for name in want[2]:
+        assert torch.equal(got[2][name], want[2][name]), name
+    assert gelu_fp8.uninstall(tr) == n and gelu_fp8.uninstall(tr) == 0
+    assert all("forward" not in b.img_mlp.__dict__ for b in tr.transformer_blocks)
+
+
+def test_fused_mlp_pads_rows_to_sixteen_and_crops_them(tiny_pipe):
+    """An MLP input whose row count is not a multiple of 16 (``_scaled_mm``'s rule) gives the unfused numbers for
+    its own rows, and its gradient has its shape."""
+    tr = _fp8_transformer(tiny_pipe)
+    mlp = tr.transformer_blocks[0].img_mlp
+    x = torch.randn(1, 13, mlp.net[0].proj.in_features).to(torch.bfloat16).requires_grad_(True)
+    want = mlp(x)
+    want.float().sum().backward()
+    want_grad, x.grad = x.grad.clone(), None
+    gelu_fp8.install(tr)
+    got = mlp(x)
+    got.float().sum().backward()
+    assert got.shape == want.shape and torch.equal(got, want) and torch.equal(x.grad, want_grad)
+
+
+@pytest.mark.parametrize("case", ["lora on the mlp", "no backward copies", "float32"])
+def test_fused_mlp_only_where_it_computes_the_same(tiny_pipe, case):
+    """An MLP with a LoRA on its layers, without fp8 backward copies, or computing in float32 keeps its own forward."""
+    if case == "float32":
+        tr = tiny_pipe.transformer
+        add_lora(tr, rank=4, alpha=4, targets=list(ATTENTION_TARGETS), seed=0)
+        apply_fp8_matmul(tr, backward_copy=True)
+    else:
+        tr = _fp8_transformer(tiny_pipe, targets=ATTENTION_TARGETS + MLP_TARGETS if case == "lora on the mlp"
+                              else ATTENTION_TARGETS, backward_copy=case != "no backward copies")
+    assert gelu_fp8.install(tr) == 0
+
+
+def test_gelu_operators_quantize_what_the_reference_does():
+    """The operators (reference PyTorch code off CUDA) against their definitions: the forward is the GELU of
+    ``h + b`` quantized per row; the backward is autograd's gradient of it, quantized; shapes and dtypes of the fake
+    (meta) forms are the real ones'."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(32, 96, generator=g) * 2).to(torch.bfloat16)
+    b = (torch.randn(96, generator=g) * 0.1).to(torch.bfloat16)
+    dg = (torch.randn(32, 96, generator=g) * 1e-3).to(torch.bfloat16)
+    q, s = gelu_fp8.gelu_quant_rows(h, b)
+    x = (h + b).float()
+    want = (0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))).to(torch.bfloat16)
+    assert q.dtype == FP8 and s.shape == (32, 1)
+    torch.testing.assert_close(q.float() * s, want.float(), rtol=2 ** -3, atol=s.max().item() * 2 ** -9)
+    dq, ds = gelu_fp8.gelu_backward_quant_rows(dg, h, b)
+    xr = (h + b).float().requires_grad_(True)
+    (dx,) = torch.autograd.grad(torch.nn.functional.gelu(xr, approximate="tanh"), xr, dg.float())
+    torch.testing.assert_close(dq.float() * ds, dx, rtol=2 ** -3, atol=ds.max().item() * 2 ** -9)
+    with torch.device("meta"):
+        fq, fs = gelu_fp8.gelu_quant_rows(h.to("meta"), b.to("meta"))
+    assert fq.shape == q.shape and fq.dtype == FP8 and fs.shape == s.shape and fs.dtype == torch.float32
+    assert quantize_rows(h)[0].shape == q.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the Triton kernels against the reference")
+def test_triton_kernels_match_the_reference_on_the_gpu():
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(256, 12288, generator=g) * 2).to("cuda", torch.bfloat16)
+    b = (torch.randn(12288, generator=g) * 0.1).to("cuda", torch.bfloat16)
+    dg = (torch.randn(256, 12288, generator=g) * 1e-3).to("cuda", torch.bfloat16)
+    for got, want in ((gelu_fp8.gelu_quant_rows(h, b), gelu_fp8.gelu_quant_rows(h.cpu(), b.cpu())),
+                      (gelu_fp8.gelu_backward_quant_rows(dg, h, b),
+                       gelu_fp8.gelu_backward_quant_rows(dg.cpu(), h.cpu(), b.cpu()))):
+        cg, cw = got[0].cpu().view(torch.uint8).int(), want[0].view(torch.uint8).int()
+        steps = torch.where((cg >> 7) == (cw >> 7), ((cg & 0x7F) - (cw & 0x7F)).abs(), (cg & 0x7F) + (cw & 0x7F))
+        assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01
+        torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-2, atol=0)
+
+
+def test_fused_mlp_compiles_as_one_graph(tiny_pipe):
+    """The fused MLP traces whole (``fullgraph=True``: the autograd Function and both custom operators, no graph
+    break) and the compiled forward and backward give the eager fused numbers (inductor may round the
+    quantizations' products in another order, which moves the odd value by one e4m3 step: a few outputs by up to
+    a sixteenth of the largest, the whole by a few percent at most)."""
+    pytest.importorskip("torch._inductor", reason="torch without inductor: compile SKIPPED")
+    import torch._dynamo
+
+    tr = _fp8_transformer(tiny_pipe)
+    gelu_fp8.install(tr)
+    mlp = tr.transformer_blocks[0].img_mlp
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, mlp.net[0].proj.in_features, generator=g).to(torch.bfloat16).requires_grad_(True)
+    want = mlp(x)
+    want.float().square().sum().backward()
+    want_grad, x.grad = x.grad.clone(), None
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, fullgraph=True)
+    got = compiled(x)
+    got.float().square().sum().backward()
+    for a, b in ((got, want), (x.grad, want_grad)):
+        a, b = a.float(), b.float()
+        assert (a - b).norm() <= 2 ** -5 * b.norm()  # e4m3 keeps 3 bits: one step is 2^-4..2^-3 of a value
+        assert (a - b).abs().max() <= 2 ** -4 * b.abs().max()

@@ -1,0 +1,208 @@
+"""Qwen-Image's image-stream MLP with its GELU and fp8 quantizations in one hand-written kernel each way (opt-in).
+
+With ``model.fp8_matmul`` each block's ``img_mlp`` is ``fc2(gelu(fc1(x)))``, both products in fp8
+(:mod:`.fp8`). Between them the compiled block runs one fused kernel forward (fc1's bias, the GELU, the GELU's
+row maximum, the per-row fp8 cast for fc2) and one backward (the GELU's derivative times fc2's input gradient, its
+row maximum and cast for fc1's input-gradient product). Inductor compiles each as a looped reduction that computes
+the GELU twice with IEEE divisions: ~125 µs each at 1024² on an H200, arithmetic-bound, where their bytes take
+~40-60 µs (docs/benchmarks.md, "Session 29"). :func:`gelu_quant_rows` and :func:`gelu_backward_quant_rows` are
+the same computations as custom operators: on CUDA one Triton program a row, the row held in registers, the GELU
+computed once, fast divisions (the values within one e4m3 step of the fused kernel's; the bench reports how many
+differ); elsewhere the reference PyTorch code, which is what :class:`~.fp8.Fp8Linear` and :mod:`.gelu` compute.
+
+:func:`install` routes an image-stream MLP through :class:`_Fp8GeluMlp` (instance attribute; :func:`uninstall`
+removes it) where both its layers are plain :class:`~.fp8.Fp8Linear` with backward copies, its activation the tanh
+GELU and its dropout a no-op; any other MLP (a LoRA on it, no backward copy, another activation) keeps its own
+forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .fp8 import FP8, FP8_MAX, Fp8Linear, quantize_rows
+from .gelu import gelu_tanh_sigmoid
+
+_C = 2.0 * math.sqrt(2.0 / math.pi)
+_kernels = None
+
+
+def gelu_tanh_sigmoid_backward(dg: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`.gelu.gelu_tanh_sigmoid` at ``x`` for an incoming ``dg``, written out (a custom
+    operator runs below autograd): ``d/dx x·σ(u) = σ(u) + x·σ(u)(1-σ(u))·u'``, ``u = C(x + 0.044715x³)``; float32
+    inside, ``dg``'s dtype out, as autograd's (the tests compare the two)."""
+    x = x.float()
+    s = torch.sigmoid(_C * (x + 0.044715 * x * x * x))
+    d = s + x * s * (1 - s) * (_C * (1 + 3 * 0.044715 * x * x))
+    return (d * dg.float()).to(dg.dtype)
+
+
+def _triton_kernels():
+    """The two Triton kernels, compiled on first use (Triton is imported only where CUDA runs them)."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd(h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        h = tl.load(h_ptr + row * stride + cols, mask=mask, other=0.0)
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0)
+        x = (h.to(tl.float32) + b.to(tl.float32)).to(tl.bfloat16).to(tl.float32)  # Fp8Linear's bias add, bf16
+        g = tl.fdiv(x, 1.0 + tl.exp(-(C * (x + 0.044715 * x * x * x))))
+        g = g.to(tl.bfloat16).to(tl.float32)  # gelu.py returns the input's dtype
+        amax = tl.maximum(tl.max(tl.abs(g), axis=0), 1e-12)
+        q = tl.clamp(g * (FMAX / amax), -FMAX, FMAX)
+        tl.store(q_ptr + row * stride + cols, q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + row, amax / FMAX)
+
+    @triton.jit
+    def bwd(dg_ptr, h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr,
+            BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        dg = tl.load(dg_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + row * stride + cols, mask=mask, other=0.0)
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0)
+        x = (h.to(tl.float32) + b.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+        s = tl.fdiv(1.0, 1.0 + tl.exp(-(C * (x + 0.044715 * x * x * x))))
+        d = s + x * s * (1.0 - s) * (C * (1.0 + 3 * 0.044715 * x * x))  # d/dx x·σ(u)
+        dx = (d * dg).to(tl.bfloat16).to(tl.float32)  # autograd's gradient is bf16
+        amax = tl.maximum(tl.max(tl.abs(dx), axis=0), 1e-12)
+        q = tl.clamp(dx * (FMAX / amax), -FMAX, FMAX)
+        tl.store(q_ptr + row * stride + cols, q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + row, amax / FMAX)
+
+    _kernels = (triton.next_power_of_2, fwd, bwd)
+    return _kernels
+
+
+def _launch(kernel_index: int, *tensors: torch.Tensor, like: torch.Tensor):
+    next_pow2, *kernels = _triton_kernels()
+    m, n = like.shape
+    q = torch.empty(m, n, device=like.device, dtype=FP8)
+    s = torch.empty(m, 1, device=like.device, dtype=torch.float32)
+    block = next_pow2(n)
+    kernels[kernel_index][(m,)](*tensors, q, s, n, n, C=_C, FMAX=FP8_MAX, BLOCK=block,
+                                num_warps=16 if block >= 8192 else 8)
+    return q, s
+
+
+@torch.library.custom_op("qwen_zero_prior::gelu_quant_rows", mutates_args=())
+def gelu_quant_rows(h: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(gelu_tanh_sigmoid(h + b))`` for ``h`` [M, N] and ``b`` [N] (bf16): fp8 [M, N] and float32
+    scales [M, 1]."""
+    if h.is_cuda:
+        return _launch(0, h.contiguous(), b.contiguous(), like=h)
+    return quantize_rows(gelu_tanh_sigmoid(h + b))
+
+
+@gelu_quant_rows.register_fake
+def _(h, b):
+    return h.new_empty(h.shape, dtype=FP8), h.new_empty((h.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("qwen_zero_prior::gelu_backward_quant_rows", mutates_args=())
+def gelu_backward_quant_rows(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of ``gelu_tanh_sigmoid(h + b)`` for an incoming ``dg`` (bf16, as autograd gives it), quantized
+    per row: fp8 [M, N] and float32 scales [M, 1]."""
+    if dg.is_cuda:
+        return _launch(1, dg.contiguous(), h.contiguous(), b.contiguous(), like=dg)
+    return quantize_rows(gelu_tanh_sigmoid_backward(dg, h + b))
+
+
+@gelu_backward_quant_rows.register_fake
+def _(dg, h, b):
+    return dg.new_empty(dg.shape, dtype=FP8), dg.new_empty((dg.shape[0], 1), dtype=torch.float32)
+
+
+def _product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """``(aq·a_scale) @ (b_q·b_scale)`` in bf16, as :func:`.fp8._scaled_rows` computes it once ``a`` is quantized."""
+    if aq.is_cuda:
+        return torch._scaled_mm(aq, b_q, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16)
+    return ((aq.float() * a_scale) @ (b_q.float() * b_scale)).to(torch.bfloat16)
+
+
+class _Fp8GeluMlp(torch.autograd.Function):
+    """``fc2(gelu(fc1(x)))`` for two :class:`~.fp8.Fp8Linear` with backward copies: the products as
+    :func:`.fp8._scaled_rows` does them, the GELU and the quantizations between them in :func:`gelu_quant_rows`
+    and :func:`gelu_backward_quant_rows`. ``x`` is [M, K] with M a multiple of 16 (``_scaled_mm``); no gradient for
+    the frozen weights and biases."""
+
+    @staticmethod
+    def forward(ctx, x, w1_q, w1_s, b1, w1t_q, w1t_s, w2_q, w2_s, b2, w2t_q, w2t_s):
+        xq, xs = quantize_rows(x)
+        h = _product(xq, xs, w1_q.t(), w1_s.view(1, -1))
+        gq, gs = gelu_quant_rows(h, b1)
+        y = _product(gq, gs, w2_q.t(), w2_s.view(1, -1)) + b2
+        ctx.save_for_backward(h, b1, w1t_q, w1t_s, w2t_q, w2t_s)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, b1, w1t_q, w1t_s, w2t_q, w2t_s = ctx.saved_tensors
+        dyq, dys = quantize_rows(dy)
+        dg = _product(dyq, dys, w2t_q.t(), w2t_s.view(1, -1))
+        dhq, dhs = gelu_backward_quant_rows(dg, h, b1)
+        dx = _product(dhq, dhs, w1t_q.t(), w1t_s.view(1, -1))
+        return (dx,) + (None,) * 10
+
+
+def _fusable(mlp) -> tuple[Fp8Linear, Fp8Linear] | None:
+    net = getattr(mlp, "net", None)
+    if net is None or len(net) != 3:
+        return None
+    act, drop, fc2 = net
+    fc1 = getattr(act, "proj", None)
+    if (type(act).__name__ != "GELU" or getattr(act, "approximate", None) != "tanh"
+            or not isinstance(drop, torch.nn.Dropout) or drop.p != 0.0):
+        return None
+    layers = (fc1, fc2)
+    if not all(type(layer) is Fp8Linear and layer.wt_q is not None and layer.bias is not None for layer in layers):
+        return None
+    if fc1.compute_dtype != torch.bfloat16 or fc2.compute_dtype != torch.bfloat16:
+        return None
+    return fc1, fc2
+
+
+def _forward(mlp, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    fc1, fc2 = mlp.net[0].proj, mlp.net[2]
+    lead, k = hidden_states.shape[:-1], hidden_states.shape[-1]
+    x = hidden_states.to(torch.bfloat16).reshape(-1, k)
+    m = x.shape[0]
+    pad = (-m) % 16
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    y = _Fp8GeluMlp.apply(x, fc1.w_q, fc1.w_scale, fc1.bias, fc1.wt_q, fc1.wt_scale,
+                          fc2.w_q, fc2.w_scale, fc2.bias, fc2.wt_q, fc2.wt_scale)
+    return (y[:m] if pad else y).view(*lead, fc2.out_features)
+
+
+def install(transformer) -> int:
+    """Route each image-stream MLP of ``transformer``'s blocks that qualifies (see the module docstring) through
+    :class:`_Fp8GeluMlp`; returns how many."""
+    n = 0
+    for block in getattr(transformer, "transformer_blocks", ()):
+        mlp = getattr(block, "img_mlp", None)
+        if mlp is not None and _fusable(mlp) is not None:
+            mlp.forward = _forward.__get__(mlp)
+            n += 1
+    return n
+
+
+def uninstall(transformer) -> int:
+    n = 0
+    for block in getattr(transformer, "transformer_blocks", ()):
+        mlp = getattr(block, "img_mlp", None)
+        if mlp is not None and getattr(mlp.__dict__.get("forward"), "__func__", None) is _forward:
+            del mlp.forward
+            n += 1
+    return n
