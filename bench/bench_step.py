@@ -1251,6 +1251,7 @@ def run_variants(args, device, dtype, res) -> dict:
         fp8_text = _pop_flag(overrides, "fp8_text", False, spec)
         rope_halves = _pop_flag(overrides, "rope_halves", False, spec)  # applied once the trainer exists (below)
         rope_tables = _pop_flag(overrides, "rope_tables", False, spec)  # likewise
+        want_gelu_fused = _pop_flag(overrides, "gelu_fused", False, spec)  # likewise
         if fp8_text:
             if not overrides.get("fp8_matmul"):
                 raise SystemExit(f"--variant {spec!r}: fp8_text=1 widens fp8_matmul's layers; add fp8_matmul=1")
@@ -1296,7 +1297,7 @@ def run_variants(args, device, dtype, res) -> dict:
         # bench-only: gelu_fused=1 routes each image-stream MLP with fp8 backward copies through gelu_fp8's custom
         # operators (the GELU and the fp8 quantizations around it in one Triton kernel each way)
         gelu_fused = 0
-        if _pop_flag(overrides, "gelu_fused", False, spec):
+        if want_gelu_fused:
             if not (trainer.cfg.model.compile and trainer.cfg.model.fp8_matmul):
                 raise SystemExit(f"--variant {spec!r}: gelu_fused=1 is for the compiled fp8 blocks (compile=1 "
                                  "fp8_matmul=1)")

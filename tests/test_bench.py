@@ -964,3 +964,13 @@ def test_gelu_quant_reference_forms_agree_and_a_wrong_derivative_is_caught(tmp_p
     real = gelu_quant.gelu_derivative_formula
     monkeypatch.setattr(gelu_quant, "gelu_derivative_formula", lambda dg, h, b: real(dg, h, b) * 1.2)
     assert gelu_quant.main(["--rows", "32", "--width", "768", "--device", "cpu"]) == 1
+
+
+def test_gelu_fused_needs_the_compiled_fp8_blocks(tmp_path):
+    """``gelu_fused=1`` (bench-only) outside compiled fp8 blocks is refused, naming what it needs."""
+    from bench.bench_step import main
+
+    with pytest.raises(SystemExit, match=r"gelu_fused=1 is for the compiled fp8 blocks \(compile=1 fp8_matmul=1\)"):
+        main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup",
+              "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", "fp8_matmul=1 gelu_fused=1",
+              "--out", str(tmp_path / "bad.json")])
