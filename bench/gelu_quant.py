@@ -11,8 +11,8 @@ This times, on the same inputs (``h`` the fc1 product and ``b`` its bias, bf16):
 
 - ``inductor``: what training compiles: ``quantize_rows(gelu_tanh_sigmoid(h + b))`` forward, and the GELU's
   derivative times the incoming gradient, quantized, backward (``torch.compile``, default settings);
-- ``triton``: one Triton program a row, the row held in registers: the GELU computed once, fast divisions
-  (CUDA only).
+- ``triton``: training/gelu_fp8.py's custom operators: one Triton program a row, the row held in registers, the
+  GELU computed once, fast divisions (CUDA only).
 
 It checks that both give the same fp8 values (up to the odd last-bit difference of a division: reported) and
 scales, and reports each kernel's time per call (profiler, CUDA only). On a machine without CUDA it checks the
@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
-from qwen_zero_prior.training.fp8 import FP8, FP8_MAX, quantize_rows
+from qwen_zero_prior.training import gelu_fp8
+from qwen_zero_prior.training.fp8 import quantize_rows
 from qwen_zero_prior.training.gelu import gelu_tanh_sigmoid
 
 from bench.bench_step import device_busy_ms
-
-_C = 2.0 * math.sqrt(2.0 / math.pi)
 
 
 def reference_forward(h: torch.Tensor, b: torch.Tensor):
@@ -54,76 +52,13 @@ def reference_backward(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor):
 
 
 def gelu_derivative_formula(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The same derivative written out (for inductor, which does not trace ``autograd.grad``):
-    ``d/dx x·σ(u) = σ(u) + x·σ(u)(1-σ(u))·u'``, ``u = C(x + 0.044715x³)``, ``u' = C(1 + 3·0.044715x²)``."""
-    x = (h + b).float()
-    s = torch.sigmoid(_C * (x + 0.044715 * x * x * x))
-    d = s + x * s * (1 - s) * (_C * (1 + 3 * 0.044715 * x * x))
-    return (d * dg.float()).to(dg.dtype)
+    """The same derivative written out (gelu_fp8's, which inductor can compile: it does not trace
+    ``autograd.grad``)."""
+    return gelu_fp8.gelu_tanh_sigmoid_backward(dg, h + b)
 
 
 def reference_backward_formula(dg, h, b):
     return quantize_rows(gelu_derivative_formula(dg, h, b))
-
-
-def _triton_kernels():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _fwd(h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n
-        h = tl.load(h_ptr + row * stride + cols, mask=mask, other=0.0)
-        b = tl.load(b_ptr + cols, mask=mask, other=0.0)
-        x = (h.to(tl.float32) + b.to(tl.float32)).to(tl.bfloat16).to(tl.float32)  # Fp8Linear's bf16 bias add
-        u = C * (x + 0.044715 * x * x * x)
-        g = tl.fdiv(x, 1.0 + tl.exp(-u)).to(tl.bfloat16).to(tl.float32)  # gelu.py's bf16 output
-        amax = tl.maximum(tl.max(tl.abs(g), axis=0), 1e-12)
-        q = tl.clamp(g * (FMAX / amax), -FMAX, FMAX)
-        tl.store(q_ptr + row * stride + cols, q.to(tl.float8e4nv), mask=mask)
-        tl.store(s_ptr + row, amax / FMAX)
-
-    @triton.jit
-    def _bwd(dg_ptr, h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr,
-             BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n
-        dg = tl.load(dg_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + row * stride + cols, mask=mask, other=0.0)
-        b = tl.load(b_ptr + cols, mask=mask, other=0.0)
-        x = (h.to(tl.float32) + b.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-        s = tl.fdiv(1.0, 1.0 + tl.exp(-(C * (x + 0.044715 * x * x * x))))
-        d = s + x * s * (1.0 - s) * (C * (1.0 + 3 * 0.044715 * x * x))
-        dx = (d * dg).to(tl.bfloat16).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(dx), axis=0), 1e-12)
-        q = tl.clamp(dx * (FMAX / amax), -FMAX, FMAX)
-        tl.store(q_ptr + row * stride + cols, q.to(tl.float8e4nv), mask=mask)
-        tl.store(s_ptr + row, amax / FMAX)
-
-    return triton, _fwd, _bwd
-
-
-def triton_forward(h, b, kernels):
-    triton, fwd, _ = kernels
-    m, n = h.shape
-    q = torch.empty(m, n, device=h.device, dtype=FP8)
-    s = torch.empty(m, 1, device=h.device, dtype=torch.float32)
-    block = triton.next_power_of_2(n)
-    fwd[(m,)](h, b, q, s, n, h.stride(0), C=_C, FMAX=FP8_MAX, BLOCK=block, num_warps=16 if block >= 8192 else 8)
-    return q, s
-
-
-def triton_backward(dg, h, b, kernels):
-    triton, _, bwd = kernels
-    m, n = h.shape
-    q = torch.empty(m, n, device=h.device, dtype=FP8)
-    s = torch.empty(m, 1, device=h.device, dtype=torch.float32)
-    block = triton.next_power_of_2(n)
-    bwd[(m,)](dg, h, b, q, s, n, h.stride(0), C=_C, FMAX=FP8_MAX, BLOCK=block, num_warps=16 if block >= 8192 else 8)
-    return q, s
 
 
 def compare(name: str, got, want) -> dict:
@@ -155,12 +90,11 @@ def run(rows: int, width: int, device: torch.device, out: Path | None) -> int:
         comp_b = torch.compile(reference_backward_formula, fullgraph=True)
         checks.append(compare("inductor forward", comp_f(h, b), want_f))
         checks.append(compare("inductor backward", comp_b(dg, h, b), want_b))
-        kernels = _triton_kernels()
-        checks.append(compare("triton forward", triton_forward(h, b, kernels), want_f))
-        checks.append(compare("triton backward", triton_backward(dg, h, b, kernels), want_b))
+        checks.append(compare("triton forward", gelu_fp8.gelu_quant_rows(h, b), want_f))
+        checks.append(compare("triton backward", gelu_fp8.gelu_backward_quant_rows(dg, h, b), want_b))
         for fn, name in ((lambda: comp_f(h, b), "inductor forward"), (lambda: comp_b(dg, h, b), "inductor backward"),
-                         (lambda: triton_forward(h, b, kernels), "triton forward"),
-                         (lambda: triton_backward(dg, h, b, kernels), "triton backward")):
+                         (lambda: gelu_fp8.gelu_quant_rows(h, b), "triton forward"),
+                         (lambda: gelu_fp8.gelu_backward_quant_rows(dg, h, b), "triton backward")):
             for _ in range(3):
                 fn()
             us = device_busy_ms(fn, device, steps=10) * 1000
