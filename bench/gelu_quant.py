@@ -92,13 +92,19 @@ def run(rows: int, width: int, device: torch.device, out: Path | None) -> int:
         checks.append(compare("inductor backward", comp_b(dg, h, b), want_b))
         checks.append(compare("triton forward", gelu_fp8.gelu_quant_rows(h, b), want_f))
         checks.append(compare("triton backward", gelu_fp8.gelu_backward_quant_rows(dg, h, b), want_b))
-        for fn, name in ((lambda: comp_f(h, b), "inductor forward"), (lambda: comp_b(dg, h, b), "inductor backward"),
-                         (lambda: gelu_fp8.gelu_quant_rows(h, b), "triton forward"),
-                         (lambda: gelu_fp8.gelu_backward_quant_rows(dg, h, b), "triton backward")):
-            for _ in range(3):
-                fn()
-            us = device_busy_ms(fn, device, steps=10) * 1000
-            res["rows"].append({"form": name, "kernel_us": round(us, 1)})
+        forms = [(lambda: comp_f(h, b), "inductor forward", None), (lambda: comp_b(dg, h, b), "inductor backward", None)]
+        for warps in (4, 8, 16, 32):
+            forms += [(lambda: gelu_fp8.gelu_quant_rows(h, b), "triton forward", warps),
+                      (lambda: gelu_fp8.gelu_backward_quant_rows(dg, h, b), "triton backward", warps)]
+        for fn, name, warps in forms:
+            gelu_fp8.NUM_WARPS = warps
+            try:
+                for _ in range(3):
+                    fn()
+                us = device_busy_ms(fn, device, steps=10) * 1000
+            finally:
+                gelu_fp8.NUM_WARPS = None
+            res["rows"].append({"form": name, **({"num_warps": warps} if warps else {}), "kernel_us": round(us, 1)})
     res["checks"] = checks
     # one e4m3 step where a division's last bit differs; scales within bf16's rounding of the row maximum
     ok = all(c["max_diff_in_steps"] <= 1 and c["scale_max_rel_diff"] <= 1e-2 for c in checks)
