@@ -1015,6 +1015,14 @@ def project_step_fp8(pipe, args, work: Path, row, tflop):
 _MISSING = object()
 
 
+def _mlps_fused(transformer) -> int:
+    """How many of the transformer's MLPs run through gelu_fp8's kernels."""
+    from qwen_zero_prior.training import gelu_fp8
+
+    return sum(gelu_fp8.installed(b.img_mlp) for b in getattr(transformer, "transformer_blocks", ())
+               if hasattr(b, "img_mlp"))
+
+
 def _inductor_switch(stack: contextlib.ExitStack, overrides: dict, spec: str, key: str, setting: str,
                      value) -> bool:
     """A bench-only on/off ``key`` that sets inductor's ``setting`` to ``value`` for one variant (restored when
@@ -1251,7 +1259,7 @@ def run_variants(args, device, dtype, res) -> dict:
         fp8_text = _pop_flag(overrides, "fp8_text", False, spec)
         rope_halves = _pop_flag(overrides, "rope_halves", False, spec)  # applied once the trainer exists (below)
         rope_tables = _pop_flag(overrides, "rope_tables", False, spec)  # likewise
-        want_gelu_fused = _pop_flag(overrides, "gelu_fused", False, spec)  # likewise
+        want_gelu_fused = _pop_flag(overrides, "gelu_fused", True, spec)  # likewise
         if fp8_text:
             if not overrides.get("fp8_matmul"):
                 raise SystemExit(f"--variant {spec!r}: fp8_text=1 widens fp8_matmul's layers; add fp8_matmul=1")
@@ -1294,17 +1302,15 @@ def run_variants(args, device, dtype, res) -> dict:
 
             rope.install_tables(pipe.transformer)
             stack.callback(rope.uninstall_tables, pipe.transformer)
-        # bench-only: gelu_fused=1 routes each image-stream MLP with fp8 backward copies through gelu_fp8's custom
-        # operators (the GELU and the fp8 quantizations around it in one Triton kernel each way)
-        gelu_fused = 0
-        if want_gelu_fused:
-            if not (trainer.cfg.model.compile and trainer.cfg.model.fp8_matmul):
-                raise SystemExit(f"--variant {spec!r}: gelu_fused=1 is for the compiled fp8 blocks (compile=1 "
-                                 "fp8_matmul=1)")
-            from qwen_zero_prior.training import gelu_fp8
+        # bench-only: gelu_fused=0 takes the compiled fp8 MLPs off gelu_fp8's kernels (on by default since session
+        # 29), for this variant's steps: inductor compiles the GELU and quantizations as it did before
+        from qwen_zero_prior.training import gelu_fp8
 
-            gelu_fused = gelu_fp8.install(pipe.transformer)
-            stack.callback(gelu_fp8.uninstall, pipe.transformer)
+        gelu_fused = _mlps_fused(pipe.transformer)
+        if not want_gelu_fused and gelu_fused:
+            gelu_fp8.uninstall(pipe.transformer)
+            stack.callback(gelu_fp8.install, pipe.transformer)
+            gelu_fused = 0
         rope_form = _rope_form(pipe.transformer) if trainer.cfg.model.compile else None
         trainer.cache_all_latents()
         _mem_reset(device)
@@ -1332,7 +1338,7 @@ def run_variants(args, device, dtype, res) -> dict:
              **({"fp8_text": True} if fp8_text else {}),
              **({"pdl": True} if pdl else {}),
              **({"multi_kernel": True} if multi_kernel else {}),
-             **({"gelu_fused_blocks": gelu_fused} if gelu_fused else {}),
+             **({"gelu_fused_blocks": gelu_fused} if trainer.cfg.model.fp8_matmul else {}),
              **({"persistent_max": int(persistent_max)} if persistent_max is not None else {}),
              **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}

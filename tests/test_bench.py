@@ -966,11 +966,21 @@ def test_gelu_quant_reference_forms_agree_and_a_wrong_derivative_is_caught(tmp_p
     assert gelu_quant.main(["--rows", "32", "--width", "768", "--device", "cpu"]) == 1
 
 
-def test_gelu_fused_needs_the_compiled_fp8_blocks(tmp_path):
-    """``gelu_fused=1`` (bench-only) outside compiled fp8 blocks is refused, naming what it needs."""
-    from bench.bench_step import main
+def test_gelu_fused_off_takes_the_mlps_off_the_kernels_for_its_variant(tmp_path, monkeypatch):
+    """``gelu_fused=0`` (bench-only): where the trainer routed the fp8 MLPs through gelu_fp8 (the default), that
+    variant's steps run without it and its row says 0 blocks; the default row says how many are routed."""
+    from bench import bench_step
+    from qwen_zero_prior.training import gelu_fp8
 
-    with pytest.raises(SystemExit, match=r"gelu_fused=1 is for the compiled fp8 blocks \(compile=1 fp8_matmul=1\)"):
-        main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup",
-              "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", "fp8_matmul=1 gelu_fused=1",
-              "--out", str(tmp_path / "bad.json")])
+    routed = {"n": 3}
+    monkeypatch.setattr(bench_step, "_mlps_fused", lambda tr: routed["n"])
+    calls = []
+    monkeypatch.setattr(gelu_fp8, "uninstall", lambda tr: calls.append("uninstall") or routed.update(n=0))
+    monkeypatch.setattr(gelu_fp8, "install", lambda tr: calls.append("install") or routed.update(n=3))
+    out = tmp_path / "g.json"
+    assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+                            "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
+                            "fp8_matmul=1 gelu_fused=0", "--variant", "fp8_matmul=1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gelu_fused_blocks"] for r in rows] == [0, 3]
+    assert calls == ["uninstall", "install"]  # given back after its variant

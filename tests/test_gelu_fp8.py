@@ -1,5 +1,7 @@
 """training/gelu_fp8.py: the image-stream MLP with its GELU and fp8 quantizations as custom operators."""
 
+import copy
+
 import pytest
 import torch
 from qwen_zero_prior.training import gelu, gelu_fp8
@@ -151,3 +153,23 @@ def test_fused_mlp_compiles_as_one_graph(tiny_pipe):
         a, b = a.float(), b.float()
         assert (a - b).norm() <= 2 ** -5 * b.norm()  # e4m3 keeps 3 bits: one step is 2^-4..2^-3 of a value
         assert (a - b).abs().max() <= 2 ** -4 * b.abs().max()
+
+
+def test_compiled_fp8_training_routes_the_mlps(tiny_pipe):
+    """``accelerate_transformer`` (both backends and the ComfyUI node's engine) routes the fp8 MLPs through the
+    fused kernels under ``model.compile`` with ``model.fp8_matmul``, and not without compile."""
+    from qwen_zero_prior.training import rope
+    from qwen_zero_prior.training.config import ModelConfig
+    from qwen_zero_prior.training.diffusers_backend import accelerate_transformer
+    from qwen_zero_prior.training.fp8 import IMAGE_STREAM
+
+    for compile_ in (False, True):
+        tr = copy.deepcopy(tiny_pipe.transformer).to(torch.bfloat16)
+        add_lora(tr, rank=4, alpha=4, targets=list(ATTENTION_TARGETS), seed=0)
+        try:
+            accelerate_transformer(tr, ModelConfig(compile=compile_, fp8_matmul=True), IMAGE_STREAM,
+                                   fp8_backward_copy=True, compute_dtype=torch.bfloat16)
+        finally:
+            rope.uninstall()
+        routed = [gelu_fp8.installed(b.img_mlp) for b in tr.transformer_blocks]
+        assert routed == [compile_] * len(tr.transformer_blocks)

@@ -52,7 +52,8 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
                            compute_dtype: torch.dtype | None = None, set_attention_backend=None, rewrites=None) -> None:
     """The core's speed options of ``model:`` (``m``) on a transformer that already carries its LoRA: fp8 matmuls for
     ``fp8_modules`` (``fp8.apply_fp8_matmul``), the attention backend, regional ``torch.compile`` with the rewrites
-    that make it fuse (real-arithmetic RoPE, the cheaper GELU, a family's own ``rewrites()``). Shared by the diffusers
+    that make it fuse (real-arithmetic RoPE, the cheaper GELU, with fp8 the MLP's GELU kernels, a family's own
+    ``rewrites()``). Shared by the diffusers
     backends and the ComfyUI training node's diffusers engine (``nodes/comfy_engine.py``), so a speed feature lands
     once for both."""
     if m.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
@@ -69,6 +70,10 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
         # same numbers in real arithmetic, which inductor can fuse (see rope.py)
         rope.install(rope.QWEN_IMAGE_MODULE, rope.QWEN_IMAGE_21_MODULE)
         gelu.install(transformer)  # the same activation with cheaper arithmetic (see gelu.py)
+        if m.fp8_matmul:  # the fp8 MLPs' GELU and quantizations in one hand-written kernel each way (gelu_fp8.py)
+            from . import gelu_fp8
+
+            gelu_fp8.install(transformer)
         if rewrites is not None:
             rewrites()
         compile_blocks(transformer, fullgraph=True, **({"mode": m.compile_mode} if m.compile_mode else {}))

@@ -28,7 +28,7 @@ from .gelu import gelu_tanh_sigmoid
 
 _C = 2.0 * math.sqrt(2.0 / math.pi)
 _kernels = None
-NUM_WARPS: int | None = None  # warps a row's program gets; None: 16 for rows over 8192 wide, else 8 (the bench tries)
+NUM_WARPS: int | None = None  # warps a row's program gets; None: see _launch (the bench tries others)
 
 
 def gelu_tanh_sigmoid_backward(dg: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,9 @@ def _launch(kernel_index: int, *tensors: torch.Tensor, like: torch.Tensor):
     q = torch.empty(m, n, device=like.device, dtype=FP8)
     s = torch.empty(m, 1, device=like.device, dtype=torch.float32)
     block = next_pow2(n)
-    warps = NUM_WARPS or (16 if block >= 8192 else 8)
+    # session 29, H200, [4096, 12288]: forward 8 warps 68.9 µs (16: 72.8, 32: 73.1), backward 32 warps 93.5 µs
+    # (16: 101.2, 8: 117.8); inductor's kernels 116.3 and 154.6 (docs/benchmarks.md)
+    warps = NUM_WARPS or ((8, 32)[kernel_index] if block >= 8192 else 8)
     kernels[kernel_index][(m,)](*tensors, q, s, n, n, C=_C, FMAX=FP8_MAX, BLOCK=block, num_warps=warps)
     return q, s
 
@@ -199,11 +201,17 @@ def install(transformer) -> int:
     return n
 
 
+def installed(mlp) -> bool:
+    """Whether :func:`install` routed this MLP."""
+    return getattr(mlp.__dict__.get("forward"), "__func__", None) is _forward
+
+
 def uninstall(transformer) -> int:
+    """Give each routed MLP of ``transformer`` its own forward back; returns how many."""
     n = 0
     for block in getattr(transformer, "transformer_blocks", ()):
         mlp = getattr(block, "img_mlp", None)
-        if mlp is not None and getattr(mlp.__dict__.get("forward"), "__func__", None) is _forward:
+        if mlp is not None and installed(mlp):
             del mlp.forward
             n += 1
     return n
