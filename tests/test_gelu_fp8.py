@@ -173,3 +173,29 @@ def test_compiled_fp8_training_routes_the_mlps(tiny_pipe):
             rope.uninstall()
         routed = [gelu_fp8.installed(b.img_mlp) for b in tr.transformer_blocks]
         assert routed == [compile_] * len(tr.transformer_blocks)
+
+
+def test_operators_registered_once_and_reused_by_a_second_copy():
+    """A second copy of the package (another ComfyUI folder name) finds the operators registered and reuses them
+    instead of failing to register them twice."""
+    first = gelu_fp8._ops()
+    gelu_fp8._ops.cache_clear()  # as a fresh copy of the module would start
+    again = gelu_fp8._ops()
+    assert again[0] is torch.ops.qwen_zero_prior.gelu_quant_rows and again[1] is torch.ops.qwen_zero_prior.gelu_backward_quant_rows
+    h, b = torch.randn(16, 32).to(torch.bfloat16), torch.zeros(32).to(torch.bfloat16)
+    assert torch.equal(again[0](h, b)[0].view(torch.uint8), first[0](h, b)[0].view(torch.uint8))
+
+
+def test_a_first_forward_under_compile_finds_the_operators_registered(tiny_pipe):
+    """Training's first forward is dynamo's trace: install registers the operators before it, so a fresh process
+    whose first fused forward is compiled traces in one graph."""
+    import torch._dynamo
+
+    gelu_fp8._ops.cache_clear()
+    tr = _fp8_transformer(tiny_pipe)
+    gelu_fp8.install(tr)
+    assert gelu_fp8._ops.cache_info().currsize == 1
+    mlp = tr.transformer_blocks[0].img_mlp
+    torch._dynamo.reset()
+    x = torch.randn(1, 16, mlp.net[0].proj.in_features).to(torch.bfloat16)
+    assert torch.compile(mlp, fullgraph=True)(x).shape == x.shape[:-1] + (mlp.net[2].out_features,)

@@ -18,6 +18,7 @@ forward.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -99,32 +100,52 @@ def _launch(kernel_index: int, *tensors: torch.Tensor, like: torch.Tensor):
     return q, s
 
 
-@torch.library.custom_op("qwen_zero_prior::gelu_quant_rows", mutates_args=())
+_NAMESPACE = "qwen_zero_prior"
+
+
+@functools.cache
+def _ops():
+    """The two operators, registered on first use (a second copy of this package, e.g. under another ComfyUI folder
+    name, reuses the registered ones, whose semantics are the same; as cast_linear.py)."""
+    ns = getattr(torch.ops, _NAMESPACE) if hasattr(torch.ops, _NAMESPACE) else None
+    existing = tuple(getattr(ns, name, None) if ns is not None else None
+                     for name in ("gelu_quant_rows", "gelu_backward_quant_rows"))
+    if all(op is not None for op in existing):
+        return existing
+
+    @torch.library.custom_op(f"{_NAMESPACE}::gelu_quant_rows", mutates_args=())
+    def fwd(h: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if h.is_cuda:
+            return _launch(0, h.contiguous(), b.contiguous(), like=h)
+        return quantize_rows(gelu_tanh_sigmoid(h + b))
+
+    @fwd.register_fake
+    def _(h, b):
+        return h.new_empty(h.shape, dtype=FP8), h.new_empty((h.shape[0], 1), dtype=torch.float32)
+
+    @torch.library.custom_op(f"{_NAMESPACE}::gelu_backward_quant_rows", mutates_args=())
+    def bwd(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if dg.is_cuda:
+            return _launch(1, dg.contiguous(), h.contiguous(), b.contiguous(), like=dg)
+        return quantize_rows(gelu_tanh_sigmoid_backward(dg, h + b))
+
+    @bwd.register_fake
+    def _(dg, h, b):
+        return dg.new_empty(dg.shape, dtype=FP8), dg.new_empty((dg.shape[0], 1), dtype=torch.float32)
+
+    return fwd, bwd
+
+
 def gelu_quant_rows(h: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows(gelu_tanh_sigmoid(h + b))`` for ``h`` [M, N] and ``b`` [N] (bf16): fp8 [M, N] and float32
-    scales [M, 1]."""
-    if h.is_cuda:
-        return _launch(0, h.contiguous(), b.contiguous(), like=h)
-    return quantize_rows(gelu_tanh_sigmoid(h + b))
+    scales [M, 1]; one custom operator (a Triton kernel on CUDA)."""
+    return _ops()[0](h, b)
 
 
-@gelu_quant_rows.register_fake
-def _(h, b):
-    return h.new_empty(h.shape, dtype=FP8), h.new_empty((h.shape[0], 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("qwen_zero_prior::gelu_backward_quant_rows", mutates_args=())
 def gelu_backward_quant_rows(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of ``gelu_tanh_sigmoid(h + b)`` for an incoming ``dg`` (bf16, as autograd gives it), quantized
-    per row: fp8 [M, N] and float32 scales [M, 1]."""
-    if dg.is_cuda:
-        return _launch(1, dg.contiguous(), h.contiguous(), b.contiguous(), like=dg)
-    return quantize_rows(gelu_tanh_sigmoid_backward(dg, h + b))
-
-
-@gelu_backward_quant_rows.register_fake
-def _(dg, h, b):
-    return dg.new_empty(dg.shape, dtype=FP8), dg.new_empty((dg.shape[0], 1), dtype=torch.float32)
+    per row: fp8 [M, N] and float32 scales [M, 1]; one custom operator (a Triton kernel on CUDA)."""
+    return _ops()[1](dg, h, b)
 
 
 def _product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
@@ -192,6 +213,7 @@ def _forward(mlp, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def install(transformer) -> int:
     """Route each image-stream MLP of ``transformer``'s blocks that qualifies (see the module docstring) through
     :class:`_Fp8GeluMlp`; returns how many."""
+    _ops()  # registered here, outside any compiled region (the first forward may be dynamo's trace)
     n = 0
     for block in getattr(transformer, "transformer_blocks", ()):
         mlp = getattr(block, "img_mlp", None)
