@@ -1,4 +1,4 @@
-"""Qwen-Image's image-stream MLP with its GELU and fp8 quantizations in one hand-written kernel each way (opt-in).
+"""Qwen-Image's image-stream MLP with its GELU and fp8 quantizations in one hand-written kernel each way.
 
 With ``model.fp8_matmul`` each block's ``img_mlp`` is ``fc2(gelu(fc1(x)))``, both products in fp8
 (:mod:`.fp8`). Between them the compiled block runs one fused kernel forward (fc1's bias, the GELU, the GELU's
@@ -11,9 +11,11 @@ computed once, fast divisions (the values within one e4m3 step of the fused kern
 differ); elsewhere the reference PyTorch code, which is what :class:`~.fp8.Fp8Linear` and :mod:`.gelu` compute.
 
 :func:`install` routes an image-stream MLP through :class:`_Fp8GeluMlp` (instance attribute; :func:`uninstall`
-removes it) where both its layers are plain :class:`~.fp8.Fp8Linear` with backward copies, its activation the tanh
-GELU and its dropout a no-op; any other MLP (a LoRA on it, no backward copy, another activation) keeps its own
-forward.
+removes it) where both its layers are plain :class:`~.fp8.Fp8Linear` with backward copies computing in bf16, its
+activation the tanh GELU and its dropout a no-op; any other MLP (a LoRA on it, no backward copy, another activation)
+keeps its own forward. Training installs it with ``model.compile`` and ``model.fp8_matmul``
+(``diffusers_backend.accelerate_transformer``), where :mod:`.gelu`'s sigmoid form, which the kernels compute, is
+installed too. On an H200 at 1024² under the 78 GiB cap it took 5.2 ms off a step (session 29).
 """
 
 from __future__ import annotations
