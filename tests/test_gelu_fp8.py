@@ -116,6 +116,7 @@ def test_gelu_operators_quantize_what_the_reference_does():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the Triton kernels against the reference")
 def test_triton_kernels_match_the_reference_on_the_gpu():
     pytest.importorskip("triton")
+    from bench.gelu_quant import compare
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(256, 12288, generator=g) * 2).to("cuda", torch.bfloat16)
     b = (torch.randn(12288, generator=g) * 0.1).to("cuda", torch.bfloat16)
@@ -123,10 +124,9 @@ def test_triton_kernels_match_the_reference_on_the_gpu():
     for got, want in ((gelu_fp8.gelu_quant_rows(h, b), gelu_fp8.gelu_quant_rows(h.cpu(), b.cpu())),
                       (gelu_fp8.gelu_backward_quant_rows(dg, h, b),
                        gelu_fp8.gelu_backward_quant_rows(dg.cpu(), h.cpu(), b.cpu()))):
-        cg, cw = got[0].cpu().view(torch.uint8).int(), want[0].view(torch.uint8).int()
-        steps = torch.where((cg >> 7) == (cw >> 7), ((cg & 0x7F) - (cw & 0x7F)).abs(), (cg & 0x7F) + (cw & 0x7F))
-        assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01
-        torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-2, atol=0)
+        check = compare("triton", (got[0].cpu(), got[1].cpu()), want)
+        assert check["max_diff_in_steps"] <= 1 and check["fp8_values_differing"] < 0.01
+        assert check["scale_max_rel_diff"] <= 1e-2
 
 
 def test_fused_mlp_compiles_as_one_graph(tiny_pipe):

@@ -106,13 +106,18 @@ def _scaled_rows(a: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
     pad = (-m) % 16
     if pad:
         a = torch.nn.functional.pad(a, (0, 0, 0, pad))
-    aq, a_scale = quantize_rows(a.contiguous())
-    if _use_scaled_mm(a):  # CUDA's row-scaled kernels write bf16 only
-        out = torch._scaled_mm(aq, b_q, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16)
-    else:  # not every CPU build has row-scaled _scaled_mm: the same quantized operands, multiplied in float32
-        out = (aq.float() * a_scale) @ (b_q.float() * b_scale)
-    out = out.to(out_dtype)
+    out = scaled_product(*quantize_rows(a.contiguous()), b_q, b_scale).to(out_dtype)
     return out[:m] if pad else out
+
+
+def scaled_product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """``(aq * a_scale) @ (b_q * b_scale)`` for ``aq`` [M, K] fp8 (M a multiple of 16) with row scales [M, 1] and
+    ``b_q`` [K, N] fp8 column-major with column scales [1, N]: bf16 on CUDA (its row-scaled kernels write bf16
+    only), float32 elsewhere."""
+    if _use_scaled_mm(aq):
+        return torch._scaled_mm(aq, b_q, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16)
+    # not every CPU build has row-scaled _scaled_mm: the same quantized operands, multiplied in float32
+    return (aq.float() * a_scale) @ (b_q.float() * b_scale)
 
 
 class Fp8Linear(nn.Module):

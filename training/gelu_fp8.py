@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fp8 import FP8, FP8_MAX, Fp8Linear, quantize_rows
+from .fp8 import FP8, FP8_MAX, Fp8Linear, quantize_rows, scaled_product
 from .gelu import gelu_tanh_sigmoid
 
 _C = 2.0 * math.sqrt(2.0 / math.pi)
@@ -151,10 +151,8 @@ def gelu_backward_quant_rows(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor)
 
 
 def _product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
-    """``(aq·a_scale) @ (b_q·b_scale)`` in bf16, as :func:`.fp8._scaled_rows` computes it once ``a`` is quantized."""
-    if aq.is_cuda:
-        return torch._scaled_mm(aq, b_q, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16)
-    return ((aq.float() * a_scale) @ (b_q.float() * b_scale)).to(torch.bfloat16)
+    """:func:`.fp8.scaled_product` in bf16, as :func:`.fp8._scaled_rows` returns it for bf16 inputs."""
+    return scaled_product(aq, a_scale, b_q, b_scale).to(torch.bfloat16)
 
 
 class _Fp8GeluMlp(torch.autograd.Function):
