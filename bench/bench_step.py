@@ -1050,23 +1050,27 @@ def _positive_int(value, key: str, spec: str) -> int:
 @contextlib.contextmanager
 def _persistent_reductions_up_to(limit: int):
     """Inductor's choices, except that a row-wise ("inner") reduction up to ``limit`` wide compiles as a persistent
-    kernel (inductor's own limit: 1024). Compiles in this context skip inductor's and AOTAutograd's on-disk caches,
-    whose keys do not see a choices handler: another variant's kernels could be reused instead."""
+    kernel (inductor's own limit: 1024). The choice is patched on inductor's choices class, not set as a choices
+    handler: a handler is thread-local, and the backward graphs compile on autograd's device thread (session 30's
+    measurement through a handler moved the forward only). Compiles in this context skip inductor's and
+    AOTAutograd's on-disk caches, whose keys do not see the change: another variant's kernels could be reused."""
+    from unittest import mock
+
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor.choices import InductorChoices
-    from torch._inductor.virtualized import V
 
-    class Wider(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs) -> bool:
-            return (wider_persistent(features, cooperative_reduction, limit)
-                    or InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs))
+    own = InductorChoices.should_use_persistent_reduction
+
+    def wider(features, cooperative_reduction, *args, **kwargs) -> bool:
+        return (wider_persistent(features, cooperative_reduction, limit)
+                or own(features, cooperative_reduction, *args, **kwargs))
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(inductor_config.patch(fx_graph_cache=False))
         stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
-        stack.enter_context(V.set_choices_handler(Wider()))
+        stack.enter_context(mock.patch.object(InductorChoices, "should_use_persistent_reduction",
+                                              staticmethod(wider)))
         yield
 
 
@@ -1260,6 +1264,7 @@ def run_variants(args, device, dtype, res) -> dict:
         rope_halves = _pop_flag(overrides, "rope_halves", False, spec)  # applied once the trainer exists (below)
         rope_tables = _pop_flag(overrides, "rope_tables", False, spec)  # likewise
         want_gelu_fused = _pop_flag(overrides, "gelu_fused", True, spec)  # likewise
+        want_norm_rope = _pop_flag(overrides, "norm_rope", True, spec)  # likewise
         if fp8_text:
             if not overrides.get("fp8_matmul"):
                 raise SystemExit(f"--variant {spec!r}: fp8_text=1 widens fp8_matmul's layers; add fp8_matmul=1")
@@ -1311,6 +1316,15 @@ def run_variants(args, device, dtype, res) -> dict:
             gelu_fp8.uninstall(pipe.transformer)
             stack.callback(gelu_fp8.install, pipe.transformer)
             gelu_fused = 0
+        # bench-only: norm_rope=0 takes the compiled attention off norm_rope's operator (on by default with compile
+        # since session 30), for this variant's steps: inductor compiles the q/k norms and RoPE as it did before
+        from qwen_zero_prior.training import norm_rope
+
+        norm_rope_blocks = norm_rope.installed(pipe.transformer)
+        if not want_norm_rope and norm_rope_blocks:
+            norm_rope.uninstall(pipe.transformer)
+            stack.callback(norm_rope.install, pipe.transformer)
+            norm_rope_blocks = 0
         rope_form = _rope_form(pipe.transformer) if trainer.cfg.model.compile else None
         trainer.cache_all_latents()
         _mem_reset(device)
@@ -1339,6 +1353,7 @@ def run_variants(args, device, dtype, res) -> dict:
              **({"pdl": True} if pdl else {}),
              **({"multi_kernel": True} if multi_kernel else {}),
              **({"gelu_fused_blocks": gelu_fused} if trainer.cfg.model.fp8_matmul else {}),
+             **({"norm_rope_blocks": norm_rope_blocks} if trainer.cfg.model.compile else {}),
              **({"persistent_max": int(persistent_max)} if persistent_max is not None else {}),
              **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}

@@ -169,7 +169,9 @@ def main(argv=None) -> int:
            "max_diff_vs_real": diffs, "rows": []}
     io_bytes = 2 * 2 * (2 * args.image_tokens + 2 * args.text_tokens) * args.heads * HEAD_DIM  # bf16 in + out
     res["forward_bytes_floor_us_at_4_8_tb_s"] = round(io_bytes / 4.8e12 * 1e6, 1)
-    bad = {k: v for k, v in diffs.items() if v > 0.02}  # bf16 outputs of O(1): a different rounding, at most
+    # normed bf16 outputs below 8: another rounding order moves one by a bf16 step, 2^-5 at 4-8, at most (the GPU's
+    # halves form differed by 0.023 in session 30, where the CPU's is exact); a wrong rotation moves them by O(1)
+    bad = {k: v for k, v in diffs.items() if v > 2 ** -5}
     if bad:
         print(f"forms differ from the real RoPE: {bad}", file=sys.stderr)
         return 1

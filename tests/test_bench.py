@@ -835,8 +835,8 @@ def test_inductor_switch_refused_on_a_torch_without_the_setting(tmp_path, monkey
 
 def test_persistent_max_widens_inductors_persistent_reductions_for_its_variant_only(tmp_path, monkeypatch):
     """``persistent_max=N`` (bench-only): while its variant's trainer is built and run, inductor's choices handler
-    makes row-wise reductions up to N wide persistent and the on-disk compile caches are off (their keys do not see
-    the handler); the row says N; the next variant gets inductor's own choices and caches back."""
+    makes row-wise reductions up to N wide persistent, in any thread (the backward compiles on autograd's), and the
+    on-disk compile caches are off (their keys do not see the change); the row says N; the next variant gets inductor's own choices and caches back."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor.choices import InductorChoices
@@ -858,8 +858,15 @@ def test_persistent_max_widens_inductors_persistent_reductions_for_its_variant_o
     real = bench_step.project_trainer
 
     def spy(*args, **kwargs):
+        import threading
+
         choices = V.choices
-        seen.append((choices.should_use_persistent_reduction(Features(3072), False),
+        other_thread = []  # where autograd compiles the backward graphs: the choice must hold there too
+        t = threading.Thread(target=lambda: other_thread.append(
+            V.choices.should_use_persistent_reduction(Features(3072), False)))
+        t.start()
+        t.join()
+        seen.append((choices.should_use_persistent_reduction(Features(3072), False), *other_thread,
                      choices.should_use_persistent_reduction(Features(12288), False),
                      inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache))
         return real(*args, **kwargs)
@@ -872,7 +879,7 @@ def test_persistent_max_widens_inductors_persistent_reductions_for_its_variant_o
                             "persistent_max=4096", "--variant", "persistent_max=0", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     # 3072-wide rows persistent under the switch only; 12288 is over its limit
-    assert seen == [(True, False, False, False), (False, False, *caches)]
+    assert seen == [(True, True, False, False, False), (False, False, False, *caches)]
     assert rows[0]["persistent_max"] == 4096 and "persistent_max" not in rows[1]
     assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == caches
 
@@ -915,7 +922,7 @@ def test_persistent_max_refuses_what_is_not_a_width(value, tmp_path):
 
 @pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
                                  "real_rope", "layout_cache", "pdl", "rope_tables",
-                                 "multi_kernel", "gelu_fused"])
+                                 "multi_kernel", "gelu_fused", "norm_rope"])
 def test_bench_only_switches_refuse_garbage(key, tmp_path):
     """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
     from bench.bench_step import main
@@ -984,3 +991,31 @@ def test_gelu_fused_off_takes_the_mlps_off_the_kernels_for_its_variant(tmp_path,
     rows = json.loads(out.read_text())["rows"]
     assert [r["gelu_fused_blocks"] for r in rows] == [0, 3]
     assert calls == ["uninstall", "install"]  # given back after its variant
+
+
+def test_norm_rope_off_takes_the_attention_off_the_operator_for_its_variant(tmp_path, monkeypatch):
+    """``norm_rope=0`` (bench-only): where the trainer routed the compiled attention through norm_rope's operator
+    (the default with compile), that variant's steps run without it and its row says 0 blocks; the default row says
+    how many are routed, and the routing is given back after the variant."""
+    from bench import bench_step
+    from qwen_zero_prior.training import norm_rope
+
+    routed = {"n": 2}
+    monkeypatch.setattr(norm_rope, "installed", lambda tr: routed["n"])
+    calls = []
+    monkeypatch.setattr(norm_rope, "uninstall", lambda tr: calls.append("uninstall") or routed.update(n=0))
+    monkeypatch.setattr(norm_rope, "install", lambda tr: calls.append("install") or routed.update(n=2))
+    from qwen_zero_prior.training import rope
+
+    pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench variants SKIPPED")
+    out = tmp_path / "n.json"
+    try:
+        assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank",
+                                "4", "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
+                                "compile=1 norm_rope=0", "--variant", "compile=1", "--out", str(out)]) == 0
+    finally:
+        rope.uninstall()  # the compiled variants routed diffusers' RoPE (training/rope.py): leave it as found
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["norm_rope_blocks"] for r in rows] == [0, 2]
+    # each compiled trainer installs it; the first variant takes it off and gives it back after its steps
+    assert calls == ["install", "uninstall", "install", "install"]

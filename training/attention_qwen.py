@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from . import lora_shared
+from . import lora_shared, norm_rope
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ def _processor_class():
     from diffusers.models.transformers import transformer_qwenimage as qi
 
     class SharedQkvAttnProcessor(qi.QwenDoubleStreamAttnProcessor2_0):
+        fused_norm_rope = False  # norm_rope.install: q/k norms, RoPE and concatenation as one operator
+
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                      attention_mask=None, image_rotary_emb=None) -> tuple[torch.Tensor, torch.Tensor]:
             if encoder_hidden_states is None or attention_mask is not None:  # diffusers' own errors
@@ -56,22 +58,29 @@ def _processor_class():
             txt_query = txt_query.unflatten(-1, (-1, head_dim))
             txt_key = txt_key.unflatten(-1, (-1, head_dim))
             txt_value = txt_value.unflatten(-1, (-1, head_dim))
-            if attn.norm_q is not None:
-                img_query = attn.norm_q(img_query)
-            if attn.norm_k is not None:
-                img_key = attn.norm_k(img_key)
-            if attn.norm_added_q is not None:
-                txt_query = attn.norm_added_q(txt_query)
-            if attn.norm_added_k is not None:
-                txt_key = attn.norm_added_k(txt_key)
-            if image_rotary_emb is not None:  # looked up at call time: rope.install may have routed it
-                img_freqs, txt_freqs = image_rotary_emb
-                img_query = qi.apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
-                img_key = qi.apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
-                txt_query = qi.apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
-                txt_key = qi.apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
-            joint_query = torch.cat([txt_query, img_query], dim=1)  # diffusers' order: [text, image]
-            joint_key = torch.cat([txt_key, img_key], dim=1)
+            if (self.fused_norm_rope and image_rotary_emb is not None and img_query.dtype == torch.bfloat16
+                    and txt_query.dtype == torch.bfloat16):
+                img_freqs, txt_freqs = image_rotary_emb  # the same numbers in one kernel each way (norm_rope.py)
+                joint_query = norm_rope.joint(img_query, txt_query, attn.norm_q, attn.norm_added_q, img_freqs,
+                                              txt_freqs)
+                joint_key = norm_rope.joint(img_key, txt_key, attn.norm_k, attn.norm_added_k, img_freqs, txt_freqs)
+            else:
+                if attn.norm_q is not None:
+                    img_query = attn.norm_q(img_query)
+                if attn.norm_k is not None:
+                    img_key = attn.norm_k(img_key)
+                if attn.norm_added_q is not None:
+                    txt_query = attn.norm_added_q(txt_query)
+                if attn.norm_added_k is not None:
+                    txt_key = attn.norm_added_k(txt_key)
+                if image_rotary_emb is not None:  # looked up at call time: rope.install may have routed it
+                    img_freqs, txt_freqs = image_rotary_emb
+                    img_query = qi.apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+                    img_key = qi.apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+                    txt_query = qi.apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+                    txt_key = qi.apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+                joint_query = torch.cat([txt_query, img_query], dim=1)  # diffusers' order: [text, image]
+                joint_key = torch.cat([txt_key, img_key], dim=1)
             joint_value = torch.cat([txt_value, img_value], dim=1)
             joint = qi.dispatch_attention_fn(joint_query, joint_key, joint_value, attn_mask=attention_mask,
                                              dropout_p=0.0, is_causal=False, backend=self._attention_backend,

@@ -53,7 +53,7 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
     """The core's speed options of ``model:`` (``m``) on a transformer that already carries its LoRA: fp8 matmuls for
     ``fp8_modules`` (``fp8.apply_fp8_matmul``), the attention backend, regional ``torch.compile`` with the rewrites
     that make it fuse (real-arithmetic RoPE, the cheaper GELU, with fp8 the MLP's GELU kernels, a family's own
-    ``rewrites()``). Shared by the diffusers
+    ``rewrites()``, then Qwen-Image's q/k norms and RoPE as one operator). Shared by the diffusers
     backends and the ComfyUI training node's diffusers engine (``nodes/comfy_engine.py``), so a speed feature lands
     once for both."""
     if m.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
@@ -76,6 +76,10 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
             gelu_fp8.install(transformer)
         if rewrites is not None:
             rewrites()
+        from . import norm_rope
+
+        # after the rewrites, whose attention processors it routes: q/k norms + RoPE in one kernel each way
+        norm_rope.install(transformer)
         compile_blocks(transformer, fullgraph=True, **({"mode": m.compile_mode} if m.compile_mode else {}))
 
 
