@@ -53,7 +53,7 @@ def _triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def fwd(h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr, BLOCK: tl.constexpr):
+    def gelu_quant_fwd(h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
@@ -68,7 +68,7 @@ def _triton_kernels():
         tl.store(s_ptr + row, amax / FMAX)
 
     @triton.jit
-    def bwd(dg_ptr, h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr,
+    def gelu_quant_bwd(dg_ptr, h_ptr, b_ptr, q_ptr, s_ptr, n, stride, C: tl.constexpr, FMAX: tl.constexpr,
             BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -85,7 +85,8 @@ def _triton_kernels():
         tl.store(q_ptr + row * stride + cols, q.to(tl.float8e4nv), mask=mask)
         tl.store(s_ptr + row, amax / FMAX)
 
-    _kernels = (triton.next_power_of_2, fwd, bwd)
+    # named apart: profiler tables list Triton kernels by function name
+    _kernels = (triton.next_power_of_2, gelu_quant_fwd, gelu_quant_bwd)
     return _kernels
 
 

@@ -74,7 +74,7 @@ def _triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def fwd(x_ptr, w_ptr, f_ptr, out_ptr, S, out_S, out_offset, H, x_sb, x_ss, x_sh, o_sb, o_ss, o_sh, eps,
+    def norm_rope_fwd(x_ptr, w_ptr, f_ptr, out_ptr, S, out_S, out_offset, H, x_sb, x_ss, x_sh, o_sb, o_ss, o_sh, eps,
             D: tl.constexpr, BLOCK_H: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         b, t = pid // S, pid % S
@@ -92,7 +92,7 @@ def _triton_kernels():
         tl.store(out_ptr + b * o_sb + (out_offset + t) * o_ss + heads * o_sh + dims, out.to(tl.bfloat16), mask=mask)
 
     @triton.jit
-    def bwd(g_ptr, x_ptr, w_ptr, f_ptr, dx_ptr, S, g_offset, H, g_sb, g_ss, g_sh, x_sb, x_ss, x_sh, eps,
+    def norm_rope_bwd(g_ptr, x_ptr, w_ptr, f_ptr, dx_ptr, S, g_offset, H, g_sb, g_ss, g_sh, x_sb, x_ss, x_sh, eps,
             D: tl.constexpr, BLOCK_H: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         b, t = pid // S, pid % S
@@ -114,7 +114,8 @@ def _triton_kernels():
         dx = (through_scale + through_variance).to(tl.bfloat16)
         tl.store(dx_ptr + b * x_sb + t * x_ss + heads * x_sh + dims, dx, mask=mask)
 
-    _kernels = (triton.next_power_of_2, fwd, bwd)
+    # named apart: profiler tables list Triton kernels by function name
+    _kernels = (triton.next_power_of_2, norm_rope_fwd, norm_rope_bwd)
     return _kernels
 
 
