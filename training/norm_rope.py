@@ -15,7 +15,8 @@ are frozen (LoRA never targets them): no weight gradient.
 
 :func:`install` turns it on for the Qwen-Image attention processors of :mod:`.attention_qwen` whose four norms
 qualify (diffusers' ``RMSNorm``, frozen bf16 weight, no bias); training installs it with ``model.compile``
-(``diffusers_backend.accelerate_transformer``), as the other rewrites. :func:`uninstall` turns it off.
+(``diffusers_backend.accelerate_transformer``), as the other rewrites. :func:`uninstall` turns it off. On an H200 at
+1024² under the 78 GiB cap it took 8.9 ms off a step (277.4 against 286.3 ms, session 30).
 """
 
 from __future__ import annotations
