@@ -8,6 +8,7 @@ from qwen_zero_prior.training import gelu, gelu_fp8
 from qwen_zero_prior.training.config import ATTENTION_TARGETS, MLP_TARGETS
 from qwen_zero_prior.training.fp8 import FP8, apply_fp8_matmul, quantize_rows
 from qwen_zero_prior.training.lora import add_lora
+from transformer_step import tiny_transformer_step
 
 
 def _fp8_transformer(pipe, targets=ATTENTION_TARGETS, backward_copy=True):
@@ -21,24 +22,12 @@ def _fp8_transformer(pipe, targets=ATTENTION_TARGETS, backward_copy=True):
     return tr
 
 
-def _step(tr, g_seed=0):
-    g = torch.Generator().manual_seed(g_seed)
-    x = torch.randn(1, 16, 64, generator=g).to(torch.bfloat16)
-    ctx = torch.randn(1, 7, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
-    out = tr(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]],
-             return_dict=False)[0]
-    out.float().square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
-    tr.zero_grad(set_to_none=True)
-    return out.detach(), ctx.grad.clone(), grads
-
-
 def test_fused_mlp_gives_the_fp8_blocks_numbers(tiny_pipe):
     """Routed through the fused MLP, the transformer's output, the text input's gradient and every LoRA weight's
     gradient are the unfused fp8 path's, exactly (on the CPU the operators run the same PyTorch code); uninstall
     gives the blocks back their own forward."""
     tr = _fp8_transformer(tiny_pipe)
-    want = _step(tr)
+    want = tiny_transformer_step(tr)
     n = gelu_fp8.install(tr)
     assert n == len(tr.transformer_blocks) > 0
     calls = []
@@ -50,7 +39,7 @@ def test_fused_mlp_gives_the_fp8_blocks_numbers(tiny_pipe):
 
     try:
         gelu_fp8.gelu_quant_rows = spy  # module global the forward looks up: proves the fused path ran
-        got = _step(tr)
+        got = tiny_transformer_step(tr)
     finally:
         gelu_fp8.gelu_quant_rows = real
     assert len(calls) == n

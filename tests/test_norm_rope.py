@@ -8,6 +8,7 @@ from diffusers.models.normalization import RMSNorm
 from qwen_zero_prior.training import attention_qwen, norm_rope, rope
 from qwen_zero_prior.training.config import ATTENTION_TARGETS
 from qwen_zero_prior.training.lora import add_lora
+from transformer_step import tiny_transformer_step
 
 
 def _inputs(batch=2, s_img=6, s_txt=5, heads=3, dim=16, seed=0, device="cpu"):
@@ -89,18 +90,6 @@ def _tiny(pipe):
     return tr
 
 
-def _step(tr):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 64, generator=g).to(torch.bfloat16)
-    ctx = torch.randn(1, 7, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
-    out = tr(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]],
-             return_dict=False)[0]
-    out.float().square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
-    tr.zero_grad(set_to_none=True)
-    return out.detach(), ctx.grad.clone(), grads
-
-
 def _close(a, b, rel):
     a, b = a.float(), b.float()
     return (a - b).norm() <= rel * b.norm()
@@ -113,7 +102,7 @@ def test_processor_routed_through_the_operator_gives_the_same_step(tiny_pipe):
     tr = _tiny(tiny_pipe)
     rope.install(rope.QWEN_IMAGE_MODULE)
     try:
-        want = _step(tr)
+        want = tiny_transformer_step(tr)
         n = norm_rope.install(tr)
         assert n == len(tr.transformer_blocks) == norm_rope.installed(tr) > 0
         calls = []
@@ -125,7 +114,7 @@ def test_processor_routed_through_the_operator_gives_the_same_step(tiny_pipe):
 
         norm_rope.norm_rope_joint = spy  # the module global joint() looks up: proves the operator ran
         try:
-            got = _step(tr)
+            got = tiny_transformer_step(tr)
         finally:
             norm_rope.norm_rope_joint = real
     finally:

@@ -19,16 +19,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_NAMESPACE, _NAME = "qwen_zero_prior", "cast_linear"
+NAMESPACE = "qwen_zero_prior"  # the package's custom operators (cast_linear, gelu_fp8, norm_rope)
+_NAMESPACE, _NAME = NAMESPACE, "cast_linear"
+
+
+def registered_ops(*names: str) -> tuple | None:
+    """The package's operators ``names`` where all are registered already (by a second copy of this package, e.g.
+    under another ComfyUI folder name, whose semantics are the same: torch refuses a second registration), else
+    None: register them."""
+    ns = getattr(torch.ops, NAMESPACE) if hasattr(torch.ops, NAMESPACE) else None
+    ops = tuple(getattr(ns, name, None) if ns is not None else None for name in names)
+    return ops if all(op is not None for op in ops) else None
 
 
 @functools.cache
 def cast_linear_op():
-    """The op (registered on first use; a second copy of this package, e.g. another ComfyUI folder name, reuses the
-    registered one, whose semantics are the same)."""
-    existing = getattr(getattr(torch.ops, _NAMESPACE), _NAME, None) if hasattr(torch.ops, _NAMESPACE) else None
+    """The op (registered on first use; a second copy of this package reuses the registered one:
+    :func:`registered_ops`)."""
+    existing = registered_ops(_NAME)
     if existing is not None:
-        return existing
+        return existing[0]
 
     @torch.library.custom_op(f"{_NAMESPACE}::{_NAME}", mutates_args=())
     def cast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

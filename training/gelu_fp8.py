@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .cast_linear import NAMESPACE, registered_ops
 from .fp8 import FP8, FP8_MAX, Fp8Linear, quantize_rows, scaled_product
 from .gelu import gelu_tanh_sigmoid
 
@@ -103,20 +104,17 @@ def _launch(kernel_index: int, *tensors: torch.Tensor, like: torch.Tensor):
     return q, s
 
 
-_NAMESPACE = "qwen_zero_prior"
 
 
 @functools.cache
 def _ops():
     """The two operators, registered on first use (a second copy of this package, e.g. under another ComfyUI folder
-    name, reuses the registered ones, whose semantics are the same; as cast_linear.py)."""
-    ns = getattr(torch.ops, _NAMESPACE) if hasattr(torch.ops, _NAMESPACE) else None
-    existing = tuple(getattr(ns, name, None) if ns is not None else None
-                     for name in ("gelu_quant_rows", "gelu_backward_quant_rows"))
-    if all(op is not None for op in existing):
+    name, reuses the registered ones: ``cast_linear.registered_ops``)."""
+    existing = registered_ops("gelu_quant_rows", "gelu_backward_quant_rows")
+    if existing is not None:
         return existing
 
-    @torch.library.custom_op(f"{_NAMESPACE}::gelu_quant_rows", mutates_args=())
+    @torch.library.custom_op(f"{NAMESPACE}::gelu_quant_rows", mutates_args=())
     def fwd(h: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if h.is_cuda:
             return _launch(0, h.contiguous(), b.contiguous(), like=h)
@@ -126,7 +124,7 @@ def _ops():
     def _(h, b):
         return h.new_empty(h.shape, dtype=FP8), h.new_empty((h.shape[0], 1), dtype=torch.float32)
 
-    @torch.library.custom_op(f"{_NAMESPACE}::gelu_backward_quant_rows", mutates_args=())
+    @torch.library.custom_op(f"{NAMESPACE}::gelu_backward_quant_rows", mutates_args=())
     def bwd(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if dg.is_cuda:
             return _launch(1, dg.contiguous(), h.contiguous(), b.contiguous(), like=dg)

@@ -25,9 +25,10 @@ import functools
 
 import torch
 
+from .cast_linear import NAMESPACE, registered_ops
+
 _kernels = None
 NUM_WARPS: int | None = None  # warps a row's program gets; None: see _launch (the bench tries others)
-_NAMESPACE = "qwen_zero_prior"
 
 
 def freq_pairs(freqs: torch.Tensor) -> torch.Tensor:
@@ -159,14 +160,12 @@ def _backward_cuda(grad, img, txt, w_img, w_txt, f_img, f_txt, eps_img, eps_txt)
 @functools.cache
 def _ops():
     """The two operators, registered on first use (a second copy of this package, e.g. under another ComfyUI folder
-    name, reuses the registered ones, whose semantics are the same; as gelu_fp8.py)."""
-    ns = getattr(torch.ops, _NAMESPACE) if hasattr(torch.ops, _NAMESPACE) else None
-    existing = tuple(getattr(ns, name, None) if ns is not None else None
-                     for name in ("norm_rope_joint", "norm_rope_joint_backward"))
-    if all(op is not None for op in existing):
+    name, reuses the registered ones: ``cast_linear.registered_ops``)."""
+    existing = registered_ops("norm_rope_joint", "norm_rope_joint_backward")
+    if existing is not None:
         return existing
 
-    @torch.library.custom_op(f"{_NAMESPACE}::norm_rope_joint", mutates_args=())
+    @torch.library.custom_op(f"{NAMESPACE}::norm_rope_joint", mutates_args=())
     def fwd(img: torch.Tensor, txt: torch.Tensor, w_img: torch.Tensor, w_txt: torch.Tensor, f_img: torch.Tensor,
             f_txt: torch.Tensor, eps_img: float, eps_txt: float) -> torch.Tensor:
         if img.is_cuda:
@@ -180,7 +179,7 @@ def _ops():
         batch, s_img, heads, dim = img.shape
         return img.new_empty(batch, txt.shape[1] + s_img, heads, dim)
 
-    @torch.library.custom_op(f"{_NAMESPACE}::norm_rope_joint_backward", mutates_args=())
+    @torch.library.custom_op(f"{NAMESPACE}::norm_rope_joint_backward", mutates_args=())
     def bwd(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, w_img: torch.Tensor, w_txt: torch.Tensor,
             f_img: torch.Tensor, f_txt: torch.Tensor, eps_img: float, eps_txt: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
