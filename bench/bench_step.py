@@ -1047,50 +1047,6 @@ def _positive_int(value, key: str, spec: str) -> int:
     return int(value)
 
 
-@contextlib.contextmanager
-def _persistent_reductions_up_to(limit: int):
-    """Inductor's choices, except that a row-wise ("inner") reduction up to ``limit`` wide compiles as a persistent
-    kernel (inductor's own limit: 1024). The choice is patched on inductor's choices class, not set as a choices
-    handler: a handler is thread-local, and the backward graphs compile on autograd's device thread (session 30's
-    measurement through a handler moved the forward only). Compiles in this context skip inductor's and
-    AOTAutograd's on-disk caches, whose keys do not see the change: another variant's kernels could be reused."""
-    from unittest import mock
-
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-    from torch._inductor.choices import InductorChoices
-
-    own = InductorChoices.should_use_persistent_reduction
-
-    def wider(features, cooperative_reduction, *args, **kwargs) -> bool:
-        return (wider_persistent(features, cooperative_reduction, limit)
-                or own(features, cooperative_reduction, *args, **kwargs))
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(inductor_config.patch(fx_graph_cache=False))
-        stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
-        stack.enter_context(mock.patch.object(InductorChoices, "should_use_persistent_reduction",
-                                              staticmethod(wider)))
-        yield
-
-
-def wider_persistent(features, cooperative_reduction: bool, limit: int) -> bool:
-    """Whether a kernel with these ``features`` reduces rows (inductor's INNER hint) of a fixed width up to
-    ``limit``: what ``persistent_max`` makes persistent besides inductor's own choice."""
-    import torch._inductor.config as inductor_config
-    from torch._inductor.runtime.hints import ReductionHint
-
-    if not inductor_config.triton.persistent_reductions or cooperative_reduction:
-        return False
-    if features.get_reduction_hint() != ReductionHint.INNER:
-        return False
-    try:
-        width = int(features.reduction_numel)
-    except TypeError:  # a symbolic width (dynamic shapes): inductor's own choice
-        return False
-    return width <= limit
-
-
 def _pop_flag(overrides: dict, key: str, default: bool, spec: str) -> bool:
     """A bench-only on/off key of a ``--variant`` (popped): 1/0 (true/false, yes/no) only; anything else is
     refused rather than read as on."""
@@ -1176,7 +1132,7 @@ def run_variants(args, device, dtype, res) -> dict:
         for blk in tr.transformer_blocks:
             blk._compiled_call_impl = None
         tr.disable_gradient_checkpointing()  # an earlier variant's; the trainer turns it on where configured
-        from qwen_zero_prior.training import attention21, attention_qwen, lora_shared
+        from qwen_zero_prior.training import attention21, attention_qwen, lora_shared, reductions
 
         attention21.uninstall(tr)  # an earlier variant's 2.1 processor (compile or its attention_backend)
         attention_qwen.uninstall(tr)  # an earlier compiled variant's Qwen-Image processor
@@ -1243,15 +1199,15 @@ def run_variants(args, device, dtype, res) -> dict:
         # registers) and pick the faster at run time. Session 26 measured it alone: the norm-and-quantize kernels
         # ~55 -> 32-41 µs, but the q/k RMSNorm + RoPE kernel ~94 -> 156 µs, which rope_tables=1 changes
         multi_kernel = _inductor_switch(stack, overrides, spec, "multi_kernel", "triton.multi_kernel", 1)
-        # bench-only: persistent_max=N has inductor compile a reduction along rows ("inner") as a persistent kernel
-        # (a row in registers, one pass over memory) up to N wide instead of its 1024: Qwen-Image's norm-and-quantize
-        # kernels reduce 3072-wide rows, the MLP's GELU-and-quantize ones 12288. Unlike multi_kernel=1 it leaves
-        # the narrow reductions (the q/k RMSNorm over 128) as they are
+        # persistent_max=N: the width up to which a compiled step's row reductions are persistent kernels
+        # (training/reductions.py; default 4096, 0 leaves inductor's own 1024) for this variant's trainer, through
+        # QWEN_ZERO_PRIOR_PERSISTENT_MAX; its choice is given back when the variant ends
         persistent_max = overrides.pop("persistent_max", None)
-        if persistent_max is False:  # persistent_max=0: off, as the on/off switches' 0
-            persistent_max = None
         if persistent_max is not None:
-            stack.enter_context(_persistent_reductions_up_to(_positive_int(persistent_max, "persistent_max", spec)))
+            limit = 0 if persistent_max is False else _positive_int(persistent_max, "persistent_max", spec)
+            stack.enter_context(mock.patch.dict(os.environ, {reductions.ENV: str(limit)}))
+        if not reductions.installed():
+            stack.callback(reductions.uninstall)
         # bench-only: lora_bf16=1 stores the LoRA weights (and so their AdamW state) in bf16 instead of float32
         # master weights: what the ~950 casts a step to the compute dtype cost at most (not a training setting:
         # bf16 weights lose small updates)
@@ -1354,7 +1310,7 @@ def run_variants(args, device, dtype, res) -> dict:
              **({"multi_kernel": True} if multi_kernel else {}),
              **({"gelu_fused_blocks": gelu_fused} if trainer.cfg.model.fp8_matmul else {}),
              **({"norm_rope_blocks": norm_rope_blocks} if trainer.cfg.model.compile else {}),
-             **({"persistent_max": int(persistent_max)} if persistent_max is not None else {}),
+             **({"persistent_max": reductions.installed()} if trainer.cfg.model.compile else {}),
              **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}
         if args.trace and device.type == "cuda":

@@ -162,20 +162,30 @@ class DiffusersEngine:
     def __init__(self, dm: nn.Module, m, targets: list[str], rank: int, alpha: float,
                  init_A: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, recompute: bool,
                  offload: OffloadPlan | None = None):
-        from ..training import rope
+        from ..training import reductions, rope
 
         self.dm, self.rank, self.alpha, self.device, self.dtype = dm, rank, alpha, device, dtype
         self.offload_summary: dict | None = None
         self.prefetcher = None
         self.graphs = None  # the whole step's CUDA graphs under cudaMallocAsync (_whole_graphs)
         self._rope_was_installed = rope.installed()
+        self._reductions_were_installed = reductions.installed()
         try:
             self._build(dm, m, targets, rank, alpha, init_A, device, dtype, recompute or offload is not None,
                         offload)
         except BaseException:
-            if not self._rope_was_installed:
-                rope.uninstall()  # accelerate_transformer may have routed it before failing
+            self._restore_process_patches()  # accelerate_transformer may have installed them before failing
             raise
+
+    def _restore_process_patches(self) -> None:
+        """diffusers' module-level RoPE and inductor's persistent-reduction choice as this process had them before
+        this engine (``rope.py``, ``reductions.py``)."""
+        from ..training import reductions, rope
+
+        if not self._rope_was_installed:
+            rope.uninstall()
+        if not self._reductions_were_installed:
+            reductions.uninstall()
 
     def _build(self, dm, m, targets, rank, alpha, init_A, device, dtype, recompute, offload) -> None:
         from diffusers.training_utils import cast_training_params
@@ -322,10 +332,8 @@ class DiffusersEngine:
         return rebind(self.transformer, self.dm)
 
     def close(self) -> None:
-        from ..training import rope
-
-        if self.compiled and not self._rope_was_installed:
-            rope.uninstall()  # diffusers' module-level RoPE as this process had it
+        if self.compiled:
+            self._restore_process_patches()
         if self.graphs is not None:
             self.graphs.release()  # the captured graphs' memory, freed without a warning per tensor (graphs.py)
             self.graphs = None

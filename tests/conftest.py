@@ -129,3 +129,15 @@ def _quiet_logs():
     for name in ("diffusers", "transformers", "PIL", "matplotlib"):
         logging.getLogger(name).setLevel(logging.ERROR)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _inductor_choices_as_found():
+    """A compiled trainer installs inductor's wider persistent reductions process-wide until its backend closes
+    (training/reductions.py); a test that builds one and never closes it must not hand that to the next test."""
+    from qwen_zero_prior.training import reductions
+
+    was = reductions.installed()
+    yield
+    if not was:
+        reductions.uninstall()

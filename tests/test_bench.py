@@ -833,104 +833,32 @@ def test_inductor_switch_refused_on_a_torch_without_the_setting(tmp_path, monkey
                          "multi_kernel=1", "--out", str(tmp_path / "x.json")])
 
 
-def test_persistent_max_widens_inductors_persistent_reductions_for_its_variant_only(tmp_path, monkeypatch):
-    """``persistent_max=N`` (bench-only): while its variant's trainer is built and run, inductor's choices handler
-    makes row-wise reductions up to N wide persistent, in any thread (the backward compiles on autograd's), and the
-    on-disk compile caches are off (their keys do not see the change); the row says N; the next variant gets inductor's own choices and caches back."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
-
+def test_persistent_max_sets_the_compiled_steps_width_for_its_variant_only(tmp_path, monkeypatch):
+    """``persistent_max=N``: the width up to which its variant's compiled step makes row reductions persistent
+    (training/reductions.py, default 4096; 0 leaves inductor's own); each compiled row says the width in effect, and
+    inductor's choice is given back after each variant."""
+    pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench variants SKIPPED")
     from bench import bench_step
+    from qwen_zero_prior.training import reductions, rope
 
-    class Features:  # what inductor's heuristic reads of a kernel
-        def __init__(self, width, hint=ReductionHint.INNER):
-            self.reduction_numel, self.hint = width, hint
-
-        def get_reduction_hint(self, *args):
-            return self.hint
-
-    # inductor's own heuristic reads the graph being compiled: here, "no" for any kernel
-    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda *a, **k: False))
     seen = []
-    real = bench_step.project_trainer
-
-    def spy(*args, **kwargs):
-        import threading
-
-        choices = V.choices
-        other_thread = []  # where autograd compiles the backward graphs: the choice must hold there too
-        t = threading.Thread(target=lambda: other_thread.append(
-            V.choices.should_use_persistent_reduction(Features(3072), False)))
-        t.start()
-        t.join()
-        seen.append((choices.should_use_persistent_reduction(Features(3072), False), *other_thread,
-                     choices.should_use_persistent_reduction(Features(12288), False),
-                     inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache))
-        return real(*args, **kwargs)
-
-    caches = (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache)
-    monkeypatch.setattr(bench_step, "project_trainer", spy)
+    real = reductions.install
+    monkeypatch.setattr(reductions, "install", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     out = tmp_path / "p.json"
-    assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
-                            "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
-                            "persistent_max=4096", "--variant", "persistent_max=0", "--out", str(out)]) == 0
+    try:
+        assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank",
+                                "4", "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
+                                "compile=1 persistent_max=0", "--variant", "compile=1", "--variant", "compile=0",
+                                "--out", str(out)]) == 0
+    finally:
+        rope.uninstall()  # the compiled variants routed diffusers' RoPE (training/rope.py): leave it as found
     rows = json.loads(out.read_text())["rows"]
-    # 3072-wide rows persistent under the switch only; 12288 is over its limit
-    assert seen == [(True, True, False, False, False), (False, False, False, *caches)]
-    assert rows[0]["persistent_max"] == 4096 and "persistent_max" not in rows[1]
-    assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == caches
-
-
-def test_wider_persistent_takes_fixed_row_reductions_only(monkeypatch):
-    """What persistent_max adds: row-wise (INNER) reductions of a fixed width up to the limit, and nothing where
-    inductor's persistent reductions are off, a reduction is cooperative, along columns or of a symbolic width."""
-    import sympy
-    import torch._inductor.config as inductor_config
-    from torch._inductor.runtime.hints import ReductionHint
-
-    from bench.bench_step import wider_persistent
-
-    class Features:
-        def __init__(self, width, hint=ReductionHint.INNER):
-            self.reduction_numel, self.hint = width, hint
-
-        def get_reduction_hint(self, *args):
-            return self.hint
-
-    assert wider_persistent(Features(sympy.Integer(3072)), False, 4096)
-    assert wider_persistent(Features(4096), False, 4096)
-    assert not wider_persistent(Features(4097), False, 4096)
-    assert not wider_persistent(Features(3072), True, 4096)
-    assert not wider_persistent(Features(3072, ReductionHint.OUTER), False, 4096)
-    assert not wider_persistent(Features(sympy.Symbol("s0")), False, 4096)
-    monkeypatch.setattr(inductor_config.triton, "persistent_reductions", False)
-    assert not wider_persistent(Features(3072), False, 4096)
-
-
-@pytest.mark.parametrize("value", ["wide", "-5", "1.5"])
-def test_persistent_max_refuses_what_is_not_a_width(value, tmp_path):
-    from bench.bench_step import main
-
-    with pytest.raises(SystemExit, match=rf"persistent_max='{value}'; expected a positive whole number"):
-        main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup",
-              "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", f"persistent_max={value}",
-              "--out", str(tmp_path / "bad.json")])
-
-
-@pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
-                                 "real_rope", "layout_cache", "pdl", "rope_tables",
-                                 "multi_kernel", "gelu_fused", "norm_rope"])
-def test_bench_only_switches_refuse_garbage(key, tmp_path):
-    """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
-    from bench.bench_step import main
-
-    with pytest.raises(SystemExit, match=rf"{key}='maybe'; expected 1 or 0"):
-        main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup",
-              "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", f"fp8_matmul=1 {key}=maybe",
-              "--out", str(tmp_path / "bad.json")])
+    assert seen == [0, 4096]  # the compiled trainers' installs; the eager one installs nothing
+    assert [r.get("persistent_max") for r in rows] == [0, 4096, None]
+    assert reductions.installed() == 0
+    with pytest.raises(SystemExit, match=r"persistent_max='wide'"):
+        bench_step.main(["--size", "tiny", "--device", "cpu", "--mode", "variants", "--only-b", "--variant",
+                         "compile=1 persistent_max=wide", "--out", str(tmp_path / "x.json")])
 
 
 def test_rope_forms_agree_and_a_wrong_form_is_caught(tmp_path, monkeypatch):

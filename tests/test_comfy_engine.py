@@ -563,3 +563,22 @@ def test_offload_transformer_without_device_memory_to_plan_keeps_every_block():
     summary = offload_transformer(build_over(src, cfg, torch.float32), torch.device("cpu"), float("inf"),
                                   prefetch_gib=1.0)
     assert (summary["resident_blocks"], summary["streamed_blocks"], summary["prefetch_gib"]) == (2, 0, 0.0), summary
+
+
+def test_engine_gives_back_the_process_wide_patches_it_installed():
+    """The engine's ``close`` (and a failed build) gives back what ``accelerate_transformer`` installed process-wide,
+    diffusers' RoPE routing and inductor's wider persistent reductions, and leaves what was there before it."""
+    pytest.importorskip("torch._inductor", reason="torch without inductor: SKIPPED")
+    from qwen_zero_prior.training import reductions, rope
+
+    engine = object.__new__(_engine.DiffusersEngine)
+    try:
+        for was in (False, True):
+            engine._rope_was_installed = engine._reductions_were_installed = was
+            rope.install()
+            reductions.install()
+            engine._restore_process_patches()
+            assert (rope.installed(), reductions.installed()) == ((True, 4096) if was else (False, 0))
+    finally:
+        rope.uninstall()
+        reductions.uninstall()

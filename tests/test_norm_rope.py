@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from diffusers.models.normalization import RMSNorm
-from qwen_zero_prior.training import attention_qwen, norm_rope, rope
+from qwen_zero_prior.training import attention_qwen, norm_rope, reductions, rope
 from qwen_zero_prior.training.config import ATTENTION_TARGETS
 from qwen_zero_prior.training.lora import add_lora
 from transformer_step import tiny_transformer_step
@@ -178,6 +178,7 @@ def test_compiled_training_routes_the_attention(tiny_pipe):
                                    rewrites=lambda t=tr: attention_qwen.install(t))
         finally:
             rope.uninstall()
+            reductions.uninstall()
         assert norm_rope.installed(tr) == (len(tr.transformer_blocks) if compile_ else 0)
 
 

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from . import text_parts
+from . import reductions, text_parts
 from .backend import TrainBackend
 from .config import Config, TrainConfig
 from .data import Example, load_pixels
@@ -53,7 +53,8 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
     """The core's speed options of ``model:`` (``m``) on a transformer that already carries its LoRA: fp8 matmuls for
     ``fp8_modules`` (``fp8.apply_fp8_matmul``), the attention backend, regional ``torch.compile`` with the rewrites
     that make it fuse (real-arithmetic RoPE, the cheaper GELU, with fp8 the MLP's GELU kernels, a family's own
-    ``rewrites()``, then Qwen-Image's q/k norms and RoPE as one operator). Shared by the diffusers
+    ``rewrites()``, then Qwen-Image's q/k norms and RoPE as one operator, and inductor's wider persistent reductions,
+``reductions.py``, which the caller's ``close`` removes). Shared by the diffusers
     backends and the ComfyUI training node's diffusers engine (``nodes/comfy_engine.py``), so a speed feature lands
     once for both."""
     if m.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
@@ -80,6 +81,10 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
 
         # after the rewrites, whose attention processors it routes: q/k norms + RoPE in one kernel each way
         norm_rope.install(transformer)
+        from . import reductions
+
+        # the 3072-wide norm-and-quantize rows as persistent kernels (process-wide until the backend's close)
+        reductions.install()
         compile_blocks(transformer, fullgraph=True, **({"mode": m.compile_mode} if m.compile_mode else {}))
 
 
@@ -161,6 +166,7 @@ class DiffusersBackend(TrainBackend):
         self.offload_summary: dict | None = None
         self._prefetcher = None  # model.offload's WeightPrefetcher, where it streams anything
         self._prompt_cache: dict[str, torch.Tensor] = {}  # caption -> conditioning (token training off)
+        self._reductions_were_installed = True  # until prepare: close leaves inductor's choices alone
         vae_cfg = pipe.vae.config
         self.latents_mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1)
         self.latents_std = torch.tensor(vae_cfg.latents_std).view(1, vae_cfg.z_dim, 1, 1, 1)
@@ -208,6 +214,7 @@ class DiffusersBackend(TrainBackend):
                                                  layout=self.offload_layout)
             self._prefetcher = prefetcher_of(pipe.transformer) or prefetcher_of(pipe.text_encoder)
             self.device = pipe.transformer.device
+        self._reductions_were_installed = reductions.installed()
         accelerate_transformer(pipe.transformer, m, self.family.fp8_modules,
                                fp8_backward_copy=self._fp8_backward_copy_blocks(t) if m.fp8_matmul else 0,
                                set_attention_backend=self._set_attention_backend, rewrites=self._compile_rewrites)
@@ -366,6 +373,10 @@ class DiffusersBackend(TrainBackend):
         finally:
             self.pipe.transformer.train(was_training)
         return images
+
+    def close(self) -> None:
+        if not self._reductions_were_installed:  # inductor's choices as this process had them (reductions.py)
+            reductions.uninstall()
 
 
 __all__ = ["DiffusersBackend", "accelerate_transformer", "compile_blocks", "compute_autocast", "make_backend"]
