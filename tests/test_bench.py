@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def test_bench_main_and_capped_paths(tmp_path):
@@ -278,6 +279,24 @@ def test_isolated_run_stopped_by_sigterm_stops_its_variant_process(tmp_path):
             except ProcessLookupError:
                 pass
         parent.wait()
+
+
+def test_baseline_row_keeps_its_times_when_the_flop_counter_runs_out_of_memory(tmp_path, monkeypatch):
+    """The FLOP counter's extra pass holds more than a step: where it runs out of memory (the checkpointed baseline
+    under a 78 GiB cap did on the H200), the row keeps the timed step and says why it has no count."""
+    from bench import bench_step
+
+    def out_of_memory(fn):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 MiB")
+
+    monkeypatch.setattr(bench_step, "count_tflop", out_of_memory)
+    out = tmp_path / "b.json"
+    assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank",
+                            "4", "--warmup", "0", "--iters", "1", "--mode", "variants", "--variant",
+                            "baseline=1 gradient_checkpointing=1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ms_median"] > 0 and "error" not in row
+    assert row["tflop"] is None and row["tflop_note"] == "the FLOP counter ran out of memory"
 
 
 def test_variants_report_weights_and_plan_for_fp8_and_the_baseline(tmp_path):
