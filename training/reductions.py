@@ -6,7 +6,8 @@ reduction persistent up to 1024 wide (``InductorChoices.should_use_persistent_re
 norm-and-quantize kernels reduce 3072-wide rows (its hidden size), so they all take the looped form. Made persistent
 up to 4096, on an H200 at 1024² under the 78 GiB cap (session 30, ``docs/benchmarks.md``), those kernels went from
 ~55 to 32-39 µs and the layer norm's backward from 73 to 46 µs: the step took 273.3 ms against 277.9 in the same
-call, 6.3 ms less GPU time. Narrower reductions (the 128-wide q/k norms) keep inductor's own choice, and so do the
+call, 6.3 ms less GPU time. As the default (session 31): 267.7 against 271.6 ms, and Qwen-Image 2.1 uncapped 263.6
+against 266.6. Narrower reductions (the 128-wide q/k norms) keep inductor's own choice, and so do the
 MLP's 12288-wide rows (``gelu_fp8.py`` has its own kernel for them).
 
 How: inductor has no setting for that width, so :func:`install` wraps the method on inductor's choices *class*. A
