@@ -53,10 +53,9 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
     """The core's speed options of ``model:`` (``m``) on a transformer that already carries its LoRA: fp8 matmuls for
     ``fp8_modules`` (``fp8.apply_fp8_matmul``), the attention backend, regional ``torch.compile`` with the rewrites
     that make it fuse (real-arithmetic RoPE, the cheaper GELU, with fp8 the MLP's GELU kernels, a family's own
-    ``rewrites()``, then Qwen-Image's q/k norms and RoPE as one operator, and inductor's wider persistent reductions,
-``reductions.py``, which the caller's ``close`` removes). Shared by the diffusers
-    backends and the ComfyUI training node's diffusers engine (``nodes/comfy_engine.py``), so a speed feature lands
-    once for both."""
+    ``rewrites()``, then Qwen-Image's q/k norms and RoPE as one operator, and inductor's wider persistent
+    reductions, ``reductions.py``, which the caller's ``close`` removes). Shared by the diffusers backends and the
+    ComfyUI training node's diffusers engine (``nodes/comfy_engine.py``), so a speed feature lands once for both."""
     if m.fp8_matmul:  # after add_lora: the LoRA wraps nn.Linear, then its base layer turns fp8
         from .fp8 import apply_fp8_matmul
 
@@ -81,8 +80,6 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
 
         # after the rewrites, whose attention processors it routes: q/k norms + RoPE in one kernel each way
         norm_rope.install(transformer)
-        from . import reductions
-
         # the 3072-wide norm-and-quantize rows as persistent kernels (process-wide until the backend's close)
         reductions.install()
         compile_blocks(transformer, fullgraph=True, **({"mode": m.compile_mode} if m.compile_mode else {}))
