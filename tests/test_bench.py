@@ -875,9 +875,29 @@ def test_persistent_max_sets_the_compiled_steps_width_for_its_variant_only(tmp_p
     assert seen == [0, 4096]  # the compiled trainers' installs; the eager one installs nothing
     assert [r.get("persistent_max") for r in rows] == [0, 4096, None]
     assert reductions.installed() == 0
-    with pytest.raises(SystemExit, match=r"persistent_max='wide'"):
-        bench_step.main(["--size", "tiny", "--device", "cpu", "--mode", "variants", "--only-b", "--variant",
-                         "compile=1 persistent_max=wide", "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.parametrize("value", ["wide", "-5", "1.5"])
+def test_persistent_max_refuses_what_is_not_a_width(value, tmp_path):
+    from bench.bench_step import main
+
+    with pytest.raises(SystemExit, match=rf"persistent_max='{value}'; expected a positive whole number"):
+        main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup",
+              "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", f"persistent_max={value}",
+              "--out", str(tmp_path / "bad.json")])
+
+
+@pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
+                                 "real_rope", "layout_cache", "pdl", "rope_tables",
+                                 "multi_kernel", "gelu_fused", "norm_rope"])
+def test_bench_only_switches_refuse_garbage(key, tmp_path):
+    """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
+    from bench.bench_step import main
+
+    with pytest.raises(SystemExit, match=rf"{key}='maybe'; expected 1 or 0"):
+        main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup",
+              "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant", f"fp8_matmul=1 {key}=maybe",
+              "--out", str(tmp_path / "bad.json")])
 
 
 def test_rope_forms_agree_and_a_wrong_form_is_caught(tmp_path, monkeypatch):
