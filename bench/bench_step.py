@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -1015,6 +1016,20 @@ def project_step_fp8(pipe, args, work: Path, row, tflop):
 _MISSING = object()
 
 
+def _fast_accum_fields(transformer) -> dict:
+    """What the fp8 layers' products accumulate with, as the step ran them (``Fp8Linear.fast_accum`` forward,
+    ``fast_accum_backward``): true, false, or "mixed"."""
+    from qwen_zero_prior.training.fp8 import Fp8Linear
+
+    layers = [m for m in transformer.modules() if isinstance(m, Fp8Linear)]
+
+    def one(values: set):
+        return values.pop() if len(values) == 1 else "mixed" if values else None
+
+    return {"fp8_fast_accum": one({m.fast_accum for m in layers}),
+            "fp8_fast_accum_backward": one({m.fast_accum_backward for m in layers})}
+
+
 def _mlps_fused(transformer) -> int:
     """How many of the transformer's MLPs run through gelu_fp8's kernels."""
     from qwen_zero_prior.training import gelu_fp8
@@ -1065,8 +1080,50 @@ def _parse_variant(spec: str) -> dict:
     return out
 
 
-def device_busy_ms(fn, device, steps: int = 2, table: bool = False) -> float:
-    """Summed kernel time per call (CUDA-only profiler: little host overhead); wall minus this is idle GPU time."""
+# kernel kinds for kernel_summary, first match wins (cuBLAS' nvjet names: "qq" = both operands fp8)
+KERNEL_KINDS = (
+    ("attention", re.compile(r"sdpa|flash|fmha|cudnn")),
+    ("fp8 matmul", re.compile(r"nvjet\w*_qq|f8f8|e4m3")),
+    ("split-K reduce", re.compile(r"splitKreduce")),
+    ("matmul", re.compile(r"nvjet|gemm|cutlass|xmma|sm90_")),
+    ("norm_rope / gelu_quant", re.compile(r"^(norm_rope_|gelu_quant_)?(fwd|bwd)$")),
+    ("inductor persistent reduction", re.compile(r"^triton_per_")),
+    ("inductor looped reduction", re.compile(r"^triton_red_")),
+    ("inductor pointwise", re.compile(r"^triton_poi_")),
+    ("optimizer", re.compile(r"multi_tensor_apply|fused_adam|FusedOptimizer")),
+    ("copy / memset", re.compile(r"[Mm]emcpy|[Mm]emset|copy_kernel|CatArray")),
+    ("other aten", re.compile(r"at::|void ")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def kernel_summary(events, steps: int) -> dict:
+    """Per step: how many kernels ran and their time, by kind (:data:`KERNEL_KINDS`), and the kernels launched
+    most often. ``events``: the profiler's averages (``key``, ``self_device_time_total`` in µs, ``count``)."""
+    kinds: dict[str, dict] = {}
+    named = []
+    for e in events:
+        us, calls = e.self_device_time_total, e.count
+        if us <= 0:  # host-side ops (their device time is their kernels', listed under the kernels' own names)
+            continue
+        k = kinds.setdefault(kernel_kind(e.key), {"ms": 0.0, "calls": 0.0})
+        k["ms"] += us / 1000 / steps
+        k["calls"] += calls / steps
+        named.append((calls / steps, us / 1000 / steps, e.key))
+    by_kind = {k: {"ms": round(v["ms"], 2), "calls": round(v["calls"], 1)}
+               for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]["ms"])}
+    return {"kernels_per_step": round(sum(v["calls"] for v in kinds.values()), 1),
+            "busy_ms": round(sum(v["ms"] for v in kinds.values()), 2), "by_kind": by_kind,
+            "most_launched": [{"name": n[:120], "calls": round(c, 1), "ms": round(ms, 3), "kind": kernel_kind(n)}
+                              for c, ms, n in sorted(named, reverse=True)[:40]]}
+
+
+def device_busy_ms(fn, device, steps: int = 2, table: bool = False, summary: dict | None = None) -> float:
+    """Summed kernel time per call (CUDA-only profiler: little host overhead); wall minus this is idle GPU time.
+    ``summary``: a dict that receives :func:`kernel_summary` of the profiled calls."""
     from torch.profiler import ProfilerActivity, profile
 
     if device.type != "cuda":
@@ -1078,6 +1135,8 @@ def device_busy_ms(fn, device, steps: int = 2, table: bool = False) -> float:
     avgs = prof.key_averages()
     if table:
         print(avgs.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
+    if summary is not None:
+        summary.update(kernel_summary(avgs, steps))
     total_us = sum(e.self_device_time_total for e in avgs)
     return total_us / 1000 / steps
 
@@ -1290,7 +1349,8 @@ def run_variants(args, device, dtype, res) -> dict:
         warm_s = time.time() - t0
         ms = time_fn(trainer.train_step, device, 0, args.iters)
         steady = time_steady(trainer.train_step, device, args.iters)
-        busy = device_busy_ms(trainer.train_step, device, table=args.kernels)
+        kernels = {}
+        busy = device_busy_ms(trainer.train_step, device, table=args.kernels, summary=kernels if args.kernels else None)
         phases = phase_times(trainer, device)
         med = statistics.median(ms)
         r = {"name": f"b-variant {spec or 'defaults'}", "ms_median": round(med, 2), "ms_min": round(min(ms), 2),
@@ -1305,6 +1365,7 @@ def run_variants(args, device, dtype, res) -> dict:
                  "fp8_backward_copy_blocks": _fp8_backward_copy_blocks(pipe.transformer)}
                 if trainer.cfg.model.fp8_matmul else {}),
              **({"lora_bf16": True} if lora_bf16 else {}),
+             **(_fast_accum_fields(pipe.transformer) if trainer.cfg.model.fp8_matmul else {}),
              **({"fp8_text": True} if fp8_text else {}),
              **({"pdl": True} if pdl else {}),
              **({"multi_kernel": True} if multi_kernel else {}),
@@ -1312,7 +1373,8 @@ def run_variants(args, device, dtype, res) -> dict:
              **({"norm_rope_blocks": norm_rope_blocks} if trainer.cfg.model.compile else {}),
              **({"persistent_max": reductions.installed()} if trainer.cfg.model.compile else {}),
              **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
-             "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder))}
+             "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder)),
+             **({"kernels": kernels} if kernels else {})}
         if args.trace and device.type == "cuda":
             r["idle"] = trace_steps(trainer, device, Path(args.trace) / f"variant-{i}.json.gz")
         res["rows"].append(r)

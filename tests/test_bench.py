@@ -986,3 +986,56 @@ def test_norm_rope_off_takes_the_attention_off_the_operator_for_its_variant(tmp_
     assert [r["norm_rope_blocks"] for r in rows] == [0, 2]
     # each compiled trainer installs it; the first variant takes it off and gives it back after its steps
     assert calls == ["install", "uninstall", "install", "install"]
+
+
+def test_kernel_summary_sorts_kernels_by_kind_per_step():
+    """bench_step.kernel_summary: per-step kernel counts and times by kind from the profiler's averages; host-side
+    ops (no device time of their own) are not counted as kernels."""
+    from types import SimpleNamespace as E
+
+    from bench.bench_step import kernel_summary
+
+    events = [E(key="nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT", self_device_time_total=2000.0,
+                count=24),
+              E(key="cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma", self_device_time_total=1000.0, count=4),
+              E(key="triton_poi_fused__to_copy_3", self_device_time_total=30.0, count=10),
+              E(key="triton_poi_fused_add_7", self_device_time_total=50.0, count=6),
+              E(key="void cublasLt::splitKreduce_kernel<32, 16>", self_device_time_total=8.0, count=4),
+              E(key="aten::mm", self_device_time_total=0.0, count=100)]
+    s = kernel_summary(events, steps=2)
+    assert s["kernels_per_step"] == 24.0 and s["busy_ms"] == 1.54
+    assert list(s["by_kind"]) == ["fp8 matmul", "attention", "inductor pointwise", "split-K reduce"]
+    assert s["by_kind"]["fp8 matmul"] == {"ms": 1.0, "calls": 12.0}
+    assert s["by_kind"]["inductor pointwise"] == {"ms": 0.04, "calls": 8.0}
+    assert s["most_launched"][0]["calls"] == 12.0 and "aten::mm" not in {r["name"] for r in s["most_launched"]}
+
+
+def test_fp8_gemm_checks_its_shapes_on_the_cpu(tmp_path):
+    """bench/fp8_gemm.py without CUDA: every shape's reference agrees with fp8.py's own product, and --rows that
+    _scaled_mm cannot take is refused."""
+    from bench import fp8_gemm
+
+    out = tmp_path / "g.json"
+    assert fp8_gemm.main(["--rows", "32", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["k"] for r in rows] == [k for _, k, _ in fp8_gemm.SHAPES]
+    assert all(r["form"] == "reference" and r["max_rel_err"] < 1e-5 for r in rows)
+    with pytest.raises(SystemExit, match="multiple of 16"):
+        fp8_gemm.main(["--rows", "30", "--device", "cpu"])
+
+
+def test_fp8_fast_accum_variants_set_and_report_each_layers_accumulation(tmp_path):
+    """The model settings ``fp8_fast_accum`` / ``fp8_fast_accum_backward`` reach every fp8 layer of their variant, and
+    each row reports what the layers ran with."""
+    from bench import bench_step
+
+    out = tmp_path / "f.json"
+    base = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
+            "--iters", "1", "--mode", "variants", "--only-b"]
+    got = []
+    for spec in ("fp8_matmul=1", "fp8_matmul=1 fp8_fast_accum=0", "fp8_matmul=1 fp8_fast_accum_backward=1"):
+        # one bench each: variants in one process share the pipe, converted by the first (the GPU runs --isolate)
+        assert bench_step.main([*base, "--variant", spec, "--out", str(out)]) == 0
+        (row,) = json.loads(out.read_text())["rows"]
+        got.append((row["fp8_fast_accum"], row["fp8_fast_accum_backward"]))
+    assert got == [(True, False), (False, False), (True, True)]

@@ -164,6 +164,43 @@ def test_compiled_fp8_training_routes_the_mlps(tiny_pipe):
         assert routed == [compile_] * len(tr.transformer_blocks)
 
 
+@pytest.mark.parametrize("fast_accum,backward", [(True, False), (False, False), (True, True)])
+def test_fp8_fast_accum_settings_reach_each_product(tiny_pipe, monkeypatch, fast_accum, backward):
+    """``model.fp8_fast_accum`` (on by default) and ``fp8_fast_accum_backward`` (off by default) set every fp8
+    layer's accumulation through ``accelerate_transformer``; in the fused MLP, as in ``Fp8Linear``, both forward
+    products get the first and the two backward products the second (a stand-in ``torch._scaled_mm`` records what
+    each product was asked)."""
+    from qwen_zero_prior.training import fp8, rope
+    from qwen_zero_prior.training.config import ModelConfig
+    from qwen_zero_prior.training.diffusers_backend import accelerate_transformer
+    from qwen_zero_prior.training.fp8 import IMAGE_STREAM
+
+    assert ModelConfig().fp8_fast_accum is True and ModelConfig().fp8_fast_accum_backward is False
+    tr = copy.deepcopy(tiny_pipe.transformer).to(torch.bfloat16)
+    add_lora(tr, rank=4, alpha=4, targets=list(ATTENTION_TARGETS), seed=0)
+    try:
+        accelerate_transformer(tr, ModelConfig(compile=True, fp8_matmul=True, fp8_fast_accum=fast_accum,
+                                               fp8_fast_accum_backward=backward),
+                               IMAGE_STREAM, fp8_backward_copy=True, compute_dtype=torch.bfloat16)
+    finally:
+        rope.uninstall()
+    layers = [m for m in tr.modules() if isinstance(m, fp8.Fp8Linear)]
+    assert layers and {(m.fast_accum, m.fast_accum_backward) for m in layers} == {(fast_accum, backward)}
+    asked = []
+
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=False):
+        asked.append(use_fast_accum)
+        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+
+    monkeypatch.setattr(fp8, "_use_scaled_mm", lambda t: True)
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    mlp = tr.transformer_blocks[0].img_mlp
+    assert gelu_fp8.installed(mlp)
+    x = torch.randn(2, 8, mlp.net[0].proj.in_features, dtype=torch.bfloat16, requires_grad=True)
+    mlp(x).float().square().sum().backward()
+    assert asked == [fast_accum, fast_accum, backward, backward]
+
+
 def test_operators_registered_once_and_reused_by_a_second_copy():
     """A second copy of the package (another ComfyUI folder name) finds the operators registered and reuses them
     instead of failing to register them twice."""

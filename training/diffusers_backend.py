@@ -60,7 +60,8 @@ def accelerate_transformer(transformer, m, fp8_modules: tuple, *, fp8_backward_c
         from .fp8 import apply_fp8_matmul
 
         apply_fp8_matmul(transformer, modules=fp8_modules, backward_copy=fp8_backward_copy,
-                         compute_dtype=compute_dtype)
+                         compute_dtype=compute_dtype, fast_accum=m.fp8_fast_accum,
+                         fast_accum_backward=m.fp8_fast_accum_backward)
     if m.attention_backend:
         (set_attention_backend or transformer.set_attention_backend)(m.attention_backend)
     if m.compile:

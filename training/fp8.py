@@ -69,27 +69,29 @@ class _Fp8Matmul(torch.autograd.Function):
     the layer keeps one, from its backward copy. No gradient for the weights."""
 
     @staticmethod
-    def forward(ctx, x, w_q, w_scale, wt_q=None, wt_scale=None):
+    def forward(ctx, x, w_q, w_scale, wt_q=None, wt_scale=None, fast_accum=False, fast_accum_backward=False):
         lead, k = x.shape[:-1], x.shape[-1]
-        y = _scaled_rows(x.reshape(-1, k), w_q.t(), w_scale.view(1, -1))
+        y = _scaled_rows(x.reshape(-1, k), w_q.t(), w_scale.view(1, -1), fast_accum=fast_accum)
         ctx.save_for_backward(w_q, w_scale, wt_q, wt_scale)  # the module's buffers: nothing new kept
+        ctx.fast_accum_backward = fast_accum_backward
         return y.view(*lead, w_q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         w_q, w_scale, wt_q, wt_scale = ctx.saved_tensors
         lead, n = dy.shape[:-1], dy.shape[-1]
+        fast = ctx.fast_accum_backward
         if wt_q is not None:  # Wᵀ quantized per row (W's columns): dx = Q(dy) (Wtq diag(st)), nothing to rescale
-            dx = _scaled_rows(dy.reshape(-1, n), wt_q.t(), wt_scale.view(1, -1))
-            return dx.view(*lead, w_q.shape[1]), None, None, None, None
+            dx = _scaled_rows(dy.reshape(-1, n), wt_q.t(), wt_scale.view(1, -1), fast_accum=fast)
+            return dx.view(*lead, w_q.shape[1]), None, None, None, None, None, None
         # dy @ (diag(s) Wq) = (dy diag(s)) @ Wq: the weight's row scales move onto dy's columns (in float32, before
         # dy is quantized per row); Wq column-major for _scaled_mm: a transient transposed copy of this layer only
         a = dy.reshape(-1, n).float() * w_scale.view(1, -1)
         w_cm = w_q.t().contiguous().t()
         ones = torch.ones(1, w_q.shape[1], device=w_q.device, dtype=torch.float32)
-        dx = _scaled_rows(a, w_cm, ones, out_dtype=dy.dtype)
+        dx = _scaled_rows(a, w_cm, ones, out_dtype=dy.dtype, fast_accum=fast)
         del w_cm
-        return dx.view(*lead, w_q.shape[1]), None, None, None, None
+        return dx.view(*lead, w_q.shape[1]), None, None, None, None, None, None
 
 
 def _use_scaled_mm(t: torch.Tensor) -> bool:
@@ -97,25 +99,29 @@ def _use_scaled_mm(t: torch.Tensor) -> bool:
 
 
 def _scaled_rows(a: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, fast_accum: bool = False) -> torch.Tensor:
     """``a @ (b_q * b_scale)`` for ``b_q`` [K, N] fp8 column-major and ``b_scale`` [1, N] float32, with ``a``
     [M, K] quantized per row; rows padded to a multiple of 16 (``_scaled_mm`` asks). Returns ``out_dtype`` (default
-    ``a``'s dtype)."""
+    ``a``'s dtype). ``fast_accum``: see :func:`scaled_product`."""
     out_dtype = out_dtype or a.dtype
     m = a.shape[0]
     pad = (-m) % 16
     if pad:
         a = torch.nn.functional.pad(a, (0, 0, 0, pad))
-    out = scaled_product(*quantize_rows(a.contiguous()), b_q, b_scale).to(out_dtype)
+    out = scaled_product(*quantize_rows(a.contiguous()), b_q, b_scale, fast_accum=fast_accum).to(out_dtype)
     return out[:m] if pad else out
 
 
-def scaled_product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+def scaled_product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                   fast_accum: bool = False) -> torch.Tensor:
     """``(aq * a_scale) @ (b_q * b_scale)`` for ``aq`` [M, K] fp8 (M a multiple of 16) with row scales [M, 1] and
     ``b_q`` [K, N] fp8 column-major with column scales [1, N]: bf16 on CUDA (its row-scaled kernels write bf16
-    only), float32 elsewhere."""
+    only), float32 elsewhere. ``fast_accum``: ``_scaled_mm``'s ``use_fast_accum`` (Hopper accumulates in the
+    tensor cores' reduced precision instead of promoting the partial sums to float32 along K: 6-12 % faster at
+    Qwen-Image's shapes, about twice the accumulation error, bench/fp8_gemm.py); ignored without an fp8 kernel."""
     if _use_scaled_mm(aq):
-        return torch._scaled_mm(aq, b_q, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16)
+        return torch._scaled_mm(aq, b_q, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16,
+                                use_fast_accum=fast_accum)
     # not every CPU build has row-scaled _scaled_mm: the same quantized operands, multiplied in float32
     return (aq.float() * a_scale) @ (b_q.float() * b_scale)
 
@@ -125,11 +131,16 @@ class Fp8Linear(nn.Module):
     layer (for :func:`restore`) only when asked; training drops it to free its memory. ``backward_copy``: also keep
     ``Wᵀ`` quantized per row (``wt_q`` [in, out], scales ``wt_scale`` per input feature), which the backward's
     ``_scaled_mm`` takes as it is: no transposed copy and no rescaling of ``dy`` in each step, for one more fp8 copy
-    of the weight (the memory plan decides: :func:`backward_copy_bytes`)."""
+    of the weight (the memory plan decides: :func:`backward_copy_bytes`). ``fast_accum``: the forward product
+    with fast accumulation (:func:`scaled_product`; ``model.fp8_fast_accum``); ``fast_accum_backward`` likewise for
+    the input gradient's product (``model.fp8_fast_accum_backward``)."""
 
     def __init__(self, linear: nn.Linear, keep_original: bool = False, backward_copy: bool = False,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, fast_accum: bool = False,
+                 fast_accum_backward: bool = False):
         super().__init__()
+        self.fast_accum = bool(fast_accum)
+        self.fast_accum_backward = bool(fast_accum_backward)
         w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if w.dtype == FP8:  # already e4m3 (ComfyUI's fp8 files, computed as weight.to(bf16)): taken as it is, scale
@@ -161,12 +172,15 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
-        y = _Fp8Matmul.apply(x, self.w_q, self.w_scale, self.wt_q, self.wt_scale)
+        y = _Fp8Matmul.apply(x, self.w_q, self.w_scale, self.wt_q, self.wt_scale, self.fast_accum,
+                             self.fast_accum_backward)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         copy = ", backward copy" if self.wt_q is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 rowwise{copy}"
+        fast = {(False, False): "", (True, False): ", fast accumulation", (False, True): ", fast accumulation backward"
+                }.get((self.fast_accum, self.fast_accum_backward), ", fast accumulation forward and backward")
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 rowwise{copy}{fast}"
 
 
 def check_supported(device: torch.device) -> None:
@@ -230,13 +244,14 @@ def added_bytes(transformer: nn.Module, modules: tuple[str, ...] = IMAGE_STREAM)
 
 def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
                      modules: tuple[str, ...] = IMAGE_STREAM, backward_copy: bool | int = False,
-                     compute_dtype: torch.dtype | None = None) -> int:
+                     compute_dtype: torch.dtype | None = None, fast_accum: bool = False,
+                     fast_accum_backward: bool = False) -> int:
     """Replace the base ``Linear`` layers named ``modules`` (relative to ``transformer_blocks.<i>.``; default:
     Qwen-Image's image stream) of ``transformer_blocks`` (inside peft LoRA wrappers too) with :class:`Fp8Linear`
     (``compute_dtype``: see there). ``backward_copy``: ``True`` gives every converted layer its backward copy
     (:class:`Fp8Linear`), an int ``n`` only the layers of blocks ``0 .. n-1`` (the share the memory plan has room
-    for; whole blocks, so a compiled block takes one of two forms). Call after the LoRA is added. Returns the number
-    of layers converted."""
+    for; whole blocks, so a compiled block takes one of two forms), ``fast_accum`` / ``fast_accum_backward``
+    their products' accumulation (:class:`Fp8Linear`). Call after the LoRA is added. Returns the number of layers converted."""
     check_supported(next(transformer.parameters()).device)
     if isinstance(backward_copy, bool):
         copies = sys.maxsize if backward_copy else 0
@@ -253,9 +268,13 @@ def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
         copy = block_index(name) < copies
         with_copy += copy
         setattr(parent, attr, Fp8Linear(mod, keep_original=keep_original, backward_copy=copy,
-                                        compute_dtype=compute_dtype))
+                                        compute_dtype=compute_dtype, fast_accum=fast_accum,
+                                        fast_accum_backward=fast_accum_backward))
         del mod
-    logger.info("fp8 matmuls on %d block layers of the transformer%s", count,
+    logger.info("fp8 matmuls on %d block layers of the transformer%s%s", count,
+                {(False, False): "", (True, False): ", forward with fast accumulation",
+                 (False, True): ", backward with fast accumulation"}.get((fast_accum, fast_accum_backward),
+                                                                         ", fast accumulation"),
                 "" if not with_copy else " (with backward copies)" if with_copy == count else
                 f" ({with_copy} with backward copies: blocks 0-{copies - 1})")
     return count

@@ -149,34 +149,37 @@ def gelu_backward_quant_rows(dg: torch.Tensor, h: torch.Tensor, b: torch.Tensor)
     return _ops()[1](dg, h, b)
 
 
-def _product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+def _product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+             fast_accum: bool = False) -> torch.Tensor:
     """:func:`.fp8.scaled_product` in bf16, as :func:`.fp8._scaled_rows` returns it for bf16 inputs."""
-    return scaled_product(aq, a_scale, b_q, b_scale).to(torch.bfloat16)
+    return scaled_product(aq, a_scale, b_q, b_scale, fast_accum=fast_accum).to(torch.bfloat16)
 
 
 class _Fp8GeluMlp(torch.autograd.Function):
     """``fc2(gelu(fc1(x)))`` for two :class:`~.fp8.Fp8Linear` with backward copies: the products as
     :func:`.fp8._scaled_rows` does them, the GELU and the quantizations between them in :func:`gelu_quant_rows`
     and :func:`gelu_backward_quant_rows`. ``x`` is [M, K] with M a multiple of 16 (``_scaled_mm``); no gradient for
-    the frozen weights and biases."""
+    the frozen weights and biases. ``fast``: each layer's ``fast_accum`` (forward) and ``fast_accum_backward``, as
+    ``(fc1, fc2, fc1 backward, fc2 backward)``."""
 
     @staticmethod
-    def forward(ctx, x, w1_q, w1_s, b1, w1t_q, w1t_s, w2_q, w2_s, b2, w2t_q, w2t_s):
+    def forward(ctx, x, w1_q, w1_s, b1, w1t_q, w1t_s, w2_q, w2_s, b2, w2t_q, w2t_s, fast=(False,) * 4):
         xq, xs = quantize_rows(x)
-        h = _product(xq, xs, w1_q.t(), w1_s.view(1, -1))
+        h = _product(xq, xs, w1_q.t(), w1_s.view(1, -1), fast[0])
         gq, gs = gelu_quant_rows(h, b1)
-        y = _product(gq, gs, w2_q.t(), w2_s.view(1, -1)) + b2
+        y = _product(gq, gs, w2_q.t(), w2_s.view(1, -1), fast[1]) + b2
         ctx.save_for_backward(h, b1, w1t_q, w1t_s, w2t_q, w2t_s)
+        ctx.fast = fast
         return y
 
     @staticmethod
     def backward(ctx, dy):
         h, b1, w1t_q, w1t_s, w2t_q, w2t_s = ctx.saved_tensors
         dyq, dys = quantize_rows(dy)
-        dg = _product(dyq, dys, w2t_q.t(), w2t_s.view(1, -1))
+        dg = _product(dyq, dys, w2t_q.t(), w2t_s.view(1, -1), ctx.fast[3])
         dhq, dhs = gelu_backward_quant_rows(dg, h, b1)
-        dx = _product(dhq, dhs, w1t_q.t(), w1t_s.view(1, -1))
-        return (dx,) + (None,) * 10
+        dx = _product(dhq, dhs, w1t_q.t(), w1t_s.view(1, -1), ctx.fast[2])
+        return (dx,) + (None,) * 11
 
 
 def _fusable(mlp) -> tuple[Fp8Linear, Fp8Linear] | None:
@@ -205,7 +208,8 @@ def _forward(mlp, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
     y = _Fp8GeluMlp.apply(x, fc1.w_q, fc1.w_scale, fc1.bias, fc1.wt_q, fc1.wt_scale,
-                          fc2.w_q, fc2.w_scale, fc2.bias, fc2.wt_q, fc2.wt_scale)
+                          fc2.w_q, fc2.w_scale, fc2.bias, fc2.wt_q, fc2.wt_scale,
+                          (fc1.fast_accum, fc2.fast_accum, fc1.fast_accum_backward, fc2.fast_accum_backward))
     return (y[:m] if pad else y).view(*lead, fc2.out_features)
 
 
