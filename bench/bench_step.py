@@ -1016,6 +1016,14 @@ def project_step_fp8(pipe, args, work: Path, row, tflop):
 _MISSING = object()
 
 
+def _lora_fp32_grad() -> bool:
+    """Whether lora_shared's products ran through ``lora_product`` (float32 weight gradients straight from the
+    product where CUDA has ``mm`` with ``out_dtype``)."""
+    from qwen_zero_prior.training import lora_shared
+
+    return bool(lora_shared.FLOAT32_WEIGHT_GRADS)
+
+
 def _fast_accum_fields(transformer) -> dict:
     """What the fp8 layers' products accumulate with, as the step ran them (``Fp8Linear.fast_accum`` forward,
     ``fast_accum_backward``): true, false, or "mixed"."""
@@ -1271,6 +1279,13 @@ def run_variants(args, device, dtype, res) -> dict:
         # master weights: what the ~950 casts a step to the compute dtype cost at most (not a training setting:
         # bf16 weights lose small updates)
         lora_bf16 = _pop_flag(overrides, "lora_bf16", False, spec)
+        # bench-only: lora_fp32_grad=1 runs the compiled LoRA products through lora_shared.lora_product, whose
+        # float32 weight gradients come straight from the product on CUDA (one kernel fewer each; session 32's
+        # micro-benchmark), for this variant
+        if _pop_flag(overrides, "lora_fp32_grad", False, spec):
+            from qwen_zero_prior.training import lora_shared
+
+            stack.enter_context(mock.patch.object(lora_shared, "FLOAT32_WEIGHT_GRADS", True))
         # bench-only: fp8_text=1 also converts Qwen-Image's text-stream projections to fp8 (the family's fp8 layers
         # are the image stream's: the text stream has ~128 rows, so fp8 can only save weight reads, ~13.6 GB a
         # step in bf16, and memory), for this variant's trainer and memory plan. Session 28: no faster, and 0.2 GiB
@@ -1365,6 +1380,7 @@ def run_variants(args, device, dtype, res) -> dict:
                  "fp8_backward_copy_blocks": _fp8_backward_copy_blocks(pipe.transformer)}
                 if trainer.cfg.model.fp8_matmul else {}),
              **({"lora_bf16": True} if lora_bf16 else {}),
+             "lora_fp32_grad": _lora_fp32_grad(),
              **(_fast_accum_fields(pipe.transformer) if trainer.cfg.model.fp8_matmul else {}),
              **({"fp8_text": True} if fp8_text else {}),
              **({"pdl": True} if pdl else {}),
@@ -1594,7 +1610,8 @@ def main(argv=None) -> int:
                    'built once a forward instead of complex frequencies (the same numbers); "pdl=1": Programmatic '
                    'Dependent Launch in inductor\'s Triton kernels (Hopper+); "rope_halves=1": RoPE over each '
                    'head\'s halves instead of '
-                   'its interleaved pairs (speed only: not the model\'s numbers); "lora_bf16=1": LoRA weights '
+                   'its interleaved pairs (speed only: not the model\'s numbers); "lora_fp32_grad=1": the LoRA '
+                   'products through lora_shared.lora_product (float32 weight gradients from the product); "lora_bf16=1": LoRA weights '
                    'stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')
     p.add_argument("--device", default="auto")

@@ -18,11 +18,16 @@ def _forward(tr, hidden, embeds, mask):
               encoder_hidden_states_mask=mask, img_shapes=[[(1, h // 2, w // 2)]] * bsz, return_dict=False)[0]
 
 
+@pytest.mark.parametrize("products", [False, True], ids=["default", "lora_product"])
 @pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "padded-caption"])
-def test_shared_qkv_equals_peft_and_fuses_the_a_products(tiny_pipe, padded):
+def test_shared_qkv_equals_peft_and_fuses_the_a_products(tiny_pipe, padded, products, monkeypatch):
     """The same output, input gradients and every lora_A / lora_B gradient as diffusers' processor with peft's
-    layers, with no lora_A of the six q/k/v projections called on its own (one product per stream instead)."""
+    layers, with no lora_A of the six q/k/v projections called on its own (one product per stream instead); with
+    ``lora_shared.FLOAT32_WEIGHT_GRADS`` to_out and to_add_out take lora_shared's products too."""
+    from qwen_zero_prior.training import lora_shared
     from qwen_zero_prior.training.lora import add_lora
+
+    monkeypatch.setattr(lora_shared, "FLOAT32_WEIGHT_GRADS", products)
 
     tr = tiny_pipe.transformer
     add_lora(tr, rank=4, alpha=4, targets=ATTENTION_TARGETS, seed=0)
@@ -65,7 +70,7 @@ def test_shared_qkv_equals_peft_and_fuses_the_a_products(tiny_pipe, padded):
         unused = n.startswith(f"transformer_blocks.{len(tr.transformer_blocks) - 1}.attn.add_q_proj.")
         assert (got_grads[n].abs().sum() > 0) != unused, n
     assert set(ref_called) == QKV | {"0", "to_add_out"}  # peft: every adapter's A on its own ("0": to_out.0)
-    assert set(got_called) == {"0", "to_add_out"}  # the six q/k/v products fused
+    assert set(got_called) == (set() if products else {"0", "to_add_out"})  # the six q/k/v products fused
     assert attention_qwen.uninstall(tr) == len(tr.transformer_blocks)
     assert {type(b.attn.processor).__name__ for b in tr.transformer_blocks} == {"QwenDoubleStreamAttnProcessor2_0"}
 

@@ -1039,3 +1039,34 @@ def test_fp8_fast_accum_variants_set_and_report_each_layers_accumulation(tmp_pat
         (row,) = json.loads(out.read_text())["rows"]
         got.append((row["fp8_fast_accum"], row["fp8_fast_accum_backward"]))
     assert got == [(True, False), (False, False), (True, True)]
+
+
+def test_lora_fp32_grad_turns_the_products_on_for_its_variant_only(tmp_path):
+    """``lora_fp32_grad=1`` (bench-only) runs lora_shared's products through ``lora_product`` for its variant; the
+    row says which ran, and the next variant is back to the default."""
+    from bench import bench_step
+    from qwen_zero_prior.training import lora_shared
+
+    out = tmp_path / "l.json"
+    assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+                            "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
+                            "lora_fp32_grad=1", "--variant", "lora_fp32_grad=0", "--out", str(out)]) == 0
+    assert [r["lora_fp32_grad"] for r in json.loads(out.read_text())["rows"]] == [True, False]
+    assert lora_shared.FLOAT32_WEIGHT_GRADS is False
+
+
+def test_lora_grad_forms_agree_on_the_cpu():
+    """bench/lora_grad.py: the hand-split form is the same gradient as today's (within bf16 rounding), CUDA's
+    float32-out product is reported as unavailable off CUDA instead of failing, and an unknown form is refused."""
+    from bench import lora_grad
+
+    rows = lora_grad.run(torch.device("cpu"), reps=1)
+    by_form = {}
+    for r in rows:
+        by_form.setdefault(r["form"], []).append(r)
+    assert all(r["max_rel_err"] < 1e-2 and r["dtype"] == "float32" for f in ("bf16+cast", "split_bmm")
+               for r in by_form[f])
+    assert len(by_form["bf16+cast"]) == len(lora_grad.SHAPES)
+    assert all("error" in r or r["max_rel_err"] < 1e-5 for r in by_form["mm_fp32_out"])
+    with pytest.raises(ValueError, match="unknown form 'fp64'"):
+        lora_grad.grad("fp64", torch.ones(4, 2), torch.ones(4, 3))

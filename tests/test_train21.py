@@ -124,12 +124,16 @@ def test_trainer_puts_the_2_1_processor_on_with_an_attention_backend(tiny_pipe_2
     assert t.backend.layouts.misses == 1  # the step's transformer call is forward_t2i's, its layout built once
 
 
-def test_shared_input_lora_equals_peft_and_fuses_the_a_products(tiny_pipe_21):
+@pytest.mark.parametrize("products", [False, True], ids=["default", "lora_product"])
+def test_shared_input_lora_equals_peft_and_fuses_the_a_products(tiny_pipe_21, products, monkeypatch):
     """lora_shared: q/k/v (in attention21's processor) and gate/proj (the SwiGLU) run their LoRA A products as one
     matmul each, with peft's numbers: the same output, the same gradients for the input and every lora_A/lora_B,
-    and no lora_A module called on its own for the five fused layers of each block."""
+    and no lora_A module called on its own for the five fused layers of each block (with
+    ``lora_shared.FLOAT32_WEIGHT_GRADS``, for to_out.0 and img_mlp.out either)."""
     from qwen_zero_prior.training import attention21, lora_shared
     from qwen_zero_prior.training.lora import add_lora
+
+    monkeypatch.setattr(lora_shared, "FLOAT32_WEIGHT_GRADS", products)
 
     tr = tiny_pipe_21.transformer
     add_lora(tr, rank=4, alpha=4, targets=TARGETS_21, seed=0)
@@ -167,7 +171,8 @@ def test_shared_input_lora_equals_peft_and_fuses_the_a_products(tiny_pipe_21):
         assert got_grads[n].abs().sum() > 0, n
     n_blocks = len(tr.transformer_blocks)
     assert len(ref_called) == 7 * n_blocks  # peft: every adapter's A on its own
-    assert sorted(c.split(".", 2)[2] for c in got_called) == ["attn.to_out.0"] * n_blocks + ["img_mlp.out"] * n_blocks
+    alone = [] if products else ["attn.to_out.0"] * n_blocks + ["img_mlp.out"] * n_blocks
+    assert sorted(c.split(".", 2)[2] for c in got_called) == alone
     # uninstalled: diffusers' own forward again
     assert lora_shared.uninstall_swiglu(tr) == n_blocks and attention21.uninstall(tr) == n_blocks
     assert all("forward" not in b.img_mlp.__dict__ for b in tr.transformer_blocks)

@@ -82,7 +82,7 @@ def _processor_class():
             hidden_states = torch.cat(outputs, dim=1)
             hidden_states = hidden_states[:, :seq_len_q]
             hidden_states = hidden_states.flatten(2, 3).type_as(query)
-            hidden_states = attn.to_out[0](hidden_states)
+            (hidden_states,) = project(hidden_states, (attn.to_out[0],))
             return attn.to_out[1](hidden_states)
 
     return Segments21AttnProcessor

@@ -9,8 +9,8 @@ and six rank-r input-gradient terms. :class:`SharedQkvAttnProcessor` computes ea
 Qwen-Image 2.1's processor (``attention21.py``) does the same for its one stream; there it took 4.4 ms off an H200
 step (docs/benchmarks.md, "Session 7").
 
-The code follows diffusers 0.42's ``QwenDoubleStreamAttnProcessor2_0.__call__``; it diverges only in the two
-projections and, where ``norm_rope.install`` turned it on (``fused_norm_rope``), in computing the q/k norms, RoPE and
+The code follows diffusers 0.42's ``QwenDoubleStreamAttnProcessor2_0.__call__``; it diverges only in the
+projections (each stream's q/k/v, ``to_out`` and ``to_add_out`` through ``lora_shared.project``) and, where ``norm_rope.install`` turned it on (``fused_norm_rope``), in computing the q/k norms, RoPE and
 concatenation through one operator (``norm_rope.py``; the same numbers within bf16 rounding). Older diffusers (0.36-0.41) differ in how the joint mask is built, so there :func:`install` leaves
 diffusers' processor in place (the same step, the A products one by one). The trainer installs it with
 ``model.compile`` (as the RoPE and GELU rewrites), where the saved kernels matter.
@@ -87,10 +87,10 @@ def _processor_class():
                                              dropout_p=0.0, is_causal=False, backend=self._attention_backend,
                                              parallel_config=self._parallel_config)
             joint = joint.flatten(2, 3).to(joint_query.dtype)
-            img_out = attn.to_out[0](joint[:, seq_txt:, :].contiguous())
+            (img_out,) = lora_shared.project(joint[:, seq_txt:, :].contiguous(), (attn.to_out[0],))
             if len(attn.to_out) > 1:
                 img_out = attn.to_out[1](img_out)  # dropout
-            txt_out = attn.to_add_out(joint[:, :seq_txt, :].contiguous())
+            (txt_out,) = lora_shared.project(joint[:, :seq_txt, :].contiguous(), (attn.to_add_out,))
             return img_out, txt_out
 
     return SharedQkvAttnProcessor
