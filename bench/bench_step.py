@@ -1611,7 +1611,8 @@ def main(argv=None) -> int:
                    'Dependent Launch in inductor\'s Triton kernels (Hopper+); "rope_halves=1": RoPE over each '
                    'head\'s halves instead of '
                    'its interleaved pairs (speed only: not the model\'s numbers); "lora_fp32_grad=1": the LoRA '
-                   'products through lora_shared.lora_product (float32 weight gradients from the product); "lora_bf16=1": LoRA weights '
+                   'products through lora_shared.lora_product (float32 weight gradients from the product); '
+                   '"lora_bf16=1": LoRA weights '
                    'stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')
     p.add_argument("--device", default="auto")

@@ -10,10 +10,12 @@ Qwen-Image 2.1's processor (``attention21.py``) does the same for its one stream
 step (docs/benchmarks.md, "Session 7").
 
 The code follows diffusers 0.42's ``QwenDoubleStreamAttnProcessor2_0.__call__``; it diverges only in the
-projections (each stream's q/k/v, ``to_out`` and ``to_add_out`` through ``lora_shared.project``) and, where ``norm_rope.install`` turned it on (``fused_norm_rope``), in computing the q/k norms, RoPE and
-concatenation through one operator (``norm_rope.py``; the same numbers within bf16 rounding). Older diffusers (0.36-0.41) differ in how the joint mask is built, so there :func:`install` leaves
-diffusers' processor in place (the same step, the A products one by one). The trainer installs it with
-``model.compile`` (as the RoPE and GELU rewrites), where the saved kernels matter.
+projections (each stream's q/k/v, ``to_out`` and ``to_add_out`` through ``lora_shared.project``) and, where
+``norm_rope.install`` turned it on (``fused_norm_rope``), in computing the q/k norms, RoPE and concatenation through
+one operator (``norm_rope.py``; the same numbers within bf16 rounding). Older diffusers (0.36-0.41) differ in how
+the joint mask is built, so there :func:`install` leaves diffusers' processor in place (the same step, the A
+products one by one). The trainer installs it with ``model.compile`` (as the RoPE and GELU rewrites), where the
+saved kernels matter.
 """
 
 from __future__ import annotations

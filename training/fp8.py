@@ -251,7 +251,8 @@ def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
     (``compute_dtype``: see there). ``backward_copy``: ``True`` gives every converted layer its backward copy
     (:class:`Fp8Linear`), an int ``n`` only the layers of blocks ``0 .. n-1`` (the share the memory plan has room
     for; whole blocks, so a compiled block takes one of two forms), ``fast_accum`` / ``fast_accum_backward``
-    their products' accumulation (:class:`Fp8Linear`). Call after the LoRA is added. Returns the number of layers converted."""
+    their products' accumulation (:class:`Fp8Linear`). Call after the LoRA is added. Returns the number of layers
+    converted."""
     check_supported(next(transformer.parameters()).device)
     if isinstance(backward_copy, bool):
         copies = sys.maxsize if backward_copy else 0
