@@ -1285,6 +1285,10 @@ def run_variants(args, device, dtype, res) -> dict:
         if _pop_flag(overrides, "lora_fp32_grad", False, spec):
             from qwen_zero_prior.training import lora_shared
 
+            if not overrides.get("compile", args.compile):  # the processors that call project() come with compile
+                raise SystemExit(f"--variant {spec!r}: lora_fp32_grad=1 changes the compiled step's LoRA products; "
+                                 "add compile=1")
+
             stack.enter_context(mock.patch.object(lora_shared, "FLOAT32_WEIGHT_GRADS", True))
         # bench-only: fp8_text=1 also converts Qwen-Image's text-stream projections to fp8 (the family's fp8 layers
         # are the image stream's: the text stream has ~128 rows, so fp8 can only save weight reads, ~13.6 GB a

@@ -8,7 +8,8 @@ shapes that q/k/v as one product would have, in four forms:
 - ``rowwise``: what training runs (per-row scales for both operands, fp32 accumulation kept exact);
 - ``rowwise_fast``: the same with ``use_fast_accum=True`` (Hopper's faster accumulation; torchao's float8
   training uses it for the forward product);
-- ``tensorwise`` / ``tensorwise_fast``: one scale per operand (for comparison only).
+- ``tensorwise`` / ``tensorwise_fast``: the same fp8 operands with one scale each: the kernels' speed with
+  per-tensor scales (for comparison only; not per-tensor quantization's error).
 
 Each row reports the kernel time per product (profiler, CUDA only), its TFLOP/s and the largest difference from
 a float32 product of the same quantized operands, relative to that product's largest magnitude. On a machine

@@ -1011,15 +1011,18 @@ def test_kernel_summary_sorts_kernels_by_kind_per_step():
 
 
 def test_fp8_gemm_checks_its_shapes_on_the_cpu(tmp_path):
-    """bench/fp8_gemm.py without CUDA: every shape's reference agrees with fp8.py's own product, and --rows that
-    _scaled_mm cannot take is refused."""
+    """bench/fp8_gemm.py without CUDA: its operands are laid out as CUDA's row-scaled ``_scaled_mm`` takes them
+    (fp8 both, the first row-major, the second column-major, float32 scales [M, 1] and [1, N]), one row a shape, and
+    --rows that _scaled_mm cannot take is refused."""
     from bench import fp8_gemm
 
     out = tmp_path / "g.json"
     assert fp8_gemm.main(["--rows", "32", "--device", "cpu", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["k"] for r in rows] == [k for _, k, _ in fp8_gemm.SHAPES]
-    assert all(r["form"] == "reference" and r["max_rel_err"] < 1e-5 for r in rows)
+    assert [(r["k"], r["n"]) for r in rows] == [(k, n) for _, k, n in fp8_gemm.SHAPES]
+    aq, sa, bq, sb = fp8_gemm.operands(32, 64, 48, torch.device("cpu"))
+    assert aq.dtype == bq.dtype == torch.float8_e4m3fn and aq.stride() == (64, 1) and bq.stride() == (1, 64)
+    assert sa.shape == (32, 1) and sb.shape == (1, 48) and sa.dtype == sb.dtype == torch.float32
     with pytest.raises(SystemExit, match="multiple of 16"):
         fp8_gemm.main(["--rows", "30", "--device", "cpu"])
 
@@ -1041,18 +1044,35 @@ def test_fp8_fast_accum_variants_set_and_report_each_layers_accumulation(tmp_pat
     assert got == [(True, False), (False, False), (True, True)]
 
 
-def test_lora_fp32_grad_turns_the_products_on_for_its_variant_only(tmp_path):
-    """``lora_fp32_grad=1`` (bench-only) runs lora_shared's products through ``lora_product`` for its variant; the
-    row says which ran, and the next variant is back to the default."""
+def test_lora_fp32_grad_turns_the_products_on_for_its_variant_only(tmp_path, monkeypatch):
+    """``lora_fp32_grad=1`` (bench-only, with compile) runs lora_shared's products through ``lora_product`` for its
+    variant's compiled step (a spy counts the calls); the row says which ran, the next
+    variant is back to the default, and the switch without compile is refused."""
+    pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench variants SKIPPED")
     from bench import bench_step
-    from qwen_zero_prior.training import lora_shared
+    from qwen_zero_prior.training import lora_shared, rope
 
+    # a tensor counter: dynamo keeps its in-place add in the graph (a Python list's append would be a guard on its
+    # length, recompiling every step)
+    calls = torch.zeros(())
+    real = lora_shared.lora_product
+    monkeypatch.setattr(lora_shared, "lora_product", lambda x, w: (calls.add_(1), real(x, w))[1])
+    base = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
+            "--iters", "1", "--mode", "variants", "--only-b"]
     out = tmp_path / "l.json"
-    assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
-                            "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
-                            "lora_fp32_grad=1", "--variant", "lora_fp32_grad=0", "--out", str(out)]) == 0
-    assert [r["lora_fp32_grad"] for r in json.loads(out.read_text())["rows"]] == [True, False]
+    got = []
+    try:
+        for spec in ("compile=1 lora_fp32_grad=1", "compile=1"):
+            calls.zero_()
+            assert bench_step.main([*base, "--variant", spec, "--out", str(out)]) == 0
+            (row,) = json.loads(out.read_text())["rows"]
+            got.append((row["lora_fp32_grad"], calls.item() > 0))
+    finally:
+        rope.uninstall()
+    assert got == [(True, True), (False, False)]
     assert lora_shared.FLOAT32_WEIGHT_GRADS is False
+    with pytest.raises(SystemExit, match="lora_fp32_grad=1 changes the compiled step's LoRA products; add compile=1"):
+        bench_step.main([*base, "--variant", "lora_fp32_grad=1"])
 
 
 def test_lora_grad_forms_agree_on_the_cpu():

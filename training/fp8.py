@@ -118,7 +118,8 @@ def scaled_product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b
     ``b_q`` [K, N] fp8 column-major with column scales [1, N]: bf16 on CUDA (its row-scaled kernels write bf16
     only), float32 elsewhere. ``fast_accum``: ``_scaled_mm``'s ``use_fast_accum`` (Hopper accumulates in the
     tensor cores' reduced precision instead of promoting the partial sums to float32 along K: 6-12 % faster at
-    Qwen-Image's shapes, about twice the accumulation error, bench/fp8_gemm.py); ignored without an fp8 kernel."""
+    Qwen-Image's shapes, two to three times the error against a float32 product, bench/fp8_gemm.py); ignored
+    without an fp8 kernel."""
     if _use_scaled_mm(aq):
         return torch._scaled_mm(aq, b_q, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16,
                                 use_fast_accum=fast_accum)
@@ -275,7 +276,7 @@ def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
     logger.info("fp8 matmuls on %d block layers of the transformer%s%s", count,
                 {(False, False): "", (True, False): ", forward with fast accumulation",
                  (False, True): ", backward with fast accumulation"}.get((fast_accum, fast_accum_backward),
-                                                                         ", fast accumulation"),
+                                                                         ", forward and backward with fast accumulation"),
                 "" if not with_copy else " (with backward copies)" if with_copy == count else
                 f" ({with_copy} with backward copies: blocks 0-{copies - 1})")
     return count

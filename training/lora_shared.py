@@ -82,8 +82,9 @@ def lora_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _LoraProduct.apply(x, w, dtype)
 
 
-def _adapter(layers) -> str | None:
-    """The one active plain-LoRA adapter name all ``layers`` share, or None when they cannot be fused."""
+def _adapter(layers, products: bool = False) -> str | None:
+    """The one active plain-LoRA adapter name all ``layers`` share, or None when they cannot be fused
+    (``products``: for :func:`lora_product`, which also needs ``B`` without bias)."""
     name = None
     for layer in layers:
         lora_a = getattr(layer, "lora_A", None)
@@ -94,7 +95,7 @@ def _adapter(layers) -> str | None:
             return None
         name = active[0]
         if (name in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[name], nn.Identity)
-                or lora_a[name].bias is not None or layer.lora_B[name].bias is not None):
+                or lora_a[name].bias is not None or (products and layer.lora_B[name].bias is not None)):
             return None
     return name
 
@@ -103,7 +104,7 @@ def project(x: torch.Tensor, layers) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]``, with the LoRA ``A`` products as one matmul where the layers qualify (and,
     with :data:`FLOAT32_WEIGHT_GRADS`, every ``A`` / ``B`` product through :func:`lora_product`, one layer too)."""
     products = FLOAT32_WEIGHT_GRADS
-    name = _adapter(layers) if products or len(layers) > 1 else None
+    name = _adapter(layers, products) if products or len(layers) > 1 else None
     if name is None:
         return [layer(x) for layer in layers]
     a_weights = [layer.lora_A[name].weight for layer in layers]
