@@ -4,8 +4,8 @@ Each Qwen-Image block's LoRA (rank r, float32 weights computed in bf16) has smal
 long reduction: ``dA = dhᵀ x`` ([r, 3072] over 4096 image rows; 3r rows where q/k/v share one ``A`` product) and
 ``dB = dyᵀ h`` ([3072, r]). cuBLAS runs them as split-K kernels (the product and a reduction kernel; in the
 step's CUDA graphs a memset too), then the step casts the bf16 result to the float32 gradient: three to four
-kernels each, ~2,400 memsets and reductions a step at 1024² (docs/benchmarks.md, session 32). This times, per product (profiler kernel time and kernel count,
-CUDA only):
+kernels each, ~2,400 memsets and reductions a step at 1024² (docs/benchmarks.md, session 32). This times, per
+product (profiler kernel time and kernel count, CUDA only):
 
 - ``bf16+cast``: ``(aᵀ b).float()``, what autograd computes today;
 - ``mm_fp32_out``: ``torch.mm(aᵀ, b, out_dtype=torch.float32)`` (CUDA's ``aten::mm.dtype``): bf16 inputs, the

@@ -273,10 +273,10 @@ def apply_fp8_matmul(transformer: nn.Module, keep_original: bool = False,
                                         compute_dtype=compute_dtype, fast_accum=fast_accum,
                                         fast_accum_backward=fast_accum_backward))
         del mod
-    logger.info("fp8 matmuls on %d block layers of the transformer%s%s", count,
-                {(False, False): "", (True, False): ", forward with fast accumulation",
-                 (False, True): ", backward with fast accumulation"}.get((fast_accum, fast_accum_backward),
-                                                                         ", forward and backward with fast accumulation"),
+    fast = {(False, False): "", (True, False): ", forward with fast accumulation",
+            (False, True): ", backward with fast accumulation"}.get((fast_accum, fast_accum_backward),
+                                                                    ", forward and backward with fast accumulation")
+    logger.info("fp8 matmuls on %d block layers of the transformer%s%s", count, fast,
                 "" if not with_copy else " (with backward copies)" if with_copy == count else
                 f" ({with_copy} with backward copies: blocks 0-{copies - 1})")
     return count
