@@ -1227,7 +1227,7 @@ def run_variants(args, device, dtype, res) -> dict:
         stack = contextlib.ExitStack()
         fused_lora = _pop_flag(overrides, "fused_lora", True, spec)
         if not fused_lora:
-            stack.enter_context(mock.patch.object(lora_shared, "_adapter", lambda layers: None))
+            stack.enter_context(mock.patch.object(lora_shared, "_adapter", lambda layers, products=False: None))
         # bench-only: fp8_backward_copy=0 never keeps fp8 backward copies, =force keeps them for every block, =N for
         # the first N blocks, whatever the memory plan says (=1, the default: as it says), for this variant's
         # trainer only: whether they fit under a cap the plan's estimate rules out
