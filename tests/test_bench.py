@@ -889,7 +889,7 @@ def test_persistent_max_refuses_what_is_not_a_width(value, tmp_path):
 
 @pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
                                  "real_rope", "layout_cache", "pdl", "rope_tables",
-                                 "multi_kernel", "gelu_fused", "norm_rope"])
+                                 "multi_kernel", "gelu_fused", "norm_rope", "lora_fp32_grad"])
 def test_bench_only_switches_refuse_garbage(key, tmp_path):
     """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
     from bench.bench_step import main
