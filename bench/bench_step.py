@@ -1024,6 +1024,26 @@ def _lora_fp32_grad() -> bool:
     return bool(lora_shared.FLOAT32_WEIGHT_GRADS)
 
 
+def _lora_addmm() -> bool:
+    """Whether lora_shared's B products were added to their base outputs by addmm (``FUSED_DELTA``, the fp8 layers'
+    bias in their product: ``fp8.BIAS_IN_PRODUCT``)."""
+    from qwen_zero_prior.training import fp8, lora_shared
+
+    return bool(lora_shared.FUSED_DELTA and fp8.BIAS_IN_PRODUCT)
+
+
+def _attn_bshd(transformer) -> bool:
+    """Whether the step's attention ran through ``attention_qwen.sdpa_bshd`` (the switch on and the compiled
+    processors' backend cuDNN's)."""
+    from qwen_zero_prior.training import attention_qwen
+
+    blocks = getattr(transformer, "transformer_blocks", ())
+    procs = [getattr(getattr(b, "attn", None), "processor", None) for b in blocks]
+    return bool(attention_qwen.BSHD_CUDNN) and any(
+        type(p).__name__ == "SharedQkvAttnProcessor"
+        and attention_qwen._cudnn_backend(p._attention_backend, p._parallel_config) for p in procs)
+
+
 def _fast_accum_fields(transformer) -> dict:
     """What the fp8 layers' products accumulate with, as the step ran them (``Fp8Linear.fast_accum`` forward,
     ``fast_accum_backward``): true, false, or "mixed"."""
@@ -1290,6 +1310,28 @@ def run_variants(args, device, dtype, res) -> dict:
                                  "add compile=1")
 
             stack.enter_context(mock.patch.object(lora_shared, "FLOAT32_WEIGHT_GRADS", True))
+        # bench-only: lora_addmm=0/1 turns off/on (for this variant) adding each compiled LoRA B product into its
+        # base output inside the product (lora_shared.FUSED_DELTA, an in-place addmm; the fp8 layers' bias then in
+        # their product's epilogue, fp8.BIAS_IN_PRODUCT): on by default since session 33
+        from qwen_zero_prior.training import attention_qwen, lora_shared
+        from qwen_zero_prior.training import fp8 as fp8_module
+
+        if "lora_addmm" in overrides:
+            lora_addmm = _pop_flag(overrides, "lora_addmm", True, spec)
+            if not overrides.get("compile", args.compile):
+                raise SystemExit(f"--variant {spec!r}: lora_addmm changes the compiled step's LoRA products; "
+                                 "add compile=1")
+            stack.enter_context(mock.patch.object(lora_shared, "FUSED_DELTA", lora_addmm))
+            stack.enter_context(mock.patch.object(fp8_module, "BIAS_IN_PRODUCT", lora_addmm))
+        # bench-only: attn_bshd=0/1 turns off/on (for this variant) cuDNN attention on [B, H, S, D] views of the
+        # [B, S, H, D] q/k/v in the compiled Qwen-Image processors (attention_qwen.BSHD_CUDNN: no .contiguous()
+        # copies of q, k and the output; --attention-backend _native_cudnn only): on by default since session 33
+        if "attn_bshd" in overrides:
+            attn_bshd = _pop_flag(overrides, "attn_bshd", True, spec)
+            if not overrides.get("compile", args.compile):
+                raise SystemExit(f"--variant {spec!r}: attn_bshd changes the compiled step's attention call; "
+                                 "add compile=1")
+            stack.enter_context(mock.patch.object(attention_qwen, "BSHD_CUDNN", attn_bshd))
         # bench-only: fp8_text=1 also converts Qwen-Image's text-stream projections to fp8 (the family's fp8 layers
         # are the image stream's: the text stream has ~128 rows, so fp8 can only save weight reads, ~13.6 GB a
         # step in bf16, and memory), for this variant's trainer and memory plan. Session 28: no faster, and 0.2 GiB
@@ -1385,6 +1427,8 @@ def run_variants(args, device, dtype, res) -> dict:
                 if trainer.cfg.model.fp8_matmul else {}),
              **({"lora_bf16": True} if lora_bf16 else {}),
              "lora_fp32_grad": _lora_fp32_grad(),
+             "lora_addmm": _lora_addmm(),
+             "attn_bshd": _attn_bshd(pipe.transformer),
              **(_fast_accum_fields(pipe.transformer) if trainer.cfg.model.fp8_matmul else {}),
              **({"fp8_text": True} if fp8_text else {}),
              **({"pdl": True} if pdl else {}),
@@ -1616,6 +1660,9 @@ def main(argv=None) -> int:
                    'head\'s halves instead of '
                    'its interleaved pairs (speed only: not the model\'s numbers); "lora_fp32_grad=1": the LoRA '
                    'products through lora_shared.lora_product (float32 weight gradients from the product); '
+                   '"lora_addmm=0": each LoRA B product added to its base output after the product, the fp8 '
+                   'bias after its product (session 32\'s step; on by default); "attn_bshd=0": cuDNN attention on '
+                   'contiguous [B, H, S, D] copies, as diffusers (on by default); '
                    '"lora_bf16=1": LoRA weights '
                    'stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')

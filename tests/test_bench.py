@@ -889,7 +889,8 @@ def test_persistent_max_refuses_what_is_not_a_width(value, tmp_path):
 
 @pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
                                  "real_rope", "layout_cache", "pdl", "rope_tables",
-                                 "multi_kernel", "gelu_fused", "norm_rope", "lora_fp32_grad"])
+                                 "multi_kernel", "gelu_fused", "norm_rope", "lora_fp32_grad", "lora_addmm",
+                                 "attn_bshd"])
 def test_bench_only_switches_refuse_garbage(key, tmp_path):
     """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
     from bench.bench_step import main
@@ -1073,6 +1074,37 @@ def test_lora_fp32_grad_turns_the_products_on_for_its_variant_only(tmp_path, mon
     assert lora_shared.FLOAT32_WEIGHT_GRADS is False
     with pytest.raises(SystemExit, match="lora_fp32_grad=1 changes the compiled step's LoRA products; add compile=1"):
         bench_step.main([*base, "--variant", "lora_fp32_grad=1"])
+
+
+def test_lora_addmm_turns_the_fused_delta_off_for_its_variant_only(tmp_path, monkeypatch):
+    """The compiled step adds its LoRA B products into their base outputs through ``lora_delta`` by default (a
+    tensor counter spies on it); ``lora_addmm=0`` (bench-only, with compile) turns that off for its variant only,
+    the row says which ran, and the switch without compile is refused, as ``attn_bshd``'s."""
+    pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench variants SKIPPED")
+    from bench import bench_step
+    from qwen_zero_prior.training import fp8, lora_shared, rope
+
+    calls = torch.zeros(())
+    real = lora_shared.lora_delta
+    monkeypatch.setattr(lora_shared, "lora_delta", lambda r, h, w, s: (calls.add_(1), real(r, h, w, s))[1])
+    base = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
+            "--iters", "1", "--mode", "variants", "--only-b"]
+    out = tmp_path / "a.json"
+    got = []
+    try:
+        for spec in ("compile=1 lora_addmm=0", "compile=1"):
+            calls.zero_()
+            assert bench_step.main([*base, "--variant", spec, "--out", str(out)]) == 0
+            (row,) = json.loads(out.read_text())["rows"]
+            got.append((row["lora_addmm"], calls.item() > 0))
+    finally:
+        rope.uninstall()
+    assert got == [(False, False), (True, True)]
+    assert lora_shared.FUSED_DELTA is True and fp8.BIAS_IN_PRODUCT is True
+    with pytest.raises(SystemExit, match="lora_addmm changes the compiled step's LoRA products; add compile=1"):
+        bench_step.main([*base, "--variant", "lora_addmm=0"])
+    with pytest.raises(SystemExit, match="attn_bshd changes the compiled step's attention call; add compile=1"):
+        bench_step.main([*base, "--variant", "attn_bshd=0"])
 
 
 def test_lora_grad_forms_agree_on_the_cpu():

@@ -167,6 +167,73 @@ def test_fp8_backward_hands_scaled_mm_what_cuda_accepts(monkeypatch, backward_co
     assert calls[2:] == [(48, 64, 48, fast_accum), (48, 48, 64, True)]
 
 
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float16])
+def test_fp8_bias_in_the_products_epilogue(monkeypatch, bias_dtype):
+    """With ``fp8.BIAS_IN_PRODUCT`` a bf16 bias goes to ``_scaled_mm`` (a stand-in here, which adds it in float32
+    before the bf16 rounding, as cuBLAS's epilogue does) and the layer adds nothing after the product: the output is
+    the unfused one within bf16 rounding and the input gradient the same. Another bias dtype (fp16: cuBLAS's bf16
+    results take a bf16 bias only) is added after the product, as without the switch."""
+    from qwen_zero_prior.training import fp8
+
+    asked = []
+
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=False, bias=None):
+        asked.append(None if bias is None else bias.dtype)
+        out = (a.float() * scale_a) @ (b.float() * scale_b)
+        return (out if bias is None else out + bias.float()).to(out_dtype)
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(bias_dtype)
+    f = Fp8Linear(lin, backward_copy=True)
+    assert f.bias.dtype == bias_dtype
+    x = torch.randn(3, 16, 64, dtype=bias_dtype)
+    dy = torch.randn(3, 16, 48, dtype=bias_dtype)
+    monkeypatch.setattr(fp8, "_use_scaled_mm", lambda t: True)
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(fp8, "BIAS_IN_PRODUCT", fused)
+        xi = x.clone().requires_grad_(True)
+        y = f(xi)
+        y.backward(dy)
+        runs.append((y.detach().float(), xi.grad))
+    (y0, g0), (y1, g1) = runs
+    fused_bias = bias_dtype == torch.bfloat16
+    assert asked == [None, None, bias_dtype if fused_bias else None, None]  # forward, backward; off, then on
+    assert torch.equal(g0, g1)
+    assert (y1 - y0).abs().max() <= 2 ** -7 * y0.abs().max()
+    assert torch.equal(y0, y1) != fused_bias  # one rounding instead of two where the kernel adds it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: fp8 kernels")
+def test_fp8_bias_in_the_product_on_the_gpu():
+    """On an fp8 GPU cuBLAS's row-scaled kernel takes the bf16 bias (``fp8.BIAS_IN_PRODUCT``): the output within
+    bf16 rounding of the product plus the bias added after it, the input gradient unchanged."""
+    from qwen_zero_prior.training import fp8
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs fp8 tensor cores (compute capability 8.9+)")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3072, 3072).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        lin.bias.normal_()
+    x = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)
+    f = fp8.Fp8Linear(lin, backward_copy=True)
+    out = []
+    for fused in (False, True):
+        fp8.BIAS_IN_PRODUCT = fused
+        try:
+            xi = x.clone().requires_grad_(True)
+            y = f(xi)
+            y.backward(dy)
+        finally:
+            fp8.BIAS_IN_PRODUCT = False
+        out.append((y.detach().float(), xi.grad))
+    (y0, g0), (y1, g1) = out
+    assert (y1 - y0).abs().max() <= 2 ** -6 * y0.abs().max() and torch.equal(g0, g1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: fp8 kernels")
 def test_fp8_fast_accumulation_reaches_the_gpu_kernel_within_its_error():
     """On an fp8 GPU the forward with fast accumulation differs from float32 accumulation (the flag reached the

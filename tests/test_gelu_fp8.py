@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from qwen_zero_prior.training import gelu, gelu_fp8
+from qwen_zero_prior.training import fp8, gelu, gelu_fp8
 from qwen_zero_prior.training.config import ATTENTION_TARGETS, MLP_TARGETS
 from qwen_zero_prior.training.fp8 import FP8, apply_fp8_matmul, quantize_rows
 from qwen_zero_prior.training.lora import add_lora
@@ -22,10 +22,13 @@ def _fp8_transformer(pipe, targets=ATTENTION_TARGETS, backward_copy=True):
     return tr
 
 
-def test_fused_mlp_gives_the_fp8_blocks_numbers(tiny_pipe):
+def test_fused_mlp_gives_the_fp8_blocks_numbers(tiny_pipe, monkeypatch):
     """Routed through the fused MLP, the transformer's output, the text input's gradient and every LoRA weight's
-    gradient are the unfused fp8 path's, exactly (on the CPU the operators run the same PyTorch code); uninstall
-    gives the blocks back their own forward."""
+    gradient are the unfused fp8 path's, exactly (on the CPU the operators run the same PyTorch code), where that
+    path adds the layers' bias after their product, as the fused MLP does (``fp8.BIAS_IN_PRODUCT`` off: on, the
+    bias is added before the product's bf16 rounding, one rounding apart); uninstall gives the blocks back their
+    own forward."""
+    monkeypatch.setattr(fp8, "BIAS_IN_PRODUCT", False)
     tr = _fp8_transformer(tiny_pipe)
     want = tiny_transformer_step(tr)
     n = gelu_fp8.install(tr)
@@ -51,9 +54,10 @@ def test_fused_mlp_gives_the_fp8_blocks_numbers(tiny_pipe):
     assert all("forward" not in b.img_mlp.__dict__ for b in tr.transformer_blocks)
 
 
-def test_fused_mlp_pads_rows_to_sixteen_and_crops_them(tiny_pipe):
+def test_fused_mlp_pads_rows_to_sixteen_and_crops_them(tiny_pipe, monkeypatch):
     """An MLP input whose row count is not a multiple of 16 (``_scaled_mm``'s rule) gives the unfused numbers for
-    its own rows, and its gradient has its shape."""
+    its own rows (the bias added after the product there too), and its gradient has its shape."""
+    monkeypatch.setattr(fp8, "BIAS_IN_PRODUCT", False)
     tr = _fp8_transformer(tiny_pipe)
     mlp = tr.transformer_blocks[0].img_mlp
     x = torch.randn(1, 13, mlp.net[0].proj.in_features).to(torch.bfloat16).requires_grad_(True)

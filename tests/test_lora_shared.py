@@ -98,7 +98,8 @@ def test_weight_gradient_in_float32_on_the_gpu_compiled(mode):
 
     compiled = torch.compile(step, fullgraph=True, mode=mode)
     for _ in range(3 if mode else 1):  # CUDA graphs: recorded, then replayed
-        w.grad = None
+        torch.compiler.cudagraph_mark_step_begin()  # each iteration a new step (its outputs may be overwritten)
+        w.grad = x.grad = None
         y = compiled(x, w)
         y.backward(dy)
     exact = dy.float().t() @ x.detach().float()
@@ -106,3 +107,131 @@ def test_weight_gradient_in_float32_on_the_gpu_compiled(mode):
     assert w.grad.dtype == torch.float32 and (w.grad - exact).abs().max() <= 1e-5 * scale
     rounded = (dy.t() @ x.detach()).float()
     assert (rounded - exact).abs().max() > 1e-4 * scale
+
+
+def _peft_delta(result, h, w, scaling):
+    """peft's add of a LoRA B product to the base output, as LoraLayer.forward computes it."""
+    return (result + F.linear(h, w) * scaling).to(result.dtype)
+
+
+def _run_delta(fn, result, h, w, dy, scaling, autocast: bool):
+    result, h, w = (t.detach().clone().requires_grad_(True) for t in (result, h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        # a base layer's fresh output (lora_delta writes into it), from the leaf whose gradient is compared
+        base = result.to(torch.bfloat16) if autocast else result * 1
+        y = fn(base, h, w, scaling)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), result.grad, h.grad, w.grad
+
+
+@pytest.mark.parametrize("scaling", [1.0, 0.5])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast-bf16"])
+def test_lora_delta_is_peft_add_of_the_b_product(autocast, scaling):
+    """``lora_delta`` (one addmm) gives peft's output and the same gradients for the base output, the rank-r input
+    and the float32 weight: float32 rounding apart in float32; under bf16 autocast within bf16 rounding of the
+    output (one rounding instead of three) and of each gradient."""
+    g = torch.Generator().manual_seed(3)
+    result, h = torch.randn(2, 9, 40, generator=g), torch.randn(2, 9, 4, generator=g)
+    w, dy = torch.randn(40, 4, generator=g), torch.randn(2, 9, 40, generator=g)
+    want = _run_delta(_peft_delta, result, h, w, dy, scaling, autocast)
+    got = _run_delta(lora_shared.lora_delta, result, h, w, dy, scaling, autocast)
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    assert got[0].dtype == (torch.bfloat16 if autocast else torch.float32) and got[3].dtype == torch.float32
+    for a, b in zip(got, want):
+        scale = b.float().abs().max()
+        assert (a.float() - b.float()).abs().max() <= (2 ** -7 if autocast else 1e-6) * scale
+    if not autocast:  # a plain pass-through for the base output's gradient
+        assert torch.equal(got[1], dy)
+
+
+def test_lora_delta_writes_into_the_base_output_and_leaves_a_leaf_alone():
+    """The sum is written into the base output (the same storage, returned); a leaf that requires grad, which
+    autograd cannot have written in place, gets peft's out-of-place form instead."""
+    g = torch.Generator().manual_seed(6)
+    leaf = torch.randn(4, 8, generator=g, requires_grad=True)
+    h, w = torch.randn(4, 2, generator=g), torch.randn(8, 2, generator=g)
+    base = leaf * 1
+    out = lora_shared.lora_delta(base, h, w, 0.5)
+    assert out.data_ptr() == base.data_ptr()
+    assert torch.allclose(out, _peft_delta(leaf, h, w, 0.5), rtol=1e-6, atol=1e-6)
+    kept = lora_shared.lora_delta(leaf, h, w, 0.5)
+    assert kept.data_ptr() != leaf.data_ptr() and torch.equal(kept, _peft_delta(leaf, h, w, 0.5))
+
+
+def test_lora_delta_falls_back_where_the_dtypes_differ():
+    """A float32 base output under bf16 autocast (peft computes the B product in bf16 and adds it to the float32
+    output): peft's form, exactly."""
+    g = torch.Generator().manual_seed(4)
+    result, h, w = torch.randn(5, 16, generator=g), torch.randn(5, 4, generator=g), torch.randn(16, 4, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lora_shared.lora_delta(result, h, w, 0.5)
+        want = _peft_delta(result, h, w, 0.5)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_lora_delta_compiles_in_one_graph():
+    """dynamo and inductor take ``lora_delta`` without a graph break, with peft's numbers (float32 rounding)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    result, h = torch.randn(3, 7, 24, generator=g), torch.randn(3, 7, 4, generator=g)
+    w, dy = torch.randn(24, 4, generator=g), torch.randn(3, 7, 24, generator=g)
+    compiled = torch.compile(lora_shared.lora_delta, fullgraph=True)
+    got = _run_delta(compiled, result, h, w, dy, 0.25, autocast=False)
+    want = _run_delta(_peft_delta, result, h, w, dy, 0.25, autocast=False)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_keeps_lora_delta_in_place():
+    """Compiled, the base product's buffer is the one the operator writes into: no copy of it into another buffer
+    (what ``torch.addmm`` out of place costs, a 25 MB copy per layer at 1024² on the GPU, session 33)."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    lora_shared.register_ops()
+    g = torch.Generator().manual_seed(7)
+    x, wb = torch.randn(8, 16, generator=g), torch.randn(24, 16, generator=g)
+    h, w = torch.randn(8, 4, generator=g, requires_grad=True), torch.randn(24, 4, generator=g, requires_grad=True)
+
+    def f(x, wb, h, w):
+        return lora_shared.lora_delta(F.linear(x, wb), h, w, 0.5)
+
+    out, codes = run_and_get_code(torch.compile(f), x, wb, h, w)
+    assert torch.allclose(out, _peft_delta(F.linear(x, wb), h, w, 0.5), rtol=1e-5, atol=1e-5)
+    lines = [ln.strip() for ln in codes[0].splitlines()]
+    mm = next(ln for ln in lines if ln.startswith("extern_kernels.mm("))
+    buf = mm.rsplit("out=", 1)[1].rstrip(")")
+    assert any(ln.startswith(f"torch.ops.qwen_zero_prior.lora_add_product_.default({buf},") for ln in lines), lines
+    assert not any(ln.startswith("extern_kernels.addmm(") or ".copy_(" in ln for ln in lines)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: cuBLAS's addmm under inductor and CUDA graphs")
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_lora_delta_on_the_gpu_compiled(mode):
+    """On CUDA, compiled by inductor under bf16 autocast (also as CUDA graphs, replayed): peft's output within
+    bf16 rounding and the weight's gradient the float32 product (where CUDA has ``mm`` with ``out_dtype``)."""
+    torch.manual_seed(0)
+    result = torch.randn(4096, 3072, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    h = torch.randn(4096, 32, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    w = torch.randn(3072, 32, device="cuda", requires_grad=True)
+    dy = torch.randn(4096, 3072, device="cuda").to(torch.bfloat16)
+
+    def step(r, a, b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return lora_shared.lora_delta(r * 2, a, b, 0.5)  # a fresh base output, as a layer's
+
+    compiled = torch.compile(step, fullgraph=True, mode=mode)
+    for _ in range(3 if mode else 1):  # CUDA graphs: recorded, then replayed
+        torch.compiler.cudagraph_mark_step_begin()
+        w.grad = h.grad = result.grad = None
+        y = compiled(result, h, w)
+        y.backward(dy)
+    exact = 2 * result.detach().float() + 0.5 * h.detach().float() @ w.detach().to(torch.bfloat16).float().t()
+    assert y.dtype == torch.bfloat16 and (y.float() - exact).abs().max() <= 2 ** -7 * exact.abs().max()
+    assert torch.equal(result.grad, 2 * dy)
+    want_dw = 0.5 * dy.float().t() @ h.detach().float()
+    tol = 1e-5 if lora_shared._MM_OUT_DTYPE else 2 ** -7
+    assert w.grad.dtype == torch.float32 and (w.grad - want_dw).abs().max() <= tol * want_dw.abs().max()

@@ -22,6 +22,7 @@ import functools
 
 import torch
 
+from . import lora_shared
 from .lora_shared import project
 
 
@@ -97,6 +98,7 @@ def install(transformer, backend: str | None) -> int:
     n = 0
     if hasattr(q21, "_qwenimage21_prepare_qkv"):  # the diffusers this module follows (0.42)
         cls = _processor_class()
+        lora_shared.register_ops()  # before dynamo traces the processors (lora_shared.FUSED_DELTA's operator)
         for block in transformer.transformer_blocks:
             block.attn.set_processor(cls())
             n += 1

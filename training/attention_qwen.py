@@ -12,7 +12,9 @@ step (docs/benchmarks.md, "Session 7").
 The code follows diffusers 0.42's ``QwenDoubleStreamAttnProcessor2_0.__call__``; it diverges only in the
 projections (each stream's q/k/v, ``to_out`` and ``to_add_out`` through ``lora_shared.project``) and, where
 ``norm_rope.install`` turned it on (``fused_norm_rope``), in computing the q/k norms, RoPE and concatenation through
-one operator (``norm_rope.py``; the same numbers within bf16 rounding). Older diffusers (0.36-0.41) differ in how
+one operator (``norm_rope.py``; the same numbers within bf16 rounding), and, with :data:`BSHD_CUDNN` and diffusers'
+``_native_cudnn`` backend, in calling cuDNN's attention on views of the [B, S, H, D] tensors instead of contiguous
+[B, H, S, D] copies (:func:`sdpa_bshd`). Older diffusers (0.36-0.41) differ in how
 the joint mask is built, so there :func:`install` leaves diffusers' processor in place (the same step, the A
 products one by one). The trainer installs it with ``model.compile`` (as the RoPE and GELU rewrites), where the
 saved kernels matter.
@@ -31,6 +33,33 @@ from . import lora_shared, norm_rope
 logger = logging.getLogger(__name__)
 
 _FOLLOWS = (0, 42)  # the diffusers release whose processor this one follows (newer ones: see supported())
+# cuDNN attention (diffusers' "_native_cudnn" backend, no parallel config) on [B, H, S, D] views of the [B, S, H, D]
+# q/k/v, without the backend's .contiguous() copies (sdpa_bshd); the bench's attn_bshd=0 turns it off
+BSHD_CUDNN = True
+
+
+def _cudnn_backend(backend, parallel_config) -> bool:
+    return parallel_config is None and str(getattr(backend, "value", backend)) == "_native_cudnn"
+
+
+def sdpa_bshd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              backend=None) -> torch.Tensor:
+    """diffusers' ``_native_cudnn`` attention for [B, S, H, D] inputs, returning [B, S, H, D], without its copies.
+
+    diffusers makes each of q, k and v a contiguous [B, H, S, D] copy before SDPA (``permute(...).contiguous()``),
+    and returns the output as a [B, S, H, D] view of cuDNN's [B, H, S, D] result, which the processor then copies
+    once more to flatten the heads for ``to_out``. cuDNN reads any strides, and PyTorch allocates its output (and
+    its input gradients) in the query's memory order (``alloc_with_matching_layout``), so here SDPA gets
+    ``transpose(1, 2)`` views and everything stays [B, S, H, D] in memory: no copy of q, k or the output forward
+    (3 × 24 MiB a block at 1024²), the same kernels and the same numbers otherwise. ``backend``: the SDPA backend
+    (cuDNN's by default; tests pass the math one off CUDA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    with sdpa_kernel(backend if backend is not None else SDPBackend.CUDNN_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0,
+                                                               is_causal=False)
+    return out.transpose(1, 2)
 
 
 @functools.cache  # one class: dynamo and isinstance checks see the same type on every block
@@ -85,9 +114,12 @@ def _processor_class():
                 joint_query = torch.cat([txt_query, img_query], dim=1)  # diffusers' order: [text, image]
                 joint_key = torch.cat([txt_key, img_key], dim=1)
             joint_value = torch.cat([txt_value, img_value], dim=1)
-            joint = qi.dispatch_attention_fn(joint_query, joint_key, joint_value, attn_mask=attention_mask,
-                                             dropout_p=0.0, is_causal=False, backend=self._attention_backend,
-                                             parallel_config=self._parallel_config)
+            if BSHD_CUDNN and _cudnn_backend(self._attention_backend, self._parallel_config):
+                joint = sdpa_bshd(joint_query, joint_key, joint_value, attention_mask)
+            else:
+                joint = qi.dispatch_attention_fn(joint_query, joint_key, joint_value, attn_mask=attention_mask,
+                                                 dropout_p=0.0, is_causal=False, backend=self._attention_backend,
+                                                 parallel_config=self._parallel_config)
             joint = joint.flatten(2, 3).to(joint_query.dtype)
             (img_out,) = lora_shared.project(joint[:, seq_txt:, :].contiguous(), (attn.to_out[0],))
             if len(attn.to_out) > 1:
@@ -136,6 +168,7 @@ def install(transformer) -> int:
                     "(0.42's); its q/k/v LoRA products stay one by one", diffusers.__version__)
         return 0
     cls = _processor_class()
+    lora_shared.register_ops()  # before dynamo traces the processors (lora_shared.FUSED_DELTA's operator)
     for block in blocks:
         old = block.attn.processor
         new = cls()
@@ -163,4 +196,4 @@ def uninstall(transformer) -> int:
     return n
 
 
-__all__ = ["install", "supported", "uninstall"]
+__all__ = ["install", "sdpa_bshd", "supported", "uninstall"]

@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+# Fp8Linear adds a bf16 bias in the product's epilogue (_scaled_mm's bias) instead of after it: goes with
+# lora_shared.FUSED_DELTA, whose in-place addmm wants the layer's output as one kernel's (the bench's lora_addmm=0
+# turns both off)
+BIAS_IN_PRODUCT = True
 
 IMAGE_STREAM = QWEN_IMAGE_FP8  # Qwen-Image's image-stream projections (families.py names each family's)
 _BLOCK = re.compile(r"^transformer_blocks\.\d+\.(.+?)(\.base_layer)?$")
@@ -69,12 +73,14 @@ class _Fp8Matmul(torch.autograd.Function):
     the layer keeps one, from its backward copy. No gradient for the weights."""
 
     @staticmethod
-    def forward(ctx, x, w_q, w_scale, wt_q=None, wt_scale=None, fast_accum=False, fast_accum_backward=False):
+    def forward(ctx, x, w_q, w_scale, wt_q=None, wt_scale=None, fast_accum=False, fast_accum_backward=False,
+                bias=None):
         lead, k = x.shape[:-1], x.shape[-1]
-        y = _scaled_rows(x.reshape(-1, k), w_q.t(), w_scale.view(1, -1), fast_accum=fast_accum)
+        y = _scaled_rows(x.reshape(-1, k), w_q.t(), w_scale.view(1, -1), fast_accum=fast_accum, bias=bias)
         ctx.save_for_backward(w_q, w_scale, wt_q, wt_scale)  # the module's buffers: nothing new kept
         ctx.fast_accum_backward = fast_accum_backward
-        return y.view(*lead, w_q.shape[0])
+        # a 2-D input gets the product's own tensor, not a view of it (lora_shared.lora_delta writes into it)
+        return y if x.dim() == 2 else y.view(*lead, w_q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -83,7 +89,7 @@ class _Fp8Matmul(torch.autograd.Function):
         fast = ctx.fast_accum_backward
         if wt_q is not None:  # Wᵀ quantized per row (W's columns): dx = Q(dy) (Wtq diag(st)), nothing to rescale
             dx = _scaled_rows(dy.reshape(-1, n), wt_q.t(), wt_scale.view(1, -1), fast_accum=fast)
-            return dx.view(*lead, w_q.shape[1]), None, None, None, None, None, None
+            return dx.view(*lead, w_q.shape[1]), None, None, None, None, None, None, None
         # dy @ (diag(s) Wq) = (dy diag(s)) @ Wq: the weight's row scales move onto dy's columns (in float32, before
         # dy is quantized per row); Wq column-major for _scaled_mm: a transient transposed copy of this layer only
         a = dy.reshape(-1, n).float() * w_scale.view(1, -1)
@@ -91,7 +97,7 @@ class _Fp8Matmul(torch.autograd.Function):
         ones = torch.ones(1, w_q.shape[1], device=w_q.device, dtype=torch.float32)
         dx = _scaled_rows(a, w_cm, ones, out_dtype=dy.dtype, fast_accum=fast)
         del w_cm
-        return dx.view(*lead, w_q.shape[1]), None, None, None, None, None, None
+        return dx.view(*lead, w_q.shape[1]), None, None, None, None, None, None, None
 
 
 def _use_scaled_mm(t: torch.Tensor) -> bool:
@@ -99,32 +105,36 @@ def _use_scaled_mm(t: torch.Tensor) -> bool:
 
 
 def _scaled_rows(a: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                 out_dtype: torch.dtype | None = None, fast_accum: bool = False) -> torch.Tensor:
-    """``a @ (b_q * b_scale)`` for ``b_q`` [K, N] fp8 column-major and ``b_scale`` [1, N] float32, with ``a``
-    [M, K] quantized per row; rows padded to a multiple of 16 (``_scaled_mm`` asks). Returns ``out_dtype`` (default
-    ``a``'s dtype). ``fast_accum``: see :func:`scaled_product`."""
+                 out_dtype: torch.dtype | None = None, fast_accum: bool = False,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ (b_q * b_scale) (+ bias)`` for ``b_q`` [K, N] fp8 column-major and ``b_scale`` [1, N] float32, with
+    ``a`` [M, K] quantized per row; rows padded to a multiple of 16 (``_scaled_mm`` asks). Returns ``out_dtype``
+    (default ``a``'s dtype). ``fast_accum``, ``bias``: see :func:`scaled_product`."""
     out_dtype = out_dtype or a.dtype
     m = a.shape[0]
     pad = (-m) % 16
     if pad:
         a = torch.nn.functional.pad(a, (0, 0, 0, pad))
-    out = scaled_product(*quantize_rows(a.contiguous()), b_q, b_scale, fast_accum=fast_accum).to(out_dtype)
+    out = scaled_product(*quantize_rows(a.contiguous()), b_q, b_scale, fast_accum=fast_accum, bias=bias).to(out_dtype)
     return out[:m] if pad else out
 
 
 def scaled_product(aq: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                   fast_accum: bool = False) -> torch.Tensor:
+                   fast_accum: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``(aq * a_scale) @ (b_q * b_scale)`` for ``aq`` [M, K] fp8 (M a multiple of 16) with row scales [M, 1] and
     ``b_q`` [K, N] fp8 column-major with column scales [1, N]: bf16 on CUDA (its row-scaled kernels write bf16
     only), float32 elsewhere. ``fast_accum``: ``_scaled_mm``'s ``use_fast_accum`` (Hopper accumulates in the
     tensor cores' reduced precision instead of promoting the partial sums to float32 along K: 6-12 % faster at
     Qwen-Image's shapes, two to three times the error against a float32 product, bench/fp8_gemm.py); ignored
-    without an fp8 kernel."""
+    without an fp8 kernel. ``bias`` [N] (bf16: what cuBLAS's fp8 kernels take with a bf16 result) is added in the
+    kernel's epilogue, in float32 before the result's rounding."""
     if _use_scaled_mm(aq):
+        extra = {} if bias is None else {"bias": bias}
         return torch._scaled_mm(aq, b_q, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16,
-                                use_fast_accum=fast_accum)
+                                use_fast_accum=fast_accum, **extra)
     # not every CPU build has row-scaled _scaled_mm: the same quantized operands, multiplied in float32
-    return (aq.float() * a_scale) @ (b_q.float() * b_scale)
+    out = (aq.float() * a_scale) @ (b_q.float() * b_scale)
+    return out if bias is None else out + bias.float()
 
 
 class Fp8Linear(nn.Module):
@@ -173,9 +183,12 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
+        # with BIAS_IN_PRODUCT the bias is added in the product's epilogue where the kernel takes it (a bf16 result
+        # and bias): the layer's output is then one kernel's, which lora_shared's addmm reads as it is
+        fused = BIAS_IN_PRODUCT and self.bias is not None and self.bias.dtype == torch.bfloat16
         y = _Fp8Matmul.apply(x, self.w_q, self.w_scale, self.wt_q, self.wt_scale, self.fast_accum,
-                             self.fast_accum_backward)
-        return y if self.bias is None else y + self.bias
+                             self.fast_accum_backward, self.bias if fused else None)
+        return y if self.bias is None or fused else y + self.bias
 
     def extra_repr(self) -> str:
         copy = ", backward copy" if self.wt_q is not None else ""
