@@ -1099,6 +1099,21 @@ def _pop_flag(overrides: dict, key: str, default: bool, spec: str) -> bool:
     return value
 
 
+def _compiled_switch(stack: contextlib.ExitStack, overrides: dict, args, spec: str, key: str, what: str,
+                     targets: list) -> None:
+    """A bench-only 0/1 key of a ``--variant`` (popped) that sets module switches of the compiled step
+    (``targets``: (module, attribute) pairs) for the variant; refused without compile, which they need."""
+    from unittest import mock
+
+    if key not in overrides:
+        return
+    value = _pop_flag(overrides, key, False, spec)
+    if not overrides.get("compile", args.compile):
+        raise SystemExit(f"--variant {spec!r}: {key}={int(value)} changes the compiled step's {what}; add compile=1")
+    for module, attr in targets:
+        stack.enter_context(mock.patch.object(module, attr, value))
+
+
 def _parse_variant(spec: str) -> dict:
     out = {}
     for item in spec.split():
@@ -1299,39 +1314,23 @@ def run_variants(args, device, dtype, res) -> dict:
         # master weights: what the ~950 casts a step to the compute dtype cost at most (not a training setting:
         # bf16 weights lose small updates)
         lora_bf16 = _pop_flag(overrides, "lora_bf16", False, spec)
-        # bench-only: lora_fp32_grad=1 runs the compiled LoRA products through lora_shared.lora_product, whose
-        # float32 weight gradients come straight from the product on CUDA (one kernel fewer each; session 32's
-        # micro-benchmark), for this variant
-        if _pop_flag(overrides, "lora_fp32_grad", False, spec):
-            from qwen_zero_prior.training import lora_shared
-
-            if not overrides.get("compile", args.compile):  # the processors that call project() come with compile
-                raise SystemExit(f"--variant {spec!r}: lora_fp32_grad=1 changes the compiled step's LoRA products; "
-                                 "add compile=1")
-
-            stack.enter_context(mock.patch.object(lora_shared, "FLOAT32_WEIGHT_GRADS", True))
-        # bench-only: lora_addmm=0/1 turns off/on (for this variant) adding each compiled LoRA B product into its
-        # base output inside the product (lora_shared.FUSED_DELTA, an in-place addmm; the fp8 layers' bias then in
-        # their product's epilogue, fp8.BIAS_IN_PRODUCT): on by default since session 33
         from qwen_zero_prior.training import attention_qwen, lora_shared
         from qwen_zero_prior.training import fp8 as fp8_module
 
-        if "lora_addmm" in overrides:
-            lora_addmm = _pop_flag(overrides, "lora_addmm", True, spec)
-            if not overrides.get("compile", args.compile):
-                raise SystemExit(f"--variant {spec!r}: lora_addmm changes the compiled step's LoRA products; "
-                                 "add compile=1")
-            stack.enter_context(mock.patch.object(lora_shared, "FUSED_DELTA", lora_addmm))
-            stack.enter_context(mock.patch.object(fp8_module, "BIAS_IN_PRODUCT", lora_addmm))
-        # bench-only: attn_bshd=0/1 turns off/on (for this variant) cuDNN attention on [B, H, S, D] views of the
-        # [B, S, H, D] q/k/v in the compiled Qwen-Image processors (attention_qwen.BSHD_CUDNN: no .contiguous()
-        # copies of q, k and the output; --attention-backend _native_cudnn only): on by default since session 33
-        if "attn_bshd" in overrides:
-            attn_bshd = _pop_flag(overrides, "attn_bshd", True, spec)
-            if not overrides.get("compile", args.compile):
-                raise SystemExit(f"--variant {spec!r}: attn_bshd changes the compiled step's attention call; "
-                                 "add compile=1")
-            stack.enter_context(mock.patch.object(attention_qwen, "BSHD_CUDNN", attn_bshd))
+        # bench-only, each for this variant and with compile (the processors that call lora_shared.project come
+        # with it): lora_fp32_grad=1 runs the compiled LoRA products through lora_shared.lora_product, whose float32
+        # weight gradients come straight from the product on CUDA (session 32; no faster in session 33);
+        # lora_addmm=0/1 turns off/on adding each LoRA B product into its base output inside the product
+        # (lora_shared.FUSED_DELTA, an in-place addmm, with the fp8 layers' bias in their product's epilogue,
+        # fp8.BIAS_IN_PRODUCT); attn_bshd=0/1 turns off/on cuDNN attention on [B, H, S, D] views of the [B, S, H, D]
+        # q/k/v (attention_qwen.BSHD_CUDNN: no copies of q, k and the output; _native_cudnn only). The last two are
+        # on by default since session 33
+        _compiled_switch(stack, overrides, args, spec, "lora_fp32_grad", "LoRA products",
+                         [(lora_shared, "FLOAT32_WEIGHT_GRADS")])
+        _compiled_switch(stack, overrides, args, spec, "lora_addmm", "LoRA products",
+                         [(lora_shared, "FUSED_DELTA"), (fp8_module, "BIAS_IN_PRODUCT")])
+        _compiled_switch(stack, overrides, args, spec, "attn_bshd", "attention call",
+                         [(attention_qwen, "BSHD_CUDNN")])
         # bench-only: fp8_text=1 also converts Qwen-Image's text-stream projections to fp8 (the family's fp8 layers
         # are the image stream's: the text stream has ~128 rows, so fp8 can only save weight reads, ~13.6 GB a
         # step in bf16, and memory), for this variant's trainer and memory plan. Session 28: no faster, and 0.2 GiB

@@ -196,7 +196,6 @@ def test_isolated_variant_that_crashes_after_writing_its_rows_keeps_them(tmp_pat
     how it ended and the log's tail; a child that died before or while writing is an error row. Children run with
     faulthandler on, so a crash names the Python frames it died in."""
     import subprocess
-    import types
 
     from bench.bench_step import main
 
@@ -1101,9 +1100,9 @@ def test_lora_addmm_turns_the_fused_delta_off_for_its_variant_only(tmp_path, mon
         rope.uninstall()
     assert got == [(False, False), (True, True)]
     assert lora_shared.FUSED_DELTA is True and fp8.BIAS_IN_PRODUCT is True
-    with pytest.raises(SystemExit, match="lora_addmm changes the compiled step's LoRA products; add compile=1"):
+    with pytest.raises(SystemExit, match="lora_addmm=0 changes the compiled step's LoRA products; add compile=1"):
         bench_step.main([*base, "--variant", "lora_addmm=0"])
-    with pytest.raises(SystemExit, match="attn_bshd changes the compiled step's attention call; add compile=1"):
+    with pytest.raises(SystemExit, match="attn_bshd=0 changes the compiled step's attention call; add compile=1"):
         bench_step.main([*base, "--variant", "attn_bshd=0"])
 
 

@@ -205,9 +205,10 @@ def project(x: torch.Tensor, layers) -> list[torch.Tensor]:
     a = torch.cat(a_weights) if len(a_weights) > 1 else a_weights[0]
     h = lora_product(xa, a) if products else F.linear(xa, a)
     outs = []
+    x2 = x.reshape(-1, x.shape[-1])  # fused: in 2-D, the base output is its product's own tensor (no view)
     for layer, hi in zip(layers, h.split([w.shape[0] for w in a_weights], dim=-1)):
-        if fused:  # in 2-D: the base layer's output is then its product's own tensor, not a view lora_delta refuses
-            result = layer.base_layer(x.reshape(-1, x.shape[-1]))
+        if fused:
+            result = layer.base_layer(x2)
             out = lora_delta(result, hi.reshape(-1, hi.shape[-1]), layer.lora_B[name].weight, layer.scaling[name])
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
             continue
