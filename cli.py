@@ -202,9 +202,11 @@ def _check_dataset(path: str) -> None:
 
 
 def _cmd_train(args) -> int:
+    from .training import cublas
     from .training.run import train
     from .training.trainer import Callbacks, TrainingInterrupted
 
+    cublas.log_choice()  # first: PyTorch reads the workspace size once, at the first cuBLAS call (training/cublas.py)
     cfg = _load_config(args)
     _check_dataset(args.dataset)
     main_process = os.environ.get("RANK", "0") == "0"

@@ -789,7 +789,30 @@ def run_isolated(args, argv: list[str]) -> dict:
     return res
 
 
+def _cublas_workspace(args) -> str:
+    """As training does (``training/cublas.py``): cuBLAS without a workspace, set before anything touches CUDA,
+    unless ``--cublas-workspace default`` or the (only) variant's ``cublas_ws=1`` keeps PyTorch's. Returns the
+    setting the rows record."""
+    from qwen_zero_prior.training import cublas
+
+    keep = args.cublas_workspace == "default"
+    if args.mode == "variants":
+        asked = [_parse_variant(v).get("cublas_ws") for v in args.variant]
+        if any(a is not None for a in asked):
+            if len(asked) > 1:
+                raise SystemExit("a --variant with cublas_ws needs --isolate (cuBLAS reads its workspace size once a "
+                                 "process)")
+            if asked[0] not in (True, False):
+                raise SystemExit(f"--variant {args.variant[0]!r}: cublas_ws={asked[0]!r}: expected 0 (no workspace, "
+                                 "as training) or 1 (PyTorch's default workspace)")
+            keep = asked[0]
+    if not keep:
+        cublas.no_workspace_for_training()
+    return cublas.workspace_setting()
+
+
 def run(args) -> dict:
+    workspace = _cublas_workspace(args)  # first: cuBLAS reads its workspace size at its first call
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device_obj = device
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
@@ -799,7 +822,7 @@ def run(args) -> dict:
     res: dict = {"family": args.family, "size": args.size,
                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "resolution": args.res, "rank": args.rank, "rows": [],
-                 "memory_cap_gib": args.memory_cap_gib or None}
+                 "memory_cap_gib": args.memory_cap_gib or None, "cublas_workspace": workspace}
     if args.mode == "variants":  # a variant's own cap ("memory_cap_gib=78"): one variant a process (--isolate)
         caps = [_parse_variant(v).get("memory_cap_gib") for v in args.variant]
         if any(caps):
@@ -824,7 +847,10 @@ def run(args) -> dict:
     if args.mode == "profile":
         return run_profile(args, device, dtype, res)
     if args.mode == "variants":
-        return run_variants(args, device, dtype, res)
+        res = run_variants(args, device, dtype, res)
+        for r in res["rows"]:  # each row says it: an isolated run's rows come from processes of their own
+            r.setdefault("cublas_workspace", workspace)
+        return res
     res["matmul_peak_tflops"] = peak = matmul_peak(device, dtype)
     res["fp8_matmul_peak_tflops"] = fp8_matmul_peak(device) if args.fp8 else None
     t0 = time.time()
@@ -1229,6 +1255,7 @@ def run_variants(args, device, dtype, res) -> dict:
     for i, spec in enumerate(args.variant):
         overrides = _parse_variant(spec)
         overrides.pop("memory_cap_gib", None)  # applied by run() before anything was built
+        overrides.pop("cublas_ws", None)  # likewise (_cublas_workspace)
         for name in list(getattr(tr, "peft_config", None) or {}):
             tr.delete_adapters(name)
         for blk in tr.transformer_blocks:
@@ -1662,6 +1689,8 @@ def main(argv=None) -> int:
                    '"lora_addmm=0": each LoRA B product added to its base output after the product, the fp8 '
                    'bias after its product (session 32\'s step; on by default); "attn_bshd=0": cuDNN attention on '
                    'contiguous [B, H, S, D] copies, as diffusers (on by default); '
+                   '"cublas_ws=1" (with --isolate): PyTorch\'s default cuBLAS workspace in that variant\'s process '
+                   '(none by default, as training); '
                    '"lora_bf16=1": LoRA weights '
                    'stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')
@@ -1698,6 +1727,9 @@ def main(argv=None) -> int:
                    help="--mode capped: model.offload_prefetch_gib (default: the config's; 0: copy at use)")
     p.add_argument("--memory-cap-gib", type=float, default=0.0,
                    help="hard per-process GPU memory cap set before anything is built (80 GB card: 78); 0: none")
+    p.add_argument("--cublas-workspace", choices=["none", "default"], default="none",
+                   help="none (as training, training/cublas.py): cuBLAS without a workspace unless the environment "
+                        "sets one; default: PyTorch's (a variant's cublas_ws=1, with --isolate)")
     p.add_argument("--isolate", action="store_true",
                    help="--mode variants: each variant in its own process; an OOM or crash becomes a row")
     p.add_argument("--trace", help="folder: Chrome traces of two (b) steps (fp8 row, variants) and a GPU-idle report")
