@@ -796,16 +796,11 @@ def _cublas_workspace(args) -> str:
     from qwen_zero_prior.training import cublas
 
     keep = args.cublas_workspace == "default"
-    if args.mode == "variants":
-        asked = [_parse_variant(v).get("cublas_ws") for v in args.variant]
-        if any(a is not None for a in asked):
-            if len(asked) > 1:
-                raise SystemExit("a --variant with cublas_ws needs --isolate (cuBLAS reads its workspace size once a "
-                                 "process)")
-            if asked[0] not in (True, False):
-                raise SystemExit(f"--variant {args.variant[0]!r}: cublas_ws={asked[0]!r}: expected 0 (no workspace, "
-                                 "as training) or 1 (PyTorch's default workspace)")
-            keep = asked[0]
+    if args.mode == "variants" and any("cublas_ws" in _parse_variant(v) for v in args.variant):
+        if len(args.variant) > 1:
+            raise SystemExit("a --variant with cublas_ws needs --isolate (cuBLAS reads its workspace size once a "
+                             "process)")
+        keep = _pop_flag(_parse_variant(args.variant[0]), "cublas_ws", False, args.variant[0])
     if not keep:
         cublas.no_workspace_for_training()
     return cublas.workspace_setting()

@@ -384,7 +384,7 @@ def test_cublas_workspace_is_chosen_per_process_as_training_does(tmp_path, monke
         assert not any(k in os.environ for k in cublas.NO_WORKSPACE)
         with pytest.raises(SystemExit, match="cublas_ws needs --isolate"):
             bench_step._cublas_workspace(args("cublas_ws=0", "fp8_matmul=1"))
-        with pytest.raises(SystemExit, match="cublas_ws='2': expected 0"):
+        with pytest.raises(SystemExit, match="cublas_ws='2'; expected 1 or 0"):
             bench_step._cublas_workspace(args("cublas_ws=2"))
         assert bench_step._cublas_workspace(args("cublas_ws=0")) == \
             "CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0"
@@ -1086,64 +1086,41 @@ def test_fp8_fast_accum_variants_set_and_report_each_layers_accumulation(tmp_pat
     assert got == [(True, False), (False, False), (True, True)]
 
 
-def test_lora_fp32_grad_turns_the_products_on_for_its_variant_only(tmp_path, monkeypatch):
-    """``lora_fp32_grad=1`` (bench-only, with compile) runs lora_shared's products through ``lora_product`` for its
-    variant's compiled step (a spy counts the calls); the row says which ran, the next
-    variant is back to the default, and the switch without compile is refused."""
-    pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench variants SKIPPED")
-    from bench import bench_step
-    from qwen_zero_prior.training import lora_shared, rope
-
-    # a tensor counter: dynamo keeps its in-place add in the graph (a Python list's append would be a guard on its
-    # length, recompiling every step)
-    calls = torch.zeros(())
-    real = lora_shared.lora_product
-    monkeypatch.setattr(lora_shared, "lora_product", lambda x, w: (calls.add_(1), real(x, w))[1])
-    base = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
-            "--iters", "1", "--mode", "variants", "--only-b"]
-    out = tmp_path / "l.json"
-    got = []
-    try:
-        for spec in ("compile=1 lora_fp32_grad=1", "compile=1"):
-            calls.zero_()
-            assert bench_step.main([*base, "--variant", spec, "--out", str(out)]) == 0
-            (row,) = json.loads(out.read_text())["rows"]
-            got.append((row["lora_fp32_grad"], calls.item() > 0))
-    finally:
-        rope.uninstall()
-    assert got == [(True, True), (False, False)]
-    assert lora_shared.FLOAT32_WEIGHT_GRADS is False
-    with pytest.raises(SystemExit, match="lora_fp32_grad=1 changes the compiled step's LoRA products; add compile=1"):
-        bench_step.main([*base, "--variant", "lora_fp32_grad=1"])
-
-
-def test_lora_addmm_turns_the_fused_delta_off_for_its_variant_only(tmp_path, monkeypatch):
-    """The compiled step adds its LoRA B products into their base outputs through ``lora_delta`` by default (a
-    tensor counter spies on it); ``lora_addmm=0`` (bench-only, with compile) turns that off for its variant only,
-    the row says which ran, and the switch without compile is refused, as ``attn_bshd``'s."""
+@pytest.mark.parametrize("key, spied, default", [("lora_fp32_grad", "lora_product", False),
+                                                 ("lora_addmm", "lora_delta", True)])
+def test_compiled_lora_switch_changes_the_products_for_its_variant_only(key, spied, default, tmp_path, monkeypatch):
+    """The bench-only LoRA switches of the compiled step, each for its variant only (a tensor counter spies on the
+    function it routes the products through): ``lora_fp32_grad=1`` runs them through ``lora_product`` (off by
+    default); ``lora_addmm=0`` stops adding each B product into its base output through ``lora_delta`` (on by
+    default). The row says which ran, the next variant is back to the default, and a switch without compile is
+    refused, as ``attn_bshd``'s."""
     pytest.importorskip("torch._inductor", reason="torch without inductor: compiled bench variants SKIPPED")
     from bench import bench_step
     from qwen_zero_prior.training import fp8, lora_shared, rope
 
+    # a tensor counter: dynamo keeps its in-place add in the graph (a Python list's append would be a guard on its
+    # length, recompiling every step)
     calls = torch.zeros(())
-    real = lora_shared.lora_delta
-    monkeypatch.setattr(lora_shared, "lora_delta", lambda r, h, w, s: (calls.add_(1), real(r, h, w, s))[1])
+    real = getattr(lora_shared, spied)
+    monkeypatch.setattr(lora_shared, spied, lambda *a: (calls.add_(1), real(*a))[1])
     base = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
             "--iters", "1", "--mode", "variants", "--only-b"]
-    out = tmp_path / "a.json"
+    out = tmp_path / "l.json"
+    flipped = int(not default)
     got = []
     try:
-        for spec in ("compile=1 lora_addmm=0", "compile=1"):
+        for spec in (f"compile=1 {key}={flipped}", "compile=1"):
             calls.zero_()
             assert bench_step.main([*base, "--variant", spec, "--out", str(out)]) == 0
             (row,) = json.loads(out.read_text())["rows"]
-            got.append((row["lora_addmm"], calls.item() > 0))
+            got.append((row[key], calls.item() > 0))
     finally:
         rope.uninstall()
-    assert got == [(False, False), (True, True)]
+    assert got == [(not default, not default), (default, default)]
+    assert lora_shared.FLOAT32_WEIGHT_GRADS is False
     assert lora_shared.FUSED_DELTA is True and fp8.BIAS_IN_PRODUCT is True
-    with pytest.raises(SystemExit, match="lora_addmm=0 changes the compiled step's LoRA products; add compile=1"):
-        bench_step.main([*base, "--variant", "lora_addmm=0"])
+    with pytest.raises(SystemExit, match=f"{key}={flipped} changes the compiled step's LoRA products; add compile=1"):
+        bench_step.main([*base, "--variant", f"{key}={flipped}"])
     with pytest.raises(SystemExit, match="attn_bshd=0 changes the compiled step's attention call; add compile=1"):
         bench_step.main([*base, "--variant", "attn_bshd=0"])
 

@@ -54,8 +54,8 @@ def log_choice(environ: MutableMapping[str, str] | None = None) -> str:
     answer = no_workspace_for_training(environ)
     if answer == "none":
         logger.info("cuBLAS without a workspace for training (%s): static-scheduler GEMMs, no split-K, ~2,300 "
-                    "fewer kernels a step on Hopper; set %s yourself to keep one",
-                    ", ".join(f"{k}={v}" for k, v in NO_WORKSPACE.items()), CONFIG_ENV)
+                    "fewer kernels a step on Hopper; set %s yourself to keep one", workspace_setting(environ),
+                    CONFIG_ENV)
     else:
         logger.debug("cuBLAS workspace %s", answer)
     return answer
