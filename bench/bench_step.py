@@ -1238,6 +1238,25 @@ def phase_times(trainer, device, n: int = 3) -> dict:
     return {f"{k}_{n}": round(v, 1) for k, vals in (("gpu", med[:3]), ("host", med[3:])) for n, v in zip(names, vals)}
 
 
+def reset_pipeline(pipe) -> None:
+    """Undo what an earlier trainer did to ``pipe`` before the next one is built on it: its LoRA adapters, compiled
+    blocks, gradient checkpointing, attention processors and token (a fresh tokenizer). fp8 layers stay fp8 (the
+    conversion is in place)."""
+    from qwen_zero_prior.training import attention21, attention_qwen, lora_shared
+
+    tr = pipe.transformer
+    for name in list(getattr(tr, "peft_config", None) or {}):
+        tr.delete_adapters(name)
+    for blk in tr.transformer_blocks:
+        blk._compiled_call_impl = None
+    tr.disable_gradient_checkpointing()  # an earlier variant's; the trainer turns it on where configured
+    attention21.uninstall(tr)  # an earlier variant's 2.1 processor (compile or its attention_backend)
+    attention_qwen.uninstall(tr)  # an earlier compiled variant's Qwen-Image processor
+    lora_shared.uninstall_swiglu(tr)
+    torch._dynamo.reset()
+    _fresh_tokenizer(pipe)
+
+
 def run_variants(args, device, dtype, res) -> dict:
     """(b) under several model settings (``--variant "fp8_matmul=1 compile_mode=reduce-overhead"``), in the order
     given (fp8 converts weights in place: list those last). Reports wall ms and the GPU's busy ms per step.
@@ -1246,23 +1265,13 @@ def run_variants(args, device, dtype, res) -> dict:
     LoRA targets, eager, with or without checkpointing, on (b)'s text length (a project trainer is built first
     only to measure it)."""
     pipe, _ = build_pipeline(args.size, device, dtype, args.family)
-    tr = pipe.transformer
     for i, spec in enumerate(args.variant):
         overrides = _parse_variant(spec)
         overrides.pop("memory_cap_gib", None)  # applied by run() before anything was built
         overrides.pop("cublas_ws", None)  # likewise (_cublas_workspace)
-        for name in list(getattr(tr, "peft_config", None) or {}):
-            tr.delete_adapters(name)
-        for blk in tr.transformer_blocks:
-            blk._compiled_call_impl = None
-        tr.disable_gradient_checkpointing()  # an earlier variant's; the trainer turns it on where configured
-        from qwen_zero_prior.training import attention21, attention_qwen, lora_shared, reductions
-
-        attention21.uninstall(tr)  # an earlier variant's 2.1 processor (compile or its attention_backend)
-        attention_qwen.uninstall(tr)  # an earlier compiled variant's Qwen-Image processor
-        lora_shared.uninstall_swiglu(tr)
-        torch._dynamo.reset()
-        _fresh_tokenizer(pipe)
+        reset_pipeline(pipe)
+        tr = pipe.transformer
+        from qwen_zero_prior.training import lora_shared, reductions
         if overrides.pop("baseline", False):
             res["rows"].append({**baseline_variant(pipe, args, spec, overrides),
                                 "memory_cap_gib": args.memory_cap_gib or None})

@@ -1078,12 +1078,12 @@ def test_fp8_fast_accum_variants_set_and_report_each_layers_accumulation(tmp_pat
     base = ["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4", "--warmup", "0",
             "--iters", "1", "--mode", "variants", "--only-b"]
     got = []
-    for spec in ("fp8_matmul=1", "fp8_matmul=1 fp8_fast_accum=0", "fp8_matmul=1 fp8_fast_accum_backward=1"):
+    for spec in ("fp8_matmul=1", "fp8_matmul=1 fp8_fast_accum=0", "fp8_matmul=1 fp8_fast_accum_backward=0"):
         # one bench each: variants in one process share the pipe, converted by the first (the GPU runs --isolate)
         assert bench_step.main([*base, "--variant", spec, "--out", str(out)]) == 0
         (row,) = json.loads(out.read_text())["rows"]
         got.append((row["fp8_fast_accum"], row["fp8_fast_accum_backward"]))
-    assert got == [(True, False), (False, False), (True, True)]
+    assert got == [(True, True), (False, True), (True, False)]
 
 
 @pytest.mark.parametrize("key, spied, default", [("lora_fp32_grad", "lora_product", False),
@@ -1140,3 +1140,27 @@ def test_lora_grad_forms_agree_on_the_cpu():
     assert all("error" in r or r["max_rel_err"] < 1e-5 for r in by_form["mm_fp32_out"])
     with pytest.raises(ValueError, match="unknown form 'fp64'"):
         lora_grad.grad("fp64", torch.ones(4, 2), torch.ones(4, 3))
+
+
+def test_fp8_grad_quality_compares_the_same_training_sample_on_the_cpu(tmp_path):
+    """bench/fp8_grad_quality.py on the tiny model: the three variants see the same LoRA, token and sample (the fp8
+    losses differ from bf16's by fp8's rounding only), every group of gradients is compared, fp8's gradients differ
+    from bf16's, and off CUDA (no fast accumulation there) the fast-backward variant is the fp8 one exactly."""
+    from bench import fp8_grad_quality
+
+    out = tmp_path / "q.json"
+    assert fp8_grad_quality.main(["--size", "tiny", "--device", "cpu", "--res", "64", "--seeds", "2",
+                                  "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["seed"] for r in res["rows"]] == [0, 1]
+    for r in res["rows"]:
+        loss = r["loss"]
+        assert loss["fp8"] == loss["fp8_fast_backward"]
+        assert loss["fp8"] != loss["bf16"] and abs(loss["fp8"] - loss["bf16"]) < 0.05 * loss["bf16"]
+        assert set(r["fp8_vs_bf16"]) == set(fp8_grad_quality.GROUPS)
+        for group, m in r["fp8_vs_bf16"].items():
+            assert 0 < m["rel_err"] < 0.5 and m["cosine"] > 0.9, (group, m)
+        assert all(m["rel_err"] == 0 for m in r["fast_vs_fp8"].values())
+    assert {g: s["ratio_max"] for g, s in res["summary"].items()} == {g: 1.0 for g in fp8_grad_quality.GROUPS}
+    with pytest.raises(SystemExit):
+        fp8_grad_quality.main(["--size", "tiny", "--device", "cpu", "--seeds", "0"])

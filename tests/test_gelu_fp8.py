@@ -168,9 +168,9 @@ def test_compiled_fp8_training_routes_the_mlps(tiny_pipe):
         assert routed == [compile_] * len(tr.transformer_blocks)
 
 
-@pytest.mark.parametrize("fast_accum,backward", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("fast_accum,backward", [(True, True), (True, False), (False, False), (False, True)])
 def test_fp8_fast_accum_settings_reach_each_product(tiny_pipe, monkeypatch, fast_accum, backward):
-    """``model.fp8_fast_accum`` (on by default) and ``fp8_fast_accum_backward`` (off by default) set every fp8
+    """``model.fp8_fast_accum`` and ``fp8_fast_accum_backward`` (both on by default since session 35) set every fp8
     layer's accumulation through ``accelerate_transformer``; in the fused MLP, as in ``Fp8Linear``, both forward
     products get the first and the two backward products the second (a stand-in ``torch._scaled_mm`` records what
     each product was asked)."""
@@ -179,7 +179,7 @@ def test_fp8_fast_accum_settings_reach_each_product(tiny_pipe, monkeypatch, fast
     from qwen_zero_prior.training.diffusers_backend import accelerate_transformer
     from qwen_zero_prior.training.fp8 import IMAGE_STREAM
 
-    assert ModelConfig().fp8_fast_accum is True and ModelConfig().fp8_fast_accum_backward is False
+    assert ModelConfig().fp8_fast_accum is True and ModelConfig().fp8_fast_accum_backward is True
     tr = copy.deepcopy(tiny_pipe.transformer).to(torch.bfloat16)
     add_lora(tr, rank=4, alpha=4, targets=list(ATTENTION_TARGETS), seed=0)
     try:
