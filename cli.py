@@ -202,11 +202,9 @@ def _check_dataset(path: str) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .training import cublas
     from .training.run import train
     from .training.trainer import Callbacks, TrainingInterrupted
 
-    cublas.log_choice()  # first: PyTorch reads the workspace size once, at the first cuBLAS call (training/cublas.py)
     cfg = _load_config(args)
     _check_dataset(args.dataset)
     main_process = os.environ.get("RANK", "0") == "0"
@@ -218,7 +216,7 @@ def _cmd_train(args) -> int:
     try:
         with stop if stop is not None else contextlib.nullcontext():
             result = train(cfg, args.dataset, args.output, output_dir=args.output_dir, resume=args.resume,
-                           force_resume=args.force_resume,
+                           force_resume=args.force_resume, tune_process=True,
                            callbacks=Callbacks(should_stop=stop.requested) if stop is not None else None)
     except TrainingInterrupted as e:
         _remove_empty(sorted(set(created), key=lambda d: len(d.parts), reverse=True))

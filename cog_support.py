@@ -171,16 +171,6 @@ def train_processes() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def no_cublas_workspace() -> str:
-    """cuBLAS without a workspace for this training process and its torchrun workers (``training/cublas.py``: ~2,300
-    fewer kernels a step); call before anything initializes CUDA. Returns what was done."""
-    try:
-        from qwen_zero_prior.training import cublas
-    except ImportError:
-        from training import cublas  # type: ignore[no-redef]
-    return cublas.log_choice()
-
-
 def run_training(cfg: Config, dataset: Path, archive: Path) -> str:
     """Train in this process, or under torchrun with one process per GPU; returns a one-line summary."""
     import subprocess
@@ -194,7 +184,8 @@ def run_training(cfg: Config, dataset: Path, archive: Path) -> str:
             from qwen_zero_prior.training.run import train as core_train
         except ImportError:
             from training.run import train as core_train  # type: ignore[no-redef]
-        result = core_train(cfg, dataset, archive)
+        # this process is the trainer's: the core may choose process-wide settings for the step (cuBLAS's workspace)
+        result = core_train(cfg, dataset, archive, tune_process=True)
         return f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}; token id {result.token_id}"
     cfg_path = archive.with_name("config.yaml")
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
@@ -234,7 +225,7 @@ def _worker(argv: list[str]) -> int:
     a = p.parse_args(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s: %(message)s")
-    core_train(Config.from_yaml(a.config), a.dataset, a.output)
+    core_train(Config.from_yaml(a.config), a.dataset, a.output, tune_process=True)
     return 0
 
 

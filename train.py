@@ -13,7 +13,7 @@ from pathlib import Path as _Path
 
 from cog import BaseModel, Input, Path
 
-from cog_support import config_for_training, no_cublas_workspace, run_training
+from cog_support import config_for_training, run_training
 
 
 class TrainingOutput(BaseModel):
@@ -49,7 +49,6 @@ def train(
     seed: int = Input(default=42, ge=0, le=4294967295, description="Random seed (data order, noise, init)."),
 ) -> TrainingOutput:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    no_cublas_workspace()  # before config_for_training reads the GPU: a workspace size is read once (cublas.py)
     cfg = config_for_training(
         rank=rank, steps=steps, learning_rate=learning_rate, token_learning_rate=token_learning_rate,
         train_placeholder_token=train_placeholder_token, placeholder_token=placeholder_token,

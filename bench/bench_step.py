@@ -790,19 +790,33 @@ def run_isolated(args, argv: list[str]) -> dict:
 
 
 def _cublas_workspace(args) -> str:
-    """As training does (``training/cublas.py``): cuBLAS without a workspace, set before anything touches CUDA,
-    unless ``--cublas-workspace default`` or the (only) variant's ``cublas_ws=1`` keeps PyTorch's. Returns the
-    setting the rows record."""
+    """As training chooses (``training/cublas.py``), before anything runs a product: cuBLAS without a workspace for
+    a step compiled with CUDA graphs and fp8 (``--cublas-workspace auto``: in ``--mode variants`` when every variant
+    of this process is one; other modes keep PyTorch's), ``none`` or ``default`` for every row, or a variant's own
+    ``cublas_ws=0/1`` (with ``--isolate`` when there are several). Returns the setting, for the rows."""
     from qwen_zero_prior.training import cublas
+    from qwen_zero_prior.training.config import ModelConfig
 
-    keep = args.cublas_workspace == "default"
-    if args.mode == "variants" and any("cublas_ws" in _parse_variant(v) for v in args.variant):
-        if len(args.variant) > 1:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    variants = [_parse_variant(v) for v in args.variant] if args.mode == "variants" else []
+    if any("cublas_ws" in v for v in variants):
+        if len(variants) > 1:
             raise SystemExit("a --variant with cublas_ws needs --isolate (cuBLAS reads its workspace size once a "
                              "process)")
-        keep = _pop_flag(_parse_variant(args.variant[0]), "cublas_ws", False, args.variant[0])
-    if not keep:
-        cublas.no_workspace_for_training()
+        choice = "default" if _pop_flag(dict(variants[0]), "cublas_ws", False, args.variant[0]) else "none"
+    else:
+        choice = args.cublas_workspace
+    if choice == "auto":  # the variant's final model settings, as run.train gives cublas.log_choice
+        fast = bool(variants) and all(
+            not v.get("baseline") and cublas.faster_without_workspace(ModelConfig(
+                compile=bool(v.get("compile", args.compile)),
+                compile_mode=v.get("compile_mode", args.compile_mode or None),
+                fp8_matmul=bool(v.get("fp8_matmul", False)))) for v in variants)
+        choice = "none" if fast else "default"
+    if choice == "none":
+        if not any(k in os.environ for k in cublas.NO_WORKSPACE) and device.type == "cuda":
+            os.environ.update(cublas.NO_WORKSPACE)
     return cublas.workspace_setting()
 
 
@@ -1693,8 +1707,8 @@ def main(argv=None) -> int:
                    '"lora_addmm=0": each LoRA B product added to its base output after the product, the fp8 '
                    'bias after its product (session 32\'s step; on by default); "attn_bshd=0": cuDNN attention on '
                    'contiguous [B, H, S, D] copies, as diffusers (on by default); '
-                   '"cublas_ws=1" (with --isolate): PyTorch\'s default cuBLAS workspace in that variant\'s process '
-                   '(none by default, as training); '
+                   '"cublas_ws=1" / "cublas_ws=0" (with --isolate): PyTorch\'s default cuBLAS workspace / none in that '
+                   'variant\'s process (by default as training chooses: none for compile with CUDA graphs and fp8); '
                    '"lora_bf16=1": LoRA weights '
                    'stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')
@@ -1731,9 +1745,10 @@ def main(argv=None) -> int:
                    help="--mode capped: model.offload_prefetch_gib (default: the config's; 0: copy at use)")
     p.add_argument("--memory-cap-gib", type=float, default=0.0,
                    help="hard per-process GPU memory cap set before anything is built (80 GB card: 78); 0: none")
-    p.add_argument("--cublas-workspace", choices=["none", "default"], default="none",
-                   help="none (as training, training/cublas.py): cuBLAS without a workspace unless the environment "
-                        "sets one; default: PyTorch's (a variant's cublas_ws=1, with --isolate)")
+    p.add_argument("--cublas-workspace", choices=["auto", "none", "default"], default="auto",
+                   help="auto (as training, training/cublas.py): cuBLAS without a workspace where the variants of the "
+                        "process compile with CUDA graphs and fp8, else PyTorch's; none / default: for every row "
+                        "(a variant's cublas_ws=0/1 with --isolate wins); a setting in the environment is kept")
     p.add_argument("--isolate", action="store_true",
                    help="--mode variants: each variant in its own process; an OOM or crash becomes a row")
     p.add_argument("--trace", help="folder: Chrome traces of two (b) steps (fp8 row, variants) and a GPU-idle report")

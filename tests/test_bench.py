@@ -358,13 +358,13 @@ def test_a_variant_cap_needs_its_own_process():
 
 
 def test_cublas_workspace_is_chosen_per_process_as_training_does(tmp_path, monkeypatch):
-    """The bench asks cuBLAS for no workspace as training does (training/cublas.py), before anything touches CUDA;
-    ``--cublas-workspace default`` or a variant's ``cublas_ws=1`` keep PyTorch's. ``cublas_ws`` takes 0 or 1 and,
-    with several variants, needs --isolate (cuBLAS reads the size once a process). Rows record the setting."""
+    """The bench chooses cuBLAS's workspace as training does (training/cublas.py), before anything runs a product:
+    none for a variant compiled with CUDA graphs and fp8, PyTorch's for any other (the diffusers + peft baseline
+    among them) and outside ``--mode variants``. ``--cublas-workspace none/default`` or a variant's ``cublas_ws=0/1``
+    decide instead; ``cublas_ws`` takes 0 or 1 and, with several variants, needs --isolate (cuBLAS reads the size
+    once a process). Rows record the setting."""
     import argparse
     import os
-
-    import torch
 
     from bench import bench_step
     from qwen_zero_prior.training import cublas
@@ -372,32 +372,36 @@ def test_cublas_workspace_is_chosen_per_process_as_training_does(tmp_path, monke
     for key in cublas.NO_WORKSPACE:  # restored afterwards, also where the bench sets them
         monkeypatch.setenv(key, "placeholder")
         monkeypatch.delenv(key)
+    fast = "compile=1 compile_mode=reduce-overhead fp8_matmul=1"
 
-    def args(*variants, workspace="none"):
-        return argparse.Namespace(cublas_workspace=workspace, mode="variants", variant=list(variants))
+    def choose(*variants, workspace="auto", mode="variants"):
+        got = bench_step._cublas_workspace(argparse.Namespace(
+            cublas_workspace=workspace, mode=mode, variant=list(variants), device="cuda", compile=False,
+            compile_mode=""))
+        for key in cublas.NO_WORKSPACE:
+            os.environ.pop(key, None)
+        return got
 
-    with monkeypatch.context() as m:
-        m.setattr(torch.cuda, "is_available", lambda: True)
-        m.setattr(torch.cuda, "is_initialized", lambda: False)
-        assert bench_step._cublas_workspace(args("cublas_ws=1 fp8_matmul=1")) == "PyTorch's default"
-        assert bench_step._cublas_workspace(args("fp8_matmul=1", workspace="default")) == "PyTorch's default"
-        assert not any(k in os.environ for k in cublas.NO_WORKSPACE)
-        with pytest.raises(SystemExit, match="cublas_ws needs --isolate"):
-            bench_step._cublas_workspace(args("cublas_ws=0", "fp8_matmul=1"))
-        with pytest.raises(SystemExit, match="cublas_ws='2'; expected 1 or 0"):
-            bench_step._cublas_workspace(args("cublas_ws=2"))
-        assert bench_step._cublas_workspace(args("cublas_ws=0")) == \
-            "CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0"
-        assert {k: os.environ[k] for k in cublas.NO_WORKSPACE} == cublas.NO_WORKSPACE
-    for key in cublas.NO_WORKSPACE:
-        monkeypatch.delenv(key)
+    none, default = "CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0", "PyTorch's default"
+    assert choose(fast) == none
+    assert choose(fast, fast + " memory_cap_gib=78") == none
+    for other in ("", "compile=1 fp8_matmul=1", "compile=1 compile_mode=reduce-overhead",
+                  "baseline=1 gradient_checkpointing=0", "baseline=1 " + fast):
+        assert choose(other) == default, other
+    assert choose(fast, "baseline=1") == default  # one process for both: the baseline's choice
+    assert choose(fast, mode="main") == default
+    assert choose("", workspace="none") == none and choose(fast, workspace="default") == default
+    assert choose("cublas_ws=1 " + fast) == default and choose("cublas_ws=0") == none
+    with pytest.raises(SystemExit, match="cublas_ws needs --isolate"):
+        choose("cublas_ws=0", fast)
+    with pytest.raises(SystemExit, match="cublas_ws='2'; expected 1 or 0"):
+        choose("cublas_ws=2")
     out = tmp_path / "v.json"  # a variant's key is taken before the trainer sees it; the row says the setting
     assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
                             "--warmup", "1", "--iters", "1", "--mode", "variants", "--variant", "cublas_ws=1",
                             "--out", str(out)]) == 0
     row, = json.loads(out.read_text())["rows"]
-    assert row["name"] == "b-variant cublas_ws=1" and row["cublas_workspace"] == "PyTorch's default"
-
+    assert row["name"] == "b-variant cublas_ws=1" and row["cublas_workspace"] == default
 
 def test_bench_qwen_image_21_variants_and_capped(tmp_path, monkeypatch):
     """``--family qwen-image-2.1`` on tiny 2.1 models: (a) diffusers + peft rows with and without checkpointing and

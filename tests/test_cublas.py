@@ -1,5 +1,6 @@
-"""Training processes ask cuBLAS for no workspace (training/cublas.py): when, when not, and that the CLI's and Cog's
-``train`` ask before anything touches CUDA; on a GPU, that the products then run without memsets or split-K."""
+"""A training process with a compiled fp8 step asks cuBLAS for no workspace (training/cublas.py): when, when not
+(every other step keeps PyTorch's), that the CLI's and Cog's ``train`` have the core choose from the memory plan's
+settings before any product runs, and on a GPU that the products then run without memsets or split-K."""
 
 from __future__ import annotations
 
@@ -13,13 +14,11 @@ import pytest
 import torch
 
 from qwen_zero_prior.training import cublas
+from qwen_zero_prior.training.config import ModelConfig
 
 
-@pytest.fixture
-def gpu_like(monkeypatch):
-    """A process with a GPU that nothing has initialized yet (what the CLI and Cog see at their start)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+FAST = ModelConfig(compile=True, compile_mode="reduce-overhead", fp8_matmul=True)  # what was measured faster
+CUDA = torch.device("cuda")
 
 
 @pytest.fixture
@@ -31,37 +30,51 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(key)
 
 
-def test_sets_no_workspace_before_cuda_starts(gpu_like):
+def test_no_workspace_for_a_compiled_fp8_step_with_cuda_graphs():
     env = {"PATH": "/bin"}
-    assert cublas.no_workspace_for_training(env) == "none"
+    assert cublas.no_workspace_for_training(FAST, CUDA, env) == "none"
     assert env == {"PATH": "/bin", "CUBLAS_WORKSPACE_CONFIG": ":0:0", "CUBLASLT_WORKSPACE_SIZE": "0"}
     assert cublas.workspace_setting(env) == "CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0"
+    assert cublas.no_workspace_for_training(
+        ModelConfig(compile=True, compile_mode="max-autotune", fp8_matmul=True), CUDA, {}) == "none"
+
+
+@pytest.mark.parametrize("model", [
+    ModelConfig(),  # eager bf16: the README's defaults (session 35: 1239 vs 643 ms a step without a workspace)
+    ModelConfig(compile=True, fp8_matmul=True),  # compiled without CUDA graphs
+    ModelConfig(compile=True, compile_mode="max-autotune-no-cudagraphs", fp8_matmul=True),
+    ModelConfig(compile=True, compile_mode="reduce-overhead"),  # bf16 products
+    ModelConfig(fp8_matmul=True),  # eager fp8
+], ids=["eager-bf16", "compile-default", "no-cudagraphs", "graphs-bf16", "eager-fp8"])
+def test_every_other_step_keeps_pytorchs_workspace(model):
+    env: dict = {}
+    assert not cublas.faster_without_workspace(model)
+    assert cublas.no_workspace_for_training(model, CUDA, env).startswith("PyTorch's default: no workspace is faster "
+                                                                         "only for a step compiled with CUDA graphs")
+    assert env == {} and cublas.workspace_setting(env) == "PyTorch's default"
 
 
 @pytest.mark.parametrize("key", sorted(cublas.NO_WORKSPACE))
-def test_a_users_setting_is_kept(gpu_like, key):
+def test_a_users_setting_is_kept(key):
     env = {key: ":4096:8" if key == cublas.CONFIG_ENV else "1024"}
     before = dict(env)
-    answer = cublas.no_workspace_for_training(env)
+    answer = cublas.no_workspace_for_training(FAST, CUDA, env)
     assert env == before
     assert answer.startswith("kept as set in the environment") and key in answer
 
 
-def test_too_late_without_cuda_or_when_deterministic(monkeypatch):
+def test_unchanged_off_cuda_or_when_deterministic(monkeypatch):
     env: dict = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cublas.no_workspace_for_training(env) == "unchanged: no CUDA" and env == {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    assert "CUDA was initialized before training started" in cublas.no_workspace_for_training(env) and env == {}
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert cublas.no_workspace_for_training(FAST, torch.device("cpu"), env) == "unchanged: training on cpu, not CUDA"
+    assert env == {}
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert "use_deterministic_algorithms" in cublas.no_workspace_for_training(env) and env == {}
+    assert "use_deterministic_algorithms" in cublas.no_workspace_for_training(FAST, CUDA, env) and env == {}
     assert cublas.workspace_setting(env) == "PyTorch's default"
 
 
-def test_cli_train_asks_before_training_starts(gpu_like, clean_env, monkeypatch, tmp_path, caplog):
-    """``qwen-zero-prior train`` sets it before the core's train runs (which is where CUDA starts)."""
+def test_cli_train_lets_the_core_choose_for_its_process(clean_env, monkeypatch, tmp_path):
+    """``qwen-zero-prior train`` owns its process: it asks the core's train to choose (``tune_process``) and sets
+    nothing itself before the memory plan has fixed the settings."""
     from qwen_zero_prior import cli
     from qwen_zero_prior.training import run
 
@@ -71,51 +84,93 @@ def test_cli_train_asks_before_training_starts(gpu_like, clean_env, monkeypatch,
         pass
 
     def fake_train(cfg, dataset, output, **kwargs):
-        seen.update({k: os.environ.get(k) for k in cublas.NO_WORKSPACE})
+        seen.update(kwargs, env={k: os.environ.get(k) for k in cublas.NO_WORKSPACE})
         raise Stop
 
     monkeypatch.setattr(run, "train", fake_train)
     data = tmp_path / "data"
     data.mkdir()
-    caplog.set_level("INFO", logger="qwen_zero_prior.training.cublas")
     with pytest.raises(Stop):
         cli.main(["train", "--dataset", str(data), "--output", str(tmp_path / "out" / "weights.zip"),
                   "--set", "model.device=cpu"])
-    assert seen == cublas.NO_WORKSPACE
-    assert "cuBLAS without a workspace for training" in caplog.text
+    assert seen["tune_process"] is True
+    assert seen["env"] == {k: None for k in cublas.NO_WORKSPACE}
 
 
-def test_cog_train_asks_before_reading_the_gpu(gpu_like, clean_env, monkeypatch, tmp_path):
-    """Cog's ``train`` sets it before ``config_for_training`` (which reads the GPU's compute capability, and so
-    initializes CUDA)."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_cog_train_lets_the_core_choose_in_each_training_process(clean_env, monkeypatch, tmp_path, processes):
+    """Cog's ``train`` sets nothing in its own process (data-parallel workers would inherit it) and has the core's
+    train choose where it trains: in this process, or in each torchrun worker (``cog_support._worker``)."""
     pytest.importorskip("cog", reason="cog is not installed (pip install -e '.[cog]'): Cog's train SKIPPED")
-    import train as cog_train
+    import cog_support
+    import yaml
+
+    from qwen_zero_prior.training import run
+    from qwen_zero_prior.training.config import Config
+
+    calls = []
+
+    def fake_core(cfg, dataset, archive, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(run, "train", fake_core)
+    cfg = Config.from_dict({"model": {"device": "cpu"}})
+    if processes == 1:
+        monkeypatch.setattr(cog_support, "train_processes", lambda: 1)
+        with pytest.raises(RuntimeError, match="stop here"):
+            cog_support.run_training(cfg, tmp_path / "d.zip", tmp_path / "weights.zip")
+    else:  # a torchrun worker's entry point
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        with pytest.raises(RuntimeError, match="stop here"):
+            cog_support._worker(["--config", str(tmp_path / "c.yaml"), "--dataset", "d", "--output", "o.zip"])
+    assert calls == [{"tune_process": True}]
+    assert not any(k in os.environ for k in cublas.NO_WORKSPACE)
+
+
+@pytest.mark.parametrize("planned, tune, expected", [
+    (FAST, True, cublas.NO_WORKSPACE),
+    (ModelConfig(), True, {}),  # the plan left the step eager
+    (FAST, False, {}),  # a caller that does not own the process (tests, a notebook, a pipe passed in)
+])
+def test_the_core_chooses_from_the_planned_settings_before_the_model_is_placed(clean_env, monkeypatch, planned,
+                                                                               tune, expected):
+    """``run._load_for_training`` asks after ``memory.resolve`` (whose settings decide) and before
+    ``place_pipeline`` (the first work on the GPU), only where its caller owns the process."""
+    from qwen_zero_prior.training import memory, run
+    from qwen_zero_prior.training.config import Config
 
     order = []
+    monkeypatch.setattr(run, "resolve_device", lambda name: CUDA)
+    monkeypatch.setattr(run, "load_pipeline", lambda m, device, place: "pipe")
+    monkeypatch.setattr(memory, "weights_bytes", lambda pipe, m, placing=False: 1)
+    monkeypatch.setattr(memory, "without_blocked_graphs", lambda cfg, device: cfg)
 
-    def fake_config(**inputs):
-        order.append(("config", {k: os.environ.get(k) for k in cublas.NO_WORKSPACE}))
-        return "cfg"
+    def resolve(cfg, weights, device, parts=None, load_bytes=None):
+        order.append("plan")
+        return Config.from_dict({"model": {k: getattr(planned, k) for k in ("compile", "compile_mode",
+                                                                            "fp8_matmul")}}), None
 
-    def fake_run(cfg, dataset, archive):
-        order.append(("run", cfg))
-        archive.write_bytes(b"zip")
-        return "trained"
+    monkeypatch.setattr(memory, "resolve", resolve)
+    import qwen_zero_prior.training.families as families
 
-    monkeypatch.setattr(cog_train, "config_for_training", fake_config)
-    monkeypatch.setattr(cog_train, "run_training", fake_run)
-    out = cog_train.train(dataset=tmp_path / "d.zip", rank=2, steps=1, learning_rate=1e-4, token_learning_rate=1e-3,
-                          train_placeholder_token=True, placeholder_token="<zwx>", placeholder_init_std=1e-5,
-                          resolution=32, batch_size=1, seed=0)
-    assert order == [("config", cublas.NO_WORKSPACE), ("run", "cfg")]
-    assert str(out.weights).endswith("weights.zip")
+    monkeypatch.setattr(families, "detect_pipeline", lambda pipe: type("F", (), {"name": "qwen-image"})())
+    monkeypatch.setattr(run, "place_pipeline", lambda pipe, m, device, for_training: order.append(
+        ("place", {k: os.environ.get(k) for k in cublas.NO_WORKSPACE if k in os.environ})))
+    pipe, cfg = run._load_for_training(Config.from_dict({"model": {"device": "cuda"}}), run.distributed.DistContext(),
+                                       tune)
+    assert order == ["plan", ("place", expected)]
+    assert cfg.model.fp8_matmul == planned.fp8_matmul
 
 
 GPU_PROBE = textwrap.dedent("""
     import json, torch
     from torch.profiler import profile, ProfilerActivity
     from qwen_zero_prior.training import cublas
-    print(cublas.no_workspace_for_training())
+    from qwen_zero_prior.training.config import ModelConfig
+    torch.zeros(1, device="cuda"); torch.cuda.mem_get_info()  # CUDA started (as the memory plan does), no product yet
+    fast = ModelConfig(compile=True, compile_mode="reduce-overhead", fp8_matmul=True)
+    print(cublas.no_workspace_for_training(fast, torch.device("cuda")))
     d, bf = "cuda", torch.bfloat16
     x, h = torch.randn(4096, 12288, device=d, dtype=bf), torch.randn(4096, 32, device=d, dtype=bf)
     w = torch.randn(3072, 3072, device=d, dtype=bf)

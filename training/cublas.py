@@ -1,4 +1,4 @@
-"""Training processes run cuBLAS without a workspace (issue #15, session 34).
+"""A training process whose step is compiled with CUDA graphs and fp8 runs cuBLAS without a workspace (issue #15).
 
 With a workspace, cuBLAS and cuBLASLt on Hopper choose GEMM kernels with a dynamic tile scheduler, each launched
 after a memset of its counters, and split-K kernels followed by a reduce kernel for the thin products (the LoRA
@@ -9,12 +9,20 @@ products. Measured on an H200 (``docs/benchmarks.md``, session 34), each compari
 against 256.8 ms a step uncapped (A/B/A), 253.8 against 258.7 under the 78 GiB cap, and Qwen-Image 2.1 255.3 against
 255.6 (neutral).
 
-PyTorch reads ``CUBLAS_WORKSPACE_CONFIG`` (and, capped by it, ``CUBLASLT_WORKSPACE_SIZE``) once, at the process's
-first cuBLAS call, so this can only be chosen before CUDA is initialized: the CLI's and Cog's ``train`` call
-:func:`no_workspace_for_training` first thing (their torchrun workers inherit the environment). A ComfyUI process has
-run matmuls long before a training node, so there it changes nothing; ComfyUI started with
-``CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0`` gets the same. A value the user set is kept, and so is the
-workspace when ``torch.use_deterministic_algorithms`` is on (it asks for ``:4096:8`` or ``:16:8``).
+Only there: without a workspace cuBLAS's large bf16 products run slower. Session 35 measured the eager diffusers +
+peft step at 1239 ms without one against 643 ms with PyTorch's (GPU busy 648 vs 523 ms), one call on an H200. So a
+training process goes without one only when its final settings (after the memory plan) compile the step with CUDA
+graphs and run the image stream's products in fp8 (:func:`faster_without_workspace`); an eager, offloaded or bf16
+step keeps PyTorch's workspace.
+
+PyTorch reads ``CUBLAS_WORKSPACE_CONFIG`` (and, capped by it, ``CUBLASLT_WORKSPACE_SIZE``) when a cuBLAS handle
+first gets its workspace, at the first product on a stream, not when CUDA starts. So the choice is made where the
+final settings are known and before the first product: ``run.train`` chooses after the memory plan and before the
+model is placed, when its caller owns the process (``tune_process=True``: the CLI's ``train`` and Cog's, in each
+data-parallel worker too). Had a product run before, the change would apply in part or not at all (workspaces
+already made stay), never unsafely: a size of zero asks cuBLAS to use less of a buffer, never more. A ComfyUI process has run products
+long before a training node, and its inference is eager, so nothing there changes. A value the user set is kept,
+and so is the workspace when ``torch.use_deterministic_algorithms`` is on (it asks for ``:4096:8`` or ``:16:8``).
 """
 
 from __future__ import annotations
@@ -32,32 +40,43 @@ LT_ENV = "CUBLASLT_WORKSPACE_SIZE"  # KiB: cuBLASLt's, at most cuBLAS's (else Py
 NO_WORKSPACE = {CONFIG_ENV: ":0:0", LT_ENV: "0"}
 
 
-def no_workspace_for_training(environ: MutableMapping[str, str] | None = None) -> str:
-    """Set :data:`NO_WORKSPACE` in ``environ`` (default: this process's) where that still takes effect and nobody
-    chose otherwise. Returns what happened, for the caller's log: ``"none"`` when set, else why not."""
+def faster_without_workspace(model) -> bool:
+    """Whether the step ``model`` (a ``ModelConfig``, its final settings) was measured faster without a workspace:
+    compiled with CUDA graphs (``compile_mode`` reduce-overhead or max-autotune) and with ``fp8_matmul``."""
+    from .config import GRAPH_COMPILE_MODES
+
+    return bool(model.compile and model.compile_mode in GRAPH_COMPILE_MODES and model.fp8_matmul)
+
+
+def no_workspace_for_training(model, device: torch.device,
+                              environ: MutableMapping[str, str] | None = None) -> str:
+    """Set :data:`NO_WORKSPACE` in ``environ`` (default: this process's) for a training process about to run its
+    first product on ``device`` with the final settings ``model``, where that is faster and nobody chose otherwise.
+    Returns what happened, for the caller's log: ``"none"`` when set, else why not."""
     env = os.environ if environ is None else environ
     chosen = {k: env[k] for k in NO_WORKSPACE if k in env}
     if chosen:
         return "kept as set in the environment (" + ", ".join(f"{k}={v}" for k, v in chosen.items()) + ")"
-    if not torch.cuda.is_available():
-        return "unchanged: no CUDA"
-    if torch.cuda.is_initialized():  # cuBLAS may have read its size already: a later change would be half-applied
-        return "unchanged: CUDA was initialized before training started (a workspace size is read once)"
+    if torch.device(device).type != "cuda":
+        return f"unchanged: training on {torch.device(device).type}, not CUDA"
     if torch.are_deterministic_algorithms_enabled():
         return "unchanged: torch.use_deterministic_algorithms is on (it needs CUBLAS_WORKSPACE_CONFIG=:4096:8)"
+    if not faster_without_workspace(model):
+        return ("PyTorch's default: no workspace is faster only for a step compiled with CUDA graphs and fp8_matmul "
+                "(eager bf16 products run slower without one)")
     env.update(NO_WORKSPACE)
     return "none"
 
 
-def log_choice(environ: MutableMapping[str, str] | None = None) -> str:
+def log_choice(model, device: torch.device, environ: MutableMapping[str, str] | None = None) -> str:
     """:func:`no_workspace_for_training`, logged (info when set, debug otherwise). Returns its answer."""
-    answer = no_workspace_for_training(environ)
+    answer = no_workspace_for_training(model, device, environ)
     if answer == "none":
-        logger.info("cuBLAS without a workspace for training (%s): static-scheduler GEMMs, no split-K, ~2,300 "
-                    "fewer kernels a step on Hopper; set %s yourself to keep one", workspace_setting(environ),
+        logger.info("cuBLAS without a workspace for this compiled fp8 step (%s): static-scheduler GEMMs, no split-K, "
+                    "~2,300 fewer kernels a step on Hopper; set %s yourself to keep one", workspace_setting(environ),
                     CONFIG_ENV)
     else:
-        logger.debug("cuBLAS workspace %s", answer)
+        logger.debug("cuBLAS workspace: %s", answer)
     return answer
 
 
@@ -68,4 +87,5 @@ def workspace_setting(environ: MutableMapping[str, str] | None = None) -> str:
     return " ".join(got) if got else "PyTorch's default"
 
 
-__all__ = ["CONFIG_ENV", "LT_ENV", "NO_WORKSPACE", "log_choice", "no_workspace_for_training", "workspace_setting"]
+__all__ = ["CONFIG_ENV", "LT_ENV", "NO_WORKSPACE", "faster_without_workspace", "log_choice", "no_workspace_for_training",
+           "workspace_setting"]

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 def train(cfg: Config, dataset: str | Path, archive_path: str | Path, *, output_dir: str | Path | None = None,
           resume: str | Path | None = None, pipe=None, callbacks: Callbacks | None = None,
-          force_resume: bool = False) -> TrainResult:
+          force_resume: bool = False, tune_process: bool = False) -> TrainResult:
     """Train LoRA (+ the zero-prior token if enabled) on ``dataset`` and write ``archive_path``.
 
     ``output_dir`` (default: the archive's folder) receives checkpoints/, samples/ and the loss plot. Under
@@ -30,16 +30,20 @@ def train(cfg: Config, dataset: str | Path, archive_path: str | Path, *, output_
 
     Before any model loads: the output folders are probed (read-only, full disk), locked against a second
     training on the same output, and cleaned of a killed run's leftovers; the dataset is scanned in full.
-    ``force_resume`` resumes a checkpoint of another seed or dataset (``--force-resume``).
+    ``force_resume`` resumes a checkpoint of another seed or dataset (``--force-resume``). ``tune_process``: the
+    caller owns this process (the CLI's and Cog's ``train``), so settings of the whole process may be chosen for the
+    step: cuBLAS's workspace (``cublas.py``), once the memory plan has fixed the settings and before any product runs.
     """
     ctx = distributed.from_env()
     try:
-        return _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx, force_resume)
+        return _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx, force_resume,
+                      tune_process)
     finally:
         distributed.shutdown(ctx)
 
 
-def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx, force_resume=False) -> TrainResult:
+def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx, force_resume=False,
+           tune_process=False) -> TrainResult:
     archive_path = Path(archive_path)
     output_dir = Path(output_dir) if output_dir is not None else archive_path.parent
     lock, failure = None, None
@@ -70,7 +74,7 @@ def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx,
                 state = ckpt.load_checkpoint(where)
                 ckpt.check_compatible(state, where, t, dataset=dataset_fingerprint(examples), force=force_resume)
             if pipe is None:
-                pipe, cfg = _load_for_training(cfg, ctx)
+                pipe, cfg = _load_for_training(cfg, ctx, tune_process)
             trainer = Trainer(cfg, pipe, examples, output_dir, dist=ctx)
             try:
                 if resume:
@@ -85,9 +89,9 @@ def _train(cfg, dataset, archive_path, output_dir, resume, pipe, callbacks, ctx,
             lock.release()
 
 
-def _load_for_training(cfg: Config, ctx):
+def _load_for_training(cfg: Config, ctx, tune_process: bool = False):
     """The pipeline, loaded on the CPU, placed by the memory plan (``model.memory``, see training/memory.py); the
-    config with that plan applied."""
+    config with that plan applied. ``tune_process``: see :func:`train`."""
     from . import memory
     from .families import QWEN_IMAGE_21, detect_pipeline
 
@@ -101,6 +105,10 @@ def _load_for_training(cfg: Config, ctx):
     parts = memory.weight_parts(pipe) if detect_pipeline(pipe).name == QWEN_IMAGE_21 else None
     cfg = memory.without_blocked_graphs(cfg, device)
     cfg, _ = memory.resolve(cfg, weights, device, parts=parts, load_bytes=load)
+    if tune_process:  # the settings are final and no product has run yet: cuBLAS has not read its workspace size
+        from . import cublas
+
+        cublas.log_choice(cfg.model, device)
     place_pipeline(pipe, cfg.model, device, for_training=True)
     return pipe, cfg
 
