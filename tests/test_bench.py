@@ -403,6 +403,7 @@ def test_cublas_workspace_is_chosen_per_process_as_training_does(tmp_path, monke
     row, = json.loads(out.read_text())["rows"]
     assert row["name"] == "b-variant cublas_ws=1" and row["cublas_workspace"] == default
 
+
 def test_bench_qwen_image_21_variants_and_capped(tmp_path, monkeypatch):
     """``--family qwen-image-2.1`` on tiny 2.1 models: (a) diffusers + peft rows with and without checkpointing and
     (b) rows (defaults, fp8 matmuls), each in its own process, on the same text length and LoRA targets; the
@@ -1168,3 +1169,30 @@ def test_fp8_grad_quality_compares_the_same_training_sample_on_the_cpu(tmp_path)
     assert {g: s["ratio_max"] for g, s in res["summary"].items()} == {g: 1.0 for g in fp8_grad_quality.GROUPS}
     with pytest.raises(SystemExit):
         fp8_grad_quality.main(["--size", "tiny", "--device", "cpu", "--seeds", "0"])
+
+
+def test_thin_gemm_forms_agree_on_the_cpu(tmp_path, monkeypatch):
+    """bench/thin_gemm.py: every split over K is the same product as the step's (within bf16 rounding), for the
+    forward (the weight read transposed) and the input gradient (the weight as it lies), and reads the weight through
+    views; a K the split does not divide and an unknown form are refused. The bench leaves the environment as it
+    found it, and its JSON says the workspace setting."""
+    from bench import thin_gemm
+    from qwen_zero_prior.training import cublas
+
+    for key in cublas.NO_WORKSPACE:
+        monkeypatch.setenv(key, "placeholder")
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(thin_gemm, "SHAPES", (("fwd", 8, 512, 96, "fwd"), ("bwd", 8, 1024, 64, "bwd")))
+    out = tmp_path / "t.json"
+    assert thin_gemm.main(["--device", "cpu", "--workspace", "default", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["workspace"] == "PyTorch's default"
+    forms = [(r["shape"], r["form"]) for r in res["rows"]]
+    assert forms == [("fwd", "mm"), ("fwd", "split2"), ("bwd", "mm"), ("bwd", "split2"), ("bwd", "split4")]
+    assert all(r["max_rel_err"] < 2e-2 for r in res["rows"])
+    x, w = thin_gemm.operands(4, 512, 32, "fwd", "cpu")
+    assert torch.equal(thin_gemm.product("split2", x, w, "fwd"), thin_gemm.product("split2", x, w.clone(), "fwd"))
+    with pytest.raises(ValueError, match="K=512 is not a multiple of 3"):
+        thin_gemm.product("split3", x, w, "fwd")
+    with pytest.raises(ValueError, match="unknown form 'mv'"):
+        thin_gemm.product("mv", x, w, "fwd")

@@ -54,6 +54,11 @@ def test_every_other_step_keeps_pytorchs_workspace(model):
     assert env == {} and cublas.workspace_setting(env) == "PyTorch's default"
 
 
+def test_the_same_choice_made_earlier_in_the_process_is_reported_as_none():
+    env = dict(cublas.NO_WORKSPACE)
+    assert cublas.no_workspace_for_training(FAST, CUDA, env) == "none" and env == cublas.NO_WORKSPACE
+
+
 @pytest.mark.parametrize("key", sorted(cublas.NO_WORKSPACE))
 def test_a_users_setting_is_kept(key):
     env = {key: ":4096:8" if key == cublas.CONFIG_ENV else "1024"}
@@ -101,7 +106,6 @@ def test_cli_train_lets_the_core_choose_for_its_process(clean_env, monkeypatch, 
 def test_cog_train_lets_the_core_choose_in_each_training_process(clean_env, monkeypatch, tmp_path, processes):
     """Cog's ``train`` sets nothing in its own process (data-parallel workers would inherit it) and has the core's
     train choose where it trains: in this process, or in each torchrun worker (``cog_support._worker``)."""
-    pytest.importorskip("cog", reason="cog is not installed (pip install -e '.[cog]'): Cog's train SKIPPED")
     import cog_support
     import yaml
 
@@ -128,13 +132,46 @@ def test_cog_train_lets_the_core_choose_in_each_training_process(clean_env, monk
     assert not any(k in os.environ for k in cublas.NO_WORKSPACE)
 
 
-@pytest.mark.parametrize("planned, tune, expected", [
-    (FAST, True, cublas.NO_WORKSPACE),
-    (ModelConfig(), True, {}),  # the plan left the step eager
-    (FAST, False, {}),  # a caller that does not own the process (tests, a notebook, a pipe passed in)
-])
-def test_the_core_chooses_from_the_planned_settings_before_the_model_is_placed(clean_env, monkeypatch, planned,
-                                                                               tune, expected):
+EAGER = ModelConfig()
+
+
+def test_train_hands_its_callers_ownership_to_the_model_load(monkeypatch, tmp_path):
+    """``run.train(..., tune_process=...)`` reaches ``_load_for_training`` (where the choice is made), False unless
+    the caller says so."""
+    from qwen_zero_prior.training import run
+    from qwen_zero_prior.training.config import Config
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def load(cfg, ctx, tune_process=False):
+        seen.append(tune_process)
+        raise Stop
+
+    monkeypatch.setattr(run, "_load_for_training", load)
+    data = tmp_path / "data"
+    data.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(data / "a.png")
+    (data / "a.txt").write_text("a photo of <zwx>")
+    cfg = Config.from_dict({"model": {"device": "cpu"}})
+    for kwargs in ({}, {"tune_process": True}):
+        with pytest.raises(Stop):
+            run.train(cfg, data, tmp_path / f"out{len(seen)}" / "weights.zip", **kwargs)
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("asked, planned, tune, expected", [
+    (EAGER, FAST, True, cublas.NO_WORKSPACE),
+    (FAST, EAGER, True, {}),  # asked for the fast step, the plan left it eager: the plan's settings decide
+    (FAST, ModelConfig(compile=True, fp8_matmul=True), True, {}),  # the plan recomputes blocks, without graphs
+    (EAGER, FAST, False, {}),  # a caller that does not own the process (tests, a notebook, a pipe passed in)
+], ids=["planned-fast", "planned-eager", "planned-no-graphs", "not-the-process-owner"])
+def test_the_core_chooses_from_the_planned_settings_before_the_model_is_placed(clean_env, monkeypatch, asked,
+                                                                               planned, tune, expected):
     """``run._load_for_training`` asks after ``memory.resolve`` (whose settings decide) and before
     ``place_pipeline`` (the first work on the GPU), only where its caller owns the process."""
     from qwen_zero_prior.training import memory, run
@@ -146,10 +183,11 @@ def test_the_core_chooses_from_the_planned_settings_before_the_model_is_placed(c
     monkeypatch.setattr(memory, "weights_bytes", lambda pipe, m, placing=False: 1)
     monkeypatch.setattr(memory, "without_blocked_graphs", lambda cfg, device: cfg)
 
+    keys = ("compile", "compile_mode", "fp8_matmul")
+
     def resolve(cfg, weights, device, parts=None, load_bytes=None):
         order.append("plan")
-        return Config.from_dict({"model": {k: getattr(planned, k) for k in ("compile", "compile_mode",
-                                                                            "fp8_matmul")}}), None
+        return Config.from_dict({"model": {k: getattr(planned, k) for k in keys}}), None
 
     monkeypatch.setattr(memory, "resolve", resolve)
     import qwen_zero_prior.training.families as families
@@ -157,8 +195,8 @@ def test_the_core_chooses_from_the_planned_settings_before_the_model_is_placed(c
     monkeypatch.setattr(families, "detect_pipeline", lambda pipe: type("F", (), {"name": "qwen-image"})())
     monkeypatch.setattr(run, "place_pipeline", lambda pipe, m, device, for_training: order.append(
         ("place", {k: os.environ.get(k) for k in cublas.NO_WORKSPACE if k in os.environ})))
-    pipe, cfg = run._load_for_training(Config.from_dict({"model": {"device": "cuda"}}), run.distributed.DistContext(),
-                                       tune)
+    given = Config.from_dict({"model": {"device": "cuda", **{k: getattr(asked, k) for k in keys}}})
+    pipe, cfg = run._load_for_training(given, run.distributed.DistContext(), tune)
     assert order == ["plan", ("place", expected)]
     assert cfg.model.fp8_matmul == planned.fp8_matmul
 
@@ -170,7 +208,9 @@ GPU_PROBE = textwrap.dedent("""
     from qwen_zero_prior.training.config import ModelConfig
     torch.zeros(1, device="cuda"); torch.cuda.mem_get_info()  # CUDA started (as the memory plan does), no product yet
     fast = ModelConfig(compile=True, compile_mode="reduce-overhead", fp8_matmul=True)
-    print(cublas.no_workspace_for_training(fast, torch.device("cuda")))
+    import sys
+    model = fast if sys.argv[1] == "fast" else ModelConfig()  # the control: an eager step keeps the workspace
+    print(cublas.no_workspace_for_training(model, torch.device("cuda")))
     d, bf = "cuda", torch.bfloat16
     x, h = torch.randn(4096, 12288, device=d, dtype=bf), torch.randn(4096, 32, device=d, dtype=bf)
     w = torch.randn(3072, 3072, device=d, dtype=bf)
@@ -186,10 +226,20 @@ GPU_PROBE = textwrap.dedent("""
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: which kernels cuBLAS runs")
 def test_on_the_gpu_the_products_run_without_memsets_or_split_k(tmp_path):
+    """Chosen after CUDA started (as after the memory plan), no workspace still takes effect: one kernel a product,
+    no memset, no split-K. The control, an eager step's choice in a process of its own, keeps PyTorch's workspace and
+    runs a memset or a split-K reduce, so the shapes do exercise what the choice removes."""
     env = {k: v for k, v in os.environ.items() if k not in cublas.NO_WORKSPACE}
-    proc = subprocess.run([sys.executable, "-c", GPU_PROBE], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answer, names = proc.stdout.splitlines()[0], json.loads(proc.stdout.splitlines()[-1])
+    runs = {}
+    for which in ("fast", "eager"):
+        proc = subprocess.run([sys.executable, "-c", GPU_PROBE, which], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[which] = proc.stdout.splitlines()[0], json.loads(proc.stdout.splitlines()[-1])
+    answer, names = runs["fast"]
     assert answer == "none"
     assert len(names) == 2, names  # one kernel a product: no memset before it, no split-K reduce after it
     assert not [n for n in names if "emset" in n or "splitK" in n], names
+    answer, names = runs["eager"]
+    assert answer.startswith("PyTorch's default")
+    assert [n for n in names if "emset" in n or "splitK" in n], names

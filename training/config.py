@@ -109,8 +109,9 @@ class ModelConfig:
     )
     fp8_fast_accum_backward: bool = _f(
         True, "With fp8_matmul: the backward's fp8 input-gradient products with fast accumulation too (another "
-        "~4-5 ms a step on an H200). The trained gradients stay as close to bf16's as with float32 accumulation "
-        "(bench/fp8_grad_quality.py); false: float32 accumulation, as torchao's and Transformer Engine's recipes keep it."
+        "~4 ms a step on an H200). The trained gradients stay as close to bf16's as with float32 accumulation "
+        "(bench/fp8_grad_quality.py); false: float32 accumulation, as torchao's and Transformer Engine's recipes "
+        "keep it."
     )
     offload: bool = _f(
         False, "For 24 GB cards: transformer weights in fp8, blocks beyond offload_budget_gib and the text encoder's "

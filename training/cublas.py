@@ -9,8 +9,9 @@ products. Measured on an H200 (``docs/benchmarks.md``, session 34), each compari
 against 256.8 ms a step uncapped (A/B/A), 253.8 against 258.7 under the 78 GiB cap, and Qwen-Image 2.1 255.3 against
 255.6 (neutral).
 
-Only there: without a workspace cuBLAS's large bf16 products run slower. Session 35 measured the eager diffusers +
-peft step at 1239 ms without one against 643 ms with PyTorch's (GPU busy 648 vs 523 ms), one call on an H200. So a
+Only there: eager steps run ~1.8-1.9x slower without a workspace. Session 35 measured, each pair in one call on an
+H200, the eager diffusers + peft step at 1239 against 643 ms with PyTorch's (its kernels took 648 against 523 ms)
+and the project's eager step at 1149 against 633 ms (the same kernel time: the GPU idled between kernels). So a
 training process goes without one only when its final settings (after the memory plan) compile the step with CUDA
 graphs and run the image stream's products in fp8 (:func:`faster_without_workspace`); an eager, offloaded or bf16
 step keeps PyTorch's workspace.
@@ -20,9 +21,9 @@ first gets its workspace, at the first product on a stream, not when CUDA starts
 final settings are known and before the first product: ``run.train`` chooses after the memory plan and before the
 model is placed, when its caller owns the process (``tune_process=True``: the CLI's ``train`` and Cog's, in each
 data-parallel worker too). Had a product run before, the change would apply in part or not at all (workspaces
-already made stay), never unsafely: a size of zero asks cuBLAS to use less of a buffer, never more. A ComfyUI process has run products
-long before a training node, and its inference is eager, so nothing there changes. A value the user set is kept,
-and so is the workspace when ``torch.use_deterministic_algorithms`` is on (it asks for ``:4096:8`` or ``:16:8``).
+already made stay), never unsafely: a size of zero asks cuBLAS to use less of a buffer, never more. A ComfyUI
+process has run products long before a training node, and its inference is eager, so nothing there changes. A value
+the user set is kept, and so is the workspace when ``torch.use_deterministic_algorithms`` is on (it asks for ``:4096:8`` or ``:16:8``).
 """
 
 from __future__ import annotations
@@ -43,9 +44,7 @@ NO_WORKSPACE = {CONFIG_ENV: ":0:0", LT_ENV: "0"}
 def faster_without_workspace(model) -> bool:
     """Whether the step ``model`` (a ``ModelConfig``, its final settings) was measured faster without a workspace:
     compiled with CUDA graphs (``compile_mode`` reduce-overhead or max-autotune) and with ``fp8_matmul``."""
-    from .config import GRAPH_COMPILE_MODES
-
-    return bool(model.compile and model.compile_mode in GRAPH_COMPILE_MODES and model.fp8_matmul)
+    return bool(model.compile_graphs and model.fp8_matmul)
 
 
 def no_workspace_for_training(model, device: torch.device,
@@ -55,6 +54,8 @@ def no_workspace_for_training(model, device: torch.device,
     Returns what happened, for the caller's log: ``"none"`` when set, else why not."""
     env = os.environ if environ is None else environ
     chosen = {k: env[k] for k in NO_WORKSPACE if k in env}
+    if chosen == NO_WORKSPACE:  # this choice, made earlier (an earlier training in this process) or by the user
+        return "none"
     if chosen:
         return "kept as set in the environment (" + ", ".join(f"{k}={v}" for k, v in chosen.items()) + ")"
     if torch.device(device).type != "cuda":
@@ -63,7 +64,7 @@ def no_workspace_for_training(model, device: torch.device,
         return "unchanged: torch.use_deterministic_algorithms is on (it needs CUBLAS_WORKSPACE_CONFIG=:4096:8)"
     if not faster_without_workspace(model):
         return ("PyTorch's default: no workspace is faster only for a step compiled with CUDA graphs and fp8_matmul "
-                "(eager bf16 products run slower without one)")
+                "(eager steps ran ~1.8x slower without one)")
     env.update(NO_WORKSPACE)
     return "none"
 
@@ -87,5 +88,5 @@ def workspace_setting(environ: MutableMapping[str, str] | None = None) -> str:
     return " ".join(got) if got else "PyTorch's default"
 
 
-__all__ = ["CONFIG_ENV", "LT_ENV", "NO_WORKSPACE", "faster_without_workspace", "log_choice", "no_workspace_for_training",
-           "workspace_setting"]
+__all__ = ["CONFIG_ENV", "LT_ENV", "NO_WORKSPACE", "faster_without_workspace", "log_choice",
+           "no_workspace_for_training", "workspace_setting"]
