@@ -789,7 +789,7 @@ def run_isolated(args, argv: list[str]) -> dict:
     return res
 
 
-def _cublas_workspace(args) -> str:
+def _cublas_workspace(args, device: torch.device) -> str:
     """As training chooses (``training/cublas.py``), before anything runs a product: cuBLAS without a workspace for
     a step compiled with CUDA graphs and fp8 (``--cublas-workspace auto``: in ``--mode variants`` when every variant
     of this process is one; other modes keep PyTorch's), ``none`` or ``default`` for every row, or a variant's own
@@ -797,8 +797,6 @@ def _cublas_workspace(args) -> str:
     from qwen_zero_prior.training import cublas
     from qwen_zero_prior.training.config import ModelConfig
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     variants = [_parse_variant(v) for v in args.variant] if args.mode == "variants" else []
     if any("cublas_ws" in v for v in variants):
         if len(variants) > 1:
@@ -814,15 +812,14 @@ def _cublas_workspace(args) -> str:
                 compile_mode=v.get("compile_mode", args.compile_mode or None),
                 fp8_matmul=bool(v.get("fp8_matmul", False)))) for v in variants)
         choice = "none" if fast else "default"
-    if choice == "none":
-        if not any(k in os.environ for k in cublas.NO_WORKSPACE) and device.type == "cuda":
-            os.environ.update(cublas.NO_WORKSPACE)
+    if choice == "none" and device.type == "cuda":
+        cublas.set_no_workspace()
     return cublas.workspace_setting()
 
 
 def run(args) -> dict:
-    workspace = _cublas_workspace(args)  # first: cuBLAS reads its workspace size at its first call
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    workspace = _cublas_workspace(args, device)  # before any product: cuBLAS reads the size at its first one
     args.device_obj = device
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     if args.family == "qwen-image-2.1" and args.mode in ("main", "profile"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def product(form: str, x: torch.Tensor, w: torch.Tensor, layout: str) -> torch.T
         if k % s:
             raise ValueError(f"split{s}: K={k} is not a multiple of {s}")
         xs = x.view(rows, s, k // s).transpose(0, 1)  # [S, rows, K/S], views (leading dimension K)
-        # [S, K/S, N] views of the weight as it lies: column-major chunks of Wᵀ forward, row-major chunks of W backward
+        # [S, K/S, N] views of the weight as it lies: column-major chunks of Wᵀ forward, row-major ones of W backward
         bs = (w.view(w.shape[0], s, k // s).permute(1, 2, 0) if layout == "fwd" else
               w.view(s, k // s, w.shape[1]))
         return torch.bmm(xs, bs).sum(0, dtype=torch.float32).to(x.dtype)
@@ -104,8 +103,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from qwen_zero_prior.training import cublas
 
-    if args.workspace == "none" and not any(k in os.environ for k in cublas.NO_WORKSPACE):
-        os.environ.update(cublas.NO_WORKSPACE)
+    if args.workspace == "none":
+        cublas.set_no_workspace()
     device = torch.device(args.device)
     rows = run(device, args.reps)
     for r in rows:

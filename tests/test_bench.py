@@ -376,8 +376,8 @@ def test_cublas_workspace_is_chosen_per_process_as_training_does(tmp_path, monke
 
     def choose(*variants, workspace="auto", mode="variants"):
         got = bench_step._cublas_workspace(argparse.Namespace(
-            cublas_workspace=workspace, mode=mode, variant=list(variants), device="cuda", compile=False,
-            compile_mode=""))
+            cublas_workspace=workspace, mode=mode, variant=list(variants), compile=False, compile_mode=""),
+            torch.device("cuda"))
         for key in cublas.NO_WORKSPACE:
             os.environ.pop(key, None)
         return got

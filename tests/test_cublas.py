@@ -59,6 +59,13 @@ def test_the_same_choice_made_earlier_in_the_process_is_reported_as_none():
     assert cublas.no_workspace_for_training(FAST, CUDA, env) == "none" and env == cublas.NO_WORKSPACE
 
 
+def test_set_no_workspace_keeps_a_value_already_there():
+    env = {cublas.LT_ENV: "1024"}
+    assert cublas.set_no_workspace(env) is False and env == {cublas.LT_ENV: "1024"}
+    env = {}
+    assert cublas.set_no_workspace(env) is True and env == cublas.NO_WORKSPACE
+
+
 @pytest.mark.parametrize("key", sorted(cublas.NO_WORKSPACE))
 def test_a_users_setting_is_kept(key):
     env = {key: ":4096:8" if key == cublas.CONFIG_ENV else "1024"}

@@ -23,7 +23,8 @@ model is placed, when its caller owns the process (``tune_process=True``: the CL
 data-parallel worker too). Had a product run before, the change would apply in part or not at all (workspaces
 already made stay), never unsafely: a size of zero asks cuBLAS to use less of a buffer, never more. A ComfyUI
 process has run products long before a training node, and its inference is eager, so nothing there changes. A value
-the user set is kept, and so is the workspace when ``torch.use_deterministic_algorithms`` is on (it asks for ``:4096:8`` or ``:16:8``).
+the user set is kept, and so is the workspace when ``torch.use_deterministic_algorithms`` is on (it asks for
+``:4096:8`` or ``:16:8``).
 """
 
 from __future__ import annotations
@@ -65,8 +66,19 @@ def no_workspace_for_training(model, device: torch.device,
     if not faster_without_workspace(model):
         return ("PyTorch's default: no workspace is faster only for a step compiled with CUDA graphs and fp8_matmul "
                 "(eager steps ran ~1.8x slower without one)")
-    env.update(NO_WORKSPACE)
+    set_no_workspace(env)
     return "none"
+
+
+def set_no_workspace(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Set :data:`NO_WORKSPACE` in ``environ`` (default: this process's) unless either variable is set there already
+    (a user's value is kept). For :func:`no_workspace_for_training` and for benchmarks that choose themselves. Returns
+    whether it set them."""
+    env = os.environ if environ is None else environ
+    if any(k in env for k in NO_WORKSPACE):
+        return False
+    env.update(NO_WORKSPACE)
+    return True
 
 
 def log_choice(model, device: torch.device, environ: MutableMapping[str, str] | None = None) -> str:
@@ -89,4 +101,4 @@ def workspace_setting(environ: MutableMapping[str, str] | None = None) -> str:
 
 
 __all__ = ["CONFIG_ENV", "LT_ENV", "NO_WORKSPACE", "faster_without_workspace", "log_choice",
-           "no_workspace_for_training", "workspace_setting"]
+           "no_workspace_for_training", "set_no_workspace", "workspace_setting"]
