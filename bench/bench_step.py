@@ -1090,6 +1090,13 @@ def _fast_accum_fields(transformer) -> dict:
             "fp8_fast_accum_backward": one({m.fast_accum_backward for m in layers})}
 
 
+def _kernel_pieces() -> dict:
+    """How the GELU and norm/RoPE kernels split their rows (``kernel_pieces=0``: as session 35)."""
+    from qwen_zero_prior.training import gelu_fp8, norm_rope
+
+    return {"gelu_3_pieces": gelu_fp8.PIECES, "norm_rope_heads_per_program": norm_rope.HEADS_PER_PROGRAM}
+
+
 def _mlps_fused(transformer) -> int:
     """How many of the transformer's MLPs run through gelu_fp8's kernels."""
     from qwen_zero_prior.training import gelu_fp8
@@ -1382,6 +1389,16 @@ def run_variants(args, device, dtype, res) -> dict:
         rope_tables = _pop_flag(overrides, "rope_tables", False, spec)  # likewise
         want_gelu_fused = _pop_flag(overrides, "gelu_fused", True, spec)  # likewise
         want_norm_rope = _pop_flag(overrides, "norm_rope", True, spec)  # likewise
+        # bench-only: kernel_pieces=0 launches the GELU and norm/RoPE kernels as session 35 did (a padded row of
+        # 12288 -> 16384 lanes, a token's 24 heads padded to 32); set before the first step captures them
+        kernel_pieces = _pop_flag(overrides, "kernel_pieces", True, spec)
+        if not kernel_pieces:
+            from qwen_zero_prior.training import gelu_fp8, norm_rope
+
+            pieces, heads = gelu_fp8.PIECES, norm_rope.HEADS_PER_PROGRAM
+            gelu_fp8.PIECES, norm_rope.HEADS_PER_PROGRAM = False, None
+            stack.callback(setattr, gelu_fp8, "PIECES", pieces)
+            stack.callback(setattr, norm_rope, "HEADS_PER_PROGRAM", heads)
         if fp8_text:
             if not overrides.get("fp8_matmul"):
                 raise SystemExit(f"--variant {spec!r}: fp8_text=1 widens fp8_matmul's layers; add fp8_matmul=1")
@@ -1476,6 +1493,7 @@ def run_variants(args, device, dtype, res) -> dict:
              **({"multi_kernel": True} if multi_kernel else {}),
              **({"gelu_fused_blocks": gelu_fused} if trainer.cfg.model.fp8_matmul else {}),
              **({"norm_rope_blocks": norm_rope_blocks} if trainer.cfg.model.compile else {}),
+             "kernel_pieces": _kernel_pieces(),
              **({"persistent_max": reductions.installed()} if trainer.cfg.model.compile else {}),
              **({"rope_halves": "speed only: not the model's numbers"} if rope_halves else {}),
              "text_parts_on_gpu": any(t.device.type == "cuda" for t in text_parts.unused_tensors(pipe.text_encoder)),
@@ -1706,6 +1724,7 @@ def main(argv=None) -> int:
                    'contiguous [B, H, S, D] copies, as diffusers (on by default); '
                    '"cublas_ws=1" / "cublas_ws=0" (with --isolate): PyTorch\'s default cuBLAS workspace / none in that '
                    'variant\'s process (by default as training chooses: none for compile with CUDA graphs and fp8); '
+                   '"kernel_pieces=0": the GELU and norm/RoPE kernels launched as in session 35 (padded rows); '
                    '"lora_bf16=1": LoRA weights '
                    'stored in bf16 (an upper '
                    'bound of the casts\' cost, not a training setting)')

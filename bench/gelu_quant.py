@@ -12,7 +12,9 @@ This times, on the same inputs (``h`` the fc1 product and ``b`` its bias, bf16):
 - ``inductor``: what training compiles: ``quantize_rows(gelu_tanh_sigmoid(h + b))`` forward, and the GELU's
   derivative times the incoming gradient, quantized, backward (``torch.compile``, default settings);
 - ``triton``: training/gelu_fp8.py's custom operators: one Triton program a row, the row held in registers, the
-  GELU computed once, fast divisions (CUDA only).
+  GELU computed once, fast divisions (CUDA only); as one power-of-two block a row (padded: 12288 -> 16384 lanes)
+  and, the default since session 36, as three power-of-two pieces (``gelu_fp8.PIECES``), whose codes must equal
+  the former's exactly.
 
 It checks that both give the same fp8 values (up to the odd last-bit difference of a division: reported) and
 scales, and reports each kernel's time per call (profiler, CUDA only). On a machine without CUDA it checks the
@@ -90,24 +92,40 @@ def run(rows: int, width: int, device: torch.device, out: Path | None) -> int:
         comp_b = torch.compile(reference_backward_formula, fullgraph=True)
         checks.append(compare("inductor forward", comp_f(h, b), want_f))
         checks.append(compare("inductor backward", comp_b(dg, h, b), want_b))
-        checks.append(compare("triton forward", gelu_fp8.gelu_quant_rows(h, b), want_f))
-        checks.append(compare("triton backward", gelu_fp8.gelu_backward_quant_rows(dg, h, b), want_b))
-        forms = [(lambda: comp_f(h, b), "inductor forward", None), (lambda: comp_b(dg, h, b), "inductor backward", None)]
-        for warps in (4, 8, 16, 32):
-            forms += [(lambda: gelu_fp8.gelu_quant_rows(h, b), "triton forward", warps),
-                      (lambda: gelu_fp8.gelu_backward_quant_rows(dg, h, b), "triton backward", warps)]
-        for fn, name, warps in forms:
-            gelu_fp8.NUM_WARPS = warps
-            try:
+        default = gelu_fp8.PIECES
+        for pieces in (False, True):  # one row a program, and the three-piece kernels (gelu_fp8.PIECES)
+            gelu_fp8.PIECES = pieces
+            label = "triton forward" + (" (3 pieces)" if pieces else "")
+            checks.append(compare(label, gelu_fp8.gelu_quant_rows(h, b), want_f))
+            checks.append(compare(label.replace("forward", "backward"), gelu_fp8.gelu_backward_quant_rows(dg, h, b),
+                                  want_b))
+        gelu_fp8.PIECES = False
+        row_f, row_b = gelu_fp8.gelu_quant_rows(h, b), gelu_fp8.gelu_backward_quant_rows(dg, h, b)
+        forms = [(lambda: comp_f(h, b), "inductor forward", None, False),
+                 (lambda: comp_b(dg, h, b), "inductor backward", None, False)]
+        for pieces in (False, True):
+            for warps in (4, 8, 16, 32):
+                forms += [(lambda: gelu_fp8.gelu_quant_rows(h, b), "triton forward", warps, pieces),
+                          (lambda: gelu_fp8.gelu_backward_quant_rows(dg, h, b), "triton backward", warps, pieces)]
+        try:
+            for fn, name, warps, pieces in forms:
+                gelu_fp8.NUM_WARPS, gelu_fp8.PIECES = warps, pieces
+                if pieces:  # the same per-element arithmetic and maximum as one row a program: the same codes
+                    got = fn()
+                    want = row_f if "forward" in name else row_b
+                    checks.append({**compare(f"{name} (3 pieces, {warps} warps) vs one row a program", got, want),
+                                   "exact": bool(torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+                                                 and torch.equal(got[1], want[1]))})
                 for _ in range(3):
                     fn()
                 us = device_busy_ms(fn, device, steps=10) * 1000
-            finally:
-                gelu_fp8.NUM_WARPS = None
-            res["rows"].append({"form": name, **({"num_warps": warps} if warps else {}), "kernel_us": round(us, 1)})
+                res["rows"].append({"form": name, **({"num_warps": warps} if warps else {}),
+                                    **({"pieces": 3} if pieces else {}), "kernel_us": round(us, 1)})
+        finally:
+            gelu_fp8.NUM_WARPS, gelu_fp8.PIECES = None, default
     res["checks"] = checks
     # one e4m3 step where a division's last bit differs; scales within bf16's rounding of the row maximum
-    ok = all(c["max_diff_in_steps"] <= 1 and c["scale_max_rel_diff"] <= 1e-2 for c in checks)
+    ok = all(c["max_diff_in_steps"] <= 1 and c["scale_max_rel_diff"] <= 1e-2 and c.get("exact", True) for c in checks)
     for row in res["rows"] + checks:
         print(json.dumps(row), flush=True)
     if out:

@@ -936,7 +936,7 @@ def test_persistent_max_refuses_what_is_not_a_width(value, tmp_path):
 @pytest.mark.parametrize("key", ["fp8_text", "rope_halves", "fused_lora", "park_text", "combo_kernels", "lora_bf16",
                                  "real_rope", "layout_cache", "pdl", "rope_tables",
                                  "multi_kernel", "gelu_fused", "norm_rope", "lora_fp32_grad", "lora_addmm",
-                                 "attn_bshd"])
+                                 "attn_bshd", "kernel_pieces"])
 def test_bench_only_switches_refuse_garbage(key, tmp_path):
     """A bench-only on/off key takes 1 or 0: "maybe" is refused naming the key, not read as on."""
     from bench.bench_step import main
@@ -1005,6 +1005,33 @@ def test_gelu_fused_off_takes_the_mlps_off_the_kernels_for_its_variant(tmp_path,
     rows = json.loads(out.read_text())["rows"]
     assert [r["gelu_fused_blocks"] for r in rows] == [0, 3]
     assert calls == ["uninstall", "install"]  # given back after its variant
+
+
+def test_kernel_pieces_off_launches_session_35s_kernels_for_its_variant_only(tmp_path, monkeypatch):
+    """``kernel_pieces=0`` (bench-only): that variant's steps launch the GELU and norm/RoPE kernels with padded rows
+    (gelu_fp8.PIECES off, norm_rope.HEADS_PER_PROGRAM None), seen by its own steps and in its row; the next variant
+    and the process after it get the defaults back."""
+    from bench import bench_step
+    from qwen_zero_prior.training import gelu_fp8, norm_rope
+
+    seen = []
+    real = bench_step.project_trainer
+
+    def spy(*a, **kw):
+        seen.append((gelu_fp8.PIECES, norm_rope.HEADS_PER_PROGRAM))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench_step, "project_trainer", spy)
+    out = tmp_path / "k.json"
+    assert bench_step.main(["--size", "tiny", "--device", "cpu", "--dtype", "float32", "--res", "64", "--rank", "4",
+                            "--warmup", "0", "--iters", "1", "--mode", "variants", "--only-b", "--variant",
+                            "fp8_matmul=1 kernel_pieces=0", "--variant", "fp8_matmul=1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel_pieces"] for r in rows] == [
+        {"gelu_3_pieces": False, "norm_rope_heads_per_program": None},
+        {"gelu_3_pieces": True, "norm_rope_heads_per_program": 8}]
+    assert seen == [(False, None), (True, 8)]
+    assert (gelu_fp8.PIECES, norm_rope.HEADS_PER_PROGRAM) == (True, 8)
 
 
 def test_norm_rope_off_takes_the_attention_off_the_operator_for_its_variant(tmp_path, monkeypatch):
