@@ -987,6 +987,30 @@ def test_gelu_quant_reference_forms_agree_and_a_wrong_derivative_is_caught(tmp_p
     assert gelu_quant.main(["--rows", "32", "--width", "768", "--device", "cpu"]) == 1
 
 
+def test_norm_rope_kernels_bench_checks_each_setting_against_the_default(tmp_path, monkeypatch):
+    """bench/norm_rope_kernels.py on the CPU (the operators' reference code): a row per setting, each within one bf16
+    rounding of the default launch's outputs and gradients, the module's settings given back; a setting whose
+    numbers are off makes the run fail."""
+    from bench import norm_rope_kernels
+    from qwen_zero_prior.training import norm_rope
+
+    small = ["--image-tokens", "16", "--text-tokens", "4", "--heads", "3", "--head-dim", "8", "--device", "cpu"]
+    out = tmp_path / "nr.json"
+    assert norm_rope_kernels.main([*small, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 7 and all(r["exact"] and r["within_one_bf16_rounding"] for r in rows)
+    assert (norm_rope.HEADS_PER_PROGRAM, norm_rope.NUM_WARPS) == (8, None)
+    calls = {"n": 0}
+    ops = norm_rope._ops()
+
+    def off(grad, *rest):  # each call's gradients scaled more: no setting matches the default's any more
+        calls["n"] += 1
+        return tuple(g * (1 + calls["n"]) for g in ops[1](grad, *rest))
+
+    monkeypatch.setattr(norm_rope, "_ops", lambda: (ops[0], off))
+    assert norm_rope_kernels.main(small) == 1
+
+
 def test_gelu_fused_off_takes_the_mlps_off_the_kernels_for_its_variant(tmp_path, monkeypatch):
     """``gelu_fused=0`` (bench-only): where the trainer routed the fp8 MLPs through gelu_fp8 (the default), that
     variant's steps run without it and its row says 0 blocks; the default row says how many are routed."""

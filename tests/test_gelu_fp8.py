@@ -244,3 +244,39 @@ def test_a_first_forward_under_compile_finds_the_operators_registered(tiny_pipe)
     torch._dynamo.reset()
     x = torch.randn(1, 16, mlp.net[0].proj.in_features).to(torch.bfloat16)
     assert torch.compile(mlp, fullgraph=True)(x).shape == x.shape[:-1] + (mlp.net[2].out_features,)
+
+
+class _FakeKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **meta)`` records what a launch would get."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((self.name, grid, meta))
+
+
+@pytest.mark.parametrize("width, pieces, want", [
+    (12288, True, ("fwd3", {"P": 4096, "num_warps": 8})),  # Qwen-Image's MLP: three pieces of 4096
+    (768, True, ("fwd3", {"P": 256, "num_warps": 8})),
+    (1000, True, ("fwd", {"BLOCK": 1024, "num_warps": 8})),  # not 3 x a power of two: one padded row
+    (24, True, ("fwd", {"BLOCK": 32, "num_warps": 8})),  # pieces of 8: below Triton's smallest block
+    (12288, False, ("fwd", {"BLOCK": 16384, "num_warps": 8})),  # PIECES off: session 35's launch
+])
+def test_launch_takes_the_three_piece_kernels_where_the_width_allows(width, pieces, want, monkeypatch):
+    """Which kernel a row of each width gets, with what block, on the CPU (fake kernels record the launches): the
+    three-piece kernels for 3 × a power of two ≥ 16 with ``PIECES`` on, else the padded row; backward likewise."""
+    calls = []
+    fakes = [_FakeKernel(n, calls) for n in ("fwd", "bwd", "fwd3", "bwd3")]
+    monkeypatch.setattr(gelu_fp8, "_triton_kernels", lambda: (lambda n: 1 << (n - 1).bit_length(), *fakes))
+    monkeypatch.setattr(gelu_fp8, "PIECES", pieces)
+    h = torch.zeros(32, width, dtype=torch.bfloat16)
+    b = torch.zeros(width, dtype=torch.bfloat16)
+    q, s = gelu_fp8._launch(0, h, b, like=h)
+    gelu_fp8._launch(1, h, h, b, like=h)
+    assert q.shape == (32, width) and q.dtype == FP8 and s.shape == (32, 1)
+    (fname, fgrid, fmeta), (bname, bgrid, bmeta) = calls
+    assert fname == want[0] and bname == want[0].replace("fwd", "bwd") and fgrid == bgrid == (32,)
+    assert {k: fmeta[k] for k in want[1]} == want[1]
+    assert bmeta.get("P") == fmeta.get("P") and bmeta.get("BLOCK") == fmeta.get("BLOCK")
+    assert gelu_fp8.three_pieces(width) == (want[0] == "fwd3" or not pieces)  # the width's own rule

@@ -209,3 +209,34 @@ def test_triton_kernels_match_the_reference_on_the_gpu(heads_per_program, monkey
         a, b = a.cpu().float(), b.float()
         diff = (a - b).abs()
         assert diff.max() <= 2 ** -7 * b.abs().max() and (diff == 0).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("per, want_block, want_groups, want_warps", [(8, 8, 3, 2), (16, 16, 2, 2), (None, 32, 1, 4)])
+def test_kernels_launch_a_program_per_token_and_group_of_heads(per, want_block, want_groups, want_warps,
+                                                                monkeypatch):
+    """On the CPU with fake kernels recording the launches: each stream's kernels get a grid of (tokens, groups of
+    HEADS_PER_PROGRAM heads) and that block (24 heads: 3 groups of 8 by default; all heads padded to 32 without);
+    a value that is not a power of two is refused naming it."""
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.append((self.name, grid, meta["BLOCK_H"], meta["num_warps"]))
+
+    monkeypatch.setattr(norm_rope, "_triton_kernels", lambda: (lambda n: 1 << (n - 1).bit_length(), Fake("fwd"),
+                                                               Fake("bwd")))
+    monkeypatch.setattr(norm_rope, "HEADS_PER_PROGRAM", per)
+    img, txt = torch.zeros(1, 12, 24, 8, dtype=torch.bfloat16), torch.zeros(1, 5, 24, 8, dtype=torch.bfloat16)
+    w, f = torch.ones(8, dtype=torch.bfloat16), torch.zeros(17, 4, 2)
+    out = norm_rope._forward_cuda(img, txt, w, w, f[:12], f[12:], 1e-6, 1e-6)
+    grads = norm_rope._backward_cuda(torch.zeros_like(out), img, txt, w, w, f[:12], f[12:], 1e-6, 1e-6)
+    assert out.shape == (1, 17, 24, 8) and [g.shape for g in grads] == [img.shape, txt.shape]
+    launch = (want_block, want_warps)
+    assert calls == [("fwd", (5, want_groups), *launch), ("fwd", (12, want_groups), *launch),  # text, then image
+                     ("bwd", (12, want_groups), *launch), ("bwd", (5, want_groups), *launch)]
+    monkeypatch.setattr(norm_rope, "HEADS_PER_PROGRAM", 6)
+    with pytest.raises(ValueError, match=r"HEADS_PER_PROGRAM=6: expected a power of two"):
+        norm_rope._forward_cuda(img, txt, w, w, f[:12], f[12:], 1e-6, 1e-6)

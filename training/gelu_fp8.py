@@ -52,7 +52,8 @@ def gelu_tanh_sigmoid_backward(dg: torch.Tensor, x: torch.Tensor) -> torch.Tenso
 
 
 def _triton_kernels():
-    """The two Triton kernels, compiled on first use (Triton is imported only where CUDA runs them)."""
+    """The Triton kernels (each way: one padded row a program, and three pieces), compiled on first use (Triton is
+    imported only where CUDA runs them)."""
     global _kernels
     if _kernels is not None:
         return _kernels
@@ -152,13 +153,20 @@ def _triton_kernels():
     return _kernels
 
 
+def three_pieces(n: int) -> bool:
+    """Whether a row of width ``n`` runs through the three-piece kernels (:data:`PIECES`): ``n`` = 3 × a power of
+    two of at least 16 (Triton's smallest block); the loads and stores then need no mask."""
+    piece = n // 3
+    return n % 3 == 0 and piece >= 16 and piece & (piece - 1) == 0
+
+
 def _launch(kernel_index: int, *tensors: torch.Tensor, like: torch.Tensor):
     next_pow2, *kernels = _triton_kernels()
     m, n = like.shape
     q = torch.empty(m, n, device=like.device, dtype=FP8)
     s = torch.empty(m, 1, device=like.device, dtype=torch.float32)
     piece = n // 3
-    if PIECES and n % 3 == 0 and piece >= 16 and piece & (piece - 1) == 0:
+    if PIECES and three_pieces(n):
         warps = NUM_WARPS or 8  # session 36: 8 the fastest of 4-32 both ways
         kernels[kernel_index + 2][(m,)](*tensors, q, s, n, n, C=_C, FMAX=FP8_MAX, P=piece, num_warps=warps)
         return q, s

@@ -29,7 +29,7 @@ import torch
 from .cast_linear import NAMESPACE, registered_ops
 
 _kernels = None
-NUM_WARPS: int | None = None  # warps a row's program gets; None: see _launch (the bench tries others)
+NUM_WARPS: int | None = None  # warps a program gets; None: see _launch_shape (the bench tries others)
 # heads one program normalizes and rotates (a power of two; a head's norm is its own, so programs split a token's
 # heads freely); None: all of a token's, padded to a power of two (24 -> 32: a quarter of the lanes masked). 8 heads
 # with 2 warps: forward 18.6 -> 16.0 us, backward 27.6 -> 24.7 us at 1024^2 on an H200 (session 36)
@@ -132,9 +132,13 @@ def _rows_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _launch_shape(heads: int, next_pow2) -> tuple[int, int]:
     """Heads a program takes (:data:`HEADS_PER_PROGRAM`, else all of a token's padded to a power of two) and its
-    warps (:data:`NUM_WARPS`, else 2 and 4: the fastest of 1-8 for each on an H200, session 36)."""
-    if HEADS_PER_PROGRAM:
-        return HEADS_PER_PROGRAM, NUM_WARPS or 2
+    warps (:data:`NUM_WARPS`, else 2 with 8 heads: of the settings whose results equalled session 35's launch bit
+    for bit, the fastest forward + backward on an H200, session 36; 4 with all heads, session 30's)."""
+    per = HEADS_PER_PROGRAM
+    if per:
+        if not isinstance(per, int) or per < 1 or per & (per - 1):
+            raise ValueError(f"norm_rope.HEADS_PER_PROGRAM={per!r}: expected a power of two (1, 2, 4, 8, ...) or None")
+        return per, NUM_WARPS or 2
     return next_pow2(heads), NUM_WARPS or 4
 
 
