@@ -147,10 +147,10 @@ def _forward_cuda(img, txt, w_img, w_txt, f_img, f_txt, eps_img, eps_txt):
     batch, s_img, heads, dim = img.shape
     s_txt = txt.shape[1]
     out = img.new_empty(batch, s_txt + s_img, heads, dim)
+    block_h, warps = _launch_shape(heads, next_pow2)
     for x, w, f, eps, offset in ((txt, w_txt, f_txt, eps_txt, 0), (img, w_img, f_img, eps_img, s_txt)):
         if x.shape[1] == 0:
             continue
-        block_h, warps = _launch_shape(heads, next_pow2)
         fwd[(batch * x.shape[1], -(-heads // block_h))](x, w, f, out, x.shape[1], s_txt + s_img, offset, heads,
                                                          *_rows_strides(x), *_rows_strides(out), eps, D=dim,
                                                          BLOCK_H=block_h, num_warps=warps)
@@ -162,10 +162,10 @@ def _backward_cuda(grad, img, txt, w_img, w_txt, f_img, f_txt, eps_img, eps_txt)
     heads, dim = img.shape[2:]
     s_txt = txt.shape[1]
     grads = []
+    block_h, warps = _launch_shape(heads, next_pow2)
     for x, w, f, eps, offset in ((img, w_img, f_img, eps_img, s_txt), (txt, w_txt, f_txt, eps_txt, 0)):
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         if x.shape[1]:
-            block_h, warps = _launch_shape(heads, next_pow2)
             bwd[(x.shape[0] * x.shape[1], -(-heads // block_h))](grad, x, w, f, dx, x.shape[1], offset, heads,
                                                                  *_rows_strides(grad), *_rows_strides(x), eps, D=dim,
                                                                  BLOCK_H=block_h, num_warps=warps)
